@@ -1,0 +1,145 @@
+"""LoRA: a frozen linear layer plus named low-rank updates ΔW = B·A · scale.
+
+`AdaptedLinear` owns the frozen base layer and any number of named `LoraAdapter`s; which of
+them run (and with what weight) is plain state on the layer, set by `loratune.adapters.inject`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loratune.config import LoraConfig
+
+
+class LoraAdapter(nn.Module):
+    """One adapter's A [r, in] and B [out, r] for one linear layer (PEFT's shapes)."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig, r: int | None = None,
+                 alpha: float | None = None, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.r = r or config.r
+        alpha = config.lora_alpha if alpha is None else alpha
+        self.scaling = alpha / (math.sqrt(self.r) if config.use_rslora else self.r)
+        self.dropout = config.lora_dropout
+        kw = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, self.r, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.config.init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            # Same init as nn.Linear's weight, so A starts like a freshly made projection.
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+        x = x.to(self.lora_A.dtype)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """B·A·scale in fp32 (low-precision products lose the small update)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen `nn.Linear` plus named adapters; forward = base(x) + Σ weight·adapter(x)."""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: dict[str, float] = {}
+        self.merged: dict[str, float] = {}
+        self.disabled = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.disabled:
+            return out
+        for name, weight in self.active.items():
+            if name in self.merged:
+                continue
+            delta = self.adapters[name](x)
+            out = out + (delta if weight == 1.0 else weight * delta).to(out.dtype)
+        return out
+
+    def _apply_delta(self, name: str, weight: float, sign: float) -> None:
+        w = self.base_layer.weight
+        delta = self.adapters[name].delta_weight() * (weight * sign)
+        with torch.no_grad():
+            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+
+    def merge(self, names: dict[str, float] | None = None) -> None:
+        for name, weight in (self.active if names is None else names).items():
+            if name in self.adapters and name not in self.merged:
+                self._apply_delta(name, weight, +1.0)
+                self.merged[name] = weight
+
+    def unmerge(self) -> None:
+        for name, weight in list(self.merged.items()):
+            self._apply_delta(name, weight, -1.0)
+            del self.merged[name]
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}, active={self.active}, merged={list(self.merged)}"
+
+
+class SavedModule(nn.Module):
+    """`modules_to_save`: a trainable copy of a whole module per adapter, original kept frozen."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: dict[str, float] = {}
+        self.disabled = False
+
+    def add_copy(self, name: str) -> nn.Module:
+        import copy
+
+        clone = copy.deepcopy(self.original)
+        clone.requires_grad_(True)
+        self.copies[name] = clone
+        return clone
+
+    def current(self) -> nn.Module:
+        if not self.disabled:
+            for name in self.active:
+                if name in self.copies:
+                    return self.copies[name]
+        return self.original
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, item):
+        # Model code reads attributes such as `lm_head.weight`; answer for the module in use.
+        try:
+            return super().__getattr__(item)
+        except AttributeError:
+            return getattr(self.current(), item)

