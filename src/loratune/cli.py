@@ -1,0 +1,205 @@
+"""One entry point: `loratune train|demo|chat|generate|eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _quiet_transformers() -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _load(model_name: str, adapters: list[str], device: str, dtype: str):
+    from loratune.adapters import load_adapter, set_active
+    from loratune.config import ModelConfig
+    from loratune.models import load_model
+
+    model, tok = load_model(ModelConfig(name=model_name, device=device, dtype=dtype))
+    names = []
+    for i, folder in enumerate(adapters):
+        name = f"a{i}" if len(adapters) > 1 else "default"
+        load_adapter(model, folder, name)
+        names.append(name)
+    if names:
+        set_active(model, names)
+        model.requires_grad_(False)
+    return model, tok
+
+
+def cmd_train(args) -> int:
+    from loratune.config import load_config
+    from loratune.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"adapter saved to {result.adapter_dir} ({result.steps} steps, "
+          f"final loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from loratune.demo.job import run_demo
+
+    run_demo(output_dir=args.output_dir, overrides=args.overrides)
+    return 0
+
+
+def _read_messages(args) -> list[dict]:
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    return messages
+
+
+def cmd_chat(args) -> int:
+    from loratune.eval.generate import generate_chat
+
+    model, tok = _load(args.model, args.adapter, args.device, args.dtype)
+    history = _read_messages(args)
+    opts = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed)
+    if args.prompt is not None:
+        history.append({"role": "user", "content": args.prompt})
+        print(generate_chat(model, tok, [history], **opts)[0])
+        return 0
+    print("chat: empty line or Ctrl-D to quit, /reset to clear history")
+    base = list(history)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            history = list(base)
+            continue
+        history.append({"role": "user", "content": line})
+        answer = generate_chat(model, tok, [history], **opts)[0]
+        history.append({"role": "assistant", "content": answer})
+        print(f"model> {answer}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from loratune.config import DataConfig
+    from loratune.data import load_conversations
+    from loratune.eval.generate import generate_chat
+
+    model, tok = _load(args.model, args.adapter, args.device, args.dtype)
+    if args.input:
+        convs = load_conversations(args.input, DataConfig(train=args.input))
+        prompts = [c[:-1] if c and c[-1]["role"] == "assistant" else c for c in convs]
+    else:
+        prompts = [[{"role": "user", "content": p}] for p in args.prompt]
+    answers = generate_chat(model, tok, prompts, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.batch_size)
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    for prompt, answer in zip(prompts, answers):
+        out.write(json.dumps({"prompt": prompt[-1]["content"], "answer": answer},
+                             ensure_ascii=False) + "\n")
+    if args.out:
+        out.close()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from loratune.config import DataConfig
+    from loratune.data import load_conversations
+    from loratune.eval.heldout import exact_match_eval
+
+    model, tok = _load(args.model, args.adapter, args.device, args.dtype)
+    convs = load_conversations(args.data, DataConfig(train=args.data))
+    report = exact_match_eval(model, tok, convs[: args.limit] if args.limit else convs,
+                              args.max_new_tokens)
+    print(f"exact match: {report.accuracy:.1%} ({sum(r.correct for r in report.rows)}/{report.n})")
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser, adapters: bool = True) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="embedded name, HF folder or .gguf file")
+    if adapters:
+        p.add_argument("--adapter", action="append", default=[],
+                       help="adapter folder (PEFT format); repeat to stack several")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loratune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune an adapter from a YAML config")
+    p.add_argument("config", help="YAML run config (see examples/)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4 adapter.r=16")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a used output_dir (the old run is kept as a backup)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the main job: LoRA on the bundled demo task, before/after")
+    p.add_argument("--output-dir", default=None, help="run folder (default runs/demo-<time>)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("chat", help="chat with a base model and adapters")
+    _model_args(p)
+    p.add_argument("--prompt", help="one-shot: answer this and exit")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="answer prompts from a file or the command line")
+    _model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="data file (alpaca/messages/sharegpt)")
+    src.add_argument("--prompt", action="append", help="a prompt; repeat for several")
+    p.add_argument("--out", help="JSONL output (default stdout)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="exact-match accuracy on a held-out file")
+    _model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_transformers()
+    from loratune.adapters import AdapterError
+    from loratune.config import ConfigError
+    from loratune.data import DataError
+    from loratune.models import ModelNotFound
+    from loratune.train import RunFolderError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, AdapterError, ModelNotFound, RunFolderError,
+            FileExistsError) as err:
+        print(f"loratune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

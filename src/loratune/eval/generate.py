@@ -1,0 +1,44 @@
+"""Batched chat generation with the tokenizer's chat template (left-padded prompts)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def prompt_ids(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True,
+                                        add_generation_prompt=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+@torch.no_grad()
+def generate_chat(model: nn.Module, tokenizer, conversations: list[list[dict]],
+                  max_new_tokens: int = 64, batch_size: int = 16, template: str | None = None,
+                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                  seed: int | None = None) -> list[str]:
+    """Answer each conversation (ending with a user turn); greedy unless do_sample."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    if seed is not None:
+        torch.manual_seed(seed)
+    answers: list[str] = []
+    for start in range(0, len(conversations), batch_size):
+        chunk = [prompt_ids(tokenizer, c, template) for c in conversations[start:start + batch_size]]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, ids in enumerate(chunk):
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention[i, width - len(ids):] = 1
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample \
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                             max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             eos_token_id=tokenizer.eos_token_id, **sampling)
+        for row in out[:, width:]:
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers

@@ -1,0 +1,109 @@
+"""Checkpoints without pickle: adapter (PEFT format) + optimizer tensors (safetensors) + JSON.
+
+Each checkpoint folder is written under a temp name and renamed, so a folder named
+`step-NNNNNNNN` is always complete; an interrupted save leaves only a hidden temp folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from loratune.adapters.io import save_adapter, write_atomic_dir
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                        meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, state: dict,
+                    adapter: str = "default", keep: int | None = None) -> Path:
+    """Write checkpoints/step-NNNNNNNN atomically, then prune to the newest `keep`."""
+    tensors, meta = optimizer_to_flat(optimizer)
+    tensors.update(rng_tensors())
+    out = ckpt_root / f"step-{step:08d}"
+
+    def fill(tmp: Path) -> None:
+        save_adapter(model, tmp / "adapter", adapter)
+        save_file(tensors, str(tmp / "trainer_state.safetensors"))
+        (tmp / "trainer_state.json").write_text(
+            json.dumps({"step": step, **state, "optimizer": meta}, indent=2))
+
+    write_atomic_dir(out, fill, overwrite=True)
+    if keep:
+        for old in list_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, adapter: str = "default") -> dict:
+    """Restore adapter weights, optimizer state and RNG; returns the saved trainer state."""
+    from loratune.adapters.io import WEIGHTS_NAME, _expected_tensors
+
+    weights = load_file(str(path / "adapter" / WEIGHTS_NAME))
+    expected = _expected_tensors(model, adapter)
+    bad = sorted(set(weights) ^ {k for k in expected if k in weights or not k.endswith(".bias")})
+    if bad:
+        raise ValueError(f"{path}: checkpoint does not fit this configuration (first key: {bad[0]})")
+    with torch.no_grad():
+        for key, tensor in weights.items():
+            if tuple(expected[key].shape) != tuple(tensor.shape):
+                raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(expected[key].shape)}")
+            expected[key].copy_(tensor)
+    meta = json.loads((path / "trainer_state.json").read_text())
+    tensors = load_file(str(path / "trainer_state.safetensors"))
+    optimizer_from_flat(optimizer, {k: v for k, v in tensors.items() if k.startswith("state.")},
+                        meta.pop("optimizer"))
+    restore_rng(tensors)
+    return meta

@@ -1,0 +1,50 @@
+"""Next-token loss computed only where labels exist, without materializing full-vocab logits.
+
+Answer-only SFT labels a small share of tokens, so projecting every position through the
+output layer (the largest matmul in a small model) and keeping fp32 logits for all of them
+wastes time and memory. Here the decoder's hidden states are gathered at labelled positions
+first, then projected in chunks whose logits are recomputed in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _supports_fast_path(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    # Soft-capped or scaled logits need the model's own head code.
+    special = any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+    return hasattr(model, "get_decoder") and not special
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
+                   chunk: int = 1024) -> tuple[torch.Tensor, int]:
+    """Return (sum of token losses, number of labelled tokens) for a batch with `labels`."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    n = int(mask.sum())
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if not _supports_fast_path(model):
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum"), n
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    hidden, targets = hidden[mask], targets[mask]
+    head = model.get_output_embeddings()
+    if n <= chunk:
+        return _chunk_loss(head, hidden, targets), n
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, chunk):
+        total = total + checkpoint(_chunk_loss, head, hidden[i:i + chunk], targets[i:i + chunk],
+                                   use_reentrant=False)
+    return total, n
