@@ -37,6 +37,17 @@ def _by_language(report, langs: list[str]) -> dict[str, float]:
     return out
 
 
+def _samples(before, after, langs: list[str]) -> list[dict]:
+    """The first held-out item of each language, before and after."""
+    out, seen = [], set()
+    for b, a, lang in zip(before.rows, after.rows, langs):
+        if lang not in seen:
+            seen.add(lang)
+            out.append({"lang": lang, "prompt": b.prompt, "reference": b.reference,
+                        "before": b.prediction, "after": a.prediction})
+    return out
+
+
 def run_demo(output_dir: str | None = None, overrides: list[str] = ()) -> dict:
     from loratune.data import load_conversations, read_records
     from loratune.eval.heldout import exact_match_eval
@@ -65,8 +76,7 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = ()) -> dict:
         "train_seconds": result.seconds, "steps": result.steps, "final_loss": result.final_loss,
         "eval_loss": result.eval_loss, "total_seconds": time.perf_counter() - t0,
         "adapter": str(result.adapter_dir),
-        "samples": [{"prompt": b.prompt, "reference": b.reference, "before": b.prediction,
-                     "after": a.prediction} for b, a in zip(before.rows[:4], after.rows[:4])],
+        "samples": _samples(before, after, langs),
     }
     Path(cfg.output_dir, "demo_report.json").write_text(
         json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -83,14 +93,7 @@ def print_report(report: dict, n: int) -> None:
               f"{report['by_language_after'][lang]:>10.1%}")
     print(f"\ntraining: {report['steps']} steps in {report['train_seconds']:.0f} s, final loss "
           f"{report['final_loss']:.4f}; whole job {report['total_seconds']:.0f} s")
-    seen = set()
     for s in report["samples"]:
-        if len(seen) == 2:
-            break
-        key = any(ord(ch) > 127 for ch in s["prompt"])
-        if key in seen:
-            continue
-        seen.add(key)
         print(f"\nprompt:    {s['prompt']}\nreference: {s['reference']}\n"
               f"before:    {s['before'][:120]}\nafter:     {s['after']}")
     print(f"\nadapter: {report['adapter']}\n"

@@ -106,6 +106,20 @@ def epoch_batches(cfg: RunConfig, examples, packing: bool, pad_id: int, epoch: i
                            pad_id=pad_id, seed=cfg.train.seed, epoch=epoch)
 
 
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations."""
+    # transformers 5 renamed the API; older releases only have the gradient_* names.
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -151,7 +165,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
     add_adapter(model, cfg.adapter, "default")
     log(trainable_report(model)[2])
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model, True)
     optimizer = build_optimizer(model, cfg.train)
     pad_id = tokenizer.pad_token_id
 
@@ -199,7 +213,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
             loss_sum, _ = causal_lm_loss(model, batch, cfg.train.loss_chunk)
             # Normalize by the step's label count: the token-level mean over all micro-batches.
             (loss_sum / max(n_labels, 1)).backward()
-            step_loss += float(loss_sum)
+            step_loss += float(loss_sum.detach())
             step_tokens += int(batch["input_ids"].numel())
         grad_norm = None
         if cfg.train.max_grad_norm:
@@ -232,7 +246,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
         eval_loss = evaluate_loss(model, eval_batches, device, cfg.train.loss_chunk)
         metrics.write({"step": total_steps, "eval_loss": round(eval_loss, 6)})
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        set_checkpointing(model, False)
     model.eval()
     adapter_dir = save_adapter(model, out / "adapter", "default", base_model=cfg.model.name,
                                overwrite=True)

@@ -1,0 +1,105 @@
+"""The training loop on a tiny random Llama with the real SmolLM2 tokenizer (seconds)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loratune.config import build_config
+from loratune.train import RunFolderError, train
+from tiny import tiny_llama
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    rows = [{"instruction": f"Repeat the word {w}", "input": "", "output": f"{w} {w} {w}"}
+            for w in ["apple", "river", "stone", "cloud", "green", "metal", "piano", "tiger",
+                      "lemon", "candle", "forest", "rocket"]]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tmp_path, data_file, name="run", **train):
+    settings = {"max_steps": 12, "batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0, **train}
+    return build_config({
+        "output_dir": str(tmp_path / name),
+        "adapter": {"r": 4, "lora_alpha": 8, "modules_to_save": ["lm_head"]},
+        "data": {"train": str(data_file), "max_length": 64, "eval_fraction": 0.25},
+        "train": settings,
+    })
+
+
+def _run(cfg, tok, **kw):
+    model = tiny_llama(vocab=len(tok))
+    return train(cfg, model=model, tokenizer=tok, quiet=True, **kw), model
+
+
+def test_loss_falls_and_files_written(tmp_path, data_file, smol_tokenizer):
+    result, _ = _run(_cfg(tmp_path, data_file, max_steps=30), smol_tokenizer)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0] - 2.0
+    out = result.output_dir
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "run_summary.json",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 31))
+    assert any("eval_loss" in r for r in records)
+
+
+def test_same_seed_same_curve(tmp_path, data_file, smol_tokenizer):
+    a, _ = _run(_cfg(tmp_path, data_file, "a", max_steps=5), smol_tokenizer)
+    b, _ = _run(_cfg(tmp_path, data_file, "b", max_steps=5), smol_tokenizer)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+
+
+def test_resume_continues_exactly(tmp_path, data_file, smol_tokenizer):
+    full, _ = _run(_cfg(tmp_path, data_file, "full", max_steps=8, grad_accum=2),
+                   smol_tokenizer)
+    cfg = _cfg(tmp_path, data_file, "cut", max_steps=8, grad_accum=2, save_every=3,
+               save_total_limit=1)
+    _run(cfg, smol_tokenizer)
+    out = tmp_path / "cut"
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-00000006"]  # step 3 pruned by save_total_limit=1
+    # Pretend the run died right after the step-6 checkpoint.
+    (out / "run_summary.json").unlink()
+    import shutil
+
+    shutil.rmtree(out / "adapter")
+    resumed, _ = _run(cfg, smol_tokenizer, resume=True)
+    assert [h["step"] for h in resumed.history] == [7, 8]
+    assert [h["loss"] for h in resumed.history] == pytest.approx(
+        [h["loss"] for h in full.history[6:]], rel=1e-5)
+    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps == list(range(1, 9))
+
+
+def test_finished_run_refused_then_backed_up(tmp_path, data_file, smol_tokenizer):
+    cfg = _cfg(tmp_path, data_file, "run", max_steps=2)
+    _run(cfg, smol_tokenizer)
+    with pytest.raises(RunFolderError, match="finished run"):
+        _run(cfg, smol_tokenizer)
+    _run(cfg, smol_tokenizer, overwrite=True)
+    backups = [p for p in tmp_path.iterdir() if p.name.startswith("run.bak-")]
+    assert len(backups) == 1 and (backups[0] / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_checkpoint_has_no_pickle(tmp_path, data_file, smol_tokenizer):
+    _run(_cfg(tmp_path, data_file, "ck", max_steps=4, save_every=2), smol_tokenizer)
+    files = {p.suffix for p in (tmp_path / "ck" / "checkpoints").rglob("*") if p.is_file()}
+    assert files <= {".json", ".safetensors"}
+
+
+def test_loraplus_and_checkpointing_options_run(tmp_path, data_file, smol_tokenizer):
+    result, model = _run(_cfg(tmp_path, data_file, "lp", max_steps=3, loraplus_lr_ratio=16,
+                              gradient_checkpointing=True, schedule="linear"), smol_tokenizer)
+    assert len(result.history) == 3 and all(h["loss"] == h["loss"] for h in result.history)
