@@ -54,7 +54,8 @@ def encode_conversation(messages: list[dict], tokenizer, template: str,
                   for tok, (a, _) in zip(ids, offsets)]
     eos = tokenizer.eos_token_id
     # The model must learn to stop: the answer ends with eos even when pad == eos.
-    if eos is not None and labels and ids[-1] != eos:
+    taught = [label for label in labels if label != IGNORE]
+    if eos is not None and taught and taught[-1] != eos:
         ids, labels = ids + [eos], labels + [eos]
     truncated = len(ids) > max_length
     if truncated:

@@ -15,7 +15,7 @@ DEMO_SETTINGS = {
     "model": {"name": "smollm2-135m-instruct", "device": "cpu", "dtype": "float32"},
     "adapter": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
     "data": {"train": "demo", "eval": "demo", "max_length": 256, "packing": "auto"},
-    "train": {"max_steps": 80, "batch_size": 8, "grad_accum": 1, "lr": 1e-3,
+    "train": {"max_steps": 80, "batch_size": 2, "grad_accum": 1, "lr": 1e-3,
               "schedule": "cosine", "warmup_ratio": 0.05, "eval_every": 40, "seed": 42},
     "eval": {"max_new_tokens": 32, "batch_size": 16},
 }

@@ -141,6 +141,7 @@ def _progress(total: int, start: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step",
+                mininterval=2.0,
                 dynamic_ncols=True)
 
 
