@@ -28,3 +28,19 @@ def test_matches_transformers_loss_and_grads():
         (total / n).backward()
         torch.testing.assert_close(model.lm_head.weight.grad, ref_grad, atol=1e-5, rtol=1e-4)
         model.zero_grad()
+
+
+def test_packed_loss_equals_separate_losses():
+    from loratune.data import Example, collate
+
+    model = tiny_llama()
+    model.config._attn_implementation = "sdpa"
+    exs = [Example(list(range(3, 12)), [-100] * 4 + list(range(7, 12))),
+           Example(list(range(50, 56)), [-100] * 2 + list(range(52, 56)))]
+    packed_sum, packed_n = causal_lm_loss(model, collate([exs], 0, packed=True))
+    total, count = 0.0, 0
+    for ex in exs:
+        s, n = causal_lm_loss(model, collate([[ex]], 0, packed=False))
+        total, count = total + s, count + n
+    assert packed_n == count
+    torch.testing.assert_close(packed_sum, total, atol=1e-5, rtol=1e-5)
