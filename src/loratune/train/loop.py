@@ -52,20 +52,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a run; with overwrite, keep the old run under a backup name."""
-    if not out.exists():
-        out.mkdir(parents=True)
+def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run (unless overwrite, which backs it up); changes nothing."""
+    if not out.exists() or overwrite:
         return
     finished = (out / DONE_FILE).is_file()
     has_ckpt = bool(list_checkpoints(out / "checkpoints"))
     if resume and not finished:
-        return
-    if overwrite:
-        backup = out.with_name(f"{out.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(backup)
-        print(f"previous run moved to {backup}")
-        out.mkdir(parents=True)
         return
     if finished:
         raise RunFolderError(f"{out} holds a finished run; pass --overwrite to start a new one "
@@ -73,8 +66,18 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if has_ckpt:
         raise RunFolderError(f"{out} holds checkpoints of an unfinished run: pass --resume to "
                              "continue it or --overwrite to start over")
-    if any(out.iterdir()):
+    if any(p.name != "config.yaml" for p in out.iterdir()):
         raise RunFolderError(f"{out} is not empty; pass --overwrite or choose another output_dir")
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Create the run folder; with overwrite, an existing one is kept under a backup name."""
+    check_run_dir(out, resume, overwrite)
+    if overwrite and out.exists():
+        backup = out.with_name(f"{out.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(backup)
+        print(f"previous run moved to {backup}")
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def resolve_data_paths(cfg: RunConfig) -> tuple[str, str | None]:
@@ -148,8 +151,7 @@ def _progress(total: int, start: int, enabled: bool):
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=None,
           tokenizer=None, quiet: bool = False) -> TrainResult:
     out = Path(cfg.output_dir)
-    prepare_run_dir(out, resume, overwrite)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    check_run_dir(out, resume, overwrite)  # fail before the slow setup, touch nothing yet
     seed_everything(cfg.train.seed)
     if model is None:
         model, tokenizer = load_model(cfg.model)
@@ -165,6 +167,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
     torch.manual_seed(cfg.train.seed)
     add_adapter(model, cfg.adapter, "default")
     log(trainable_report(model)[2])
+    # Only now, with data, model and adapter known good, is the run folder created.
+    prepare_run_dir(out, resume, overwrite)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     if cfg.train.gradient_checkpointing:
         set_checkpointing(model, True)
     optimizer = build_optimizer(model, cfg.train)

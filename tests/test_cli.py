@@ -1,0 +1,69 @@
+"""The command line end to end on a tiny model folder (real SmolLM2 tokenizer, random weights)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loratune.cli import main
+from tiny import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smol_tokenizer):
+    folder = tmp_path_factory.mktemp("tiny_model")
+    tiny_llama(vocab=len(smol_tokenizer)).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def config(tmp_path, tiny_folder):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {w}", "output": w}) + "\n"
+                            for w in ["a", "b", "c", "d", "e", "f"]))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_folder)},
+        "adapter": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train": str(data)}, "train": {"max_steps": 2, "batch_size": 2}}))
+    return path
+
+
+def test_train_chat_generate(tmp_path, config, tiny_folder, capsys):
+    assert main(["train", str(config), "train.lr=1e-3"]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["target_modules"] == [
+        "q_proj", "v_proj"]
+    assert main(["chat", "--model", str(tiny_folder), "--adapter", str(adapter), "--prompt", "hi",
+                 "--max-new-tokens", "3"]) == 0
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", str(tiny_folder), "--adapter", str(adapter),
+                 "--prompt", "x", "--prompt", "y", "--out", str(out),
+                 "--max-new-tokens", "2"]) == 0
+    assert [json.loads(l)["prompt"] for l in out.read_text().splitlines()] == ["x", "y"]
+    # A finished run is not overwritten without --overwrite.
+    assert main(["train", str(config)]) == 2
+    assert "finished run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown key 'train.lrr'"),
+    ("train.batch_size=zero", "key 'train.batch_size'"),
+    ("adapter.target_modules=[nothing]", "matches no linear layer"),
+    ("data.train=missing.jsonl", "data file not found"),
+    ("model.name=no-such-model", "model 'no-such-model' not found"),
+])
+def test_bad_input_exits_2_with_message(tmp_path, config, capsys, override, message):
+    assert main(["train", str(config), override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing created for a run that never started
+
+
+def test_demo_yaml_matches_demo_settings():
+    from loratune.config import load_config
+    from loratune.demo.job import demo_config
+
+    shipped = load_config(Path(__file__).parents[1] / "examples" / "demo.yaml")
+    assert shipped.model_dump() == demo_config("runs/demo").model_dump()
