@@ -53,3 +53,16 @@ def test_embedded_model_loads_and_answers():
     answer = generate_chat(model, tok, [[{"role": "user", "content": "What is the capital of France?"}]],
                            max_new_tokens=12)[0]
     assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_like_the_cache():
+    """A .gguf path is dequantized by transformers + gguf: same weights as the embedded cache."""
+    from loratune.models.load import EMBEDDED, _embedded_gguf
+
+    gguf = _embedded_gguf(EMBEDDED["smollm2-135m-instruct"])
+    from_gguf, tok = load_model(str(gguf))
+    cached, _ = load_model("smollm2-135m-instruct")
+    ids = tok("Hello there", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(from_gguf(input_ids=ids).logits, cached(input_ids=ids).logits)

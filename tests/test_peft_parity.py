@@ -97,3 +97,33 @@ def test_save_is_atomic_and_refuses_overwrite(tmp_path):
         save_adapter(model, out)
     save_adapter(model, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
+
+
+@pytest.mark.slow
+def test_real_model_round_trip_both_ways(tmp_path):
+    """On SmolLM2-135M itself: ours -> PEFT and PEFT -> ours, logits within 1e-4 (fp32)."""
+    from loratune.models import load_model
+
+    model, tok = load_model("smollm2-135m-instruct")
+    ids = tok("Convert the request into a command: start a 5 minute timer",
+              return_tensors="pt")["input_ids"]
+
+    def out(m):
+        with torch.no_grad():
+            return m(input_ids=ids).logits
+
+    add_adapter(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    randomize_lora(model, scale=0.02)
+    ours = out(model)
+    save_adapter(model, tmp_path / "ours")
+    from loratune.adapters import delete_adapter
+
+    delete_adapter(model, "default")
+    base_logits = out(model)
+    assert (ours - base_logits).abs().max() > 1e-2  # the adapter really changes the output
+    theirs = peft.PeftModel.from_pretrained(model, tmp_path / "ours")
+    assert (out(theirs) - ours).abs().max().item() < 1e-4
+    theirs.save_pretrained(tmp_path / "peft")
+    plain = theirs.unload()
+    load_adapter(plain, tmp_path / "peft")
+    assert (out(plain) - ours).abs().max().item() < 1e-4

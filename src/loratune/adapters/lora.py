@@ -45,6 +45,19 @@ class LoraAdapter(nn.Module):
         x = x.to(self.lora_A.dtype)
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """out + weight·adapter(x), with the B matmul, scale and sum fused into one addmm."""
+        if out.dtype != self.lora_B.dtype:
+            return out + (weight * self(x)).to(out.dtype)
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+        h = F.linear(x.to(self.lora_A.dtype), self.lora_A)
+        # Scaling the [tokens, out] result would cost a full-size multiply (and another in
+        # backward); addmm applies it inside the matmul.
+        fused = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.t(),
+                            alpha=self.scaling * weight)
+        return fused.view(out.shape)
+
     def delta_weight(self) -> torch.Tensor:
         """B·A·scale in fp32 (low-precision products lose the small update)."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
@@ -82,10 +95,8 @@ class AdaptedLinear(nn.Module):
         if self.disabled:
             return out
         for name, weight in self.active.items():
-            if name in self.merged:
-                continue
-            delta = self.adapters[name](x)
-            out = out + (delta if weight == 1.0 else weight * delta).to(out.dtype)
+            if name not in self.merged:
+                out = self.adapters[name].add_to(out, x, weight)
         return out
 
     def _apply_delta(self, name: str, weight: float, sign: float) -> None:
