@@ -103,3 +103,15 @@ def test_loraplus_and_checkpointing_options_run(tmp_path, data_file, smol_tokeni
     result, model = _run(_cfg(tmp_path, data_file, "lp", max_steps=3, loraplus_lr_ratio=16,
                               gradient_checkpointing=True, schedule="linear"), smol_tokenizer)
     assert len(result.history) == 3 and all(h["loss"] == h["loss"] for h in result.history)
+
+
+def test_resume_with_incompatible_config_is_refused(tmp_path, data_file, smol_tokenizer):
+    from loratune.adapters import AdapterError
+
+    cfg = _cfg(tmp_path, data_file, "inc", max_steps=4, save_every=2)
+    _run(cfg, smol_tokenizer)
+    (tmp_path / "inc" / "run_summary.json").unlink()
+    other = cfg.model_copy(deep=True)
+    other.adapter.r = 8
+    with pytest.raises(AdapterError, match="does not fit this configuration.*shape"):
+        _run(other, smol_tokenizer, resume=True)

@@ -53,7 +53,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _read_messages(args) -> list[dict]:
+def _system_messages(args) -> list[dict]:
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -64,7 +64,7 @@ def cmd_chat(args) -> int:
     from loratune.eval.generate import generate_chat
 
     model, tok = _load(args.model, args.adapter, args.device, args.dtype)
-    history = _read_messages(args)
+    history = _system_messages(args)
     opts = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                 temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed)
     if args.prompt is not None:

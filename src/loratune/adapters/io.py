@@ -22,6 +22,7 @@ from loratune.adapters.inject import (
     adapted_layers,
     add_adapter,
     adapter_config,
+    delete_adapter,
     saved_modules,
 )
 from loratune.config import LoraConfig
@@ -73,8 +74,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 def config_dict(model: nn.Module, name: str, base_model: str | None = None) -> dict:
     config = adapter_config(model, name)
     ranks = {p: l.adapters[name].r for p, l in adapted_layers(model) if name in l.adapters}
-    alphas = {p: l.adapters[name].scaling * (l.adapters[name].r ** 0.5 if config.use_rslora
-              else l.adapters[name].r) for p, l in adapted_layers(model) if name in l.adapters}
+    alphas = {p: l.adapters[name].alpha for p, l in adapted_layers(model) if name in l.adapters}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -89,8 +89,7 @@ def config_dict(model: nn.Module, name: str, base_model: str | None = None) -> d
         "init_lora_weights": config.init_lora_weights,
         "modules_to_save": list(config.modules_to_save) or None,
         "rank_pattern": {p: r for p, r in ranks.items() if r != config.r},
-        "alpha_pattern": {p: a for p, a in alphas.items()
-                          if abs(a - config.lora_alpha) > 1e-9 * max(1.0, abs(a))},
+        "alpha_pattern": {p: a for p, a in alphas.items() if a != config.lora_alpha},
         "fan_in_fan_out": False,
         "inference_mode": True,
         "layers_to_transform": None,
@@ -180,8 +179,8 @@ def _weights_file(folder: Path) -> Path:
     raise AdapterError(f"{folder}: no {WEIGHTS_NAME}")
 
 
-def _expected_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """File key -> the live tensor it loads into."""
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """File key -> the live tensor it loads into, for adapter `name`."""
     config = adapter_config(model, name)
     out: dict[str, torch.Tensor] = {}
     for path, layer in adapted_layers(model):
@@ -199,6 +198,28 @@ def _expected_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def copy_adapter_weights(model: nn.Module, name: str, weights: dict[str, torch.Tensor],
+                         source: Path) -> None:
+    """Check keys and shapes strictly (naming the first bad tensor), then copy in place."""
+    expected = adapter_tensors(model, name)
+    # Biases are optional in a file: an adapter may train none of them.
+    missing = [k for k in expected if k not in weights and not k.endswith(".bias")]
+    unexpected = [k for k in weights if k not in expected]
+    if unexpected:
+        raise AdapterError(f"{source}: tensor {unexpected[0]} has no place in this model "
+                           f"({len(unexpected)} unexpected; adapter trained on another base?)")
+    if missing:
+        raise AdapterError(f"{source}: tensor {missing[0]} is missing from the file "
+                           f"({len(missing)} missing)")
+    for key, tensor in weights.items():
+        if tuple(expected[key].shape) != tuple(tensor.shape):
+            raise AdapterError(f"{source}: tensor {key} has shape {tuple(tensor.shape)}, the "
+                               f"model expects {tuple(expected[key].shape)} (another base model?)")
+    with torch.no_grad():
+        for key, tensor in weights.items():
+            expected[key].copy_(tensor.to(expected[key].dtype))
+
+
 def load_adapter(model: nn.Module, folder: str | Path, name: str = "default") -> LoraConfig:
     """Inject adapter `name` from a PEFT folder and load its weights; strict about keys/shapes."""
     folder = Path(folder)
@@ -206,27 +227,9 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
     weights = load_file(str(_weights_file(folder)))
     add_adapter(model, config, name, rank_pattern=raw.get("rank_pattern") or {},
                 alpha_pattern=raw.get("alpha_pattern") or {})
-    expected = _expected_tensors(model, name)
-    missing = [k for k in expected if k not in weights and not k.endswith(".bias")]
-    unexpected = [k for k in weights if k not in expected]
     try:
-        if unexpected:
-            raise AdapterError(f"{folder}: tensor {unexpected[0]} has no place in this model "
-                               f"({len(unexpected)} unexpected; adapter trained on another base?)")
-        if missing:
-            raise AdapterError(f"{folder}: tensor {missing[0]} is missing from the file "
-                               f"({len(missing)} missing)")
-        for key, tensor in weights.items():
-            target = expected[key]
-            if tuple(target.shape) != tuple(tensor.shape):
-                raise AdapterError(f"{folder}: tensor {key} has shape {tuple(tensor.shape)}, the "
-                                   f"model expects {tuple(target.shape)} (another base model?)")
-        with torch.no_grad():
-            for key, tensor in weights.items():
-                expected[key].copy_(tensor.to(expected[key].dtype))
+        copy_adapter_weights(model, name, weights, folder)
     except AdapterError:
-        from loratune.adapters.inject import delete_adapter
-
         delete_adapter(model, name)
         raise
     return config

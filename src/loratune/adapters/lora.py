@@ -6,6 +6,7 @@ them run (and with what weight) is plain state on the layer, set by `loratune.ad
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -23,8 +24,8 @@ class LoraAdapter(nn.Module):
         super().__init__()
         self.config = config
         self.r = r or config.r
-        alpha = config.lora_alpha if alpha is None else alpha
-        self.scaling = alpha / (math.sqrt(self.r) if config.use_rslora else self.r)
+        self.alpha = config.lora_alpha if alpha is None else alpha
+        self.scaling = self.alpha / (math.sqrt(self.r) if config.use_rslora else self.r)
         self.dropout = config.lora_dropout
         kw = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **kw))
@@ -131,8 +132,6 @@ class SavedModule(nn.Module):
         self.disabled = False
 
     def add_copy(self, name: str) -> nn.Module:
-        import copy
-
         clone = copy.deepcopy(self.original)
         clone.requires_grad_(True)
         self.copies[name] = clone

@@ -15,7 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loratune.adapters.io import save_adapter, write_atomic_dir
+from loratune.adapters.inject import AdapterError
+from loratune.adapters.io import (
+    WEIGHTS_NAME,
+    copy_adapter_weights,
+    save_adapter,
+    write_atomic_dir,
+)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -88,19 +94,11 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, adapter: str = "default") -> dict:
     """Restore adapter weights, optimizer state and RNG; returns the saved trainer state."""
-    from loratune.adapters.io import WEIGHTS_NAME, _expected_tensors
-
     weights = load_file(str(path / "adapter" / WEIGHTS_NAME))
-    expected = _expected_tensors(model, adapter)
-    bad = sorted(set(weights) ^ {k for k in expected if k in weights or not k.endswith(".bias")})
-    if bad:
-        raise ValueError(f"{path}: checkpoint does not fit this configuration (first key: {bad[0]})")
-    with torch.no_grad():
-        for key, tensor in weights.items():
-            if tuple(expected[key].shape) != tuple(tensor.shape):
-                raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(expected[key].shape)}")
-            expected[key].copy_(tensor)
+    try:
+        copy_adapter_weights(model, adapter, weights, path)
+    except AdapterError as err:
+        raise AdapterError(f"checkpoint does not fit this configuration: {err}") from None
     meta = json.loads((path / "trainer_state.json").read_text())
     tensors = load_file(str(path / "trainer_state.safetensors"))
     optimizer_from_flat(optimizer, {k: v for k, v in tensors.items() if k.startswith("state.")},
