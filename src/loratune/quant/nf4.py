@@ -1,0 +1,114 @@
+"""Blockwise 4-bit quantization (NF4/FP4) with double quantization of the block scales.
+
+Layout matches bitsandbytes: flatten, one fp32 absmax per block of `blocksize` values (a short
+last block has its own), nearest code (ties to the lower code), two codes per byte with the
+first value in the high nibble. Double quantization stores the absmax values as 8-bit
+dynamic-map codes of (absmax - mean) in blocks of 256, each block with one fp32 scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loratune.quant.codebooks import code_4bit, dynamic_map
+
+BLOCK_RANGE = (32, 4096)
+
+
+def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax = flat[:full].view(-1, blocksize).abs().amax(dim=1)
+    if full < n:
+        absmax = torch.cat([absmax, flat[full:].abs().amax().view(1)])
+    return absmax
+
+
+def _scale_blocks(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    n = flat.numel()
+    full = n - n % blocksize
+    safe = absmax.clamp(min=1e-38)
+    # Full blocks multiply by the reciprocal, the short tail divides: bitsandbytes rounds
+    # this way, and the last bit decides codes that sit on a boundary.
+    head = flat[:full].view(-1, blocksize) * (1.0 / safe[: full // blocksize].view(-1, 1))
+    tail = flat[full:] / safe[-1] if full < n else flat[:0]
+    return torch.cat([head.reshape(-1), tail]).clamp(-1, 1)
+
+
+def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index into `code` of the nearest value; an exact midpoint goes to the lower value."""
+    order = torch.argsort(code)
+    ordered = code[order]
+    mids = (ordered[:-1] + ordered[1:]) / 2
+    return order[torch.bucketize(scaled, mids)].to(torch.uint8)
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit dynamic-map codes and per-block fp32 absmax (for the double-quant statistics)."""
+    flat = x.reshape(-1).float()
+    absmax = _block_absmax(flat, blocksize)
+    return nearest_code(_scale_blocks(flat, absmax, blocksize), dynamic_map()), absmax
+
+
+def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor,
+                              blocksize: int = 256) -> torch.Tensor:
+    values = dynamic_map().to(codes.device)[codes.long()]
+    return values * absmax.repeat_interleave(blocksize)[: values.numel()]
+
+
+@dataclass
+class Quantized4bit:
+    """A 4-bit tensor: packed codes plus (possibly double-quantized) block scales."""
+
+    packed: torch.Tensor          # uint8 [ceil(n/2)]
+    shape: tuple[int, ...]
+    blocksize: int
+    quant_type: str
+    absmax: torch.Tensor          # fp32 [blocks], or uint8 codes when double-quantized
+    offset: torch.Tensor | None = None     # fp32 scalar (double quant)
+    absmax2: torch.Tensor | None = None    # fp32 [ceil(blocks/256)] (double quant)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.offset is not None
+
+    def block_scales(self) -> torch.Tensor:
+        if not self.double_quant:
+            return self.absmax
+        return dequantize_blockwise_8bit(self.absmax, self.absmax2) + self.offset
+
+    def nbytes(self) -> int:
+        extra = [self.absmax, self.offset, self.absmax2]
+        return self.packed.numel() + sum(t.numel() * t.element_size() for t in extra
+                                         if t is not None)
+
+
+def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
+                  double_quant: bool = True) -> Quantized4bit:
+    if not BLOCK_RANGE[0] <= blocksize <= BLOCK_RANGE[1]:
+        raise ValueError(f"blocksize {blocksize} outside {BLOCK_RANGE[0]}..{BLOCK_RANGE[1]}")
+    flat = w.detach().reshape(-1).float()
+    absmax = _block_absmax(flat, blocksize)
+    scaled = _scale_blocks(flat, absmax, blocksize)
+    if scaled.numel() % 2:  # an odd count pads with a quantized zero, as bitsandbytes does
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])
+    codes = nearest_code(scaled, code_4bit(quant_type).to(w.device))
+    packed = (codes[0::2] << 4) | codes[1::2]
+    q = Quantized4bit(packed, tuple(w.shape), blocksize, quant_type, absmax)
+    if double_quant:
+        offset = absmax.mean()
+        q.absmax, q.absmax2 = quantize_blockwise_8bit(absmax - offset, 256)
+        q.offset = offset
+    return q
+
+
+def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n = 1
+    for d in q.shape:
+        n *= d
+    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[:n].long()
+    values = code_4bit(q.quant_type).to(q.packed.device)[codes]
+    scales = q.block_scales().repeat_interleave(q.blocksize)[:n]
+    return (values * scales).view(q.shape).to(dtype)
