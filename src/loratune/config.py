@@ -21,11 +21,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class QuantConfig(_Section):
+    """QLoRA base: frozen linear weights stored in 4 bits (bitsandbytes' layout)."""
+
+    bits: Literal[4] = 4
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="quantize the block scales too (~0.37 bit saved)")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    blocksize: int = Field(64, ge=32, le=4096)
+
+
 class ModelConfig(_Section):
     name: str = Field("smollm2-135m-instruct", description="embedded name, HF folder or .gguf file")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str = Field("sdpa", description="transformers attention backend")
+    quantization: QuantConfig | None = Field(None, description="set for QLoRA (4-bit base)")
 
 
 class LoraConfig(_Section):

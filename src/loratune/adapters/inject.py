@@ -15,19 +15,20 @@ from torch import nn
 
 from loratune.adapters.lora import AdaptedLinear, LoraAdapter, SavedModule
 from loratune.config import LoraConfig
-from loratune.models.modules import describe_linear_names, matches_target, select_targets
+from loratune.quant.linear4bit import Linear4bit
+from loratune.models.modules import (
+    describe_linear_names,
+    matches_target,
+    select_targets,
+    set_submodule,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+LINEAR_TYPES = (nn.Linear, Linear4bit)
 
 
 class AdapterError(ValueError):
     pass
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, leaf, module)
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
@@ -70,7 +71,7 @@ def _plain_linear_names(model: nn.Module) -> list[str]:
     for name, mod in model.named_modules():
         if isinstance(mod, AdaptedLinear):
             names.append(name)
-        elif isinstance(mod, nn.Linear) and not name.endswith(".base_layer"):
+        elif isinstance(mod, LINEAR_TYPES) and not name.endswith(".base_layer"):
             if ".original" in name or ".copies." in name:
                 continue
             names.append(name)
@@ -106,22 +107,29 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default",
         layer = model.get_submodule(path)
         if not isinstance(layer, AdaptedLinear):
             layer = AdaptedLinear(layer)
-            _set_module(model, path, layer)
+            set_submodule(model, path, layer)
         base = layer.base_layer
         r = int(_rank_for(path, rank_pattern or {}, config.r))
         alpha = _rank_for(path, alpha_pattern or {}, config.lora_alpha)
-        dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
+        device, dtype = _adapter_placement(base)
         layer.adapters[name] = LoraAdapter(base.in_features, base.out_features, config, r=r,
-                                           alpha=alpha, device=base.weight.device, dtype=dtype)
+                                           alpha=alpha, device=device, dtype=dtype)
     for path in _saved_targets(model, config.modules_to_save):
         module = model.get_submodule(path)
         if not isinstance(module, SavedModule):
             module = SavedModule(module)
-            _set_module(model, path, module)
+            set_submodule(model, path, module)
         module.add_copy(name)
     set_active(model, name)
     mark_trainable(model, name)
     return targets
+
+
+def _adapter_placement(base: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Adapters live beside their base layer, in its compute dtype (fp32 for 4-bit bases)."""
+    if isinstance(base, Linear4bit):
+        return base.packed.device, torch.float32
+    return base.weight.device, base.weight.dtype
 
 
 def _saved_targets(model: nn.Module, names: list[str]) -> list[str]:
@@ -209,13 +217,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             del layer.adapters[name]
             layer.active.pop(name, None)
         if not layer.adapters:
-            _set_module(model, path, layer.base_layer)
+            set_submodule(model, path, layer.base_layer)
     for path, saved in list(saved_modules(model)):
         if name in saved.copies:
             del saved.copies[name]
             saved.active.pop(name, None)
         if not saved.copies:
-            _set_module(model, path, saved.original)
+            set_submodule(model, path, saved.original)
 
 
 def merge(model: nn.Module, names: dict[str, float] | None = None) -> None:
@@ -233,9 +241,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters and return the plain transformers model (no loratune modules)."""
     merge(model)
     for path, layer in list(adapted_layers(model)):
-        _set_module(model, path, layer.base_layer)
+        set_submodule(model, path, layer.base_layer)
     for path, saved in list(saved_modules(model)):
-        _set_module(model, path, saved.current())
+        set_submodule(model, path, saved.current())
     return model
 
 

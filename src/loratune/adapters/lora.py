@@ -101,6 +101,10 @@ class AdaptedLinear(nn.Module):
         return out
 
     def _apply_delta(self, name: str, weight: float, sign: float) -> None:
+        if not isinstance(self.base_layer, nn.Linear):
+            # Re-rounding a 4-bit weight would change the base; merge into a dequantized copy.
+            raise ValueError(f"cannot merge into a {type(self.base_layer).__name__} base in "
+                             "place; dequantize the base model first (load it unquantized)")
         w = self.base_layer.weight
         delta = self.adapters[name].delta_weight() * (weight * sign)
         with torch.no_grad():

@@ -153,6 +153,11 @@ def load_model(cfg: ModelConfig | str):
         local_files_only=True,
         use_safetensors=None if gguf else True,
     )
+    if cfg.quantization is not None:
+        from loratune.quant.model import prepare_for_kbit_training, quantize_model
+
+        quantize_model(model, cfg.quantization)
+        prepare_for_kbit_training(model)
     model.to(torch.device(cfg.device))
     model.eval()
     model.requires_grad_(False)

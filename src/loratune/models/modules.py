@@ -8,7 +8,9 @@ from torch import nn
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    """Linear layers, full-precision or quantized (anything with in/out features)."""
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) or type(mod).__name__ == "Linear4bit"]
 
 
 def output_layer_names(model: nn.Module) -> set[str]:
@@ -37,3 +39,10 @@ def describe_linear_names(model: nn.Module, limit: int = 12) -> str:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
     shown = ", ".join(leaves[:limit]) + (" ..." if len(leaves) > limit else "")
     return shown or "(none)"
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at dotted `path` (the parent keeps its own class and attributes)."""
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)

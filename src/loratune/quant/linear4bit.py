@@ -1,0 +1,68 @@
+"""A frozen linear layer stored in 4 bits; QLoRA puts LoRA on top of it (`AdaptedLinear`).
+
+The full-precision weight exists only inside one call: forward dequantizes, multiplies and
+drops it; backward dequantizes again to form the input gradient (the weight gets none).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loratune.quant.nf4 import Quantized4bit, dequantize_4bit, quantize_4bit
+
+
+class _Frozen4bitMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
+        ctx.layer = layer  # keep the 4-bit layer, not the dequantized weight, for backward
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.dequantize(grad.dtype), None
+
+
+class Linear4bit(nn.Module):
+    def __init__(self, q: Quantized4bit, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.blocksize, self.quant_type = q.blocksize, q.quant_type
+        self.compute_dtype = compute_dtype
+        self.register_buffer("packed", q.packed)
+        self.register_buffer("absmax", q.absmax)
+        self.register_buffer("offset", q.offset)
+        self.register_buffer("absmax2", q.absmax2)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, quant_type: str = "nf4",
+                    double_quant: bool = True, compute_dtype: torch.dtype = torch.float32):
+        q = quantize_4bit(linear.weight.data, blocksize, quant_type, double_quant)
+        bias = None if linear.bias is None else linear.bias.data.to(compute_dtype)
+        return cls(q, bias, compute_dtype)
+
+    def quantized(self) -> Quantized4bit:
+        return Quantized4bit(self.packed, (self.out_features, self.in_features), self.blocksize,
+                             self.quant_type, self.absmax, self.offset, self.absmax2)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_4bit(self.quantized(), dtype or self.compute_dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _Frozen4bitMatmul.apply(x.to(self.compute_dtype), self)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        dq = "double-quant" if self.offset is not None else "fp32 scales"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.quant_type}, block={self.blocksize}, {dq}, compute={self.compute_dtype}")

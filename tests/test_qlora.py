@@ -1,0 +1,95 @@
+"""QLoRA: LoRA on a frozen 4-bit base."""
+
+import pytest
+import torch
+from torch import nn
+
+from loratune.adapters import add_adapter, load_adapter, merge, save_adapter
+from loratune.config import LoraConfig, QuantConfig
+from loratune.quant.linear4bit import Linear4bit
+from loratune.quant.model import prepare_for_kbit_training, quantize_model, quantized_bytes
+from tiny import randomize_lora, tiny_llama
+
+IDS = torch.tensor([[5, 9, 3, 77, 21, 8, 100, 64]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_linear4bit_forward_backward_use_dequantized_weight_only():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96, bias=True)
+    lin.weight.data.normal_(0, 0.02)  # NF4 is built for normally distributed weights
+    q = Linear4bit.from_linear(lin)
+    w = q.dequantize()
+    x = torch.randn(5, 64, requires_grad=True)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t,
+                                                  lambda t: t):
+        y = q(x)
+    torch.testing.assert_close(y, x @ w.T + lin.bias, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(5, 96) @ w, atol=1e-5, rtol=1e-5)
+    assert (96, 64) not in shapes  # no full-precision weight kept for backward
+    assert not any(p.requires_grad for p in q.parameters())
+    assert (w - lin.weight).abs().mean() < 0.1 * lin.weight.abs().mean()
+
+
+def _quantized_tiny():
+    model = tiny_llama()
+    reference = tiny_llama()
+    quantize_model(model, QuantConfig())
+    prepare_for_kbit_training(model)
+    # The reference holds the same dequantized weights in plain nn.Linear layers.
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear4bit):
+            reference.get_submodule(name).weight.data.copy_(mod.dequantize())
+    return model, reference
+
+
+def test_qlora_equals_lora_on_dequantized_base(tmp_path):
+    model, reference = _quantized_tiny()
+    assert isinstance(model.model.layers[0].mlp.up_proj, Linear4bit)
+    assert isinstance(model.lm_head, nn.Linear)  # the output layer stays in full precision
+    torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=1e-5)
+    cfg = LoraConfig(r=4, lora_alpha=8)
+    torch.manual_seed(1)
+    add_adapter(model, cfg)
+    torch.manual_seed(1)
+    add_adapter(reference, cfg)
+    randomize_lora(model)
+    randomize_lora(reference)
+    torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=1e-5)
+    # Adapter files do not depend on the base's storage: load into the fp32 reference.
+    save_adapter(model, tmp_path / "ad")
+    fresh = _quantized_tiny()[1]
+    load_adapter(fresh, tmp_path / "ad")
+    torch.testing.assert_close(logits(fresh), logits(model), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot merge into a Linear4bit"):
+        merge(model)
+
+
+def test_qlora_training_lowers_loss_and_base_stays_frozen():
+    model, _ = _quantized_tiny()
+    add_adapter(model, LoraConfig(r=8, lora_alpha=16))
+    packed_before = model.model.layers[0].self_attn.q_proj.base_layer.packed.clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.packed, packed_before)
+
+
+def test_quantized_size_is_about_4_bits_per_weight():
+    model = tiny_llama()
+    n = sum(m.weight.numel() for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name != "lm_head")
+    quantize_model(model, QuantConfig())
+    assert 4.0 <= quantized_bytes(model) * 8 / n <= 4.6
