@@ -93,3 +93,41 @@ def test_quantized_size_is_about_4_bits_per_weight():
             if isinstance(m, nn.Linear) and name != "lm_head")
     quantize_model(model, QuantConfig())
     assert 4.0 <= quantized_bytes(model) * 8 / n <= 4.6
+
+
+def test_streaming_load_equals_quantize_after_load(tmp_path):
+    from loratune.quant.load import load_quantized
+
+    model = tiny_llama(bias=True)
+    model.save_pretrained(tmp_path)
+    streamed = load_quantized(tmp_path, QuantConfig())
+    quantize_model(model, QuantConfig())
+    assert isinstance(streamed.model.layers[1].self_attn.o_proj, Linear4bit)
+    assert streamed.model.layers[0].self_attn.q_proj.bias is not None
+    torch.testing.assert_close(logits(streamed), logits(model), atol=1e-6, rtol=1e-6)
+
+
+def test_random_model_of_a_shape_is_built_in_4bit():
+    from loratune.quant.load import random_quantized
+
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, vocab_size=256)
+    model = random_quantized(dims, QuantConfig())
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 2 * 7
+    assert not any(t.is_meta for t in model.state_dict().values() if t is not None)
+    out = logits(model)
+    assert torch.isfinite(out).all() and out.shape == (1, 8, 256)
+
+
+@pytest.mark.slow
+def test_embedded_model_in_4bit_answers():
+    from loratune.config import ModelConfig
+    from loratune.eval.generate import generate_chat
+    from loratune.models import load_model
+
+    model, tok = load_model(ModelConfig(quantization=QuantConfig()))
+    assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)
+    answer = generate_chat(model, tok, [[{"role": "user",
+                                          "content": "What is the capital of France?"}]],
+                           max_new_tokens=12)[0]
+    assert "Paris" in answer

@@ -140,24 +140,34 @@ def load_tokenizer(name: str):
 
 
 def load_model(cfg: ModelConfig | str):
-    """Return (model, tokenizer) on cfg.device in cfg.dtype, in eval mode, weights frozen."""
+    """Return (model, tokenizer) on cfg.device in cfg.dtype, in eval mode, weights frozen.
+
+    With `quantization` set, linear weights are quantized to 4 bits as they are read, so the
+    full-precision model is never in memory (GGUF files are dequantized whole first).
+    """
     from transformers import AutoModelForCausalLM
 
     cfg = ModelConfig(name=cfg) if isinstance(cfg, str) else cfg
     folder, gguf = resolve_model(cfg.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        gguf_file=gguf,
-        dtype=DTYPES[cfg.dtype],
-        attn_implementation=cfg.attn_implementation,
-        local_files_only=True,
-        use_safetensors=None if gguf else True,
-    )
-    if cfg.quantization is not None:
-        from loratune.quant.model import prepare_for_kbit_training, quantize_model
+    if cfg.quantization is not None and gguf is None:
+        from loratune.quant.load import load_quantized
 
-        quantize_model(model, cfg.quantization)
-        prepare_for_kbit_training(model)
+        model = load_quantized(folder, cfg.quantization, DTYPES[cfg.dtype])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            gguf_file=gguf,
+            dtype=DTYPES[cfg.dtype],
+            attn_implementation=cfg.attn_implementation,
+            local_files_only=True,
+            use_safetensors=None if gguf else True,
+        )
+        if cfg.quantization is not None:
+            from loratune.quant.model import prepare_for_kbit_training, quantize_model
+
+            quantize_model(model, cfg.quantization)
+            prepare_for_kbit_training(model)
+    model.config._attn_implementation = cfg.attn_implementation
     model.to(torch.device(cfg.device))
     model.eval()
     model.requires_grad_(False)

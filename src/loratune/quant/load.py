@@ -1,0 +1,126 @@
+"""Build 4-bit models without ever holding the full-precision model in memory.
+
+`load_quantized` reads a safetensors checkpoint tensor by tensor and quantizes each linear
+weight as it arrives; `random_quantized` builds a random-initialized model of a real
+architecture (e.g. Llama-2-7B's shape) layer by layer straight into 4 bits, for benchmarks.
+Peak memory is the final 4-bit model plus one full-precision tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from loratune.config import QuantConfig
+from loratune.models.modules import set_submodule
+from loratune.quant.linear4bit import Linear4bit
+from loratune.quant.model import DTYPES, prepare_for_kbit_training
+from loratune.quant.nf4 import quantize_4bit
+
+LLAMA_SHAPES = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
+    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
+}
+
+
+def _meta_model(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _skip_paths(model: nn.Module) -> set[str]:
+    out = model.get_output_embeddings()
+    return {n for n, m in model.named_modules() if m is out}
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    path, _, name = key.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    if name in module._buffers:
+        module._buffers[name] = value
+    else:
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+
+
+def _place(model: nn.Module, key: str, tensor: torch.Tensor, skip: set[str], cfg: QuantConfig,
+           dtype: torch.dtype) -> None:
+    """Quantize a linear weight as it arrives; store anything else in `dtype`."""
+    path, _, name = key.rpartition(".")
+    module = model.get_submodule(path)
+    if isinstance(module, nn.Linear) and name == "weight" and path not in skip:
+        bias = module.bias if module.bias is not None and not module.bias.is_meta else None
+        q = quantize_4bit(tensor, cfg.blocksize, cfg.type, cfg.double_quant)
+        layer = Linear4bit(q, bias, DTYPES[cfg.compute_dtype])
+        if module.bias is not None and bias is None:
+            layer.bias = module.bias  # still meta: its tensor comes later in the file
+        set_submodule(model, path, layer)
+    else:
+        _set_tensor(model, key, tensor.to(dtype))
+
+
+def _finish(model: nn.Module, config) -> nn.Module:
+    """Tie weights, rebuild computed (non-persistent) buffers, check nothing stayed on meta."""
+    if getattr(config, "tie_word_embeddings", False):
+        # A tied checkpoint stores the shared matrix once, under either name.
+        emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+        if emb.weight.is_meta:
+            emb.weight = out.weight
+        else:
+            out.weight = emb.weight
+    for path, module in list(model.named_modules()):
+        if any(b is not None and b.is_meta for b in module._buffers.values()):
+            # Rotary tables and similar are computed from the config, not stored.
+            set_submodule(model, path, type(module)(config=config))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.is_meta]
+    if left:
+        raise ValueError(f"checkpoint has no tensor for {left[0]} ({len(left)} missing)")
+    prepare_for_kbit_training(model)
+    return model.eval()
+
+
+def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype = torch.float32):
+    """A 4-bit model from a safetensors folder, one tensor in full precision at a time."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    model = _meta_model(config)
+    skip = _skip_paths(model)
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                _place(model, key, f.get_tensor(key), skip, cfg, dtype)
+    return _finish(model, config)
+
+
+def random_quantized(shape: str | dict, cfg: QuantConfig, dtype: torch.dtype = torch.float32,
+                     seed: int = 0, std: float = 0.02):
+    """A random-initialized Llama of a real shape, built straight into 4 bits, layer by layer."""
+    from transformers import LlamaConfig
+
+    dims = LLAMA_SHAPES[shape] if isinstance(shape, str) else shape
+    config = LlamaConfig(**dims, max_position_embeddings=4096, tie_word_embeddings=False)
+    model = _meta_model(config)
+    skip = _skip_paths(model)
+    gen = torch.Generator().manual_seed(seed)
+    for key, tensor in list(model.state_dict(keep_vars=True).items()):
+        if key.endswith("norm.weight"):
+            value = torch.ones(tensor.shape)
+        else:
+            value = torch.empty(tensor.shape).normal_(0, std, generator=gen)
+        _place(model, key, value, skip, cfg, dtype)
+        del value
+    return _finish(model, config)
