@@ -66,3 +66,10 @@ def test_without_double_quant_and_dtypes():
 def test_blocksize_range_checked():
     with pytest.raises(ValueError, match="blocksize 16 outside"):
         quantize_4bit(torch.randn(8, 8), 16)
+
+
+def test_chunked_dequantization_matches_whole():
+    x = torch.randn(37, 91)  # odd count, short last block
+    q = quantize_4bit(x, 64)
+    torch.testing.assert_close(dequantize_4bit(q, chunk_blocks=3), dequantize_4bit(q),
+                               atol=0, rtol=0)

@@ -104,11 +104,26 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     return q
 
 
-def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype = torch.float32,
+                    chunk_blocks: int = 65536) -> torch.Tensor:
+    """The full-precision tensor, built a chunk of blocks at a time to bound temporaries."""
     n = 1
     for d in q.shape:
         n *= d
-    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[:n].long()
-    values = code_4bit(q.quant_type).to(q.packed.device)[codes]
-    scales = q.block_scales().repeat_interleave(q.blocksize)[:n]
-    return (values * scales).view(q.shape).to(dtype)
+    table = code_4bit(q.quant_type).to(q.packed.device)
+    scales = q.block_scales()
+    out = torch.empty(n, dtype=dtype, device=q.packed.device)
+    step = chunk_blocks * q.blocksize  # even, so a chunk starts on a byte boundary
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        packed = q.packed[start // 2:(stop + 1) // 2]
+        codes = torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)[: stop - start]
+        values = table[codes.int()]
+        block = torch.arange(start, stop, q.blocksize, device=values.device) // q.blocksize
+        full = (stop - start) // q.blocksize * q.blocksize
+        chunk = out[start:stop]
+        chunk[:full].view(-1, q.blocksize).copy_(
+            values[:full].view(-1, q.blocksize) * scales[block[: full // q.blocksize], None])
+        if full < stop - start:
+            chunk[full:].copy_(values[full:] * scales[block[-1]])
+    return out.view(q.shape)
