@@ -1,4 +1,4 @@
-"""From a data file to tokenized examples, with counts of what was cut or dropped."""
+"""From a data file to conversations or tokenized examples, with counts of what was cut."""
 
 from __future__ import annotations
 
@@ -8,56 +8,82 @@ from pathlib import Path
 
 from loratune.config import DataConfig
 from loratune.data.encode import IGNORE, Example, encode_conversation
-from loratune.data.formats import DataError, detect_format, read_located, to_messages
+from loratune.data.errors import DataError
+from loratune.data.formats import detect_format, locate, read_indexed, to_messages
 from loratune.data.templates import resolve_template
 
 
 @dataclass
 class DataStats:
-    format: str
+    """What `build_examples` made of a file. Truncated examples are kept (cut to max_length);
+    dropped records are not (overflow: drop, or no labelled token left)."""
+
     n_records: int = 0
     n_examples: int = 0
     n_truncated: int = 0
     n_dropped: int = 0
     n_tokens: int = 0
-    n_label_tokens: int = 0
+    n_label_tokens: int = 0  # tokens that carry loss (the first token of an example never does)
+    format: str = ""  # alpaca, messages, sharegpt, or "mixed: a, b" for auto-detected mixes
+
+
+def _conversations(path: str | Path, cfg: DataConfig) -> tuple[list[tuple[int, list[dict]]], str]:
+    """(record index, messages) for every record, and the format name for DataStats."""
+    conversations, formats = [], []
+    for index, record in read_indexed(path):
+        fmt = cfg.format
+        if fmt == "auto":
+            fmt = detect_format(record, locate(path, index))
+        formats.append(fmt)
+        conversations.append((index, to_messages(record, fmt, index, path, cfg.system_prompt)))
+    seen = sorted(set(formats))
+    return conversations, seen[0] if len(seen) == 1 else "mixed: " + ", ".join(seen)
 
 
 def load_conversations(path: str | Path, cfg: DataConfig) -> list[list[dict]]:
-    located = read_located(path)
-    fmt = cfg.format if cfg.format != "auto" else detect_format(located[0][1], located[0][0])
-    return [to_messages(rec, fmt, where, cfg.system_prompt) for where, rec in located]
+    """Each record as OpenAI-style messages (the last one is the reference answer)."""
+    return [messages for _, messages in _conversations(path, cfg)[0]]
 
 
-def build_examples(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[Example], DataStats]:
-    located = read_located(path)
-    fmt = cfg.format if cfg.format != "auto" else detect_format(located[0][1], located[0][0])
+def build_examples(path: str | Path, tokenizer,
+                   cfg: DataConfig) -> tuple[list[Example], DataStats]:
+    """Tokenized, labelled examples of a data file, and counts of what happened to them."""
+    conversations, fmt = _conversations(path, cfg)
     template = resolve_template(tokenizer, cfg.template)
-    stats = DataStats(format=fmt, n_records=len(located))
+    stats = DataStats(n_records=len(conversations), format=fmt)
     examples = []
-    for where, record in located:
-        messages = to_messages(record, fmt, where, cfg.system_prompt)
-        example, truncated = encode_conversation(messages, tokenizer, template, cfg.train_on,
-                                                 cfg.max_length, cfg.overflow)
-        stats.n_truncated += int(truncated and example is not None)
+    for index, messages in conversations:
+        try:
+            example, truncated = encode_conversation(messages, tokenizer, template, cfg.train_on,
+                                                     cfg.max_length, cfg.overflow)
+        except DataError as err:
+            raise DataError(f"{locate(path, index)}: {err}") from None
         if example is None:
             stats.n_dropped += 1
             continue
-        examples.append(example)
+        stats.n_truncated += truncated
         stats.n_tokens += len(example)
-        stats.n_label_tokens += sum(label != IGNORE for label in example.labels)
+        stats.n_label_tokens += sum(label != IGNORE for label in example.labels[1:])
+        examples.append(example)
     stats.n_examples = len(examples)
     if not examples:
-        raise DataError(f"{path}: no usable examples ({stats.n_dropped} dropped: longer than "
-                        f"max_length={cfg.max_length} or nothing to learn)")
+        raise DataError(f"{path}: no usable examples: all {stats.n_records} records were dropped "
+                        f"(longer than data.max_length={cfg.max_length} with overflow="
+                        f"{cfg.overflow}, or no answer token left to learn)")
     return examples, stats
 
 
 def split_heldout(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic split: (train, held-out) with round(fraction * n) held out (at least 1)."""
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
+    """(train, held-out): round(fraction * n) items held out (at least 1 when fraction > 0),
+    chosen by seed; both keep the input order."""
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"data.eval_fraction is {fraction}; expected 0 <= fraction < 1")
+    if fraction == 0.0:
+        return list(items), []
     k = max(1, round(fraction * len(items)))
-    held = set(order[:k])
+    if k >= len(items):
+        raise DataError(f"data.eval_fraction={fraction} of {len(items)} examples leaves none "
+                        "to train on")
+    held = set(random.Random(seed).sample(range(len(items)), k))
     return ([x for i, x in enumerate(items) if i not in held],
             [x for i, x in enumerate(items) if i in held])

@@ -1,143 +1,239 @@
 """Read data files (JSON, JSONL, CSV, Parquet) and turn alpaca / messages / sharegpt records
-into OpenAI-style message lists."""
+into OpenAI-style message lists.
+
+Every record carries an index for error messages: the line number in line-based files
+(.jsonl, .csv), the 0-based position in the list otherwise (.json, .parquet).
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
 
+from loratune.data.errors import DataError
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, the line or record, and the field."""
-
-
-Located = tuple[str, dict]  # ("file:line", record)
-
-ROLES = {"system", "user", "assistant"}
+FORMATS = ("alpaca", "messages", "sharegpt")
+LINE_BASED = (".jsonl", ".csv")
+ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "model": "assistant"}
+                  "assistant": "assistant"}
 
 
-def _clean(value):
-    # pandas gives NaN for empty CSV cells; treat them as missing.
-    return None if isinstance(value, float) and math.isnan(value) else value
+def locate(source: str | Path | None, index: int | None) -> str:
+    """How an error names a record: `file.jsonl:12`, `file.json[3]`, or `record 3`."""
+    if source is None:
+        return "record" if index is None else f"record {index}"
+    if index is None:
+        return str(source)
+    if Path(source).suffix.lower() in LINE_BASED:
+        return f"{source}:{index}"
+    return f"{source}[{index}]"
 
 
-def read_located(path: str | Path) -> list[Located]:
-    """Records with where they came from, for error messages."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{n}: malformed JSON ({err.msg} at column {err.colno})")
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-            out.append((f"{path}:{n}", record))
-    elif suffix == ".json":
+def _read_text(path: Path) -> str:
+    try:
+        # utf-8-sig: files saved by Windows tools often start with a byte-order mark.
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    out = []
+    # Split on "\n" only: str.splitlines() also breaks on U+2028 and friends, which JSON
+    # allows raw inside strings, and would shift every later line number.
+    for n, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a list of objects (or {{\"data\": [...]}})")
-        out = [(f"{path}[{i}]", r) for i, r in enumerate(data)]
-        bad = next((w for w, r in out if not isinstance(r, dict)), None)
-        if bad:
-            raise DataError(f"{bad}: expected a JSON object")
-    elif suffix in (".csv", ".parquet"):
-        import pandas as pd
-
-        frame = pd.read_csv(path, keep_default_na=False) if suffix == ".csv" \
-            else pd.read_parquet(path)
-        first = 2 if suffix == ".csv" else 0  # CSV: line 1 is the header
-        out = [(f"{path}:{i + first}" if suffix == ".csv" else f"{path} row {i}",
-                {k: _clean(v) for k, v in row.items()})
-               for i, row in enumerate(frame.to_dict(orient="records"))]
-    else:
-        raise DataError(f"{path}: unsupported file type '{suffix}' (use .json, .jsonl, .csv, "
-                        ".parquet)")
-    if not out:
-        raise DataError(f"{path}: the dataset is empty")
+            raise DataError(f"{path}:{n}: malformed JSON: {err.msg} at column {err.colno}") \
+                from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+        out.append((n, record))
     return out
 
 
+def _read_json(path: Path) -> list[tuple[int, dict]]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg} at column {err.colno}") \
+            from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of objects or {{\"data\": [...]}}, "
+                        f"got {type(data).__name__}")
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}[{i}]: expected a JSON object, got {type(record).__name__}")
+    return list(enumerate(data))
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    # The csv module rather than pandas: every cell stays text ("007" is not 7), and
+    # line_num gives true line numbers even when quoted cells span several lines.
+    out = []
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            return out
+        end = reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if None in row:
+                raise DataError(f"{path}:{start}: {len(row[None])} more cells than the "
+                                f"{len(reader.fieldnames)} header columns")
+            out.append((start, row))
+    return out
+
+
+def _read_parquet(path: Path) -> list[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    # pyarrow's to_pylist gives plain lists and dicts for nested columns (pandas would give
+    # numpy arrays) and None for nulls.
+    return list(enumerate(pq.read_table(path).to_pylist()))
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+           ".parquet": _read_parquet}
+
+
+def read_indexed(path: str | Path) -> list[tuple[int, dict]]:
+    """Records of a data file with their index (line number or list position)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'; expected one of "
+                        f"{', '.join(READERS)}")
+    records = reader(path)
+    if not records:
+        raise DataError(f"{path}: the dataset is empty (no records)")
+    return records
+
+
 def read_records(path: str | Path) -> list[dict]:
-    return [r for _, r in read_located(path)]
+    """All records of a .json, .jsonl, .csv or .parquet file, as dicts."""
+    return [record for _, record in read_indexed(path)]
 
 
 def detect_format(record: dict, where: str = "record") -> str:
+    """'messages', 'sharegpt' or 'alpaca', from the keys of one record."""
     if "messages" in record:
         return "messages"
     if "conversations" in record:
         return "sharegpt"
+    # Either alpaca key is enough: a record missing the other then gets a 'missing field'
+    # error, which says more than 'unknown format'.
     if "instruction" in record or "output" in record:
         return "alpaca"
     raise DataError(f"{where}: cannot tell the format from keys {sorted(record)}; expected "
-                    "alpaca (instruction/input/output), messages, or sharegpt (conversations)")
+                    "alpaca (instruction, output), messages (messages) or sharegpt (conversations)")
 
 
-def _text(record: dict, field: str, where: str, required: bool = True) -> str:
-    value = _clean(record.get(field))
-    if value is None or (required and value == ""):
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _text(value, field: str, where: str, required: bool = True) -> str:
+    """A text field; numbers are accepted as their text (JSON answers like 42)."""
+    if _missing(value):
         if required:
             raise DataError(f"{where}: missing required field '{field}'")
         return ""
-    if not isinstance(value, str):
-        if isinstance(value, (int, float)):
-            return str(value)
-        raise DataError(f"{where}: field '{field}' must be text, got {type(value).__name__}")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                       for p in value):
+        # OpenAI content parts: [{"type": "text", "text": "..."}, ...]
+        return "".join(_text(p.get("text"), f"{field}.text", where) for p in value)
+    raise DataError(f"{where}: field '{field}' must be text, got {type(value).__name__}")
+
+
+def _nonempty(value, field: str, where: str) -> str:
+    # An empty cell is how CSV and spreadsheets spell "missing"; an alpaca record without
+    # an instruction or an answer is a data error, not something to learn.
+    text = _text(value, field, where)
+    if not text.strip():
+        raise DataError(f"{where}: field '{field}' is empty")
+    return text
+
+
+def _list(value, field: str, where: str) -> list:
+    """A list field; CSV cells can only hold it as JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: field '{field}' is text but not a JSON list ({err.msg})") \
+                from None
+    if _missing(value):
+        raise DataError(f"{where}: missing required field '{field}'")
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{field}' must be a list, got {type(value).__name__}")
     return value
 
 
 def _alpaca(record: dict, where: str) -> list[dict]:
     messages = []
-    system = _text(record, "system", where, required=False)
+    system = _text(record.get("system"), "system", where, required=False)
     if system:
         messages.append({"role": "system", "content": system})
-    history = _clean(record.get("history")) or []
+    history = [] if _missing(record.get("history")) or record.get("history") == "" \
+        else _list(record["history"], "history", where)
     for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise DataError(f"{where}: history[{i}] must be a [user, assistant] pair")
-        messages += [{"role": "user", "content": str(pair[0])},
-                     {"role": "assistant", "content": str(pair[1])}]
-    user = _text(record, "instruction", where)
-    extra = _text(record, "input", where, required=False)
-    messages.append({"role": "user", "content": f"{user}\n\n{extra}" if extra else user})
-    messages.append({"role": "assistant", "content": _text(record, "output", where)})
+        messages.append({"role": "user", "content": _text(pair[0], f"history[{i}][0]", where)})
+        messages.append({"role": "assistant",
+                         "content": _text(pair[1], f"history[{i}][1]", where)})
+    instruction = _nonempty(record.get("instruction"), "instruction", where)
+    extra = _text(record.get("input"), "input", where, required=False)
+    messages.append({"role": "user",
+                     "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction})
+    messages.append({"role": "assistant",
+                     "content": _nonempty(record.get("output"), "output", where)})
     return messages
 
 
-def _turns(record: dict, key: str, role_key: str, text_key: str, roles: dict, where: str):
-    turns = record.get(key)
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: field '{key}' must be a non-empty list of turns")
+def _turns(record: dict, key: str, role_key: str, text_key: str, roles: dict[str, str],
+           where: str) -> list[dict]:
+    turns = _list(record.get(key), key, where)
+    if not turns:
+        raise DataError(f"{where}: field '{key}' is an empty list")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise DataError(f"{where}: {key}[{i}] must be an object")
+            raise DataError(f"{where}: {key}[{i}] must be an object with '{role_key}' and "
+                            f"'{text_key}', got {type(turn).__name__}")
         role = turn.get(role_key)
         if role not in roles:
             raise DataError(f"{where}: {key}[{i}].{role_key} is {role!r}; expected one of "
-                            f"{sorted(roles)}")
-        messages.append({"role": roles[role], "content": _text(turn, text_key, f"{where} "
-                                                                f"{key}[{i}]", required=False)})
+                            f"{', '.join(roles)}")
+        content = _text(turn.get(text_key), f"{key}[{i}].{text_key}", where)
+        messages.append({"role": roles[role], "content": content})
     return messages
 
 
-def to_messages(record: dict, fmt: str, where: str = "record",
+def to_messages(record: dict, fmt: str = "auto", index: int | None = None,
+                source: str | Path | None = None,
                 system_prompt: str | None = None) -> list[dict]:
-    """One record as [{role, content}, ...] ending with an assistant turn."""
+    """One record as [{role, content}, ...] ending with an assistant turn.
+
+    `index` and `source` only name the record in errors; `system_prompt` is used when the
+    record has no system turn of its own.
+    """
+    where = locate(source, index)
     if fmt == "auto":
         fmt = detect_format(record, where)
     if fmt == "alpaca":
@@ -147,9 +243,10 @@ def to_messages(record: dict, fmt: str, where: str = "record",
     elif fmt == "sharegpt":
         messages = _turns(record, "conversations", "from", "value", SHAREGPT_ROLES, where)
     else:
-        raise DataError(f"unknown data format '{fmt}' (alpaca, messages, sharegpt or auto)")
+        raise DataError(f"unknown data format '{fmt}'; expected auto, {', '.join(FORMATS)}")
     if messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the conversation must end with an assistant turn")
+        raise DataError(f"{where}: the conversation must end with an assistant turn, "
+                        f"not '{messages[-1]['role']}'")
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages

@@ -1,7 +1,13 @@
-"""Batches: padded rows, or several examples packed per row with no attention across them.
+"""Batches: one padded example per row, or several examples packed per row.
 
-Packed rows carry `position_ids` that restart at 0 for each example and no `attention_mask`;
-transformers then builds a block-diagonal causal mask from the position resets.
+Packed rows carry `position_ids` that restart at 0 for each example and no `attention_mask`.
+transformers (masking_utils.find_packed_sequence_indices) then starts a new segment wherever
+a position does not follow its predecessor by 1, and builds a block-diagonal causal mask, so
+no token attends across examples. It does so only without a KV cache: call the model with
+`use_cache=False`, as training does.
+
+The order of one epoch's batches is a pure function of (examples, seed, epoch), so a resumed
+run at step k sees exactly the batches the interrupted run would have.
 """
 
 from __future__ import annotations
@@ -11,80 +17,137 @@ import random
 import torch
 
 from loratune.data.encode import IGNORE, Example
+from loratune.data.errors import DataError
+
+PAD_SHARE_TO_PACK = 0.2  # packing: auto packs when padding would exceed this share of tokens
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled example order of one epoch: a pure function of (seed, epoch)."""
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
+def _first_fit(sizes: list[int], order: list[int], capacity: int) -> list[list[int]]:
+    """First fit of items `order` into bins of `capacity`: indices per bin.
+
+    A max-tree over the free room of bins finds the first bin that fits in O(log n);
+    bins not yet opened have full room, so the first fit is an open bin or the next new one.
+    """
+    leaves = 1
+    while leaves < max(len(order), 1):
+        leaves *= 2
+    room = [capacity] * (2 * leaves)
+    bins: list[list[int]] = []
+    for i in order:
+        node = 1
+        while node < leaves:
+            node = 2 * node if room[2 * node] >= sizes[i] else 2 * node + 1
+        b = node - leaves
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)
+        room[node] -= sizes[i]
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
+    return bins
 
 
-def pack_examples(examples: list[Example], max_length: int) -> list[list[Example]]:
-    """First-fit in the given order: each row holds whole examples up to max_length tokens."""
-    rows: list[list[Example]] = []
-    room: list[int] = []
-    for ex in examples:
-        size = min(len(ex), max_length)
-        for i, free in enumerate(room):
-            if size <= free:
-                rows[i].append(ex)
-                room[i] -= size
-                break
-        else:
-            rows.append([ex])
-            room.append(max_length - size)
-    return rows
+def pack_examples(examples: list[Example], max_length: int, seed: int = 0) -> list[list[Example]]:
+    """Rows of whole examples, at most max_length tokens each: first-fit decreasing.
+
+    The seed only orders examples of equal length, so the number of rows and their lengths
+    do not depend on it.
+    """
+    for n, ex in enumerate(examples):
+        if len(ex) > max_length:
+            raise DataError(f"example {n} has {len(ex)} tokens, more than max_length={max_length};"
+                            " truncate it first (encode_conversation does)")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -len(examples[i]))  # stable: equal lengths keep the seeded order
+    sizes = [len(ex) for ex in examples]
+    return [[examples[i] for i in b] for b in _first_fit(sizes, order, max_length)]
 
 
 def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """Tensors for rows of examples, right-padded to the longest row.
+
+    packed: input_ids, labels, position_ids restarting at 0 for each example and for the
+    trailing padding (its own segment), no attention_mask. Not packed: one example per row,
+    attention_mask 1/0, position_ids 0..n-1. The first token of every example has label
+    IGNORE: with the shifted next-token loss, the previous example's last token must not be
+    trained to predict it. Padding has label IGNORE whatever its id (pad may equal eos).
+    """
+    if not rows or any(not row for row in rows):
+        raise ValueError("collate needs at least one row and no empty row")
+    if not packed and any(len(row) > 1 for row in rows):
+        raise ValueError("rows of several examples need packed=True (position_ids segments)")
     width = max(sum(len(ex) for ex in row) for row in rows)
-    n = len(rows)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((n, width), dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(len(rows), 1)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
     for r, row in enumerate(rows):
         at = 0
         for ex in row:
             end = at + len(ex)
             input_ids[r, at:end] = torch.tensor(ex.input_ids)
             labels[r, at:end] = torch.tensor(ex.labels)
-            # With shifted next-token loss, the previous example's last token must not be
-            # trained to predict this example's first token.
             labels[r, at] = IGNORE
             position_ids[r, at:end] = torch.arange(len(ex))
-            attention[r, at:end] = 1
+            attention_mask[r, at:end] = 1
             at = end
-        # Trailing padding forms its own segment (positions restart) and carries no loss.
-        position_ids[r, at:] = torch.arange(width - at)
+        if packed:  # unpacked padding is masked instead, its positions do not matter
+            position_ids[r, at:] = torch.arange(width - at)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     if not packed:
-        batch["attention_mask"] = attention
+        batch["attention_mask"] = attention_mask
     return batch
 
 
-def padded_fraction(examples: list[Example], batch_size: int) -> float:
-    total = padded = 0
-    for i in range(0, len(examples), batch_size):
-        lens = [len(ex) for ex in examples[i:i + batch_size]]
-        total += max(lens) * len(lens)
-        padded += max(lens) * len(lens) - sum(lens)
-    return padded / max(total, 1)
-
-
-def should_pack(examples: list[Example], max_length: int, batch_size: int) -> bool:
-    """Pack when padding would waste over 20% of the batch, or rows fit several examples."""
-    if not examples:
-        return False
-    mean = sum(len(ex) for ex in examples) / len(examples)
-    return padded_fraction(examples, batch_size) > 0.2 or mean * 2 <= max_length
+def epoch_rows(examples: list[Example], max_length: int, packing: bool, seed: int,
+               epoch: int) -> list[list[Example]]:
+    """The rows of one epoch in training order: a pure function of (examples, seed, epoch).
+    With packing the number of rows is the same for every epoch."""
+    # A string seed is hashed with SHA-512: the same order in every process and Python run.
+    rng = random.Random(f"loratune-data:{seed}:{epoch}")
+    if packing:
+        rows = pack_examples(examples, max_length, seed=rng.randrange(2**32))
+    else:
+        rows = [[ex] for ex in examples]
+    rng.shuffle(rows)
+    return rows
 
 
 def batches(examples: list[Example], batch_size: int, max_length: int, packing: bool,
             pad_id: int, seed: int, epoch: int) -> list[dict[str, torch.Tensor]]:
-    """All micro-batches of one epoch, deterministic in (seed, epoch)."""
-    ordered = [examples[i] for i in epoch_order(len(examples), seed, epoch)]
-    rows = pack_examples(ordered, max_length) if packing else [[ex] for ex in ordered]
+    """All micro-batches of one epoch (the last may be smaller), deterministic in (seed, epoch)."""
+    rows = epoch_rows(examples, max_length, packing, seed, epoch)
     return [collate(rows[i:i + batch_size], pad_id, packing)
             for i in range(0, len(rows), batch_size)]
+
+
+def padding_share(rows: list[list[Example]], batch_size: int) -> float:
+    """Share of padding among all tokens when `rows` are batched in order."""
+    total = padded = 0
+    for i in range(0, len(rows), batch_size):
+        lengths = [sum(len(ex) for ex in row) for row in rows[i:i + batch_size]]
+        total += max(lengths) * len(lengths)
+        padded += max(lengths) * len(lengths) - sum(lengths)
+    return padded / max(total, 1)
+
+
+def should_pack(examples: list[Example], max_length: int, batch_size: int) -> bool:
+    """For `packing: auto`. Pack when unpacked batches would be more than 20% padding and
+    packing at least halves that share, or when a row holds two or more examples on average:
+    then packing fills rows up to max_length (fewer, fuller steps) at no cost in padding, and
+    the block-diagonal mask keeps each example's loss what it would be alone."""
+    if len(examples) < 2:
+        return False
+    mean = sum(len(ex) for ex in examples) / len(examples)
+    if 2 * mean <= max_length:
+        return True
+    # Estimated on one shuffled order: batches are shuffled, whatever the file order.
+    plain = padding_share(epoch_rows(examples, max_length, False, 0, 0), batch_size)
+    if plain <= PAD_SHARE_TO_PACK:
+        return False
+    packed = padding_share(epoch_rows(examples, max_length, True, 0, 0), batch_size)
+    return packed <= plain / 2
