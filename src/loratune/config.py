@@ -28,13 +28,22 @@ class QuantConfig(_Section):
     type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = Field(True, description="quantize the block scales too (~0.37 bit saved)")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    blocksize: int = Field(64, ge=32, le=4096)
+    blocksize: int = Field(64, description="values per absmax block: a power of two, 32..4096")
+
+    @field_validator("blocksize")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        from loratune.quant.nf4 import check_blocksize
+
+        return check_blocksize(v)
 
 
 class ModelConfig(_Section):
     name: str = Field("smollm2-135m-instruct", description="embedded name, HF folder or .gguf file")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    strict_dtype: bool = Field(False, description="error instead of falling back to float32 "
+                               "when the device has no native support for dtype")
     attn_implementation: str = Field("sdpa", description="transformers attention backend")
     quantization: QuantConfig | None = Field(None, description="set for QLoRA (4-bit base)")
 
@@ -86,6 +95,12 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
+    offload_activations: bool = Field(
+        False, description="keep tensors saved for backward in host memory (GPU runs)")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit: moments stored as blockwise 8-bit codes")
+    offload_optimizer: bool = Field(
+        False, description="keep optimizer states in (pinned) host memory (GPU runs)")
     loss_chunk: int = Field(1024, gt=0, description="tokens per chunk of the output-layer loss")
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)

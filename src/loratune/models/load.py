@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import save_model
 
 from loratune.config import ModelConfig
+from loratune.models.device import DTYPES, resolve_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelNotFound(FileNotFoundError):
@@ -148,24 +148,30 @@ def load_model(cfg: ModelConfig | str):
     from transformers import AutoModelForCausalLM
 
     cfg = ModelConfig(name=cfg) if isinstance(cfg, str) else cfg
+    dtype = resolve_dtype(cfg.dtype, cfg.device, cfg.strict_dtype)
+    quant = cfg.quantization
+    if quant is not None:
+        compute = resolve_dtype(quant.compute_dtype, cfg.device, cfg.strict_dtype,
+                                field="model.quantization.compute_dtype")
+        quant = quant.model_copy(update={"compute_dtype": str(compute).removeprefix("torch.")})
     folder, gguf = resolve_model(cfg.name)
-    if cfg.quantization is not None and gguf is None:
+    if quant is not None and gguf is None:
         from loratune.quant.load import load_quantized
 
-        model = load_quantized(folder, cfg.quantization, DTYPES[cfg.dtype])
+        model = load_quantized(folder, quant, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
             gguf_file=gguf,
-            dtype=DTYPES[cfg.dtype],
+            dtype=dtype,
             attn_implementation=cfg.attn_implementation,
             local_files_only=True,
             use_safetensors=None if gguf else True,
         )
-        if cfg.quantization is not None:
+        if quant is not None:
             from loratune.quant.model import prepare_for_kbit_training, quantize_model
 
-            quantize_model(model, cfg.quantization)
+            quantize_model(model, quant)
             prepare_for_kbit_training(model)
     model.config._attn_implementation = cfg.attn_implementation
     model.to(torch.device(cfg.device))

@@ -17,7 +17,8 @@ from torch import nn
 from loratune.config import QuantConfig
 from loratune.models.modules import set_submodule
 from loratune.quant.linear4bit import Linear4bit
-from loratune.quant.model import DTYPES, prepare_for_kbit_training
+from loratune.models.device import DTYPES
+from loratune.quant.model import prepare_for_kbit_training
 from loratune.quant.nf4 import quantize_4bit
 
 LLAMA_SHAPES = {

@@ -6,22 +6,32 @@ import torch
 from torch import nn
 
 from loratune.config import QuantConfig
+from loratune.models.device import DTYPES
 from loratune.models.modules import output_layer_names, set_submodule
 from loratune.quant.linear4bit import Linear4bit
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def quantize_model(model: nn.Module, cfg: QuantConfig) -> list[str]:
-    """Replace every nn.Linear except the output layer by a frozen Linear4bit; returns paths."""
-    skip = output_layer_names(model)
-    done = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name not in skip:
-            set_submodule(model, name, Linear4bit.from_linear(
-                module, cfg.blocksize, cfg.type, cfg.double_quant, DTYPES[cfg.compute_dtype]))
-            done.append(name)
-    return done
+def quantize_model(model: nn.Module, cfg: QuantConfig, names: list[str] | None = None) -> list[str]:
+    """Replace linear layers by frozen Linear4bit ones; returns the paths replaced.
+
+    `names=None` takes every nn.Linear except the output layer. Any in/out size works: blocks
+    run over the flattened weight, and a short last block gets its own scale.
+    """
+    if names is None:
+        skip = output_layer_names(model)
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            kind = "no such module" if module is None else type(module).__name__
+            raise ValueError(f"cannot quantize '{name}' to 4 bits: only nn.Linear layers can "
+                             f"be, it is {kind}")
+    for name in names:
+        set_submodule(model, name, Linear4bit.from_linear(
+            modules[name], cfg.blocksize, cfg.type, cfg.double_quant, DTYPES[cfg.compute_dtype]))
+    return list(names)
 
 
 def prepare_for_kbit_training(model: nn.Module) -> nn.Module:

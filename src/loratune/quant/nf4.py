@@ -17,6 +17,13 @@ from loratune.quant.codebooks import code_4bit, dynamic_map
 BLOCK_RANGE = (32, 4096)
 
 
+def check_blocksize(blocksize: int) -> int:
+    lo, hi = BLOCK_RANGE
+    if not (lo <= blocksize <= hi and blocksize & (blocksize - 1) == 0):
+        raise ValueError(f"blocksize {blocksize}: expected a power of two from {lo} to {hi}")
+    return blocksize
+
+
 def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     n = flat.numel()
     full = n - n % blocksize
@@ -87,8 +94,7 @@ class Quantized4bit:
 
 def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
                   double_quant: bool = True) -> Quantized4bit:
-    if not BLOCK_RANGE[0] <= blocksize <= BLOCK_RANGE[1]:
-        raise ValueError(f"blocksize {blocksize} outside {BLOCK_RANGE[0]}..{BLOCK_RANGE[1]}")
+    check_blocksize(blocksize)
     flat = w.detach().reshape(-1).float()
     absmax = _block_absmax(flat, blocksize)
     scaled = _scale_blocks(flat, absmax, blocksize)

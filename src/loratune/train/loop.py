@@ -24,6 +24,7 @@ from loratune.models import load_model
 from loratune.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from loratune.train.loss import causal_lm_loss
 from loratune.train.metrics import MetricsLog, plot_loss
+from loratune.train.offload import activation_offload, offload_notes
 from loratune.train.optim import build_optimizer, set_lr
 from loratune.train.schedule import lr_factor
 
@@ -173,6 +174,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
     if cfg.train.gradient_checkpointing:
         set_checkpointing(model, True)
     optimizer = build_optimizer(model, cfg.train)
+    for note in offload_notes(cfg.train, device):
+        log(note)
     pad_id = tokenizer.pad_token_id
 
     n_batches = len(epoch_batches(cfg, train_ex, packing, pad_id, 0))
@@ -216,7 +219,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
         step_tokens = 0
         for batch in micro:
             batch = to_device(batch, device)
-            loss_sum, _ = causal_lm_loss(model, batch, cfg.train.loss_chunk)
+            with activation_offload(cfg.train.offload_activations, device):
+                loss_sum, _ = causal_lm_loss(model, batch, cfg.train.loss_chunk)
             # Normalize by the step's label count: the token-level mean over all micro-batches.
             (loss_sum / max(n_labels, 1)).backward()
             step_loss += float(loss_sum.detach())
