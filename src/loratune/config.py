@@ -101,6 +101,9 @@ class TrainConfig(_Section):
         "adamw", description="adamw8bit: moments stored as blockwise 8-bit codes")
     offload_optimizer: bool = Field(
         False, description="keep optimizer states in (pinned) host memory (GPU runs)")
+    host_memory: Literal["auto", "low", "fast"] = Field(
+        "auto", description="low: large host blocks from mmap, returned to the OS when freed "
+        "(lower peak RSS, slower CPU steps); auto: low for QLoRA runs")
     loss_chunk: int = Field(1024, gt=0, description="tokens per chunk of the output-layer loss")
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)

@@ -22,6 +22,7 @@ from loratune.adapters import add_adapter, save_adapter, trainable_report
 from loratune.config import RunConfig
 from loratune.models import load_model
 from loratune.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from loratune.train.host_memory import use_mmap_for_large_blocks
 from loratune.train.loss import causal_lm_loss
 from loratune.train.metrics import MetricsLog, plot_loss
 from loratune.train.offload import activation_offload, offload_notes
@@ -110,6 +111,12 @@ def epoch_batches(cfg: RunConfig, examples, packing: bool, pad_id: int, epoch: i
                            pad_id=pad_id, seed=cfg.train.seed, epoch=epoch)
 
 
+def low_host_memory(cfg: RunConfig) -> bool:
+    if cfg.train.host_memory == "auto":
+        return cfg.model.quantization is not None
+    return cfg.train.host_memory == "low"
+
+
 def set_checkpointing(model: nn.Module, on: bool) -> None:
     """Recompute each decoder layer in backward instead of keeping its activations."""
     # transformers 5 renamed the API; older releases only have the gradient_* names.
@@ -154,6 +161,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
     out = Path(cfg.output_dir)
     check_run_dir(out, resume, overwrite)  # fail before the slow setup, touch nothing yet
     seed_everything(cfg.train.seed)
+    if low_host_memory(cfg):
+        use_mmap_for_large_blocks()
     if model is None:
         model, tokenizer = load_model(cfg.model)
     device = next(model.parameters()).device
