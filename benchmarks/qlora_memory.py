@@ -59,6 +59,10 @@ def worker(args) -> dict:
     from loratune.train.loss import causal_lm_loss
     from loratune.train.optim import build_optimizer
 
+    from loratune.train.host_memory import use_mmap_for_large_blocks
+
+    if args.host_memory == "low":  # what `loratune train` does for QLoRA (train.host_memory)
+        use_mmap_for_large_blocks()
     torch.manual_seed(0)
     reset_peak()
     t0 = time.perf_counter()
@@ -85,12 +89,13 @@ def worker(args) -> dict:
             "quantized_gib": quantized_bytes(model) / 2**30, "load_s": load_s,
             "load_peak_gib": load_peak, "rss_after_load_gib": after_load,
             "step_peak_gib": rss_gib("VmHWM"), "s_per_step": min(times),
-            "trainable": trainable_report(model)[2], "batch": args.batch, "seq": args.seq}
+            "trainable": trainable_report(model)[2], "batch": args.batch, "seq": args.seq,
+            "host_memory": args.host_memory}
 
 
 def spawn(args, fp32: bool) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--shape", args.shape, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--steps", str(args.steps)] + (["--fp32"] if fp32 else [])
+           "--seq", str(args.seq), "--steps", str(args.steps), "--host-memory", args.host_memory] + (["--fp32"] if fp32 else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"worker failed:\n{proc.stderr[-3000:]}")
@@ -104,6 +109,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--host-memory", default="low", choices=["low", "fast"],
+                   help="low: large blocks from mmap (as loratune train does for QLoRA)")
     p.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -114,7 +121,7 @@ def main() -> None:
     if args.shape == "small":  # the fp32 base fits only for the small model on this machine
         runs.append(spawn(args, fp32=True))
     print(f"QLoRA step, {args.shape}, batch {args.batch} x {args.seq}, LoRA r=16 all-linear, "
-          f"activation checkpointing, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+          f"activation checkpointing, host memory {args.host_memory}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(f"{'base':<6}{'4-bit GiB':>10}{'load s':>8}{'load peak':>11}{'after load':>11}"
           f"{'step peak':>11}{'s/step':>9}")
     for r in runs:

@@ -125,6 +125,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from loratune.plan.report import run
+
+    print(run(args))
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser, adapters: bool = True) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="embedded name, HF folder or .gguf file")
@@ -178,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=cmd_eval)
+
+    from loratune.plan.report import add_arguments
+
+    p = sub.add_parser("plan", help="memory needed for a training step, and what fits a GPU")
+    add_arguments(p)
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
@@ -188,12 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     from loratune.config import ConfigError
     from loratune.data import DataError
     from loratune.models import ModelNotFound
+    from loratune.plan import PlanError
     from loratune.train import RunFolderError
 
     try:
         return args.func(args)
     except (ConfigError, DataError, AdapterError, ModelNotFound, RunFolderError,
-            FileExistsError) as err:
+            FileExistsError, PlanError) as err:
         print(f"loratune {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

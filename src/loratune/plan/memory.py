@@ -1,0 +1,138 @@
+"""Estimate the memory of one training step: weights, adapter, optimizer, activations.
+
+The activation model counts what a Llama decoder layer saves for backward, per token, in the
+activation dtype (measured with saved-tensor hooks on a real transformers layer, SDPA
+attention, which keeps no seq x seq matrix):
+    2h   the two RMSNorm inputs (residual stream)
+    2h   the two normed outputs, shared by q/k/v and by gate/up
+    h+2kv  q, k, v after RoPE, kept by attention
+    h    attention output, the input of o_proj
+    4i   gate, SiLU(gate), up and their product (the input of down_proj)
+    7r   each LoRA's x @ A^T
+With gradient checkpointing each layer keeps only its input (h per token), and one layer's
+activations exist at a time while it is recomputed. Backward adds a working set of about
+(2h + 3i) per token for the gradients flowing through the layer being differentiated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from loratune.plan.shapes import LINEARS_PER_LAYER, ModelShape
+
+BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+METHODS = ("full", "lora", "qlora")
+OVERHEAD = {"cpu": 0.30 * 2**30, "cuda": 0.60 * 2**30}  # torch runtime / CUDA context
+
+
+@dataclass(frozen=True)
+class Setup:
+    method: str = "qlora"
+    batch: int = 1
+    seq: int = 512
+    rank: int = 16
+    dtype: str = "bf16"            # base weights (full/lora) or compute dtype (qlora)
+    optimizer: str = "adamw"       # adamw | adamw8bit
+    checkpointing: bool = True
+    labelled_fraction: float = 1.0
+    loss_chunk: int = 1024         # 0: full logits as transformers computes them
+    blocksize: int = 64
+    double_quant: bool = True
+    device: str = "cuda"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method '{self.method}': expected one of {', '.join(METHODS)}")
+        if self.dtype not in BYTES:
+            raise ValueError(f"dtype '{self.dtype}': expected fp32, bf16 or fp16")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise ValueError(f"optimizer '{self.optimizer}': expected adamw or adamw8bit")
+        if min(self.batch, self.seq, self.rank) < 1:
+            raise ValueError("batch, seq and rank must be positive")
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    weights: int
+    quant_stats: int
+    adapter: int
+    grads: int
+    optimizer: int
+    activations: int
+    logits: int
+    temporaries: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def trainable_params(shape: ModelShape, s: Setup) -> int:
+    return shape.params if s.method == "full" else shape.lora_params(s.rank)
+
+
+def _weights(shape: ModelShape, s: Setup) -> tuple[int, int]:
+    if s.method != "qlora":
+        return shape.params * BYTES[s.dtype], 0
+    blocks = -(-shape.linear_params // s.blocksize)
+    if s.double_quant:  # one 8-bit code per block, one fp32 scale per 256 codes, offsets
+        stats = blocks + 4 * -(-blocks // 256) + 4 * LINEARS_PER_LAYER * shape.layers
+    else:
+        stats = 4 * blocks
+    # Embeddings, norms and lm_head stay unquantized, in fp32 (prepare_for_kbit_training).
+    return shape.linear_params // 2 + 4 * shape.other_params, stats
+
+
+def _optimizer(shape: ModelShape, s: Setup) -> int:
+    n = trainable_params(shape, s)
+    states = 8 * n if s.optimizer == "adamw" else 2 * n + 8 * -(-n // 256)
+    if s.method == "full" and BYTES[s.dtype] < 4:
+        states += 4 * n  # fp32 master weights of mixed-precision training
+    return states
+
+
+def _activations(shape: ModelShape, s: Setup) -> int:
+    h, i, kv, r = shape.hidden, shape.intermediate, shape.kv_dim, s.rank
+    per_layer = 6 * h + 2 * kv + 4 * i + 2 * shape.heads
+    if s.method != "full":
+        per_layer += LINEARS_PER_LAYER * r
+    tokens = s.batch * s.seq
+    a = BYTES[s.dtype]
+    if s.checkpointing:
+        kept = shape.layers * h + per_layer
+    else:
+        kept = shape.layers * per_layer
+    backward = 2 * h + 3 * i
+    return tokens * (kept + backward + 2 * h) * a  # + embeddings out and final norm
+
+
+def _logits(shape: ModelShape, s: Setup) -> int:
+    tokens = s.batch * s.seq
+    if s.loss_chunk:  # our loss: labelled positions only, chunk by chunk, fp32
+        rows = min(s.loss_chunk, max(1, int(tokens * s.labelled_fraction)))
+        return 3 * rows * shape.vocab * 4
+    return tokens * shape.vocab * (BYTES[s.dtype] + 2 * 4)  # logits, fp32 copy and its grad
+
+
+def _temporaries(shape: ModelShape, s: Setup) -> int:
+    if s.method != "qlora":
+        return 0
+    # forward dequantizes one weight at a time; backward holds one more for the input grad
+    largest = max(a * b for a, b in shape.linear_shapes())
+    return 2 * largest * BYTES[s.dtype]
+
+
+def estimate(shape: ModelShape, setup: Setup) -> Breakdown:
+    weights, stats = _weights(shape, setup)
+    trainable = trainable_params(shape, setup)
+    adapter = 0 if setup.method == "full" else 4 * trainable  # LoRA weights train in fp32
+    grad_bytes = BYTES[setup.dtype] if setup.method == "full" else 4
+    return Breakdown(
+        weights=weights, quant_stats=stats, adapter=adapter, grads=trainable * grad_bytes,
+        optimizer=_optimizer(shape, setup), activations=_activations(shape, setup),
+        logits=_logits(shape, setup), temporaries=_temporaries(shape, setup),
+        overhead=int(OVERHEAD.get(setup.device.split(":")[0], OVERHEAD["cuda"])))

@@ -1,0 +1,121 @@
+"""`loratune plan`: print a memory breakdown, whether it fits, and settings that do."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from loratune.plan.memory import METHODS, Breakdown, Setup, estimate
+from loratune.plan.recommend import GPUS, GiB, leanest_total, longest_seq, parse_memory, recommend
+from loratune.plan.shapes import PRESETS, ModelShape, resolve_shape
+
+ROWS = [("weights", "weights"), ("quant_stats", "quantization scales"),
+        ("adapter", "adapter weights"), ("grads", "gradients"),
+        ("optimizer", "optimizer states"), ("activations", "activations"),
+        ("logits", "logits (loss)"), ("temporaries", "dequantized temporaries"),
+        ("overhead", "runtime / CUDA context")]
+
+
+class PlanError(ValueError):
+    pass
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def render(shape: ModelShape, setup: Setup, b: Breakdown) -> str:
+    ckpt = "with" if setup.checkpointing else "without"
+    lines = [f"{shape.name}: {shape.params / 1e9:.2f}B params, {setup.method}, "
+             f"batch {setup.batch} x seq {setup.seq}, r={setup.rank}, {setup.dtype}, "
+             f"{setup.optimizer}, {ckpt} gradient checkpointing, on {setup.device}"]
+    other = estimate(shape, replace(setup, checkpointing=not setup.checkpointing))
+    for key, label in ROWS:
+        value = getattr(b, key)
+        if value:
+            note = (f"   ({'without' if setup.checkpointing else 'with'} checkpointing: "
+                    f"{gib(other.activations)})" if key == "activations" else "")
+            lines.append(f"  {label:<26}{gib(value):>9} GiB{note}")
+    lines.append(f"  {'total':<26}{gib(b.total):>9} GiB")
+    return "\n".join(lines)
+
+
+def verdict(total: int, label: str, memory: int) -> str:
+    word = "fits" if total <= memory else "does not fit"
+    return f"{word} on {label}: {gib(total)} of {gib(memory)} GiB"
+
+
+def advice_lines(shape: ModelShape, setup: Setup, label: str, memory: int,
+                 target_batch: int) -> list[str]:
+    options = recommend(shape, setup, memory, target_batch)
+    if not options:
+        need = leanest_total(shape, setup)
+        hint = "" if setup.method == "qlora" else "; try --method qlora"
+        return [f"nothing fits on {label}: the leanest setting (batch 1, seq 256, checkpointing, "
+                f"8-bit AdamW) needs {gib(need)} GiB{hint}"]
+    lines = [f"settings that fit {label} (effective batch {target_batch}):"]
+    for a in options:
+        s = a.setup
+        lines.append(f"  micro-batch {s.batch:>3} x grad_accum {a.grad_accum:>2}, seq {s.seq}, "
+                     f"checkpointing {'on ' if s.checkpointing else 'off'}, {s.optimizer}: "
+                     f"{gib(a.total)} GiB")
+    lean = replace(options[-1].setup, checkpointing=True)
+    seq = longest_seq(shape, lean, memory)
+    if seq:
+        lines.append(f"  longest sequence at batch 1 with checkpointing: {seq} tokens")
+    return lines
+
+
+def table(shapes: list[ModelShape], setup: Setup) -> str:
+    """The seeds' matrix: each model x method -> GiB and the GPUs it fits."""
+    names = list(GPUS)
+    head = f"{'model':<24}{'method':<7}{'GiB':>8}  " + "  ".join(f"{n:>8}" for n in names)
+    lines = [f"batch {setup.batch} x seq {setup.seq}, r={setup.rank}, {setup.dtype}, "
+             f"{'with' if setup.checkpointing else 'without'} checkpointing, {setup.optimizer}",
+             head]
+    for shape in shapes:
+        for method in METHODS:
+            total = estimate(shape, replace(setup, method=method)).total
+            marks = "  ".join(f"{'yes' if total <= GPUS[n][1] else '-':>8}" for n in names)
+            lines.append(f"{shape.name:<24}{method:<7}{gib(total):>8}  {marks}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama-2-7b",
+                   help=f"preset ({', '.join(PRESETS)}; or 7b/13b/70b), HF folder or config.json")
+    p.add_argument("--method", default="qlora", choices=METHODS)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="base weights (full/lora) or compute dtype (qlora); activations too")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default="cuda", help="cuda or cpu (sets the runtime overhead)")
+    p.add_argument("--gpu", help="memory to fit: 24GB, 24GiB, 12g, or a GPU "
+                   f"({', '.join(GPUS)})")
+    p.add_argument("--target-batch", type=int, default=16, help="effective batch to reach")
+    p.add_argument("--table", action="store_true",
+                   help="print the 7B/13B/70B x full/LoRA/QLoRA matrix instead")
+
+
+def run(args: argparse.Namespace) -> str:
+    try:
+        setup = Setup(method=args.method, batch=args.batch, seq=args.seq, rank=args.rank,
+                      dtype=args.dtype, optimizer=args.optimizer,
+                      checkpointing=args.checkpointing, device=args.device)
+        if args.table:
+            return table([PRESETS[n] for n in ("llama-2-7b", "llama-2-13b", "llama-2-70b")],
+                         setup)
+        shape = resolve_shape(args.model)
+        b = estimate(shape, setup)
+        lines = [render(shape, setup, b)]
+        targets = [parse_memory(args.gpu)] if args.gpu else [GPUS[n] for n in GPUS]
+        for label, memory in targets:
+            lines.append(verdict(b.total, label, int(memory)))
+        if args.gpu:
+            lines += advice_lines(shape, setup, *targets[0], args.target_batch)
+        return "\n".join(lines)
+    except ValueError as err:
+        raise PlanError(str(err)) from None

@@ -1,0 +1,99 @@
+"""Memory planner: parameter counts against real transformers models, the shape of the model."""
+
+import pytest
+import torch
+from dataclasses import replace
+
+from loratune.cli import main
+from loratune.plan import GPUS, PRESETS, Setup, estimate, parse_memory, recommend, resolve_shape
+from loratune.plan.recommend import GiB, largest_batch
+from loratune.plan.shapes import ModelShape
+
+
+def meta_model(shape: ModelShape):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                      num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
+                      tie_word_embeddings=shape.tie_embeddings)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "smollm2-135m-instruct"])
+def test_counts_equal_a_real_model(name):
+    shape = PRESETS[name]
+    model = meta_model(shape)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings()
+    lora = sum(16 * (m.in_features + m.out_features) for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m is not head)
+    assert shape.lora_params(16) == lora
+
+
+def test_public_figures_for_7b():
+    shape = resolve_shape("7b")
+    assert shape.params * 2 / GiB == pytest.approx(12.55, abs=0.05)  # bf16 weights
+    assert shape.lora_params(16) == pytest.approx(40e6, rel=0.01)
+    q = estimate(shape, Setup(method="qlora", batch=1, seq=512))
+    assert 3.5 * GiB < q.weights + q.quant_stats < 4.3 * GiB
+    assert 5 * GiB < q.total < 7 * GiB  # the seeds: ~5.8 GB on an 8 GB card
+    full = estimate(shape, Setup(method="full", batch=1, seq=512))
+    assert full.total > 80e9  # 16 bytes per parameter with AdamW in mixed precision
+
+
+def test_ordering_and_monotonicity():
+    shape = PRESETS["llama-2-13b"]
+    base = Setup(batch=2, seq=512)
+    totals = [estimate(shape, replace(base, method=m)).total for m in ("qlora", "lora", "full")]
+    assert totals == sorted(totals)
+    with_ckpt = estimate(shape, base).activations
+    without = estimate(shape, replace(base, checkpointing=False)).activations
+    assert with_ckpt < without / 5
+    assert estimate(shape, replace(base, batch=4)).total > estimate(shape, base).total
+    assert estimate(shape, replace(base, seq=1024)).total > estimate(shape, base).total
+    eight = estimate(shape, replace(base, optimizer="adamw8bit")).optimizer
+    assert eight < 0.3 * estimate(shape, base).optimizer
+
+
+def test_recommended_batch_is_the_largest_that_fits():
+    shape, memory = PRESETS["llama-2-7b"], parse_memory("rtx4090")[1]
+    setup = Setup(method="qlora", seq=1024, checkpointing=False)
+    b = largest_batch(shape, setup, memory)
+    assert b >= 1
+    assert estimate(shape, replace(setup, batch=b)).total <= memory
+    assert estimate(shape, replace(setup, batch=b + 1)).total > memory
+    advice = recommend(shape, setup, memory, target_batch=32)
+    assert advice and all(a.total <= memory for a in advice)
+    assert all(a.setup.batch * a.grad_accum >= 32 for a in advice)
+    assert recommend(PRESETS["llama-2-70b"], Setup(method="lora"), memory) == []
+
+
+def test_gpu_parsing():
+    assert parse_memory("24GB")[1] == 24 * 10**9
+    assert parse_memory("24GiB")[1] == 24 * 2**30
+    assert parse_memory("12g")[1] == 12 * 10**9
+    assert parse_memory("RTX4090")[1] == GPUS["rtx4090"][1]
+    with pytest.raises(ValueError, match="--gpu 'lots'"):
+        parse_memory("lots")
+
+
+def test_shape_from_a_config_folder(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, vocab_size=100).save_pretrained(tmp_path)
+    shape = resolve_shape(str(tmp_path))
+    assert (shape.hidden, shape.layers, shape.kv_heads) == (64, 3, 4)
+
+
+def test_cli(capsys):
+    assert main(["plan", "--model", "7b", "--method", "qlora", "--gpu", "rtx3060"]) == 0
+    out = capsys.readouterr().out
+    assert "fits on RTX 3060 12 GB" in out and "micro-batch" in out and "activations" in out
+    assert main(["plan", "--table"]) == 0
+    table = capsys.readouterr().out
+    assert "llama-2-70b" in table and table.count("qlora") == 3
+    assert main(["plan", "--model", "gpt-9"]) == 2
+    assert "unknown model 'gpt-9'" in capsys.readouterr().err
