@@ -93,13 +93,25 @@ def worker(args) -> dict:
             "host_memory": args.host_memory}
 
 
+def planned_gib(args, fp32: bool) -> float:
+    """The planner's estimate for this very step (CPU, fp32 activations, chunk 256)."""
+    from loratune.plan import PRESETS, Setup, estimate
+
+    name = "smollm2-135m-instruct" if args.shape == "small" else args.shape
+    setup = Setup(method="lora" if fp32 else "qlora", batch=args.batch, seq=args.seq,
+                  dtype="fp32", checkpointing=True, loss_chunk=256, device="cpu")
+    return estimate(PRESETS[name], setup).total / 2**30
+
+
 def spawn(args, fp32: bool) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--shape", args.shape, "--batch", str(args.batch),
            "--seq", str(args.seq), "--steps", str(args.steps), "--host-memory", args.host_memory] + (["--fp32"] if fp32 else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["planned_gib"] = planned_gib(args, fp32)
+    return result
 
 
 def main() -> None:
@@ -123,11 +135,12 @@ def main() -> None:
     print(f"QLoRA step, {args.shape}, batch {args.batch} x {args.seq}, LoRA r=16 all-linear, "
           f"activation checkpointing, host memory {args.host_memory}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(f"{'base':<6}{'4-bit GiB':>10}{'load s':>8}{'load peak':>11}{'after load':>11}"
-          f"{'step peak':>11}{'s/step':>9}")
+          f"{'step peak':>11}{'planned':>9}{'plan/peak':>10}{'s/step':>9}")
     for r in runs:
         print(f"{r['base']:<6}{r['quantized_gib']:>10.2f}{r['load_s']:>8.0f}"
               f"{r['load_peak_gib']:>11.2f}{r['rss_after_load_gib']:>11.2f}"
-              f"{r['step_peak_gib']:>11.2f}{r['s_per_step']:>9.1f}")
+              f"{r['step_peak_gib']:>11.2f}{r['planned_gib']:>9.2f}"
+              f"{r['planned_gib'] / r['step_peak_gib']:>10.2f}{r['s_per_step']:>9.1f}")
     print(runs[0]["trainable"])
     if len(runs) == 2:
         print(f"peak RSS, 4-bit / fp32 base: {runs[0]['step_peak_gib'] / runs[1]['step_peak_gib']:.2f}")

@@ -55,11 +55,12 @@ def test_same_seed_same_curve(tmp_path, data_file, smol_tokenizer):
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
 
 
-def test_resume_continues_exactly(tmp_path, data_file, smol_tokenizer):
-    full, _ = _run(_cfg(tmp_path, data_file, "full", max_steps=8, grad_accum=2),
-                   smol_tokenizer)
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])  # 8-bit: lm_head's states
+def test_resume_continues_exactly(tmp_path, data_file, smol_tokenizer, optimizer):
+    full, _ = _run(_cfg(tmp_path, data_file, "full", max_steps=8, grad_accum=2,
+                        optimizer=optimizer), smol_tokenizer)
     cfg = _cfg(tmp_path, data_file, "cut", max_steps=8, grad_accum=2, save_every=3,
-               save_total_limit=1)
+               save_total_limit=1, optimizer=optimizer)
     _run(cfg, smol_tokenizer)
     out = tmp_path / "cut"
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())

@@ -28,17 +28,21 @@ def code_4bit(kind: str) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
-def dynamic_map() -> torch.Tensor:
-    """The signed 8-bit dynamic (exponent) map: for decades 1e-6 .. 1e0, 2^i linear steps each.
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    """The 8-bit dynamic (exponent) map: decades 1e-6 .. 1e0, more linear steps per decade.
 
-    Built with the same float32 arithmetic as bitsandbytes' `create_dynamic_map(signed=True)`,
-    so that codes agree bit for bit.
+    Signed: 2^i steps per decade i and their negatives; unsigned (for non-negative values such
+    as Adam's second moment): 2^(i+1) steps. Built with the same float32 arithmetic as
+    bitsandbytes' `create_dynamic_map`, so that codes agree bit for bit.
     """
     values: list[float] = []
     for i in range(7):
-        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        steps = 2**i if signed else 2 ** (i + 1)
+        edges = torch.linspace(0.1, 1, steps + 1, dtype=torch.float32)
         mids = (edges[:-1] + edges[1:]) / 2.0
         scale = 10 ** (i - 6)
-        values += (scale * mids).tolist() + (-scale * mids).tolist()  # float32 products
+        values += (scale * mids).tolist()  # float32 products
+        if signed:
+            values += (-scale * mids).tolist()
     values += [0.0, 1.0]
     return torch.tensor(sorted(values), dtype=torch.float32)

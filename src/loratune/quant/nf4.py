@@ -52,16 +52,18 @@ def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return order[torch.bucketize(scaled, mids)].to(torch.uint8)
 
 
-def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit dynamic-map codes and per-block fp32 absmax (for the double-quant statistics)."""
+def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256,
+                            signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit dynamic-map codes and per-block fp32 absmax (double-quant statistics, Adam states)."""
     flat = x.reshape(-1).float()
     absmax = _block_absmax(flat, blocksize)
-    return nearest_code(_scale_blocks(flat, absmax, blocksize), dynamic_map()), absmax
+    code = dynamic_map(signed).to(flat.device)
+    return nearest_code(_scale_blocks(flat, absmax, blocksize), code), absmax
 
 
-def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor,
-                              blocksize: int = 256) -> torch.Tensor:
-    values = dynamic_map().to(codes.device)[codes.long()]
+def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = 256,
+                              signed: bool = True) -> torch.Tensor:
+    values = dynamic_map(signed).to(codes.device)[codes.long()]
     return values * absmax.repeat_interleave(blocksize)[: values.numel()]
 
 

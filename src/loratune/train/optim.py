@@ -27,6 +27,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if not groups:
         raise ValueError("no trainable parameters: was an adapter added?")
     device = groups[0]["params"][0].device
+    if cfg.optimizer == "adamw8bit" or (cfg.offload_optimizer and device.type != "cpu"):
+        from loratune.quant.adamw8bit import AdamW8bit
+
+        # With plain adamw, offload alone: the same class with every state kept in fp32.
+        min_8bit = 4096 if cfg.optimizer == "adamw8bit" else float("inf")
+        return AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         min_8bit_size=min_8bit,
+                         state_device="cpu" if cfg.offload_optimizer else None)
     # The fused kernel exists for CPU and CUDA in recent torch; fall back where it does not.
     fused = device.type in ("cpu", "cuda")
     try:
