@@ -139,6 +139,13 @@ def load_tokenizer(name: str):
     return tok
 
 
+def _stored_4bit(folder: Path):
+    from loratune.quant.io import bnb_quant_config
+
+    config = folder / "config.json"
+    return bnb_quant_config(json.loads(config.read_text())) if config.is_file() else None
+
+
 def load_model(cfg: ModelConfig | str):
     """Return (model, tokenizer) on cfg.device in cfg.dtype, in eval mode, weights frozen.
 
@@ -149,12 +156,14 @@ def load_model(cfg: ModelConfig | str):
 
     cfg = ModelConfig(name=cfg) if isinstance(cfg, str) else cfg
     dtype = resolve_dtype(cfg.dtype, cfg.device, cfg.strict_dtype)
+    folder, gguf = resolve_model(cfg.name)
     quant = cfg.quantization
+    if gguf is None and quant is None:
+        quant = _stored_4bit(folder)  # a load_in_4bit checkpoint stays in 4 bits
     if quant is not None:
         compute = resolve_dtype(quant.compute_dtype, cfg.device, cfg.strict_dtype,
                                 field="model.quantization.compute_dtype")
         quant = quant.model_copy(update={"compute_dtype": str(compute).removeprefix("torch.")})
-    folder, gguf = resolve_model(cfg.name)
     if quant is not None and gguf is None:
         from loratune.quant.load import load_quantized
 

@@ -19,6 +19,7 @@ from loratune.models.modules import set_submodule
 from loratune.quant.linear4bit import Linear4bit
 from loratune.models.device import DTYPES
 from loratune.quant.model import prepare_for_kbit_training
+from loratune.quant.io import STATE_KEY, quantized_linear
 from loratune.quant.nf4 import quantize_4bit
 
 LLAMA_SHAPES = {
@@ -90,7 +91,13 @@ def _finish(model: nn.Module, config) -> nn.Module:
 
 
 def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype = torch.float32):
-    """A 4-bit model from a safetensors folder, one tensor in full precision at a time."""
+    """A 4-bit model from a safetensors folder, one tensor in full precision at a time.
+
+    Linear weights already stored in 4 bits (a transformers/bitsandbytes `load_in_4bit`
+    checkpoint, or one `save_quantized` wrote) are taken as they are.
+    """
+    from contextlib import ExitStack
+
     from transformers import AutoConfig
 
     folder = Path(folder)
@@ -100,11 +107,35 @@ def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype = to
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights")
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                _place(model, key, f.get_tensor(key), skip, cfg, dtype)
+    with ExitStack() as stack:
+        files = [stack.enter_context(safe_open(str(s), framework="pt")) for s in shards]
+        where = {k: f for f in files for k in f.keys()}
+
+        def read(key: str) -> torch.Tensor | None:
+            return where[key].get_tensor(key) if key in where else None
+
+        packed = {k.split(".weight." + STATE_KEY)[0] for k in where if STATE_KEY in k}
+        for key in where:
+            base, sep, _ = key.partition(".weight.")
+            if sep and base in packed:
+                continue  # absmax, quant maps, quant_state: read with their weight
+            if key.endswith(".weight") and key[:-7] in packed:
+                _place_packed(model, key[:-7], read, cfg)
+            else:
+                _place(model, key, read(key), skip, cfg, dtype)
     return _finish(model, config)
+
+
+def _place_packed(model: nn.Module, path: str, read, cfg: QuantConfig) -> None:
+    module = model.get_submodule(path)
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{path}: stored in 4 bits but the model has a "
+                         f"{type(module).__name__} there")
+    layer = quantized_linear(path, read, (module.out_features, module.in_features),
+                             DTYPES[cfg.compute_dtype], None)
+    if module.bias is not None:
+        layer.bias = module.bias  # still meta: its own key fills it
+    set_submodule(model, path, layer)
 
 
 def random_quantized(shape: str | dict, cfg: QuantConfig, dtype: torch.dtype = torch.float32,
