@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from loratune.adapters import add_adapter, load_adapter, merge, save_adapter
+from loratune.adapters import add_adapter, load_adapter, merge, save_adapter, trainable_report
 from loratune.config import LoraConfig, QuantConfig
 from loratune.quant.linear4bit import Linear4bit
 from loratune.quant.model import prepare_for_kbit_training, quantize_model, quantized_bytes
@@ -62,6 +62,8 @@ def test_qlora_equals_lora_on_dequantized_base(tmp_path):
     randomize_lora(model)
     randomize_lora(reference)
     torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=1e-5)
+    # the report counts a 4-bit weight as the parameters it stands for
+    assert trainable_report(model)[:2] == trainable_report(reference)[:2]
     # Adapter files do not depend on the base's storage: load into the fp32 reference.
     save_adapter(model, tmp_path / "ad")
     fresh = _quantized_tiny()[1]

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -51,7 +52,8 @@ class ModelConfig(_Section):
 class LoraConfig(_Section):
     """LoRA hyper-parameters, named as in PEFT's `LoraConfig` so adapter files round-trip."""
 
-    method: Literal["lora"] = "lora"
+    method: Literal["lora", "dora"] = Field(
+        "lora", description="dora: weight-decomposed LoRA (a trained magnitude per output row)")
     r: int = Field(8, gt=0, description="rank of the update B·A")
     lora_alpha: float = Field(8.0, description="scale numerator: scale = alpha / r (or / sqrt(r))")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -64,6 +66,15 @@ class LoraConfig(_Section):
         True, description="True: A kaiming-uniform; 'gaussian': A ~ N(0, 1/r); B = 0 in both"
     )
     modules_to_save: list[str] = Field(default_factory=list, description="fully trained modules")
+    use_dora: bool = Field(False, description="PEFT's name for method: dora")
+
+    @model_validator(mode="after")
+    def _dora_both_ways(self):
+        if self.method == "dora" and not self.use_dora:
+            self.use_dora = True
+        elif self.use_dora and self.method == "lora":
+            self.method = "dora"
+        return self
 
     @property
     def scaling(self) -> float:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from loratune.adapters.dora import DoraAdapter
 from loratune.adapters.lora import AdaptedLinear, LoraAdapter, SavedModule
 from loratune.config import LoraConfig
 from loratune.quant.linear4bit import Linear4bit
@@ -112,8 +113,11 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default",
         r = int(_rank_for(path, rank_pattern or {}, config.r))
         alpha = _rank_for(path, alpha_pattern or {}, config.lora_alpha)
         device, dtype = _adapter_placement(base)
-        layer.adapters[name] = LoraAdapter(base.in_features, base.out_features, config, r=r,
-                                           alpha=alpha, device=device, dtype=dtype)
+        kind = DoraAdapter if config.use_dora else LoraAdapter
+        layer.adapters[name] = kind(base.in_features, base.out_features, config, r=r,
+                                    alpha=alpha, device=device, dtype=dtype)
+        if config.use_dora:
+            layer.adapters[name].init_magnitude(base)
     for path in _saved_targets(model, config.modules_to_save):
         module = model.get_submodule(path)
         if not isinstance(module, SavedModule):
@@ -258,6 +262,9 @@ def trainable_report(model: nn.Module) -> tuple[int, int, str]:
         total += param.numel()
         if param.requires_grad:
             trainable += param.numel()
+    # 4-bit weights are buffers; count the parameters they stand for, as PEFT does
+    total += sum(m.out_features * m.in_features for m in model.modules()
+                 if isinstance(m, Linear4bit))
     pct = 100.0 * trainable / max(total, 1)
     return trainable, total, (
         f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"

@@ -34,7 +34,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_ONLY = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
     "fan_in_fan_out", "layers_to_transform", "layers_pattern", "auto_mapping", "rank_pattern",
-    "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "use_dora",
+    "alpha_pattern", "megatron_config", "megatron_core", "loftq_config",
     "layer_replication", "runtime_config", "lora_bias", "exclude_modules", "eva_config",
     "corda_config", "target_parameters", "trainable_token_indices", "qalora_group_size",
     "use_qalora", "peft_version", "alora_invocation_tokens", "arrow_config", "ensure_weight_tying",
@@ -57,6 +57,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         ad = layer.adapters[name]
         state[f"{PREFIX}{path}.lora_A.weight"] = ad.lora_A.detach()
         state[f"{PREFIX}{path}.lora_B.weight"] = ad.lora_B.detach()
+        if config.use_dora:
+            state[f"{PREFIX}{path}.lora_magnitude_vector"] = ad.lora_magnitude_vector.detach()
         if config.bias == "lora_only" and layer.base_layer.bias is not None:
             state[f"{PREFIX}{path}.bias"] = layer.base_layer.bias.detach()
     if config.bias == "all":
@@ -85,7 +87,7 @@ def config_dict(model: nn.Module, name: str, base_model: str | None = None) -> d
         "target_modules": _target_modules_for_file(model, name, config),
         "bias": config.bias,
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "init_lora_weights": config.init_lora_weights,
         "modules_to_save": list(config.modules_to_save) or None,
         "rank_pattern": {p: r for p, r in ranks.items() if r != config.r},
@@ -147,8 +149,6 @@ def read_adapter_config(folder: str | Path) -> tuple[LoraConfig, dict]:
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
         raise AdapterError(f"{path}: peft_type is {peft_type!r}; this loader reads LORA adapters")
-    if raw.get("use_dora"):
-        raise AdapterError(f"{path}: a DoRA adapter (use_dora: true); DoRA is not supported yet")
     fields = set(LoraConfig.model_fields)
     # Newer PEFT versions add option keys; unset ones (null/false) change nothing here.
     unknown = sorted(k for k, v in raw.items()
@@ -187,6 +187,9 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if name in layer.adapters:
             out[f"{PREFIX}{path}.lora_A.weight"] = layer.adapters[name].lora_A
             out[f"{PREFIX}{path}.lora_B.weight"] = layer.adapters[name].lora_B
+            if config.use_dora:
+                out[f"{PREFIX}{path}.lora_magnitude_vector"] = (
+                    layer.adapters[name].lora_magnitude_vector)
     if config.bias != "none":
         for pname, param in model.named_parameters():
             if pname.endswith(".bias") and ".copies." not in pname:

@@ -46,7 +46,8 @@ class LoraAdapter(nn.Module):
         x = x.to(self.lora_A.dtype)
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, weight: float = 1.0,
+               base: nn.Module | None = None) -> torch.Tensor:
         """out + weight·adapter(x), with the B matmul, scale and sum fused into one addmm."""
         if out.dtype != self.lora_B.dtype:
             return out + (weight * self(x)).to(out.dtype)
@@ -73,6 +74,7 @@ class AdaptedLinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: dict[str, float] = {}
         self.merged: dict[str, float] = {}
+        self.merge_norms: dict[str, torch.Tensor] = {}  # DoRA: ||W + ΔW|| at merge time
         self.disabled = False
 
     @property
@@ -97,28 +99,38 @@ class AdaptedLinear(nn.Module):
             return out
         for name, weight in self.active.items():
             if name not in self.merged:
-                out = self.adapters[name].add_to(out, x, weight)
+                out = self.adapters[name].add_to(out, x, weight, base=self.base_layer)
         return out
 
-    def _apply_delta(self, name: str, weight: float, sign: float) -> None:
+    def _merged_weight(self, name: str, weight: float, undo: bool) -> torch.Tensor:
+        """The base weight with adapter `name` (scaled by `weight`) added or taken out, fp32."""
+        ad, w = self.adapters[name], self.base_layer.weight.float()
+        if not hasattr(ad, "merged_weight"):  # plain LoRA: W ± weight·s·B·A
+            return w + ad.delta_weight() * (-weight if undo else weight)
+        if not undo:  # DoRA: W + weight·(m·(W+ΔW)/n − W); keep n to invert it later
+            self.merge_norms[name] = ad.weight_norm(w)
+            return w + weight * (ad.merged_weight(w) - w)
+        factor = (ad.lora_magnitude_vector.float() / self.merge_norms.pop(name)).view(-1, 1)
+        return (w - weight * factor * ad.delta_weight()) / (1 - weight + weight * factor)
+
+    def _rewrite_weight(self, name: str, weight: float, undo: bool) -> None:
         if not isinstance(self.base_layer, nn.Linear):
             # Re-rounding a 4-bit weight would change the base; merge into a dequantized copy.
             raise ValueError(f"cannot merge into a {type(self.base_layer).__name__} base in "
                              "place; dequantize the base model first (load it unquantized)")
         w = self.base_layer.weight
-        delta = self.adapters[name].delta_weight() * (weight * sign)
         with torch.no_grad():
-            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+            w.copy_(self._merged_weight(name, weight, undo).to(w.device, w.dtype))
 
     def merge(self, names: dict[str, float] | None = None) -> None:
         for name, weight in (self.active if names is None else names).items():
             if name in self.adapters and name not in self.merged:
-                self._apply_delta(name, weight, +1.0)
+                self._rewrite_weight(name, weight, undo=False)
                 self.merged[name] = weight
 
     def unmerge(self) -> None:
-        for name, weight in list(self.merged.items()):
-            self._apply_delta(name, weight, -1.0)
+        for name, weight in reversed(list(self.merged.items())):
+            self._rewrite_weight(name, weight, undo=True)
             del self.merged[name]
 
     def extra_repr(self) -> str:

@@ -1,0 +1,57 @@
+"""DoRA: weight-decomposed LoRA. W' = m · (W + s·B·A) / ||W + s·B·A||, norms per output row.
+
+The magnitude vector m starts at the rows' norms, so a fresh adapter (B = 0) changes nothing.
+As the DoRA paper suggests (§4.3), the norm is treated as a constant in backward, which lets
+the update be written on top of the base output instead of rebuilding the weight:
+    out = base(x) + (m/n - 1) · (x Wᵀ) + (m/n) · s · B A x,    n = ||W + s·B·A|| (detached)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loratune.adapters.lora import LoraAdapter
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight in full precision (4-bit layers dequantize)."""
+    return layer.dequantize(torch.float32) if hasattr(layer, "dequantize") else layer.weight
+
+
+class DoraAdapter(LoraAdapter):
+    def __init__(self, in_features: int, out_features: int, config, r=None, alpha=None,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, config, r, alpha, device, dtype)
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, device=device,
+                                                             dtype=dtype))
+
+    def init_magnitude(self, base: nn.Module) -> None:
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.weight_norm(base_weight(base)))
+
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """||W + s·B·A|| per output row, in fp32, without a gradient."""
+        with torch.no_grad():
+            return torch.linalg.vector_norm(weight.float() + self.delta_weight(), dim=1)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, weight: float = 1.0,
+               base: nn.Module | None = None) -> torch.Tensor:
+        w = base_weight(base)
+        factor = (self.lora_magnitude_vector / self.weight_norm(w).to(
+            self.lora_magnitude_vector.dtype)).to(out.dtype)
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+            plain = F.linear(x.to(out.dtype), w.to(out.dtype))  # base on the dropped input
+        else:
+            plain = out if base.bias is None else out - base.bias.to(out.dtype)
+        lora = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        update = (factor - 1) * plain + factor * (lora * self.scaling).to(out.dtype)
+        return out + weight * update
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """m · (W + s·B·A) / ||W + s·B·A||, in fp32."""
+        full = weight.float() + self.delta_weight()
+        norm = torch.linalg.vector_norm(full, dim=1, keepdim=True)
+        return full * (self.lora_magnitude_vector.float().view(-1, 1) / norm)
