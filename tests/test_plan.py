@@ -72,6 +72,7 @@ def test_recommended_batch_is_the_largest_that_fits():
 
 def test_gpu_parsing():
     assert parse_memory("24GB")[1] == 24 * 10**9
+    assert parse_memory("rtx4090")[1] == 24 * 2**30
     assert parse_memory("24GiB")[1] == 24 * 2**30
     assert parse_memory("12g")[1] == 12 * 10**9
     assert parse_memory("RTX4090")[1] == GPUS["rtx4090"][1]
@@ -86,6 +87,10 @@ def test_shape_from_a_config_folder(tmp_path):
                 num_attention_heads=4, vocab_size=100).save_pretrained(tmp_path)
     shape = resolve_shape(str(tmp_path))
     assert (shape.hidden, shape.layers, shape.kv_heads) == (64, 3, 4)
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"n_embd": 768, "n_layer": 12}')
+    with pytest.raises(ValueError, match="gpt2: config has no hidden_size"):
+        resolve_shape(str(tmp_path / "gpt2"))
 
 
 def test_cli(capsys):

@@ -10,12 +10,12 @@ from loratune.plan.memory import Setup, estimate
 from loratune.plan.shapes import ModelShape
 
 GiB = 2**30
-GPUS = {  # name: (label, memory in bytes as sold: GB = 1e9)
-    "rtx3060": ("RTX 3060 12 GB", 12e9),
-    "rtx4090": ("RTX 4090 24 GB", 24e9),
-    "a100-40": ("A100 40 GB", 40e9),
-    "a100-80": ("A100 80 GB", 80e9),
-    "h100": ("H100 80 GB", 80e9),
+GPUS = {  # name: (label, bytes); a "24 GB" card reports 24 GiB (24564 MiB on an RTX 4090)
+    "rtx3060": ("RTX 3060 12 GB", 12 * GiB),
+    "rtx4090": ("RTX 4090 24 GB", 24 * GiB),
+    "a100-40": ("A100 40 GB", 40 * GiB),
+    "a100-80": ("A100 80 GB", 80 * GiB),
+    "h100": ("H100 80 GB", 80 * GiB),
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?\s*$", re.IGNORECASE)
 _UNIT = {"gib": GiB, "gb": 1e9, "g": 1e9, "mib": 2**20, "mb": 1e6, "m": 1e6, None: 1e9}

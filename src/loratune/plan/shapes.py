@@ -55,6 +55,12 @@ class ModelShape:
     @classmethod
     def from_hf_config(cls, config, name: str = "custom") -> "ModelShape":
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        needed = ("hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "vocab_size")
+        missing = [k for k in needed if not isinstance(get(k), int)]
+        if missing:
+            raise ValueError(f"{name}: config has no {', '.join(missing)} (the planner knows "
+                             f"Llama-style decoders)")
         heads = get("num_attention_heads")
         return cls(name=name, hidden=get("hidden_size"), intermediate=get("intermediate_size"),
                    layers=get("num_hidden_layers"), heads=heads,
