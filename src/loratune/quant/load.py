@@ -66,7 +66,9 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, skip: set[str], cfg
             layer.bias = module.bias  # still meta: its tensor comes later in the file
         set_submodule(model, path, layer)
     else:
-        _set_tensor(model, key, tensor.to(dtype))
+        # copy: a tensor read from safetensors may be a view of the mmapped file, and keeping
+        # one alive keeps every page of the file that was read resident
+        _set_tensor(model, key, tensor.to(dtype, copy=True))
 
 
 def _finish(model: nn.Module, config) -> nn.Module:
