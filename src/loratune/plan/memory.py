@@ -22,7 +22,8 @@ from loratune.plan.shapes import LINEARS_PER_LAYER, ModelShape
 
 BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 METHODS = ("full", "lora", "qlora")
-OVERHEAD = {"cpu": 0.30 * 2**30, "cuda": 0.60 * 2**30}  # torch runtime / CUDA context
+# Process RSS of python + torch + transformers + a tokenizer (measured here), or the CUDA context
+OVERHEAD = {"cpu": 0.40 * 2**30, "cuda": 0.60 * 2**30}
 
 
 @dataclass(frozen=True)
