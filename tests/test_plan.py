@@ -102,3 +102,22 @@ def test_cli(capsys):
     assert "llama-2-70b" in table and table.count("qlora") == 3
     assert main(["plan", "--model", "gpt-9"]) == 2
     assert "unknown model 'gpt-9'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_estimate_within_15_percent_of_a_measured_qlora_step():
+    """One QLoRA step of the embedded model in its own process: peak RSS vs the planner."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "qlora_memory.py"
+    out = subprocess.run([sys.executable, str(script), "--worker", "--shape", "small",
+                          "--batch", "1", "--seq", "256", "--steps", "1"],
+                         capture_output=True, text=True, check=True)
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["step_peak_gib"] * GiB
+    planned = estimate(PRESETS["smollm2-135m-instruct"], Setup(
+        method="qlora", batch=1, seq=256, dtype="fp32", checkpointing=True, loss_chunk=256,
+        device="cpu")).total
+    assert 0.85 < planned / measured < 1.15, (planned / GiB, measured / GiB)
