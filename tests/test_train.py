@@ -116,3 +116,23 @@ def test_resume_with_incompatible_config_is_refused(tmp_path, data_file, smol_to
     other.adapter.r = 8
     with pytest.raises(AdapterError, match="does not fit this configuration.*shape"):
         _run(other, smol_tokenizer, resume=True)
+
+
+def test_dora_run_trains_and_saves_a_dora_adapter(tmp_path, data_file, smol_tokenizer):
+    from loratune.adapters import load_adapter
+
+    cfg = _cfg(tmp_path, data_file, "dora", max_steps=20)
+    cfg.adapter.method = "dora"
+    result, model = _run(cfg, smol_tokenizer)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0] - 1.0
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True
+    keys = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_magnitude_vector") for k in keys)
+    fresh = tiny_llama(vocab=len(smol_tokenizer))
+    load_adapter(fresh, result.adapter_dir)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
