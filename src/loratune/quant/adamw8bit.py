@@ -19,8 +19,6 @@ import torch
 from loratune.quant.nf4 import dequantize_blockwise_8bit, quantize_blockwise_8bit
 
 CHUNK = 2**20  # values updated per fp32 pass: bounds the temporaries of a large tensor
-OFFLOAD_CPU_NOTE = ("optimizer state offload is a no-op on CPU: parameters and states already "
-                    "share host memory")
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -128,13 +126,6 @@ def _adamw(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s
     if wd:
         p.mul_(1 - lr * wd)
     p.sub_(update.to(p.dtype))
-
-
-def offload_note(param_device: torch.device | str) -> str | None:
-    """A sentence for the run log when `state_device="cpu"` cannot save anything, else None."""
-    if torch.device(param_device).type == "cpu":
-        return OFFLOAD_CPU_NOTE
-    return None
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
