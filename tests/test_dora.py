@@ -26,6 +26,8 @@ def randomize_magnitude(model, seed=2):
     with torch.no_grad():
         for _, layer in adapted_layers(model):
             for ad in layer.adapters.values():
+                if not hasattr(ad, "lora_magnitude_vector"):
+                    continue
                 ad.lora_magnitude_vector.mul_(1 + 0.3 * torch.randn(ad.lora_magnitude_vector.shape,
                                                                     generator=g))
 
@@ -130,3 +132,20 @@ def test_training_lowers_loss_and_trains_the_magnitude():
     assert losses[-1] < losses[0] - 0.5
     mag = next(l for _, l in adapted_layers(model)).adapters["default"].lora_magnitude_vector
     assert mag.grad is not None and mag.grad.abs().sum() > 0
+
+
+def test_dora_beside_another_active_adapter_adds_its_own_update():
+    model = tiny_llama()
+    add_adapter(model, DORA, "d")
+    add_adapter(model, LoraConfig(r=4, lora_alpha=8), "l")
+    randomize_lora(model)
+    randomize_magnitude(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, 32)
+    outs = {}
+    with torch.no_grad():
+        for key, active in (("both", ["l", "d"]), ("d", ["d"]), ("l", ["l"])):
+            set_active(model, active)
+            outs[key] = layer(x)
+        base = layer.base_layer(x)
+    torch.testing.assert_close(outs["both"], outs["d"] + outs["l"] - base, atol=1e-5, rtol=1e-5)

@@ -37,15 +37,17 @@ class DoraAdapter(LoraAdapter):
             return torch.linalg.vector_norm(weight.float() + self.delta_weight(), dim=1)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, weight: float = 1.0,
-               base: nn.Module | None = None) -> torch.Tensor:
+               base: nn.Module | None = None, base_out: torch.Tensor | None = None
+               ) -> torch.Tensor:
         w = base_weight(base)
         factor = (self.lora_magnitude_vector / self.weight_norm(w).to(
             self.lora_magnitude_vector.dtype)).to(out.dtype)
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
             plain = F.linear(x.to(out.dtype), w.to(out.dtype))  # base on the dropped input
-        else:
-            plain = out if base.bias is None else out - base.bias.to(out.dtype)
+        else:  # the base layer's own output: `out` may already hold other adapters' updates
+            base_out = out if base_out is None else base_out
+            plain = base_out if base.bias is None else base_out - base.bias.to(out.dtype)
         lora = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
         update = (factor - 1) * plain + factor * (lora * self.scaling).to(out.dtype)
         return out + weight * update

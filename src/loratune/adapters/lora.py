@@ -47,7 +47,8 @@ class LoraAdapter(nn.Module):
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, weight: float = 1.0,
-               base: nn.Module | None = None) -> torch.Tensor:
+               base: nn.Module | None = None, base_out: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """out + weight·adapter(x), with the B matmul, scale and sum fused into one addmm."""
         if out.dtype != self.lora_B.dtype:
             return out + (weight * self(x)).to(out.dtype)
@@ -94,12 +95,12 @@ class AdaptedLinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        out = base_out = self.base_layer(x)
         if self.disabled:
             return out
         for name, weight in self.active.items():
             if name not in self.merged:
-                out = self.adapters[name].add_to(out, x, weight, base=self.base_layer)
+                out = self.adapters[name].add_to(out, x, weight, self.base_layer, base_out)
         return out
 
     def _merged_weight(self, name: str, weight: float, undo: bool) -> torch.Tensor:
