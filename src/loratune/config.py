@@ -49,12 +49,9 @@ class ModelConfig(_Section):
     quantization: QuantConfig | None = Field(None, description="set for QLoRA (4-bit base)")
 
 
-class LoraConfig(_Section):
-    """LoRA hyper-parameters, named as in PEFT's `LoraConfig` so adapter files round-trip."""
+class _LowRankFields(_Section):
+    """Options every low-rank method shares, named as in PEFT so adapter files round-trip."""
 
-    method: Literal["lora", "dora"] = Field(
-        "lora", description="dora: weight-decomposed LoRA (a trained magnitude per output row)")
-    r: int = Field(8, gt=0, description="rank of the update B·A")
     lora_alpha: float = Field(8.0, description="scale numerator: scale = alpha / r (or / sqrt(r))")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | str = Field(
@@ -66,6 +63,14 @@ class LoraConfig(_Section):
         True, description="True: A kaiming-uniform; 'gaussian': A ~ N(0, 1/r); B = 0 in both"
     )
     modules_to_save: list[str] = Field(default_factory=list, description="fully trained modules")
+
+
+class LoraConfig(_LowRankFields):
+    """LoRA (and DoRA) hyper-parameters."""
+
+    method: Literal["lora", "dora"] = Field(
+        "lora", description="dora: weight-decomposed LoRA (a trained magnitude per output row)")
+    r: int = Field(8, gt=0, description="rank of the update B·A")
     use_dora: bool = Field(False, description="PEFT's name for method: dora")
 
     @model_validator(mode="after")
@@ -79,6 +84,125 @@ class LoraConfig(_Section):
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+
+class MoeLoraConfig(_LowRankFields):
+    """Mixture of LoRA experts: per target module, `num_experts` LoRAs mixed by a learned router."""
+
+    method: Literal["moe_lora"] = "moe_lora"
+    r: int = Field(8, gt=0, description="rank of each expert")
+    num_experts: int = Field(4, ge=2, description="LoRA experts per target module")
+    top_k: int | None = Field(None, gt=0, description="route each token to its k best experts "
+                              "(renormalized); None: dense softmax over all experts")
+    router_aux_loss_coef: float = Field(0.01, ge=0, description="weight of the load-balancing loss")
+    use_dora: Literal[False] = False
+
+    @model_validator(mode="after")
+    def _k_within_experts(self):
+        if self.top_k is not None and self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        return self
+
+
+class AdaLoraConfig(_LowRankFields):
+    """AdaLoRA: updates P·diag(E)·Q whose total rank shrinks from init_r to target_r per module
+    (on average), pruning the least important singular values on a cubic schedule."""
+
+    method: Literal["adalora"] = "adalora"
+    init_r: int = Field(12, gt=0, description="starting rank of every module")
+    target_r: int = Field(8, gt=0, description="average final rank per module (total budget)")
+    tinit: int = Field(0, ge=0, description="warm-up steps before any pruning")
+    tfinal: int = Field(0, ge=0, description="final steps trained at the target budget")
+    deltaT: int = Field(1, gt=0, description="steps between budget allocations")
+    beta1: float = Field(0.85, ge=0, lt=1, description="EMA of importance (sensitivity)")
+    beta2: float = Field(0.85, ge=0, lt=1, description="EMA of importance uncertainty")
+    orth_reg_weight: float = Field(0.5, ge=0, description="weight of the P/Q orthogonality loss")
+    total_step: int | None = Field(None, gt=0, description="training steps (set by the trainer)")
+    use_dora: Literal[False] = False
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r={self.target_r} exceeds init_r={self.init_r}")
+        return self
+
+    @property
+    def r(self) -> int:
+        return self.init_r
+
+
+class IA3Config(_Section):
+    """(IA)³: learned per-channel scales on keys, values and the MLP's inner activation."""
+
+    method: Literal["ia3"] = "ia3"
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+        description="scaled layers: outputs scaled, except feedforward_modules (inputs scaled)")
+    feedforward_modules: list[str] | str = Field(
+        default_factory=lambda: ["down_proj"],
+        description="targets whose input is scaled (the MLP activation); a subset of targets")
+    init_ia3_weights: bool = Field(True, description="start the scales at 1 (no change)")
+    modules_to_save: list[str] = Field(default_factory=list, description="fully trained modules")
+
+
+class PromptConfig(_Section):
+    """Prompt tuning: trained virtual-token embeddings in front of every input."""
+
+    method: Literal["prompt"] = "prompt"
+    num_virtual_tokens: int = Field(20, gt=0)
+    prompt_tuning_init: Literal["random", "text"] = Field(
+        "random", description="text: start from the embeddings of prompt_tuning_init_text")
+    prompt_tuning_init_text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_given(self):
+        if self.prompt_tuning_init == "text" and not self.prompt_tuning_init_text:
+            raise ValueError("prompt_tuning_init: text needs prompt_tuning_init_text")
+        return self
+
+
+class PrefixConfig(_Section):
+    """Prefix tuning: trained key/value prefixes in every attention layer."""
+
+    method: Literal["prefix"] = "prefix"
+    num_virtual_tokens: int = Field(20, gt=0)
+    prefix_projection: bool = Field(
+        False, description="reparameterize through an MLP (embedding → hidden → all layers' k/v)")
+    encoder_hidden_size: int | None = Field(
+        None, gt=0, description="hidden width of that MLP (default: the model's hidden size)")
+
+
+class BottleneckConfig(_Section):
+    """Bottleneck adapters: down-project, nonlinearity, up-project, residual (Houlsby et al.)."""
+
+    method: Literal["bottleneck"] = "bottleneck"
+    placement: Literal["houlsby", "pfeiffer"] = Field(
+        "houlsby", description="houlsby: after attention and after the MLP; pfeiffer: MLP only")
+    bottleneck_size: int = Field(64, gt=0, description="width of the down-projection")
+    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    modules_to_save: list[str] = Field(default_factory=list, description="fully trained modules")
+
+
+ADAPTER_CONFIGS = {"lora": LoraConfig, "dora": LoraConfig, "moe_lora": MoeLoraConfig,
+                   "adalora": AdaLoraConfig, "ia3": IA3Config, "prompt": PromptConfig,
+                   "prefix": PrefixConfig, "bottleneck": BottleneckConfig}
+AdapterConfig = (LoraConfig | MoeLoraConfig | AdaLoraConfig | IA3Config | PromptConfig
+                 | PrefixConfig | BottleneckConfig)
+
+
+def adapter_config_from(data: dict | AdapterConfig | None) -> AdapterConfig:
+    """The config class `data['method']` names (default lora); errors list the methods."""
+    if data is None:
+        return LoraConfig()
+    if isinstance(data, BaseModel):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a mapping of adapter options, got {data!r}")
+    method = data.get("method", "dora" if data.get("use_dora") else "lora")
+    if method not in ADAPTER_CONFIGS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ADAPTER_CONFIGS)}")
+    return ADAPTER_CONFIGS[method].model_validate(data)
 
 
 class DataConfig(_Section):
@@ -132,10 +256,16 @@ class EvalConfig(_Section):
 class RunConfig(_Section):
     output_dir: str = "runs/demo"
     model: ModelConfig = Field(default_factory=ModelConfig)
-    adapter: LoraConfig = Field(default_factory=LoraConfig)
+    adapter: AdapterConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("adapter", mode="wrap")
+    @classmethod
+    def _by_method(cls, v, handler):
+        # `method` picks the class, so errors name that method's fields instead of all seven.
+        return adapter_config_from(v)
 
     @field_validator("output_dir")
     @classmethod

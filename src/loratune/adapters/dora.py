@@ -57,3 +57,16 @@ class DoraAdapter(LoraAdapter):
         full = weight.float() + self.delta_weight()
         norm = torch.linalg.vector_norm(full, dim=1, keepdim=True)
         return full * (self.lora_magnitude_vector.float().view(-1, 1) / norm)
+
+    def merge_into(self, w: torch.Tensor, bias: torch.Tensor | None, weight: float):
+        """W + weight·(m·(W+ΔW)/n − W); n is kept to invert the merge exactly later."""
+        self._merge_norm = self.weight_norm(w)
+        return w + weight * (self.merged_weight(w) - w), bias
+
+    def unmerge_from(self, w: torch.Tensor, bias: torch.Tensor | None, weight: float):
+        factor = (self.lora_magnitude_vector.float() / self._merge_norm).view(-1, 1)
+        del self._merge_norm
+        return (w - weight * factor * self.delta_weight()) / (1 - weight + weight * factor), bias
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().file_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}

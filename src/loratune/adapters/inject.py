@@ -1,7 +1,10 @@
 """Put named adapters into an unmodified transformers model, switch them, merge them, take them out.
 
-The model keeps its own class and module paths; only the targeted `nn.Linear`s are replaced by
-`AdaptedLinear` (and `modules_to_save` by `SavedModule`) at the same path.
+The model keeps its own class and module paths. Adapters live in *hosts*: modules placed at a
+path that hold named adapters (`hosts_adapters = True`, `.adapters`, `.active`, `.disabled`,
+`unwrap()`, `file_tensors()`). Layer-level methods (LoRA, DoRA, IA³, MoE-LoRA, AdaLoRA) use
+`AdaptedLinear` around the targeted linears; prompt, prefix and bottleneck adapters bring their
+own hosts. `modules_to_save` become `SavedModule`s.
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+import importlib
+
 from loratune.adapters.dora import DoraAdapter
+from loratune.adapters.ia3 import IA3Adapter
 from loratune.adapters.lora import AdaptedLinear, LoraAdapter, SavedModule
-from loratune.config import LoraConfig
+from loratune.adapters.moe_lora import MoeLoraAdapter
+from loratune.config import AdapterConfig
 from loratune.quant.linear4bit import Linear4bit
 from loratune.models.modules import (
     describe_linear_names,
@@ -28,8 +35,26 @@ _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 LINEAR_TYPES = (nn.Linear, Linear4bit)
 
 
+# Methods that bring their own host: module, attach function.
+MODEL_LEVEL = {"prompt": ("loratune.adapters.prompt", "attach_prompt"),
+               "prefix": ("loratune.adapters.prefix", "attach_prefix"),
+               "bottleneck": ("loratune.adapters.bottleneck", "attach_bottleneck")}
+WHY_NOT_MERGEABLE = {
+    "prompt": "prompt tuning adds virtual tokens, not weights: there is nothing to fold in",
+    "prefix": "prefix tuning adds key/value prefixes, not weights: there is nothing to fold in",
+    "bottleneck": "a bottleneck adapter is a nonlinear extra block; no weight change equals it",
+    "moe_lora": "MoE-LoRA's update depends on each token's routing, so no single weight equals it",
+}
+
+
 class AdapterError(ValueError):
     pass
+
+
+def hosts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, mod in model.named_modules():
+        if getattr(type(mod), "hosts_adapters", False):
+            yield name, mod
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
@@ -44,25 +69,27 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
             yield name, mod
 
 
-def _switchable(model: nn.Module) -> Iterator[AdaptedLinear | SavedModule]:
+def _switchable(model: nn.Module) -> Iterator[nn.Module]:
     for mod in model.modules():
-        if isinstance(mod, (AdaptedLinear, SavedModule)):
+        if getattr(type(mod), "hosts_adapters", False) or isinstance(mod, SavedModule):
             yield mod
+
+
+def _members(mod: nn.Module) -> nn.ModuleDict:
+    return mod.copies if isinstance(mod, SavedModule) else mod.adapters
 
 
 def adapter_names(model: nn.Module) -> list[str]:
     names: dict[str, None] = {}
-    for _, layer in adapted_layers(model):
-        names.update(dict.fromkeys(layer.adapters))
-    for _, saved in saved_modules(model):
-        names.update(dict.fromkeys(saved.copies))
+    for mod in _switchable(model):
+        names.update(dict.fromkeys(_members(mod)))
     return list(names)
 
 
-def adapter_config(model: nn.Module, name: str) -> LoraConfig:
-    for _, layer in adapted_layers(model):
-        if name in layer.adapters:
-            return layer.adapters[name].config
+def adapter_config(model: nn.Module, name: str) -> AdapterConfig:
+    for _, host in hosts(model):
+        if name in host.adapters:
+            return host.adapters[name].config
     raise AdapterError(f"no adapter named '{name}' (have: {adapter_names(model) or 'none'})")
 
 
@@ -86,10 +113,10 @@ def _rank_for(path: str, pattern: dict[str, float], default):
     return default
 
 
-def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default",
+def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
                 rank_pattern: dict[str, int] | None = None,
-                alpha_pattern: dict[str, float] | None = None) -> list[str]:
-    """Inject adapter `name` into the modules `config.target_modules` selects; returns their paths.
+                alpha_pattern: dict[str, float] | None = None, tokenizer=None) -> list[str]:
+    """Inject adapter `name` of method `config.method`; returns the paths it touched.
 
     The whole model is frozen, then only this adapter (and its bias/modules_to_save) trains.
     """
@@ -97,28 +124,15 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default",
         raise AdapterError(f"adapter name '{name}' must use letters, digits, '_' or '-'")
     if name in adapter_names(model):
         raise AdapterError(f"adapter '{name}' already exists; delete it first")
-    targets = select_targets(model, config.target_modules, _plain_linear_names(model))
-    if not targets:
-        raise AdapterError(
-            f"target_modules={config.target_modules!r} matches no linear layer. "
-            f"Linear layers in this model: {describe_linear_names(model)}"
-        )
     model.requires_grad_(False)
-    for path in targets:
-        layer = model.get_submodule(path)
-        if not isinstance(layer, AdaptedLinear):
-            layer = AdaptedLinear(layer)
-            set_submodule(model, path, layer)
-        base = layer.base_layer
-        r = int(_rank_for(path, rank_pattern or {}, config.r))
-        alpha = _rank_for(path, alpha_pattern or {}, config.lora_alpha)
-        device, dtype = _adapter_placement(base)
-        kind = DoraAdapter if config.use_dora else LoraAdapter
-        layer.adapters[name] = kind(base.in_features, base.out_features, config, r=r,
-                                    alpha=alpha, device=device, dtype=dtype)
-        if config.use_dora:
-            layer.adapters[name].init_magnitude(base)
-    for path in _saved_targets(model, config.modules_to_save):
+    if config.method in MODEL_LEVEL:
+        module, func = MODEL_LEVEL[config.method]
+        before = {p for p, h in hosts(model) if name in h.adapters}
+        getattr(importlib.import_module(module), func)(model, config, name, tokenizer)
+        targets = [p for p, h in hosts(model) if name in h.adapters and p not in before]
+    else:
+        targets = _add_layer_adapters(model, config, name, rank_pattern or {}, alpha_pattern or {})
+    for path in _saved_targets(model, getattr(config, "modules_to_save", [])):
         module = model.get_submodule(path)
         if not isinstance(module, SavedModule):
             module = SavedModule(module)
@@ -127,6 +141,54 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default",
     set_active(model, name)
     mark_trainable(model, name)
     return targets
+
+
+def _add_layer_adapters(model: nn.Module, config: AdapterConfig, name: str,
+                        rank_pattern: dict, alpha_pattern: dict) -> list[str]:
+    targets = select_targets(model, config.target_modules, _plain_linear_names(model))
+    if not targets:
+        raise AdapterError(
+            f"target_modules={config.target_modules!r} matches no linear layer. "
+            f"Linear layers in this model: {describe_linear_names(model)}"
+        )
+    feedforward = _feedforward_paths(config, targets)
+    for path in targets:
+        layer = model.get_submodule(path)
+        if not isinstance(layer, AdaptedLinear):
+            layer = AdaptedLinear(layer)
+            set_submodule(model, path, layer)
+        base = layer.base_layer
+        device, dtype = _adapter_placement(base)
+        shape = (base.in_features, base.out_features)
+        if config.method == "ia3":
+            ad = IA3Adapter(*shape, config, path in feedforward, device=device, dtype=dtype)
+        elif config.method == "adalora":
+            from loratune.adapters.adaptive import AdaLoraAdapter
+
+            ad = AdaLoraAdapter(*shape, config, device=device, dtype=dtype)
+        else:
+            kind = {"lora": LoraAdapter, "dora": DoraAdapter, "moe_lora": MoeLoraAdapter}
+            r = int(_rank_for(path, rank_pattern, config.r))
+            alpha = _rank_for(path, alpha_pattern, config.lora_alpha)
+            ad = kind[config.method](*shape, config, r=r, alpha=alpha, device=device, dtype=dtype)
+            if config.method == "dora":
+                ad.init_magnitude(base)
+        layer.adapters[name] = ad
+    return targets
+
+
+def _feedforward_paths(config: AdapterConfig, targets: list[str]) -> set[str]:
+    """IA³: the targets whose input (not output) is scaled; they must be targets themselves."""
+    if config.method != "ia3":
+        return set()
+    chosen = {p for p in targets if matches_target(p, config.feedforward_modules)}
+    if isinstance(config.feedforward_modules, list):
+        stray = [f for f in config.feedforward_modules
+                 if not any(matches_target(p, [f]) for p in targets)]
+        if stray:
+            raise AdapterError(f"feedforward_modules {stray} are not among the target modules "
+                               f"{config.target_modules!r}; they must be a subset")
+    return chosen
 
 
 def _adapter_placement(base: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -153,13 +215,14 @@ def _saved_targets(model: nn.Module, names: list[str]) -> list[str]:
 def mark_trainable(model: nn.Module, name: str) -> None:
     """Freeze everything, then unfreeze adapter `name` (plus biases as its config says)."""
     config = adapter_config(model, name)
+    bias = getattr(config, "bias", "none")
     model.requires_grad_(False)
-    for _, layer in adapted_layers(model):
-        if name in layer.adapters:
-            layer.adapters[name].requires_grad_(True)
-            if config.bias == "lora_only" and layer.base_layer.bias is not None:
-                layer.base_layer.bias.requires_grad_(True)
-    if config.bias == "all":
+    for _, host in hosts(model):
+        if name in host.adapters:
+            host.adapters[name].requires_grad_(True)
+            if bias == "lora_only" and isinstance(host, AdaptedLinear) and host.bias is not None:
+                host.base_layer.bias.requires_grad_(True)
+    if bias == "all":
         for pname, param in model.named_parameters():
             if pname.endswith(".bias"):
                 param.requires_grad_(True)
@@ -181,8 +244,7 @@ def set_active(model: nn.Module, names: str | list[str] | dict[str, float]) -> N
     for mod in _switchable(model):
         if isinstance(mod, AdaptedLinear) and mod.merged and mod.merged != names:
             raise AdapterError("unmerge before changing the active adapters")
-        mod.active = {n: float(w) for n, w in names.items()
-                      if n in (mod.adapters if isinstance(mod, AdaptedLinear) else mod.copies)}
+        mod.active = {n: float(w) for n, w in names.items() if n in _members(mod)}
 
 
 def active_adapters(model: nn.Module) -> dict[str, float]:
@@ -211,27 +273,45 @@ def disable_adapters(model: nn.Module):
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name`; layers left with no adapter go back to plain modules."""
+    """Remove adapter `name`; hosts left with no adapter give back the module they wrapped."""
     if name not in adapter_names(model):
         raise AdapterError(f"no adapter named '{name}' (have: {adapter_names(model) or 'none'})")
-    for path, layer in list(adapted_layers(model)):
+    for path, layer in adapted_layers(model):
         if name in layer.merged:
             raise AdapterError(f"adapter '{name}' is merged in {path}; unmerge first")
-        if name in layer.adapters:
-            del layer.adapters[name]
-            layer.active.pop(name, None)
-        if not layer.adapters:
-            set_submodule(model, path, layer.base_layer)
-    for path, saved in list(saved_modules(model)):
-        if name in saved.copies:
-            del saved.copies[name]
-            saved.active.pop(name, None)
-        if not saved.copies:
-            set_submodule(model, path, saved.original)
+    switchable = {id(m) for m in _switchable(model)}
+    for path, mod in reversed([(p, m) for p, m in model.named_modules() if id(m) in switchable]):
+        members = _members(mod)
+        if name not in members:
+            continue
+        del members[name]
+        mod.active.pop(name, None)
+        if not members:
+            _put_back(model, path, mod.original if isinstance(mod, SavedModule) else mod.unwrap())
+
+
+def _put_back(model: nn.Module, path: str, original: nn.Module | None) -> None:
+    """Replace the host at `path` by what it wrapped (None: the host was an added attribute)."""
+    if original is None:
+        parent, _, leaf = path.rpartition(".")
+        delattr(model.get_submodule(parent) if parent else model, leaf)
+    else:
+        set_submodule(model, path, original)
+
+
+def check_mergeable(model: nn.Module, names: dict[str, float] | None = None) -> None:
+    """Raise, saying why, if any adapter to merge belongs to a method that cannot be merged."""
+    for name in (active_adapters(model) if names is None else names):
+        method = adapter_config(model, name).method
+        if method in WHY_NOT_MERGEABLE:
+            raise AdapterError(f"adapter '{name}' ({method}) cannot be merged: "
+                               f"{WHY_NOT_MERGEABLE[method]}. Load it on the base model instead "
+                               "(loratune chat/eval/serve --adapter DIR).")
 
 
 def merge(model: nn.Module, names: dict[str, float] | None = None) -> None:
     """Fold the active (or given) adapters into the base weights: zero extra inference cost."""
+    check_mergeable(model, names)
     for _, layer in adapted_layers(model):
         layer.merge(names)
 
@@ -244,9 +324,9 @@ def unmerge(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters and return the plain transformers model (no loratune modules)."""
     merge(model)
-    for path, layer in list(adapted_layers(model)):
-        set_submodule(model, path, layer.base_layer)
-    for path, saved in list(saved_modules(model)):
+    for path, host in reversed(list(hosts(model))):  # inner hosts first: paths stay valid
+        _put_back(model, path, host.unwrap())
+    for path, saved in reversed(list(saved_modules(model))):
         set_submodule(model, path, saved.current())
     return model
 

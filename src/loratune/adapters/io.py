@@ -1,11 +1,15 @@
 """Adapter files in PEFT's format: adapter_config.json + adapter_model.safetensors.
 
-Keys are `base_model.model.<HF module path>.lora_A.weight` / `.lora_B.weight`; no adapter name
-is stored. Only safetensors is read: pickle files (`adapter_model.bin`) are refused.
+Keys are `base_model.model.<HF module path>.<tensor>` (e.g. `.lora_A.weight`, `.ia3_l`) or, for
+prompt learning, `prompt_embeddings`; no adapter name is stored. `peft_type` names the method:
+PEFT's LORA, IA3, ADALORA, PROMPT_TUNING, PREFIX_TUNING, and our own LORATUNE_MOE_LORA and
+LORATUNE_BOTTLENECK (documented in docs/adapter-formats.md; PEFT has no such methods).
+Only safetensors is read: pickle files (`adapter_model.bin`) are refused.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -23,9 +27,11 @@ from loratune.adapters.inject import (
     add_adapter,
     adapter_config,
     delete_adapter,
+    hosts,
     saved_modules,
 )
-from loratune.config import LoraConfig
+from loratune.config import (AdaLoraConfig, AdapterConfig, BottleneckConfig, IA3Config,
+                             LoraConfig, MoeLoraConfig, PrefixConfig, PromptConfig)
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -38,66 +44,97 @@ _PEFT_ONLY = {
     "layer_replication", "runtime_config", "lora_bias", "exclude_modules", "eva_config",
     "corda_config", "target_parameters", "trainable_token_indices", "qalora_group_size",
     "use_qalora", "peft_version", "alora_invocation_tokens", "arrow_config", "ensure_weight_tying",
+    # prompt learning: derived from the base model, which we read instead
+    "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers",
+    "tokenizer_name_or_path", "tokenizer_kwargs", "modules_to_save",
+    # AdaLoRA: PEFT keeps LoRA's r beside init_r
+    "r",
 }
+PEFT_TYPES = {"LORA": LoraConfig, "IA3": IA3Config, "ADALORA": AdaLoraConfig,
+              "PROMPT_TUNING": PromptConfig, "PREFIX_TUNING": PrefixConfig,
+              "LORATUNE_MOE_LORA": MoeLoraConfig, "LORATUNE_BOTTLENECK": BottleneckConfig}
+METHOD_TYPES = {"lora": "LORA", "dora": "LORA", "ia3": "IA3", "adalora": "ADALORA",
+                "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING",
+                "moe_lora": "LORATUNE_MOE_LORA", "bottleneck": "LORATUNE_BOTTLENECK"}
 
 
-def _target_modules_for_file(model: nn.Module, name: str, config: LoraConfig) -> list[str] | str:
-    if isinstance(config.target_modules, str) and config.target_modules != "all-linear":
-        return config.target_modules  # a regex keeps its exact meaning
-    leaves = {p.rsplit(".", 1)[-1] for p, l in adapted_layers(model) if name in l.adapters}
-    return sorted(leaves)
+def _leaf_names(model: nn.Module, name: str, target) -> list[str] | str:
+    if isinstance(target, str) and target != "all-linear":
+        return target  # a regex keeps its exact meaning
+    return sorted({p.rsplit(".", 1)[-1] for p, l in adapted_layers(model) if name in l.adapters})
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """What the file holds for adapter `name`: file key -> tensor (on CPU, contiguous)."""
     config = adapter_config(model, name)
+    bias = getattr(config, "bias", "none")
     state: dict[str, torch.Tensor] = {}
-    for path, layer in adapted_layers(model):
-        if name not in layer.adapters:
-            continue
-        ad = layer.adapters[name]
-        state[f"{PREFIX}{path}.lora_A.weight"] = ad.lora_A.detach()
-        state[f"{PREFIX}{path}.lora_B.weight"] = ad.lora_B.detach()
-        if config.use_dora:
-            state[f"{PREFIX}{path}.lora_magnitude_vector"] = ad.lora_magnitude_vector.detach()
-        if config.bias == "lora_only" and layer.base_layer.bias is not None:
-            state[f"{PREFIX}{path}.bias"] = layer.base_layer.bias.detach()
-    if config.bias == "all":
+    for path, host in hosts(model):
+        if name in host.adapters:
+            saved = getattr(host, "saved_tensors", host.file_tensors)
+            state.update(saved(name, path))
+            if bias == "lora_only" and getattr(host, "bias", None) is not None:
+                state[f"{PREFIX}{path}.bias"] = host.bias
+    if bias == "all":
         for pname, param in model.named_parameters():
-            if pname.endswith(".bias"):
+            if pname.endswith(".bias") and ".copies." not in pname:
                 state[PREFIX + pname.replace(".base_layer.", ".").replace(".original.", ".")] = (
-                    param.detach())
-    for path, saved in saved_modules(model):
-        if name in saved.copies:
-            for pname, param in saved.copies[name].state_dict().items():
-                state[f"{PREFIX}{path}.{pname}"] = param.detach()
-    return {k: v.contiguous().cpu() for k, v in state.items()}
+                    param)
+    for path, saved_mod in saved_modules(model):
+        if name in saved_mod.copies:
+            for pname, param in saved_mod.copies[name].state_dict().items():
+                state[f"{PREFIX}{path}.{pname}"] = param
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _lora_fields(model: nn.Module, name: str, config) -> dict:
+    layers = [(p, l.adapters[name]) for p, l in adapted_layers(model) if name in l.adapters]
+    out = {"lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+           "target_modules": _leaf_names(model, name, config.target_modules),
+           "bias": config.bias, "use_rslora": config.use_rslora,
+           "init_lora_weights": config.init_lora_weights, "fan_in_fan_out": False,
+           "layers_to_transform": None, "layers_pattern": None}
+    if config.method in ("lora", "dora", "moe_lora"):
+        out["r"] = config.r
+        out["use_dora"] = config.use_dora
+        out["rank_pattern"] = {p: a.r for p, a in layers if a.r != config.r}
+        out["alpha_pattern"] = {p: a.alpha for p, a in layers if a.alpha != config.lora_alpha}
+    return out
 
 
 def config_dict(model: nn.Module, name: str, base_model: str | None = None) -> dict:
+    """adapter_config.json for adapter `name`, as PEFT writes it for the method's peft_type."""
     config = adapter_config(model, name)
-    ranks = {p: l.adapters[name].r for p, l in adapted_layers(model) if name in l.adapters}
-    alphas = {p: l.adapters[name].alpha for p, l in adapted_layers(model) if name in l.adapters}
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": config.r,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "target_modules": _target_modules_for_file(model, name, config),
-        "bias": config.bias,
-        "use_rslora": config.use_rslora,
-        "use_dora": config.use_dora,
-        "init_lora_weights": config.init_lora_weights,
-        "modules_to_save": list(config.modules_to_save) or None,
-        "rank_pattern": {p: r for p, r in ranks.items() if r != config.r},
-        "alpha_pattern": {p: a for p, a in alphas.items() if a != config.lora_alpha},
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "revision": None,
-    }
+    method = config.method
+    fields = config.model_dump(exclude={"method", "use_dora"})
+    if method in ("lora", "dora", "moe_lora", "adalora"):
+        fields.update(_lora_fields(model, name, config))
+    if method == "adalora":
+        from loratune.adapters.adaptive import adalora_peft_config, rank_pattern
+
+        fields.update(adalora_peft_config(config, rank_pattern(model, name)))
+    elif method == "ia3":
+        fields.update(target_modules=_leaf_names(model, name, config.target_modules),
+                      feedforward_modules=_leaf_names_ff(model, name, config),
+                      fan_in_fan_out=False)
+    elif method in ("prompt", "prefix"):
+        module = importlib.import_module(f"loratune.adapters.{method}")
+        fields.update(module.peft_config(model, config))
+    elif method == "bottleneck":
+        from loratune.adapters.bottleneck import bottleneck_config
+
+        fields.update(bottleneck_config(config))
+    fields.update(peft_type=METHOD_TYPES[method], task_type="CAUSAL_LM",
+                  base_model_name_or_path=base_model, inference_mode=True, revision=None)
+    fields["modules_to_save"] = list(getattr(config, "modules_to_save", []) or []) or None
+    return fields
+
+
+def _leaf_names_ff(model: nn.Module, name: str, config: IA3Config) -> list[str] | str:
+    if isinstance(config.feedforward_modules, str):
+        return config.feedforward_modules
+    return sorted({p.rsplit(".", 1)[-1] for p, l in adapted_layers(model)
+                   if name in l.adapters and l.adapters[name].feedforward})
 
 
 def write_atomic_dir(out: Path, fill, overwrite: bool = False) -> Path:
@@ -136,8 +173,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
     return write_atomic_dir(Path(out_dir), fill, overwrite=overwrite)
 
 
-def read_adapter_config(folder: str | Path) -> tuple[LoraConfig, dict]:
-    """Parse adapter_config.json into a LoraConfig (+ the raw dict); unknown keys warned about."""
+def read_adapter_config(folder: str | Path) -> tuple[AdapterConfig, dict]:
+    """Parse adapter_config.json into the method's config (+ the raw dict); unknown keys warned."""
     folder = Path(folder)
     path = folder / CONFIG_NAME
     if not path.is_file():
@@ -147,9 +184,11 @@ def read_adapter_config(folder: str | Path) -> tuple[LoraConfig, dict]:
     except json.JSONDecodeError as err:
         raise AdapterError(f"{path}: not valid JSON: {err}") from None
     peft_type = raw.get("peft_type")
-    if peft_type != "LORA":
-        raise AdapterError(f"{path}: peft_type is {peft_type!r}; this loader reads LORA adapters")
-    fields = set(LoraConfig.model_fields)
+    if peft_type not in PEFT_TYPES:
+        raise AdapterError(f"{path}: peft_type is {peft_type!r}; loratune reads "
+                           f"{', '.join(PEFT_TYPES)}")
+    cls = PEFT_TYPES[peft_type]
+    fields = set(cls.model_fields) - {"method"}
     # Newer PEFT versions add option keys; unset ones (null/false) change nothing here.
     unknown = sorted(k for k, v in raw.items()
                      if k not in fields and k not in _PEFT_ONLY and v not in (None, False))
@@ -160,8 +199,16 @@ def read_adapter_config(folder: str | Path) -> tuple[LoraConfig, dict]:
         raise AdapterError(f"{path}: target_modules is empty")
     if values.get("init_lora_weights") not in (None, True, "gaussian"):
         values.pop("init_lora_weights")  # other inits only matter before training
+    if cls is PromptConfig:
+        # The trained embeddings come from the file; the text only mattered for the init.
+        values["prompt_tuning_init"] = "random"
+        values.pop("prompt_tuning_init_text", None)
+    if cls is LoraConfig and raw.get("use_dora"):
+        values["method"] = "dora"
+    if raw.get("modules_to_save") and "modules_to_save" in fields:
+        values["modules_to_save"] = raw["modules_to_save"]
     try:
-        return LoraConfig(**values), raw
+        return cls(**values), raw
     except Exception as err:  # pydantic's message names the field
         raise AdapterError(f"{path}: {err}") from None
 
@@ -183,14 +230,10 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """File key -> the live tensor it loads into, for adapter `name`."""
     config = adapter_config(model, name)
     out: dict[str, torch.Tensor] = {}
-    for path, layer in adapted_layers(model):
-        if name in layer.adapters:
-            out[f"{PREFIX}{path}.lora_A.weight"] = layer.adapters[name].lora_A
-            out[f"{PREFIX}{path}.lora_B.weight"] = layer.adapters[name].lora_B
-            if config.use_dora:
-                out[f"{PREFIX}{path}.lora_magnitude_vector"] = (
-                    layer.adapters[name].lora_magnitude_vector)
-    if config.bias != "none":
+    for path, host in hosts(model):
+        if name in host.adapters:
+            out.update(host.file_tensors(name, path))
+    if getattr(config, "bias", "none") != "none":
         for pname, param in model.named_parameters():
             if pname.endswith(".bias") and ".copies." not in pname:
                 out[PREFIX + pname.replace(".base_layer.", ".").replace(".original.", ".")] = param
@@ -223,16 +266,24 @@ def copy_adapter_weights(model: nn.Module, name: str, weights: dict[str, torch.T
             expected[key].copy_(tensor.to(expected[key].dtype))
 
 
-def load_adapter(model: nn.Module, folder: str | Path, name: str = "default") -> LoraConfig:
+def load_adapter(model: nn.Module, folder: str | Path, name: str = "default",
+                 tokenizer=None) -> AdapterConfig:
     """Inject adapter `name` from a PEFT folder and load its weights; strict about keys/shapes."""
     folder = Path(folder)
     config, raw = read_adapter_config(folder)
     weights = load_file(str(_weights_file(folder)))
-    add_adapter(model, config, name, rank_pattern=raw.get("rank_pattern") or {},
-                alpha_pattern=raw.get("alpha_pattern") or {})
+    patterns = {}
+    if config.method in ("lora", "dora", "moe_lora"):
+        patterns = {"rank_pattern": raw.get("rank_pattern") or {},
+                    "alpha_pattern": raw.get("alpha_pattern") or {}}
+    add_adapter(model, config, name, tokenizer=tokenizer, **patterns)
     try:
+        if config.method == "adalora":
+            from loratune.adapters.adaptive import apply_rank_pattern
+
+            apply_rank_pattern(model, name, raw.get("rank_pattern"), weights)
         copy_adapter_weights(model, name, weights, folder)
-    except AdapterError:
+    except (AdapterError, ValueError) as err:
         delete_adapter(model, name)
-        raise
+        raise AdapterError(str(err)) from None
     return config

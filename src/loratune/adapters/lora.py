@@ -65,17 +65,33 @@ class LoraAdapter(nn.Module):
         """B·A·scale in fp32 (low-precision products lose the small update)."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
+    def merge_into(self, w: torch.Tensor, bias: torch.Tensor | None, weight: float):
+        """(W, b) in fp32 with weight·ΔW folded in."""
+        return w + weight * self.delta_weight(), bias
+
+    def unmerge_from(self, w: torch.Tensor, bias: torch.Tensor | None, weight: float):
+        return w - weight * self.delta_weight(), bias
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """Live tensors by the key suffix PEFT's files use."""
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
 
 class AdaptedLinear(nn.Module):
-    """A frozen `nn.Linear` plus named adapters; forward = base(x) + Σ weight·adapter(x)."""
+    """A frozen linear layer plus named adapters of the layer-level methods.
 
-    def __init__(self, base_layer: nn.Linear):
+    forward = base(x') then each active adapter's `add_to`, where x' is x after the input scales
+    of adapters that have `scale_input` (IA³ on feed-forward layers).
+    """
+
+    hosts_adapters = True
+
+    def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.active: dict[str, float] = {}
         self.merged: dict[str, float] = {}
-        self.merge_norms: dict[str, torch.Tensor] = {}  # DoRA: ||W + ΔW|| at merge time
         self.disabled = False
 
     @property
@@ -94,34 +110,42 @@ class AdaptedLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = base_out = self.base_layer(x)
-        if self.disabled:
-            return out
-        for name, weight in self.active.items():
-            if name not in self.merged:
-                out = self.adapters[name].add_to(out, x, weight, self.base_layer, base_out)
-        return out
+    def unwrap(self) -> nn.Module:
+        return self.base_layer
 
-    def _merged_weight(self, name: str, weight: float, undo: bool) -> torch.Tensor:
-        """The base weight with adapter `name` (scaled by `weight`) added or taken out, fp32."""
-        ad, w = self.adapters[name], self.base_layer.weight.float()
-        if not hasattr(ad, "merged_weight"):  # plain LoRA: W ± weight·s·B·A
-            return w + ad.delta_weight() * (-weight if undo else weight)
-        if not undo:  # DoRA: W + weight·(m·(W+ΔW)/n − W); keep n to invert it later
-            self.merge_norms[name] = ad.weight_norm(w)
-            return w + weight * (ad.merged_weight(w) - w)
-        factor = (ad.lora_magnitude_vector.float() / self.merge_norms.pop(name)).view(-1, 1)
-        return (w - weight * factor * ad.delta_weight()) / (1 - weight + weight * factor)
+    def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
+        return {f"base_model.model.{path}.{k}": t
+                for k, t in self.adapters[name].file_tensors().items()}
+
+    def _running(self) -> list[tuple[nn.Module, float]]:
+        if self.disabled:
+            return []
+        return [(self.adapters[n], w) for n, w in self.active.items() if n not in self.merged]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        running = self._running()
+        x_base = x
+        for ad, weight in running:
+            if hasattr(ad, "scale_input"):
+                x_base = ad.scale_input(x_base, weight)
+        out = base_out = self.base_layer(x_base)
+        for ad, weight in running:
+            out = ad.add_to(out, x, weight, self.base_layer, base_out)
+        return out
 
     def _rewrite_weight(self, name: str, weight: float, undo: bool) -> None:
         if not isinstance(self.base_layer, nn.Linear):
             # Re-rounding a 4-bit weight would change the base; merge into a dequantized copy.
             raise ValueError(f"cannot merge into a {type(self.base_layer).__name__} base in "
                              "place; dequantize the base model first (load it unquantized)")
-        w = self.base_layer.weight
+        ad, layer = self.adapters[name], self.base_layer
+        bias = None if layer.bias is None else layer.bias.float()
+        step = ad.unmerge_from if undo else ad.merge_into
         with torch.no_grad():
-            w.copy_(self._merged_weight(name, weight, undo).to(w.device, w.dtype))
+            w, b = step(layer.weight.float(), bias, weight)
+            layer.weight.copy_(w.to(layer.weight.dtype))
+            if b is not None:
+                layer.bias.copy_(b.to(layer.bias.dtype))
 
     def merge(self, names: dict[str, float] | None = None) -> None:
         for name, weight in (self.active if names is None else names).items():

@@ -1,0 +1,67 @@
+"""(IA)³: a learned scale per channel — on the outputs of key and value projections and on the
+input of the MLP's down projection (the activation between the MLP's two halves).
+
+Weighted use (as `set_active({name: w})`) interpolates the scale: l_w = 1 + w·(l − 1), so w = 0
+is the base model and w = 1 the trained adapter. Merging multiplies the weight's rows (output
+scale, bias too) or columns (input scale) by l_w; unmerging divides them back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loratune.config import IA3Config
+
+
+class IA3Adapter(nn.Module):
+    def __init__(self, in_features: int, out_features: int, config: IA3Config,
+                 feedforward: bool, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.feedforward = feedforward
+        # PEFT's shapes: [1, in] for a scaled input, [out, 1] for a scaled output.
+        shape = (1, in_features) if feedforward else (out_features, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+        if not config.init_ia3_weights:
+            nn.init.normal_(self.ia3_l, mean=1.0, std=0.02)
+
+    @property
+    def r(self) -> int:
+        return 0
+
+    def scale(self, weight: float) -> torch.Tensor:
+        return 1 + weight * (self.ia3_l - 1) if weight != 1.0 else self.ia3_l
+
+    def scale_input(self, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        if not self.feedforward:
+            return x
+        return x * self.scale(weight).flatten().to(x.dtype)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, weight: float = 1.0,
+               base: nn.Module | None = None, base_out: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        if self.feedforward:
+            return out
+        return out * self.scale(weight).flatten().to(out.dtype)
+
+    def _factor(self, weight: float, invert: bool) -> torch.Tensor:
+        lw = self.scale(weight).detach().float()
+        if invert:
+            if bool((lw == 0).any()):
+                raise ValueError("cannot unmerge an IA³ scale that is exactly 0")
+            lw = 1 / lw
+        return lw
+
+    def merge_into(self, w: torch.Tensor, bias: torch.Tensor | None, weight: float,
+                   invert: bool = False):
+        lw = self._factor(weight, invert)
+        if self.feedforward:  # x·l then W: scale W's columns; the bias is untouched
+            return w * lw.view(1, -1), bias
+        return w * lw.view(-1, 1), None if bias is None else bias * lw.view(-1)
+
+    def unmerge_from(self, w: torch.Tensor, bias: torch.Tensor | None, weight: float):
+        return self.merge_into(w, bias, weight, invert=True)
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {"ia3_l": self.ia3_l}
