@@ -24,6 +24,7 @@ from loratune.models import load_model
 from loratune.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from loratune.train.host_memory import use_mmap_for_large_blocks
 from loratune.train.loss import causal_lm_loss
+from loratune.train.method_hooks import method_hooks
 from loratune.train.metrics import MetricsLog, plot_loss
 from loratune.train.offload import activation_offload, offload_notes
 from loratune.train.optim import build_optimizer, set_lr
@@ -101,6 +102,12 @@ def build_data(cfg: RunConfig, tokenizer):
     elif cfg.data.eval_fraction:
         train_ex, eval_ex = lt_data.split_heldout(train_ex, cfg.data.eval_fraction, cfg.train.seed)
     packing = cfg.data.packing
+    if cfg.adapter.method in ("prompt", "prefix"):
+        # Virtual tokens go in front of each row; samples packed into one row cannot share them.
+        if packing is True:
+            raise ValueError(f"data.packing: true does not work with adapter.method: "
+                             f"{cfg.adapter.method} (virtual tokens lead each row); use auto/false")
+        packing = False
     if packing == "auto":
         packing = lt_data.should_pack(train_ex, cfg.data.max_length, cfg.train.batch_size)
     return train_ex, eval_ex, stats, bool(packing)
@@ -175,7 +182,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
         raise ValueError(f"no training examples left in {cfg.data.train}")
 
     torch.manual_seed(cfg.train.seed)
-    add_adapter(model, cfg.adapter, "default")
+    add_adapter(model, cfg.adapter, "default", tokenizer=tokenizer)
     log(trainable_report(model)[2])
     # Only now, with data, model and adapter known good, is the run folder created.
     prepare_run_dir(out, resume, overwrite)
@@ -192,6 +199,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     warmup = int(cfg.train.warmup_ratio * total_steps)
     eval_batches = epoch_batches(cfg, eval_ex, packing, pad_id, 0) if eval_ex else []
+    hooks = method_hooks(model, cfg.adapter, "default", total_steps)
 
     metrics = MetricsLog(out / "metrics.jsonl")
     start_step = 0
@@ -224,21 +232,31 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
                 epoch_cache[epoch] = epoch_batches(cfg, train_ex, packing, pad_id, epoch)
             micro.append(epoch_cache[epoch][pos])
         n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        step_loss = 0.0
+        step_loss = extra_loss = 0.0
         step_tokens = 0
         for batch in micro:
             batch = to_device(batch, device)
             with activation_offload(cfg.train.offload_activations, device):
                 loss_sum, _ = causal_lm_loss(model, batch, cfg.train.loss_chunk)
             # Normalize by the step's label count: the token-level mean over all micro-batches.
-            (loss_sum / max(n_labels, 1)).backward()
+            loss = loss_sum / max(n_labels, 1)
+            extra = hooks.micro_loss()
+            if extra is not None:
+                loss = loss + extra / len(micro)
+                extra_loss += float(extra.detach()) / len(micro)
+            loss.backward()
             step_loss += float(loss_sum.detach())
             step_tokens += int(batch["input_ids"].numel())
+        extra = hooks.step_loss()
+        if extra is not None:
+            extra.backward()
+            extra_loss += float(extra.detach())
         grad_norm = None
         if cfg.train.max_grad_norm:
             params = [p for g in optimizer.param_groups for p in g["params"]]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
         optimizer.step()
+        hooks.after_step(step + 1)
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         tokens_seen += step_tokens
@@ -247,6 +265,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
         record = {"step": step + 1, "loss": round(loss_value, 6), "lr": lr,
                   "grad_norm": grad_norm, "tokens": step_tokens, "label_tokens": n_labels,
                   "seconds": round(dt, 4), "tokens_per_s": round(step_tokens / dt, 1)}
+        if extra_loss:
+            record["extra_loss"] = round(extra_loss, 6)
         if eval_batches and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
             eval_loss = evaluate_loss(model, eval_batches, device, cfg.train.loss_chunk)
             record["eval_loss"] = round(eval_loss, 6)
@@ -273,10 +293,21 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
     summary = {"steps": total_steps, "final_loss": loss_value, "eval_loss": eval_loss,
                "train_seconds": round(seconds, 2), "tokens": tokens_seen,
                "label_tokens": label_seen, "packing": packing,
-               "trainable": trainable_report(model)[2]}
+               "trainable": trainable_report(model)[2], "method": cfg.adapter.method,
+               "seconds_per_step": round(seconds / max(total_steps - start_step, 1), 4),
+               "peak_rss_mib": peak_rss_mib(), **hooks.summary()}
     _write_json_atomic(out / DONE_FILE, summary)
     return TrainResult(out, adapter_dir, total_steps, loss_value, eval_loss, seconds,
                        tokens_seen, label_seen, history)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:

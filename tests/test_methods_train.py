@@ -1,0 +1,54 @@
+"""Every method through the same `train` config: loss falls, the adapter file reloads exactly."""
+
+import json
+
+import pytest
+import torch
+
+from loratune.adapters import load_adapter
+from loratune.config import build_config
+from loratune.train import train
+from tiny import tiny_llama
+
+# method -> (adapter options, lr, required loss drop). IA³'s few scales move a random tiny
+# model's near-uniform output only a little, so its bar is lower.
+METHODS = {
+    "ia3": ({}, 0.3, 0.05),
+    "moe_lora": ({"r": 4, "lora_alpha": 8, "num_experts": 3, "top_k": 2}, 5e-2, 0.1),
+}
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    rows = [{"instruction": f"Repeat the word {w}", "input": "", "output": f"{w} {w} {w}"}
+            for w in ["apple", "river", "stone", "cloud", "green", "metal", "piano", "tiger"]]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_trains_saves_and_reloads(tmp_path, data_file, smol_tokenizer, method):
+    options, lr, drop = METHODS[method]
+    cfg = build_config({
+        "output_dir": str(tmp_path / method),
+        "adapter": {"method": method, **options},
+        "data": {"train": str(data_file), "max_length": 64},
+        "train": {"max_steps": 16, "batch_size": 4, "lr": lr, "warmup_ratio": 0.0},
+    })
+    model = tiny_llama(vocab=len(smol_tokenizer))
+    result = train(cfg, model=model, tokenizer=smol_tokenizer, quiet=True)
+    losses = [h["loss"] for h in result.history]
+    # Two steps cover the 8 examples once: compare the first epoch with the last.
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - drop, losses
+    summary = json.loads((result.output_dir / "run_summary.json").read_text())
+    assert summary["method"] == method and summary["peak_rss_mib"] > 0
+    if method == "moe_lora":
+        assert all(h.get("extra_loss", 0) > 0 for h in result.history)
+
+    ids = torch.tensor([[5, 900, 17, 4000, 31]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        fresh = tiny_llama(vocab=len(smol_tokenizer))
+        load_adapter(fresh, result.adapter_dir, tokenizer=smol_tokenizer)
+        torch.testing.assert_close(fresh(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
