@@ -125,6 +125,41 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from loratune.eval.compare import load_settings, method_adapter, run_variants, write_report
+
+    settings = load_settings(args.config, args.overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    variants = {m: method_adapter(settings.get("adapter") or {}, m) for m in methods}
+    rows = run_variants(settings, variants, args.out, quiet=args.quiet)
+    print(write_report(rows, Path(args.out), "compare"))
+    print(f"\nwritten: {args.out}/compare.md, compare.png, compare.json")
+    return 0
+
+
+def cmd_tune_rank(args) -> int:
+    from loratune.config import ConfigError
+    from loratune.eval.compare import (best_rank, load_settings, method_adapter, run_variants,
+                                       write_report)
+
+    settings = load_settings(args.config, args.overrides)
+    base = settings.get("adapter") or {}
+    method = base.get("method", "lora")
+    if method not in ("lora", "dora", "moe_lora"):
+        raise ConfigError(f"tune-rank varies r; adapter.method {method!r} has no r")
+    ratio = base.get("lora_alpha", 8.0) / base.get("r", 8)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    variants = {f"r{r}": {**method_adapter(base, method), "r": r, "lora_alpha": ratio * r}
+                for r in ranks}
+    rows = run_variants(settings, variants, args.out, quiet=args.quiet)
+    print(write_report(rows, Path(args.out), "tune_rank"))
+    best = best_rank(rows)
+    print(f"\nbest: {best['variant']} (held-out exact match "
+          f"{best['score'] if best['score'] is None else format(best['score'], '.1%')}, "
+          f"adapter {best['adapter']})")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from loratune.plan.report import run
 
@@ -185,6 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="train several methods on the same data and budget")
+    p.add_argument("config", help="YAML run config (its adapter options seed every method)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=40")
+    p.add_argument("--methods", default="lora,dora,ia3",
+                   help="comma-separated: lora,dora,ia3,prompt,prefix,bottleneck,moe_lora,adalora")
+    p.add_argument("--out", default="runs/compare", help="folder for runs and the report")
+    p.add_argument("--quiet", action="store_true", help="hide each run's progress")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("tune-rank", help="try several LoRA ranks, keep the best held-out score")
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=40")
+    p.add_argument("--ranks", default="4,8,16,32,64")
+    p.add_argument("--out", default="runs/tune-rank")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_tune_rank)
 
     from loratune.plan.report import add_arguments
 

@@ -290,10 +290,12 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
     adapter_dir = save_adapter(model, out / "adapter", "default", base_model=cfg.model.name,
                                overwrite=True)
     plot_loss(out / "metrics.jsonl", out / "loss.png")
+    n_trainable, n_all, report = trainable_report(model)
     summary = {"steps": total_steps, "final_loss": loss_value, "eval_loss": eval_loss,
                "train_seconds": round(seconds, 2), "tokens": tokens_seen,
                "label_tokens": label_seen, "packing": packing,
-               "trainable": trainable_report(model)[2], "method": cfg.adapter.method,
+               "trainable": report, "trainable_params": n_trainable, "all_params": n_all,
+               "method": cfg.adapter.method,
                "seconds_per_step": round(seconds / max(total_steps - start_step, 1), 4),
                "peak_rss_mib": peak_rss_mib(), **hooks.summary()}
     _write_json_atomic(out / DONE_FILE, summary)

@@ -1,0 +1,155 @@
+"""Side by side: train several adapter variants on the same data and budget, score each on held-out.
+
+Each variant trains in its own process, so its peak memory is its own (a process's peak RSS
+never goes down). `loratune compare` varies the method, `loratune tune-rank` the LoRA rank.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from loratune.config import ADAPTER_CONFIGS, ConfigError, apply_overrides, build_config
+
+MERGEABLE = {"lora": "yes", "dora": "yes", "ia3": "yes", "adalora": "yes", "moe_lora": "no",
+             "prompt": "no", "prefix": "no", "bottleneck": "no"}
+COLUMNS = [("variant", "variant", "{}"), ("method", "method", "{}"),
+           ("trainable", "trainable params", "{:,}"), ("trainable_pct", "trainable %", "{:.3f}"),
+           ("score", "held-out exact match", "{:.1%}"), ("eval_loss", "held-out loss", "{:.4f}"),
+           ("final_loss", "final train loss", "{:.4f}"), ("seconds_per_step", "s/step", "{:.2f}"),
+           ("peak_rss_mib", "peak RSS MiB", "{:.0f}"), ("mergeable", "merge", "{}")]
+
+
+def method_adapter(base: dict, method: str) -> dict:
+    """The adapter section for `method`, keeping the base section's options that method has."""
+    if method not in ADAPTER_CONFIGS:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(ADAPTER_CONFIGS)}")
+    fields = set(ADAPTER_CONFIGS[method].model_fields)
+    out = {k: v for k, v in base.items() if k in fields and k not in ("method", "use_dora")}
+    if method == "ia3":
+        out.pop("target_modules", None)  # IA³ targets k/v/down by design, not all linears
+    if method == "adalora" and "r" in base:
+        out.setdefault("target_r", base["r"])
+        out.setdefault("init_r", max(base["r"] * 3 // 2, base["r"]))
+    out["method"] = method
+    return out
+
+
+def load_settings(config_path: str | None, overrides: list[str]) -> dict:
+    data = {}
+    if config_path:
+        data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    data = apply_overrides(data, list(overrides))
+    build_config(data, config_path or "defaults")  # fail here, before any variant runs
+    return data
+
+
+def run_variants(settings: dict, variants: dict[str, dict], out_dir: str | Path,
+                 quiet: bool = False) -> list[dict]:
+    """Train each variant (label -> adapter section) in a child process; rows of results."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, adapter in variants.items():
+        data = {**settings, "adapter": adapter, "output_dir": str(out_dir / label)}
+        build_config(data, f"variant {label}")
+        cfg_path = out_dir / f"{label}.yaml"
+        cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        result_path = out_dir / f"{label}.result.json"
+        result_path.unlink(missing_ok=True)
+        if not quiet:
+            print(f"[{label}] training ({adapter['method']}) ...", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "loratune.eval.compare", str(cfg_path),
+                               str(result_path)], capture_output=quiet, text=True)
+        if proc.returncode != 0 or not result_path.is_file():
+            detail = (proc.stderr or "")[-2000:] if quiet else "see the output above"
+            raise RuntimeError(f"variant {label} failed (exit {proc.returncode}): {detail}")
+        row = json.loads(result_path.read_text())
+        rows.append({"variant": label, **row})
+    return rows
+
+
+def train_and_score(cfg_path: str, result_path: str) -> dict:
+    """Worker: train one config, score it on its held-out set, write the result row."""
+    from loratune.cli import _quiet_transformers
+    from loratune.config import load_config
+    from loratune.data import load_conversations
+    from loratune.eval.heldout import exact_match_eval
+    from loratune.models import load_model
+    from loratune.train import train
+    from loratune.train.loop import resolve_data_paths
+
+    _quiet_transformers()
+    cfg = load_config(cfg_path)
+    model, tok = load_model(cfg.model)
+    result = train(cfg, model=model, tokenizer=tok, overwrite=True)
+    summary = json.loads((result.output_dir / "run_summary.json").read_text())
+    _, heldout = resolve_data_paths(cfg)
+    score = None
+    if heldout:
+        convs = load_conversations(heldout, cfg.data)[: cfg.eval.limit]
+        score = exact_match_eval(model, tok, convs, cfg.eval.max_new_tokens,
+                                 cfg.eval.batch_size).accuracy
+    trainable = summary["trainable_params"]
+    row = {"method": cfg.adapter.method, "trainable": trainable,
+           "trainable_pct": 100 * trainable / summary["all_params"], "score": score,
+           "eval_loss": result.eval_loss, "final_loss": result.final_loss,
+           "seconds_per_step": summary["seconds_per_step"],
+           "peak_rss_mib": summary["peak_rss_mib"], "mergeable": MERGEABLE[cfg.adapter.method],
+           "adapter": str(result.adapter_dir)}
+    if "final_ranks" in summary:
+        row["total_rank"] = summary["total_rank"]
+    Path(result_path).write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [fmt.format(row[k]) if row.get(k) is not None else "–" for k, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_rows(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["variant"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, key, title in zip(axes, ["score", "trainable_pct", "seconds_per_step"],
+                              ["held-out exact match", "trainable %", "s/step"]):
+        ax.bar(labels, [r.get(key) or 0 for r in rows], color="#4c72b0")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(rows: list[dict], out_dir: Path, stem: str) -> str:
+    table = markdown_table(rows)
+    (out_dir / f"{stem}.md").write_text(table + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot_rows(rows, out_dir / f"{stem}.png")
+    return table
+
+
+def best_rank(rows: list[dict]) -> dict:
+    """Highest held-out score; ties go to the lower held-out loss, then the fewer parameters."""
+    def key(row):
+        score = row["score"] if row["score"] is not None else float("-inf")
+        loss = row["eval_loss"] if row["eval_loss"] is not None else float("inf")
+        return (-score, loss, row["trainable"])
+    return min(rows, key=key)
+
+
+if __name__ == "__main__":
+    train_and_score(sys.argv[1], sys.argv[2])

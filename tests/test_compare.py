@@ -1,0 +1,50 @@
+"""compare / tune-rank: adapter sections per method, ranking, and a real two-variant run."""
+
+import json
+
+import pytest
+
+from loratune.cli import main
+from loratune.eval.compare import best_rank, markdown_table, method_adapter
+
+
+def test_method_adapter_keeps_only_options_the_method_has():
+    base = {"method": "lora", "r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
+    assert method_adapter(base, "ia3") == {"method": "ia3"}
+    assert method_adapter(base, "dora") == {"r": 16, "lora_alpha": 32,
+                                            "target_modules": "all-linear", "method": "dora"}
+    assert method_adapter(base, "adalora")["init_r"] == 24
+    assert method_adapter(base, "prompt") == {"method": "prompt"}
+    with pytest.raises(ValueError, match="unknown method 'lorra'"):
+        method_adapter(base, "lorra")
+
+
+def test_best_rank_prefers_score_then_loss_then_size():
+    rows = [{"variant": "r4", "score": 0.5, "eval_loss": 1.0, "trainable": 10},
+            {"variant": "r8", "score": 0.7, "eval_loss": 1.2, "trainable": 20},
+            {"variant": "r16", "score": 0.7, "eval_loss": 1.1, "trainable": 40},
+            {"variant": "r32", "score": 0.7, "eval_loss": 1.1, "trainable": 80}]
+    assert best_rank(rows)["variant"] == "r16"
+    table = markdown_table([{**rows[0], "method": "lora", "trainable_pct": 1.0,
+                             "final_loss": 2.0, "seconds_per_step": 0.5, "peak_rss_mib": 900,
+                             "mergeable": "yes"}])
+    assert "| r4 | lora | 10 | 1.000 | 50.0% | 1.0000 | 2.0000 | 0.50 | 900 | yes |" in table
+
+
+@pytest.mark.slow
+def test_compare_two_methods_on_the_real_model(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    config = tmp_path / "c.yaml"
+    config.write_text("adapter: {r: 4, lora_alpha: 8}\n")
+    code = main(["compare", str(config), "train.max_steps=3", "train.batch_size=2",
+                 "eval.limit=4", "eval.max_new_tokens=8", "data.max_length=128",
+                 "--methods", "lora,ia3", "--out", str(out), "--quiet"])
+    assert code == 0
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in rows] == ["lora", "ia3"]
+    lora, ia3 = rows
+    assert ia3["trainable"] < lora["trainable"] and lora["mergeable"] == "yes"
+    assert all(r["peak_rss_mib"] > 100 and r["seconds_per_step"] > 0 for r in rows)
+    assert all(0 <= r["score"] <= 1 for r in rows)
+    assert (out / "compare.png").stat().st_size > 1000
+    assert "| lora | lora |" in capsys.readouterr().out
