@@ -5,7 +5,8 @@ import json
 import pytest
 
 from loratune.cli import main
-from loratune.eval.compare import best_rank, markdown_table, method_adapter
+from loratune.config import ConfigError
+from loratune.eval.compare import best_rank, markdown_table, method_adapter, parse_method_values
 
 
 def test_method_adapter_keeps_only_options_the_method_has():
@@ -19,16 +20,25 @@ def test_method_adapter_keeps_only_options_the_method_has():
         method_adapter(base, "lorra")
 
 
+def test_per_method_values_are_checked():
+    assert parse_method_values("ia3=1e-2, lora=2e-4", ["lora", "ia3"], "--lr") == {
+        "ia3": 0.01, "lora": 0.0002}
+    with pytest.raises(ConfigError, match="--lr item 'dora=1': expected METHOD=VALUE"):
+        parse_method_values("dora=1", ["lora"], "--lr")
+    with pytest.raises(ConfigError, match="'x' is not a number"):
+        parse_method_values("lora=x", ["lora"], "--lr")
+
+
 def test_best_rank_prefers_score_then_loss_then_size():
     rows = [{"variant": "r4", "score": 0.5, "eval_loss": 1.0, "trainable": 10},
             {"variant": "r8", "score": 0.7, "eval_loss": 1.2, "trainable": 20},
             {"variant": "r16", "score": 0.7, "eval_loss": 1.1, "trainable": 40},
             {"variant": "r32", "score": 0.7, "eval_loss": 1.1, "trainable": 80}]
     assert best_rank(rows)["variant"] == "r16"
-    table = markdown_table([{**rows[0], "method": "lora", "trainable_pct": 1.0,
+    table = markdown_table([{**rows[0], "method": "lora", "lr": 1e-3, "trainable_pct": 1.0,
                              "final_loss": 2.0, "seconds_per_step": 0.5, "peak_rss_mib": 900,
                              "mergeable": "yes"}])
-    assert "| r4 | lora | 10 | 1.000 | 50.0% | 1.0000 | 2.0000 | 0.50 | 900 | yes |" in table
+    assert "| r4 | lora | 0.001 | 10 | 1.000 | 50.0% | 1.0000 | 2.0000 | 0.50 | 900 | yes |" in table
 
 
 @pytest.mark.slow
@@ -38,12 +48,13 @@ def test_compare_two_methods_on_the_real_model(tmp_path, capsys):
     config.write_text("adapter: {r: 4, lora_alpha: 8}\n")
     code = main(["compare", str(config), "train.max_steps=3", "train.batch_size=2",
                  "eval.limit=4", "eval.max_new_tokens=8", "data.max_length=128",
-                 "--methods", "lora,ia3", "--out", str(out), "--quiet"])
+                 "--methods", "lora,ia3", "--lr", "ia3=1e-2", "--out", str(out), "--quiet"])
     assert code == 0
     rows = json.loads((out / "compare.json").read_text())
     assert [r["method"] for r in rows] == ["lora", "ia3"]
     lora, ia3 = rows
     assert ia3["trainable"] < lora["trainable"] and lora["mergeable"] == "yes"
+    assert ia3["lr"] == 1e-2 and lora["lr"] == 2e-4
     assert all(r["peak_rss_mib"] > 100 and r["seconds_per_step"] > 0 for r in rows)
     assert all(0 <= r["score"] <= 1 for r in rows)
     assert (out / "compare.png").stat().st_size > 1000

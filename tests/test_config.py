@@ -29,3 +29,19 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="is a value, not a section"):
         load_config(None, ["train.lr=1", "train.lr.x=1"])
+
+
+def test_option_of_another_method_is_named_with_its_method():
+    import pytest
+
+    from loratune.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"method 'ia3' has no option 'r' \(an option of lora, "
+                                          r"dora, moe_lora\)\. Options of ia3: target_modules"):
+        build_config({"adapter": {"method": "ia3", "r": 4}})
+    with pytest.raises(ConfigError, match=r"'foo' \(no method has it\)"):
+        build_config({"adapter": {"method": "prompt", "foo": 1}})
+    with pytest.raises(ConfigError, match=r"adapter.num_experts.*greater than or equal to 2"):
+        build_config({"adapter": {"method": "moe_lora", "num_experts": 0}})
+    with pytest.raises(ConfigError, match="unknown method 'lorra'; choose one of lora, dora"):
+        build_config({"adapter": {"method": "lorra"}})

@@ -139,3 +139,14 @@ def test_trains_on_a_4bit_base():
         opt.zero_grad()
         first = first if first is not None else float(loss.detach() / n)
     assert float(loss / n) < first - 0.1
+
+
+def test_folder_with_another_methods_tensors_is_named(tmp_path):
+    model = ia3_model()
+    save_adapter(model, tmp_path / "ad")
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    raw = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["k_proj"]}))
+    with pytest.raises(AdapterError, match="holds IA3 tensors .*ia3_l.* says peft_type LORA"):
+        load_adapter(tiny_llama(), tmp_path / "ad")
+    assert raw["peft_type"] == "IA3"

@@ -126,12 +126,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from loratune.eval.compare import load_settings, method_adapter, run_variants, write_report
+    from loratune.eval.compare import (load_settings, method_adapter, parse_method_values,
+                                       run_variants, write_report)
 
     settings = load_settings(args.config, args.overrides)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     variants = {m: method_adapter(settings.get("adapter") or {}, m) for m in methods}
-    rows = run_variants(settings, variants, args.out, quiet=args.quiet)
+    lrs = parse_method_values(args.lr, methods, "--lr")
+    rows = run_variants(settings, variants, args.out, quiet=args.quiet, lrs=lrs)
     print(write_report(rows, Path(args.out), "compare"))
     print(f"\nwritten: {args.out}/compare.md, compare.png, compare.json")
     return 0
@@ -226,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=40")
     p.add_argument("--methods", default="lora,dora,ia3",
                    help="comma-separated: lora,dora,ia3,prompt,prefix,bottleneck,moe_lora,adalora")
+    p.add_argument("--lr", default="", help="per-method learning rates, e.g. ia3=1e-2,prompt=3e-2 "
+                   "(others use train.lr)")
     p.add_argument("--out", default="runs/compare", help="folder for runs and the report")
     p.add_argument("--quiet", action="store_true", help="hide each run's progress")
     p.set_defaults(func=cmd_compare)

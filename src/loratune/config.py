@@ -202,7 +202,16 @@ def adapter_config_from(data: dict | AdapterConfig | None) -> AdapterConfig:
     method = data.get("method", "dora" if data.get("use_dora") else "lora")
     if method not in ADAPTER_CONFIGS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ADAPTER_CONFIGS)}")
-    return ADAPTER_CONFIGS[method].model_validate(data)
+    cls = ADAPTER_CONFIGS[method]
+    foreign = [k for k in data if k not in cls.model_fields]
+    if foreign:
+        owners = {k: [m for m, c in ADAPTER_CONFIGS.items() if k in c.model_fields and m != method]
+                  for k in foreign}
+        detail = "; ".join(f"'{k}'" + (f" (an option of {', '.join(dict.fromkeys(o))})" if o else
+                                       " (no method has it)") for k, o in owners.items())
+        raise ValueError(f"method {method!r} has no option {detail}. Options of {method}: "
+                         f"{', '.join(f for f in cls.model_fields if f != 'method')}")
+    return cls.model_validate(data)
 
 
 class DataConfig(_Section):

@@ -244,6 +244,19 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
+# A tensor name that only one method writes tells which method a file came from.
+_KEY_METHODS = {"lora_E": "ADALORA", "ia3_l": "IA3", "moe_router": "LORATUNE_MOE_LORA",
+                "adapter_down": "LORATUNE_BOTTLENECK", "prompt_embeddings": "PROMPT_TUNING",
+                "lora_A": "LORA"}
+
+
+def _method_of_keys(keys: list[str]) -> str | None:
+    for marker, peft_type in _KEY_METHODS.items():
+        if any(marker in k for k in keys):
+            return peft_type
+    return None
+
+
 def copy_adapter_weights(model: nn.Module, name: str, weights: dict[str, torch.Tensor],
                          source: Path) -> None:
     """Check keys and shapes strictly (naming the first bad tensor), then copy in place."""
@@ -251,6 +264,12 @@ def copy_adapter_weights(model: nn.Module, name: str, weights: dict[str, torch.T
     # Biases are optional in a file: an adapter may train none of them.
     missing = [k for k in expected if k not in weights and not k.endswith(".bias")]
     unexpected = [k for k in weights if k not in expected]
+    stray_method = _method_of_keys(unexpected)
+    if unexpected and stray_method and stray_method != METHOD_TYPES[adapter_config(model, name).method]:
+        raise AdapterError(f"{source}: {WEIGHTS_NAME} holds {stray_method} tensors "
+                           f"({unexpected[0]}) but {CONFIG_NAME} says peft_type "
+                           f"{METHOD_TYPES[adapter_config(model, name).method]}; the folder is "
+                           "inconsistent (files from two different adapters?)")
     if unexpected:
         raise AdapterError(f"{source}: tensor {unexpected[0]} has no place in this model "
                            f"({len(unexpected)} unexpected; adapter trained on another base?)")

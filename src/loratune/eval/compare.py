@@ -17,7 +17,7 @@ from loratune.config import ADAPTER_CONFIGS, ConfigError, apply_overrides, build
 
 MERGEABLE = {"lora": "yes", "dora": "yes", "ia3": "yes", "adalora": "yes", "moe_lora": "no",
              "prompt": "no", "prefix": "no", "bottleneck": "no"}
-COLUMNS = [("variant", "variant", "{}"), ("method", "method", "{}"),
+COLUMNS = [("variant", "variant", "{}"), ("method", "method", "{}"), ("lr", "lr", "{:g}"),
            ("trainable", "trainable params", "{:,}"), ("trainable_pct", "trainable %", "{:.3f}"),
            ("score", "held-out exact match", "{:.1%}"), ("eval_loss", "held-out loss", "{:.4f}"),
            ("final_loss", "final train loss", "{:.4f}"), ("seconds_per_step", "s/step", "{:.2f}"),
@@ -48,14 +48,31 @@ def load_settings(config_path: str | None, overrides: list[str]) -> dict:
     return data
 
 
+def parse_method_values(text: str, methods: list[str], option: str) -> dict[str, float]:
+    """'ia3=1e-2,prompt=3e-2' -> {'ia3': 0.01, 'prompt': 0.03}; every key must be compared."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in methods:
+            raise ConfigError(f"{option} item {item!r}: expected METHOD=VALUE with METHOD one of "
+                              f"{', '.join(methods)}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ConfigError(f"{option} item {item!r}: {value!r} is not a number") from None
+    return out
+
+
 def run_variants(settings: dict, variants: dict[str, dict], out_dir: str | Path,
-                 quiet: bool = False) -> list[dict]:
+                 quiet: bool = False, lrs: dict[str, float] | None = None) -> list[dict]:
     """Train each variant (label -> adapter section) in a child process; rows of results."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for label, adapter in variants.items():
         data = {**settings, "adapter": adapter, "output_dir": str(out_dir / label)}
+        if label in (lrs or {}):
+            data["train"] = {**settings.get("train", {}), "lr": lrs[label]}
         build_config(data, f"variant {label}")
         cfg_path = out_dir / f"{label}.yaml"
         cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -95,7 +112,7 @@ def train_and_score(cfg_path: str, result_path: str) -> dict:
         score = exact_match_eval(model, tok, convs, cfg.eval.max_new_tokens,
                                  cfg.eval.batch_size).accuracy
     trainable = summary["trainable_params"]
-    row = {"method": cfg.adapter.method, "trainable": trainable,
+    row = {"method": cfg.adapter.method, "lr": cfg.train.lr, "trainable": trainable,
            "trainable_pct": 100 * trainable / summary["all_params"], "score": score,
            "eval_loss": result.eval_loss, "final_loss": result.final_loss,
            "seconds_per_step": summary["seconds_per_step"],
