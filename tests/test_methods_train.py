@@ -52,3 +52,16 @@ def test_method_trains_saves_and_reloads(tmp_path, data_file, smol_tokenizer, me
         fresh = tiny_llama(vocab=len(smol_tokenizer))
         load_adapter(fresh, result.adapter_dir, tokenizer=smol_tokenizer)
         torch.testing.assert_close(fresh(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_too_many_virtual_tokens_for_the_context(tmp_path, data_file, smol_tokenizer):
+    cfg = build_config({
+        "output_dir": str(tmp_path / "p"),
+        "adapter": {"method": "prompt", "num_virtual_tokens": 100},
+        "data": {"train": str(data_file), "max_length": 64},
+    })
+    model = tiny_llama(vocab=len(smol_tokenizer))  # 128 positions
+    with pytest.raises(ValueError, match=r"num_virtual_tokens=100 plus data.max_length=64 exceeds "
+                                         r"the model's context of 128 positions; use at most 64"):
+        train(cfg, model=model, tokenizer=smol_tokenizer, quiet=True)
+    assert not (tmp_path / "p").exists()

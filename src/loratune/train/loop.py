@@ -118,6 +118,17 @@ def epoch_batches(cfg: RunConfig, examples, packing: bool, pad_id: int, epoch: i
                            pad_id=pad_id, seed=cfg.train.seed, epoch=epoch)
 
 
+def check_context(cfg: RunConfig, model: nn.Module) -> None:
+    """Virtual tokens take context positions: they and the longest row must fit the model."""
+    n = getattr(cfg.adapter, "num_virtual_tokens", 0)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if n and limit and n + cfg.data.max_length > limit:
+        raise ValueError(f"adapter.num_virtual_tokens={n} plus data.max_length="
+                         f"{cfg.data.max_length} exceeds the model's context of {limit} positions; "
+                         f"use at most {max(limit - cfg.data.max_length, 0)} virtual tokens or a "
+                         "shorter max_length")
+
+
 def low_host_memory(cfg: RunConfig) -> bool:
     if cfg.train.host_memory == "auto":
         return cfg.model.quantization is not None
@@ -181,6 +192,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
     if not train_ex:
         raise ValueError(f"no training examples left in {cfg.data.train}")
 
+    check_context(cfg, model)
     torch.manual_seed(cfg.train.seed)
     add_adapter(model, cfg.adapter, "default", tokenizer=tokenizer)
     log(trainable_report(model)[2])
