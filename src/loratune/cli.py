@@ -27,7 +27,7 @@ def _load(model_name: str, adapters: list[str], device: str, dtype: str):
     names = []
     for i, folder in enumerate(adapters):
         name = f"a{i}" if len(adapters) > 1 else "default"
-        load_adapter(model, folder, name)
+        load_adapter(model, folder, name, tokenizer=tok)
         names.append(name)
     if names:
         set_active(model, names)
