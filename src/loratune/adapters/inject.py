@@ -159,22 +159,32 @@ def _add_layer_adapters(model: nn.Module, config: AdapterConfig, name: str,
             set_submodule(model, path, layer)
         base = layer.base_layer
         device, dtype = _adapter_placement(base)
-        shape = (base.in_features, base.out_features)
-        if config.method == "ia3":
-            ad = IA3Adapter(*shape, config, path in feedforward, device=device, dtype=dtype)
-        elif config.method == "adalora":
-            from loratune.adapters.adaptive import AdaLoraAdapter
-
-            ad = AdaLoraAdapter(*shape, config, device=device, dtype=dtype)
-        else:
-            kind = {"lora": LoraAdapter, "dora": DoraAdapter, "moe_lora": MoeLoraAdapter}
-            r = int(_rank_for(path, rank_pattern, config.r))
-            alpha = _rank_for(path, alpha_pattern, config.lora_alpha)
-            ad = kind[config.method](*shape, config, r=r, alpha=alpha, device=device, dtype=dtype)
-            if config.method == "dora":
-                ad.init_magnitude(base)
+        ad = new_layer_adapter(config, path, base.in_features, base.out_features,
+                               r=int(_rank_for(path, rank_pattern, getattr(config, "r", 0))),
+                               alpha=_rank_for(path, alpha_pattern,
+                                               getattr(config, "lora_alpha", None)),
+                               feedforward=path in feedforward, device=device, dtype=dtype)
+        if config.method == "dora":
+            ad.init_magnitude(base)
         layer.adapters[name] = ad
     return targets
+
+
+def new_layer_adapter(config: AdapterConfig, path: str, in_features: int, out_features: int,
+                      r: int, alpha: float | None, feedforward: bool = False, device=None,
+                      dtype=None) -> nn.Module:
+    """A fresh adapter of a layer-level method for one linear layer (in → out)."""
+    shape = (in_features, out_features)
+    if config.method == "ia3":
+        return IA3Adapter(*shape, config, feedforward, device=device, dtype=dtype)
+    if config.method == "adalora":
+        from loratune.adapters.adaptive import AdaLoraAdapter
+
+        return AdaLoraAdapter(*shape, config, device=device, dtype=dtype)
+    kind = {"lora": LoraAdapter, "dora": DoraAdapter, "moe_lora": MoeLoraAdapter}
+    if config.method not in kind:
+        raise AdapterError(f"method {config.method!r} does not adapt linear layers")
+    return kind[config.method](*shape, config, r=r, alpha=alpha, device=device, dtype=dtype)
 
 
 def _feedforward_paths(config: AdapterConfig, targets: list[str]) -> set[str]:
