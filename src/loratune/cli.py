@@ -162,6 +162,37 @@ def cmd_tune_rank(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    import shutil
+
+    from loratune.config import QuantConfig
+    from loratune.export.merge import base_folder, merge_folder, nf4_round_trip, read_adapters
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    adapters = read_adapters(args.adapter, weights)
+    base, tmp = base_folder(args.model)
+    try:
+        transform = None
+        if args.qlora:
+            config = json.loads((base / "config.json").read_text())
+            transform = nf4_round_trip(config, QuantConfig(type=args.qlora))
+        report = merge_folder(base, adapters, Path(args.out), dtype=args.dtype,
+                              shard_size=args.shard_size, overwrite=args.overwrite,
+                              transform=transform)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {report.out}: {report.merged_modules} layers merged from {len(adapters)} "
+          f"adapter(s), {report.shards} shard(s), {report.seconds:.1f} s")
+    if args.check and adapters:
+        from loratune.export.check import merged_logit_gap
+
+        gap = merged_logit_gap(args.model, args.adapter, weights, report.out, args.qlora)
+        print(f"max |logit difference| merged vs base + adapter{' (4-bit base)' if args.qlora else ''}: "
+              f"{gap:.3g}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from loratune.plan.report import run
 
@@ -242,6 +273,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_tune_rank)
 
+    def merge_args(p, adapters: bool) -> None:
+        p.add_argument("--model", default="smollm2-135m-instruct",
+                       help="embedded name, HF folder or .gguf file")
+        if adapters:
+            p.add_argument("--adapter", action="append", required=True,
+                           help="adapter folder; repeat to merge a weighted combination")
+            p.add_argument("--weights", help="one weight per adapter, e.g. 0.7,0.3")
+            p.add_argument("--qlora", choices=["nf4", "fp4"], help="the adapter was trained on a "
+                           "4-bit base: merge into the dequantized 4-bit weights it saw")
+            p.add_argument("--check", action="store_true", help="load both and report the "
+                           "largest logit difference (needs memory for two models)")
+        p.add_argument("--out", required=True, help="output folder (written atomically)")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="dtype of the written weights (default: the base's)")
+        p.add_argument("--shard-size", default="2GB", help="largest safetensors shard")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    p = sub.add_parser("merge", help="merge adapters into the base; write a Hugging Face folder")
+    merge_args(p, adapters=True)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write the model in a deployable format")
+    export = p.add_subparsers(dest="format", required=True)
+    p = export.add_parser("hf", help="a plain Hugging Face folder (merge without adapters)")
+    merge_args(p, adapters=False)
+    p.set_defaults(func=cmd_merge, adapter=[], weights=None, qlora=None, check=False)
+
     from loratune.plan.report import add_arguments
 
     p = sub.add_parser("plan", help="memory needed for a training step, and what fits a GPU")
@@ -263,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, AdapterError, ModelNotFound, RunFolderError,
-            FileExistsError, PlanError) as err:
+            FileExistsError, PlanError, ValueError) as err:
         print(f"loratune {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

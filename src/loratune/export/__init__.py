@@ -1,0 +1,1 @@
+"""After training: merge adapters into the base and write deployable files."""

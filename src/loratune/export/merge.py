@@ -1,0 +1,300 @@
+"""Merge adapters into a base checkpoint and write a plain Hugging Face folder, tensor by tensor.
+
+The base is never loaded as a model: each weight is read from its safetensors shard, the
+adapters that target it are folded in (the same `merge_into` math the live layers use), and it
+goes to the current output shard. Peak memory is one output shard plus one layer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from loratune.adapters.inject import WHY_NOT_MERGEABLE, AdapterError, new_layer_adapter
+from loratune.adapters.io import PREFIX, _weights_file, read_adapter_config, write_atomic_dir
+from loratune.models.device import DTYPES
+from loratune.models.modules import matches_target
+
+WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+@dataclass
+class AdapterFile:
+    folder: Path
+    config: object
+    raw: dict
+    tensors: dict[str, torch.Tensor]
+    weight: float
+
+
+@dataclass
+class MergeReport:
+    out: Path
+    merged_modules: int
+    replaced_tensors: int
+    shards: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' / '500MB' / bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"shard size {text!r}: expected a number with KB/MB/GB, e.g. 2GB")
+    unit = (m.group(2) or "B").upper().replace("I", "")
+    return int(float(m.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[unit])
+
+
+def read_adapters(folders: list[str | Path], weights: list[float] | None) -> list[AdapterFile]:
+    if weights is not None and len(weights) != len(folders):
+        raise AdapterError(f"{len(weights)} weights given for {len(folders)} adapters; give one "
+                           "weight per --adapter (e.g. --weights 0.7,0.3)")
+    out = []
+    for i, folder in enumerate(folders):
+        config, raw = read_adapter_config(folder)
+        if config.method in WHY_NOT_MERGEABLE:
+            raise AdapterError(f"{folder}: a {config.method} adapter cannot be merged: "
+                               f"{WHY_NOT_MERGEABLE[config.method]}. Load it on the base model "
+                               "instead (loratune chat/serve --adapter DIR).")
+        tensors = load_file(str(_weights_file(Path(folder))))
+        out.append(AdapterFile(Path(folder), config, raw, tensors,
+                               1.0 if weights is None else float(weights[i])))
+    return out
+
+
+def _module_paths(adapter: AdapterFile) -> dict[str, dict[str, torch.Tensor]]:
+    """module path -> {suffix: tensor} for the adapter's per-layer tensors."""
+    suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_A", "lora_B",
+                "lora_E", "ia3_l")
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in adapter.tensors.items():
+        for suffix in suffixes:
+            if key.startswith(PREFIX) and key.endswith("." + suffix):
+                path = key[len(PREFIX):-len(suffix) - 1]
+                by_module.setdefault(path, {})[suffix] = tensor
+                break
+    return by_module
+
+
+def _build(adapter: AdapterFile, path: str, parts: dict, out_f: int, in_f: int, source: str):
+    cfg = adapter.config
+    a = parts.get("lora_A.weight", parts.get("lora_A"))
+    pattern = lambda key, default: next(  # noqa: E731  (PEFT: module path or regex -> value)
+        (v for k, v in (adapter.raw.get(key) or {}).items()
+         if re.fullmatch(rf"(.*\.)?{k}", path)), default)
+    feedforward = cfg.method == "ia3" and matches_target(path, cfg.feedforward_modules)
+    ad = new_layer_adapter(cfg, path, in_f, out_f, r=a.shape[0] if a is not None else 0,
+                           alpha=pattern("alpha_pattern", getattr(cfg, "lora_alpha", None)),
+                           feedforward=feedforward)
+    live = ad.file_tensors()
+    for suffix, tensor in parts.items():
+        if suffix not in live or tuple(live[suffix].shape) != tuple(tensor.shape):
+            got = tuple(tensor.shape)
+            want = tuple(live[suffix].shape) if suffix in live else "no such tensor"
+            raise AdapterError(f"{adapter.folder}: {path}.{suffix} has shape {got}, but {source} "
+                               f"has {path}.weight of shape ({out_f}, {in_f}) (expects {want}); "
+                               "was the adapter trained on another base model?")
+        with torch.no_grad():
+            live[suffix].copy_(tensor)
+    return ad
+
+
+class ShardWriter:
+    """Collect tensors into shards of at most `limit` bytes under `folder`."""
+
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = folder, limit
+        self.current: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[tuple[str, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.current and self.size + nbytes > self.limit:
+            self.flush()
+        self.current[name] = tensor.contiguous()
+        self.size += nbytes
+
+    def flush(self) -> None:
+        if self.current:
+            file = f"part-{len(self.files):05d}.safetensors"
+            save_file(self.current, str(self.folder / file), metadata={"format": "pt"})
+            self.files.append((file, list(self.current)))
+            self.current, self.size = {}, 0
+
+    def finish(self) -> int:
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            (self.folder / self.files[0][0]).rename(self.folder / "model.safetensors")
+            return 1
+        weight_map = {}
+        for i, (file, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.folder / file).rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        total = sum((self.folder / f).stat().st_size for f in set(weight_map.values()))
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        return n
+
+
+def _tensor_index(folder: Path) -> dict[str, Path]:
+    index = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            index.update(dict.fromkeys(f.keys(), shard))
+    return index
+
+
+def _check_out(out: Path, inputs: list[Path]) -> None:
+    target = out.resolve()
+    for folder in inputs:
+        src = folder.resolve()
+        if target == src or src in target.parents:
+            raise ValueError(f"output {out} is inside the input folder {folder}; choose a path "
+                             "outside it (writing there could clobber what is being read)")
+
+
+def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str | None = None,
+                 shard_size: str | int = "2GB", overwrite: bool = False,
+                 transform=None) -> MergeReport:
+    """Stream `base` (a safetensors folder) through the adapters into a new folder at `out`.
+
+    `transform(name, tensor)`, if given, rewrites each base weight first (e.g. the NF4 round
+    trip a QLoRA adapter was trained against).
+    """
+    t0 = time.perf_counter()
+    _check_out(out, [base] + [a.folder for a in adapters])
+    config = json.loads((base / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise ValueError(f"{base} holds pre-quantized weights; merge from the full-precision "
+                         "checkpoint (or export it with `loratune export hf` first)")
+    out_dtype = DTYPES[dtype] if dtype else None
+    index = _tensor_index(base)
+    modules = [_module_paths(a) for a in adapters]
+    for a, mods in zip(adapters, modules):
+        missing = [p for p in mods if f"{p}.weight" not in index]
+        if missing:
+            raise AdapterError(f"{a.folder}: targets {missing[0]}, which {base} does not have "
+                               f"({len(missing)} such modules; adapter for another base model?)")
+    replaced = {k[len(PREFIX):]: t for a in adapters for k, t in a.tensors.items()
+                if k.startswith(PREFIX) and k[len(PREFIX):] in index}
+    stats = {"merged": 0}
+
+    def fill(tmp: Path) -> None:
+        writer = ShardWriter(tmp, parse_size(shard_size))
+        handles = {}
+        merged_paths = _all_paths(modules)
+
+        def read(name: str) -> torch.Tensor:
+            if name in replaced:
+                return replaced[name]
+            shard = index[name]
+            if shard not in handles:
+                handles[shard] = safe_open(str(shard), framework="pt")
+            return handles[shard].get_tensor(name)
+
+        for name in index:
+            if name.endswith(".bias") and name[:-len(".bias")] in merged_paths:
+                continue  # written with its weight, which may rescale it
+            tensor = read(name)
+            if transform is not None:
+                tensor = transform(name, tensor)
+            path = name[:-len(".weight")] if name.endswith(".weight") else None
+            users = [(a, m[path]) for a, m in zip(adapters, modules) if path in m]
+            if users:
+                w = tensor.float()
+                bias_name = f"{path}.bias"
+                b = read(bias_name).float() if bias_name in index else None
+                for a, parts in users:
+                    ad = _build(a, path, parts, w.shape[0], w.shape[1], str(base))
+                    with torch.no_grad():
+                        w, b = ad.merge_into(w, b, a.weight)
+                stats["merged"] += 1
+                writer.add(name, w.to(out_dtype or tensor.dtype))
+                if b is not None:
+                    writer.add(bias_name, b.to(out_dtype or tensor.dtype))
+            else:
+                writer.add(name, tensor.to(out_dtype) if out_dtype and tensor.is_floating_point()
+                           else tensor)
+        stats["shards"] = writer.finish()
+        _copy_side_files(base, tmp, config, dtype)
+
+    write_atomic_dir(out, fill, overwrite=overwrite)
+    return MergeReport(out, stats["merged"], len(replaced), stats["shards"],
+                       time.perf_counter() - t0)
+
+
+def _all_paths(modules: list[dict]) -> set[str]:
+    return {p for m in modules for p in m}
+
+
+def _copy_side_files(base: Path, out: Path, config: dict, dtype: str | None) -> None:
+    """Config (dtype updated), generation config, tokenizer and chat template; never pickles."""
+    skip = {p.name for pattern in WEIGHT_FILES + PICKLES for p in base.glob(pattern)}
+    for item in base.iterdir():
+        if item.name in skip or item.name == "config.json" or item.name.startswith("."):
+            continue
+        if item.is_file():
+            shutil.copy2(item, out / item.name)
+    if dtype:
+        config["torch_dtype"] = dtype
+        config["dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def base_folder(model: str) -> tuple[Path, Path | None]:
+    """(safetensors folder, temp folder to delete afterwards) for a model name or path."""
+    from loratune.models.load import _convert_gguf_to_folder, resolve_model
+
+    folder, gguf = resolve_model(model)
+    if gguf is None:
+        return folder, None
+    tmp = Path(tempfile.mkdtemp(prefix="loratune-gguf-"))
+    _convert_gguf_to_folder(folder / gguf, tmp / "model")
+    return tmp / "model", tmp
+
+
+def linear_weight_names(config: dict) -> set[str]:
+    """`<path>.weight` of the linears QLoRA quantizes (all but the output layer), from the config
+    alone: the architecture is instantiated on the meta device, so nothing is allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from torch import nn
+
+    from loratune.models.modules import output_layer_names
+
+    hf_config = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    skip = output_layer_names(model)
+    return {f"{n}.weight" for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n not in skip}
+
+
+def nf4_round_trip(config: dict, quant) -> callable:
+    """A `transform` giving each quantized linear the values the QLoRA adapter trained against."""
+    from loratune.quant.nf4 import dequantize_4bit, quantize_4bit
+
+    names = linear_weight_names(config)
+
+    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name not in names:
+            return tensor
+        q = quantize_4bit(tensor.float(), quant.blocksize, quant.type, quant.double_quant)
+        return dequantize_4bit(q, torch.float32).to(tensor.dtype)
+
+    return transform
