@@ -114,3 +114,25 @@ def test_bad_input(base_dir, tmp_path, capsys):
     assert parse_size("500MB") == 500 * 2**20 and parse_size("2GB") == 2 * 2**30
     with pytest.raises(ValueError, match="expected a number with KB/MB/GB"):
         parse_size("lots")
+
+
+def test_qlora_adapter_merges_into_the_4bit_values_it_trained_on(base_dir, tmp_path):
+    from loratune.adapters import load_adapter
+    from loratune.config import QuantConfig
+    from loratune.export.merge import nf4_round_trip
+    from loratune.quant.model import quantize_model
+
+    folder = _adapter(base_dir, tmp_path, LoraConfig(r=4, lora_alpha=8), "ad", seed=1)
+    quant = QuantConfig(blocksize=64)
+    live = AutoModelForCausalLM.from_pretrained(base_dir)
+    quantize_model(live, quant)
+    load_adapter(live, folder)
+    expected = logits(live)
+    config = json.loads((base_dir / "config.json").read_text())
+    merge_folder(base_dir, read_adapters([folder], None), tmp_path / "q",
+                 transform=nf4_round_trip(config, quant))
+    merged = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q"))
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=0)
+    plain = logits(AutoModelForCausalLM.from_pretrained(
+        merge_folder(base_dir, read_adapters([folder], None), tmp_path / "p").out))
+    assert float((plain - expected).abs().max()) > 1e-3  # without the round trip it differs
