@@ -193,6 +193,44 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    import shutil
+    import tempfile
+
+    from loratune.export.gguf_file import write_gguf, write_lora_gguf
+    from loratune.export.merge import base_folder, merge_folder, read_adapters
+
+    base, tmp = base_folder(args.model)
+    try:
+        if args.adapter_only:
+            if len(args.adapter) != 1:
+                raise ValueError("--adapter-only exports exactly one --adapter")
+            out = write_lora_gguf(Path(args.adapter[0]), base, Path(args.out), args.type
+                                  if args.type in ("f32", "f16") else "f32", args.overwrite)
+        else:
+            source = base
+            work = None
+            if args.adapter:
+                weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+                work = Path(tempfile.mkdtemp(prefix="loratune-merge-"))
+                source = merge_folder(base, read_adapters(args.adapter, weights),
+                                      work / "merged").out
+                (source / "SOURCE").unlink(missing_ok=True)
+                if (base / "SOURCE").is_file():  # keep the route to the source GGUF tokenizer
+                    shutil.copy2(base / "SOURCE", source / "SOURCE")
+            try:
+                out = write_gguf(source, Path(args.out), args.type,
+                                 tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite)
+            finally:
+                if work is not None:
+                    shutil.rmtree(work, ignore_errors=True)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from loratune.plan.report import run
 
@@ -299,6 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = export.add_parser("hf", help="a plain Hugging Face folder (merge without adapters)")
     merge_args(p, adapters=False)
     p.set_defaults(func=cmd_merge, adapter=[], weights=None, qlora=None, check=False)
+    p = export.add_parser("gguf", help="one GGUF file for llama.cpp (adapters merged in)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--adapter", action="append", default=[], help="adapter folder(s) to merge")
+    p.add_argument("--weights", help="one weight per adapter, e.g. 0.7,0.3")
+    p.add_argument("--out", required=True, help="output .gguf file")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0", "q4_k_m"])
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write the LoRA adapter alone, for llama.cpp's --lora")
+    p.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name, when the model has no "
+                   "source GGUF to copy the tokenizer from (e.g. llama-bpe, smollm)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export_gguf)
 
     from loratune.plan.report import add_arguments
 

@@ -1,0 +1,127 @@
+"""GGUF export read back with gguf.GGUFReader: metadata, names, shapes, values, tokenizer."""
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from loratune.adapters import add_adapter, save_adapter  # noqa: E402
+from loratune.cli import main  # noqa: E402
+from loratune.config import IA3Config, LoraConfig  # noqa: E402
+from loratune.export.gguf_file import GGUFExportError, rope_permute, write_gguf  # noqa: E402
+from loratune.export.kquants import quantize_q4_k, quantize_q6_k  # noqa: E402
+from loratune.models.load import embedded_folder  # noqa: E402
+from tiny import randomize_lora, tiny_llama  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, smol_tokenizer):
+    model = tiny_llama(vocab=len(smol_tokenizer))
+    model.save_pretrained(tmp_path / "tiny")
+    smol_tokenizer.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny", model
+
+
+def read(path):
+    reader = gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in reader.fields.items()
+              if not k.startswith("tokenizer.ggml.")}
+    tensors = {t.name: t for t in reader.tensors}
+    return reader, fields, tensors
+
+
+def values(t):
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape(list(reversed(t.shape.tolist())))
+
+
+def test_rope_permute_interleaves_each_heads_halves():
+    w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)  # 2 heads of 8 rows
+    p = rope_permute(w, 2)
+    for h in range(2):
+        for i in range(4):
+            assert torch.equal(p[h * 8 + 2 * i], w[h * 8 + i])
+            assert torch.equal(p[h * 8 + 2 * i + 1], w[h * 8 + 4 + i])
+
+
+@pytest.mark.parametrize("kind,tol", [("f32", 0), ("f16", 1e-3), ("q8_0", 0.02), ("q4_0", 0.2),
+                                      ("q4_k_m", 0.2)])
+def test_model_gguf_reads_back(tiny_dir, tmp_path, kind, tol):
+    folder, model = tiny_dir
+    out = write_gguf(folder, tmp_path / f"m-{kind}.gguf", kind, tokenizer_pre="smollm")
+    reader, fields, tensors = read(out)
+    assert fields["general.architecture"] == "llama"
+    assert fields["llama.block_count"] == 2 and fields["llama.embedding_length"] == 32
+    assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
+    assert fields["llama.rope.dimension_count"] == 8
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    expected = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{i}.{n}.weight" for i in range(2) for n in
+        ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+         "ffn_up", "ffn_down"]}
+    assert set(tensors) == expected
+    state = model.state_dict()
+    checks = {"blk.0.attn_q.weight": rope_permute(state["model.layers.0.self_attn.q_proj.weight"], 4),
+              "blk.1.attn_k.weight": rope_permute(state["model.layers.1.self_attn.k_proj.weight"], 2),
+              "blk.0.ffn_down.weight": state["model.layers.0.mlp.down_proj.weight"],
+              "blk.0.attn_norm.weight": state["model.layers.0.input_layernorm.weight"]}
+    for name, ref in checks.items():
+        got = torch.from_numpy(np.ascontiguousarray(values(tensors[name])).astype(np.float32))
+        assert got.shape == ref.shape, name
+        rel = float((got - ref).abs().mean() / ref.abs().mean())
+        assert rel <= tol + 1e-7, (name, rel)
+    if kind == "q8_0":
+        assert tensors["blk.0.attn_q.weight"].tensor_type == Q.Q8_0
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == Q.F32
+
+
+def test_kquant_blocks_decode_with_ggufs_reader():
+    x = np.random.default_rng(0).standard_normal((6, 512)).astype(np.float32)
+    for quantize, qtype, tol in [(quantize_q4_k, Q.Q4_K, 0.10), (quantize_q6_k, Q.Q6_K, 0.025)]:
+        blocks = quantize(x)
+        assert blocks.shape[1] == 512 // 256 * gguf.GGML_QUANT_SIZES[qtype][1]
+        back = gguf.quants.dequantize(blocks, qtype)
+        assert np.abs(back - x).mean() / np.abs(x).mean() < tol
+    with pytest.raises(ValueError, match="multiple of 256"):
+        quantize_q4_k(x[:, :100])
+
+
+def test_tokenizer_built_from_json_equals_the_source_ggufs(tmp_path):
+    folder = embedded_folder("smollm2-135m-instruct")
+    ours = write_gguf(folder, tmp_path / "a.gguf", "q4_0", tokenizer_pre="smollm")
+    copied = write_gguf(folder, tmp_path / "b.gguf", "q4_0")  # tokenizer copied from the source
+    a, b = gguf.GGUFReader(str(ours)), gguf.GGUFReader(str(copied))
+    for key in ["tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.chat_template"]:
+        assert a.fields[key].contents() == b.fields[key].contents(), key
+
+
+def test_adapter_only_and_bad_input(tiny_dir, tmp_path, capsys):
+    folder, model = tiny_dir
+    add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "ad")
+    assert main(["export", "gguf", "--model", str(folder), "--adapter", str(tmp_path / "ad"),
+                 "--adapter-only", "--out", str(tmp_path / "ad.gguf")]) == 0
+    reader, fields, tensors = read(tmp_path / "ad.gguf")
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == 8.0
+    assert set(tensors) == {f"blk.{i}.attn_{p}.weight.lora_{ab}" for i in range(2)
+                            for p in "qv" for ab in "ab"}
+    b = torch.from_numpy(values(tensors["blk.0.attn_q.weight.lora_b"]).copy())
+    ref = model.model.layers[0].self_attn.q_proj.adapters["default"].lora_B.detach()
+    torch.testing.assert_close(b.float(), rope_permute(ref, 4), atol=1e-3, rtol=1e-3)  # f16
+    # IA³ cannot go to llama.cpp as an adapter; unknown architectures are named
+    m2 = tiny_llama(vocab=64)
+    add_adapter(m2, IA3Config())
+    save_adapter(m2, tmp_path / "ia3")
+    assert main(["export", "gguf", "--model", str(folder), "--adapter", str(tmp_path / "ia3"),
+                 "--adapter-only", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "must be merged instead" in capsys.readouterr().err
+    cfg = (folder / "config.json").read_text().replace("LlamaForCausalLM", "GPT2LMHeadModel")
+    (folder / "config.json").write_text(cfg)
+    with pytest.raises(GGUFExportError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
+        write_gguf(folder, tmp_path / "y.gguf", "f16", tokenizer_pre="smollm")
