@@ -2,7 +2,8 @@
 
 The base is never loaded as a model: each weight is read from its safetensors shard, the
 adapters that target it are folded in (the same `merge_into` math the live layers use), and it
-goes to the current output shard. Peak memory is one output shard plus one layer.
+is appended to its output shard on disk (plain reads and writes, no memory map). Peak memory is
+about one layer, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from loratune.adapters.inject import WHY_NOT_MERGEABLE, AdapterError, new_layer_adapter
 from loratune.adapters.io import PREFIX, _weights_file, read_adapter_config, write_atomic_dir
+from loratune.export.safetensors_io import StreamWriter, read_index, read_tensor
 from loratune.models.device import DTYPES
 from loratune.models.modules import matches_target
 
@@ -112,52 +113,38 @@ def _build(adapter: AdapterFile, path: str, parts: dict, out_f: int, in_f: int, 
     return ad
 
 
-class ShardWriter:
-    """Collect tensors into shards of at most `limit` bytes under `folder`."""
+def plan_shards(plan: list[tuple[str, torch.dtype, tuple]], limit: int) -> list[list]:
+    """Split the tensor list into consecutive shards of at most `limit` bytes (one tensor
+    larger than the limit gets a shard of its own)."""
+    shards, current, size = [], [], 0
+    for item in plan:
+        n = torch.empty((), dtype=item[1]).element_size()
+        for d in item[2]:
+            n *= d
+        if current and size + n > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += n
+    return shards + ([current] if current else [])
 
-    def __init__(self, folder: Path, limit: int):
-        self.folder, self.limit = folder, limit
-        self.current: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.files: list[tuple[str, list[str]]] = []
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.current and self.size + nbytes > self.limit:
-            self.flush()
-        self.current[name] = tensor.contiguous()
-        self.size += nbytes
-
-    def flush(self) -> None:
-        if self.current:
-            file = f"part-{len(self.files):05d}.safetensors"
-            save_file(self.current, str(self.folder / file), metadata={"format": "pt"})
-            self.files.append((file, list(self.current)))
-            self.current, self.size = {}, 0
-
-    def finish(self) -> int:
-        self.flush()
-        n = len(self.files)
-        if n == 1:
-            (self.folder / self.files[0][0]).rename(self.folder / "model.safetensors")
-            return 1
-        weight_map = {}
-        for i, (file, names) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.folder / file).rename(self.folder / final)
-            weight_map.update(dict.fromkeys(names, final))
-        total = sum((self.folder / f).stat().st_size for f in set(weight_map.values()))
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(
+def write_shards(folder: Path, shards: list[list], produce) -> None:
+    """Write each shard's tensors as `produce(name)` makes them, plus the index if > 1 file."""
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [
+        f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for file, plan in zip(names, shards):
+        writer = StreamWriter(folder / file, plan)
+        for name, _, _ in plan:
+            writer.write(name, produce(name))
+            weight_map[name] = file
+        writer.close()
+    if n > 1:
+        total = sum((folder / f).stat().st_size for f in names)
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-        return n
-
-
-def _tensor_index(folder: Path) -> dict[str, Path]:
-    index = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            index.update(dict.fromkeys(f.keys(), shard))
-    return index
 
 
 def _check_out(out: Path, inputs: list[Path]) -> None:
@@ -184,7 +171,7 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
         raise ValueError(f"{base} holds pre-quantized weights; merge from the full-precision "
                          "checkpoint (or export it with `loratune export hf` first)")
     out_dtype = DTYPES[dtype] if dtype else None
-    index = _tensor_index(base)
+    index = read_index(base)
     modules = [_module_paths(a) for a in adapters]
     for a, mods in zip(adapters, modules):
         missing = [p for p in mods if f"{p}.weight" not in index]
@@ -193,45 +180,47 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
                                f"({len(missing)} such modules; adapter for another base model?)")
     replaced = {k[len(PREFIX):]: t for a in adapters for k, t in a.tensors.items()
                 if k.startswith(PREFIX) and k[len(PREFIX):] in index}
+    merged_paths = _all_paths(modules)
     stats = {"merged": 0}
 
+    def out_type(entry) -> torch.dtype:
+        return out_dtype if out_dtype is not None and entry.dtype.is_floating_point else entry.dtype
+
+    def read(name: str) -> torch.Tensor:
+        tensor = replaced[name] if name in replaced else read_tensor(index[name])
+        return transform(name, tensor) if transform is not None else tensor
+
+    stash: dict[str, torch.Tensor] = {}
+
+    def merge_module(path: str) -> None:
+        """Weight and bias of one adapted layer, both rewritten; kept until their turn."""
+        w = read(f"{path}.weight").float()
+        bias_name = f"{path}.bias"
+        b = read(bias_name).float() if bias_name in index else None
+        for a, m in zip(adapters, modules):
+            if path in m:
+                ad = _build(a, path, m[path], w.shape[0], w.shape[1], str(base))
+                with torch.no_grad():
+                    w, b = ad.merge_into(w, b, a.weight)
+        stats["merged"] += 1
+        stash[f"{path}.weight"] = w.to(out_type(index[f"{path}.weight"]))
+        if b is not None:
+            stash[bias_name] = b.to(out_type(index[bias_name]))
+
+    def produce(name: str) -> torch.Tensor:
+        path = name.rsplit(".", 1)[0]
+        if path in merged_paths and name.endswith((".weight", ".bias")):
+            if name not in stash:
+                merge_module(path)
+            return stash.pop(name)
+        return read(name).to(out_type(index[name]))
+
+    plan = [(name, out_type(e), e.shape) for name, e in index.items()]
+
     def fill(tmp: Path) -> None:
-        writer = ShardWriter(tmp, parse_size(shard_size))
-        handles = {}
-        merged_paths = _all_paths(modules)
-
-        def read(name: str) -> torch.Tensor:
-            if name in replaced:
-                return replaced[name]
-            shard = index[name]
-            if shard not in handles:
-                handles[shard] = safe_open(str(shard), framework="pt")
-            return handles[shard].get_tensor(name)
-
-        for name in index:
-            if name.endswith(".bias") and name[:-len(".bias")] in merged_paths:
-                continue  # written with its weight, which may rescale it
-            tensor = read(name)
-            if transform is not None:
-                tensor = transform(name, tensor)
-            path = name[:-len(".weight")] if name.endswith(".weight") else None
-            users = [(a, m[path]) for a, m in zip(adapters, modules) if path in m]
-            if users:
-                w = tensor.float()
-                bias_name = f"{path}.bias"
-                b = read(bias_name).float() if bias_name in index else None
-                for a, parts in users:
-                    ad = _build(a, path, parts, w.shape[0], w.shape[1], str(base))
-                    with torch.no_grad():
-                        w, b = ad.merge_into(w, b, a.weight)
-                stats["merged"] += 1
-                writer.add(name, w.to(out_dtype or tensor.dtype))
-                if b is not None:
-                    writer.add(bias_name, b.to(out_dtype or tensor.dtype))
-            else:
-                writer.add(name, tensor.to(out_dtype) if out_dtype and tensor.is_floating_point()
-                           else tensor)
-        stats["shards"] = writer.finish()
+        shards = plan_shards(plan, parse_size(shard_size))
+        write_shards(tmp, shards, produce)
+        stats["shards"] = len(shards)
         _copy_side_files(base, tmp, config, dtype)
 
     write_atomic_dir(out, fill, overwrite=overwrite)
