@@ -1,0 +1,41 @@
+"""GGUF exports run by real llama.cpp (opt-in: `pytest -m llamacpp`, needs llama-cpp-python)."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.llamacpp
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    from loratune.adapters import add_adapter, save_adapter
+    from loratune.config import LoraConfig, ModelConfig
+    from loratune.export.llamacpp_check import run_checks
+    from loratune.models import load_model
+
+    work = tmp_path_factory.mktemp("llamacpp")
+    model, _ = load_model(ModelConfig())
+    add_adapter(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    save_adapter(model, work / "adapter")
+    return run_checks("smollm2-135m-instruct", work / "adapter", work, n_tokens=32)
+
+
+def test_tokenizer_and_greedy_match_transformers(report):
+    assert report["tokenizer_equal"]
+    assert report["greedy_equal"] == report["prompts"], report["sample"]
+
+
+def test_lora_gguf_in_llamacpp_equals_the_merged_model(report):
+    assert report["lora_greedy_equal"] == report["prompts"]
+
+
+def test_quantized_perplexity_close_to_f16(report):
+    ratio = report["perplexity_ratio"]
+    assert ratio["q8_0"] <= 1.01, ratio
+    assert ratio["q4_0"] <= 1.10 and ratio["q4_k_m"] <= 1.10, ratio
