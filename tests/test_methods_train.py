@@ -15,7 +15,11 @@ from tiny import tiny_llama
 METHODS = {
     "ia3": ({}, 0.3, 0.05),
     "moe_lora": ({"r": 4, "lora_alpha": 8, "num_experts": 3, "top_k": 2}, 5e-2, 0.1),
+    "bottleneck": ({"bottleneck_size": 16}, 2e-2, 0.1),
+    "adalora": ({"init_r": 6, "target_r": 3, "tinit": 2, "tfinal": 4, "deltaT": 2,
+                 "lora_alpha": 8}, 5e-2, 0.1),
 }
+PEFT_TYPES = {"ia3", "adalora", "prompt", "prefix"}
 
 
 @pytest.fixture
@@ -52,6 +56,15 @@ def test_method_trains_saves_and_reloads(tmp_path, data_file, smol_tokenizer, me
         fresh = tiny_llama(vocab=len(smol_tokenizer))
         load_adapter(fresh, result.adapter_dir, tokenizer=smol_tokenizer)
         torch.testing.assert_close(fresh(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+    if method == "adalora":
+        assert summary["total_rank"] == 3 * len(summary["final_ranks"])
+    if method in PEFT_TYPES:  # the file loads in PEFT with the same logits
+        peft = pytest.importorskip("peft")
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(vocab=len(smol_tokenizer)),
+                                                result.adapter_dir)
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(input_ids=ids).logits[:, -ids.shape[1]:], expected,
+                                       atol=1e-5, rtol=0)
 
 
 def test_too_many_virtual_tokens_for_the_context(tmp_path, data_file, smol_tokenizer):
@@ -65,3 +78,26 @@ def test_too_many_virtual_tokens_for_the_context(tmp_path, data_file, smol_token
                                          r"the model's context of 128 positions; use at most 64"):
         train(cfg, model=model, tokenizer=smol_tokenizer, quiet=True)
     assert not (tmp_path / "p").exists()
+
+
+def test_lora_inside_a_bottleneck_host_keeps_peft_key_names(tmp_path):
+    from loratune.adapters import add_adapter, save_adapter, set_active
+    from loratune.config import BottleneckConfig, LoraConfig
+    from safetensors.torch import load_file
+    from tiny import randomize_lora
+
+    peft = pytest.importorskip("peft")
+    model = tiny_llama()
+    add_adapter(model, BottleneckConfig(bottleneck_size=4), "bn")
+    add_adapter(model, LoraConfig(r=4, target_modules=["gate_proj", "q_proj"]), "lo")
+    randomize_lora(model)
+    set_active(model, "lo")
+    save_adapter(model, tmp_path / "lo", "lo")
+    keys = load_file(str(tmp_path / "lo" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight" in keys
+    assert not any("base_layer" in k for k in keys)
+    ids = torch.tensor([[3, 7, 11, 2]])
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lo")
+        torch.testing.assert_close(theirs(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)

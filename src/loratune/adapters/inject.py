@@ -106,7 +106,14 @@ def _plain_linear_names(model: nn.Module) -> list[str]:
     return names
 
 
+def canonical_path(path: str) -> str:
+    """A module's path as the unwrapped model names it: hosts that wrap a whole sublayer
+    (bottleneck adapters around `mlp`) add `.base_layer` segments that files must not carry."""
+    return path.replace(".base_layer.", ".")
+
+
 def _rank_for(path: str, pattern: dict[str, float], default):
+    path = canonical_path(path)
     for key, value in pattern.items():
         if re.fullmatch(rf"(.*\.)?{key}", path):
             return value

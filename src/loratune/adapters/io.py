@@ -26,6 +26,7 @@ from loratune.adapters.inject import (
     adapted_layers,
     add_adapter,
     adapter_config,
+    canonical_path,
     delete_adapter,
     hosts,
     saved_modules,
@@ -64,17 +65,22 @@ def _leaf_names(model: nn.Module, name: str, target) -> list[str] | str:
     return sorted({p.rsplit(".", 1)[-1] for p, l in adapted_layers(model) if name in l.adapters})
 
 
-def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """What the file holds for adapter `name`: file key -> tensor (on CPU, contiguous)."""
+def adapter_state_dict(model: nn.Module, name: str = "default",
+                       compact: bool = True) -> dict[str, torch.Tensor]:
+    """What the file holds for adapter `name`: file key -> tensor (on CPU, contiguous).
+
+    `compact=False` keeps every tensor at its live size (AdaLoRA's pruned ranks included), as
+    training checkpoints need for an exact resume."""
     config = adapter_config(model, name)
     bias = getattr(config, "bias", "none")
     state: dict[str, torch.Tensor] = {}
     for path, host in hosts(model):
         if name in host.adapters:
-            saved = getattr(host, "saved_tensors", host.file_tensors)
-            state.update(saved(name, path))
+            saved = host.file_tensors if not compact else getattr(host, "saved_tensors",
+                                                                  host.file_tensors)
+            state.update(saved(name, canonical_path(path)))
             if bias == "lora_only" and getattr(host, "bias", None) is not None:
-                state[f"{PREFIX}{path}.bias"] = host.bias
+                state[f"{PREFIX}{canonical_path(path)}.bias"] = host.bias
     if bias == "all":
         for pname, param in model.named_parameters():
             if pname.endswith(".bias") and ".copies." not in pname:
@@ -83,7 +89,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     for path, saved_mod in saved_modules(model):
         if name in saved_mod.copies:
             for pname, param in saved_mod.copies[name].state_dict().items():
-                state[f"{PREFIX}{path}.{pname}"] = param
+                state[f"{PREFIX}{canonical_path(path)}.{pname}"] = param
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -97,12 +103,14 @@ def _lora_fields(model: nn.Module, name: str, config) -> dict:
     if config.method in ("lora", "dora", "moe_lora"):
         out["r"] = config.r
         out["use_dora"] = config.use_dora
-        out["rank_pattern"] = {p: a.r for p, a in layers if a.r != config.r}
-        out["alpha_pattern"] = {p: a.alpha for p, a in layers if a.alpha != config.lora_alpha}
+        out["rank_pattern"] = {canonical_path(p): a.r for p, a in layers if a.r != config.r}
+        out["alpha_pattern"] = {canonical_path(p): a.alpha for p, a in layers
+                                if a.alpha != config.lora_alpha}
     return out
 
 
-def config_dict(model: nn.Module, name: str, base_model: str | None = None) -> dict:
+def config_dict(model: nn.Module, name: str, base_model: str | None = None,
+                compact: bool = True) -> dict:
     """adapter_config.json for adapter `name`, as PEFT writes it for the method's peft_type."""
     config = adapter_config(model, name)
     method = config.method
@@ -112,7 +120,7 @@ def config_dict(model: nn.Module, name: str, base_model: str | None = None) -> d
     if method == "adalora":
         from loratune.adapters.adaptive import adalora_peft_config, rank_pattern
 
-        fields.update(adalora_peft_config(config, rank_pattern(model, name)))
+        fields.update(adalora_peft_config(config, rank_pattern(model, name) if compact else None))
     elif method == "ia3":
         fields.update(target_modules=_leaf_names(model, name, config.target_modules),
                       feedforward_modules=_leaf_names_ff(model, name, config),
@@ -161,10 +169,11 @@ def write_atomic_dir(out: Path, fill, overwrite: bool = False) -> Path:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
-                 base_model: str | None = None, overwrite: bool = False) -> Path:
-    """Write adapter `name` as a PEFT folder (atomically)."""
-    state = adapter_state_dict(model, name)
-    config = config_dict(model, name, base_model)
+                 base_model: str | None = None, overwrite: bool = False,
+                 compact: bool = True) -> Path:
+    """Write adapter `name` as a PEFT folder (atomically); see adapter_state_dict on compact."""
+    state = adapter_state_dict(model, name, compact)
+    config = config_dict(model, name, base_model, compact)
 
     def fill(tmp: Path) -> None:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -232,7 +241,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for path, host in hosts(model):
         if name in host.adapters:
-            out.update(host.file_tensors(name, path))
+            out.update(host.file_tensors(name, canonical_path(path)))
     if getattr(config, "bias", "none") != "none":
         for pname, param in model.named_parameters():
             if pname.endswith(".bias") and ".copies." not in pname:
@@ -240,7 +249,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for path, saved in saved_modules(model):
         if name in saved.copies:
             for pname, param in saved.copies[name].state_dict(keep_vars=True).items():
-                out[f"{PREFIX}{path}.{pname}"] = param
+                out[f"{PREFIX}{canonical_path(path)}.{pname}"] = param
     return out
 
 

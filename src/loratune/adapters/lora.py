@@ -117,6 +117,12 @@ class AdaptedLinear(nn.Module):
         return {f"base_model.model.{path}.{k}": t
                 for k, t in self.adapters[name].file_tensors().items()}
 
+    def saved_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
+        """What an adapter file holds (AdaLoRA: only its kept ranks, as PEFT writes them)."""
+        ad = self.adapters[name]
+        tensors = ad.saved_tensors() if hasattr(ad, "saved_tensors") else ad.file_tensors()
+        return {f"base_model.model.{path}.{k}": t for k, t in tensors.items()}
+
     def _running(self) -> list[tuple[nn.Module, float]]:
         if self.disabled:
             return []

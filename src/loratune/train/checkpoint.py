@@ -74,7 +74,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, sta
     out = ckpt_root / f"step-{step:08d}"
 
     def fill(tmp: Path) -> None:
-        save_adapter(model, tmp / "adapter", adapter)
+        save_adapter(model, tmp / "adapter", adapter, compact=False)
         save_file(tensors, str(tmp / "trainer_state.safetensors"))
         (tmp / "trainer_state.json").write_text(
             json.dumps({"step": step, **state, "optimizer": meta}, indent=2))

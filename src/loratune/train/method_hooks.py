@@ -54,7 +54,11 @@ def method_hooks(model: nn.Module, config, name: str, total_steps: int) -> Metho
     if config.method == "adalora":
         from loratune.adapters.adaptive import RankAllocator
 
+        from loratune.adapters.adaptive import adalora_modules
+
         if config.total_step is None:
             config = config.model_copy(update={"total_step": total_steps})
+            for _, ad in adalora_modules(model, name):  # the saved config must name it too
+                ad.config = config
         allocator = RankAllocator(model, config, name)
     return MethodHooks(model, config.method, name, allocator)
