@@ -136,3 +136,24 @@ def test_qlora_adapter_merges_into_the_4bit_values_it_trained_on(base_dir, tmp_p
     plain = logits(AutoModelForCausalLM.from_pretrained(
         merge_folder(base_dir, read_adapters([folder], None), tmp_path / "p").out))
     assert float((plain - expected).abs().max()) > 1e-3  # without the round trip it differs
+
+
+def test_pruned_adalora_adapter_merges(base_dir, tmp_path):
+    from loratune.adapters.adaptive import adalora_modules
+    from loratune.config import AdaLoraConfig
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    add_adapter(model, AdaLoraConfig(init_r=6, target_r=3, total_step=10,
+                                     target_modules=["q_proj", "down_proj"]), "ad")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for i, (_, ad) in enumerate(adalora_modules(model, "ad")):
+            ad.lora_E.copy_(torch.randn(ad.lora_E.shape, generator=g))
+            ad.set_kept(torch.arange(6) % (2 + i % 2) == 0)  # ranks 3 or 2: pruned, uneven
+    expected = logits(model)
+    save_adapter(model, tmp_path / "ada", "ad")
+    raw = json.loads((tmp_path / "ada" / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "ADALORA" and raw["rank_pattern"]
+    merge_folder(base_dir, read_adapters([tmp_path / "ada"], None), tmp_path / "out")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits(plain), expected, atol=1e-4, rtol=0)

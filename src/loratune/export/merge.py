@@ -100,6 +100,11 @@ def _build(adapter: AdapterFile, path: str, parts: dict, out_f: int, in_f: int, 
     ad = new_layer_adapter(cfg, path, in_f, out_f, r=a.shape[0] if a is not None else 0,
                            alpha=pattern("alpha_pattern", getattr(cfg, "lora_alpha", None)),
                            feedforward=feedforward)
+    kept = (adapter.raw.get("rank_pattern") or {}).get(f"{path}.lora_E")
+    if cfg.method == "adalora" and kept is not None and a is not None \
+            and a.shape[0] == sum(kept) != len(kept):
+        ad.set_kept(torch.tensor(kept, dtype=torch.bool))  # the file holds the kept ranks only
+        ad.compact()
     live = ad.file_tensors()
     for suffix, tensor in parts.items():
         if suffix not in live or tuple(live[suffix].shape) != tuple(tensor.shape):
