@@ -59,3 +59,19 @@ def test_compare_two_methods_on_the_real_model(tmp_path, capsys):
     assert all(0 <= r["score"] <= 1 for r in rows)
     assert (out / "compare.png").stat().st_size > 1000
     assert "| lora | lora |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tune_rank_runs_each_rank_and_names_the_best(tmp_path, capsys):
+    out = tmp_path / "tr"
+    config = tmp_path / "c.yaml"
+    config.write_text("adapter: {r: 8, lora_alpha: 16}\n")
+    code = main(["tune-rank", str(config), "train.max_steps=2", "train.batch_size=2",
+                 "eval.limit=4", "eval.max_new_tokens=8", "data.max_length=128",
+                 "--ranks", "2,4", "--out", str(out), "--quiet"])
+    assert code == 0
+    rows = json.loads((out / "tune_rank.json").read_text())
+    assert [r["variant"] for r in rows] == ["r2", "r4"]
+    assert rows[1]["trainable"] == 2 * rows[0]["trainable"]  # params grow linearly with r
+    printed = capsys.readouterr().out
+    assert "best: r" in printed and (out / "tune_rank.md").is_file()
