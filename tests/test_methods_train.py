@@ -16,6 +16,8 @@ METHODS = {
     "ia3": ({}, 0.3, 0.05),
     "moe_lora": ({"r": 4, "lora_alpha": 8, "num_experts": 3, "top_k": 2}, 5e-2, 0.1),
     "bottleneck": ({"bottleneck_size": 16}, 2e-2, 0.1),
+    "prompt": ({"num_virtual_tokens": 8}, 0.3, 0.02),
+    "prefix": ({"num_virtual_tokens": 8}, 5e-2, 0.05),
     "adalora": ({"init_r": 6, "target_r": 3, "tinit": 2, "tfinal": 4, "deltaT": 2,
                  "lora_alpha": 8}, 5e-2, 0.1),
 }

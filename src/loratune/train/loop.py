@@ -216,6 +216,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
     metrics = MetricsLog(out / "metrics.jsonl")
     start_step = 0
     ckpts = list_checkpoints(out / "checkpoints")
+    if resume and ckpts and getattr(cfg.adapter, "prefix_projection", False):
+        raise RunFolderError("resume is not supported for prefix tuning with prefix_projection "
+                             "(checkpoints hold the computed prefixes, not the MLP); start over "
+                             "with --overwrite or train without prefix_projection")
     if resume and ckpts:
         state = load_checkpoint(ckpts[-1], model, optimizer)
         start_step = state["step"]
