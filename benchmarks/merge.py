@@ -36,6 +36,8 @@ def write_random_base(folder: Path, shape: str) -> Path:
     from loratune.quant.load import LLAMA_SHAPES
 
     if (folder / "config.json").is_file():
+        if not (folder / "model.safetensors.index.json").is_file():
+            name_shards(folder)
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     dims = LLAMA_SHAPES[shape]
@@ -69,8 +71,24 @@ def write_random_base(folder: Path, shape: str) -> Path:
     shard["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16)
     shard["lm_head.weight"] = rand(dims["vocab_size"], h)
     flush()
+    name_shards(folder)
     config.save_pretrained(folder)
     return folder
+
+
+def name_shards(folder: Path) -> None:
+    """Give the shards transformers' names and write the index it reads."""
+    from safetensors import safe_open
+
+    parts = sorted(folder.glob("model-?????.safetensors"))
+    weight_map = {}
+    for i, part in enumerate(parts):
+        final = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        part.rename(folder / final)
+        with safe_open(str(folder / final), framework="pt") as f:
+            weight_map.update(dict.fromkeys(f.keys(), final))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {},
+                                                                     "weight_map": weight_map}))
 
 
 def write_random_adapter(base: Path, out: Path) -> Path:
