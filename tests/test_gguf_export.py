@@ -125,3 +125,22 @@ def test_adapter_only_and_bad_input(tiny_dir, tmp_path, capsys):
     (folder / "config.json").write_text(cfg)
     with pytest.raises(GGUFExportError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
         write_gguf(folder, tmp_path / "y.gguf", "f16", tokenizer_pre="smollm")
+
+
+def test_tied_embeddings_are_written_once_as_token_embd(tmp_path, smol_tokenizer):
+    from safetensors.torch import save_file
+
+    model = tiny_llama(vocab=len(smol_tokenizer), tie=True)
+    folder = tmp_path / "tied"
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    # as safetensors.save_model writes a tied model: the shared matrix under lm_head only
+    state = {k: v for k, v in model.state_dict().items() if k != "model.embed_tokens.weight"}
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    out = write_gguf(folder, tmp_path / "t.gguf", "f32", tokenizer_pre="smollm")
+    _, _, tensors = read(out)
+    assert "token_embd.weight" in tensors and "output.weight" not in tensors
+    got = torch.from_numpy(values(tensors["token_embd.weight"]).copy())
+    torch.testing.assert_close(got, model.model.embed_tokens.weight.detach())

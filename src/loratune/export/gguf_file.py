@@ -147,17 +147,29 @@ def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source:
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or \
         config["num_attention_heads"]
     n_layers = config["num_hidden_layers"]
+    names = {k for shard in folder.glob("*.safetensors")
+             for k in safe_open(str(shard), framework="pt").keys()}
+    # Tied embeddings: llama.cpp reads token_embd for both ends and wants no output tensor.
+    # A checkpoint may hold the shared matrix under either name (safetensors keeps only one).
+    tied = bool(config.get("tie_word_embeddings", False))
     try:
         for shard in sorted(folder.glob("*.safetensors")):
             with safe_open(str(shard), framework="pt") as f:
                 for hf in f.keys():
+                    if tied and hf == "lm_head.weight":
+                        if "model.embed_tokens.weight" in names:
+                            continue
+                        hf_as = "model.embed_tokens.weight"
+                    else:
+                        hf_as = hf
                     t = f.get_tensor(hf)
                     if re.search(r"q_proj\.(weight|bias)$", hf):
                         t = rope_permute(t, heads)
                     elif re.search(r"k_proj\.(weight|bias)$", hf):
                         t = rope_permute(t, kv)
-                    name = gguf_name(hf)
-                    array, raw = _encode(t, tensor_kind(name, out_type, n_layers, t.dim()))
+                    name = gguf_name(hf_as)
+                    kind_name = "output.weight" if tied and name == "token_embd.weight" else name
+                    array, raw = _encode(t, tensor_kind(kind_name, out_type, n_layers, t.dim()))
                     writer.add_tensor(name, array, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
