@@ -20,6 +20,7 @@ Q = gguf.GGMLQuantizationType
 @pytest.fixture
 def tiny_dir(tmp_path, smol_tokenizer):
     model = tiny_llama(vocab=len(smol_tokenizer))
+    model.config.rope_parameters = {"rope_type": "default", "rope_theta": 12345.0}
     model.save_pretrained(tmp_path / "tiny")
     smol_tokenizer.save_pretrained(tmp_path / "tiny")
     return tmp_path / "tiny", model
@@ -56,6 +57,8 @@ def test_model_gguf_reads_back(tiny_dir, tmp_path, kind, tol):
     assert fields["llama.block_count"] == 2 and fields["llama.embedding_length"] == 32
     assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
     assert fields["llama.rope.dimension_count"] == 8
+    theta = model.config.to_dict().get("rope_parameters", {}).get("rope_theta", 10000.0)
+    assert fields["llama.rope.freq_base"] == pytest.approx(theta)
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     expected = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
         f"blk.{i}.{n}.weight" for i in range(2) for n in

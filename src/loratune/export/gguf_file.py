@@ -112,11 +112,13 @@ def _metadata(writer, config: dict, name: str, out_type: str) -> None:
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
     writer.add_rope_dimension_count(config.get("head_dim") or hidden // heads)
-    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    # transformers 5 keeps RoPE settings in rope_parameters; older configs at the top level.
+    rope = config.get("rope_parameters") or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(FILE_TYPES[out_type])
-    scaling = config.get("rope_scaling") or {}
+    scaling = config.get("rope_scaling") or rope
     if scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
         raise GGUFExportError(f"rope_scaling {scaling} is not supported by this exporter yet")
 
