@@ -215,9 +215,6 @@ def cmd_export_gguf(args) -> int:
                 work = Path(tempfile.mkdtemp(prefix="loratune-merge-"))
                 source = merge_folder(base, read_adapters(args.adapter, weights),
                                       work / "merged").out
-                (source / "SOURCE").unlink(missing_ok=True)
-                if (base / "SOURCE").is_file():  # keep the route to the source GGUF tokenizer
-                    shutil.copy2(base / "SOURCE", source / "SOURCE")
             try:
                 out = write_gguf(source, Path(args.out), args.type,
                                  tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite)

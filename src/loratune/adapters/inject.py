@@ -112,7 +112,9 @@ def canonical_path(path: str) -> str:
     return path.replace(".base_layer.", ".")
 
 
-def _rank_for(path: str, pattern: dict[str, float], default):
+def pattern_value(path: str, pattern: dict, default):
+    """PEFT's rank/alpha patterns: the value of the first key (a module path or regex) that
+    matches `path`, else `default`."""
     path = canonical_path(path)
     for key, value in pattern.items():
         if re.fullmatch(rf"(.*\.)?{key}", path):
@@ -167,8 +169,8 @@ def _add_layer_adapters(model: nn.Module, config: AdapterConfig, name: str,
         base = layer.base_layer
         device, dtype = _adapter_placement(base)
         ad = new_layer_adapter(config, path, base.in_features, base.out_features,
-                               r=int(_rank_for(path, rank_pattern, getattr(config, "r", 0))),
-                               alpha=_rank_for(path, alpha_pattern,
+                               r=int(pattern_value(path, rank_pattern, getattr(config, "r", 0))),
+                               alpha=pattern_value(path, alpha_pattern,
                                                getattr(config, "lora_alpha", None)),
                                feedforward=path in feedforward, device=device, dtype=dtype)
         if config.method == "dora":

@@ -142,11 +142,7 @@ def attach_prefix(model: nn.Module, config: PrefixConfig, name: str, tokenizer=N
     _check_kv_width(decoder, dims["kv_heads"] * dims["head_dim"])
     weight = decoder.get_input_embeddings().weight
     adapter = PrefixEncoder(config, dims, device=weight.device, dtype=weight.dtype)
-    host = place_host(model, "prefix_encoder", PrefixHost)
-    if name in host.adapters:
-        raise AdapterError(f"prefix_encoder already holds an adapter named '{name}'")
-    host.adapters[name] = adapter
-    host.active = {name: 1.0}
+    place_host(model, "prefix_encoder", PrefixHost, name, adapter)
 
 
 def peft_config(model: nn.Module, config: PrefixConfig) -> dict:

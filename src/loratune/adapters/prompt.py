@@ -140,8 +140,9 @@ class PromptHost(nn.Module):
         return {"prompt_embeddings": self.adapters[name].embedding.weight}
 
 
-def place_host(model: nn.Module, attr: str, cls: type) -> PromptHost:
-    """The host at `model.<attr>`, created (with its decoder hooks) on first use."""
+def place_host(model: nn.Module, attr: str, cls: type, name: str, adapter: nn.Module) -> None:
+    """Put `adapter` as `name` (active) in the host at `model.<attr>`, created (with its
+    decoder hooks) on first use."""
     host = getattr(model, attr, None)
     if host is None:
         host = cls(find_decoder(model))
@@ -149,7 +150,10 @@ def place_host(model: nn.Module, attr: str, cls: type) -> PromptHost:
     elif type(host) is not cls:
         raise AdapterError(f"{type(model).__name__} already has an attribute '{attr}' "
                            f"({type(host).__name__}); cannot place the {cls.kind} host there")
-    return host
+    if name in host.adapters:
+        raise AdapterError(f"{attr} already holds an adapter named '{name}'")
+    host.adapters[name] = adapter
+    host.active = {name: 1.0}
 
 
 class PromptEmbedding(nn.Module):
@@ -180,11 +184,7 @@ def attach_prompt(model: nn.Module, config: PromptConfig, name: str, tokenizer=N
         ids = torch.tensor(text_init_ids(config, tokenizer), device=weight.device)
         with torch.no_grad():
             adapter.embedding.weight.copy_(emb(ids))
-    host = place_host(model, "prompt_encoder", PromptHost)
-    if name in host.adapters:
-        raise AdapterError(f"prompt_encoder already holds an adapter named '{name}'")
-    host.adapters[name] = adapter
-    host.active = {name: 1.0}
+    place_host(model, "prompt_encoder", PromptHost, name, adapter)
 
 
 def peft_config(model: nn.Module, config: PromptConfig) -> dict:

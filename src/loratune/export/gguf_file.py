@@ -123,6 +123,23 @@ def _metadata(writer, config: dict, name: str, out_type: str) -> None:
         raise GGUFExportError(f"rope_scaling {scaling} is not supported by this exporter yet")
 
 
+def _target(out: Path, overwrite: bool) -> tuple[Path, Path]:
+    """(final path, temp sibling) for a GGUF written under a temp name, then renamed."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, out.with_name(f".{out.name}.tmp")
+
+
+def _finish(writer, tmp: Path, out: Path) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out)
+
+
 def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source: Path | None = None,
                tokenizer_pre: str | None = None, overwrite: bool = False) -> Path:
     """Write the model in safetensors `folder` as one GGUF file (temp name, then rename)."""
@@ -138,11 +155,7 @@ def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source:
     if arch not in SUPPORTED:
         raise GGUFExportError(f"{folder}: architecture {arch} is not supported for GGUF export; "
                               f"supported: {', '.join(SUPPORTED)}")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    out, tmp = _target(out, overwrite)
     writer = gguf.GGUFWriter(str(tmp), SUPPORTED[arch])
     _metadata(writer, config, folder.name, out_type)
     add_tokenizer(writer, folder, tokenizer_source, tokenizer_pre)
@@ -173,11 +186,7 @@ def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source:
                     kind_name = "output.weight" if tied and name == "token_embd.weight" else name
                     array, raw = _encode(t, tensor_kind(kind_name, out_type, n_layers, t.dim()))
                     writer.add_tensor(name, array, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
+        _finish(writer, tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -190,6 +199,7 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
     import gguf
     from safetensors.torch import load_file
 
+    from loratune.adapters.inject import pattern_value
     from loratune.adapters.io import PREFIX, _weights_file, read_adapter_config
 
     cfg, raw = read_adapter_config(adapter_dir)
@@ -204,10 +214,7 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
     # llama.cpp scales every layer by alpha / (that layer's rank); per-layer differences from
     # PEFT's scale (rank/alpha patterns, rsLoRA) are folded into B.
     alpha = cfg.scaling * cfg.r
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    tmp = out.with_name(f".{out.name}.tmp")
+    out, tmp = _target(out, overwrite)
     writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_string("general.type", "adapter")
     writer.add_string("adapter.type", "lora")
@@ -217,8 +224,7 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
             a = tensors[key].float()
             b = tensors[f"{PREFIX}{path}.lora_B.weight"].float()
             r = a.shape[0]
-            module_alpha = next((v for k, v in (raw.get("alpha_pattern") or {}).items()
-                                 if path == k or path.endswith("." + k)), cfg.lora_alpha)
+            module_alpha = pattern_value(path, raw.get("alpha_pattern") or {}, cfg.lora_alpha)
             scale = module_alpha / (r ** 0.5 if cfg.use_rslora else r)
             b = b * (scale * r / alpha)
             if path.endswith("q_proj"):
@@ -229,11 +235,7 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
             dtype = np.float16 if out_type == "f16" else np.float32
             writer.add_tensor(f"{name}.lora_a", a.numpy().astype(dtype))
             writer.add_tensor(f"{name}.lora_b", b.numpy().astype(dtype))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
+        _finish(writer, tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out

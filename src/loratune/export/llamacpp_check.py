@@ -91,17 +91,12 @@ def heldout_ids(tokenizer, limit: int = 512) -> list[int]:
 
 def export_all(model: str, adapter: Path, work: Path) -> dict[str, Path]:
     """Merged HF folder, its GGUFs (f16, q8_0, q4_0, q4_k_m), the base f16 GGUF, the LoRA GGUF."""
-    import shutil
-
     from loratune.export.gguf_file import write_gguf, write_lora_gguf
     from loratune.export.merge import base_folder, merge_folder, read_adapters
 
     base, tmp = base_folder(model)
     files = {"base": base, "merged": work / "merged"}
     merge_folder(base, read_adapters([adapter], None), files["merged"], overwrite=True)
-    source = base / "SOURCE"
-    if source.is_file():
-        shutil.copy2(source, files["merged"] / "SOURCE")
     for kind in ("f16", "q8_0", "q4_0", "q4_k_m"):
         files[kind] = write_gguf(files["merged"], work / f"merged-{kind}.gguf", kind,
                                  overwrite=True)

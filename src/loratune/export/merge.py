@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from loratune.adapters.inject import WHY_NOT_MERGEABLE, AdapterError, new_layer_adapter
+from loratune.adapters.inject import (WHY_NOT_MERGEABLE, AdapterError, new_layer_adapter,
+                                      pattern_value)
 from loratune.adapters.io import PREFIX, _weights_file, read_adapter_config, write_atomic_dir
 from loratune.export.safetensors_io import StreamWriter, read_index, read_tensor
 from loratune.models.device import DTYPES
@@ -93,12 +94,10 @@ def _module_paths(adapter: AdapterFile) -> dict[str, dict[str, torch.Tensor]]:
 def _build(adapter: AdapterFile, path: str, parts: dict, out_f: int, in_f: int, source: str):
     cfg = adapter.config
     a = parts.get("lora_A.weight", parts.get("lora_A"))
-    pattern = lambda key, default: next(  # noqa: E731  (PEFT: module path or regex -> value)
-        (v for k, v in (adapter.raw.get(key) or {}).items()
-         if re.fullmatch(rf"(.*\.)?{k}", path)), default)
     feedforward = cfg.method == "ia3" and matches_target(path, cfg.feedforward_modules)
     ad = new_layer_adapter(cfg, path, in_f, out_f, r=a.shape[0] if a is not None else 0,
-                           alpha=pattern("alpha_pattern", getattr(cfg, "lora_alpha", None)),
+                           alpha=pattern_value(path, adapter.raw.get("alpha_pattern") or {},
+                                               getattr(cfg, "lora_alpha", None)),
                            feedforward=feedforward)
     kept = (adapter.raw.get("rank_pattern") or {}).get(f"{path}.lora_E")
     if cfg.method == "adalora" and kept is not None and a is not None \
