@@ -1,0 +1,1 @@
+"""Serving: one base model, a pool of adapters, mixed-adapter batches, an OpenAI-style API."""

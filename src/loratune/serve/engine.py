@@ -1,0 +1,388 @@
+"""The serving engine: continuous batching of generation requests over one base model.
+
+One background thread owns the model. Between decode steps it admits queued requests (each is
+prefilled alone with its own adapter, then its KV cache joins the batch, left-padded to a common
+length) and retires finished ones (their rows leave the cache). Every decode step is a single
+forward of all running rows, each row with its own adapter slot (see multi_lora.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from loratune.serve.pool import AdapterPool, entry_key
+from loratune.serve.sampling import find_stop, held_back, new_generator, next_token
+from loratune.serve.types import Event, GenerationRequest, QueueFull, ServeError
+
+
+class Handle:
+    """A submitted request's stream of events, readable from threads or from asyncio."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._events: deque[Event] = deque()
+        self._waker: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        self.cancelled = threading.Event()
+
+    def push(self, event: Event) -> None:
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+            waker = self._waker
+        if waker is not None:
+            loop, flag = waker
+            loop.call_soon_threadsafe(flag.set)
+
+    def cancel(self) -> None:
+        """Stop generating (a client went away); the engine frees the row before its next step."""
+        self.cancelled.set()
+
+    def __iter__(self):
+        while True:
+            with self._cond:
+                while not self._events:
+                    self._cond.wait()
+                event = self._events.popleft()
+            yield event
+            if event.finish_reason:
+                return
+
+    async def aiter(self):
+        flag = asyncio.Event()
+        with self._cond:
+            self._waker = (asyncio.get_running_loop(), flag)
+        while True:
+            with self._cond:
+                event = self._events.popleft() if self._events else None
+                if event is None:
+                    flag.clear()
+            if event is None:
+                await flag.wait()
+                continue
+            yield event
+            if event.finish_reason:
+                return
+
+    def result(self) -> Event:
+        """Block until done; one event holding the whole text and token ids."""
+        text, ids, last = [], [], Event()
+        for last in self:
+            text.append(last.text)
+            ids.extend(last.token_ids)
+        return Event("".join(text), ids, last.finish_reason, last.error, last.prompt_tokens,
+                     last.completion_tokens)
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    handle: Handle
+    key: str
+    deadline: float | None
+    slot: int = 0
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0          # characters of the decoded text already streamed
+    done: bool = False
+
+
+class Engine:
+    """Base model + adapter pool + a running batch; `submit` from any thread."""
+
+    def __init__(self, model: nn.Module, tokenizer, pool: AdapterPool, base_name: str = "base",
+                 max_batch: int = 16, max_queue: int = 64, max_prompt_tokens: int = 2048,
+                 max_completion_tokens: int = 1024):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.base_name = base_name
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_completion_tokens = max_completion_tokens
+        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.device = next(model.parameters()).device
+        self.row_slots = pool.bind(model)
+        self.eos = eos_ids(model, tokenizer)
+        self.queue: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None     # [rows, cached columns]; 0 = left padding
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.counts = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0,
+                       "errors": 0}
+        self.per_adapter: dict[str, int] = {}
+
+    # -- the public side -----------------------------------------------------------------------
+    def resolve(self, model_field: str) -> dict[str, float]:
+        """`model` of a request → adapters: base name, "a", "a+b" or "a:0.7+b:0.3"."""
+        if not isinstance(model_field, str) or not model_field.strip():
+            raise ServeError("model must name the base model or an adapter")
+        if model_field == self.base_name:
+            return {}
+        adapters: dict[str, float] = {}
+        for part in model_field.split("+"):
+            name, _, weight = part.strip().partition(":")
+            self.pool.folder(name)               # UnknownAdapter / BadAdapter name check
+            try:
+                adapters[name] = adapters.get(name, 0.0) + (float(weight) if weight else 1.0)
+            except ValueError:
+                raise ServeError(f"adapter weight {weight!r} in {model_field!r} is not a number") \
+                    from None
+        return adapters
+
+    def submit(self, request: GenerationRequest) -> Handle:
+        self._check(request)
+        for name in request.adapters:
+            self.pool.folder(name)
+        timeout = request.timeout_s
+        seq = Sequence(request, Handle(), entry_key(request.adapters) if request.adapters
+                       else self.base_name, time.monotonic() + timeout if timeout is not None else None)
+        with self.cond:
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"request queue is full ({self.max_queue} waiting); retry later")
+            self.queue.append(seq)
+            self.counts["requests"] += 1
+            self.counts["prompt_tokens"] += len(request.prompt_ids)
+            self.per_adapter[seq.key] = self.per_adapter.get(seq.key, 0) + 1
+            self.cond.notify()
+        return seq.handle
+
+    def start(self) -> Engine:
+        if self.thread is None:
+            self.stopping = False
+            self.thread = threading.Thread(target=self._loop, name="loratune-engine", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        for seq in list(self.queue) + self.running:
+            self._finish(seq, "cancelled")
+        self.queue.clear()
+        self._reset_batch()
+
+    def stats(self) -> dict:
+        with self.cond:
+            return {**self.counts, "running": len(self.running), "queued": len(self.queue),
+                    "per_adapter": dict(self.per_adapter), "pool": self.pool.stats()}
+
+    # -- checks ----------------------------------------------------------------------------------
+    def _check(self, request: GenerationRequest) -> None:
+        p, n = request.params, len(request.prompt_ids)
+        if n == 0:
+            raise ServeError("the prompt is empty")
+        if n > self.max_prompt_tokens:
+            raise ServeError(f"the prompt has {n} tokens; this server takes at most "
+                             f"{self.max_prompt_tokens}")
+        if not 1 <= p.max_tokens <= self.max_completion_tokens:
+            raise ServeError(f"max_tokens must be between 1 and {self.max_completion_tokens}, "
+                             f"got {p.max_tokens}")
+        if self.context and n + p.max_tokens > self.context:
+            raise ServeError(f"prompt ({n} tokens) plus max_tokens ({p.max_tokens}) exceeds the "
+                             f"model's context of {self.context} tokens")
+        if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
+            raise ServeError("temperature must be ≥ 0, top_p in (0, 1], top_k ≥ 0")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= vocab:
+            raise ServeError(f"prompt token ids must be in [0, {vocab})")
+
+    # -- the engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.queue and not self.running:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+            try:
+                self.step()
+            except Exception as err:  # a failed forward must not take the server down
+                self.counts["errors"] += 1
+                for seq in self.running:
+                    self._finish(seq, "error", f"{type(err).__name__}: {err}")
+                    self.pool.release(seq.slot)
+                self.running = []
+                self._reset_batch()
+
+    # no_grad, not inference_mode: slot tensors made here are cleared later from other threads.
+    @torch.no_grad()
+    def step(self) -> None:
+        """Admit what fits, then one decode step for every running row."""
+        self._admit()
+        self._retire()
+        if not self.running:
+            return
+        rows = self.running
+        last = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
+        pos = torch.tensor([[len(s.request.prompt_ids) + len(s.tokens) - 1] for s in rows],
+                           device=self.device)
+        mask = torch.cat([self.mask, self.mask.new_ones(len(rows), 1)], dim=1)
+        self.row_slots.set([s.slot for s in rows], self.device)
+        out = self.model(input_ids=last, attention_mask=mask, position_ids=pos,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.mask = mask
+        self.counts["steps"] += 1
+        for i, seq in enumerate(rows):
+            self._append(seq, next_token(out.logits[i, -1], seq.request.params, seq.generator))
+        self._retire()
+
+    def _admit(self) -> None:
+        while len(self.running) < self.max_batch:
+            with self.cond:
+                if not self.queue:
+                    return
+                seq = self.queue[0]
+            if seq.handle.cancelled.is_set() or self._expired(seq):
+                with self.cond:
+                    self.queue.popleft()
+                self._finish(seq, "cancelled" if seq.handle.cancelled.is_set() else "timeout")
+                continue
+            try:
+                slot = self.pool.acquire(seq.request.adapters)
+            except ServeError as err:
+                with self.cond:
+                    self.queue.popleft()
+                self._finish(seq, "error", str(err))
+                continue
+            if slot is None:
+                return     # every adapter slot is in use by running rows: wait for one to end
+            with self.cond:
+                self.queue.popleft()
+            seq.slot = slot
+            seq.generator = new_generator(seq.request.params)
+            try:
+                self._prefill(seq)
+            except Exception as err:  # this request fails; the running batch is untouched
+                self.counts["errors"] += 1
+                self.pool.release(slot)
+                self._finish(seq, "error", f"{type(err).__name__}: {err}")
+
+    def _prefill(self, seq: Sequence) -> None:
+        ids = torch.tensor([seq.request.prompt_ids], device=self.device)
+        cache = DynamicCache()
+        self.row_slots.set([seq.slot], self.device)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self._join(cache, ids.shape[1])
+        self.running.append(seq)
+        self._append(seq, next_token(out.logits[0, -1], seq.request.params, seq.generator))
+
+    def _join(self, cache: DynamicCache, length: int) -> None:
+        """Add a prefilled row to the batch cache, left-padding whichever side is shorter."""
+        new_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        if self.cache is None:
+            self.cache, self.mask = cache, new_mask
+            return
+        have = self.mask.shape[1]
+        width = max(have, length)
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([left_pad(old.keys, width), left_pad(new.keys, width)], 0)
+            old.values = torch.cat([left_pad(old.values, width), left_pad(new.values, width)], 0)
+        self.mask = torch.cat([left_pad(self.mask, width, dim=1),
+                               left_pad(new_mask, width, dim=1)], 0)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        """Record a sampled token; stream the text that is now safe to send."""
+        p = seq.request.params
+        if token in self.eos:
+            self._finish(seq, "stop")
+            return
+        seq.tokens.append(token)
+        self.counts["completion_tokens"] += 1
+        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        stop_at = find_stop(text, p.stop, seq.sent) if p.stop else None
+        if stop_at is not None:
+            self._send(seq, text[:stop_at], [token])
+            self._finish(seq, "stop")
+            return
+        if len(seq.tokens) >= p.max_tokens:
+            self._send(seq, text, [token])
+            self._finish(seq, "length")
+            return
+        # Hold back an unfinished multi-byte character and anything that may begin a stop string.
+        safe = len(text.rstrip("\ufffd"))
+        safe -= held_back(text[:safe], p.stop) if p.stop else 0
+        self._send(seq, text[:max(safe, seq.sent)], [token])
+
+    def _send(self, seq: Sequence, text: str, ids: list[int]) -> None:
+        seq.handle.push(Event(text[seq.sent:], ids, prompt_tokens=len(seq.request.prompt_ids),
+                              completion_tokens=len(seq.tokens)))
+        seq.sent = max(seq.sent, len(text))
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        seq.handle.push(Event(finish_reason=reason, error=error,
+                              prompt_tokens=len(seq.request.prompt_ids),
+                              completion_tokens=len(seq.tokens)))
+
+    def _expired(self, seq: Sequence) -> bool:
+        return seq.deadline is not None and time.monotonic() > seq.deadline
+
+    def _retire(self) -> None:
+        """Drop finished, cancelled and timed-out rows from the batch and the cache."""
+        keep = []
+        for i, seq in enumerate(self.running):
+            if not seq.done:
+                if seq.handle.cancelled.is_set():
+                    self._finish(seq, "cancelled")
+                elif self._expired(seq):
+                    self._finish(seq, "timeout")
+            if seq.done:
+                self.pool.release(seq.slot)
+            else:
+                keep.append(i)
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[i] for i in keep]
+        if not keep:
+            self._reset_batch()
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask.index_select(0, index)
+        # Columns that are padding in every remaining row are dead weight: cut them.
+        first = int(self.mask.any(0).int().argmax())
+        if first:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+    def _reset_batch(self) -> None:
+        self.cache, self.mask = None, None
+
+
+def left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """Zero-pad `t` on the left of `dim` up to `width`."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids

@@ -1,0 +1,129 @@
+"""Mixed-adapter batches: every row of a batch may use a different LoRA, in one forward.
+
+Each target linear layer keeps the pool's adapters stacked into slots: A [S, r, in] and
+B·scale [S, out, r], slot 0 all zeros (the base model), ranks zero-padded to the largest.
+The base matmul runs once for the whole batch; the LoRA part gathers each row's A and B by its
+slot index and runs as two batched matmuls (the BGMV idea of Punica / S-LoRA), so eight rows
+with eight adapters cost two bmm calls per layer, not eight forwards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RowSlots:
+    """The slot index of each row of the batch being run (shared by all layers of a model)."""
+
+    def __init__(self):
+        self.rows: torch.Tensor | None = None   # [batch] long, on the model's device
+        self.uniform: int | None = None         # the slot when every row uses the same one
+
+    def set(self, slots: list[int], device: torch.device) -> None:
+        self.rows = torch.tensor(slots, dtype=torch.long, device=device)
+        self.uniform = slots[0] if len(set(slots)) == 1 else None
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen linear layer plus slot-stacked LoRA weights, chosen per row by `RowSlots`."""
+
+    def __init__(self, base_layer: nn.Module, slots: RowSlots, num_slots: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.row_slots = slots
+        self.num_slots = num_slots
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        # Buffers, not parameters: nothing here trains, and they follow .to(device).
+        self.register_buffer("lora_A", None, persistent=False)
+        self.register_buffer("lora_B", None, persistent=False)
+        self.filled: set[int] = set()           # slots holding a nonzero update here
+
+    def _compute_dtype(self) -> torch.dtype:
+        w = getattr(self.base_layer, "weight", None)
+        if w is not None and w.dtype.is_floating_point:
+            return w.dtype
+        return getattr(self.base_layer, "compute_dtype", torch.float32)
+
+    def _grow(self, rank: int, device: torch.device) -> None:
+        """Make room for rank `rank`, keeping the slots already filled."""
+        old = 0 if self.lora_A is None else self.lora_A.shape[1]
+        if rank <= old:
+            return
+        dtype = self._compute_dtype()
+        a = torch.zeros(self.num_slots, rank, self.in_features, device=device, dtype=dtype)
+        b = torch.zeros(self.num_slots, self.out_features, rank, device=device, dtype=dtype)
+        if old:
+            a[:, :old] = self.lora_A
+            b[:, :, :old] = self.lora_B
+        self.lora_A, self.lora_B = a, b
+
+    @torch.no_grad()
+    def fill(self, slot: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
+        """Put A [r, in] and scale·B [out, r] into `slot` (ranks beyond r stay zero)."""
+        if a.shape[1] != self.in_features or b_scaled.shape[0] != self.out_features:
+            raise ValueError(f"LoRA shapes A {tuple(a.shape)}, B {tuple(b_scaled.shape)} do not fit "
+                             f"a {self.in_features}→{self.out_features} layer")
+        # A 4-bit base layer keeps its weight in buffers, so look at both.
+        base = self.base_layer
+        device = next(t for t in [*base.parameters(), *base.buffers()]).device
+        self._grow(a.shape[0], device)
+        self.clear(slot)
+        r = a.shape[0]
+        self.lora_A[slot, :r] = a.to(self.lora_A.dtype)
+        self.lora_B[slot, :, :r] = b_scaled.to(self.lora_B.dtype)
+        self.filled.add(slot)
+
+    @torch.no_grad()
+    def clear(self, slot: int) -> None:
+        if slot in self.filled:
+            self.lora_A[slot].zero_()
+            self.lora_B[slot].zero_()
+            self.filled.discard(slot)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        rows = self.row_slots.rows
+        if rows is None or not self.filled:
+            return out
+        uniform = self.row_slots.uniform
+        if uniform is not None:
+            if uniform not in self.filled:
+                return out
+            # One adapter for the whole batch: two plain matmuls, no gather.
+            h = x.to(self.lora_A.dtype) @ self.lora_A[uniform].t()
+            return out + (h @ self.lora_B[uniform].t()).to(out.dtype)
+        if x.dim() != 3 or x.shape[0] != rows.shape[0]:
+            raise RuntimeError(f"batch of {tuple(x.shape)} does not match {rows.numel()} row slots")
+        a = self.lora_A.index_select(0, rows)             # [batch, r, in]
+        b = self.lora_B.index_select(0, rows)             # [batch, out, r]
+        h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))   # [batch, tokens, r]
+        return out + torch.bmm(h, b.transpose(1, 2)).to(out.dtype)
+
+
+def detach(model: nn.Module) -> None:
+    """Put the plain linear layers back (a model is served by one pool at a time)."""
+    for path, mod in list(model.named_modules()):
+        if isinstance(mod, MultiLoraLinear):
+            parent_name, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, mod.base_layer)
+
+
+def attach(model: nn.Module, paths: list[str], slots: RowSlots, num_slots: int
+           ) -> dict[str, MultiLoraLinear]:
+    """Wrap the linear layers at `paths` (skipping ones already wrapped); return all wrappers."""
+    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, MultiLoraLinear)}
+    for path in paths:
+        if path in layers:
+            continue
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        if not hasattr(base, "in_features"):
+            raise ValueError(f"{path} is a {type(base).__name__}, not a linear layer")
+        wrapper = MultiLoraLinear(base, slots, num_slots)
+        setattr(parent, child, wrapper)
+        layers[path] = wrapper
+    return layers

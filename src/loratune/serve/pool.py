@@ -1,0 +1,276 @@
+"""The adapter pool: LoRA folders loaded on first use into a fixed number of slots, LRU-evicted.
+
+An entry is one adapter or a weighted composition ("fin+region_cn"); a composition is exact as
+one LoRA of the summed rank: A = [A₁; A₂], B = [w₁s₁B₁, w₂s₂B₂]. Slots used by running requests
+are pinned and never evicted. An optional host tier keeps recently evicted adapters' tensors in
+CPU memory, so a GPU-served adapter comes back without a disk read.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from loratune.adapters.inject import AdapterError, pattern_value
+from loratune.adapters.io import CONFIG_NAME, _weights_file, read_adapter_config
+from loratune.config import LoraConfig
+from loratune.serve.multi_lora import MultiLoraLinear, RowSlots, attach, detach
+from loratune.serve.types import BadAdapter, UnknownAdapter
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+PREFIX = "base_model.model."
+
+
+@dataclass
+class HostLora:
+    """One adapter as read from disk: per layer path, A [r, in] and scale·B [out, r] (CPU)."""
+
+    name: str
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.layers.values())
+
+
+def entry_key(adapters: dict[str, float]) -> str:
+    """A canonical name for an adapter or a weighted composition (order does not matter)."""
+    if len(adapters) == 1 and next(iter(adapters.values())) == 1.0:
+        return next(iter(adapters))
+    return "+".join(f"{n}:{w:g}" for n, w in sorted(adapters.items()))
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+        raise BadAdapter(f"adapter name {name!r} is not allowed: use letters, digits, '.', '_' "
+                         "and '-' (no slashes, no '..'), at most 128 characters")
+    return name
+
+
+def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
+    """Read and check a PEFT LoRA folder against `model`; every error names the file and tensor."""
+    try:
+        config, raw = read_adapter_config(folder)
+        weights_path = _weights_file(folder)
+    except AdapterError as err:
+        raise BadAdapter(f"adapter {name!r}: {err}") from None
+    if not isinstance(config, LoraConfig) or config.method != "lora":
+        raise BadAdapter(f"adapter {name!r} ({folder}) is {config.method}; the server runs plain "
+                         "LoRA adapters side by side. Merge it into the base with `loratune merge` "
+                         "and serve the merged model instead")
+    if getattr(config, "bias", "none") != "none" or raw.get("modules_to_save"):
+        raise BadAdapter(f"adapter {name!r} ({folder}) trains biases or whole modules "
+                         "(bias / modules_to_save); those cannot be mixed per row. Merge it instead")
+    weights = load_file(str(weights_path))
+    ranks, alphas = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key in sorted(weights):
+        if not (key.startswith(PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight"))):
+            raise BadAdapter(f"{weights_path}: tensor {key} is not a LoRA A/B weight")
+        if not key.endswith(".lora_A.weight"):
+            continue
+        path = key[len(PREFIX):-len(".lora_A.weight")]
+        a, b = weights[key], weights.get(f"{PREFIX}{path}.lora_B.weight")
+        if b is None:
+            raise BadAdapter(f"{weights_path}: {key} has no matching lora_B tensor")
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            raise BadAdapter(f"{weights_path}: tensor {key} has no place in this model "
+                             "(adapter trained on another base?)") from None
+        shape_in = getattr(layer, "in_features", None)
+        shape_out = getattr(layer, "out_features", None)
+        r = pattern_value(path, ranks, config.r)
+        if a.shape != (r, shape_in) or b.shape != (shape_out, r):
+            raise BadAdapter(f"{weights_path}: {path} has A {tuple(a.shape)} and B "
+                             f"{tuple(b.shape)}; this model's layer needs A ({r}, {shape_in}) and "
+                             f"B ({shape_out}, {r}) (adapter trained on another base?)")
+        alpha = pattern_value(path, alphas, config.lora_alpha)
+        scale = alpha / (r**0.5 if config.use_rslora else r)
+        layers[path] = (a.float(), b.float() * scale)
+    if not layers:
+        raise BadAdapter(f"{weights_path}: no LoRA tensors")
+    return HostLora(name, layers)
+
+
+def compose(parts: list[tuple[HostLora, float]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the stacked ranks of all parts (weight folded into B)."""
+    out: dict[str, tuple[list, list]] = {}
+    for lora, weight in parts:
+        for path, (a, b) in lora.layers.items():
+            a_list, b_list = out.setdefault(path, ([], []))
+            a_list.append(a)
+            b_list.append(b * weight)
+    return {p: (torch.cat(a, 0), torch.cat(b, 1)) for p, (a, b) in out.items()}
+
+
+class AdapterPool:
+    """Known adapters (folders under `adapter_dir`, or registered), `max_adapters` of them live."""
+
+    def __init__(self, adapter_dir: str | Path | None = None, max_adapters: int = 8,
+                 host_adapters: int = 0):
+        if max_adapters < 1:
+            raise ValueError(f"max_adapters must be at least 1, got {max_adapters}")
+        self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir else None
+        if self.adapter_dir is not None and not self.adapter_dir.is_dir():
+            raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist")
+        self.max_adapters = max_adapters
+        self.host_adapters = host_adapters
+        self.lock = threading.RLock()
+        self.registered: dict[str, Path] = {}
+        self.live: OrderedDict[str, int] = OrderedDict()   # entry key -> slot, LRU first
+        self.members: dict[str, set[str]] = {}              # entry key -> adapter names in it
+        self.pins: dict[int, int] = {}
+        self.free = list(range(1, max_adapters + 1))
+        self.host: OrderedDict[str, HostLora] = OrderedDict()
+        self.counts = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0, "load_seconds": 0.0}
+        self.model: nn.Module | None = None
+        self.slots = RowSlots()
+        self.layers: dict[str, MultiLoraLinear] = {}
+
+    def bind(self, model: nn.Module) -> RowSlots:
+        """Serve `model`: its linear layers get slot-stacked LoRA as adapters need them."""
+        detach(model)
+        self.model = model
+        return self.slots
+
+    # -- what is known ------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        with self.lock:
+            found = set(self.registered)
+            if self.adapter_dir is not None:
+                found |= {p.name for p in self.adapter_dir.iterdir()
+                          if (p / CONFIG_NAME).is_file() and NAME.fullmatch(p.name)}
+            return sorted(found)
+
+    def folder(self, name: str) -> Path:
+        check_name(name)
+        with self.lock:
+            if name in self.registered:
+                return self.registered[name]
+        if self.adapter_dir is not None and (self.adapter_dir / name / CONFIG_NAME).is_file():
+            return self.adapter_dir / name
+        raise UnknownAdapter(name, self.names())
+
+    def register(self, name: str, path: str | Path) -> None:
+        """Make `path` known as `name`; with an adapter directory, only folders inside it."""
+        check_name(name)
+        folder = Path(path).resolve()
+        if self.adapter_dir is not None and not folder.is_relative_to(self.adapter_dir):
+            raise BadAdapter(f"adapter folder {path} is outside the adapter directory "
+                             f"{self.adapter_dir}; only folders under it can be loaded")
+        if not (folder / CONFIG_NAME).is_file():
+            raise BadAdapter(f"adapter folder {path} has no {CONFIG_NAME}")
+        with self.lock:
+            self.registered[name] = folder
+            self._drop_entries_with(name)   # a new folder under an old name: reload on next use
+
+    def unload(self, name: str) -> None:
+        """Free the memory of `name` (and compositions using it); it stays known."""
+        folder_known = name in self.names()
+        with self.lock:
+            dropped = self._drop_entries_with(name)
+            dropped |= self.host.pop(name, None) is not None
+        if not folder_known and not dropped:
+            raise UnknownAdapter(name, self.names())
+
+    def loaded(self) -> list[str]:
+        with self.lock:
+            return list(self.live)
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {**self.counts, "live": len(self.live), "capacity": self.max_adapters}
+
+    # -- used by the engine thread -------------------------------------------------------------
+    def acquire(self, adapters: dict[str, float]) -> int | None:
+        """The slot serving `adapters` (0: base alone), pinned; None when every slot is pinned."""
+        if not adapters:
+            return 0
+        key = entry_key(adapters)
+        with self.lock:
+            if key in self.live:
+                self.counts["hits"] += 1
+                self.live.move_to_end(key)
+                return self._pin(self.live[key])
+            if not self.free and not self._evict_one():
+                return None
+            self.counts["misses"] += 1
+        t0 = time.perf_counter()
+        parts = [(self._host_lora(n), w) for n, w in adapters.items()]
+        layers = compose(parts)
+        with self.lock:
+            slot = self.free.pop()
+            self._fill(slot, layers)
+            self.live[key] = slot
+            self.members[key] = set(adapters)
+            self.counts["loads"] += 1
+            self.counts["load_seconds"] += time.perf_counter() - t0
+            return self._pin(slot)
+
+    def release(self, slot: int) -> None:
+        if slot == 0:
+            return
+        with self.lock:
+            self.pins[slot] -= 1
+            if not self.pins[slot]:
+                del self.pins[slot]
+                if slot not in self.live.values() and slot not in self.free:
+                    self._clear(slot)      # dropped while in use: free it now
+
+    # -- internals -----------------------------------------------------------------------------
+    def _pin(self, slot: int) -> int:
+        self.pins[slot] = self.pins.get(slot, 0) + 1
+        return slot
+
+    def _host_lora(self, name: str) -> HostLora:
+        with self.lock:
+            if name in self.host:
+                self.host.move_to_end(name)
+                return self.host[name]
+        if self.model is None:
+            raise RuntimeError("AdapterPool.bind(model) must be called before adapters are used")
+        lora = read_lora(name, self.folder(name), self.model)
+        if self.host_adapters:
+            with self.lock:
+                self.host[name] = lora
+                while len(self.host) > self.host_adapters:
+                    self.host.popitem(last=False)
+        return lora
+
+    def _fill(self, slot: int, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.layers = attach(self.model, list(layers), self.slots, self.max_adapters + 1)
+        for path, (a, b) in layers.items():
+            self.layers[path].fill(slot, a, b)
+
+    def _clear(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.clear(slot)
+        self.free.append(slot)
+
+    def _evict_one(self) -> bool:
+        for key, slot in self.live.items():
+            if slot not in self.pins:
+                del self.live[key]
+                self.members.pop(key, None)
+                self._clear(slot)
+                self.counts["evictions"] += 1
+                return True
+        return False
+
+    def _drop_entries_with(self, name: str) -> bool:
+        keys = [k for k, names in self.members.items() if name in names]
+        for key in keys:
+            slot = self.live.pop(key)
+            del self.members[key]
+            if slot not in self.pins:
+                self._clear(slot)
+        return bool(keys)

@@ -1,0 +1,62 @@
+"""Choosing the next token of one request: greedy, or sampled with temperature / top-k / top-p."""
+
+from __future__ import annotations
+
+import torch
+
+from loratune.serve.types import SamplingParams
+
+
+def new_generator(params: SamplingParams) -> torch.Generator | None:
+    """A private random stream per request, so a seeded request repeats whatever runs beside it."""
+    if params.temperature <= 0:
+        return None
+    g = torch.Generator()
+    if params.seed is not None:
+        g.manual_seed(params.seed)
+    else:
+        g.seed()
+    return g
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+               ) -> int:
+    """One token from a [vocab] row of logits."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    scores = logits.float() / params.temperature
+    if params.top_k and params.top_k < scores.numel():
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = torch.cumsum(sorted_p, 0) - sorted_p >= params.top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    # Sampling on the CPU keeps one generator type for every device.
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def find_stop(text: str, stops: list[str], start: int) -> int | None:
+    """Index where the first stop string begins in `text`, looking only at new text from `start`."""
+    best = None
+    for stop in stops:
+        if not stop:
+            continue
+        i = text.find(stop, max(0, start - len(stop) + 1))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters might start a stop string (not yet safe to stream)."""
+    keep = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                keep = max(keep, n)
+                break
+    return keep
