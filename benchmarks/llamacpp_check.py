@@ -7,8 +7,9 @@ cores; the default test suite does not need it). Uses a trained demo adapter if 
     python benchmarks/llamacpp_check.py --adapter runs/demo-…/adapter
 
 Prints: tokenizer equality, greedy-equal prompts (f16 GGUF vs transformers on the same f16
-weights; LoRA GGUF via --lora vs the merged GGUF), perplexity of q8_0/q4_0/q4_k_m vs f16
-(targets: within 1% and 10%), file sizes.
+weights; LoRA GGUF via --lora vs the merged GGUF), perplexity ratio, mean KL divergence and
+top-1 agreement of q8_0/q4_0/q4_k_m vs f16 for our files and for llama.cpp's own quantizer
+applied to our f16 file (perplexity targets: within 1% and 10%), file sizes.
 """
 
 from __future__ import annotations
@@ -33,10 +34,16 @@ def main() -> int:
     print(f"\ntokenizer equal: {report['tokenizer_equal']}")
     print(f"greedy {args.tokens} tokens, f16 GGUF vs transformers: {report['greedy_equal']}/{n}")
     print(f"greedy, base GGUF + LoRA GGUF vs merged GGUF: {report['lora_greedy_equal']}/{n}")
-    for kind, ratio in report["perplexity_ratio"].items():
+    ratio, kl, top1 = report["perplexity_ratio"], report["kl_divergence"], report["top1_agreement"]
+    print("\nvs f16 on the held-out text   ours: ppl ratio / mean KL / top-1   "
+          "llama.cpp's quantizer on our f16 file: same")
+    for kind in ("q8_0", "q4_0", "q4_k_m"):
+        peer = f"cpp_{kind}"
         target = 1.01 if kind == "q8_0" else 1.10
-        print(f"perplexity {kind}/f16: {ratio:.4f} (target <= {target}: "
-              f"{'ok' if ratio <= target else 'MISSED'})")
+        print(f"{kind:7s} {ratio[kind]:.4f} / {kl[kind]:.4f} / {top1[kind]:.3f}   "
+              f"{ratio[peer]:.4f} / {kl[peer]:.4f} / {top1[peer]:.3f}   "
+              f"(ppl target <= {target}: {'ok' if ratio[kind] <= target else 'MISSED'}; "
+              f"KL vs llama.cpp's {kl[kind] / kl[peer]:.2f}x)")
     return 0
 
 

@@ -35,7 +35,13 @@ def test_lora_gguf_in_llamacpp_equals_the_merged_model(report):
     assert report["lora_greedy_equal"] == report["prompts"]
 
 
-def test_quantized_perplexity_close_to_f16(report):
-    ratio = report["perplexity_ratio"]
-    assert ratio["q8_0"] <= 1.01, ratio
-    assert ratio["q4_0"] <= 1.10 and ratio["q4_k_m"] <= 1.10, ratio
+def test_quantized_files_as_good_as_llamacpps_own_quantizer(report):
+    # The perplexity ratio alone cannot judge 4-bit files of this model: llama.cpp's own
+    # q4_k_m of our f16 file is ~1.17× on the held-out text (benchmarks/README.md). The peer
+    # is llama.cpp's quantizer on the same file, judged by KL divergence from f16.
+    ratio, kl, top1 = report["perplexity_ratio"], report["kl_divergence"], report["top1_agreement"]
+    assert ratio["q8_0"] <= 1.01 and kl["q8_0"] < 0.01, (ratio, kl)
+    for kind in ("q8_0", "q4_0", "q4_k_m"):
+        assert kl[kind] <= 1.15 * kl[f"cpp_{kind}"], (kind, kl)
+        assert top1[kind] >= top1[f"cpp_{kind}"] - 0.03, (kind, top1)
+    assert report["sizes_mib"]["q4_0"] == report["sizes_mib"]["cpp_q4_0"]  # same mix

@@ -95,6 +95,10 @@ def tensor_kind(name: str, out_type: str, n_layers: int, ndim: int) -> str:
         return "f32"  # norms and biases stay in full precision, as llama.cpp keeps them
     if out_type == "q4_k_m":
         return _q4_k_m_type(name, n_layers)
+    if out_type == "q4_0" and name == "output.weight":
+        # As llama.cpp's Q4_0 files: the output layer (token_embd when tied) at 6 bits, or
+        # Q8_0 when its rows are not a multiple of 256; it costs little and the logits need it.
+        return "q6_k"
     return out_type
 
 

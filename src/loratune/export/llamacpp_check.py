@@ -3,18 +3,22 @@
 - the GGUF tokenizer gives the same ids as the Hugging Face tokenizer;
 - greedy generation from our f16 GGUF equals transformers' greedy generation from the same
   f16 weights (computed in fp32, as llama.cpp accumulates);
-- perplexity of q8_0 / q4_0 / q4_k_m relative to f16 on a held-out text;
+- perplexity of q8_0 / q4_0 / q4_k_m relative to f16 on a held-out text, and the mean KL
+  divergence of their next-token distributions from f16's, for our files and for llama.cpp's
+  own quantizer run on our f16 file (the peer: same weights, same text, same run);
 - a LoRA adapter GGUF applied by llama.cpp (`--lora`) gives the merged model's greedy output.
 """
 
 from __future__ import annotations
 
-import math
+import ctypes
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+QUANTS = ("f16", "q8_0", "q4_0", "q4_k_m")
 PROMPTS = [
     "Convert the request into a command.\n\nStart a 12 minute timer",
     "What is the capital of France?",
@@ -68,14 +72,43 @@ def f16_model(folder: Path):
     return model
 
 
-def perplexity(llm, ids: list[int]) -> float:
+def token_logprobs(llm, ids: list[int]) -> np.ndarray:
+    """[len(ids), vocab] log-softmax of llama.cpp's logits after each token (float32)."""
     llm.reset()
     llm.eval(ids)
     logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    nll = -np.mean([logp[i, ids[i + 1]] for i in range(len(ids) - 1)])
-    return math.exp(nll)
+    return logp.astype(np.float32)
+
+
+def perplexity(logp: np.ndarray, ids: list[int]) -> float:
+    nll = -logp[np.arange(len(ids) - 1), ids[1:]].astype(np.float64)
+    return float(np.exp(nll.mean()))
+
+
+def divergence(ref: np.ndarray, logp: np.ndarray) -> dict[str, float]:
+    """Mean KL(ref ‖ quantized) per position and top-1 agreement. Unlike a perplexity ratio,
+    which a few confidently wrong tokens can move either way, both only worsen with noise."""
+    kl = (np.exp(ref.astype(np.float64)) * (ref - logp)).sum(-1)
+    return {"kl": float(kl.mean()), "top1": float((ref.argmax(-1) == logp.argmax(-1)).mean())}
+
+
+LLAMACPP_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+                   "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+
+
+def llamacpp_quantize(src: Path, out: Path, kind: str, threads: int = 2) -> Path:
+    """`src` (an f16 GGUF) quantized by llama.cpp's own quantizer (llama-quantize's library
+    call): the reference our q8_0 / q4_0 / q4_k_m files are compared with."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMACPP_FTYPES[kind])
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)):
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {kind} ({out})")
+    return out
 
 
 def heldout_ids(tokenizer, limit: int = 512) -> list[int]:
@@ -90,18 +123,26 @@ def heldout_ids(tokenizer, limit: int = 512) -> list[int]:
 
 
 def export_all(model: str, adapter: Path, work: Path) -> dict[str, Path]:
-    """Merged HF folder, its GGUFs (f16, q8_0, q4_0, q4_k_m), the base f16 GGUF, the LoRA GGUF."""
+    """Merged HF folder, its GGUFs (f16, q8_0, q4_0, q4_k_m), the base f16 GGUF, the LoRA GGUF,
+    and llama.cpp's own quantizations of our f16 file (`cpp_q8_0` …)."""
     from loratune.export.gguf_file import write_gguf, write_lora_gguf
     from loratune.export.merge import base_folder, merge_folder, read_adapters
 
     base, tmp = base_folder(model)
-    files = {"base": base, "merged": work / "merged"}
-    merge_folder(base, read_adapters([adapter], None), files["merged"], overwrite=True)
-    for kind in ("f16", "q8_0", "q4_0", "q4_k_m"):
-        files[kind] = write_gguf(files["merged"], work / f"merged-{kind}.gguf", kind,
-                                 overwrite=True)
-    files["base_f16"] = write_gguf(base, work / "base-f16.gguf", "f16", overwrite=True)
-    files["lora"] = write_lora_gguf(adapter, base, work / "lora.gguf", "f32", overwrite=True)
+    try:  # the base converted from a GGUF lives in a temp folder: remove it whatever happens
+        files = {"base": base, "merged": work / "merged"}
+        merge_folder(base, read_adapters([adapter], None), files["merged"], overwrite=True)
+        for kind in QUANTS:
+            files[kind] = write_gguf(files["merged"], work / f"merged-{kind}.gguf", kind,
+                                     overwrite=True)
+        files["base_f16"] = write_gguf(base, work / "base-f16.gguf", "f16", overwrite=True)
+        files["lora"] = write_lora_gguf(adapter, base, work / "lora.gguf", "f32", overwrite=True)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    del files["base"]  # gone with tmp (or the user's own folder)
+    for kind in QUANTS[1:]:
+        files[f"cpp_{kind}"] = llamacpp_quantize(files["f16"], work / f"llamacpp-{kind}.gguf", kind)
     return files
 
 
@@ -126,17 +167,22 @@ def run_checks(model: str, adapter: Path, work: Path, n_tokens: int = 32) -> dic
                         "llama.cpp": tok.decode(greedy_cpp[0])}
     ids = heldout_ids(tok)
     report["heldout_tokens"] = len(ids)
-    ppl = {"f16": perplexity(llm, ids)}
+    ref = token_logprobs(llm, ids)
     del llm
-    for kind in ("q8_0", "q4_0", "q4_k_m"):
+    ppl = {"f16": perplexity(ref, ids)}
+    div = {}
+    for kind in [k for k in files if k in QUANTS[1:] or k.startswith("cpp_")]:
         q = open_gguf(files[kind])
-        ppl[kind] = perplexity(q, ids)
+        logp = token_logprobs(q, ids)
         del q
+        ppl[kind], div[kind] = perplexity(logp, ids), divergence(ref, logp)
     report["perplexity"] = ppl
     report["perplexity_ratio"] = {k: v / ppl["f16"] for k, v in ppl.items() if k != "f16"}
+    report["kl_divergence"] = {k: v["kl"] for k, v in div.items()}
+    report["top1_agreement"] = {k: v["top1"] for k, v in div.items()}
     with_lora = open_gguf(files["base_f16"], lora=files["lora"])
     greedy_lora = [llamacpp_greedy(with_lora, chat_ids(tok, p), n_tokens) for p in PROMPTS]
     report["lora_greedy_equal"] = sum(a == b for a, b in zip(greedy_cpp, greedy_lora))
     report["sizes_mib"] = {k: round(Path(files[k]).stat().st_size / 2**20, 1)
-                           for k in ("f16", "q8_0", "q4_0", "q4_k_m", "lora")}
+                           for k in files if k != "merged"}
     return report
