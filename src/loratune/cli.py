@@ -228,6 +228,12 @@ def cmd_export_gguf(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from loratune.serve.api import run
+
+    return run(args)
+
+
 def cmd_plan(args) -> int:
     from loratune.plan.report import run
 
@@ -348,6 +354,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_gguf)
 
     from loratune.plan.report import add_arguments
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, many adapters")
+    _model_args(p, adapters=False)
+    p.add_argument("--adapters", default=None,
+                   help="folder of PEFT LoRA adapters (sub-folder name = adapter name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-adapters", type=int, default=8, help="adapters held in memory at once")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-completion-tokens", type=int, default=1024)
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="seconds per request, queue included (then 504)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $LORATUNE_API_KEY)")
+    p.add_argument("--route", default=None,
+                   help="language router for model 'auto', e.g. zh=adapter_zh,en=adapter_en")
+    p.add_argument("--quantize", choices=["nf4", "fp4"], default=None,
+                   help="4-bit base weights (adapters stay full precision)")
+    p.add_argument("--served-name", default=None, help="the base's id in /v1/models")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1 on a CPU shared with other jobs)")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("plan", help="memory needed for a training step, and what fits a GPU")
     add_arguments(p)

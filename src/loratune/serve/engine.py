@@ -39,7 +39,12 @@ class Handle:
             waker = self._waker
         if waker is not None:
             loop, flag = waker
-            loop.call_soon_threadsafe(flag.set)
+            # A reader whose event loop is gone cannot be woken; the events stay queued.
+            if not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(flag.set)
+                except RuntimeError:
+                    pass
 
     def cancel(self) -> None:
         """Stop generating (a client went away); the engine frees the row before its next step."""

@@ -93,13 +93,19 @@ class MultiLoraLinear(nn.Module):
                 return out
             # One adapter for the whole batch: two plain matmuls, no gather.
             h = x.to(self.lora_A.dtype) @ self.lora_A[uniform].t()
-            return out + (h @ self.lora_B[uniform].t()).to(out.dtype)
+            if out.dtype != h.dtype:
+                return out + (h @ self.lora_B[uniform].t()).to(out.dtype)
+            # Fused into the base output: no [tokens, out] temporary for the update.
+            flat = out.view(-1, out.shape[-1])
+            return flat.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B[uniform].t()).view_as(out)
         if x.dim() != 3 or x.shape[0] != rows.shape[0]:
             raise RuntimeError(f"batch of {tuple(x.shape)} does not match {rows.numel()} row slots")
         a = self.lora_A.index_select(0, rows)             # [batch, r, in]
         b = self.lora_B.index_select(0, rows)             # [batch, out, r]
         h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))   # [batch, tokens, r]
-        return out + torch.bmm(h, b.transpose(1, 2)).to(out.dtype)
+        if out.dtype != h.dtype:
+            return out + torch.bmm(h, b.transpose(1, 2)).to(out.dtype)
+        return out.baddbmm_(h, b.transpose(1, 2))
 
 
 def detach(model: nn.Module) -> None:

@@ -173,6 +173,13 @@ class AdapterPool:
             self.registered[name] = folder
             self._drop_entries_with(name)   # a new folder under an old name: reload on next use
 
+    def forget(self, name: str) -> None:
+        """Drop a registered name (and its memory); folders under adapter_dir stay known."""
+        with self.lock:
+            self.registered.pop(name, None)
+            self._drop_entries_with(name)
+            self.host.pop(name, None)
+
     def unload(self, name: str) -> None:
         """Free the memory of `name` (and compositions using it); it stays known."""
         folder_known = name in self.names()

@@ -1,0 +1,553 @@
+"""OpenAI-compatible HTTP API over the serving engine: many adapters on one base model.
+
+`model` in a request names the base, an adapter, a composition ("a+b", "a:0.7+b:0.3") or
+"auto" (the language router). Errors always have OpenAI's shape
+{"error": {"message", "type", "param", "code"}}; see docs/serving.md for the status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loratune.serve.metrics import Metrics
+from loratune.serve.router import LanguageRouter, last_user_text
+from loratune.serve.types import (BadAdapter, Event, GenerationRequest, SamplingParams,
+                                  ServeError)
+
+# The engine enforces each request's timeout itself; this margin is only a safety net for an
+# engine that stopped answering, so a client never waits forever.
+DEADLINE_GRACE_S = 5.0
+DEFAULT_MAX_TOKENS = 256     # when a request sets neither max_tokens nor max_completion_tokens
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with `status`."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.param, self.headers = param, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+_SERVE_ERROR_KINDS = {
+    400: ("invalid_request_error", "invalid_value"),
+    404: ("invalid_request_error", "model_not_found"),
+    422: ("invalid_request_error", "bad_adapter"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+
+def from_serve_error(err: ServeError) -> APIError:
+    type_, code = _SERVE_ERROR_KINDS.get(err.status, ("invalid_request_error", None))
+    headers = {"Retry-After": "1"} if err.status == 429 else None
+    return APIError(err.status, str(err), type_, code, headers=headers)
+
+
+# -- request bodies -------------------------------------------------------------------------------
+class _Body(BaseModel):
+    """Fields both generation endpoints share; unknown OpenAI fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)          # extension: OpenAI has no top_k
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    n: int | None = 1
+    logprobs: Any = None
+    user: str | None = None                         # accepted and ignored
+
+    def sampling(self) -> SamplingParams:
+        max_tokens = self.max_completion_tokens if self.max_tokens is None else self.max_tokens
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not s for s in stop):
+            raise APIError(400, "stop: stop strings must not be empty", param="stop")
+        if self.n not in (None, 1):
+            raise APIError(400, f"n: only n=1 is supported, got {self.n}", param="n")
+        if self.logprobs not in (None, False, 0):
+            raise APIError(400, "logprobs: not supported by this server", param="logprobs")
+        return SamplingParams(
+            max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,  # OpenAI default
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0, seed=self.seed, stop=stop)
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_TextPart] | None = None
+
+    def plain(self) -> dict:
+        content = self.content if isinstance(self.content, str) else \
+            "".join(p.text for p in self.content or [])
+        # Chat templates know "system"; "developer" is OpenAI's newer name for it.
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatBody(_Body):
+    messages: list[_Message]
+    tools: list | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str] | list[int]
+    echo: bool | None = False
+    suffix: str | None = None
+
+
+class AdapterBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    path: str | None = None
+
+
+async def parse_body(request: Request, cls: type[BaseModel]) -> BaseModel:
+    """Read and validate a JSON body; a 400 names the first bad field."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json")
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        raise APIError(400, f"{field}: {first['msg']}", code="invalid_value", param=field)
+
+
+# -- prompts --------------------------------------------------------------------------------------
+def chat_prompt_ids(tokenizer, body: ChatBody) -> list[int]:
+    """Messages → token ids with the tokenizer's chat template (as eval/generate.py does)."""
+    from loratune.eval.generate import prompt_ids
+
+    if not body.messages:
+        raise APIError(400, "messages: must contain at least one message", param="messages")
+    if body.tools:
+        raise APIError(400, "tools: tool calls are not supported by this server", param="tools")
+    try:
+        return prompt_ids(tokenizer, [m.plain() for m in body.messages])
+    except Exception as err:  # jinja raises plain exceptions for what a template refuses
+        raise APIError(400, f"messages: the chat template refused them: {err}", param="messages")
+
+
+def completion_prompt_ids(tokenizer, body: CompletionBody) -> list[int]:
+    """A prompt string (or one-string list, or token ids) → token ids, special tokens added."""
+    if body.echo or body.suffix:
+        raise APIError(400, "echo and suffix are not supported by this server", param="echo")
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        return list(prompt)
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise APIError(400, f"prompt: one prompt per request, got a list of {len(prompt)}",
+                           param="prompt")
+        prompt = prompt[0]
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+# -- responses ------------------------------------------------------------------------------------
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _usage(last: Event, prompt_len: int) -> dict:
+    prompt = last.prompt_tokens or prompt_len
+    return {"prompt_tokens": prompt, "completion_tokens": last.completion_tokens,
+            "total_tokens": prompt + last.completion_tokens}
+
+
+def _failure(last: Event | None) -> APIError | None:
+    """The error a final event stands for, or None when it finished normally."""
+    reason = last.finish_reason if last is not None else "timeout"
+    if reason in ("stop", "length"):
+        return None
+    if reason == "timeout":
+        return APIError(504, "the request did not finish within the server's time limit "
+                        "(--request-timeout)", "timeout_error", "timeout")
+    if reason == "cancelled":
+        return APIError(503, "the request was cancelled by the server (shutting down?)",
+                        "server_error", "cancelled")
+    return APIError(500, f"generation failed: {last.error or reason}", "server_error")
+
+
+class _Call:
+    """One generation request in flight: what it asked, its handle and its timing."""
+
+    def __init__(self, kind: str, model: str, handle, prompt_len: int, started: float,
+                 timeout_s: float):
+        self.kind, self.model, self.handle, self.prompt_len = kind, model, handle, prompt_len
+        self.started = started
+        self.deadline = asyncio.get_running_loop().time() + timeout_s + DEADLINE_GRACE_S
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.first_token_s: float | None = None
+
+    def choice(self, text: str | None, finish: str | None, delta: bool) -> dict:
+        if self.kind != "chat":
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        if not delta:
+            return {"index": 0, "message": {"role": "assistant", "content": text},
+                    "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "delta": {} if text is None else {"content": text},
+                "logprobs": None, "finish_reason": finish}
+
+    def envelope(self, choices: list[dict], chunk: bool, usage: dict | None = None) -> dict:
+        obj = "chat.completion" + (".chunk" if chunk else "") if self.kind == "chat" \
+            else "text_completion"
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+               "system_fingerprint": None, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The handle's events until the final one; a synthetic timeout past the deadline."""
+        loop = asyncio.get_running_loop()
+        stream = self.handle.aiter()
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(stream), self.deadline - loop.time())
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                self.handle.cancel()
+                yield Event(finish_reason="timeout")
+                return
+            if event.text and self.first_token_s is None:
+                self.first_token_s = time.perf_counter() - self.started
+            yield event
+            if event.finish_reason:
+                return
+
+
+# -- the app --------------------------------------------------------------------------------------
+class _State:
+    def __init__(self, engine, api_key: str | None, timeout_s: float,
+                 router: LanguageRouter | None):
+        self.engine, self.api_key, self.timeout_s, self.router = engine, api_key, timeout_s, router
+        self.metrics = Metrics()
+        self.checked: dict[str, tuple[Path, float]] = {}   # adapter -> (folder, mtime) read fine
+
+
+def build_app(engine, api_key: str | None = None, request_timeout_s: float = 120,
+              router: LanguageRouter | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` (which the caller starts and stops)."""
+    state = _State(engine, api_key, request_timeout_s, router)
+    app = FastAPI(title="loratune", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.loratune = state
+
+    async def auth(request: Request) -> None:
+        if state.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 state.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return err.response()
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, err: ServeError):
+        return from_serve_error(err).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        return APIError(err.status_code, str(err.detail), code="not_found"
+                        if err.status_code == 404 else None).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception):
+        return APIError(500, f"internal error: {type(err).__name__}: {err}",
+                        "server_error").response()
+
+    guarded = [Depends(auth)]
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(request: Request):
+        return await generate(state, request, "chat")
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(request: Request):
+        return await generate(state, request, "completions")
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models():
+        return list_models(state)
+
+    @app.post("/v1/adapters/load", dependencies=guarded)
+    async def load_adapter(request: Request):
+        body = await parse_body(request, AdapterBody)
+        return await asyncio.to_thread(register_adapter, state, body.name, body.path)
+
+    @app.post("/v1/adapters/unload", dependencies=guarded)
+    async def unload_adapter(request: Request):
+        body = await parse_body(request, AdapterBody)
+        engine.pool.unload(body.name)
+        state.checked.pop(body.name, None)
+        return {"object": "adapter", "id": body.name, "loaded": False}
+
+    @app.get("/health")
+    async def health():
+        stats = engine.stats()
+        return {"status": "ok", "model": engine.base_name, "running": stats["running"],
+                "queued": stats["queued"], "loaded_adapters": engine.pool.loaded()}
+
+    @app.get("/metrics", dependencies=guarded)
+    async def metrics():
+        text = state.metrics.render(engine.stats(), len(engine.pool.loaded()))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def list_models(state: _State) -> dict:
+    engine = state.engine
+    now = int(time.time())
+    loaded = set(engine.pool.loaded())
+    data = [{"id": engine.base_name, "object": "model", "created": now, "owned_by": "loratune"}]
+    data += [{"id": name, "object": "model", "created": now, "owned_by": "loratune",
+              "parent": engine.base_name, "loaded": name in loaded}
+             for name in engine.pool.names()]
+    if state.router is not None:
+        data.append({"id": "auto", "object": "model", "created": now, "owned_by": "loratune",
+                     "parent": engine.base_name, "routes": state.router.routes})
+    return {"object": "list", "data": data}
+
+
+def check_adapter(state: _State, name: str) -> None:
+    """Read adapter `name` once per folder version, so a broken folder is a 422 up front.
+
+    The pool reads folders on the engine thread, where an error can only end the request;
+    checking here first gives the client the right status and keeps the batch untouched.
+    """
+    from loratune.serve.pool import read_lora
+
+    folder = state.engine.pool.folder(name)
+    config = folder / "adapter_config.json"
+    stamp = max((p.stat().st_mtime for p in folder.iterdir() if p.is_file()), default=0.0)
+    if state.checked.get(name) == (folder, stamp) or not config.is_file():
+        return
+    try:
+        read_lora(name, folder, state.engine.model)
+    except BadAdapter:
+        raise
+    except Exception as err:  # e.g. a truncated safetensors file
+        raise BadAdapter(f"adapter {name!r}: cannot read {folder}: {err}") from None
+    state.checked[name] = (folder, stamp)
+
+
+def register_adapter(state: _State, name: str, path: str | None) -> dict:
+    pool = state.engine.pool
+    if path is not None:
+        pool.register(name, path)
+    elif name not in pool.names():
+        pool.folder(name)        # raises UnknownAdapter (404) listing the known names
+    try:
+        check_adapter(state, name)
+    except BadAdapter:
+        if path is not None:
+            pool.forget(name)     # do not keep a name that cannot serve
+        raise
+    return {"object": "adapter", "id": name, "loaded": name in pool.loaded(),
+            "known": pool.names()}
+
+
+async def generate(state: _State, request: Request, kind: str):
+    """Validate, submit and answer one generation request (JSON or server-sent events)."""
+    started = time.perf_counter()
+    model_label = "(invalid)"
+    try:
+        body = await parse_body(request, ChatBody if kind == "chat" else CompletionBody)
+        params = body.sampling()
+        tok = state.engine.tokenizer
+        if kind == "chat":
+            ids = chat_prompt_ids(tok, body)
+            route_text = last_user_text([m.plain() for m in body.messages])
+        else:
+            ids = completion_prompt_ids(tok, body)
+            route_text = body.prompt if isinstance(body.prompt, str) else \
+                (body.prompt[0] if body.prompt and isinstance(body.prompt[0], str) else "")
+        model = resolve_model_field(state, body.model, route_text)
+        adapters = state.engine.resolve(model)
+        model_label = model
+        for name in adapters:
+            await asyncio.to_thread(check_adapter, state, name)
+        handle = state.engine.submit(GenerationRequest(ids, adapters, params, state.timeout_s))
+    except (APIError, ServeError) as err:
+        err = err if isinstance(err, APIError) else from_serve_error(err)
+        state.metrics.record(kind, model_label, err.status, time.perf_counter() - started)
+        raise err from None
+    call = _Call(kind, model, handle, len(ids), started, state.timeout_s)
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(stream(state, call, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await complete(state, call, request)
+
+
+def resolve_model_field(state: _State, model: str, route_text: str) -> str:
+    if model != "auto":
+        return model
+    if state.router is None:
+        raise APIError(400, "model 'auto' needs a language router: start the server with "
+                       "--route zh=<adapter>,en=<adapter>", code="model_not_found", param="model")
+    return state.router.route(route_text, state.engine.base_name)
+
+
+async def _cancel_on_disconnect(request: Request, handle) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.1)
+    handle.cancel()
+
+
+async def complete(state: _State, call: _Call, request: Request) -> JSONResponse:
+    """Collect the whole answer; a client that hangs up cancels its request."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, call.handle))
+    parts: list[str] = []
+    last: Event | None = None
+    try:
+        async for event in call.events():
+            parts.append(event.text)
+            last = event if event.finish_reason else last
+    finally:
+        client_gone = watcher.done() and not watcher.cancelled()
+        watcher.cancel()
+        if last is None:
+            call.handle.cancel()
+    err = _failure(last)
+    seconds = time.perf_counter() - call.started
+    if client_gone:       # nobody reads the answer; count it as nginx's "client closed" 499
+        err = APIError(499, "client disconnected", code="client_closed")
+    if err is not None:
+        state.metrics.record(call.kind, call.model, err.status, seconds,
+                             last.prompt_tokens if last else 0,
+                             last.completion_tokens if last else 0)
+        return err.response()
+    usage = _usage(last, call.prompt_len)
+    state.metrics.record(call.kind, call.model, 200, seconds, usage["prompt_tokens"],
+                         usage["completion_tokens"])
+    choice = call.choice("".join(parts), last.finish_reason, delta=False)
+    return JSONResponse(call.envelope([choice], chunk=False, usage=usage))
+
+
+async def stream(state: _State, call: _Call, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events shaped like OpenAI's chunks, then `data: [DONE]`.
+
+    When the client disconnects, Starlette cancels this generator: `finally` cancels the
+    handle, which frees the request's batch row before the engine's next step.
+    """
+    last: Event | None = None
+    status = 499  # nginx's "client closed request", for the metrics only
+    try:
+        if call.kind == "chat":
+            first = call.choice(None, None, delta=True)
+            first["delta"] = {"role": "assistant", "content": ""}
+            yield _sse(call.envelope([first], chunk=True))
+        async for event in call.events():
+            if event.finish_reason:
+                last = event
+            if event.text:
+                yield _sse(call.envelope([call.choice(event.text, None, delta=True)], chunk=True))
+        err = _failure(last)
+        if err is not None:
+            status = err.status
+            yield _sse(err.body())
+        else:
+            status = 200
+            yield _sse(call.envelope([call.choice(None, last.finish_reason, delta=True)],
+                                     chunk=True))
+            if include_usage:
+                yield _sse(call.envelope([], chunk=True, usage=_usage(last, call.prompt_len)))
+        yield "data: [DONE]\n\n"
+    finally:
+        if last is None:
+            call.handle.cancel()
+        state.metrics.record(call.kind, call.model, status, time.perf_counter() - call.started,
+                             last.prompt_tokens if last else 0,
+                             last.completion_tokens if last else 0, call.first_token_s)
+
+
+# -- command line ---------------------------------------------------------------------------------
+def served_name(model: str) -> str:
+    """The base model's id in /v1/models: the embedded name, or the folder / file stem."""
+    from loratune.models import EMBEDDED
+
+    return model if model in EMBEDDED else Path(model).expanduser().resolve().stem or model
+
+
+def run(args) -> int:
+    """`loratune serve`: load the base, start the engine, serve HTTP until interrupted."""
+    import uvicorn
+
+    from loratune.config import ModelConfig, QuantConfig
+    from loratune.models import load_model
+    from loratune.serve.engine import Engine
+    from loratune.serve.pool import AdapterPool
+
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    api_key = args.api_key or os.environ.get("LORATUNE_API_KEY") or None
+    router = LanguageRouter.parse(args.route) if args.route else None
+    quant = QuantConfig(type=args.quantize) if args.quantize else None
+    model, tok = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype,
+                                        quantization=quant))
+    pool = AdapterPool(args.adapters, max_adapters=args.max_adapters)
+    engine = Engine(model, tok, pool, base_name=args.served_name or served_name(args.model),
+                    max_batch=args.max_batch, max_queue=args.max_queue,
+                    max_prompt_tokens=args.max_prompt_tokens,
+                    max_completion_tokens=args.max_completion_tokens)
+    if router is not None:
+        for target in {*router.routes.values(), router.default} - {None}:
+            engine.resolve(target)   # an unknown route target fails now, not on the first request
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
+              "port can use the model and load adapters")
+    app = build_app(engine, api_key=api_key, request_timeout_s=args.request_timeout, router=router)
+    engine.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.stop()
+    return 0
