@@ -195,8 +195,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request in (b)")
     ap.add_argument("--pool", type=int, default=4, help="max_adapters in (c)")
     ap.add_argument("--rotation", type=int, default=16, help="adapters in rotation in (c)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: stable figures on a CPU shared with other jobs)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
 
     from loratune.models import load_model
 

@@ -121,3 +121,42 @@ def test_estimate_within_15_percent_of_a_measured_qlora_step():
         method="qlora", batch=1, seq=256, dtype="fp32", checkpointing=True, loss_chunk=256,
         device="cpu")).total
     assert 0.85 < planned / measured < 1.15, (planned / GiB, measured / GiB)
+
+
+def test_data_parallel_per_gpu():
+    """DDP keeps the whole base on every GPU; FSDP divides it (not the 4-bit base)."""
+    shape = PRESETS["llama-2-70b"]
+    one = estimate(shape, Setup(method="lora", seq=512))
+    ddp = estimate(shape, Setup(method="lora", seq=512, gpus=8, parallel="ddp"))
+    fsdp = estimate(shape, Setup(method="lora", seq=512, gpus=8, parallel="fsdp"))
+    assert ddp.weights == one.weights and ddp.communication == one.grads  # bucket copy
+    layer = sum(a * b for a, b in shape.linear_shapes())
+    assert fsdp.weights == -(-one.weights // 8) + (shape.other_params + 2 * layer) * 2
+    assert fsdp.optimizer == -(-one.optimizer // 8) and fsdp.grads == -(-one.grads // 8)
+    h100 = GPUS["h100"][1]
+    assert ddp.total > h100 and fsdp.total < 0.3 * h100  # 70B LoRA: 8 x H100 only with FSDP
+    totals = [estimate(shape, Setup(method="lora", gpus=n, parallel="fsdp")).total
+              for n in (2, 4, 8)]
+    assert totals == sorted(totals, reverse=True)
+    q1 = estimate(shape, Setup(method="qlora"))
+    q8 = estimate(shape, Setup(method="qlora", gpus=8, parallel="fsdp"))
+    assert q8.weights > q1.weights - 4 * shape.other_params  # 4-bit layers replicated
+    assert q8.quant_stats == q1.quant_stats
+    with pytest.raises(ValueError, match="parallel 'zero'"):
+        Setup(parallel="zero")
+    with pytest.raises(ValueError, match="gpus 0"):
+        Setup(gpus=0)
+    advice = recommend(PRESETS["llama-2-7b"], Setup(method="lora", gpus=4, parallel="fsdp"),
+                       parse_memory("rtx4090")[1], target_batch=6)
+    assert advice and all(a.grad_accum % 4 == 0 for a in advice)
+
+
+def test_plan_cli_scaling(capsys):
+    assert main(["plan", "--scaling"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("llama-2-70b") and
+               " lora " in line and "fsdp" in line).split()
+    per_gpu = [float(x) for x in row[3:]]
+    assert per_gpu == sorted(per_gpu, reverse=True) and per_gpu[-1] < per_gpu[0] / 4
+    assert main(["plan", "--model", "7b", "--gpus", "4", "--parallel", "fsdp"]) == 0
+    assert "per GPU of 4 (fsdp, base sharded)" in capsys.readouterr().out

@@ -174,6 +174,26 @@ def test_lru_eviction_and_pinned_slots(setup):
         engine.stop()
 
 
+def test_host_tier_brings_evicted_adapters_back_without_a_disk_read(setup, monkeypatch):
+    from loratune.serve import pool as pool_mod
+
+    model, tok, folder, refs = setup
+    pool = AdapterPool(folder, max_adapters=1, host_adapters=3)
+    engine = Engine(model, tok, pool, base_name="tiny").start()
+    engine.eos = set()
+    reads = []
+    real = pool_mod.read_lora
+    monkeypatch.setattr(pool_mod, "read_lora", lambda *a: reads.append(a[0]) or real(*a))
+    try:
+        for name in ["a0", "a1", "a0", "a1"]:
+            got = engine.submit(request(PROMPTS[1], {name: 1.0})).result().token_ids
+            assert got == refs[(name, 1)]
+        assert reads == ["a0", "a1"]      # the second round came from host memory
+        assert pool.stats()["host_hits"] == 2 and pool.stats()["evictions"] == 3
+    finally:
+        engine.stop()
+
+
 def test_seeded_sampling_repeats_whatever_runs_beside_it(setup):
     engine = new_engine(setup)
     try:

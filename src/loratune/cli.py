@@ -36,13 +36,22 @@ def _load(model_name: str, adapters: list[str], device: str, dtype: str):
 
 
 def cmd_train(args) -> int:
+    import os
+
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from loratune.train.distributed import launch
+
+        argv = [args.config, *args.overrides]
+        argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+        return launch(args.nproc, argv)
     from loratune.config import load_config
     from loratune.train import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"adapter saved to {result.adapter_dir} ({result.steps} steps, "
-          f"final loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
+    if int(os.environ.get("RANK", 0)) == 0:  # every rank returns; one message
+        print(f"adapter saved to {result.adapter_dir} ({result.steps} steps, "
+              f"final loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
     return 0
 
 
@@ -261,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a used output_dir (the old run is kept as a backup)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="run N data-parallel processes on this machine (starts torchrun)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the main job: LoRA on the bundled demo task, before/after")
@@ -362,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-adapters", type=int, default=8, help="adapters held in memory at once")
+    p.add_argument("--host-adapters", type=int, default=0,
+                   help="evicted adapters kept in CPU memory (a second tier for GPU serving)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument("--max-prompt-tokens", type=int, default=2048)

@@ -238,6 +238,12 @@ class TrainConfig(_Section):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes: ddp replicates the base, fsdp shards it")
+    deepspeed: str | None = Field(
+        None, description="DeepSpeed ZeRO-2/3 JSON config (needs CUDA and the deepspeed package)")
+    dist_timeout: float = Field(
+        600, gt=0, description="seconds a collective waits for a stalled rank before failing")
     gradient_checkpointing: bool = False
     offload_activations: bool = Field(
         False, description="keep tensors saved for backward in host memory (GPU runs)")

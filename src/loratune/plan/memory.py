@@ -12,6 +12,13 @@ attention, which keeps no seq x seq matrix):
 With gradient checkpointing each layer keeps only its input (h per token), and one layer's
 activations exist at a time while it is recomputed. Backward adds a working set of about
 (2h + 3i) per token for the gradients flowing through the layer being differentiated.
+
+On several GPUs (`gpus`, `parallel`) the figures are per GPU. DDP replicates everything and adds
+a bucket copy of the trainable gradients. FSDP (loratune's wrapping: one unit per decoder layer,
+the rest in the root unit) shards parameters, gradients and optimizer states over the GPUs, but
+holds the root (embeddings, head, norms) gathered through forward and backward, and up to two
+gathered layers (the one running and the one prefetched). 4-bit weights are buffers, which
+FSDP does not shard: QLoRA bases stay replicated.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from loratune.plan.shapes import LINEARS_PER_LAYER, ModelShape
 
 BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 METHODS = ("full", "lora", "qlora")
+PARALLEL = ("ddp", "fsdp")
 # Process RSS of python + torch + transformers + a tokenizer (measured here), or the CUDA context
 OVERHEAD = {"cpu": 0.40 * 2**30, "cuda": 0.60 * 2**30}
 
@@ -40,6 +48,8 @@ class Setup:
     blocksize: int = 64
     double_quant: bool = True
     device: str = "cuda"
+    gpus: int = 1                  # data-parallel processes; figures stay per GPU
+    parallel: str = "ddp"          # ddp (replicate the base) | fsdp (shard it)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -50,6 +60,14 @@ class Setup:
             raise ValueError(f"optimizer '{self.optimizer}': expected adamw or adamw8bit")
         if min(self.batch, self.seq, self.rank) < 1:
             raise ValueError("batch, seq and rank must be positive")
+        if self.gpus < 1:
+            raise ValueError(f"gpus {self.gpus}: expected at least 1")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel '{self.parallel}': expected ddp or fsdp")
+
+    @property
+    def sharded(self) -> bool:
+        return self.parallel == "fsdp" and self.gpus > 1
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,7 @@ class Breakdown:
     logits: int
     temporaries: int
     overhead: int
+    communication: int = 0
 
     @property
     def total(self) -> int:
@@ -127,13 +146,45 @@ def _temporaries(shape: ModelShape, s: Setup) -> int:
     return 2 * largest * BYTES[s.dtype]
 
 
+def _per_gpu(n: int, s: Setup) -> int:
+    return -(-n // s.gpus) if s.sharded else n
+
+
+def _fsdp_gathered(shape: ModelShape, s: Setup) -> int:
+    """Whole parameters FSDP holds besides the shards: the root unit and two decoder layers."""
+    if s.method == "qlora":  # the 4-bit layers are replicated anyway; the fp32 root is gathered
+        return 4 * shape.other_params
+    a = BYTES[s.dtype]
+    layer = sum(x * y for x, y in shape.linear_shapes())
+    return (shape.other_params + 2 * layer) * a
+
+
+def _communication(shape: ModelShape, s: Setup, trainable: int, grad_bytes: int) -> int:
+    if s.gpus == 1:
+        return 0
+    if s.sharded:  # one layer's unsharded gradients, before the reduce-scatter
+        return -(-trainable // shape.layers) * grad_bytes
+    return trainable * grad_bytes  # DDP's buckets: a flat copy of every trainable gradient
+
+
 def estimate(shape: ModelShape, setup: Setup) -> Breakdown:
+    """Bytes one training step needs on one device (per GPU when setup.gpus > 1)."""
     weights, stats = _weights(shape, setup)
+    if setup.sharded:
+        if setup.method == "qlora":  # buffers: replicated; the fp32 rest is sharded
+            fp32 = 4 * shape.other_params
+            weights = weights - fp32 + _per_gpu(fp32, setup)
+        else:
+            weights = _per_gpu(weights, setup)
+        weights += _fsdp_gathered(shape, setup)
     trainable = trainable_params(shape, setup)
     adapter = 0 if setup.method == "full" else 4 * trainable  # LoRA weights train in fp32
     grad_bytes = BYTES[setup.dtype] if setup.method == "full" else 4
     return Breakdown(
-        weights=weights, quant_stats=stats, adapter=adapter, grads=trainable * grad_bytes,
-        optimizer=_optimizer(shape, setup), activations=_activations(shape, setup),
-        logits=_logits(shape, setup), temporaries=_temporaries(shape, setup),
-        overhead=int(OVERHEAD.get(setup.device.split(":")[0], OVERHEAD["cuda"])))
+        weights=weights, quant_stats=stats, adapter=_per_gpu(adapter, setup),
+        grads=_per_gpu(trainable * grad_bytes, setup),
+        optimizer=_per_gpu(_optimizer(shape, setup), setup),
+        activations=_activations(shape, setup), logits=_logits(shape, setup),
+        temporaries=_temporaries(shape, setup),
+        overhead=int(OVERHEAD.get(setup.device.split(":")[0], OVERHEAD["cuda"])),
+        communication=_communication(shape, setup, trainable, grad_bytes))

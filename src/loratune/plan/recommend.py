@@ -76,7 +76,9 @@ def recommend(shape: ModelShape, setup: Setup, memory: int, target_batch: int = 
             if batch:
                 batch = min(batch, target_batch)
                 s = replace(s, batch=batch)
-                out.append(Advice(s, estimate(shape, s).total, math.ceil(target_batch / batch)))
+                # train.grad_accum counts the micro-batches of all GPUs: a multiple of gpus
+                accum = math.ceil(math.ceil(target_batch / batch) / s.gpus) * s.gpus
+                out.append(Advice(s, estimate(shape, s).total, accum))
         if out:  # 8-bit states only when 32-bit ones leave nothing that fits
             break
     return out

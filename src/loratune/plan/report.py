@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from loratune.plan.memory import METHODS, Breakdown, Setup, estimate
+from loratune.plan.memory import METHODS, PARALLEL, Breakdown, Setup, estimate
 from loratune.plan.recommend import GPUS, GiB, leanest_total, longest_seq, parse_memory, recommend
 from loratune.plan.shapes import PRESETS, ModelShape, resolve_shape
 
@@ -13,7 +13,8 @@ ROWS = [("weights", "weights"), ("quant_stats", "quantization scales"),
         ("adapter", "adapter weights"), ("grads", "gradients"),
         ("optimizer", "optimizer states"), ("activations", "activations"),
         ("logits", "logits (loss)"), ("temporaries", "dequantized temporaries"),
-        ("overhead", "runtime / CUDA context")]
+        ("overhead", "runtime / CUDA context"),
+        ("communication", "DDP/FSDP buffers")]
 
 
 class PlanError(ValueError):
@@ -28,7 +29,10 @@ def render(shape: ModelShape, setup: Setup, b: Breakdown) -> str:
     ckpt = "with" if setup.checkpointing else "without"
     lines = [f"{shape.name}: {shape.params / 1e9:.2f}B params, {setup.method}, "
              f"batch {setup.batch} x seq {setup.seq}, r={setup.rank}, {setup.dtype}, "
-             f"{setup.optimizer}, {ckpt} gradient checkpointing, on {setup.device}"]
+             f"{setup.optimizer}, {ckpt} gradient checkpointing, on {setup.device}"
+             + (f"; per GPU of {setup.gpus} ({setup.parallel}, "
+                f"{'base sharded' if setup.sharded else 'base replicated'})"
+                if setup.gpus > 1 else "")]
     other = estimate(shape, replace(setup, checkpointing=not setup.checkpointing))
     for key, label in ROWS:
         value = getattr(b, key)
@@ -81,6 +85,24 @@ def table(shapes: list[ModelShape], setup: Setup) -> str:
     return "\n".join(lines)
 
 
+def scaling_table(shapes: list[ModelShape], setup: Setup,
+                  gpu_counts: tuple[int, ...] = (1, 2, 4, 8)) -> str:
+    """GiB per GPU for each model x method x DDP/FSDP x GPU count."""
+    head = (f"{'model':<16}{'method':<7}{'parallel':<9}"
+            + "".join(f"{f'{n} GPU':>9}" for n in gpu_counts))
+    lines = [f"GiB per GPU; batch {setup.batch} x seq {setup.seq} per GPU, r={setup.rank}, "
+             f"{setup.dtype}, {'with' if setup.checkpointing else 'without'} checkpointing, "
+             f"{setup.optimizer}", head]
+    for shape in shapes:
+        for method in METHODS:
+            for parallel in PARALLEL:
+                cells = [estimate(shape, replace(setup, method=method, parallel=parallel,
+                                                 gpus=n)).total for n in gpu_counts]
+                lines.append(f"{shape.name:<16}{method:<7}{parallel:<9}"
+                             + "".join(f"{gib(c):>9}" for c in cells))
+    return "\n".join(lines)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama-2-7b",
                    help=f"preset ({', '.join(PRESETS)}; or 7b/13b/70b), HF folder or config.json")
@@ -98,13 +120,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-batch", type=int, default=16, help="effective batch to reach")
     p.add_argument("--table", action="store_true",
                    help="print the 7B/13B/70B x full/LoRA/QLoRA matrix instead")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="data-parallel GPUs; figures are per GPU")
+    p.add_argument("--parallel", default="ddp", choices=list(PARALLEL),
+                   help="ddp replicates the base on every GPU, fsdp shards it")
+    p.add_argument("--scaling", action="store_true",
+                   help="print 7B/13B/70B x method x ddp/fsdp on 1/2/4/8 GPUs instead")
 
 
 def run(args: argparse.Namespace) -> str:
     try:
         setup = Setup(method=args.method, batch=args.batch, seq=args.seq, rank=args.rank,
                       dtype=args.dtype, optimizer=args.optimizer,
-                      checkpointing=args.checkpointing, device=args.device)
+                      checkpointing=args.checkpointing, device=args.device,
+                      gpus=getattr(args, "gpus", 1), parallel=getattr(args, "parallel", "ddp"))
+        presets = [PRESETS[n] for n in ("llama-2-7b", "llama-2-13b", "llama-2-70b")]
+        if getattr(args, "scaling", False):
+            return scaling_table(presets, setup)
         if args.table:
             return table([PRESETS[n] for n in ("llama-2-7b", "llama-2-13b", "llama-2-70b")],
                          setup)

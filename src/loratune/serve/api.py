@@ -533,7 +533,8 @@ def run(args) -> int:
     quant = QuantConfig(type=args.quantize) if args.quantize else None
     model, tok = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype,
                                         quantization=quant))
-    pool = AdapterPool(args.adapters, max_adapters=args.max_adapters)
+    pool = AdapterPool(args.adapters, max_adapters=args.max_adapters,
+                       host_adapters=getattr(args, "host_adapters", 0))
     engine = Engine(model, tok, pool, base_name=args.served_name or served_name(args.model),
                     max_batch=args.max_batch, max_queue=args.max_queue,
                     max_prompt_tokens=args.max_prompt_tokens,

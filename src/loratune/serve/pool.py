@@ -131,7 +131,8 @@ class AdapterPool:
         self.pins: dict[int, int] = {}
         self.free = list(range(1, max_adapters + 1))
         self.host: OrderedDict[str, HostLora] = OrderedDict()
-        self.counts = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0, "load_seconds": 0.0}
+        self.counts = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0, "load_seconds": 0.0,
+                       "host_hits": 0}
         self.model: nn.Module | None = None
         self.slots = RowSlots()
         self.layers: dict[str, MultiLoraLinear] = {}
@@ -242,6 +243,7 @@ class AdapterPool:
         with self.lock:
             if name in self.host:
                 self.host.move_to_end(name)
+                self.counts["host_hits"] += 1
                 return self.host[name]
         if self.model is None:
             raise RuntimeError("AdapterPool.bind(model) must be called before adapters are used")

@@ -1,8 +1,10 @@
-"""The LoRA SFT recipe: setup → train → save, in that order, on one process.
+"""The LoRA SFT recipe: setup → train → save, in that order, on one process or under torchrun.
 
 `train(cfg)` reads data, loads the base model, adds the adapter, runs the optimizer loop with
 gradient accumulation, evaluates held-out loss, writes metrics/checkpoints, and saves the
-final adapter in PEFT format under `<output_dir>/adapter`.
+final adapter in PEFT format under `<output_dir>/adapter`. Started by torchrun (WORLD_SIZE > 1)
+each process runs its share of every step's micro-batches (train/distributed.py); only rank 0
+prints and writes files.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,7 +25,9 @@ from loratune import data as lt_data
 from loratune.adapters import add_adapter, save_adapter, trainable_report
 from loratune.config import RunConfig
 from loratune.models import load_model
+from loratune.train import distributed as lt_dist
 from loratune.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from loratune.train.distributed import DistInfo
 from loratune.train.host_memory import use_mmap_for_large_blocks
 from loratune.train.loss import causal_lm_loss
 from loratune.train.method_hooks import method_hooks
@@ -176,14 +182,36 @@ def _progress(total: int, start: int, enabled: bool):
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=None,
           tokenizer=None, quiet: bool = False) -> TrainResult:
+    """Train an adapter as `cfg` says; under torchrun, one data-parallel rank of the run."""
+    info = DistInfo.from_env()
+    mode = lt_dist.check_parallel_options(cfg.train, cfg.adapter.method, info)
+    owns = {"group": False}
+    try:
+        return _train(cfg, resume, overwrite, model, tokenizer, quiet, info, mode, owns)
+    finally:
+        if owns["group"]:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(cfg: RunConfig, resume: bool, overwrite: bool, model, tokenizer, quiet: bool,
+           info: DistInfo, mode: str, owns: dict) -> TrainResult:
     out = Path(cfg.output_dir)
     check_run_dir(out, resume, overwrite)  # fail before the slow setup, touch nothing yet
     seed_everything(cfg.train.seed)
     if low_host_memory(cfg):
         use_mmap_for_large_blocks()
     if model is None:
-        model, tokenizer = load_model(cfg.model)
+        model_cfg = cfg.model
+        if info.enabled:
+            model_cfg = cfg.model.model_copy(
+                update={"device": lt_dist.device_for(cfg.model.device, info)})
+        model, tokenizer = load_model(model_cfg)
     device = next(model.parameters()).device
+    owns["group"] = lt_dist.init_group(
+        device, info, cfg.train.dist_timeout)
+    quiet = quiet or not info.is_main  # rank 0 alone prints, logs and writes files
     train_ex, eval_ex, stats, packing = build_data(cfg, tokenizer)
     log = print if not quiet else (lambda *a, **k: None)
     log(f"data: {stats.n_examples} examples ({stats.format}), {stats.n_truncated} truncated, "
@@ -197,13 +225,15 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
     add_adapter(model, cfg.adapter, "default", tokenizer=tokenizer)
     log(trainable_report(model)[2])
     # Only now, with data, model and adapter known good, is the run folder created.
-    prepare_run_dir(out, resume, overwrite)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    if info.is_main:
+        prepare_run_dir(out, resume, overwrite)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    lt_dist.barrier(info)  # the others look for checkpoints only once the folder is settled
+    if info.enabled:
+        log(f"distributed: {info.world_size} processes, {mode}, "
+            f"{cfg.train.grad_accum // info.world_size} micro-batch(es) per rank per step")
     if cfg.train.gradient_checkpointing:
         set_checkpointing(model, True)
-    optimizer = build_optimizer(model, cfg.train)
-    for note in offload_notes(cfg.train, device):
-        log(note)
     pad_id = tokenizer.pad_token_id
 
     n_batches = len(epoch_batches(cfg, train_ex, packing, pad_id, 0))
@@ -213,20 +243,33 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
     eval_batches = epoch_batches(cfg, eval_ex, packing, pad_id, 0) if eval_ex else []
     hooks = method_hooks(model, cfg.adapter, "default", total_steps)
 
-    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=info.is_main)
     start_step = 0
     ckpts = list_checkpoints(out / "checkpoints")
     if resume and ckpts and getattr(cfg.adapter, "prefix_projection", False):
         raise RunFolderError("resume is not supported for prefix tuning with prefix_projection "
                              "(checkpoints hold the computed prefixes, not the MLP); start over "
                              "with --overwrite or train without prefix_projection")
-    if resume and ckpts:
-        state = load_checkpoint(ckpts[-1], model, optimizer)
-        start_step = state["step"]
+    if info.enabled:
+        wrapper, optimizer, start_step = _distributed_setup(
+            cfg, model, device, info, mode, out, resume, ckpts, log)
+        forward = wrapper
+    else:
+        wrapper = None
+        optimizer = build_optimizer(model, cfg.train)
+        forward = partial(causal_lm_loss, model, chunk=cfg.train.loss_chunk)
+        if resume and ckpts:
+            state = load_checkpoint(ckpts[-1], model, optimizer)
+            check_resume_state(state, cfg, ckpts[-1])
+            start_step = state["step"]
+            log(f"resumed from {ckpts[-1]} at step {start_step}")
+    for note in offload_notes(cfg.train, device):
+        log(note)
+    if resume and start_step and info.is_main:
         metrics.truncate_after(start_step)
-        log(f"resumed from {ckpts[-1]} at step {start_step}")
-    elif not resume:
+    elif not resume and info.is_main:
         metrics.path.unlink(missing_ok=True)
+    saver = _Saver(cfg, model, optimizer, wrapper, mode, info, out)
 
     model.train()
     history: list[dict] = []
@@ -236,6 +279,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
     eval_loss = None
     bar = _progress(total_steps, start_step, not quiet)
     epoch_cache: dict[int, list[dict]] = {}
+    local = lt_dist.local_micro_indices(cfg.train.grad_accum, info)
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         lr = set_lr(optimizer, lr_factor(step, total_steps, warmup, cfg.train.schedule))
@@ -247,22 +291,26 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
                 epoch_cache.clear()
                 epoch_cache[epoch] = epoch_batches(cfg, train_ex, packing, pad_id, epoch)
             micro.append(epoch_cache[epoch][pos])
+        # Every rank builds the whole step, so the label count is the global one.
         n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        step_tokens = sum(int(b["input_ids"].numel()) for b in micro)
         step_loss = extra_loss = 0.0
-        step_tokens = 0
-        for batch in micro:
-            batch = to_device(batch, device)
-            with activation_offload(cfg.train.offload_activations, device):
-                loss_sum, _ = causal_lm_loss(model, batch, cfg.train.loss_chunk)
-            # Normalize by the step's label count: the token-level mean over all micro-batches.
-            loss = loss_sum / max(n_labels, 1)
-            extra = hooks.micro_loss()
-            if extra is not None:
-                loss = loss + extra / len(micro)
-                extra_loss += float(extra.detach()) / len(micro)
-            loss.backward()
+        for i, k in enumerate(local):
+            last = i == len(local) - 1  # the all-reduce runs in the last backward only
+            sync = lt_dist.set_grad_sync(wrapper, last) if wrapper is not None else nullcontext()
+            with sync:
+                batch = to_device(micro[k], device)
+                with activation_offload(cfg.train.offload_activations, device):
+                    loss_sum, _ = forward(batch)
+                # Normalize by the step's label count: the token-level mean over all micro-batches.
+                loss = loss_sum / max(n_labels, 1)
+                extra = hooks.micro_loss()
+                if extra is not None:
+                    loss = loss + extra / len(micro)
+                    extra_loss += float(extra.detach()) / len(micro)
+                loss.backward()
             step_loss += float(loss_sum.detach())
-            step_tokens += int(batch["input_ids"].numel())
+        step_loss, extra_loss = lt_dist.sum_across([step_loss, extra_loss], info, device)
         extra = hooks.step_loss()
         if extra is not None:
             extra.backward()
@@ -270,7 +318,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
         grad_norm = None
         if cfg.train.max_grad_norm:
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            grad_norm = float(lt_dist.full_tensor(norm))
         optimizer.step()
         hooks.after_step(step + 1)
         optimizer.zero_grad(set_to_none=True)
@@ -284,7 +333,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
         if extra_loss:
             record["extra_loss"] = round(extra_loss, 6)
         if eval_batches and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-            eval_loss = evaluate_loss(model, eval_batches, device, cfg.train.loss_chunk)
+            eval_loss = _evaluate(model, forward, eval_batches, device, cfg, info, mode)
             record["eval_loss"] = round(eval_loss, 6)
         if (step + 1) % cfg.train.log_every == 0 or "eval_loss" in record:
             metrics.write(record)
@@ -292,19 +341,21 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}")
         bar.update(1)
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(out / "checkpoints", step + 1, model, optimizer,
-                            {"total_steps": total_steps}, keep=cfg.train.save_total_limit)
+            saver.checkpoint(step + 1, total_steps)
     bar.close()
     seconds = time.perf_counter() - t_start
 
     if eval_batches:
-        eval_loss = evaluate_loss(model, eval_batches, device, cfg.train.loss_chunk)
+        eval_loss = _evaluate(model, forward, eval_batches, device, cfg, info, mode)
         metrics.write({"step": total_steps, "eval_loss": round(eval_loss, 6)})
     if cfg.train.gradient_checkpointing:
         set_checkpointing(model, False)
     model.eval()
-    adapter_dir = save_adapter(model, out / "adapter", "default", base_model=cfg.model.name,
-                               overwrite=True)
+    adapter_dir = saver.final_adapter()
+    if not info.is_main:
+        lt_dist.barrier(info)  # wait until rank 0 has written everything
+        return TrainResult(out, adapter_dir, total_steps, loss_value, eval_loss, seconds,
+                           tokens_seen, label_seen, history)
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     n_trainable, n_all, report = trainable_report(model)
     summary = {"steps": total_steps, "final_loss": loss_value, "eval_loss": eval_loss,
@@ -314,9 +365,129 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
                "method": cfg.adapter.method,
                "seconds_per_step": round(seconds / max(total_steps - start_step, 1), 4),
                "peak_rss_mib": peak_rss_mib(), **hooks.summary()}
+    if info.enabled:
+        summary["world_size"] = info.world_size
+        summary["parallel"] = mode
     _write_json_atomic(out / DONE_FILE, summary)
+    lt_dist.barrier(info)
     return TrainResult(out, adapter_dir, total_steps, loss_value, eval_loss, seconds,
                        tokens_seen, label_seen, history)
+
+
+# What decides the data order and the meaning of a step: a checkpoint written under other values
+# would resume on different batches. The world size is free to change.
+RESUME_FIELDS = ("batch_size", "grad_accum", "seed")
+
+
+def resume_state(cfg: RunConfig, total_steps: int) -> dict:
+    return {"total_steps": total_steps, **{k: getattr(cfg.train, k) for k in RESUME_FIELDS}}
+
+
+def check_resume_state(state: dict, cfg: RunConfig, path: Path) -> None:
+    """Refuse a checkpoint whose batch size, accumulation or seed differ from this config."""
+    wrong = [f"train.{k}: checkpoint {state[k]}, config {getattr(cfg.train, k)}"
+             for k in RESUME_FIELDS if k in state and state[k] != getattr(cfg.train, k)]
+    if wrong:
+        raise RunFolderError(f"{path} was written by an incompatible configuration ("
+                             f"{'; '.join(wrong)}); resume with the same values or start over "
+                             "with --overwrite")
+
+
+class _DeferredOptimizerState:
+    """Catches the optimizer state load_checkpoint restores, to apply once the optimizer exists."""
+
+    def __init__(self):
+        self.state: dict | None = None
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.state = sd
+
+
+def _distributed_setup(cfg: RunConfig, model: nn.Module, device, info: DistInfo, mode: str,
+                       out: Path, resume: bool, ckpts: list[Path], log):
+    """Resume into the plain model, wrap it (DDP or FSDP), then build the optimizer."""
+    start_step, deferred = 0, _DeferredOptimizerState()
+    chosen = lt_dist.broadcast_object(ckpts[-1].name if resume and ckpts else None, info)
+    if chosen:
+        path = out / "checkpoints" / chosen
+        if not path.is_dir():
+            raise RunFolderError(f"rank {info.rank}: {path} not found; resuming on several "
+                                 "machines needs output_dir on a shared filesystem")
+        state = load_checkpoint(path, model, deferred)
+        check_resume_state(state, cfg, path)
+        start_step = state["step"]
+        log(f"resumed from {path} at step {start_step}")
+    if mode == "fsdp":
+        wrapper = lt_dist.wrap_fsdp(model, cfg.train.loss_chunk, device, info.world_size)
+    else:
+        wrapper = lt_dist.wrap_ddp(model, cfg.train.loss_chunk, device,
+                                   find_unused=cfg.adapter.method == "moe_lora")
+    optimizer = build_optimizer(model, cfg.train)
+    if deferred.state is not None:
+        target = lt_dist.FullStateOptimizer(optimizer) if mode == "fsdp" else optimizer
+        target.load_state_dict(deferred.state)
+    # Dropout draws differ per rank (ranks see different rows); equal within a rank on resume.
+    torch.manual_seed(cfg.train.seed + 7919 * info.rank + start_step)
+    return wrapper, optimizer, start_step
+
+
+class _Saver:
+    """Checkpoints and the final adapter: rank 0 writes; under FSDP every rank gathers first."""
+
+    def __init__(self, cfg, model, optimizer, wrapper, mode, info: DistInfo, out: Path):
+        self.cfg, self.model, self.optimizer, self.wrapper = cfg, model, optimizer, wrapper
+        self.fsdp, self.info, self.out = mode == "fsdp" and info.enabled, info, out
+
+    def _gathered(self):
+        return lt_dist.GatheredAdapter(self.wrapper) if self.fsdp else nullcontext()
+
+    def checkpoint(self, step: int, total_steps: int) -> None:
+        optimizer = self.optimizer
+        if self.fsdp:
+            optimizer = _Snapshot(lt_dist.FullStateOptimizer(self.optimizer).state_dict())
+        with self._gathered():
+            if self.info.is_main:
+                save_checkpoint(self.out / "checkpoints", step, self.model, optimizer,
+                                resume_state(self.cfg, total_steps),
+                                keep=self.cfg.train.save_total_limit)
+        lt_dist.barrier(self.info)
+
+    def final_adapter(self) -> Path:
+        adapter_dir = self.out / "adapter"
+        with self._gathered():
+            if self.info.is_main:
+                adapter_dir = save_adapter(self.model, adapter_dir, "default",
+                                           base_model=self.cfg.model.name, overwrite=True)
+        return adapter_dir
+
+
+class _Snapshot:
+    def __init__(self, sd: dict):
+        self.sd = sd
+
+    def state_dict(self) -> dict:
+        return self.sd
+
+
+def _evaluate(model: nn.Module, forward, batches: list[dict], device, cfg: RunConfig,
+              info: DistInfo, mode: str) -> float | None:
+    """Held-out loss; DDP ranks split the batches, FSDP ranks all run all of them."""
+    if not info.enabled:
+        return evaluate_loss(model, batches, device, cfg.train.loss_chunk)
+    # FSDP's all-gathers are collectives: every rank must run the same forwards.
+    mine = batches if mode == "fsdp" else batches[info.rank::info.world_size]
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for batch in mine:
+            loss, n = forward(to_device(batch, device))
+            total += float(loss)
+            count += n
+    model.train(was_training)
+    if mode != "fsdp":
+        total, count = lt_dist.sum_across([total, count], info, device)
+    return total / count if count else None
 
 
 def peak_rss_mib() -> float:
