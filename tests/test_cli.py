@@ -67,3 +67,24 @@ def test_demo_yaml_matches_demo_settings():
 
     shipped = load_config(Path(__file__).parents[1] / "examples" / "demo.yaml")
     assert shipped.model_dump() == demo_config("runs/demo").model_dump()
+
+
+def test_train_nproc_refuses_a_world_size_that_does_not_divide_the_step(tmp_path, config, capsys):
+    """Checked before torchrun starts: one clear message, nothing launched, no run folder."""
+    assert main(["train", str(config), "--nproc", "2"]) != 0
+    assert "world size 2 does not divide train.grad_accum=1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_nproc_runs_two_processes(tmp_path, config):
+    assert main(["train", str(config), "train.grad_accum=2", "--nproc", "2"]) == 0
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["steps"] == 2
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_step_may_span_two_epochs(tmp_path, config):
+    """More micro-batches per step than one epoch holds: the step reads on into the next epoch."""
+    assert main(["train", str(config), "train.grad_accum=3"]) == 0
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["label_tokens"] > 0

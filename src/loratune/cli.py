@@ -38,16 +38,18 @@ def _load(model_name: str, adapters: list[str], device: str, dtype: str):
 def cmd_train(args) -> int:
     import os
 
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from loratune.train.distributed import launch
+    from loratune.config import load_config
 
+    cfg = load_config(args.config, args.overrides)   # a bad config fails here, once
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from loratune.train.distributed import check_world_size, launch
+
+        check_world_size(cfg.train.grad_accum, cfg.train.batch_size, args.nproc)
         argv = [args.config, *args.overrides]
         argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
         return launch(args.nproc, argv)
-    from loratune.config import load_config
     from loratune.train import train
 
-    cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", 0)) == 0:  # every rank returns; one message
         print(f"adapter saved to {result.adapter_dir} ({result.steps} steps, "

@@ -286,7 +286,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, model, tokenizer, quie
         micro = []
         for k in range(cfg.train.grad_accum):
             index = step * cfg.train.grad_accum + k
-            epoch, pos = divmod(index, steps_per_epoch * cfg.train.grad_accum)
+            # The data is one stream of epochs: a step may span the end of one and the next.
+            epoch, pos = divmod(index, n_batches)
             if epoch not in epoch_cache:
                 epoch_cache.clear()
                 epoch_cache[epoch] = epoch_batches(cfg, train_ex, packing, pad_id, epoch)
