@@ -139,6 +139,26 @@ def test_continuous_batching_equals_each_request_alone(setup):
         engine.stop()
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_joint_prefill_of_padded_prompts_equals_each_alone(setup, attention):
+    """Queued before the engine starts, all requests are prefilled in one left-padded forward."""
+    model, tok, folder, refs = setup
+    model.set_attn_implementation(attention)
+    engine = Engine(model, tok, AdapterPool(folder), base_name="tiny")
+    engine.eos = set()
+    try:
+        names = [None, "a0", "a1", "a2"]
+        handles = [((n, j), engine.submit(request(p, {n: 1.0} if n else {})))
+                   for j, p in enumerate(PROMPTS) for n in names]
+        engine.start()
+        for key, h in handles:
+            assert h.result().token_ids == refs[key], key
+        assert engine.stats()["prefills"] == 1
+    finally:
+        engine.stop()
+        model.set_attn_implementation("eager")
+
+
 def test_composition_equals_weighted_adapters(setup):
     model, tok, folder, refs = setup
     pool = AdapterPool(folder)

@@ -104,7 +104,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer, pool: AdapterPool, base_name: str = "base",
                  max_batch: int = 16, max_queue: int = 64, max_prompt_tokens: int = 2048,
-                 max_completion_tokens: int = 1024):
+                 max_completion_tokens: int = 1024, prefill_tokens: int = 4096):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.pool = pool
@@ -112,6 +112,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_prompt_tokens = max_prompt_tokens
         self.max_completion_tokens = max_completion_tokens
+        self.prefill_tokens = prefill_tokens    # prompt tokens per joint prefill forward
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         self.row_slots = pool.bind(model)
@@ -124,7 +125,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.counts = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0,
-                       "errors": 0}
+                       "prefills": 0, "errors": 0}
         self.per_adapter: dict[str, int] = {}
 
     # -- the public side -----------------------------------------------------------------------
@@ -247,16 +248,21 @@ class Engine:
         self._retire()
 
     def _admit(self) -> None:
-        while len(self.running) < self.max_batch:
+        """Take queued requests while rows and adapter slots allow; prefill them together."""
+        joining: list[Sequence] = []
+        budget = self.prefill_tokens
+        while len(self.running) + len(joining) < self.max_batch:
             with self.cond:
                 if not self.queue:
-                    return
+                    break
                 seq = self.queue[0]
             if seq.handle.cancelled.is_set() or self._expired(seq):
                 with self.cond:
                     self.queue.popleft()
                 self._finish(seq, "cancelled" if seq.handle.cancelled.is_set() else "timeout")
                 continue
+            if joining and len(seq.request.prompt_ids) > budget:
+                break      # the next step takes it: one prefill stays within its token budget
             try:
                 slot = self.pool.acquire(seq.request.adapters)
             except ServeError as err:
@@ -265,35 +271,50 @@ class Engine:
                 self._finish(seq, "error", str(err))
                 continue
             if slot is None:
-                return     # every adapter slot is in use by running rows: wait for one to end
+                break      # every adapter slot is in use by running rows: wait for one to end
             with self.cond:
                 self.queue.popleft()
             seq.slot = slot
             seq.generator = new_generator(seq.request.params)
-            try:
-                self._prefill(seq)
-            except Exception as err:  # this request fails; the running batch is untouched
-                self.counts["errors"] += 1
-                self.pool.release(slot)
+            budget -= len(seq.request.prompt_ids)
+            joining.append(seq)
+        if not joining:
+            return
+        try:
+            self._prefill(joining)
+        except Exception as err:  # these requests fail; the running batch is untouched
+            self.counts["errors"] += 1
+            for seq in joining:
+                self.pool.release(seq.slot)
                 self._finish(seq, "error", f"{type(err).__name__}: {err}")
 
-    def _prefill(self, seq: Sequence) -> None:
-        ids = torch.tensor([seq.request.prompt_ids], device=self.device)
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """One forward over the new prompts (left-padded, each row with its adapter)."""
+        width = max(len(s.request.prompt_ids) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(seqs):
+            n = len(seq.request.prompt_ids)
+            ids[i, width - n:] = torch.tensor(seq.request.prompt_ids, device=self.device)
+            mask[i, width - n:] = 1
+        # Positions count real tokens only, so a padded row sees what it would see alone.
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache()
-        self.row_slots.set([seq.slot], self.device)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        self._join(cache, ids.shape[1])
-        self.running.append(seq)
-        self._append(seq, next_token(out.logits[0, -1], seq.request.params, seq.generator))
+        self.row_slots.set([s.slot for s in seqs], self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.counts["prefills"] += 1
+        self._join(cache, mask)
+        self.running.extend(seqs)
+        for i, seq in enumerate(seqs):
+            self._append(seq, next_token(out.logits[i, -1], seq.request.params, seq.generator))
 
-    def _join(self, cache: DynamicCache, length: int) -> None:
-        """Add a prefilled row to the batch cache, left-padding whichever side is shorter."""
-        new_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+    def _join(self, cache: DynamicCache, new_mask: torch.Tensor) -> None:
+        """Add prefilled rows to the batch cache, left-padding whichever side is shorter."""
         if self.cache is None:
             self.cache, self.mask = cache, new_mask
             return
-        have = self.mask.shape[1]
-        width = max(have, length)
+        width = max(self.mask.shape[1], new_mask.shape[1])
         for old, new in zip(self.cache.layers, cache.layers):
             old.keys = torch.cat([left_pad(old.keys, width), left_pad(new.keys, width)], 0)
             old.values = torch.cat([left_pad(old.values, width), left_pad(new.values, width)], 0)
