@@ -88,3 +88,54 @@ def test_a_step_may_span_two_epochs(tmp_path, config):
     assert main(["train", str(config), "train.grad_accum=3"]) == 0
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["steps"] == 2 and summary["label_tokens"] > 0
+
+
+def test_serve_command_answers_over_http(tmp_path, tiny_folder):
+    """`loratune serve` as a user starts it: a real process, an adapter folder, an API key."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import torch
+
+    from loratune.adapters import add_adapter, save_adapter
+    from loratune.config import LoraConfig
+
+    model = tiny_llama(vocab=49152)
+    torch.manual_seed(0)
+    add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"]), "a")
+    save_adapter(model, tmp_path / "adapters" / "fin", "a")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loratune", "serve", "--model", str(tiny_folder), "--adapters",
+         str(tmp_path / "adapters"), "--port", str(port), "--api-key", "k", "--threads", "1",
+         "--quantize", "nf4", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.5)
+        auth = {"Authorization": "Bearer k"}
+        models = httpx.get(f"{url}/v1/models", headers=auth).json()
+        assert [m["id"] for m in models["data"]] == [tiny_folder.name, "fin"]
+        body = {"model": "fin", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4, "temperature": 0}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 401
+        answer = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
