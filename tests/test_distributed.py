@@ -130,7 +130,10 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, data_file, smol_tok
             {"spec": {**_cfg_dict(tmp_path / "qlora_fsdp", data_file, parallel="fsdp"),
                       "quantize": True}},
             {"spec": {**_cfg_dict(tmp_path / "qlora_ddp", data_file), "quantize": True}},
-            {"spec": _cfg_dict(tmp_path / "moe_ddp", data_file, moe)}]
+            {"spec": _cfg_dict(tmp_path / "moe_ddp", data_file, moe)},
+            {"spec": _cfg_dict(tmp_path / "ddp_ckpt", data_file, gradient_checkpointing=True)},
+            {"spec": _cfg_dict(tmp_path / "fsdp_ckpt", data_file, parallel="fsdp",
+                               gradient_checkpointing=True)}]
     done = _torchrun(tmp_path, jobs)
     assert done.returncode == 0, done.stderr[-12000:]
 
@@ -144,6 +147,10 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, data_file, smol_tok
         summary = json.loads((run / "run_summary.json").read_text())
         assert (summary["world_size"], summary["parallel"]) == (2, name)
         assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
+    # Activation checkpointing recomputes each layer in backward: same numbers under DDP/FSDP.
+    for name in ("ddp_ckpt", "fsdp_ckpt"):
+        _assert_same_adapter(_adapter(tmp_path / name), ref)
+        assert _losses(tmp_path / name)[0] == pytest.approx(ref_loss, abs=1e-5)
     # A 4-bit base: the frozen NF4 buffers replicated on each rank, LoRA sharded (FSDP) or not.
     q_ref, q_loss = _adapter(tmp_path / "qlora_single"), _losses(tmp_path / "qlora_single")[0]
     for name in ("qlora_fsdp", "qlora_ddp"):
