@@ -121,6 +121,10 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, data_file, smol_tok
     _train(qlora, smol_tokenizer)
     moe = {"method": "moe_lora", "r": 2, "num_experts": 2, "router_aux_loss_coef": 0.1}
     _train(_cfg_dict(tmp_path / "moe_single", data_file, moe), smol_tokenizer)
+    virtual = {"prompt": {"method": "prompt", "num_virtual_tokens": 4},
+               "prefix": {"method": "prefix", "num_virtual_tokens": 4}}
+    for method, adapter in virtual.items():
+        _train(_cfg_dict(tmp_path / f"{method}_single", data_file, adapter), smol_tokenizer)
 
     jobs = [{"spec": _cfg_dict(tmp_path / "ddp", data_file)},
             {"spec": _cfg_dict(tmp_path / "resume_on_2", data_file), "resume": True},
@@ -132,6 +136,8 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, data_file, smol_tok
             {"spec": {**_cfg_dict(tmp_path / "qlora_ddp", data_file), "quantize": True}},
             {"spec": _cfg_dict(tmp_path / "moe_ddp", data_file, moe)},
             {"spec": _cfg_dict(tmp_path / "ddp_ckpt", data_file, gradient_checkpointing=True)},
+            {"spec": _cfg_dict(tmp_path / "prompt_ddp", data_file, virtual["prompt"])},
+            {"spec": _cfg_dict(tmp_path / "prefix_ddp", data_file, virtual["prefix"])},
             {"spec": _cfg_dict(tmp_path / "fsdp_ckpt", data_file, parallel="fsdp",
                                gradient_checkpointing=True)}]
     done = _torchrun(tmp_path, jobs)
@@ -151,6 +157,10 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, data_file, smol_tok
     for name in ("ddp_ckpt", "fsdp_ckpt"):
         _assert_same_adapter(_adapter(tmp_path / name), ref)
         assert _losses(tmp_path / name)[0] == pytest.approx(ref_loss, abs=1e-5)
+    # Virtual-token methods: the prompt embeddings / per-layer prefixes are the DDP parameters.
+    for method in virtual:
+        _assert_same_adapter(_adapter(tmp_path / f"{method}_ddp"),
+                             _adapter(tmp_path / f"{method}_single"))
     # A 4-bit base: the frozen NF4 buffers replicated on each rank, LoRA sharded (FSDP) or not.
     q_ref, q_loss = _adapter(tmp_path / "qlora_single"), _losses(tmp_path / "qlora_single")[0]
     for name in ("qlora_fsdp", "qlora_ddp"):
