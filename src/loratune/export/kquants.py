@@ -82,10 +82,30 @@ def _f16(v: np.ndarray) -> np.ndarray:
     return v.astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
+# Super-blocks encoded at a time: the fit's temporaries stay ~100 MB whatever the tensor.
+CHUNK = 4096
+
+
+def _chunked(encode, x: np.ndarray) -> np.ndarray:
+    """Encode [rows, cols] super-block by super-block, a chunk at a time."""
+    rows = np.asarray(x).shape[0]
+    b = _blocks(x)
+    out = [encode(b[i:i + CHUNK]) for i in range(0, len(b), CHUNK)]
+    return np.concatenate(out).reshape(rows, -1)
+
+
 def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     """[rows, cols] float -> [rows, cols/256·144] uint8 blocks."""
-    rows = np.asarray(x).shape[0]
-    b = _blocks(x).reshape(-1, 8, 32)
+    return _chunked(_q4_k_blocks, x)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """[rows, cols] float -> [rows, cols/256·210] uint8 blocks."""
+    return _chunked(_q6_k_blocks, x)
+
+
+def _q4_k_blocks(blocks: np.ndarray) -> np.ndarray:
+    b = blocks.reshape(-1, 8, 32)
     scale, offset = fit_affine(b, 15)
     mins = -offset
     d = (scale.max(-1) / 63.0).astype(np.float16).astype(np.float32)
@@ -103,14 +123,10 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
         (sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4),
     ], axis=1)
     qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)  # sub-blocks 2c (low), 2c+1 (high)
-    out = np.concatenate([_f16(d), _f16(dmin), scales, qs], axis=1)
-    return out.reshape(rows, -1)
+    return np.concatenate([_f16(d), _f16(dmin), scales, qs], axis=1)
 
 
-def quantize_q6_k(x: np.ndarray) -> np.ndarray:
-    """[rows, cols] float -> [rows, cols/256·210] uint8 blocks."""
-    rows = np.asarray(x).shape[0]
-    b = _blocks(x)
+def _q6_k_blocks(b: np.ndarray) -> np.ndarray:
     n = b.shape[0]
     groups = b.reshape(n, 16, 16)
     scale = fit_symmetric(groups)
@@ -123,6 +139,5 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     low, high = q & 0xF, q >> 4
     ql = np.concatenate([low[:, :, 0:2] | (low[:, :, 2:4] << 4)], axis=2).reshape(n, 128)
     qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6))
-    out = np.concatenate([ql, qh.reshape(n, 64), sc.astype(np.int8).view(np.uint8), _f16(d)],
-                         axis=1)
-    return out.reshape(rows, -1)
+    return np.concatenate([ql, qh.reshape(n, 64), sc.astype(np.int8).view(np.uint8), _f16(d)],
+                          axis=1)
