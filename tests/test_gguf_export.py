@@ -226,3 +226,13 @@ def test_q4_0_file_keeps_the_tied_output_at_8_bits_when_rows_are_narrow(tmp_path
     got = values(tensors["token_embd.weight"])
     ref = model.model.embed_tokens.weight.detach().numpy()
     assert np.abs(got - ref).mean() / np.abs(ref).mean() < 0.01
+
+
+def test_k_quants_encode_the_same_in_any_chunk_size(monkeypatch):
+    from loratune.export import kquants
+
+    x = np.random.default_rng(1).standard_normal((20, 512)).astype(np.float32)
+    whole = quantize_q4_k(x), quantize_q6_k(x)
+    monkeypatch.setattr(kquants, "CHUNK", 3)   # 40 super-blocks in 14 chunks
+    for a, b in zip(whole, (quantize_q4_k(x), quantize_q6_k(x))):
+        assert a.shape == b.shape and np.array_equal(a, b)
