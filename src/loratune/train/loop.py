@@ -160,15 +160,21 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: list[dict], device, chunk: int) -> float | None:
+def evaluate_loss(model: nn.Module, forward, batches: list[dict], device, info: DistInfo,
+                  mode: str) -> float | None:
+    """Held-out loss per label token; DDP ranks split the batches and sum, FSDP ranks all run
+    all of them (its all-gathers are collectives: every rank must run the same forwards)."""
+    mine = batches[info.rank::info.world_size] if info.enabled and mode != "fsdp" else batches
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        loss, n = causal_lm_loss(model, to_device(batch, device), chunk)
+    for batch in mine:
+        loss, n = forward(to_device(batch, device))
         total += float(loss)
         count += n
     model.train(was_training)
+    if mode != "fsdp":
+        total, count = lt_dist.sum_across([total, count], info, device)
     return total / count if count else None
 
 
@@ -334,7 +340,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, model, tokenizer, quie
         if extra_loss:
             record["extra_loss"] = round(extra_loss, 6)
         if eval_batches and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-            eval_loss = _evaluate(model, forward, eval_batches, device, cfg, info, mode)
+            eval_loss = evaluate_loss(model, forward, eval_batches, device, info, mode)
             record["eval_loss"] = round(eval_loss, 6)
         if (step + 1) % cfg.train.log_every == 0 or "eval_loss" in record:
             metrics.write(record)
@@ -347,7 +353,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, model, tokenizer, quie
     seconds = time.perf_counter() - t_start
 
     if eval_batches:
-        eval_loss = _evaluate(model, forward, eval_batches, device, cfg, info, mode)
+        eval_loss = evaluate_loss(model, forward, eval_batches, device, info, mode)
         metrics.write({"step": total_steps, "eval_loss": round(eval_loss, 6)})
     if cfg.train.gradient_checkpointing:
         set_checkpointing(model, False)
@@ -468,27 +474,6 @@ class _Snapshot:
 
     def state_dict(self) -> dict:
         return self.sd
-
-
-def _evaluate(model: nn.Module, forward, batches: list[dict], device, cfg: RunConfig,
-              info: DistInfo, mode: str) -> float | None:
-    """Held-out loss; DDP ranks split the batches, FSDP ranks all run all of them."""
-    if not info.enabled:
-        return evaluate_loss(model, batches, device, cfg.train.loss_chunk)
-    # FSDP's all-gathers are collectives: every rank must run the same forwards.
-    mine = batches if mode == "fsdp" else batches[info.rank::info.world_size]
-    was_training = model.training
-    model.eval()
-    total = count = 0.0
-    with torch.no_grad():
-        for batch in mine:
-            loss, n = forward(to_device(batch, device))
-            total += float(loss)
-            count += n
-    model.train(was_training)
-    if mode != "fsdp":
-        total, count = lt_dist.sum_across([total, count], info, device)
-    return total / count if count else None
 
 
 def peak_rss_mib() -> float:
