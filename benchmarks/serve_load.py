@@ -37,29 +37,6 @@ PROMPTS = [
 ]
 
 
-def write_adapters(model, folder: Path, count: int, rank: int, seed: int) -> list[str]:
-    """`count` LoRA adapters with random A and B (B small, so answers stay text-like)."""
-    import torch
-
-    from loratune.adapters import add_adapter, delete_adapter, save_adapter
-    from loratune.config import LoraConfig
-
-    names = []
-    g = torch.Generator().manual_seed(seed)
-    for i in range(count):
-        name = f"lora{i}"
-        add_adapter(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"),
-                    name)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if f".{name}." in pname and "lora_B" in pname:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        save_adapter(model, folder / name, name)
-        delete_adapter(model, name)
-        names.append(name)
-    return names
-
-
 def serve(port: int, adapter_dir: str, max_batch: int, max_adapters: int, threads: int) -> None:
     """Child process: load the model, write adapters on first use, serve until killed."""
     import torch
@@ -69,12 +46,13 @@ def serve(port: int, adapter_dir: str, max_batch: int, max_adapters: int, thread
     from loratune.serve.api import build_app
     from loratune.serve.engine import Engine
     from loratune.serve.pool import AdapterPool
+    from serve import write_adapters   # benchmarks/serve.py: the same random adapters
 
     torch.set_num_threads(threads)
     model, tok = load_model(MODEL)
     folder = Path(adapter_dir)
     if not any(folder.iterdir()):
-        write_adapters(model, folder, 8, 16, seed=0)
+        write_adapters(model, folder, 8, 16)
     engine = Engine(model, tok, AdapterPool(folder, max_adapters=max_adapters), base_name=MODEL,
                     max_batch=max_batch, max_queue=256)
     engine.start()
@@ -194,7 +172,7 @@ def measure(name: str, args, adapter_dir: str, max_batch: int) -> Run:
     proc.start()
     try:
         wait_ready(url, proc)
-        models = [MODEL] + [f"lora{i}" for i in range(8)]
+        models = [MODEL] + [f"lora{i:02d}" for i in range(8)]  # names serve.py writes
         asyncio.run(drive(url, 2, 2.0, 4, models, seed=99))          # warm-up, not counted
         samples, seconds = asyncio.run(drive(url, args.clients, args.duration, args.max_tokens,
                                              models, args.seed))
