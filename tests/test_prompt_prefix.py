@@ -63,6 +63,16 @@ def greedy(model, ids=LEFT_IDS, mask=LEFT_MASK):
     return out.sequences[:, ids.shape[1]:], torch.stack(out.scores, 1)
 
 
+def greedy_no_cache(model, ids, steps=8):
+    """Greedy decoding of one unpadded row by a full forward per step: no KV cache involved."""
+    scores = []
+    with torch.no_grad():
+        for _ in range(steps):
+            scores.append(model(input_ids=ids).logits[:, -1])
+            ids = torch.cat([ids, scores[-1].argmax(-1, keepdim=True)], 1)
+    return ids[:, -steps:], torch.stack(scores, 1)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_ours_loads_in_peft_same_logits_and_generate(tmp_path, case):
     model, host = ours(case)
@@ -77,8 +87,11 @@ def test_ours_loads_in_peft_same_logits_and_generate(tmp_path, case):
     assert mine.shape == (9, 128) and (mine - real_logits(tiny_llama())).abs().max() > 0.05
     assert (mine - real_logits(theirs, PEFT_SKIP[case])).abs().max() < 1e-5
     tokens, scores = greedy(model)
-    peft_tokens, peft_scores = greedy(theirs)
-    assert tokens.shape == (2, 8) and torch.equal(tokens, peft_tokens)
+    # PEFT's full forward is the oracle for our cached decoding. Not PEFT's generate(): under
+    # transformers 5.24 (cache argument renamed) PEFT 0.21's cached prompt-learning decoding
+    # departs from its own full forward after the first token.
+    peft_tokens, peft_scores = greedy_no_cache(theirs, LEFT_IDS[:1])
+    assert tokens.shape == (2, 8) and torch.equal(tokens[:1], peft_tokens)
     assert (scores[0] - peft_scores[0]).abs().max() < 1e-5  # the unpadded row, every step
     # Left padding changes nothing: the padded row equals that row generated alone.
     alone_tokens, alone_scores = greedy(model, LEFT_IDS[1:, 3:], LEFT_MASK[1:, 3:])

@@ -103,7 +103,7 @@ class PrefixHost(PromptHost):
             raise AdapterError("prefix tuning cannot train with gradient checkpointing: "
                                "transformers drops the KV cache, which holds the prefixes, in "
                                "checkpointed layers (set train.gradient_checkpointing: false)")
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(self.cache_key)
         if cache is None:  # also without use_cache: the layers read the prefixes from it
             cache = DynamicCache(config=decoder.config)
         inputs = kwargs.get("inputs_embeds")
@@ -111,7 +111,7 @@ class PrefixHost(PromptHost):
         dtype = decoder.get_input_embeddings().weight.dtype
         for layer, (keys, values) in enumerate(adapter.key_values(batch, dtype)):
             cache.update(keys, values, layer)
-        kwargs["past_key_values"] = cache
+        kwargs[self.cache_key] = cache
         return kwargs
 
     def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:

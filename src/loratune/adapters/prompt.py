@@ -23,7 +23,16 @@ from loratune.config import PromptConfig
 PEFT_COMMON = {"task_type": "CAUSAL_LM", "num_transformer_submodules": 1, "inference_mode": True,
                "base_model_name_or_path": None, "revision": None, "modules_to_save": None,
                "auto_mapping": None}
-DECODER_INPUTS = "input_ids inputs_embeds attention_mask position_ids past_key_values".split()
+DECODER_INPUTS = "input_ids inputs_embeds attention_mask position_ids".split()
+# transformers 5.24 renamed the decoder's cache argument (the old name stays accepted, with a
+# warning, until 5.40): the hooks read and write whichever name the decoder declares.
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_keyword(forward) -> str | None:
+    """The name under which `forward` takes the KV cache, or None."""
+    params = inspect.signature(forward).parameters
+    return next((k for k in CACHE_KEYWORDS if k in params), None)
 
 
 def find_decoder(model: nn.Module) -> nn.Module:
@@ -35,9 +44,11 @@ def find_decoder(model: nn.Module) -> nn.Module:
     decoder = decoder if isinstance(decoder, nn.Module) else None
     params = inspect.signature(decoder.forward).parameters if decoder is not None else {}
     missing = [p for p in DECODER_INPUTS if p not in params]
+    if decoder is not None and cache_keyword(decoder.forward) is None:
+        missing.append(" or ".join(CACHE_KEYWORDS))
     if decoder is None or missing:
         raise AdapterError(f"prompt/prefix tuning needs a transformers decoder-only model whose "
-                           f"get_decoder() takes {', '.join(DECODER_INPUTS)}; "
+                           f"get_decoder() takes {', '.join(DECODER_INPUTS)} and a KV cache; "
                            f"{type(model).__name__} has {'none' if decoder is None else missing}")
     return decoder
 
@@ -63,6 +74,7 @@ class PromptHost(nn.Module):
         self.disabled = False
         self._strip = 0  # virtual positions the output hook removes (set by the input hook)
         self._names = list(inspect.signature(decoder.forward).parameters)
+        self.cache_key = cache_keyword(decoder.forward)
         self._handles = [decoder.register_forward_pre_hook(self._before, with_kwargs=True),
                          decoder.register_forward_hook(self._after, with_kwargs=True)]
 
@@ -89,7 +101,10 @@ class PromptHost(nn.Module):
         if adapter is None:
             return None
         kwargs = {**dict(zip(self._names, args)), **kwargs}
-        past = cache_length(kwargs.get("past_key_values"))
+        for old in CACHE_KEYWORDS:  # a caller may still use the other name: pass it on as ours
+            if old != self.cache_key and old in kwargs:
+                kwargs[self.cache_key] = kwargs.pop(old)
+        past = cache_length(kwargs.get(self.cache_key))
         mask, n = kwargs.get("attention_mask"), adapter.config.num_virtual_tokens
         if mask is not None:
             if mask.dim() != 2:
@@ -99,7 +114,7 @@ class PromptHost(nn.Module):
         kwargs = self.inject(decoder, adapter, kwargs, past)
         inputs = kwargs.get("inputs_embeds")
         inputs = inputs if inputs is not None else kwargs["input_ids"]
-        expected = cache_length(kwargs.get("past_key_values")) + inputs.shape[1]
+        expected = cache_length(kwargs.get(self.cache_key)) + inputs.shape[1]
         if mask is not None and mask.shape[1] != expected:
             raise AdapterError(f"attention_mask covers {mask.shape[1]} positions with the virtual "
                                f"tokens, cache plus input hold {expected}: the cache was filled "
