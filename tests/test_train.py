@@ -100,10 +100,69 @@ def test_checkpoint_has_no_pickle(tmp_path, data_file, smol_tokenizer):
     assert files <= {".json", ".safetensors"}
 
 
-def test_loraplus_and_checkpointing_options_run(tmp_path, data_file, smol_tokenizer):
-    result, model = _run(_cfg(tmp_path, data_file, "lp", max_steps=3, loraplus_lr_ratio=16,
-                              gradient_checkpointing=True, schedule="linear"), smol_tokenizer)
-    assert len(result.history) == 3 and all(h["loss"] == h["loss"] for h in result.history)
+def _count_layer_calls(model) -> list[int]:
+    """Calls of layer 0's MLP with gradients on: one per micro-batch in the forward, one more
+    in backward when the layer is checkpointed (recomputed). A pre-hook: torch's non-reentrant
+    checkpoint stops recomputing at the last saved tensor, before a post-hook would run."""
+    calls: list[int] = []
+    model.model.layers[0].mlp.register_forward_pre_hook(
+        lambda mod, args: calls.append(1) if torch.is_grad_enabled() else None)
+    return calls
+
+
+def test_gradient_checkpointing_recomputes_each_layer(tmp_path, data_file, smol_tokenizer):
+    runs = {}
+    for on in (False, True):
+        model = tiny_llama(vocab=len(smol_tokenizer))
+        calls = _count_layer_calls(model)
+        cfg = _cfg(tmp_path, data_file, f"ckpt-{on}", max_steps=3, grad_accum=2,
+                   loraplus_lr_ratio=16, gradient_checkpointing=on, schedule="linear")
+        result = train(cfg, model=model, tokenizer=smol_tokenizer, quiet=True)
+        runs[on] = (len(calls), [h["loss"] for h in result.history])
+    assert runs[False][0] == 6 and runs[True][0] == 12  # 3 steps x 2 micro-batches (x 2)
+    assert runs[True][1] == pytest.approx(runs[False][1], abs=1e-5)  # recomputed, same numbers
+
+
+def _seen_rows(model) -> list[list[int]]:
+    """Every row of token ids the embedding sees with gradients on (training forwards)."""
+    rows: list[list[int]] = []
+    model.model.embed_tokens.register_forward_pre_hook(
+        lambda mod, args: rows.extend(args[0].tolist()) if torch.is_grad_enabled() else None)
+    return rows
+
+
+def _unpadded(row: list[int], pad: int) -> tuple[int, ...]:
+    while row and row[-1] == pad:  # the same for a row with or without right padding
+        row = row[:-1]
+    return tuple(row)
+
+
+def test_each_epoch_is_reshuffled_by_the_seed(tmp_path, data_file, smol_tokenizer):
+    from loratune import data as lt_data
+    from loratune.train.loop import build_data
+
+    seen = {}
+    for seed in (1, 2):
+        cfg = build_config({"output_dir": str(tmp_path / f"seed{seed}"),
+                            "adapter": {"r": 2, "target_modules": ["q_proj"]},
+                            "data": {"train": str(data_file), "max_length": 64, "packing": False},
+                            "train": {"epochs": 2, "batch_size": 4, "seed": seed}})
+        model = tiny_llama(vocab=len(smol_tokenizer))
+        rows = _seen_rows(model)
+        result = train(cfg, model=model, tokenizer=smol_tokenizer, quiet=True)
+        assert result.steps == 6  # 12 rows, 4 per step, 2 epochs
+        examples = build_data(cfg, smol_tokenizer)[0]
+        expected = [row for epoch in (0, 1) for b in lt_data.batches(
+            examples, 4, 64, False, smol_tokenizer.pad_token_id, seed, epoch)
+            for row in b["input_ids"].tolist()]
+        assert rows == expected  # the loop trains on exactly batches(seed, epoch), in order
+        first, second = rows[:12], rows[12:]
+        assert second != first  # reshuffled: same rows (padding aside), another order
+        pad = smol_tokenizer.pad_token_id
+        assert sorted(_unpadded(r, pad) for r in second) == sorted(
+            _unpadded(r, pad) for r in first)
+        seen[seed] = rows
+    assert seen[1][:12] != seen[2][:12] and seen[1][12:] != seen[2][12:]
 
 
 def test_resume_with_incompatible_config_is_refused(tmp_path, data_file, smol_tokenizer):
