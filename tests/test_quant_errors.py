@@ -76,15 +76,45 @@ def test_offload_options_are_no_ops_on_cpu_and_say_so():
     assert isinstance(ctx, torch.autograd.graph.save_on_cpu)
 
 
-def test_save_on_cpu_context_gives_the_same_gradients():
-    # The mechanism the GPU path uses, exercised on CPU tensors (pin_memory off).
+def test_offload_activations_keeps_host_copies_of_saved_tensors():
+    """loratune's accelerator path, run on CPU tensors (pinning needs CUDA; without it the pack
+    hook still copies): what backward keeps is the hook's host copy, and gradients are equal."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 16)
     x = torch.randn(4, 16)
     lin(x).pow(2).sum().backward()
     ref = lin.weight.grad.clone()
-    lin.weight.grad = None
-    with torch.autograd.graph.save_on_cpu(pin_memory=False):
-        y = lin(x).pow(2).sum()
-    y.backward()
-    torch.testing.assert_close(lin.weight.grad, ref)
+    for device, copied in (("cpu", False), ("cuda", True)):
+        lin.weight.grad = None
+        with activation_offload(True, torch.device(device)):
+            h = lin(x)
+            y = (h * h).sum()
+        saved = y.grad_fn.next_functions[0][0]._saved_self  # h, as kept by MulBackward
+        assert saved.device.type == "cpu"
+        assert (saved.data_ptr() != h.data_ptr()) is copied, device
+        y.backward()
+        torch.testing.assert_close(lin.weight.grad, ref)
+
+
+def test_training_forwards_run_under_activation_offload(tmp_path, monkeypatch, smol_tokenizer):
+    import json
+
+    from loratune.train import loop, train
+
+    real, calls = loop.activation_offload, []
+
+    def spy(enabled, device):
+        calls.append((enabled, device.type))
+        return real(enabled, device)
+
+    monkeypatch.setattr(loop, "activation_offload", spy)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {w}", "output": w}) + "\n"
+                            for w in "abcd"))
+    cfg = build_config({"output_dir": str(tmp_path / "run"),
+                        "adapter": {"r": 2, "target_modules": ["q_proj"]},
+                        "data": {"train": str(data)},
+                        "train": {"max_steps": 2, "batch_size": 1, "grad_accum": 2,
+                                  "offload_activations": True}})
+    train(cfg, model=tiny_llama(vocab=len(smol_tokenizer)), tokenizer=smol_tokenizer, quiet=True)
+    assert calls == [(True, "cpu")] * 4  # every micro-batch's forward, with the option's value
