@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from loratune.cli import main
-from tiny import tiny_llama
+from tiny import randomize_lora, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,45 @@ def config(tmp_path, tiny_folder):
     return path
 
 
+def _strong_copy(adapter: Path, model_folder: Path, out: Path) -> Path:
+    """The trained adapter with large random LoRA B: two steps at lr 1e-3 barely move a greedy
+    answer, and the chat check must tell an answer with the adapter from one without."""
+    from transformers import AutoModelForCausalLM
+
+    from loratune.adapters import load_adapter, save_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(model_folder)
+    load_adapter(model, adapter)
+    return save_adapter(randomize_lora(model, scale=2.0), out)
+
+
+def _greedy_answers(model_folder: Path, adapter: Path, prompt: str, n: int) -> tuple[str, str]:
+    """generate_chat's greedy answers with the adapter and without it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loratune.adapters import load_adapter
+    from loratune.eval.generate import generate_chat
+
+    model = AutoModelForCausalLM.from_pretrained(model_folder)
+    tok = AutoTokenizer.from_pretrained(model_folder)
+    chat = [[{"role": "user", "content": prompt}]]
+    without = generate_chat(model, tok, chat, max_new_tokens=n)[0]
+    load_adapter(model, adapter)
+    return generate_chat(model, tok, chat, max_new_tokens=n)[0], without
+
+
 def test_train_chat_generate(tmp_path, config, tiny_folder, capsys):
     assert main(["train", str(config), "train.lr=1e-3"]) == 0
     adapter = tmp_path / "run" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["target_modules"] == [
         "q_proj", "v_proj"]
-    assert main(["chat", "--model", str(tiny_folder), "--adapter", str(adapter), "--prompt", "hi",
-                 "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    strong = _strong_copy(adapter, tiny_folder, tmp_path / "strong")
+    assert main(["chat", "--model", str(tiny_folder), "--adapter", str(strong), "--prompt", "hi",
+                 "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out.strip()
+    with_adapter, without = _greedy_answers(tiny_folder, strong, "hi", 4)
+    assert printed == with_adapter != without and printed  # the adapter's answer, not the base's
     out = tmp_path / "gen.jsonl"
     assert main(["generate", "--model", str(tiny_folder), "--adapter", str(adapter),
                  "--prompt", "x", "--prompt", "y", "--out", str(out),
