@@ -101,11 +101,20 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def _given_paths(*names: str | None) -> list[Path]:
+    """The command's inputs that are paths on disk (an embedded model's name is not)."""
+    return [Path(n).expanduser() for n in names if n and Path(n).expanduser().exists()]
+
+
 def cmd_generate(args) -> int:
     from loratune.config import DataConfig
     from loratune.data import load_conversations
     from loratune.eval.generate import generate_chat
+    from loratune.files import check_new_file, check_output_path, write_atomic_file
 
+    if args.out:  # before the slow part: never overwrite an input, or a file unasked
+        check_output_path(args.out, _given_paths(args.input, args.model, *args.adapter))
+        check_new_file(Path(args.out), args.overwrite)
     model, tok = _load(args.model, args.adapter, args.device, args.dtype)
     if args.input:
         convs = load_conversations(args.input, DataConfig(train=args.input))
@@ -114,12 +123,21 @@ def cmd_generate(args) -> int:
         prompts = [[{"role": "user", "content": p}] for p in args.prompt]
     answers = generate_chat(model, tok, prompts, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size)
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    for prompt, answer in zip(prompts, answers):
-        out.write(json.dumps({"prompt": prompt[-1]["content"], "answer": answer},
-                             ensure_ascii=False) + "\n")
-    if args.out:
-        out.close()
+
+    def write(out) -> None:
+        for prompt, answer in zip(prompts, answers):
+            out.write(json.dumps({"prompt": prompt[-1]["content"], "answer": answer},
+                                 ensure_ascii=False) + "\n")
+
+    if not args.out:
+        write(sys.stdout)
+        return 0
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+
+    write_atomic_file(args.out, fill, overwrite=args.overwrite)
     return 0
 
 
@@ -178,7 +196,9 @@ def cmd_merge(args) -> int:
 
     from loratune.config import QuantConfig
     from loratune.export.merge import base_folder, merge_folder, nf4_round_trip, read_adapters
+    from loratune.files import check_output_path
 
+    check_output_path(args.out, _given_paths(args.model, *args.adapter))  # a gguf model file
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     adapters = read_adapters(args.adapter, weights)
     base, tmp = base_folder(args.model)
@@ -210,7 +230,9 @@ def cmd_export_gguf(args) -> int:
 
     from loratune.export.gguf_file import write_gguf, write_lora_gguf
     from loratune.export.merge import base_folder, merge_folder, read_adapters
+    from loratune.files import check_output_path
 
+    check_output_path(args.out, _given_paths(args.model, *args.adapter))
     base, tmp = base_folder(args.model)
     try:
         if args.adapter_only:
@@ -297,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", help="data file (alpaca/messages/sharegpt)")
     src.add_argument("--prompt", action="append", help="a prompt; repeat for several")
     p.add_argument("--out", help="JSONL output (default stdout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=cmd_generate)

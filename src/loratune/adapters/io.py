@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -33,6 +30,7 @@ from loratune.adapters.inject import (
 )
 from loratune.config import (AdaLoraConfig, AdapterConfig, BottleneckConfig, IA3Config,
                              LoraConfig, MoeLoraConfig, PrefixConfig, PromptConfig)
+from loratune.files import write_atomic_dir
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -145,29 +143,6 @@ def _leaf_names_ff(model: nn.Module, name: str, config: IA3Config) -> list[str] 
                    if name in l.adapters and l.adapters[name].feedforward})
 
 
-def write_atomic_dir(out: Path, fill, overwrite: bool = False) -> Path:
-    """Create folder `out` by filling a temp sibling, then renaming it into place."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
-        fill(tmp)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
                  base_model: str | None = None, overwrite: bool = False,
                  compact: bool = True) -> Path:
@@ -179,7 +154,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    return write_atomic_dir(Path(out_dir), fill, overwrite=overwrite)
+    return write_atomic_dir(Path(out_dir), fill, overwrite=overwrite, marker=CONFIG_NAME)
 
 
 def read_adapter_config(folder: str | Path) -> tuple[AdapterConfig, dict]:

@@ -9,7 +9,6 @@ there is one (the embedded model), else from tokenizer.json (BPE).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from loratune.export.kquants import QK_K, quantize_q4_k, quantize_q6_k
+from loratune.files import check_output_path, publish_file, temp_file_for
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -127,13 +127,11 @@ def _metadata(writer, config: dict, name: str, out_type: str) -> None:
         raise GGUFExportError(f"rope_scaling {scaling} is not supported by this exporter yet")
 
 
-def _target(out: Path, overwrite: bool) -> tuple[Path, Path]:
+def _target(out: Path, overwrite: bool, inputs: list) -> tuple[Path, Path]:
     """(final path, temp sibling) for a GGUF written under a temp name, then renamed."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out, out.with_name(f".{out.name}.tmp")
+    check_output_path(out, inputs)
+    return out, temp_file_for(out, overwrite)
 
 
 def _finish(writer, tmp: Path, out: Path) -> None:
@@ -141,7 +139,7 @@ def _finish(writer, tmp: Path, out: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    os.replace(tmp, out)
+    publish_file(tmp, out)
 
 
 def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source: Path | None = None,
@@ -159,7 +157,7 @@ def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source:
     if arch not in SUPPORTED:
         raise GGUFExportError(f"{folder}: architecture {arch} is not supported for GGUF export; "
                               f"supported: {', '.join(SUPPORTED)}")
-    out, tmp = _target(out, overwrite)
+    out, tmp = _target(out, overwrite, [folder, tokenizer_source])
     writer = gguf.GGUFWriter(str(tmp), SUPPORTED[arch])
     _metadata(writer, config, folder.name, out_type)
     add_tokenizer(writer, folder, tokenizer_source, tokenizer_pre)
@@ -218,7 +216,7 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
     # llama.cpp scales every layer by alpha / (that layer's rank); per-layer differences from
     # PEFT's scale (rank/alpha patterns, rsLoRA) are folded into B.
     alpha = cfg.scaling * cfg.r
-    out, tmp = _target(out, overwrite)
+    out, tmp = _target(out, overwrite, [adapter_dir, base_folder])
     writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_string("general.type", "adapter")
     writer.add_string("adapter.type", "lora")

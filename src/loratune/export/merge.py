@@ -23,6 +23,7 @@ from loratune.adapters.inject import (WHY_NOT_MERGEABLE, AdapterError, new_layer
                                       pattern_value)
 from loratune.adapters.io import PREFIX, _weights_file, read_adapter_config, write_atomic_dir
 from loratune.export.safetensors_io import StreamWriter, read_index, read_tensor
+from loratune.files import check_output_path
 from loratune.models.device import DTYPES
 from loratune.models.modules import matches_target
 
@@ -151,15 +152,6 @@ def write_shards(folder: Path, shards: list[list], produce) -> None:
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def _check_out(out: Path, inputs: list[Path]) -> None:
-    target = out.resolve()
-    for folder in inputs:
-        src = folder.resolve()
-        if target == src or src in target.parents:
-            raise ValueError(f"output {out} is inside the input folder {folder}; choose a path "
-                             "outside it (writing there could clobber what is being read)")
-
-
 def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str | None = None,
                  shard_size: str | int = "2GB", overwrite: bool = False,
                  transform=None) -> MergeReport:
@@ -169,7 +161,7 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
     trip a QLoRA adapter was trained against).
     """
     t0 = time.perf_counter()
-    _check_out(out, [base] + [a.folder for a in adapters])
+    check_output_path(out, [base] + [a.folder for a in adapters])
     config = json.loads((base / "config.json").read_text())
     if config.get("quantization_config"):
         raise ValueError(f"{base} holds pre-quantized weights; merge from the full-precision "
@@ -227,7 +219,7 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
         stats["shards"] = len(shards)
         _copy_side_files(base, tmp, config, dtype)
 
-    write_atomic_dir(out, fill, overwrite=overwrite)
+    write_atomic_dir(out, fill, overwrite=overwrite, marker="config.json")
     return MergeReport(out, stats["merged"], len(replaced), stats["shards"],
                        time.perf_counter() - t0)
 

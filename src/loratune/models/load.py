@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from safetensors.torch import save_model
 
 from loratune.config import ModelConfig
+from loratune.files import write_atomic_dir
 from loratune.models.device import DTYPES, resolve_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,9 +63,7 @@ def _convert_gguf_to_folder(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF once into a safetensors folder; written to a temp name, then renamed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -81,9 +78,9 @@ def _convert_gguf_to_folder(gguf: Path, out: Path) -> None:
             model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"converted from {gguf}\n")
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # overwrite: a cache folder without config.json is a broken earlier conversion
+    write_atomic_dir(out, fill, overwrite=True)
 
 
 def embedded_folder(name: str) -> Path:

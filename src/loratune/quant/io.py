@@ -81,7 +81,7 @@ def quantized_linear(prefix: str, read, expected: tuple[int, int], compute_dtype
 
 def save_quantized(model: nn.Module, folder: str | Path, overwrite: bool = False) -> Path:
     """Write a 4-bit model as a transformers/bitsandbytes folder (atomically)."""
-    from loratune.adapters.io import write_atomic_dir
+    from loratune.files import write_atomic_dir
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     if not layers:
@@ -111,4 +111,4 @@ def save_quantized(model: nn.Module, folder: str | Path, overwrite: bool = False
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
-    return write_atomic_dir(Path(folder), fill, overwrite)
+    return write_atomic_dir(Path(folder), fill, overwrite, marker="config.json")

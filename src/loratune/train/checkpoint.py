@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from loratune.adapters.io import (
     save_adapter,
     write_atomic_dir,
 )
+from loratune.files import remove_dir
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -82,7 +82,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, sta
     write_atomic_dir(out, fill, overwrite=True)
     if keep:
         for old in list_checkpoints(ckpt_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_dir(old)  # never a half-deleted folder under a resumable name
     return out
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from loratune import data as lt_data
 from loratune.adapters import add_adapter, save_adapter, trainable_report
 from loratune.config import RunConfig
+from loratune.files import protected_reason, remove_stale_temps, write_atomic_file
 from loratune.models import load_model
 from loratune.train import distributed as lt_dist
 from loratune.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -63,11 +64,18 @@ def seed_everything(seed: int) -> None:
 
 def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber a run (unless overwrite, which backs it up); changes nothing."""
-    if not out.exists() or overwrite:
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"output_dir {out} is a file; expected a folder")
+    if overwrite:
+        if out.exists():
+            check_replaceable_run(out)
         return
     finished = (out / DONE_FILE).is_file()
     has_ckpt = bool(list_checkpoints(out / "checkpoints"))
-    if resume and not finished:
+    if resume and not finished and not has_ckpt:
+        raise RunFolderError(f"{out} has no checkpoint to resume from (checkpoints/step-*); "
+                             "run without --resume to start, or --overwrite to start over")
+    if not out.exists() or (resume and not finished):
         return
     if finished:
         raise RunFolderError(f"{out} holds a finished run; pass --overwrite to start a new one "
@@ -79,14 +87,40 @@ def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise RunFolderError(f"{out} is not empty; pass --overwrite or choose another output_dir")
 
 
+# What train and demo write into a run folder. --overwrite moves the folder away, so one
+# holding anything else (or cwd, or home) is someone's own files and is refused.
+RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "adapter", DONE_FILE, "loss.png",
+               "demo_report.json"}
+
+
+def check_replaceable_run(out: Path) -> None:
+    """Refuse --overwrite of a folder that is not a loratune run, or that is cwd/home/above."""
+    reason = protected_reason(out)
+    if reason:
+        raise RunFolderError(f"output_dir {out} cannot be replaced: {reason}; --overwrite "
+                             "moves a run folder away: choose another output_dir")
+    # Hidden names are our temps or the system's (.DS_Store), never what a user works on.
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise RunFolderError(f"output_dir {out} holds {foreign[0]!r}{more}, which is not part of "
+                             "a loratune run; --overwrite only replaces run folders: choose "
+                             "another output_dir")
+
+
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Create the run folder; with overwrite, an existing one is kept under a backup name."""
+    """Create the run folder; with overwrite, an existing one is kept under a backup name.
+
+    Leftovers of writes killed in an earlier start (temp checkpoints, adapters) go now."""
     check_run_dir(out, resume, overwrite)
     if overwrite and out.exists():
         backup = out.with_name(f"{out.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
         out.rename(backup)
         print(f"previous run moved to {backup}")
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    remove_stale_temps(out / "checkpoints")
 
 
 def resolve_data_paths(cfg: RunConfig) -> tuple[str, str | None]:
@@ -233,7 +267,6 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, model, tokenizer, quie
     # Only now, with data, model and adapter known good, is the run folder created.
     if info.is_main:
         prepare_run_dir(out, resume, overwrite)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     lt_dist.barrier(info)  # the others look for checkpoints only once the folder is settled
     if info.enabled:
         log(f"distributed: {info.world_size} processes, {mode}, "
@@ -269,6 +302,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, model, tokenizer, quie
             check_resume_state(state, cfg, ckpts[-1])
             start_step = state["step"]
             log(f"resumed from {ckpts[-1]} at step {start_step}")
+    if info.is_main:  # only now: a refused resume leaves the run's config.yaml as it was
+        _write_config(out, cfg)
     for note in offload_notes(cfg.train, device):
         log(note)
     if resume and start_step and info.is_main:
@@ -488,7 +523,10 @@ def peak_rss_mib() -> float:
 def _write_json_atomic(path: Path, obj: dict) -> None:
     import json
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"),
+                      overwrite=True)
 
+
+def _write_config(out: Path, cfg: RunConfig) -> None:
+    text = yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+    write_atomic_file(out / "config.yaml", lambda tmp: tmp.write_text(text), overwrite=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from loratune.files import write_atomic_file
+
 
 class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True):
@@ -23,7 +25,8 @@ class MetricsLog:
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        text = "".join(line + "\n" for line in keep)
+        write_atomic_file(self.path, lambda tmp: tmp.write_text(text), overwrite=True)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -53,8 +56,8 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out_png)
+    try:
+        write_atomic_file(out_png, lambda tmp: fig.savefig(tmp, format="png"), overwrite=True)
+    finally:
+        plt.close(fig)
     return out_png
