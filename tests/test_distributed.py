@@ -9,6 +9,9 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,9 +49,15 @@ def _build(spec: dict):
     return cfg
 
 
-def _train(spec: dict, tok, resume=False):
+def _train(spec: dict, tok, resume=False, layer_calls: list | None = None):
+    """One run of `spec`; `layer_calls` collects layer 0's MLP calls with gradients on: one per
+    micro-batch in the forward, one more in backward when checkpointing recomputes the layer
+    (a pre-hook: non-reentrant checkpointing stops at the last saved tensor, before post-hooks)."""
     spec = dict(spec)
     model = tiny_llama(vocab=len(tok))
+    if layer_calls is not None:
+        model.model.layers[0].mlp.register_forward_pre_hook(
+            lambda mod, args: layer_calls.append(1) if torch.is_grad_enabled() else None)
     if spec.pop("quantize", False):  # QLoRA: 4-bit NF4 base (Linear4bit keeps it in buffers)
         from loratune.config import QuantConfig
         from loratune.quant.model import prepare_for_kbit_training, quantize_model
@@ -82,13 +91,17 @@ def _torchrun(tmp_path: Path, jobs: list[dict], timeout: float = 300):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def data_file(tmp_path):
+def _write_data(folder: Path) -> Path:
     rows = [{"instruction": f"Repeat the word {w}", "input": "", "output": f"{w} {w} {w}"}
             for w in WORDS]
-    path = tmp_path / "train.jsonl"
+    path = folder / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    return _write_data(tmp_path)
 
 
 def _assert_same_adapter(a: dict, b: dict, atol=1e-5):
@@ -97,94 +110,159 @@ def _assert_same_adapter(a: dict, b: dict, atol=1e-5):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
-@pytest.fixture
-def one_thread():
+@contextmanager
+def _single_thread():
     """torchrun gives each worker OMP_NUM_THREADS=1; the 1-process reference must use the same
     intra-op reduction order, or early Adam steps (tiny grads / sqrt(v)) amplify 1e-7 rounding
     differences to ~6e-5 in the adapter (measured: 0.0 difference with 1 thread each)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def test_two_processes_equal_one_with_accumulation(tmp_path, data_file, smol_tokenizer,
-                                                   one_thread):
-    single = tmp_path / "single"
-    _train(_cfg_dict(single, data_file), smol_tokenizer)
-    ref = _adapter(single)
+@pytest.fixture
+def one_thread():
+    with _single_thread():
+        yield
+
+
+MOE = {"method": "moe_lora", "r": 2, "num_experts": 2, "router_aux_loss_coef": 0.1}
+VIRTUAL = {"prompt": {"method": "prompt", "num_virtual_tokens": 4},
+           "prefix": {"method": "prefix", "num_virtual_tokens": 4}}
+
+
+def _jobs(tmp: Path, data: Path) -> dict[str, dict]:
+    """The 2-process jobs, by name (each trains into tmp/name)."""
+    def cfg(name, adapter=None, **train):
+        return _cfg_dict(tmp / name, data, adapter, **train)
+
+    return {"ddp": {"spec": cfg("ddp")},
+            "fsdp": {"spec": cfg("fsdp", parallel="fsdp")},
+            "ddp_ckpt": {"spec": cfg("ddp_ckpt", gradient_checkpointing=True)},
+            "fsdp_ckpt": {"spec": cfg("fsdp_ckpt", parallel="fsdp", gradient_checkpointing=True)},
+            "prompt_ddp": {"spec": cfg("prompt_ddp", VIRTUAL["prompt"])},
+            "prefix_ddp": {"spec": cfg("prefix_ddp", VIRTUAL["prefix"])},
+            "qlora_fsdp": {"spec": {**cfg("qlora_fsdp", parallel="fsdp"), "quantize": True}},
+            "qlora_ddp": {"spec": {**cfg("qlora_ddp"), "quantize": True}},
+            "moe_ddp": {"spec": cfg("moe_ddp", MOE)},
+            "resume_on_2": {"spec": cfg("resume_on_2"), "resume": True},
+            "resume_on_2_fsdp": {"spec": cfg("resume_on_2_fsdp", parallel="fsdp"),
+                                 "resume": True}}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, smol_tokenizer):
+    """The 1-process references, then ONE torchrun launch for all 2-process jobs (a launch per
+    job would pay torchrun's and the imports' start-up 11 times). The worker records each job's
+    outcome per rank and goes on after a failure, so each test below reports its own job; a job
+    that leaves the ranks out of step (one raised inside a collective) can still fail the ones
+    after it, each with its own message."""
+    tmp = tmp_path_factory.mktemp("dist")
+    data = _write_data(tmp)
+    with _single_thread():
+        _train(_cfg_dict(tmp / "single", data), smol_tokenizer)
+        _cut_after_checkpoint(tmp / "single", tmp / "resume_on_2")
+        _cut_after_checkpoint(tmp / "single", tmp / "resume_on_2_fsdp")
+        _train({**_cfg_dict(tmp / "qlora_single", data), "quantize": True}, smol_tokenizer)
+        _train(_cfg_dict(tmp / "moe_single", data, MOE), smol_tokenizer)
+        for method, adapter in VIRTUAL.items():
+            _train(_cfg_dict(tmp / f"{method}_single", data, adapter), smol_tokenizer)
+    jobs = [{**job, "report": str(tmp / f"{name}.outcome")}
+            for name, job in _jobs(tmp, data).items()]
+    try:
+        done = _torchrun(tmp, jobs, timeout=600)
+        log = f"torchrun exit {done.returncode}\n{done.stderr[-8000:]}"
+    except subprocess.TimeoutExpired as err:
+        log = f"torchrun timed out after {err.timeout} s\n{str(err.stderr or '')[-8000:]}"
+    ref = _adapter(tmp / "single")
     assert max(float(v.abs().max()) for k, v in ref.items() if "lora_B" in k) > 1e-3  # trained
-    _cut_after_checkpoint(single, tmp_path / "resume_on_2")
-    _cut_after_checkpoint(single, tmp_path / "resume_on_2_fsdp")
+    return SimpleNamespace(tmp=tmp, data=data, log=log, ref=ref,
+                           ref_losses=_losses(tmp / "single"))
 
-    qlora = {**_cfg_dict(tmp_path / "qlora_single", data_file), "quantize": True}
-    _train(qlora, smol_tokenizer)
-    moe = {"method": "moe_lora", "r": 2, "num_experts": 2, "router_aux_loss_coef": 0.1}
-    _train(_cfg_dict(tmp_path / "moe_single", data_file, moe), smol_tokenizer)
-    virtual = {"prompt": {"method": "prompt", "num_virtual_tokens": 4},
-               "prefix": {"method": "prefix", "num_virtual_tokens": 4}}
-    for method, adapter in virtual.items():
-        _train(_cfg_dict(tmp_path / f"{method}_single", data_file, adapter), smol_tokenizer)
 
-    jobs = [{"spec": _cfg_dict(tmp_path / "ddp", data_file)},
-            {"spec": _cfg_dict(tmp_path / "resume_on_2", data_file), "resume": True},
-            {"spec": _cfg_dict(tmp_path / "resume_on_2_fsdp", data_file, parallel="fsdp"),
-             "resume": True},
-            {"spec": _cfg_dict(tmp_path / "fsdp", data_file, parallel="fsdp")},
-            {"spec": {**_cfg_dict(tmp_path / "qlora_fsdp", data_file, parallel="fsdp"),
-                      "quantize": True}},
-            {"spec": {**_cfg_dict(tmp_path / "qlora_ddp", data_file), "quantize": True}},
-            {"spec": _cfg_dict(tmp_path / "moe_ddp", data_file, moe)},
-            {"spec": _cfg_dict(tmp_path / "ddp_ckpt", data_file, gradient_checkpointing=True)},
-            {"spec": _cfg_dict(tmp_path / "prompt_ddp", data_file, virtual["prompt"])},
-            {"spec": _cfg_dict(tmp_path / "prefix_ddp", data_file, virtual["prefix"])},
-            {"spec": _cfg_dict(tmp_path / "fsdp_ckpt", data_file, parallel="fsdp",
-                               gradient_checkpointing=True)}]
-    done = _torchrun(tmp_path, jobs)
-    assert done.returncode == 0, done.stderr[-12000:]
+def _job(launched, name: str) -> list[dict]:
+    """Job `name`'s outcome on ranks 0 and 1; the test fails with the job's own error."""
+    outcomes = []
+    for rank in (0, 1):
+        path = launched.tmp / f"{name}.outcome.rank{rank}.json"
+        if not path.is_file():
+            pytest.fail(f"job {name}: rank {rank} left no outcome; {launched.log}")
+        outcome = json.loads(path.read_text())
+        if not outcome["ok"]:
+            pytest.fail(f"job {name} failed on rank {rank}:\n{outcome['error']}")
+        outcomes.append(outcome)
+    return outcomes
 
-    ref_loss, ref_eval = _losses(single)
-    for name in ("ddp", "fsdp"):
-        run = tmp_path / name
-        _assert_same_adapter(_adapter(run), ref)
-        loss, ev = _losses(run)
-        assert loss == pytest.approx(ref_loss, abs=1e-5) and len(loss) == 4
-        assert ev == pytest.approx(ref_eval, abs=1e-5) and len(ev) == 3
-        summary = json.loads((run / "run_summary.json").read_text())
-        assert (summary["world_size"], summary["parallel"]) == (2, name)
-        assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
-    # Activation checkpointing recomputes each layer in backward: same numbers under DDP/FSDP.
-    for name in ("ddp_ckpt", "fsdp_ckpt"):
-        _assert_same_adapter(_adapter(tmp_path / name), ref)
-        assert _losses(tmp_path / name)[0] == pytest.approx(ref_loss, abs=1e-5)
-    # Virtual-token methods: the prompt embeddings / per-layer prefixes are the DDP parameters.
-    for method in virtual:
-        _assert_same_adapter(_adapter(tmp_path / f"{method}_ddp"),
-                             _adapter(tmp_path / f"{method}_single"))
-    # A 4-bit base: the frozen NF4 buffers replicated on each rank, LoRA sharded (FSDP) or not.
-    q_ref, q_loss = _adapter(tmp_path / "qlora_single"), _losses(tmp_path / "qlora_single")[0]
-    for name in ("qlora_fsdp", "qlora_ddp"):
-        _assert_same_adapter(_adapter(tmp_path / name), q_ref)
-        assert _losses(tmp_path / name)[0] == pytest.approx(q_loss, abs=1e-5)
-    # MoE-LoRA's per-micro-batch balance loss: each rank adds its share, gradients summed.
-    _assert_same_adapter(_adapter(tmp_path / "moe_ddp"), _adapter(tmp_path / "moe_single"))
-    moe_records = [json.loads(x) for x in (tmp_path / "moe_ddp" / "metrics.jsonl").read_text()
-                   .splitlines()]
-    ref_records = [json.loads(x) for x in (tmp_path / "moe_single" / "metrics.jsonl")
-                   .read_text().splitlines()]
-    extra = [r["extra_loss"] for r in moe_records if "extra_loss" in r]
-    assert len(extra) == 4 and extra == pytest.approx(
-        [r["extra_loss"] for r in ref_records if "extra_loss" in r], abs=1e-6)
-    # Resuming a 1-process checkpoint on 2 processes, and a 2-process one on 1 process.
-    for name in ("resume_on_2", "resume_on_2_fsdp"):  # FSDP re-shards the optimizer states
-        _assert_same_adapter(_adapter(tmp_path / name), ref)
-        assert _losses(tmp_path / name)[0] == pytest.approx(ref_loss, abs=1e-5)
-    for name in ("ddp", "fsdp"):
-        back = tmp_path / f"{name}_on_1"
-        _cut_after_checkpoint(tmp_path / name, back)
-        result = _train(_cfg_dict(back, data_file), smol_tokenizer, resume=True)
-        assert [h["step"] for h in result.history] == [3, 4]
-        _assert_same_adapter(_adapter(back), ref)
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_accumulation(launched, name, smol_tokenizer, one_thread):
+    outcomes = _job(launched, name)
+    run, (ref_loss, ref_eval) = launched.tmp / name, launched.ref_losses
+    _assert_same_adapter(_adapter(run), launched.ref)
+    loss, ev = _losses(run)
+    assert loss == pytest.approx(ref_loss, abs=1e-5) and len(loss) == 4
+    assert ev == pytest.approx(ref_eval, abs=1e-5) and len(ev) == 3
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert (summary["world_size"], summary["parallel"]) == (2, name)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
+    # 4 steps of 2 micro-batches: one per rank per step, each layer run once (no checkpointing).
+    assert [o["layer_calls"] for o in outcomes] == [4, 4]
+    # A 2-process checkpoint resumed on 1 process.
+    back = launched.tmp / f"{name}_on_1"
+    _cut_after_checkpoint(run, back)
+    result = _train(_cfg_dict(back, launched.data), smol_tokenizer, resume=True)
+    assert [h["step"] for h in result.history] == [3, 4]
+    _assert_same_adapter(_adapter(back), launched.ref)
+
+
+@pytest.mark.parametrize("name", ["ddp_ckpt", "fsdp_ckpt"])
+def test_checkpointing_recomputes_layers_under_two_processes(launched, name):
+    outcomes = _job(launched, name)
+    # Each rank's 4 micro-batches run layer 0 twice: forward, and recomputed in backward.
+    assert [o["layer_calls"] for o in outcomes] == [8, 8]
+    # Same numbers as the 1-process run without checkpointing.
+    _assert_same_adapter(_adapter(launched.tmp / name), launched.ref)
+    assert _losses(launched.tmp / name)[0] == pytest.approx(launched.ref_losses[0], abs=1e-5)
+
+
+@pytest.mark.parametrize("method", list(VIRTUAL))
+def test_virtual_tokens_two_processes_equal_one(launched, method):
+    # The prompt embeddings / per-layer prefixes are the DDP parameters.
+    _job(launched, f"{method}_ddp")
+    _assert_same_adapter(_adapter(launched.tmp / f"{method}_ddp"),
+                         _adapter(launched.tmp / f"{method}_single"))
+
+
+@pytest.mark.parametrize("name", ["qlora_fsdp", "qlora_ddp"])
+def test_4bit_base_two_processes_equal_one(launched, name):
+    # The frozen NF4 buffers replicated on each rank, LoRA sharded (FSDP) or not.
+    _job(launched, name)
+    single = launched.tmp / "qlora_single"
+    _assert_same_adapter(_adapter(launched.tmp / name), _adapter(single))
+    assert _losses(launched.tmp / name)[0] == pytest.approx(_losses(single)[0], abs=1e-5)
+
+
+def test_moe_lora_two_processes_equal_one(launched):
+    # The per-micro-batch balance loss: each rank adds its share, gradients summed.
+    _job(launched, "moe_ddp")
+    _assert_same_adapter(_adapter(launched.tmp / "moe_ddp"), _adapter(launched.tmp / "moe_single"))
+
+    def extra(run):
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["extra_loss"] for r in records if "extra_loss" in r]
+
+    got = extra(launched.tmp / "moe_ddp")
+    assert len(got) == 4 and got == pytest.approx(extra(launched.tmp / "moe_single"), abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resume_on_2", "resume_on_2_fsdp"])
+def test_one_process_checkpoint_resumes_on_two(launched, name):
+    _job(launched, name)  # FSDP re-shards the optimizer states
+    _assert_same_adapter(_adapter(launched.tmp / name), launched.ref)
+    assert _losses(launched.tmp / name)[0] == pytest.approx(launched.ref_losses[0], abs=1e-5)
 
 
 def test_a_failing_rank_stops_the_others(tmp_path, data_file):
@@ -213,20 +291,25 @@ def test_world_size_must_divide_grad_accum():
                                        "lora", DistInfo(0, 2, 0))
 
 
-def test_deepspeed_is_refused_on_cpu(tmp_path):
+def test_deepspeed_config_is_checked(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2},
-                                "train_micro_batch_size_per_gpu": 2}))
-    assert not torch.cuda.is_available()
-    opts = SimpleNamespace(grad_accum=2, batch_size=2, parallel="ddp", deepspeed=str(path))
-    with pytest.raises(DistributedError, match=r"ZeRO-2\) needs CUDA GPUs.*parallel: ddp.*"
-                       r"parallel: fsdp"):
-        lt_dist.check_parallel_options(opts, "lora", DistInfo())
     path.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     with pytest.raises(DistributedError, match="stage=1; expected 2 or 3"):
         lt_dist.check_deepspeed(str(path))
     with pytest.raises(DistributedError, match="is not a file"):
         lt_dist.check_deepspeed(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without "
+                    "CUDA; this one has a GPU")
+def test_deepspeed_is_refused_on_cpu(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2},
+                                "train_micro_batch_size_per_gpu": 2}))
+    opts = SimpleNamespace(grad_accum=2, batch_size=2, parallel="ddp", deepspeed=str(path))
+    with pytest.raises(DistributedError, match=r"ZeRO-2\) needs CUDA GPUs.*parallel: ddp.*"
+                       r"parallel: fsdp"):
+        lt_dist.check_parallel_options(opts, "lora", DistInfo())
 
 
 def test_checkpoint_from_another_accumulation_is_refused(tmp_path, data_file, smol_tokenizer):
@@ -261,8 +344,9 @@ def _worker(spec_path: str) -> None:
     tok = load_tokenizer("smollm2-135m-instruct")
     rank = int(os.environ["RANK"])
     # One group for all jobs (train() joins an existing group and leaves it open); a gloo group
-    # re-created after destroy_process_group in the same process may fail to reconnect.
-    dist.init_process_group("gloo")
+    # re-created after destroy_process_group in the same process may fail to reconnect. A short
+    # timeout: a job that leaves the other rank waiting fails it, not the whole launch.
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     for job in json.loads(Path(spec_path).read_text()):
         if job.get("fail_rank") == rank:
             real, calls = lt_dist.causal_lm_loss, []
@@ -274,7 +358,16 @@ def _worker(spec_path: str) -> None:
                 return real(*args, **kw)
 
             lt_dist.causal_lm_loss = failing
-        _train(job["spec"], tok, resume=job.get("resume", False))
+        if "report" not in job:  # an error ends the launch
+            _train(job["spec"], tok, resume=job.get("resume", False))
+            continue
+        calls: list[int] = []
+        try:
+            _train(job["spec"], tok, resume=job.get("resume", False), layer_calls=calls)
+            outcome = {"ok": True, "layer_calls": len(calls)}
+        except Exception:
+            outcome = {"ok": False, "error": traceback.format_exc()}
+        Path(f"{job['report']}.rank{rank}.json").write_text(json.dumps(outcome))
 
 
 if __name__ == "__main__":
