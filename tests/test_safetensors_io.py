@@ -44,11 +44,15 @@ def test_writer_and_reader_catch_mistakes(tmp_path):
     short.mkdir()
     save_file({"a": torch.randn(100)}, str(short / "t.safetensors"))
     data = (short / "t.safetensors").read_bytes()
-    (short / "t.safetensors").write_bytes(data[:-40])
+    entry = read_index(short)["a"]
+    (short / "t.safetensors").write_bytes(data[:-40])  # cut after it was indexed
     with pytest.raises(ValueError, match="file ends inside a tensor"):
-        read_tensor(read_index(short)["a"])
+        read_tensor(entry)
+    with pytest.raises(ValueError, match="t.safetensors: not a readable safetensors file .*"
+                                         "truncated or damaged"):
+        read_index(short)  # cut before: named at once, not halfway through a merge
     (short / "t.safetensors").write_bytes(b"abc")
-    with pytest.raises(ValueError, match="t.safetensors: not a safetensors file"):
+    with pytest.raises(ValueError, match="t.safetensors: not a readable safetensors file"):
         read_index(short)
 
 

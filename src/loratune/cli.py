@@ -47,10 +47,12 @@ def cmd_train(args) -> int:
         check_world_size(cfg.train.grad_accum, cfg.train.batch_size, args.nproc)
         argv = [args.config, *args.overrides]
         argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+        argv += ["--resume-skip-corrupt"] * args.resume_skip_corrupt
         return launch(args.nproc, argv)
     from loratune.train import train
 
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    result = train(cfg, resume=args.resume or args.resume_skip_corrupt,
+                   overwrite=args.overwrite, skip_corrupt=args.resume_skip_corrupt)
     if int(os.environ.get("RANK", 0)) == 0:  # every rank returns; one message
         print(f"adapter saved to {result.adapter_dir} ({result.steps} steps, "
               f"final loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
@@ -292,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config (see examples/)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4 adapter.r=16")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--resume-skip-corrupt", action="store_true",
+                   help="resume from the newest readable checkpoint, passing over corrupt ones")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a used output_dir (the old run is kept as a backup)")
     p.add_argument("--nproc", type=int, default=None,

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from loratune.adapters.inject import (
@@ -31,10 +31,14 @@ from loratune.adapters.inject import (
 from loratune.config import (AdaLoraConfig, AdapterConfig, BottleneckConfig, IA3Config,
                              LoraConfig, MoeLoraConfig, PrefixConfig, PromptConfig)
 from loratune.files import write_atomic_dir
+from loratune.readers import check_finite, read_safetensors
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# Keys or shapes that do not fit the loaded model nearly always mean the adapter was trained on
+# another base (a bigger or smaller sibling); every loader says so in these words.
+ANOTHER_BASE = "adapter for another base model?"
 # Keys PEFT writes that carry no meaning for a plain LoRA here; read and dropped quietly.
 _PEFT_ONLY = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
@@ -210,6 +214,15 @@ def _weights_file(folder: Path) -> Path:
     raise AdapterError(f"{folder}: no {WEIGHTS_NAME}")
 
 
+def read_adapter_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of `folder`'s adapter_model.safetensors, refused (CorruptFileError naming the
+    file, and the tensor) when the file is truncated or garbled or a value is NaN or Inf."""
+    path = _weights_file(Path(folder))
+    tensors = read_safetensors(path)
+    check_finite(tensors, path)
+    return tensors
+
+
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """File key -> the live tensor it loads into, for adapter `name`."""
     config = adapter_config(model, name)
@@ -256,14 +269,14 @@ def copy_adapter_weights(model: nn.Module, name: str, weights: dict[str, torch.T
                            "inconsistent (files from two different adapters?)")
     if unexpected:
         raise AdapterError(f"{source}: tensor {unexpected[0]} has no place in this model "
-                           f"({len(unexpected)} unexpected; adapter trained on another base?)")
+                           f"({len(unexpected)} unexpected; {ANOTHER_BASE})")
     if missing:
         raise AdapterError(f"{source}: tensor {missing[0]} is missing from the file "
-                           f"({len(missing)} missing)")
+                           f"({len(missing)} missing; {ANOTHER_BASE})")
     for key, tensor in weights.items():
         if tuple(expected[key].shape) != tuple(tensor.shape):
             raise AdapterError(f"{source}: tensor {key} has shape {tuple(tensor.shape)}, the "
-                               f"model expects {tuple(expected[key].shape)} (another base model?)")
+                               f"model expects {tuple(expected[key].shape)} ({ANOTHER_BASE})")
     with torch.no_grad():
         for key, tensor in weights.items():
             expected[key].copy_(tensor.to(expected[key].dtype))
@@ -274,7 +287,7 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str = "default",
     """Inject adapter `name` from a PEFT folder and load its weights; strict about keys/shapes."""
     folder = Path(folder)
     config, raw = read_adapter_config(folder)
-    weights = load_file(str(_weights_file(folder)))
+    weights = read_adapter_weights(folder)
     patterns = {}
     if config.method in ("lora", "dora", "moe_lora"):
         patterns = {"rank_pattern": raw.get("rank_pattern") or {},

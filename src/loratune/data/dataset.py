@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loratune.config import DataConfig
@@ -25,6 +25,24 @@ class DataStats:
     n_tokens: int = 0
     n_label_tokens: int = 0  # tokens that carry loss (the first token of an example never does)
     format: str = ""  # alpaca, messages, sharegpt, or "mixed: a, b" for auto-detected mixes
+    drop_reasons: dict[str, int] = field(default_factory=dict)  # why -> records dropped
+
+    def why_dropped(self) -> str:
+        """e.g. '2 with no answer tokens left after truncation to data.max_length=64'."""
+        return ", ".join(f"{n} {reason}" for reason, n in self.drop_reasons.items())
+
+    def dropped(self) -> str:
+        """'N dropped', and why when any were: how the log line reports them."""
+        return f"{self.n_dropped} dropped" + (f" ({self.why_dropped()})" if self.n_dropped else "")
+
+
+def _drop_reason(truncated: bool, cfg: DataConfig) -> str:
+    """Why encode_conversation gave no example, in words a user can act on."""
+    if truncated and cfg.overflow == "drop":
+        return f"longer than data.max_length={cfg.max_length} (data.overflow: drop)"
+    if truncated:
+        return f"with no answer tokens left after truncation to data.max_length={cfg.max_length}"
+    return "with no answer tokens to learn"
 
 
 def _conversations(path: str | Path, cfg: DataConfig) -> tuple[list[tuple[int, list[dict]]], str]:
@@ -60,6 +78,8 @@ def build_examples(path: str | Path, tokenizer,
             raise DataError(f"{locate(path, index)}: {err}") from None
         if example is None:
             stats.n_dropped += 1
+            reason = _drop_reason(truncated, cfg)
+            stats.drop_reasons[reason] = stats.drop_reasons.get(reason, 0) + 1
             continue
         stats.n_truncated += truncated
         stats.n_tokens += len(example)
@@ -67,9 +87,8 @@ def build_examples(path: str | Path, tokenizer,
         examples.append(example)
     stats.n_examples = len(examples)
     if not examples:
-        raise DataError(f"{path}: no usable examples: all {stats.n_records} records were dropped "
-                        f"(longer than data.max_length={cfg.max_length} with overflow="
-                        f"{cfg.overflow}, or no answer token left to learn)")
+        raise DataError(f"{path}: no usable examples: all {stats.n_records} records were "
+                        f"dropped ({stats.why_dropped()})")
     return examples, stats
 
 

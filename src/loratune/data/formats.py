@@ -7,7 +7,9 @@ Every record carries an index for error messages: the line number in line-based 
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -32,12 +34,23 @@ def locate(source: str | Path | None, index: int | None) -> str:
     return f"{source}[{index}]"
 
 
-def _read_text(path: Path) -> str:
+def _decode(path: Path) -> str:
+    """The file's text, line endings untouched; a byte that is not UTF-8 is named by line and
+    offset (spreadsheets often save CSV as Latin-1 or UTF-16)."""
+    data = path.read_bytes()
     try:
         # utf-8-sig: files saved by Windows tools often start with a byte-order mark.
-        return path.read_text(encoding="utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
+        offset = err.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
+        line = data.count(b"\n", 0, offset) + 1
+        raise DataError(f"{path}:{line}: byte 0x{data[offset]:02x} at offset {offset} is not "
+                        "UTF-8; expected UTF-8 text (re-save the file as UTF-8)") from None
+
+
+def _read_text(path: Path) -> str:
+    # Universal newlines, as text-mode reads give: "\r\n" and "\r" end lines too.
+    return _decode(path).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -79,7 +92,7 @@ def _read_csv(path: Path) -> list[tuple[int, dict]]:
     # The csv module rather than pandas: every cell stays text ("007" is not 7), and
     # line_num gives true line numbers even when quoted cells span several lines.
     out = []
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(_decode(path), newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             return out
@@ -108,6 +121,8 @@ READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
 def read_indexed(path: str | Path) -> list[tuple[int, dict]]:
     """Records of a data file with their index (line number or list position)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; expected a data file ({', '.join(READERS)})")
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     reader = READERS.get(path.suffix.lower())

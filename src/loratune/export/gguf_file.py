@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from loratune.export.kquants import QK_K, quantize_q4_k, quantize_q6_k
 from loratune.files import check_output_path, publish_file, temp_file_for
+from loratune.readers import check_safetensors, open_safetensors
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -164,14 +164,13 @@ def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source:
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or \
         config["num_attention_heads"]
     n_layers = config["num_hidden_layers"]
-    names = {k for shard in folder.glob("*.safetensors")
-             for k in safe_open(str(shard), framework="pt").keys()}
+    names = {k for shard in folder.glob("*.safetensors") for k in check_safetensors(shard)}
     # Tied embeddings: llama.cpp reads token_embd for both ends and wants no output tensor.
     # A checkpoint may hold the shared matrix under either name (safetensors keeps only one).
     tied = bool(config.get("tie_word_embeddings", False))
     try:
         for shard in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(shard), framework="pt") as f:
+            with open_safetensors(shard) as f:
                 for hf in f.keys():
                     if tied and hf == "lm_head.weight":
                         if "model.embed_tokens.weight" in names:
@@ -199,10 +198,9 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
     """A LoRA adapter as llama.cpp's adapter GGUF (`llama-cli --lora FILE`): `<tensor>.lora_a`
     [r, in] and `.lora_b` [out, r] per layer, B's rows permuted like the base's Q/K rows."""
     import gguf
-    from safetensors.torch import load_file
 
     from loratune.adapters.inject import pattern_value
-    from loratune.adapters.io import PREFIX, _weights_file, read_adapter_config
+    from loratune.adapters.io import PREFIX, read_adapter_config, read_adapter_weights
 
     cfg, raw = read_adapter_config(adapter_dir)
     if cfg.method != "lora":
@@ -211,7 +209,7 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
     config = json.loads((base_folder / "config.json").read_text())
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
-    tensors = load_file(str(_weights_file(Path(adapter_dir))))
+    tensors = read_adapter_weights(adapter_dir)
     pairs = {k[len(PREFIX):-len(".lora_A.weight")]: k for k in tensors if k.endswith(".lora_A.weight")}
     # llama.cpp scales every layer by alpha / (that layer's rank); per-layer differences from
     # PEFT's scale (rank/alpha patterns, rsLoRA) are folded into B.

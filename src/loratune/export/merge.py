@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from loratune.adapters.inject import (WHY_NOT_MERGEABLE, AdapterError, new_layer_adapter,
                                       pattern_value)
-from loratune.adapters.io import PREFIX, _weights_file, read_adapter_config, write_atomic_dir
+from loratune.adapters.io import (ANOTHER_BASE, PREFIX, read_adapter_config,
+                                  read_adapter_weights, write_atomic_dir)
 from loratune.export.safetensors_io import StreamWriter, read_index, read_tensor
 from loratune.files import check_output_path
 from loratune.models.device import DTYPES
@@ -72,7 +72,7 @@ def read_adapters(folders: list[str | Path], weights: list[float] | None) -> lis
             raise AdapterError(f"{folder}: a {config.method} adapter cannot be merged: "
                                f"{WHY_NOT_MERGEABLE[config.method]}. Load it on the base model "
                                "instead (loratune chat/serve --adapter DIR).")
-        tensors = load_file(str(_weights_file(Path(folder))))
+        tensors = read_adapter_weights(folder)
         out.append(AdapterFile(Path(folder), config, raw, tensors,
                                1.0 if weights is None else float(weights[i])))
     return out
@@ -111,8 +111,8 @@ def _build(adapter: AdapterFile, path: str, parts: dict, out_f: int, in_f: int, 
             got = tuple(tensor.shape)
             want = tuple(live[suffix].shape) if suffix in live else "no such tensor"
             raise AdapterError(f"{adapter.folder}: {path}.{suffix} has shape {got}, but {source} "
-                               f"has {path}.weight of shape ({out_f}, {in_f}) (expects {want}); "
-                               "was the adapter trained on another base model?")
+                               f"has {path}.weight of shape ({out_f}, {in_f}) (expects {want}; "
+                               f"{ANOTHER_BASE})")
         with torch.no_grad():
             live[suffix].copy_(tensor)
     return ad
@@ -173,7 +173,7 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
         missing = [p for p in mods if f"{p}.weight" not in index]
         if missing:
             raise AdapterError(f"{a.folder}: targets {missing[0]}, which {base} does not have "
-                               f"({len(missing)} such modules; adapter for another base model?)")
+                               f"({len(missing)} such modules; {ANOTHER_BASE})")
     replaced = {k[len(PREFIX):]: t for a in adapters for k, t in a.tensors.items()
                 if k.startswith(PREFIX) and k[len(PREFIX):] in index}
     merged_paths = _all_paths(modules)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from loratune.readers import check_safetensors
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -39,6 +41,7 @@ def read_index(folder: Path) -> dict[str, Entry]:
     """Every tensor of every *.safetensors file in `folder`, by name, in file order."""
     index: dict[str, Entry] = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
+        check_safetensors(path)  # a cut or garbled file is named now, not halfway through a merge
         with open(path, "rb") as f:
             try:
                 (length,) = struct.unpack("<Q", f.read(8))

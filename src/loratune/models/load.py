@@ -18,6 +18,7 @@ from safetensors.torch import save_model
 from loratune.config import ModelConfig
 from loratune.files import write_atomic_dir
 from loratune.models.device import DTYPES, resolve_dtype
+from loratune.readers import CorruptFileError, check_safetensors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -98,21 +99,39 @@ def embedded_folder(name: str) -> Path:
     return out
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The model's own safetensors files: model.safetensors or its shards. Others left in the
+    folder (adapter_model.safetensors, training_args.safetensors) are not the model's weights."""
+    return sorted(folder.glob("model*.safetensors"))
+
+
 def _check_folder(path: Path) -> None:
+    """Refuse a folder without config.json or readable safetensors weights, naming the file."""
     if not (path / "config.json").is_file():
         raise ModelNotFound(f"{path}: a model folder needs config.json")
-    if not any(path.glob("*.safetensors")):
+    weights = weight_files(path)
+    if not weights:
         pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(
             p.name for p in path.glob("*.pt*")
         )
-        hint = f" (found {', '.join(pickles)}: pickle files are refused)" if pickles else ""
-        raise ModelNotFound(f"{path}: no *.safetensors weights{hint}")
+        others = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = (f" (found {', '.join(pickles)}: pickle files are refused)" if pickles else
+                f" ({', '.join(others)} are not model weights)" if others else "")
+        raise ModelNotFound(f"{path}: no model*.safetensors weights{hint}")
+    for file in weights:
+        check_safetensors(file)  # a cut or garbled file, named before transformers opens it
 
 
 def resolve_model(name: str) -> tuple[Path, str | None]:
     """Map a model name to (folder, gguf file name or None)."""
     if name in EMBEDDED:
-        return embedded_folder(name), None
+        folder = embedded_folder(name)
+        try:
+            _check_folder(folder)
+        except (CorruptFileError, ModelNotFound) as err:  # damaged after the (atomic) conversion
+            raise CorruptFileError(f"{err} (delete the cache folder {folder} and it is "
+                                   "converted again)") from None
+        return folder, None
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from loratune.config import QuantConfig
@@ -21,6 +20,7 @@ from loratune.models.device import DTYPES
 from loratune.quant.model import prepare_for_kbit_training
 from loratune.quant.io import STATE_KEY, quantized_linear
 from loratune.quant.nf4 import quantize_4bit
+from loratune.readers import open_safetensors
 
 LLAMA_SHAPES = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -110,7 +110,7 @@ def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype = to
     if not shards:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights")
     with ExitStack() as stack:
-        files = [stack.enter_context(safe_open(str(s), framework="pt")) for s in shards]
+        files = [stack.enter_context(open_safetensors(s)) for s in shards]
         where = {k: f for f in files for k in f.keys()}
 
         def read(key: str) -> torch.Tensor | None:

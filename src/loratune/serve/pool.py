@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from loratune.adapters.inject import AdapterError, pattern_value
-from loratune.adapters.io import CONFIG_NAME, _weights_file, read_adapter_config
+from loratune.adapters.io import (ANOTHER_BASE, CONFIG_NAME, _weights_file, read_adapter_config,
+                                  read_adapter_weights)
 from loratune.config import LoraConfig
+from loratune.readers import CorruptFileError
 from loratune.serve.multi_lora import MultiLoraLinear, RowSlots, attach, detach
 from loratune.serve.types import BadAdapter, UnknownAdapter
 
@@ -69,7 +70,10 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
     if getattr(config, "bias", "none") != "none" or raw.get("modules_to_save"):
         raise BadAdapter(f"adapter {name!r} ({folder}) trains biases or whole modules "
                          "(bias / modules_to_save); those cannot be mixed per row. Merge it instead")
-    weights = load_file(str(weights_path))
+    try:
+        weights = read_adapter_weights(folder)
+    except CorruptFileError as err:
+        raise BadAdapter(f"adapter {name!r}: {err}") from None
     ranks, alphas = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key in sorted(weights):
@@ -85,14 +89,14 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
             layer = model.get_submodule(path)
         except AttributeError:
             raise BadAdapter(f"{weights_path}: tensor {key} has no place in this model "
-                             "(adapter trained on another base?)") from None
+                             f"({ANOTHER_BASE})") from None
         shape_in = getattr(layer, "in_features", None)
         shape_out = getattr(layer, "out_features", None)
         r = pattern_value(path, ranks, config.r)
         if a.shape != (r, shape_in) or b.shape != (shape_out, r):
             raise BadAdapter(f"{weights_path}: {path} has A {tuple(a.shape)} and B "
                              f"{tuple(b.shape)}; this model's layer needs A ({r}, {shape_in}) and "
-                             f"B ({shape_out}, {r}) (adapter trained on another base?)")
+                             f"B ({shape_out}, {r}) ({ANOTHER_BASE})")
         alpha = pattern_value(path, alphas, config.lora_alpha)
         scale = alpha / (r**0.5 if config.use_rslora else r)
         layers[path] = (a.float(), b.float() * scale)

@@ -1,7 +1,8 @@
 """Checkpoints without pickle: adapter (PEFT format) + optimizer tensors (safetensors) + JSON.
 
 Each checkpoint folder is written under a temp name and renamed, so a folder named
-`step-NNNNNNNN` is always complete; an interrupted save leaves only a hidden temp folder.
+`step-NNNNNNNN` is always complete; an interrupted save leaves only a hidden temp folder. A
+folder damaged later (a full disk, a bad copy) is found by `check_checkpoint` before resuming.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from loratune.adapters.inject import AdapterError
 from loratune.adapters.io import (
-    WEIGHTS_NAME,
     copy_adapter_weights,
+    read_adapter_weights,
     save_adapter,
     write_atomic_dir,
 )
 from loratune.files import remove_dir
+from loratune.readers import CorruptFileError, check_safetensors, read_json, read_safetensors
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -92,15 +94,66 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
 
 
+def read_trainer_state(path: Path) -> dict:
+    """trainer_state.json of checkpoint `path`; CorruptFileError names it when cut or garbled."""
+    file = path / "trainer_state.json"
+    meta = read_json(file)
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) \
+            or not isinstance(meta.get("optimizer"), dict):
+        raise CorruptFileError(f"{file}: expected a JSON object with an integer 'step' and an "
+                               "'optimizer' object; the file is damaged")
+    return meta
+
+
+def check_checkpoint(path: Path) -> None:
+    """Raise CorruptFileError naming the first file of checkpoint `path` that cannot be read."""
+    read_adapter_weights(path / "adapter")
+    check_safetensors(path / "trainer_state.safetensors")
+    read_trainer_state(path)
+
+
+def _problem(path: Path) -> CorruptFileError | None:
+    try:
+        check_checkpoint(path)
+    except (CorruptFileError, AdapterError) as err:  # AdapterError: a file is missing
+        return CorruptFileError(str(err))
+    return None
+
+
+def choose_checkpoint(ckpts: list[Path], skip_corrupt: bool, log=print) -> Path:
+    """The checkpoint to resume from: the newest one, if it is readable. A corrupt newest one
+    is refused, naming the newest readable one, which `skip_corrupt` takes instead."""
+    corrupt, good = [], None
+    for path in reversed(ckpts):
+        problem = _problem(path)
+        if problem is None:
+            good = path
+            break
+        corrupt.append((path, problem))
+    if not corrupt:
+        return good
+    latest, problem = corrupt[0]
+    if good is None:
+        raise CorruptFileError(f"checkpoint {latest.name} is corrupt: {problem}; no earlier "
+                               "checkpoint is readable: start over with --overwrite")
+    if not skip_corrupt:
+        raise CorruptFileError(f"checkpoint {latest.name} is corrupt: {problem}; the newest "
+                               f"readable one is {good.name}: pass --resume-skip-corrupt to "
+                               "resume from it")
+    for path, problem in corrupt:
+        log(f"skipping corrupt checkpoint {path.name}: {problem}")
+    return good
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer, adapter: str = "default") -> dict:
     """Restore adapter weights, optimizer state and RNG; returns the saved trainer state."""
-    weights = load_file(str(path / "adapter" / WEIGHTS_NAME))
+    weights = read_adapter_weights(path / "adapter")
     try:
         copy_adapter_weights(model, adapter, weights, path)
     except AdapterError as err:
         raise AdapterError(f"checkpoint does not fit this configuration: {err}") from None
-    meta = json.loads((path / "trainer_state.json").read_text())
-    tensors = load_file(str(path / "trainer_state.safetensors"))
+    meta = read_trainer_state(path)
+    tensors = read_safetensors(path / "trainer_state.safetensors")
     optimizer_from_flat(optimizer, {k: v for k, v in tensors.items() if k.startswith("state.")},
                         meta.pop("optimizer"))
     restore_rng(tensors)

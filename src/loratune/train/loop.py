@@ -27,7 +27,8 @@ from loratune.config import RunConfig
 from loratune.files import protected_reason, remove_stale_temps, write_atomic_file
 from loratune.models import load_model
 from loratune.train import distributed as lt_dist
-from loratune.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from loratune.train.checkpoint import (choose_checkpoint, list_checkpoints, load_checkpoint,
+                                       save_checkpoint)
 from loratune.train.distributed import DistInfo
 from loratune.train.host_memory import use_mmap_for_large_blocks
 from loratune.train.loss import causal_lm_loss
@@ -221,13 +222,17 @@ def _progress(total: int, start: int, enabled: bool):
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=None,
-          tokenizer=None, quiet: bool = False) -> TrainResult:
-    """Train an adapter as `cfg` says; under torchrun, one data-parallel rank of the run."""
+          tokenizer=None, quiet: bool = False, skip_corrupt: bool = False) -> TrainResult:
+    """Train an adapter as `cfg` says; under torchrun, one data-parallel rank of the run.
+
+    `skip_corrupt`: on resume, pass over corrupt newest checkpoints to the newest readable one
+    (without it a corrupt newest checkpoint is an error that names both)."""
     info = DistInfo.from_env()
     mode = lt_dist.check_parallel_options(cfg.train, cfg.adapter.method, info)
     owns = {"group": False}
     try:
-        return _train(cfg, resume, overwrite, model, tokenizer, quiet, info, mode, owns)
+        return _train(cfg, resume, overwrite, model, tokenizer, quiet, info, mode, owns,
+                      skip_corrupt)
     finally:
         if owns["group"]:
             import torch.distributed as dist
@@ -236,7 +241,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
 
 
 def _train(cfg: RunConfig, resume: bool, overwrite: bool, model, tokenizer, quiet: bool,
-           info: DistInfo, mode: str, owns: dict) -> TrainResult:
+           info: DistInfo, mode: str, owns: dict, skip_corrupt: bool = False) -> TrainResult:
     out = Path(cfg.output_dir)
     check_run_dir(out, resume, overwrite)  # fail before the slow setup, touch nothing yet
     seed_everything(cfg.train.seed)
@@ -255,7 +260,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, model, tokenizer, quie
     train_ex, eval_ex, stats, packing = build_data(cfg, tokenizer)
     log = print if not quiet else (lambda *a, **k: None)
     log(f"data: {stats.n_examples} examples ({stats.format}), {stats.n_truncated} truncated, "
-        f"{stats.n_dropped} dropped; packing={'on' if packing else 'off'}; "
+        f"{stats.dropped()}; packing={'on' if packing else 'off'}; "
         f"held-out: {len(eval_ex)}")
     if not train_ex:
         raise ValueError(f"no training examples left in {cfg.data.train}")
@@ -285,6 +290,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, model, tokenizer, quie
     metrics = MetricsLog(out / "metrics.jsonl", enabled=info.is_main)
     start_step = 0
     ckpts = list_checkpoints(out / "checkpoints")
+    if resume and ckpts:  # newer than the chosen one: corrupt, skipped on request
+        ckpts = ckpts[: ckpts.index(choose_checkpoint(ckpts, skip_corrupt, log)) + 1]
     if resume and ckpts and getattr(cfg.adapter, "prefix_projection", False):
         raise RunFolderError("resume is not supported for prefix tuning with prefix_projection "
                              "(checkpoints hold the computed prefixes, not the MLP); start over "
