@@ -226,7 +226,7 @@ def test_directory_as_data_file_says_so(tmp_path, capsys):
 
 @pytest.mark.parametrize("name, text", [
     ("d.csv", "instruction,output\nsay hi,hi\ncaf\xe9,ok\n"),
-    ("d.jsonl", '{"instruction": "hi", "output": "hi"}\n{"instruction": "caf\xe9", "output": "x"}\n'),
+    ("d.jsonl", '{"instruction": "hi", "output": "hi"}\n{"instruction": "caf\xe9"}\n'),
     ("d.json", '[{"instruction": "hi", "output": "hi"},\n {"instruction": "caf\xe9"}]'),
 ], ids=["csv", "jsonl", "json"])
 @pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["plain", "bom"])
