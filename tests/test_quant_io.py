@@ -22,13 +22,48 @@ def _logits(model):
         return model(input_ids=IDS).logits
 
 
+def _bnb_cpu_dequant_fault(shape=(32, 32)) -> str | None:
+    """Why bitsandbytes' own 4-bit dequantization is unusable as an oracle here, or None.
+
+    Its bytes are decoded by the stored format (a 4-bit code per nibble, high nibble first,
+    times the block's double-quantized absmax) and compared with its dequantize_4bit. Seen
+    broken: bitsandbytes 0.50.2 on an AVX-512-bf16 CPU with 32-wide rows (0.018 off)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    packed, state = F.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")
+    absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    codes = packed.view(torch.uint8).flatten()
+    nibbles = torch.stack([codes >> 4, codes & 15], 1).flatten().long()[:x.numel()]
+    decoded = (state.code[nibbles].view(-1, 64) * absmax[:, None]).view(shape)
+    off = (F.dequantize_4bit(packed, state) - decoded).abs().max().item()
+    if off > 1e-6:
+        return (f"bitsandbytes {bnb.__version__}'s CPU dequantize_4bit disagrees with its own "
+                f"stored format by {off:.3g} on a {shape[0]}x{shape[1]} weight on this CPU")
+    return None
+
+
+def _bnb_reference_kernel(model):
+    """bitsandbytes >= 0.49 repacks 4-bit weights for an AVX-512-bf16 CPU kernel at the first
+    inference forward: absmax rounded to bf16 (not the stored values), and a crash for layers
+    narrower than one block (in_features 32 < 64 here). The oracle is its plain dequantizing
+    path; its own switch selects it."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def _bnb_model(folder):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    return AutoModelForCausalLM.from_pretrained(
+    return _bnb_reference_kernel(AutoModelForCausalLM.from_pretrained(
         folder, device_map="cpu", quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32))
+            bnb_4bit_compute_dtype=torch.float32)))
 
 
 def _with_tokenizer(folder):
@@ -40,6 +75,8 @@ def _with_tokenizer(folder):
 
 
 def test_a_bitsandbytes_checkpoint_loads_with_equal_logits(tmp_path):
+    if fault := _bnb_cpu_dequant_fault():
+        pytest.skip(fault)
     tiny_llama().save_pretrained(tmp_path / "fp32")
     theirs = _bnb_model(tmp_path / "fp32")
     theirs.save_pretrained(tmp_path / "bnb4")
@@ -50,6 +87,8 @@ def test_a_bitsandbytes_checkpoint_loads_with_equal_logits(tmp_path):
 
 
 def test_our_checkpoint_loads_in_transformers_and_back(tmp_path):
+    if fault := _bnb_cpu_dequant_fault():
+        pytest.skip(fault)
     model = tiny_llama()
     quantize_model(model, QuantConfig())
     prepare_for_kbit_training(model)
@@ -59,6 +98,7 @@ def test_our_checkpoint_loads_in_transformers_and_back(tmp_path):
     from transformers import AutoModelForCausalLM
 
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu").eval()
+    _bnb_reference_kernel(theirs)
     torch.testing.assert_close(_logits(theirs), _logits(model), atol=1e-5, rtol=1e-5)
     again = load_quantized(tmp_path / "q", QuantConfig())
     again.config._attn_implementation = "eager"
