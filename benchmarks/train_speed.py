@@ -52,7 +52,7 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def sft_examples(tokenizer, n: int, seed: int, variable: bool):
+def sft_examples(tokenizer, n: int, seed: int, variable: bool, max_length: int = 256):
     """Chat samples with answer-only labels; variable=True spreads lengths ~20-250 tokens."""
     from loratune.data import encode_conversation, read_records, resolve_template, to_messages
     from loratune.demo import demo_train_path
@@ -65,7 +65,7 @@ def sft_examples(tokenizer, n: int, seed: int, variable: bool):
         messages = to_messages(records[i % len(records)], "alpaca")
         if variable:
             messages[-1]["content"] = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 190)))
-        ex, _ = encode_conversation(messages, tokenizer, template, "answers", 256)
+        ex, _ = encode_conversation(messages, tokenizer, template, "answers", max_length)
         out.append(ex)
     return out
 
@@ -74,7 +74,8 @@ def fixed_batch(tokenizer, batch: int, seq: int, labels: str) -> dict[str, torch
     """`batch` rows of exactly `seq` tokens of packed SFT samples (position ids restart)."""
     from loratune.data import collate, pack_examples
 
-    examples = sft_examples(tokenizer, batch * seq // 40, seed=0, variable=False)
+    # truncated to the row length: a packed row must hold at least one whole sample
+    examples = sft_examples(tokenizer, batch * seq // 40, seed=0, variable=False, max_length=seq)
     rows = [r for r in pack_examples(examples, seq)][:batch]
     out = collate(rows, tokenizer.pad_token_id, packed=True)
     pad = out["input_ids"].shape[1]
@@ -154,7 +155,7 @@ def run_variable(args) -> Result:
     framework = args.worker.split(":")[1]
     model, tok, step = setup(framework, False)
     loaded = rss_now_gib()
-    examples = sft_examples(tok, args.samples, seed=1, variable=True)
+    examples = sft_examples(tok, args.samples, seed=1, variable=True, max_length=args.seq)
     if framework == "peft":
         rows = [[ex] for ex in examples]
         batches = [collate(rows[i:i + args.batch], tok.pad_token_id, packed=False)
