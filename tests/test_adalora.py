@@ -11,7 +11,7 @@ from torch import nn
 from loratune.adapters.adaptive import (AdaLoraAdapter, RankAllocator, adalora_modules,
                                         adalora_peft_config, apply_rank_pattern, final_ranks,
                                         orthogonal_loss, rank_pattern)
-from loratune.adapters.lora import AdaptedLinear
+from loratune.adapters.host import AdaptedLinear
 from loratune.config import AdaLoraConfig
 from loratune.models.modules import set_submodule
 from tiny import tiny_llama

@@ -9,7 +9,7 @@ def test_yaml_and_overrides(tmp_path):
                     "train:\n  lr: 0.001\n")
     cfg = load_config(path, ["train.lr=5e-4", "adapter.lora_alpha=16", "data.packing=false"])
     assert cfg.adapter.r == 4 and cfg.adapter.target_modules == ["q_proj", "v_proj"]
-    assert cfg.train.lr == 5e-4 and cfg.adapter.scaling == 4.0 and cfg.data.packing is False
+    assert cfg.train.lr == 5e-4 and cfg.adapter.lora_alpha == 16 and cfg.data.packing is False
 
 
 def test_unknown_key_and_wrong_type_name_the_key(tmp_path):

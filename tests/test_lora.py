@@ -7,6 +7,7 @@ from torch import nn
 from loratune.adapters import (
     AdaptedLinear,
     AdapterError,
+    LoraAdapter,
     SavedModule,
     add_adapter,
     adapter_names,
@@ -49,7 +50,7 @@ def test_forward_equals_explicit_delta_and_scaling():
     want = x @ (layer.base_layer.weight + ad.lora_B @ ad.lora_A * 2.0).T
     torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
     rs = LoraConfig(r=4, lora_alpha=8, use_rslora=True)
-    assert rs.scaling == pytest.approx(8 / math.sqrt(4))
+    assert LoraAdapter(32, 32, rs).scaling == pytest.approx(8 / math.sqrt(4))
 
 
 def test_gaussian_and_kaiming_init_have_zero_B():

@@ -7,11 +7,11 @@ silently ignored setting.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError,
+                      field_validator, model_validator)
 
 
 class ConfigError(ValueError):
@@ -49,7 +49,42 @@ class ModelConfig(_Section):
     quantization: QuantConfig | None = Field(None, description="set for QLoRA (4-bit base)")
 
 
-class _LowRankFields(_Section):
+# method name -> the options class that serves it; filled as the classes are defined.
+_ADAPTER_OPTIONS: dict[str, type[AdapterConfig]] = {}
+
+
+class AdapterConfig(_Section):
+    """Base of every adapter method's options. A subclass serves the method names its `method`
+    Literal lists: defining it is what makes `adapter.method: <name>` select it, so a method
+    defined outside this file (a plugin, a test) needs no change here."""
+
+    @classmethod
+    def method_names(cls) -> tuple[str, ...]:
+        field = cls.model_fields.get("method")
+        return get_args(field.annotation) if field is not None else ()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs):
+        super().__pydantic_init_subclass__(**kwargs)
+        add_adapter_options(cls)
+
+
+def add_adapter_options(cls: type[AdapterConfig]) -> None:
+    for name in cls.method_names():
+        _ADAPTER_OPTIONS[name] = cls
+
+
+def forget_adapter_options(cls: type[AdapterConfig]) -> None:
+    for name in [n for n, c in _ADAPTER_OPTIONS.items() if c is cls]:
+        del _ADAPTER_OPTIONS[name]
+
+
+def adapter_options() -> dict[str, type[AdapterConfig]]:
+    """method name -> its options class, in the order the classes were defined."""
+    return dict(_ADAPTER_OPTIONS)
+
+
+class _LowRankFields(AdapterConfig):
     """Options every low-rank method shares, named as in PEFT so adapter files round-trip."""
 
     lora_alpha: float = Field(8.0, description="scale numerator: scale = alpha / r (or / sqrt(r))")
@@ -80,10 +115,6 @@ class LoraConfig(_LowRankFields):
         elif self.use_dora and self.method == "lora":
             self.method = "dora"
         return self
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
 
 class MoeLoraConfig(_LowRankFields):
@@ -131,7 +162,7 @@ class AdaLoraConfig(_LowRankFields):
         return self.init_r
 
 
-class IA3Config(_Section):
+class IA3Config(AdapterConfig):
     """(IA)³: learned per-channel scales on keys, values and the MLP's inner activation."""
 
     method: Literal["ia3"] = "ia3"
@@ -145,7 +176,7 @@ class IA3Config(_Section):
     modules_to_save: list[str] = Field(default_factory=list, description="fully trained modules")
 
 
-class PromptConfig(_Section):
+class PromptConfig(AdapterConfig):
     """Prompt tuning: trained virtual-token embeddings in front of every input."""
 
     method: Literal["prompt"] = "prompt"
@@ -161,7 +192,7 @@ class PromptConfig(_Section):
         return self
 
 
-class PrefixConfig(_Section):
+class PrefixConfig(AdapterConfig):
     """Prefix tuning: trained key/value prefixes in every attention layer."""
 
     method: Literal["prefix"] = "prefix"
@@ -172,7 +203,7 @@ class PrefixConfig(_Section):
         None, gt=0, description="hidden width of that MLP (default: the model's hidden size)")
 
 
-class BottleneckConfig(_Section):
+class BottleneckConfig(AdapterConfig):
     """Bottleneck adapters: down-project, nonlinearity, up-project, residual (Houlsby et al.)."""
 
     method: Literal["bottleneck"] = "bottleneck"
@@ -184,13 +215,6 @@ class BottleneckConfig(_Section):
     modules_to_save: list[str] = Field(default_factory=list, description="fully trained modules")
 
 
-ADAPTER_CONFIGS = {"lora": LoraConfig, "dora": LoraConfig, "moe_lora": MoeLoraConfig,
-                   "adalora": AdaLoraConfig, "ia3": IA3Config, "prompt": PromptConfig,
-                   "prefix": PrefixConfig, "bottleneck": BottleneckConfig}
-AdapterConfig = (LoraConfig | MoeLoraConfig | AdaLoraConfig | IA3Config | PromptConfig
-                 | PrefixConfig | BottleneckConfig)
-
-
 def adapter_config_from(data: dict | AdapterConfig | None) -> AdapterConfig:
     """The config class `data['method']` names (default lora); errors list the methods."""
     if data is None:
@@ -200,12 +224,12 @@ def adapter_config_from(data: dict | AdapterConfig | None) -> AdapterConfig:
     if not isinstance(data, dict):
         raise ValueError(f"expected a mapping of adapter options, got {data!r}")
     method = data.get("method", "dora" if data.get("use_dora") else "lora")
-    if method not in ADAPTER_CONFIGS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ADAPTER_CONFIGS)}")
-    cls = ADAPTER_CONFIGS[method]
+    if method not in _ADAPTER_OPTIONS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(_ADAPTER_OPTIONS)}")
+    cls = _ADAPTER_OPTIONS[method]
     foreign = [k for k in data if k not in cls.model_fields]
     if foreign:
-        owners = {k: [m for m, c in ADAPTER_CONFIGS.items() if k in c.model_fields and m != method]
+        owners = {k: [m for m, c in _ADAPTER_OPTIONS.items() if k in c.model_fields and m != method]
                   for k in foreign}
         detail = "; ".join(f"'{k}'" + (f" (an option of {', '.join(dict.fromkeys(o))})" if o else
                                        " (no method has it)") for k, o in owners.items())
@@ -271,7 +295,8 @@ class EvalConfig(_Section):
 class RunConfig(_Section):
     output_dir: str = "runs/demo"
     model: ModelConfig = Field(default_factory=ModelConfig)
-    adapter: AdapterConfig = Field(default_factory=LoraConfig)
+    # SerializeAsAny: dump the method's own fields, not just those of the base class.
+    adapter: SerializeAsAny[AdapterConfig] = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

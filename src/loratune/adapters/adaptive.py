@@ -12,10 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loratune.adapters.host import AdapterHost, LayerAdapter
+from loratune.adapters.lora import low_rank_fields
+from loratune.adapters.peft_format import file_key
+from loratune.adapters.registry import MethodRecord, TrainingHooks, register
 from loratune.config import AdaLoraConfig
 
 
-class AdaLoraAdapter(nn.Module):
+class AdaLoraAdapter(LayerAdapter):
     """A [r, in], E [r, 1], B [out, r] for one linear layer: ΔW = B·(A∘E)·scaling/ranknum."""
 
     def __init__(self, in_features: int, out_features: int, config: AdaLoraConfig, device=None,
@@ -78,6 +82,14 @@ class AdaLoraAdapter(nn.Module):
         return {"lora_A": self.lora_A[keep], "lora_B": self.lora_B[:, keep],
                 "lora_E": self.lora_E[keep]}
 
+    def fit_file(self, path: str, tensors: dict[str, torch.Tensor], raw: dict) -> None:
+        """Compact first when the file holds only the kept rows of `path` (as PEFT saves)."""
+        kept = (raw.get("rank_pattern") or {}).get(f"{path}.lora_E")
+        a = tensors.get("lora_A")
+        if kept is not None and a is not None and a.shape[0] == sum(kept) != len(kept):
+            self.set_kept(torch.tensor(kept, dtype=torch.bool, device=self.kept.device))
+            self.compact()
+
     def set_kept(self, mask: torch.Tensor) -> None:
         """Record `mask` [init_r] as the kept triplets and zero the E of the others in place."""
         with torch.no_grad():
@@ -95,7 +107,7 @@ class AdaLoraAdapter(nn.Module):
 def adalora_modules(model: nn.Module, name: str) -> list[tuple[str, AdaLoraAdapter]]:
     """(module path, adapter) for every AdaLoRA adapter `name` in the model, in module order."""
     return [(path, mod.adapters[name]) for path, mod in model.named_modules()
-            if getattr(mod, "hosts_adapters", False) and name in mod.adapters
+            if isinstance(mod, AdapterHost) and name in mod.adapters
             and isinstance(mod.adapters[name], AdaLoraAdapter)]
 
 
@@ -156,7 +168,7 @@ def apply_rank_pattern(model: nn.Module, name: str, pattern: dict[str, list[bool
             raise ValueError(f"rank_pattern['{key}'] has {len(mask)} entries, expected init_r="
                              f"{ad.init_r}")
         ad.set_kept(torch.tensor(mask, dtype=torch.bool, device=ad.kept.device))
-        stored = (weights or {}).get(f"base_model.model.{path}.lora_E")
+        stored = (weights or {}).get(file_key(path, "lora_E"))
         if stored is not None and stored.shape[0] == ad.r != ad.init_r:
             ad.compact()
 
@@ -248,3 +260,59 @@ class RankAllocator:
         changed = pattern is not None and pattern != self.last
         self.last = pattern
         return pattern if changed else None
+
+
+class AdaLoraHooks(TrainingHooks):
+    """The orthogonality loss once per step, then the rank budget after each optimizer step."""
+
+    def __init__(self, model: nn.Module, config: AdaLoraConfig, name: str, total_steps: int):
+        if config.total_step is None:
+            config = config.model_copy(update={"total_step": total_steps})
+            for _, ad in adalora_modules(model, name):  # the saved config must name it too
+                ad.config = config
+        self.model, self.name = model, name
+        self.allocator = RankAllocator(model, config, name)
+
+    def step_loss(self) -> torch.Tensor:
+        return orthogonal_loss(self.model, self.name)
+
+    def after_step(self, step: int) -> None:
+        self.allocator.update_and_allocate(self.model, self.name, step)
+
+    def summary(self) -> dict:
+        ranks = final_ranks(self.model, self.name)
+        return {"final_ranks": ranks, "total_rank": sum(ranks.values())}
+
+
+def new_adalora(config: AdaLoraConfig, path: str, in_features: int, out_features: int, *,
+                r: int | None = None, alpha: float | None = None, device=None, dtype=None
+                ) -> AdaLoraAdapter:
+    return AdaLoraAdapter(in_features, out_features, config, device=device, dtype=dtype)
+
+
+def adalora_peft_fields(model: nn.Module, name: str, config: AdaLoraConfig,
+                        compact: bool = True) -> dict:
+    pattern = rank_pattern(model, name) if compact else None
+    return {**low_rank_fields(model, name, config), **adalora_peft_config(config, pattern)}
+
+
+def before_load(model: nn.Module, name: str, raw: dict, weights: dict) -> None:
+    apply_rank_pattern(model, name, raw.get("rank_pattern"), weights)
+
+
+def compare_options(base: dict, options: dict) -> dict:
+    """Another method's r becomes the target rank, starting from half as much again."""
+    if "r" in base:
+        options.setdefault("target_r", base["r"])
+        options.setdefault("init_r", max(base["r"] * 3 // 2, base["r"]))
+    return options
+
+
+register(MethodRecord(
+    name="adalora", config_class=AdaLoraConfig, peft_type="ADALORA",
+    file_keys=("lora_A", "lora_B", "lora_E"), make_layer=new_adalora,
+    # Its allocator scores importance from each step's gradients and its orthogonality loss is
+    # backpropagated outside the model's forward.
+    why_single_process="its rank budget is a global per-step state",
+    peft_fields=adalora_peft_fields, before_load=before_load, training_hooks=AdaLoraHooks,
+    compare_options=compare_options))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loratune.adapters.inject import AdapterError
+from loratune.adapters.host import AdapterHost
+from loratune.adapters.registry import AdapterError, MethodRecord, register
 from loratune.config import BottleneckConfig
 from loratune.models.modules import set_submodule
 
@@ -52,7 +53,7 @@ class BottleneckAdapter(nn.Module):
                 "adapter_up.bias": self.adapter_up.bias}
 
 
-class BottleneckHost(nn.Module):
+class BottleneckHost(AdapterHost):
     """Wraps a sublayer; output h becomes h + Σ weight·delta(h) over the active adapters.
 
     Every delta is computed from the same h (the wrapped module's output), so weighted adapters
@@ -60,26 +61,9 @@ class BottleneckHost(nn.Module):
     first element is changed.
     """
 
-    hosts_adapters = True
-
-    def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
-        self.active: dict[str, float] = {}
-        self.disabled = False
-
-    def unwrap(self) -> nn.Module:
-        return self.base_layer
-
-    def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
-        return {f"base_model.model.{path}.{k}": t
-                for k, t in self.adapters[name].file_tensors().items()}
-
     def forward(self, *args, **kwargs):
         out = self.base_layer(*args, **kwargs)
-        running = [] if self.disabled else [(self.adapters[n], w) for n, w in self.active.items()
-                                            if n in self.adapters]
+        running = self.running()
         if not running:
             return out
         h = out[0] if isinstance(out, tuple) else out
@@ -98,9 +82,6 @@ class BottleneckHost(nn.Module):
             if "base_layer" not in modules:
                 raise
             return getattr(modules["base_layer"], item)
-
-    def extra_repr(self) -> str:
-        return f"adapters={list(self.adapters)}, active={self.active}"
 
 
 def decoder_layer_paths(model: nn.Module) -> list[str]:
@@ -158,3 +139,11 @@ def bottleneck_config(config: BottleneckConfig) -> dict:
     """adapter_config.json content: our peft_type, the task type and the config's fields."""
     return {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM",
             **config.model_dump(exclude={"method"})}
+
+
+register(MethodRecord(
+    name="bottleneck", config_class=BottleneckConfig, peft_type=PEFT_TYPE,
+    file_keys=("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias"),
+    attach=attach_bottleneck,
+    why_not_mergeable="a bottleneck adapter is a nonlinear extra block; no weight change equals it",
+    peft_fields=lambda model, name, config, compact: bottleneck_config(config)))

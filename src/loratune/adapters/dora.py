@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune.adapters.lora import LoraAdapter
+from loratune.adapters.lora import LoraAdapter, lora_peft_fields
+from loratune.adapters.peft_format import LORA_KINDS
+from loratune.adapters.registry import MethodRecord, register
+from loratune.config import LoraConfig
 
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
@@ -27,7 +30,8 @@ class DoraAdapter(LoraAdapter):
         self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, device=device,
                                                              dtype=dtype))
 
-    def init_magnitude(self, base: nn.Module) -> None:
+    def init_from_base(self, base: nn.Module) -> None:
+        """m starts at the base rows' norms, so a fresh adapter changes nothing."""
         with torch.no_grad():
             self.lora_magnitude_vector.copy_(self.weight_norm(base_weight(base)))
 
@@ -70,3 +74,16 @@ class DoraAdapter(LoraAdapter):
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {**super().file_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}
+
+
+def new_dora(config: LoraConfig, path: str, in_features: int, out_features: int, *,
+             r: int | None = None, alpha: float | None = None, device=None, dtype=None
+             ) -> DoraAdapter:
+    return DoraAdapter(in_features, out_features, config, r, alpha, device, dtype)
+
+
+# PEFT writes DoRA as a LORA adapter with use_dora: true.
+register(MethodRecord(
+    name="dora", config_class=LoraConfig, peft_type="LORA",
+    file_keys=(*LORA_KINDS, "lora_magnitude_vector"), make_layer=new_dora,
+    has_rank=True, peft_fields=lora_peft_fields))

@@ -11,10 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loratune.adapters.host import LayerAdapter, adapted_layers, leaf_names
+from loratune.adapters.registry import AdapterError, MethodRecord, register
 from loratune.config import IA3Config
+from loratune.models.modules import matches_target
 
 
-class IA3Adapter(nn.Module):
+class IA3Adapter(LayerAdapter):
     def __init__(self, in_features: int, out_features: int, config: IA3Config,
                  feedforward: bool, device=None, dtype=None):
         super().__init__()
@@ -65,3 +68,39 @@ class IA3Adapter(nn.Module):
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {"ia3_l": self.ia3_l}
+
+
+def new_ia3(config: IA3Config, path: str, in_features: int, out_features: int, *,
+            r: int | None = None, alpha: float | None = None, device=None, dtype=None
+            ) -> IA3Adapter:
+    feedforward = matches_target(path, config.feedforward_modules)
+    return IA3Adapter(in_features, out_features, config, feedforward, device=device, dtype=dtype)
+
+
+def check_feedforward(config: IA3Config, targets: list[str]) -> None:
+    """feedforward_modules must name target modules: a scale on no layer is a typo."""
+    if isinstance(config.feedforward_modules, list):
+        stray = [f for f in config.feedforward_modules
+                 if not any(matches_target(p, [f]) for p in targets)]
+        if stray:
+            raise AdapterError(f"feedforward_modules {stray} are not among the target modules "
+                               f"{config.target_modules!r}; they must be a subset")
+
+
+def ia3_peft_fields(model: nn.Module, name: str, config: IA3Config, compact: bool = True) -> dict:
+    feedforward = config.feedforward_modules
+    if not isinstance(feedforward, str):
+        feedforward = sorted({p.rsplit(".", 1)[-1] for p, l in adapted_layers(model)
+                              if name in l.adapters and l.adapters[name].feedforward})
+    return {"target_modules": leaf_names(model, name, config.target_modules),
+            "feedforward_modules": feedforward, "fan_in_fan_out": False}
+
+
+def compare_options(base: dict, options: dict) -> dict:
+    """IA³ targets k/v/down by design: another method's target_modules is not taken over."""
+    return {k: v for k, v in options.items() if k != "target_modules"}
+
+
+register(MethodRecord(
+    name="ia3", config_class=IA3Config, peft_type="IA3", file_keys=("ia3_l",), make_layer=new_ia3,
+    check_targets=check_feedforward, peft_fields=ia3_peft_fields, compare_options=compare_options))

@@ -1,10 +1,9 @@
 """Put named adapters into an unmodified transformers model, switch them, merge them, take them out.
 
-The model keeps its own class and module paths. Adapters live in *hosts*: modules placed at a
-path that hold named adapters (`hosts_adapters = True`, `.adapters`, `.active`, `.disabled`,
-`unwrap()`, `file_tensors()`). Layer-level methods (LoRA, DoRA, IA³, MoE-LoRA, AdaLoRA) use
-`AdaptedLinear` around the targeted linears; prompt, prefix and bottleneck adapters bring their
-own hosts. `modules_to_save` become `SavedModule`s.
+The model keeps its own class and module paths. Adapters live in hosts (`AdapterHost`, see
+host.py): layer-level methods use `AdaptedLinear` around the targeted linears; model-level ones
+(prompt, prefix, bottleneck) attach hosts of their own. `modules_to_save` become `SavedModule`s.
+What a method name means comes from its record in the registry.
 """
 
 from __future__ import annotations
@@ -16,12 +15,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-import importlib
-
-from loratune.adapters.dora import DoraAdapter
-from loratune.adapters.ia3 import IA3Adapter
-from loratune.adapters.lora import AdaptedLinear, LoraAdapter, SavedModule
-from loratune.adapters.moe_lora import MoeLoraAdapter
+from loratune.adapters.host import (AdaptedLinear, AdapterHost, SavedModule, adapted_layers,
+                                    hosts, saved_modules)
+from loratune.adapters.peft_format import pattern_value
+from loratune.adapters.registry import AdapterError, method_record
 from loratune.config import AdapterConfig
 from loratune.quant.linear4bit import Linear4bit
 from loratune.models.modules import (
@@ -35,43 +32,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 LINEAR_TYPES = (nn.Linear, Linear4bit)
 
 
-# Methods that bring their own host: module, attach function.
-MODEL_LEVEL = {"prompt": ("loratune.adapters.prompt", "attach_prompt"),
-               "prefix": ("loratune.adapters.prefix", "attach_prefix"),
-               "bottleneck": ("loratune.adapters.bottleneck", "attach_bottleneck")}
-WHY_NOT_MERGEABLE = {
-    "prompt": "prompt tuning adds virtual tokens, not weights: there is nothing to fold in",
-    "prefix": "prefix tuning adds key/value prefixes, not weights: there is nothing to fold in",
-    "bottleneck": "a bottleneck adapter is a nonlinear extra block; no weight change equals it",
-    "moe_lora": "MoE-LoRA's update depends on each token's routing, so no single weight equals it",
-}
-
-
-class AdapterError(ValueError):
-    pass
-
-
-def hosts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    for name, mod in model.named_modules():
-        if getattr(type(mod), "hosts_adapters", False):
-            yield name, mod
-
-
-def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
-    for name, mod in model.named_modules():
-        if isinstance(mod, AdaptedLinear):
-            yield name, mod
-
-
-def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
-    for name, mod in model.named_modules():
-        if isinstance(mod, SavedModule):
-            yield name, mod
-
-
 def _switchable(model: nn.Module) -> Iterator[nn.Module]:
     for mod in model.modules():
-        if getattr(type(mod), "hosts_adapters", False) or isinstance(mod, SavedModule):
+        if isinstance(mod, (AdapterHost, SavedModule)):
             yield mod
 
 
@@ -106,22 +69,6 @@ def _plain_linear_names(model: nn.Module) -> list[str]:
     return names
 
 
-def canonical_path(path: str) -> str:
-    """A module's path as the unwrapped model names it: hosts that wrap a whole sublayer
-    (bottleneck adapters around `mlp`) add `.base_layer` segments that files must not carry."""
-    return path.replace(".base_layer.", ".")
-
-
-def pattern_value(path: str, pattern: dict, default):
-    """PEFT's rank/alpha patterns: the value of the first key (a module path or regex) that
-    matches `path`, else `default`."""
-    path = canonical_path(path)
-    for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", path):
-            return value
-    return default
-
-
 def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
                 rank_pattern: dict[str, int] | None = None,
                 alpha_pattern: dict[str, float] | None = None, tokenizer=None) -> list[str]:
@@ -133,14 +80,14 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
         raise AdapterError(f"adapter name '{name}' must use letters, digits, '_' or '-'")
     if name in adapter_names(model):
         raise AdapterError(f"adapter '{name}' already exists; delete it first")
+    record = method_record(config.method)
     model.requires_grad_(False)
-    if config.method in MODEL_LEVEL:
-        module, func = MODEL_LEVEL[config.method]
-        before = {p for p, h in hosts(model) if name in h.adapters}
-        getattr(importlib.import_module(module), func)(model, config, name, tokenizer)
-        targets = [p for p, h in hosts(model) if name in h.adapters and p not in before]
-    else:
+    if record.layer_level:
         targets = _add_layer_adapters(model, config, name, rank_pattern or {}, alpha_pattern or {})
+    else:
+        before = {p for p, h in hosts(model) if name in h.adapters}
+        record.attach(model, config, name, tokenizer)
+        targets = [p for p, h in hosts(model) if name in h.adapters and p not in before]
     for path in _saved_targets(model, getattr(config, "modules_to_save", [])):
         module = model.get_submodule(path)
         if not isinstance(module, SavedModule):
@@ -160,7 +107,9 @@ def _add_layer_adapters(model: nn.Module, config: AdapterConfig, name: str,
             f"target_modules={config.target_modules!r} matches no linear layer. "
             f"Linear layers in this model: {describe_linear_names(model)}"
         )
-    feedforward = _feedforward_paths(config, targets)
+    record = method_record(config.method)
+    if record.check_targets is not None:
+        record.check_targets(config, targets)
     for path in targets:
         layer = model.get_submodule(path)
         if not isinstance(layer, AdaptedLinear):
@@ -168,46 +117,27 @@ def _add_layer_adapters(model: nn.Module, config: AdapterConfig, name: str,
             set_submodule(model, path, layer)
         base = layer.base_layer
         device, dtype = _adapter_placement(base)
-        ad = new_layer_adapter(config, path, base.in_features, base.out_features,
-                               r=int(pattern_value(path, rank_pattern, getattr(config, "r", 0))),
-                               alpha=pattern_value(path, alpha_pattern,
-                                               getattr(config, "lora_alpha", None)),
-                               feedforward=path in feedforward, device=device, dtype=dtype)
-        if config.method == "dora":
-            ad.init_magnitude(base)
+        r = alpha = None
+        if record.has_rank:
+            r = int(pattern_value(path, rank_pattern, config.r))
+            alpha = pattern_value(path, alpha_pattern, config.lora_alpha)
+        ad = new_layer_adapter(config, path, base.in_features, base.out_features, r=r,
+                               alpha=alpha, device=device, dtype=dtype)
+        ad.init_from_base(base)
         layer.adapters[name] = ad
     return targets
 
 
 def new_layer_adapter(config: AdapterConfig, path: str, in_features: int, out_features: int,
-                      r: int, alpha: float | None, feedforward: bool = False, device=None,
+                      r: int | None = None, alpha: float | None = None, device=None,
                       dtype=None) -> nn.Module:
-    """A fresh adapter of a layer-level method for one linear layer (in → out)."""
-    shape = (in_features, out_features)
-    if config.method == "ia3":
-        return IA3Adapter(*shape, config, feedforward, device=device, dtype=dtype)
-    if config.method == "adalora":
-        from loratune.adapters.adaptive import AdaLoraAdapter
-
-        return AdaLoraAdapter(*shape, config, device=device, dtype=dtype)
-    kind = {"lora": LoraAdapter, "dora": DoraAdapter, "moe_lora": MoeLoraAdapter}
-    if config.method not in kind:
+    """A fresh adapter of a layer-level method for the linear layer at `path` (in → out);
+    r and alpha (None: the config's) matter to methods with a rank."""
+    record = method_record(config.method)
+    if not record.layer_level:
         raise AdapterError(f"method {config.method!r} does not adapt linear layers")
-    return kind[config.method](*shape, config, r=r, alpha=alpha, device=device, dtype=dtype)
-
-
-def _feedforward_paths(config: AdapterConfig, targets: list[str]) -> set[str]:
-    """IA³: the targets whose input (not output) is scaled; they must be targets themselves."""
-    if config.method != "ia3":
-        return set()
-    chosen = {p for p in targets if matches_target(p, config.feedforward_modules)}
-    if isinstance(config.feedforward_modules, list):
-        stray = [f for f in config.feedforward_modules
-                 if not any(matches_target(p, [f]) for p in targets)]
-        if stray:
-            raise AdapterError(f"feedforward_modules {stray} are not among the target modules "
-                               f"{config.target_modules!r}; they must be a subset")
-    return chosen
+    return record.make_layer(config, path, in_features, out_features, r=r, alpha=alpha,
+                             device=device, dtype=dtype)
 
 
 def _adapter_placement(base: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -321,10 +251,10 @@ def _put_back(model: nn.Module, path: str, original: nn.Module | None) -> None:
 def check_mergeable(model: nn.Module, names: dict[str, float] | None = None) -> None:
     """Raise, saying why, if any adapter to merge belongs to a method that cannot be merged."""
     for name in (active_adapters(model) if names is None else names):
-        method = adapter_config(model, name).method
-        if method in WHY_NOT_MERGEABLE:
-            raise AdapterError(f"adapter '{name}' ({method}) cannot be merged: "
-                               f"{WHY_NOT_MERGEABLE[method]}. Load it on the base model instead "
+        record = method_record(adapter_config(model, name).method)
+        if not record.mergeable:
+            raise AdapterError(f"adapter '{name}' ({record.name}) cannot be merged: "
+                               f"{record.why_not_mergeable}. Load it on the base model instead "
                                "(loratune chat/eval/serve --adapter DIR).")
 
 

@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loratune.adapters.host import LayerAdapter
+from loratune.adapters.lora import checked_rank, lora_peft_fields
+from loratune.adapters.peft_format import lora_scale
+from loratune.adapters.registry import MethodRecord, TrainingHooks, register
 from loratune.config import MoeLoraConfig
 
 NOT_MERGEABLE = ("MoE-LoRA cannot be merged: its update depends on each token's routing, so no "
@@ -24,14 +28,14 @@ NOT_MERGEABLE = ("MoE-LoRA cannot be merged: its update depends on each token's 
                  "as is), or train a plain LoRA for a merged model.")
 
 
-class MoeLoraAdapter(nn.Module):
+class MoeLoraAdapter(LayerAdapter):
     def __init__(self, in_features: int, out_features: int, config: MoeLoraConfig,
                  r: int | None = None, alpha: float | None = None, device=None, dtype=None):
         super().__init__()
         self.config = config
-        self.r = r or config.r
+        self.r = checked_rank(r, config)
         self.alpha = config.lora_alpha if alpha is None else alpha
-        self.scaling = self.alpha / (math.sqrt(self.r) if config.use_rslora else self.r)
+        self.scaling = lora_scale(self.alpha, self.r, config.use_rslora)
         n, kw = config.num_experts, {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(n, self.r, in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(n, out_features, self.r, **kw))
@@ -100,3 +104,29 @@ def take_aux_loss(model: nn.Module) -> torch.Tensor | None:
             total = mod.aux_loss if total is None else total + mod.aux_loss
             mod.aux_loss = None
     return total
+
+
+class MoeLoraHooks(TrainingHooks):
+    """Adds the routers' load-balancing loss to every micro-batch."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def micro_loss(self) -> torch.Tensor | None:
+        return take_aux_loss(self.model)
+
+
+def new_moe_lora(config: MoeLoraConfig, path: str, in_features: int, out_features: int, *,
+                 r: int | None = None, alpha: float | None = None, device=None, dtype=None
+                 ) -> MoeLoraAdapter:
+    return MoeLoraAdapter(in_features, out_features, config, r, alpha, device, dtype)
+
+
+register(MethodRecord(
+    name="moe_lora", config_class=MoeLoraConfig, peft_type="LORATUNE_MOE_LORA",
+    file_keys=("moe_lora_A", "moe_lora_B", "moe_router"), make_layer=new_moe_lora,
+    why_not_mergeable="MoE-LoRA's update depends on each token's routing, so no single weight "
+                      "equals it",
+    has_rank=True, unused_parameters=True,  # top-k routing leaves some experts without a grad
+    peft_fields=lora_peft_fields,
+    training_hooks=lambda model, config, name, total_steps: MoeLoraHooks(model)))

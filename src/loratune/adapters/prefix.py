@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from loratune.adapters.inject import AdapterError
-from loratune.adapters.prompt import PEFT_COMMON, PromptHost, find_decoder, place_host
+from loratune.adapters.prompt import NO_PACKING, PEFT_COMMON, PromptHost, find_decoder, place_host
+from loratune.adapters.registry import AdapterError, MethodRecord, register
 from loratune.config import PrefixConfig
 
 
@@ -153,3 +153,12 @@ def peft_config(model: nn.Module, config: PrefixConfig) -> dict:
             config.num_virtual_tokens, "token_dim": kv_dim, "num_attention_heads": d["kv_heads"],
             "num_layers": d["layers"], "prefix_projection": config.prefix_projection,
             "encoder_hidden_size": config.encoder_hidden_size or d["hidden"], "init_weights": None}
+
+
+register(MethodRecord(
+    name="prefix", config_class=PrefixConfig, peft_type="PREFIX_TUNING",
+    file_keys=("prompt_embeddings",), attach=attach_prefix,
+    why_not_mergeable="prefix tuning adds key/value prefixes, not weights: there is nothing to "
+                      "fold in",
+    why_no_packing=NO_PACKING,
+    peft_fields=lambda model, name, config, compact: peft_config(model, config)))

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
-from loratune.adapters.inject import AdapterError
+from loratune.adapters.host import AdapterHost
+from loratune.adapters.registry import AdapterError, MethodRecord, register
 from loratune.config import PromptConfig
 
 # Keys PEFT writes for every prompt-learning method on a causal LM.
@@ -61,17 +62,13 @@ def cache_length(cache) -> int:
     return 0 if cache is None else cache.get_seq_length()
 
 
-class PromptHost(nn.Module):
+class PromptHost(AdapterHost):
     """Holds prompt adapters (one runs at a time) and owns the decoder hooks (PrefixHost too)."""
 
-    hosts_adapters = True
     kind = "prompt"
 
     def __init__(self, decoder: nn.Module):
         super().__init__()
-        self.adapters = nn.ModuleDict()
-        self.active: dict[str, float] = {}
-        self.disabled = False
         self._strip = 0  # virtual positions the output hook removes (set by the input hook)
         self._names = list(inspect.signature(decoder.forward).parameters)
         self.cache_key = cache_keyword(decoder.forward)
@@ -211,3 +208,22 @@ def peft_config(model: nn.Module, config: PromptConfig) -> dict:
             "num_attention_heads": cfg.num_attention_heads, "prompt_tuning_init": "RANDOM",
             "prompt_tuning_init_text": config.prompt_tuning_init_text,
             "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
+
+
+def loaded_options(values: dict) -> dict:
+    """The trained embeddings come from the file; the init text only mattered before training."""
+    values = {**values, "prompt_tuning_init": "random"}
+    values.pop("prompt_tuning_init_text", None)
+    return values
+
+
+# Samples packed into one row cannot share the virtual tokens in front of it (prefix tuning too).
+NO_PACKING = "virtual tokens lead each row"
+
+register(MethodRecord(
+    name="prompt", config_class=PromptConfig, peft_type="PROMPT_TUNING",
+    file_keys=("prompt_embeddings",), attach=attach_prompt,
+    why_not_mergeable="prompt tuning adds virtual tokens, not weights: there is nothing to fold in",
+    why_no_packing=NO_PACKING,
+    peft_fields=lambda model, name, config, compact: peft_config(model, config),
+    loaded_options=loaded_options))

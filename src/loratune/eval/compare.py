@@ -13,10 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from loratune.config import ADAPTER_CONFIGS, ConfigError, apply_overrides, build_config
+from loratune.adapters.registry import AdapterError, method_record
+from loratune.config import ConfigError, apply_overrides, build_config
 
-MERGEABLE = {"lora": "yes", "dora": "yes", "ia3": "yes", "adalora": "yes", "moe_lora": "no",
-             "prompt": "no", "prefix": "no", "bottleneck": "no"}
 COLUMNS = [("variant", "variant", "{}"), ("method", "method", "{}"), ("lr", "lr", "{:g}"),
            ("trainable", "trainable params", "{:,}"), ("trainable_pct", "trainable %", "{:.3f}"),
            ("score", "held-out exact match", "{:.1%}"), ("eval_loss", "held-out loss", "{:.4f}"),
@@ -26,15 +25,14 @@ COLUMNS = [("variant", "variant", "{}"), ("method", "method", "{}"), ("lr", "lr"
 
 def method_adapter(base: dict, method: str) -> dict:
     """The adapter section for `method`, keeping the base section's options that method has."""
-    if method not in ADAPTER_CONFIGS:
-        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(ADAPTER_CONFIGS)}")
-    fields = set(ADAPTER_CONFIGS[method].model_fields)
+    try:
+        record = method_record(method)
+    except AdapterError as err:
+        raise ConfigError(str(err)) from None
+    fields = set(record.config_class.model_fields)
     out = {k: v for k, v in base.items() if k in fields and k not in ("method", "use_dora")}
-    if method == "ia3":
-        out.pop("target_modules", None)  # IA³ targets k/v/down by design, not all linears
-    if method == "adalora" and "r" in base:
-        out.setdefault("target_r", base["r"])
-        out.setdefault("init_r", max(base["r"] * 3 // 2, base["r"]))
+    if record.compare_options is not None:
+        out = record.compare_options(base, out)
     out["method"] = method
     return out
 
@@ -112,11 +110,12 @@ def train_and_score(cfg_path: str, result_path: str) -> dict:
         score = exact_match_eval(model, tok, convs, cfg.eval.max_new_tokens,
                                  cfg.eval.batch_size).accuracy
     trainable = summary["trainable_params"]
+    mergeable = method_record(cfg.adapter.method).mergeable
     row = {"method": cfg.adapter.method, "lr": cfg.train.lr, "trainable": trainable,
            "trainable_pct": 100 * trainable / summary["all_params"], "score": score,
            "eval_loss": result.eval_loss, "final_loss": result.final_loss,
            "seconds_per_step": summary["seconds_per_step"],
-           "peak_rss_mib": summary["peak_rss_mib"], "mergeable": MERGEABLE[cfg.adapter.method],
+           "peak_rss_mib": summary["peak_rss_mib"], "mergeable": "yes" if mergeable else "no",
            "adapter": str(result.adapter_dir)}
     if "final_ranks" in summary:
         row["total_rank"] = summary["total_rank"]

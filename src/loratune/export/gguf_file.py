@@ -199,8 +199,8 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
     [r, in] and `.lora_b` [out, r] per layer, B's rows permuted like the base's Q/K rows."""
     import gguf
 
-    from loratune.adapters.inject import pattern_value
-    from loratune.adapters.io import PREFIX, read_adapter_config, read_adapter_weights
+    from loratune.adapters.peft_format import (PeftFolder, lora_scale, read_adapter_config,
+                                               read_adapter_weights)
 
     cfg, raw = read_adapter_config(adapter_dir)
     if cfg.method != "lora":
@@ -209,24 +209,23 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
     config = json.loads((base_folder / "config.json").read_text())
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
-    tensors = read_adapter_weights(adapter_dir)
-    pairs = {k[len(PREFIX):-len(".lora_A.weight")]: k for k in tensors if k.endswith(".lora_A.weight")}
+    adapter = PeftFolder(Path(adapter_dir), cfg, raw, read_adapter_weights(adapter_dir))
     # llama.cpp scales every layer by alpha / (that layer's rank); per-layer differences from
     # PEFT's scale (rank/alpha patterns, rsLoRA) are folded into B.
-    alpha = cfg.scaling * cfg.r
+    alpha = lora_scale(cfg.lora_alpha, cfg.r, cfg.use_rslora) * cfg.r
     out, tmp = _target(out, overwrite, [adapter_dir, base_folder])
     writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_string("general.type", "adapter")
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", float(alpha))
     try:
-        for path, key in sorted(pairs.items()):
-            a = tensors[key].float()
-            b = tensors[f"{PREFIX}{path}.lora_B.weight"].float()
+        for path, (a, b) in adapter.lora_pairs().items():
+            if b is None:
+                raise GGUFExportError(f"{adapter_dir}: {path}.lora_A.weight has no matching "
+                                      "lora_B tensor")
+            a, b = a.float(), b.float()
             r = a.shape[0]
-            module_alpha = pattern_value(path, raw.get("alpha_pattern") or {}, cfg.lora_alpha)
-            scale = module_alpha / (r ** 0.5 if cfg.use_rslora else r)
-            b = b * (scale * r / alpha)
+            b = b * (adapter.scale(path, r) * r / alpha)
             if path.endswith("q_proj"):
                 b = rope_permute(b, heads)
             elif path.endswith("k_proj"):

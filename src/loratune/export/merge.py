@@ -18,26 +18,23 @@ from pathlib import Path
 
 import torch
 
-from loratune.adapters.inject import (WHY_NOT_MERGEABLE, AdapterError, new_layer_adapter,
-                                      pattern_value)
-from loratune.adapters.io import (ANOTHER_BASE, PREFIX, read_adapter_config,
-                                  read_adapter_weights, write_atomic_dir)
+from loratune.adapters.inject import new_layer_adapter
+from loratune.adapters.peft_format import (ANOTHER_BASE, PeftFolder, module_path,
+                                           read_adapter_config, read_adapter_weights)
+from loratune.adapters.registry import AdapterError, method_record
 from loratune.export.safetensors_io import StreamWriter, read_index, read_tensor
-from loratune.files import check_output_path
+from loratune.files import check_output_path, write_atomic_dir
 from loratune.models.device import DTYPES
-from loratune.models.modules import matches_target
 
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 
 
 @dataclass
-class AdapterFile:
-    folder: Path
-    config: object
-    raw: dict
-    tensors: dict[str, torch.Tensor]
-    weight: float
+class AdapterFile(PeftFolder):
+    """An adapter folder to merge, with the weight its update is merged at."""
+
+    weight: float = 1.0
 
 
 @dataclass
@@ -68,43 +65,27 @@ def read_adapters(folders: list[str | Path], weights: list[float] | None) -> lis
     out = []
     for i, folder in enumerate(folders):
         config, raw = read_adapter_config(folder)
-        if config.method in WHY_NOT_MERGEABLE:
-            raise AdapterError(f"{folder}: a {config.method} adapter cannot be merged: "
-                               f"{WHY_NOT_MERGEABLE[config.method]}. Load it on the base model "
-                               "instead (loratune chat/serve --adapter DIR).")
+        why = method_record(config.method).why_not_mergeable
+        if why is not None:
+            raise AdapterError(f"{folder}: a {config.method} adapter cannot be merged: {why}. "
+                               "Load it on the base model instead (loratune chat/serve "
+                               "--adapter DIR).")
         tensors = read_adapter_weights(folder)
         out.append(AdapterFile(Path(folder), config, raw, tensors,
                                1.0 if weights is None else float(weights[i])))
     return out
 
 
-def _module_paths(adapter: AdapterFile) -> dict[str, dict[str, torch.Tensor]]:
-    """module path -> {suffix: tensor} for the adapter's per-layer tensors."""
-    suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_A", "lora_B",
-                "lora_E", "ia3_l")
-    by_module: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in adapter.tensors.items():
-        for suffix in suffixes:
-            if key.startswith(PREFIX) and key.endswith("." + suffix):
-                path = key[len(PREFIX):-len(suffix) - 1]
-                by_module.setdefault(path, {})[suffix] = tensor
-                break
-    return by_module
-
-
 def _build(adapter: AdapterFile, path: str, parts: dict, out_f: int, in_f: int, source: str):
-    cfg = adapter.config
-    a = parts.get("lora_A.weight", parts.get("lora_A"))
-    feedforward = cfg.method == "ia3" and matches_target(path, cfg.feedforward_modules)
-    ad = new_layer_adapter(cfg, path, in_f, out_f, r=a.shape[0] if a is not None else 0,
-                           alpha=pattern_value(path, adapter.raw.get("alpha_pattern") or {},
-                                               getattr(cfg, "lora_alpha", None)),
-                           feedforward=feedforward)
-    kept = (adapter.raw.get("rank_pattern") or {}).get(f"{path}.lora_E")
-    if cfg.method == "adalora" and kept is not None and a is not None \
-            and a.shape[0] == sum(kept) != len(kept):
-        ad.set_kept(torch.tensor(kept, dtype=torch.bool))  # the file holds the kept ranks only
-        ad.compact()
+    """The adapter of the module at `path`, filled with its tensors from the file (`parts`)."""
+    record = method_record(adapter.config.method)
+    r = alpha = None
+    if record.has_rank:  # the file's rank, and the module's alpha
+        a = parts.get("lora_A.weight")
+        r = a.shape[0] if a is not None else None
+        alpha = adapter.alpha(path)
+    ad = new_layer_adapter(adapter.config, path, in_f, out_f, r=r, alpha=alpha)
+    ad.fit_file(path, parts, adapter.raw)
     live = ad.file_tensors()
     for suffix, tensor in parts.items():
         if suffix not in live or tuple(live[suffix].shape) != tuple(tensor.shape):
@@ -168,14 +149,15 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
                          "checkpoint (or export it with `loratune export hf` first)")
     out_dtype = DTYPES[dtype] if dtype else None
     index = read_index(base)
-    modules = [_module_paths(a) for a in adapters]
+    modules = [a.modules() for a in adapters]
     for a, mods in zip(adapters, modules):
         missing = [p for p in mods if f"{p}.weight" not in index]
         if missing:
             raise AdapterError(f"{a.folder}: targets {missing[0]}, which {base} does not have "
                                f"({len(missing)} such modules; {ANOTHER_BASE})")
-    replaced = {k[len(PREFIX):]: t for a in adapters for k, t in a.tensors.items()
-                if k.startswith(PREFIX) and k[len(PREFIX):] in index}
+    # Tensors a file holds whole (trained biases, modules_to_save) replace the base's.
+    replaced = {module_path(k): t for a in adapters for k, t in a.tensors.items()
+                if module_path(k) in index}
     merged_paths = _all_paths(modules)
     stats = {"merged": 0}
 

@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loratune.adapters.inject import AdapterError, pattern_value
-from loratune.adapters.io import (ANOTHER_BASE, CONFIG_NAME, _weights_file, read_adapter_config,
-                                  read_adapter_weights)
+from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, LORA_KINDS, PeftFolder,
+                                           file_key, read_adapter_config, read_adapter_weights,
+                                           split_key, weights_file)
+from loratune.adapters.registry import AdapterError
 from loratune.config import LoraConfig
 from loratune.readers import CorruptFileError
 from loratune.serve.multi_lora import MultiLoraLinear, RowSlots, attach, detach
 from loratune.serve.types import BadAdapter, UnknownAdapter
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-PREFIX = "base_model.model."
 
 
 @dataclass
@@ -60,7 +60,7 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
     """Read and check a PEFT LoRA folder against `model`; every error names the file and tensor."""
     try:
         config, raw = read_adapter_config(folder)
-        weights_path = _weights_file(folder)
+        weights_path = weights_file(folder)
     except AdapterError as err:
         raise BadAdapter(f"adapter {name!r}: {err}") from None
     if not isinstance(config, LoraConfig) or config.method != "lora":
@@ -74,15 +74,13 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
         weights = read_adapter_weights(folder)
     except CorruptFileError as err:
         raise BadAdapter(f"adapter {name!r}: {err}") from None
-    ranks, alphas = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
+    stray = sorted(k for k in weights if split_key(k, LORA_KINDS) is None)
+    if stray:
+        raise BadAdapter(f"{weights_path}: tensor {stray[0]} is not a LoRA A/B weight")
+    adapter = PeftFolder(folder, config, raw, weights)
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key in sorted(weights):
-        if not (key.startswith(PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight"))):
-            raise BadAdapter(f"{weights_path}: tensor {key} is not a LoRA A/B weight")
-        if not key.endswith(".lora_A.weight"):
-            continue
-        path = key[len(PREFIX):-len(".lora_A.weight")]
-        a, b = weights[key], weights.get(f"{PREFIX}{path}.lora_B.weight")
+    for path, (a, b) in adapter.lora_pairs().items():
+        key = file_key(path, LORA_KINDS[0])
         if b is None:
             raise BadAdapter(f"{weights_path}: {key} has no matching lora_B tensor")
         try:
@@ -92,14 +90,12 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
                              f"({ANOTHER_BASE})") from None
         shape_in = getattr(layer, "in_features", None)
         shape_out = getattr(layer, "out_features", None)
-        r = pattern_value(path, ranks, config.r)
+        r = adapter.rank(path)
         if a.shape != (r, shape_in) or b.shape != (shape_out, r):
             raise BadAdapter(f"{weights_path}: {path} has A {tuple(a.shape)} and B "
                              f"{tuple(b.shape)}; this model's layer needs A ({r}, {shape_in}) and "
                              f"B ({shape_out}, {r}) ({ANOTHER_BASE})")
-        alpha = pattern_value(path, alphas, config.lora_alpha)
-        scale = alpha / (r**0.5 if config.use_rslora else r)
-        layers[path] = (a.float(), b.float() * scale)
+        layers[path] = (a.float(), b.float() * adapter.scale(path, r))
     if not layers:
         raise BadAdapter(f"{weights_path}: no LoRA tensors")
     return HostLora(name, layers)

@@ -16,13 +16,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loratune.adapters.inject import AdapterError
-from loratune.adapters.io import (
-    copy_adapter_weights,
-    read_adapter_weights,
-    save_adapter,
-    write_atomic_dir,
-)
-from loratune.files import remove_dir
+from loratune.adapters.io import copy_adapter_weights, save_adapter
+from loratune.adapters.peft_format import read_adapter_weights
+from loratune.files import remove_dir, write_atomic_dir
 from loratune.readers import CorruptFileError, check_safetensors, read_json, read_safetensors
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")

@@ -1,0 +1,148 @@
+"""The method registry: what `adapter.method` means, declared at the end of each method's file.
+
+A method module ends with `register(MethodRecord(...))`. `loratune.adapters` imports every
+built-in method module, so importing any part of the package registers them; a method defined
+elsewhere (a plugin, a test) registers itself the same way. This module imports no method module
+(the records point at them), which is what keeps the package free of import cycles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loratune.config import AdapterConfig, add_adapter_options, forget_adapter_options
+
+
+class AdapterError(ValueError):
+    pass
+
+
+class TrainingHooks:
+    """What a method adds to the training step; this base adds nothing.
+
+    MoE-LoRA returns its routers' balance loss from `micro_loss`; AdaLoRA adds its orthogonality
+    loss in `step_loss` and reallocates its rank budget in `after_step`.
+    """
+
+    def micro_loss(self) -> torch.Tensor | None:
+        """Loss terms the last forward left behind, added to each micro-batch before backward."""
+        return None
+
+    def step_loss(self) -> torch.Tensor | None:
+        """Per-step terms that do not depend on the batch, backpropagated once per step."""
+        return None
+
+    def after_step(self, step: int) -> None:
+        """Called after optimizer.step(), before zero_grad (the gradients are still there)."""
+
+    def summary(self) -> dict:
+        """Extra entries for run_summary.json."""
+        return {}
+
+
+@dataclass(frozen=True)
+class MethodRecord:
+    """Every fact about one method that code outside its own file needs.
+
+    Exactly one of `make_layer` (layer-level: an adapter per targeted linear, hosted by
+    `AdaptedLinear`) and `attach` (model-level: the method places its own host) is set.
+    """
+
+    name: str                        # adapter.method
+    config_class: type[AdapterConfig]
+    peft_type: str                   # adapter_config.json's peft_type
+    # Endings of the tensor names this method writes (`<prefix><path>.<ending>`, or the whole key
+    # for prompt learning): they split file keys into module path + kind and tell, in a mixed-up
+    # folder, which method a stray tensor came from.
+    file_keys: tuple[str, ...]
+    # (config, module path, in_features, out_features, *, r, alpha, device, dtype) -> LayerAdapter;
+    # r and alpha are the module's rank and alpha (None: the config's) for methods with has_rank.
+    make_layer: Callable[..., nn.Module] | None = None
+    # (model, config, name, tokenizer) -> None: put adapter `name` in the method's own host(s).
+    attach: Callable[..., None] | None = None
+    # (config, target module paths): refuse options that do not fit the targets (layer-level)
+    check_targets: Callable[[AdapterConfig, list[str]], None] | None = None
+    why_not_mergeable: str | None = None      # None: merge folds it into the weights
+    why_no_packing: str | None = None         # None: rows may be packed
+    why_single_process: str | None = None     # None: DDP/FSDP can train it
+    has_rank: bool = False           # an `r` option, with PEFT's rank/alpha patterns per module
+    # DDP must expect parameters without a gradient in some steps (MoE-LoRA's unrouted experts).
+    unused_parameters: bool = False
+    # (model, name, config, compact) -> the method's own adapter_config.json fields
+    peft_fields: Callable[[nn.Module, str, AdapterConfig, bool], dict] | None = None
+    # options read from a file -> the options to build the config from
+    loaded_options: Callable[[dict], dict] | None = None
+    # (model, name, raw config dict, file tensors): fit the fresh adapter to the file first
+    before_load: Callable[[nn.Module, str, dict, dict], None] | None = None
+    # (model, config, name, total_steps) -> TrainingHooks
+    training_hooks: Callable[[nn.Module, AdapterConfig, str, int], TrainingHooks] | None = None
+    # (base adapter section, the options of it this method has) -> the options to use, when
+    # `loratune compare` seeds every method from one adapter section
+    compare_options: Callable[[dict, dict], dict] | None = None
+
+    def __post_init__(self):
+        if (self.make_layer is None) == (self.attach is None):
+            raise ValueError(f"method {self.name!r}: give exactly one of make_layer (layer-level) "
+                             "and attach (model-level)")
+        if self.name not in self.config_class.method_names():
+            raise ValueError(f"method {self.name!r}: {self.config_class.__name__}.method does not "
+                             f"allow it (allows {', '.join(self.config_class.method_names())})")
+
+    @property
+    def layer_level(self) -> bool:
+        return self.make_layer is not None
+
+    @property
+    def mergeable(self) -> bool:
+        return self.why_not_mergeable is None
+
+    @property
+    def packing_ok(self) -> bool:
+        return self.why_no_packing is None
+
+    @property
+    def multiprocess_ok(self) -> bool:
+        return self.why_single_process is None
+
+
+_RECORDS: dict[str, MethodRecord] = {}
+
+
+def register(record: MethodRecord) -> MethodRecord:
+    """Make `record.name` a method every loratune command understands."""
+    if record.name in _RECORDS and _RECORDS[record.name] != record:
+        raise ValueError(f"method {record.name!r} is already registered")
+    _RECORDS[record.name] = record
+    add_adapter_options(record.config_class)  # again after an unregister
+    return record
+
+
+def unregister(name: str) -> None:
+    """Forget method `name` (tests that register a method of their own clean up with this)."""
+    record = _RECORDS.pop(name)
+    if not any(r.config_class is record.config_class for r in _RECORDS.values()):
+        forget_adapter_options(record.config_class)
+
+
+def method_names() -> list[str]:
+    return list(_RECORDS)
+
+
+def method_record(name: str) -> MethodRecord:
+    try:
+        return _RECORDS[name]
+    except KeyError:
+        raise AdapterError(f"unknown method {name!r}; choose from "
+                           f"{', '.join(_RECORDS) or 'none'}") from None
+
+
+def records_of_peft_type(peft_type: str) -> list[MethodRecord]:
+    return [r for r in _RECORDS.values() if r.peft_type == peft_type]
+
+
+def peft_types() -> list[str]:
+    return list(dict.fromkeys(r.peft_type for r in _RECORDS.values()))
