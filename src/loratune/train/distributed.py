@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from loratune.adapters.registry import method_record
 from loratune.train.loss import causal_lm_loss
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -90,12 +91,10 @@ def check_parallel_options(train_cfg, method: str, info: DistInfo) -> str:
     if not info.enabled:
         return mode
     check_world_size(train_cfg.grad_accum, train_cfg.batch_size, info.world_size)
-    if method == "adalora":
-        # Its rank allocator updates importance scores from gradients after each step and its
-        # orthogonality loss is backpropagated outside the model's forward.
-        raise DistributedError("adapter.method: adalora is not supported on several processes "
-                               "(its rank budget is a global per-step state); train it on one "
-                               "process or use lora/dora")
+    why = method_record(method).why_single_process
+    if why is not None:
+        raise DistributedError(f"adapter.method: {method} is not supported on several processes "
+                               f"({why}); train it on one process or use lora/dora")
     return mode
 
 

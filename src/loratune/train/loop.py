@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 
 from loratune import data as lt_data
-from loratune.adapters import add_adapter, save_adapter, trainable_report
+from loratune.adapters import add_adapter, method_record, save_adapter, trainable_report
 from loratune.config import RunConfig
 from loratune.files import protected_reason, remove_stale_temps, write_atomic_file
 from loratune.models import load_model
@@ -143,11 +143,11 @@ def build_data(cfg: RunConfig, tokenizer):
     elif cfg.data.eval_fraction:
         train_ex, eval_ex = lt_data.split_heldout(train_ex, cfg.data.eval_fraction, cfg.train.seed)
     packing = cfg.data.packing
-    if cfg.adapter.method in ("prompt", "prefix"):
-        # Virtual tokens go in front of each row; samples packed into one row cannot share them.
+    record = method_record(cfg.adapter.method)
+    if not record.packing_ok:
         if packing is True:
             raise ValueError(f"data.packing: true does not work with adapter.method: "
-                             f"{cfg.adapter.method} (virtual tokens lead each row); use auto/false")
+                             f"{cfg.adapter.method} ({record.why_no_packing}); use auto/false")
         packing = False
     if packing == "auto":
         packing = lt_data.should_pack(train_ex, cfg.data.max_length, cfg.train.batch_size)
@@ -469,8 +469,8 @@ def _distributed_setup(cfg: RunConfig, model: nn.Module, device, info: DistInfo,
     if mode == "fsdp":
         wrapper = lt_dist.wrap_fsdp(model, cfg.train.loss_chunk, device, info.world_size)
     else:
-        wrapper = lt_dist.wrap_ddp(model, cfg.train.loss_chunk, device,
-                                   find_unused=cfg.adapter.method == "moe_lora")
+        unused = method_record(cfg.adapter.method).unused_parameters
+        wrapper = lt_dist.wrap_ddp(model, cfg.train.loss_chunk, device, find_unused=unused)
     optimizer = build_optimizer(model, cfg.train)
     if deferred.state is not None:
         target = lt_dist.FullStateOptimizer(optimizer) if mode == "fsdp" else optimizer
