@@ -171,6 +171,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_tune_rank(args) -> int:
+    from loratune.adapters import method_record
     from loratune.config import ConfigError
     from loratune.eval.compare import (best_rank, load_settings, method_adapter, run_variants,
                                        write_report)
@@ -178,7 +179,7 @@ def cmd_tune_rank(args) -> int:
     settings = load_settings(args.config, args.overrides)
     base = settings.get("adapter") or {}
     method = base.get("method", "lora")
-    if method not in ("lora", "dora", "moe_lora"):
+    if not method_record(method).has_rank:
         raise ConfigError(f"tune-rank varies r; adapter.method {method!r} has no r")
     ratio = base.get("lora_alpha", 8.0) / base.get("r", 8)
     ranks = [int(r) for r in args.ranks.split(",")]
