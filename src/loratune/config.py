@@ -22,6 +22,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+BLOCK_RANGE = (32, 4096)  # the 4-bit block sizes bitsandbytes' layout allows
+
+
+def check_blocksize(blocksize: int) -> int:
+    lo, hi = BLOCK_RANGE
+    if not (lo <= blocksize <= hi and blocksize & (blocksize - 1) == 0):
+        raise ValueError(f"blocksize {blocksize}: expected a power of two from {lo} to {hi}")
+    return blocksize
+
+
 class QuantConfig(_Section):
     """QLoRA base: frozen linear weights stored in 4 bits (bitsandbytes' layout)."""
 
@@ -34,8 +44,6 @@ class QuantConfig(_Section):
     @field_validator("blocksize")
     @classmethod
     def _power_of_two(cls, v: int) -> int:
-        from loratune.quant.nf4 import check_blocksize
-
         return check_blocksize(v)
 
 

@@ -12,16 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loratune.config import check_blocksize
 from loratune.quant.codebooks import code_4bit, dynamic_map
-
-BLOCK_RANGE = (32, 4096)
-
-
-def check_blocksize(blocksize: int) -> int:
-    lo, hi = BLOCK_RANGE
-    if not (lo <= blocksize <= hi and blocksize & (blocksize - 1) == 0):
-        raise ValueError(f"blocksize {blocksize}: expected a power of two from {lo} to {hi}")
-    return blocksize
 
 
 def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
