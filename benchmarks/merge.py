@@ -33,7 +33,7 @@ def write_random_base(folder: Path, shape: str) -> Path:
     """A Llama checkpoint of `shape` with random bf16 weights, one layer at a time."""
     from transformers import LlamaConfig
 
-    from loratune.quant.load import LLAMA_SHAPES
+    from loratune.models.shapes import LLAMA_SHAPES
 
     if (folder / "config.json").is_file():
         if not (folder / "model.safetensors.index.json").is_file():

@@ -43,7 +43,7 @@ def reset_peak() -> None:
 def build(shape: str, fp32: bool):
     from loratune.config import ModelConfig, QuantConfig
     from loratune.models import load_model
-    from loratune.quant.load import random_quantized
+    from loratune.models.load_4bit import random_quantized
 
     if shape == "small":
         cfg = ModelConfig(quantization=None if fp32 else QuantConfig())
@@ -54,7 +54,7 @@ def build(shape: str, fp32: bool):
 def worker(args) -> dict:
     from loratune.adapters import add_adapter, trainable_report
     from loratune.config import LoraConfig, TrainConfig
-    from loratune.quant.model import quantized_bytes
+    from loratune.models.quantize import quantized_bytes
     from loratune.train.loop import set_checkpointing
     from loratune.train.loss import causal_lm_loss
     from loratune.train.optim import build_optimizer

@@ -115,7 +115,7 @@ def test_every_safetensors_reader_names_a_damaged_file(tmp_path):
     from loratune.export.gguf_file import write_lora_gguf
     from loratune.export.merge import read_adapters
     from loratune.export.safetensors_io import read_index
-    from loratune.quant.load import load_quantized
+    from loratune.models.load_4bit import load_quantized
     from loratune.serve.pool import read_lora
     from loratune.serve.types import BadAdapter
 

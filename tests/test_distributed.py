@@ -60,7 +60,7 @@ def _train(spec: dict, tok, resume=False, layer_calls: list | None = None):
             lambda mod, args: layer_calls.append(1) if torch.is_grad_enabled() else None)
     if spec.pop("quantize", False):  # QLoRA: 4-bit NF4 base (Linear4bit keeps it in buffers)
         from loratune.config import QuantConfig
-        from loratune.quant.model import prepare_for_kbit_training, quantize_model
+        from loratune.models.quantize import prepare_for_kbit_training, quantize_model
 
         quantize_model(model, QuantConfig())
         prepare_for_kbit_training(model)

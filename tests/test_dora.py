@@ -8,8 +8,8 @@ import torch
 from loratune.adapters import add_adapter, load_adapter, merge, save_adapter, unmerge
 from loratune.adapters.inject import adapted_layers, set_active
 from loratune.config import LoraConfig, QuantConfig
+from loratune.models.quantize import quantize_model
 from loratune.quant.linear4bit import Linear4bit
-from loratune.quant.model import quantize_model
 from tiny import randomize_lora, tiny_llama
 
 IDS = torch.tensor([[3, 7, 11, 2, 64, 99, 5]])

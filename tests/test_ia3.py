@@ -9,7 +9,7 @@ from loratune.adapters import (add_adapter, delete_adapter, load_adapter, merge,
                                save_adapter, set_active, unmerge)
 from loratune.adapters.inject import AdapterError, adapted_layers
 from loratune.config import IA3Config, QuantConfig
-from loratune.quant.model import quantize_model
+from loratune.models.quantize import quantize_model
 from loratune.train.loss import causal_lm_loss
 from tiny import tiny_llama
 

@@ -120,7 +120,7 @@ def test_qlora_adapter_merges_into_the_4bit_values_it_trained_on(base_dir, tmp_p
     from loratune.adapters import load_adapter
     from loratune.config import QuantConfig
     from loratune.export.merge import nf4_round_trip
-    from loratune.quant.model import quantize_model
+    from loratune.models.quantize import quantize_model
 
     folder = _adapter(base_dir, tmp_path, LoraConfig(r=4, lora_alpha=8), "ad", seed=1)
     quant = QuantConfig(blocksize=64)

@@ -6,8 +6,8 @@ from torch import nn
 
 from loratune.adapters import add_adapter, load_adapter, merge, save_adapter, trainable_report
 from loratune.config import LoraConfig, QuantConfig
+from loratune.models.quantize import prepare_for_kbit_training, quantize_model, quantized_bytes
 from loratune.quant.linear4bit import Linear4bit
-from loratune.quant.model import prepare_for_kbit_training, quantize_model, quantized_bytes
 from tiny import randomize_lora, tiny_llama
 
 IDS = torch.tensor([[5, 9, 3, 77, 21, 8, 100, 64]])
@@ -98,7 +98,7 @@ def test_quantized_size_is_about_4_bits_per_weight():
 
 
 def test_streaming_load_equals_quantize_after_load(tmp_path):
-    from loratune.quant.load import load_quantized
+    from loratune.models.load_4bit import load_quantized
 
     model = tiny_llama(bias=True)
     model.save_pretrained(tmp_path)
@@ -110,7 +110,7 @@ def test_streaming_load_equals_quantize_after_load(tmp_path):
 
 
 def test_random_model_of_a_shape_is_built_in_4bit():
-    from loratune.quant.load import random_quantized
+    from loratune.models.load_4bit import random_quantized
 
     dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=4, vocab_size=256)

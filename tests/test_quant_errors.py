@@ -8,8 +8,8 @@ import torch
 from loratune.config import ConfigError, QuantConfig, build_config
 from loratune.models import device as dev_mod
 from loratune.models.device import DtypeFallbackWarning, resolve_dtype
+from loratune.models.quantize import quantize_model
 from loratune.quant.linear4bit import Linear4bit
-from loratune.quant.model import quantize_model
 from loratune.quant.nf4 import quantize_4bit
 from loratune.train.offload import activation_offload, offload_notes
 from loratune.config import TrainConfig

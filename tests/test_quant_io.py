@@ -7,10 +7,10 @@ import torch
 
 from loratune.config import ModelConfig, QuantConfig
 from loratune.models import load_model
+from loratune.models.load_4bit import load_quantized
+from loratune.models.quantize import prepare_for_kbit_training, quantize_model
 from loratune.quant.io import save_quantized
 from loratune.quant.linear4bit import Linear4bit
-from loratune.quant.load import load_quantized
-from loratune.quant.model import prepare_for_kbit_training, quantize_model
 from tiny import tiny_llama
 
 pytest.importorskip("bitsandbytes")

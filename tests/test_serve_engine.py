@@ -349,7 +349,7 @@ def test_registered_adapter_and_unload(setup, tmp_path):
 def test_4bit_base_serves_adapters(setup):
     """A NF4 base: the engine's output equals our adapter layers on the same quantized model."""
     from loratune.adapters import load_adapter
-    from loratune.quant.model import quantize_model
+    from loratune.models.quantize import quantize_model
 
     _, tok, folder, _ = setup
     ref = tiny_llama(vocab=len(tok))

@@ -1,4 +1,4 @@
-"""Base models: loading (embedded, HF folder, GGUF) and module discovery."""
+"""Base models: loading (embedded, HF folder, GGUF; 4-bit bases too) and module discovery."""
 
 from loratune.models.load import (
     DTYPES,

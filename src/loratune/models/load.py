@@ -181,7 +181,7 @@ def load_model(cfg: ModelConfig | str):
                                 field="model.quantization.compute_dtype")
         quant = quant.model_copy(update={"compute_dtype": str(compute).removeprefix("torch.")})
     if quant is not None and gguf is None:
-        from loratune.quant.load import load_quantized
+        from loratune.models.load_4bit import load_quantized
 
         model = load_quantized(folder, quant, dtype)
     else:
@@ -194,7 +194,7 @@ def load_model(cfg: ModelConfig | str):
             use_safetensors=None if gguf else True,
         )
         if quant is not None:
-            from loratune.quant.model import prepare_for_kbit_training, quantize_model
+            from loratune.models.quantize import prepare_for_kbit_training, quantize_model
 
             quantize_model(model, quant)
             prepare_for_kbit_training(model)

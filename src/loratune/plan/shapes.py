@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from loratune.quant.load import LLAMA_SHAPES
+from loratune.models.shapes import LLAMA_SHAPES
 
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 

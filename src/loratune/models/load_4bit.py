@@ -14,22 +14,14 @@ import torch
 from torch import nn
 
 from loratune.config import QuantConfig
-from loratune.models.modules import set_submodule
-from loratune.quant.linear4bit import Linear4bit
 from loratune.models.device import DTYPES
-from loratune.quant.model import prepare_for_kbit_training
+from loratune.models.modules import set_submodule
+from loratune.models.quantize import prepare_for_kbit_training
+from loratune.models.shapes import LLAMA_SHAPES
 from loratune.quant.io import STATE_KEY, quantized_linear
+from loratune.quant.linear4bit import Linear4bit
 from loratune.quant.nf4 import quantize_4bit
 from loratune.readers import open_safetensors
-
-LLAMA_SHAPES = {
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
-    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
-    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
-}
 
 
 def _meta_model(config):
