@@ -413,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds per request, queue included (then 504)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $LORATUNE_API_KEY)")
+    p.add_argument("--insecure-no-key", action="store_true",
+                   help="allow a non-loopback --host without an API key")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                   help="larger request bodies get 413")
     p.add_argument("--route", default=None,
                    help="language router for model 'auto', e.g. zh=adapter_zh,en=adapter_en")
     p.add_argument("--quantize", choices=["nf4", "fp4"], default=None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import os
 import time
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loratune.serve.metrics import Metrics
 from loratune.serve.router import LanguageRouter, last_user_text
+from loratune.serve.sampling import SEED_MAX, SEED_MIN
 from loratune.serve.types import (BadAdapter, Event, GenerationRequest, SamplingParams,
                                   ServeError)
 
@@ -30,6 +32,7 @@ from loratune.serve.types import (BadAdapter, Event, GenerationRequest, Sampling
 # engine that stopped answering, so a client never waits forever.
 DEADLINE_GRACE_S = 5.0
 DEFAULT_MAX_TOKENS = 256     # when a request sets neither max_tokens nor max_completion_tokens
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20     # a 2048-token prompt is ~10 KB; 4 MiB leaves ample room
 
 
 class APIError(Exception):
@@ -58,10 +61,15 @@ _SERVE_ERROR_KINDS = {
 }
 
 
+def status_error(status: int, message: str, param: str | None = None) -> APIError:
+    """An engine refusal (a ServeError's status and message) in OpenAI's terms."""
+    type_, code = _SERVE_ERROR_KINDS.get(status, ("invalid_request_error", None))
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return APIError(status, message, type_, code, param=param, headers=headers)
+
+
 def from_serve_error(err: ServeError) -> APIError:
-    type_, code = _SERVE_ERROR_KINDS.get(err.status, ("invalid_request_error", None))
-    headers = {"Retry-After": "1"} if err.status == 429 else None
-    return APIError(err.status, str(err), type_, code, headers=headers)
+    return status_error(err.status, str(err), err.param)
 
 
 # -- request bodies -------------------------------------------------------------------------------
@@ -76,7 +84,7 @@ class _Body(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)          # extension: OpenAI has no top_k
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
@@ -135,9 +143,36 @@ class AdapterBody(BaseModel):
     path: str | None = None
 
 
-async def parse_body(request: Request, cls: type[BaseModel]) -> BaseModel:
-    """Read and validate a JSON body; a 400 names the first bad field."""
-    raw = await request.body()
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with a 413 past `limit` bytes: counted as it arrives, so a chunked
+    upload without a Content-Length is cut off too, not read into memory first."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise body_too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than {limit} bytes, this server's limit "
+                    "(--max-body-bytes)", code="request_too_large")
+
+
+async def parse_body(request: Request, cls: type[BaseModel], limit: int) -> BaseModel:
+    """Read and validate a JSON body; a 413 past `limit` bytes, a 400 names the first bad field.
+
+    Parsing a large body takes a while: it runs on a worker thread, not on the event loop.
+    """
+    raw = await read_body(request, limit)
+    return await asyncio.to_thread(validate_body, raw, cls)
+
+
+def validate_body(raw: bytes, cls: type[BaseModel]) -> BaseModel:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -198,6 +233,8 @@ def _failure(last: Event | None) -> APIError | None:
     reason = last.finish_reason if last is not None else "timeout"
     if reason in ("stop", "length"):
         return None
+    if reason == "error" and last.status is not None and last.status < 500:
+        return status_error(last.status, last.error or "the request was refused")
     if reason == "timeout":
         return APIError(504, "the request did not finish within the server's time limit "
                         "(--request-timeout)", "timeout_error", "timeout")
@@ -260,16 +297,18 @@ class _Call:
 # -- the app --------------------------------------------------------------------------------------
 class _State:
     def __init__(self, engine, api_key: str | None, timeout_s: float,
-                 router: LanguageRouter | None):
+                 router: LanguageRouter | None, max_body_bytes: int):
         self.engine, self.api_key, self.timeout_s, self.router = engine, api_key, timeout_s, router
+        self.max_body_bytes = max_body_bytes
         self.metrics = Metrics()
         self.checked: dict[str, tuple[Path, float]] = {}   # adapter -> (folder, mtime) read fine
 
 
 def build_app(engine, api_key: str | None = None, request_timeout_s: float = 120,
-              router: LanguageRouter | None = None) -> FastAPI:
+              router: LanguageRouter | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving `engine` (which the caller starts and stops)."""
-    state = _State(engine, api_key, request_timeout_s, router)
+    state = _State(engine, api_key, request_timeout_s, router, max_body_bytes)
     app = FastAPI(title="loratune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.loratune = state
 
@@ -316,12 +355,16 @@ def build_app(engine, api_key: str | None = None, request_timeout_s: float = 120
 
     @app.post("/v1/adapters/load", dependencies=guarded)
     async def load_adapter(request: Request):
-        body = await parse_body(request, AdapterBody)
+        if engine.pool.adapter_dir is None:   # else any folder on the machine could be read
+            raise APIError(403, "adapter loading is off: this server was started without "
+                           "--adapters DIR (then folders under DIR can be loaded)",
+                           "permission_error", "adapters_disabled")
+        body = await parse_body(request, AdapterBody, state.max_body_bytes)
         return await asyncio.to_thread(register_adapter, state, body.name, body.path)
 
     @app.post("/v1/adapters/unload", dependencies=guarded)
     async def unload_adapter(request: Request):
-        body = await parse_body(request, AdapterBody)
+        body = await parse_body(request, AdapterBody, state.max_body_bytes)
         engine.pool.unload(body.name)
         state.checked.pop(body.name, None)
         return {"object": "adapter", "id": body.name, "loaded": False}
@@ -397,17 +440,12 @@ async def generate(state: _State, request: Request, kind: str):
     started = time.perf_counter()
     model_label = "(invalid)"
     try:
-        body = await parse_body(request, ChatBody if kind == "chat" else CompletionBody)
+        body = await parse_body(request, ChatBody if kind == "chat" else CompletionBody,
+                                state.max_body_bytes)
         params = body.sampling()
-        tok = state.engine.tokenizer
-        if kind == "chat":
-            ids = chat_prompt_ids(tok, body)
-            route_text = last_user_text([m.plain() for m in body.messages])
-        else:
-            ids = completion_prompt_ids(tok, body)
-            route_text = body.prompt if isinstance(body.prompt, str) else \
-                (body.prompt[0] if body.prompt and isinstance(body.prompt[0], str) else "")
-        model = resolve_model_field(state, body.model, route_text)
+        # Templating and tokenizing a long prompt takes a while: on a worker thread, so /health
+        # and the other requests' streams go on meanwhile.
+        ids, model = await asyncio.to_thread(prompt_and_model, state, body, kind)
         adapters = state.engine.resolve(model)
         model_label = model
         for name in adapters:
@@ -423,6 +461,20 @@ async def generate(state: _State, request: Request, kind: str):
         return StreamingResponse(stream(state, call, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await complete(state, call, request)
+
+
+def prompt_and_model(state: _State, body: ChatBody | CompletionBody, kind: str
+                     ) -> tuple[list[int], str]:
+    """The prompt's token ids and the model field after routing "auto" (on a worker thread)."""
+    tok = state.engine.tokenizer
+    if kind == "chat":
+        ids = chat_prompt_ids(tok, body)
+        route_text = last_user_text([m.plain() for m in body.messages])
+    else:
+        ids = completion_prompt_ids(tok, body)
+        route_text = body.prompt if isinstance(body.prompt, str) else \
+            (body.prompt[0] if body.prompt and isinstance(body.prompt[0], str) else "")
+    return ids, resolve_model_field(state, body.model, route_text)
 
 
 def resolve_model_field(state: _State, model: str, route_text: str) -> str:
@@ -515,6 +567,45 @@ def served_name(model: str) -> str:
     return model if model in EMBEDDED else Path(model).expanduser().resolve().stem or model
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def startup_api_key(args) -> str | None:
+    """The key requests must bring (None: no key), or a ValueError for an unsafe setup."""
+    key = args.api_key
+    if key is not None and not key.strip():
+        raise ValueError("--api-key is empty: give a key, or leave the option out to serve "
+                         "without one (on a loopback address only)")
+    if key is None:
+        key = os.environ.get("LORATUNE_API_KEY")
+        if key is not None and not key.strip():
+            raise ValueError("$LORATUNE_API_KEY is set but empty: set a key or unset it")
+    if key is None and not is_loopback(args.host) and not args.insecure_no_key:
+        raise ValueError(f"--host {args.host} is reachable from other machines and no --api-key "
+                         "is set: give a key (or $LORATUNE_API_KEY), or --insecure-no-key to "
+                         "let anyone who reaches the port generate and load adapters")
+    return key
+
+
+def check_startup(args) -> str | None:
+    """Everything `serve` can refuse before the slow model load; returns the API key."""
+    key = startup_api_key(args)
+    folder = args.adapters
+    if folder is not None and not (folder.strip() and Path(folder).expanduser().is_dir()):
+        raise ValueError(f"--adapters {folder}: no such folder (expected a folder with one "
+                         "sub-folder per PEFT LoRA adapter)")
+    if args.max_body_bytes < 1:
+        raise ValueError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
+    return key
+
+
 def run(args) -> int:
     """`loratune serve`: load the base, start the engine, serve HTTP until interrupted."""
     import uvicorn
@@ -528,7 +619,7 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    api_key = args.api_key or os.environ.get("LORATUNE_API_KEY") or None
+    api_key = check_startup(args)
     router = LanguageRouter.parse(args.route) if args.route else None
     quant = QuantConfig(type=args.quantize) if args.quantize else None
     model, tok = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype,
@@ -542,10 +633,11 @@ def run(args) -> int:
     if router is not None:
         for target in {*router.routes.values(), router.default} - {None}:
             engine.resolve(target)   # an unknown route target fails now, not on the first request
-    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and not is_loopback(args.host):    # allowed by --insecure-no-key
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
               "port can use the model and load adapters")
-    app = build_app(engine, api_key=api_key, request_timeout_s=args.request_timeout, router=router)
+    app = build_app(engine, api_key=api_key, request_timeout_s=args.request_timeout, router=router,
+                    max_body_bytes=args.max_body_bytes)
     engine.start()
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -9,6 +9,7 @@ forward of all running rows, each row with its own adapter slot (see multi_lora.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections import deque
@@ -19,7 +20,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from loratune.serve.pool import AdapterPool, entry_key
-from loratune.serve.sampling import find_stop, held_back, new_generator, next_token
+from loratune.serve.sampling import check_seed, find_stop, held_back, new_generator, next_token
 from loratune.serve.types import Event, GenerationRequest, QueueFull, ServeError
 
 
@@ -82,8 +83,8 @@ class Handle:
         for last in self:
             text.append(last.text)
             ids.extend(last.token_ids)
-        return Event("".join(text), ids, last.finish_reason, last.error, last.prompt_tokens,
-                     last.completion_tokens)
+        return Event("".join(text), ids, last.finish_reason, last.error, last.status,
+                     last.prompt_tokens, last.completion_tokens)
 
 
 @dataclass
@@ -95,8 +96,11 @@ class Sequence:
     slot: int = 0
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
+    text: str = ""         # the tokens decoded
     sent: int = 0          # characters of the decoded text already streamed
     done: bool = False
+    in_batch: bool = False           # holds a row of the running batch
+    final: Event | None = None       # the last event, held back until the row is retired
 
 
 class Engine:
@@ -139,17 +143,17 @@ class Engine:
         for part in model_field.split("+"):
             name, _, weight = part.strip().partition(":")
             self.pool.folder(name)               # UnknownAdapter / BadAdapter name check
-            try:
-                adapters[name] = adapters.get(name, 0.0) + (float(weight) if weight else 1.0)
-            except ValueError:
-                raise ServeError(f"adapter weight {weight!r} in {model_field!r} is not a number") \
-                    from None
+            adapters[name] = adapters.get(name, 0.0) + adapter_weight(weight, model_field)
         return adapters
 
     def submit(self, request: GenerationRequest) -> Handle:
         self._check(request)
         for name in request.adapters:
             self.pool.folder(name)
+        return self._enqueue(request)
+
+    def _enqueue(self, request: GenerationRequest) -> Handle:
+        """Queue `request` as it is (submit checks it first)."""
         timeout = request.timeout_s
         seq = Sequence(request, Handle(), entry_key(request.adapters) if request.adapters
                        else self.base_name, time.monotonic() + timeout if timeout is not None else None)
@@ -179,6 +183,7 @@ class Engine:
             self.thread = None
         for seq in list(self.queue) + self.running:
             self._finish(seq, "cancelled")
+            self._publish(seq)
         self.queue.clear()
         self._reset_batch()
 
@@ -201,8 +206,12 @@ class Engine:
         if self.context and n + p.max_tokens > self.context:
             raise ServeError(f"prompt ({n} tokens) plus max_tokens ({p.max_tokens}) exceeds the "
                              f"model's context of {self.context} tokens")
-        if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
-            raise ServeError("temperature must be ≥ 0, top_p in (0, 1], top_k ≥ 0")
+        # Written so that NaN fails too: every comparison with NaN is false.
+        if not (math.isfinite(p.temperature) and p.temperature >= 0 and 0 < p.top_p <= 1
+                and p.top_k >= 0):
+            raise ServeError(f"temperature must be a finite number ≥ 0, top_p in (0, 1] and "
+                             f"top_k ≥ 0; got {p.temperature}, {p.top_p} and {p.top_k}")
+        check_seed(p.seed)
         vocab = self.model.get_input_embeddings().num_embeddings
         if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= vocab:
             raise ServeError(f"prompt token ids must be in [0, {vocab})")
@@ -222,6 +231,7 @@ class Engine:
                 for seq in self.running:
                     self._finish(seq, "error", f"{type(err).__name__}: {err}")
                     self.pool.release(seq.slot)
+                    self._publish(seq)
                 self.running = []
                 self._reset_batch()
 
@@ -244,7 +254,7 @@ class Engine:
         self.mask = mask
         self.counts["steps"] += 1
         for i, seq in enumerate(rows):
-            self._append(seq, next_token(out.logits[i, -1], seq.request.params, seq.generator))
+            self._advance(seq, out.logits[i, -1])
         self._retire()
 
     def _admit(self) -> None:
@@ -264,18 +274,16 @@ class Engine:
             if joining and len(seq.request.prompt_ids) > budget:
                 break      # the next step takes it: one prefill stays within its token budget
             try:
-                slot = self.pool.acquire(seq.request.adapters)
-            except ServeError as err:
-                with self.cond:
+                ready = self._prepare(seq)
+            except Exception as err:  # this request's own failure (an unreadable adapter file,
+                with self.cond:       # a seed no generator takes): it alone ends, the queue moves
                     self.queue.popleft()
-                self._finish(seq, "error", str(err))
+                self._fail(seq, err)
                 continue
-            if slot is None:
+            if not ready:
                 break      # every adapter slot is in use by running rows: wait for one to end
             with self.cond:
                 self.queue.popleft()
-            seq.slot = slot
-            seq.generator = new_generator(seq.request.params)
             budget -= len(seq.request.prompt_ids)
             joining.append(seq)
         if not joining:
@@ -287,6 +295,23 @@ class Engine:
             for seq in joining:
                 self.pool.release(seq.slot)
                 self._finish(seq, "error", f"{type(err).__name__}: {err}")
+
+    def _prepare(self, seq: Sequence) -> bool:
+        """Pin the request's adapter slot and make its generator; False when no slot is free.
+
+        On an error nothing stays pinned: a slot held by a request that never runs would be
+        reserved for ever, even after its adapter is unloaded.
+        """
+        slot = self.pool.acquire(seq.request.adapters)
+        if slot is None:
+            return False
+        try:
+            seq.generator = new_generator(seq.request.params)
+        except Exception:
+            self.pool.release(slot)
+            raise
+        seq.slot = slot
+        return True
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """One forward over the new prompts (left-padded, each row with its adapter)."""
@@ -307,7 +332,8 @@ class Engine:
         self._join(cache, mask)
         self.running.extend(seqs)
         for i, seq in enumerate(seqs):
-            self._append(seq, next_token(out.logits[i, -1], seq.request.params, seq.generator))
+            seq.in_batch = True
+            self._advance(seq, out.logits[i, -1])
 
     def _join(self, cache: DynamicCache, new_mask: torch.Tensor) -> None:
         """Add prefilled rows to the batch cache, left-padding whichever side is shorter."""
@@ -321,22 +347,30 @@ class Engine:
         self.mask = torch.cat([left_pad(self.mask, width, dim=1),
                                left_pad(new_mask, width, dim=1)], 0)
 
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Sample and record a row's next token; a failure here ends this row alone."""
+        try:
+            self._append(seq, next_token(logits, seq.request.params, seq.generator))
+        except Exception as err:  # the forward was shared, the sampling is this request's own
+            self._fail(seq, err)
+
     def _append(self, seq: Sequence, token: int) -> None:
         """Record a sampled token; stream the text that is now safe to send."""
         p = seq.request.params
         if token in self.eos:
+            self._send_rest(seq, seq.text, [])
             self._finish(seq, "stop")
             return
         seq.tokens.append(token)
         self.counts["completion_tokens"] += 1
-        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        text = seq.text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
         stop_at = find_stop(text, p.stop, seq.sent) if p.stop else None
         if stop_at is not None:
-            self._send(seq, text[:stop_at], [token])
+            self._send_rest(seq, text[:stop_at], [token])
             self._finish(seq, "stop")
             return
         if len(seq.tokens) >= p.max_tokens:
-            self._send(seq, text, [token])
+            self._send_rest(seq, text, [token])
             self._finish(seq, "length")
             return
         # Hold back an unfinished multi-byte character and anything that may begin a stop string.
@@ -349,20 +383,49 @@ class Engine:
                               completion_tokens=len(seq.tokens)))
         seq.sent = max(seq.sent, len(text))
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+    def _send_rest(self, seq: Sequence, text: str, ids: list[int]) -> None:
+        """The end of a reply: what was held back, less a character the end cut in half.
+
+        A byte-level tokenizer spells a Chinese character or an emoji with several tokens; a
+        reply cut between them decodes to U+FFFD, which is not part of any answer.
+        """
+        text = text.rstrip("\ufffd")
+        if len(text) > seq.sent or ids:
+            self._send(seq, text, ids)
+
+    def _fail(self, seq: Sequence, err: Exception) -> None:
+        """End one request with `err`; a ServeError keeps its status (a bad adapter is a 422)."""
+        self.counts["errors"] += 1
+        if isinstance(err, ServeError):
+            self._finish(seq, "error", str(err), err.status)
+        else:
+            self._finish(seq, "error", f"{type(err).__name__}: {err}")
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None,
+                status: int | None = None) -> None:
+        """Mark `seq` finished. A row of the batch tells its client once _retire has freed the
+        row and its slot, so a client that saw the end sees them free (stats, unload)."""
         if seq.done:
             return
         seq.done = True
-        seq.handle.push(Event(finish_reason=reason, error=error,
-                              prompt_tokens=len(seq.request.prompt_ids),
-                              completion_tokens=len(seq.tokens)))
+        seq.final = Event(finish_reason=reason, error=error, status=status,
+                          prompt_tokens=len(seq.request.prompt_ids),
+                          completion_tokens=len(seq.tokens))
+        if not seq.in_batch:
+            self._publish(seq)
+
+    def _publish(self, seq: Sequence) -> None:
+        final, seq.final = seq.final, None
+        if final is not None:
+            seq.handle.push(final)
 
     def _expired(self, seq: Sequence) -> bool:
         return seq.deadline is not None and time.monotonic() > seq.deadline
 
     def _retire(self) -> None:
-        """Drop finished, cancelled and timed-out rows from the batch and the cache."""
-        keep = []
+        """Drop finished, cancelled and timed-out rows from the batch and the cache, free their
+        slots, then send their final events."""
+        keep, ended = [], []
         for i, seq in enumerate(self.running):
             if not seq.done:
                 if seq.handle.cancelled.is_set():
@@ -371,10 +434,16 @@ class Engine:
                     self._finish(seq, "timeout")
             if seq.done:
                 self.pool.release(seq.slot)
+                ended.append(seq)
             else:
                 keep.append(i)
-        if len(keep) == len(self.running):
-            return
+        if ended:
+            self._keep_rows(keep)
+        for seq in ended:
+            self._publish(seq)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Shrink the batch, its cache and its mask to the rows `keep`."""
         self.running = [self.running[i] for i in keep]
         if not keep:
             self._reset_batch()
@@ -391,6 +460,18 @@ class Engine:
 
     def _reset_batch(self) -> None:
         self.cache, self.mask = None, None
+
+
+def adapter_weight(text: str, model_field: str) -> float:
+    """The weight after "name:" in a composition (1 when absent); finite, or a 400."""
+    try:
+        weight = float(text) if text else 1.0
+    except ValueError:
+        weight = None
+    if weight is None or not math.isfinite(weight):
+        raise ServeError(f"model: adapter weight {text!r} in {model_field!r} must be a finite "
+                         "number", param="model")
+    return weight
 
 
 def left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from loratune.serve.types import SamplingParams
+from loratune.serve.types import SamplingParams, ServeError
+
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1     # OpenAI's seed is an int64
+
+
+def check_seed(seed: int | None) -> None:
+    """A seed is None or an int64 (torch takes some larger values, but not all of them)."""
+    if seed is None:
+        return
+    if not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX:
+        raise ServeError(f"seed must be an integer from -2**63 to 2**63 - 1, got {seed!r}",
+                         param="seed")
 
 
 def new_generator(params: SamplingParams) -> torch.Generator | None:
     """A private random stream per request, so a seeded request repeats whatever runs beside it."""
     if params.temperature <= 0:
         return None
+    check_seed(params.seed)
     g = torch.Generator()
     if params.seed is not None:
         g.manual_seed(params.seed)
@@ -24,7 +36,10 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     """One token from a [vocab] row of logits."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
+    # In float64 and shifted so the largest score is 0 before dividing: a tiny temperature
+    # (1e-300, 0 in float32) then gives 0 and -inf, not NaN, which multinomial refuses.
+    logits = logits.double()
+    scores = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

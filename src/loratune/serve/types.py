@@ -10,12 +10,17 @@ class ServeError(ValueError):
 
     status = 400
 
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param          # the request field at fault, when there is one
+
 
 class UnknownAdapter(ServeError):
     status = 404
 
     def __init__(self, name: str, known: list[str]):
-        super().__init__(f"unknown model or adapter {name!r}; known: {', '.join(known) or '(none)'}")
+        names = ", ".join(known) or "(none)"
+        super().__init__(f"unknown model or adapter {name!r}; known: {names}", param="model")
         self.name, self.known = name, known
 
 
@@ -58,12 +63,14 @@ class Event:
     """A step of a request's output: new text (possibly empty) and, at the end, why it stopped.
 
     finish_reason: None while running; "stop" (eos or a stop string), "length" (max_tokens),
-    "timeout", "cancelled" or "error" (then `error` says why).
+    "timeout", "cancelled" or "error" (then `error` says why, and `status` is the HTTP status it
+    stands for: 4xx when the request itself was at fault, None for a server fault).
     """
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    status: int | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
