@@ -393,3 +393,20 @@ def test_a_failing_forward_fails_its_rows_and_the_engine_goes_on(setup):
     finally:
         del engine.model.forward
         engine.stop()
+
+
+def test_engine_passes_the_cache_under_the_models_own_keyword(setup):
+    """transformers 5.24 renamed past_key_values to cache (the old name warns, then goes away in
+    5.40): prefill and decode steps must use whichever name the model declares."""
+    import warnings
+
+    model, tok, folder, refs = setup
+    engine = Engine(model, tok, AdapterPool(folder, max_adapters=3), base_name="tiny",
+                    max_completion_tokens=64)
+    engine.eos = set()
+    handle = engine.submit(request(PROMPTS[0], max_tokens=4))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        for _ in range(5):
+            engine.step()
+    assert handle.result().token_ids == refs[(None, 0)][:4]

@@ -19,21 +19,13 @@ from transformers.cache_utils import Cache, DynamicCache
 from loratune.adapters.host import AdapterHost
 from loratune.adapters.registry import AdapterError, MethodRecord, register
 from loratune.config import PromptConfig
+from loratune.models.modules import CACHE_KEYWORDS, cache_keyword
 
 # Keys PEFT writes for every prompt-learning method on a causal LM.
 PEFT_COMMON = {"task_type": "CAUSAL_LM", "num_transformer_submodules": 1, "inference_mode": True,
                "base_model_name_or_path": None, "revision": None, "modules_to_save": None,
                "auto_mapping": None}
 DECODER_INPUTS = "input_ids inputs_embeds attention_mask position_ids".split()
-# transformers 5.24 renamed the decoder's cache argument (the old name stays accepted, with a
-# warning, until 5.40): the hooks read and write whichever name the decoder declares.
-CACHE_KEYWORDS = ("cache", "past_key_values")
-
-
-def cache_keyword(forward) -> str | None:
-    """The name under which `forward` takes the KV cache, or None."""
-    params = inspect.signature(forward).parameters
-    return next((k for k in CACHE_KEYWORDS if k in params), None)
 
 
 def find_decoder(model: nn.Module) -> nn.Module:

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 
 from torch import nn
+
+# transformers 5.24 renamed the decoder's cache argument (the old name stays accepted, with a
+# warning, until 5.40): the hooks read and write whichever name the decoder declares.
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_keyword(forward) -> str | None:
+    """The name under which `forward` takes the KV cache, or None."""
+    params = inspect.signature(forward).parameters
+    return next((k for k in CACHE_KEYWORDS if k in params), None)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from loratune.models.modules import cache_keyword
 from loratune.serve.pool import AdapterPool, entry_key
 from loratune.serve.sampling import check_seed, find_stop, held_back, new_generator, next_token
 from loratune.serve.types import Event, GenerationRequest, QueueFull, ServeError
@@ -110,6 +111,7 @@ class Engine:
                  max_batch: int = 16, max_queue: int = 64, max_prompt_tokens: int = 2048,
                  max_completion_tokens: int = 1024, prefill_tokens: int = 4096):
         self.model = model.eval().requires_grad_(False)
+        self.cache_key = cache_keyword(model.forward) or "past_key_values"
         self.tokenizer = tokenizer
         self.pool = pool
         self.base_name = base_name
@@ -250,7 +252,7 @@ class Engine:
         mask = torch.cat([self.mask, self.mask.new_ones(len(rows), 1)], dim=1)
         self.row_slots.set([s.slot for s in rows], self.device)
         out = self.model(input_ids=last, attention_mask=mask, position_ids=pos,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         **{self.cache_key: self.cache}, use_cache=True, logits_to_keep=1)
         self.mask = mask
         self.counts["steps"] += 1
         for i, seq in enumerate(rows):
@@ -327,7 +329,7 @@ class Engine:
         cache = DynamicCache()
         self.row_slots.set([s.slot for s in seqs], self.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         **{self.cache_key: cache}, use_cache=True, logits_to_keep=1)
         self.counts["prefills"] += 1
         self._join(cache, mask)
         self.running.extend(seqs)
