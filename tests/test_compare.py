@@ -6,7 +6,7 @@ import pytest
 
 from loratune.cli import main
 from loratune.config import ConfigError
-from loratune.eval.compare import best_rank, markdown_table, method_adapter, parse_method_values
+from loratune.recipes.compare import best_rank, markdown_table, method_adapter, parse_method_values
 
 
 def test_method_adapter_keeps_only_options_the_method_has():

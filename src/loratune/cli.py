@@ -157,8 +157,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from loratune.eval.compare import (load_settings, method_adapter, parse_method_values,
-                                       run_variants, write_report)
+    from loratune.recipes.compare import (load_settings, method_adapter, parse_method_values,
+                                          run_variants, write_report)
 
     settings = load_settings(args.config, args.overrides)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -173,8 +173,8 @@ def cmd_compare(args) -> int:
 def cmd_tune_rank(args) -> int:
     from loratune.adapters import method_record
     from loratune.config import ConfigError
-    from loratune.eval.compare import (best_rank, load_settings, method_adapter, run_variants,
-                                       write_report)
+    from loratune.recipes.compare import (best_rank, load_settings, method_adapter,
+                                          run_variants, write_report)
 
     settings = load_settings(args.config, args.overrides)
     base = settings.get("adapter") or {}

@@ -78,7 +78,7 @@ def run_variants(settings: dict, variants: dict[str, dict], out_dir: str | Path,
         result_path.unlink(missing_ok=True)
         if not quiet:
             print(f"[{label}] training ({adapter['method']}) ...", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "loratune.eval.compare", str(cfg_path),
+        proc = subprocess.run([sys.executable, "-m", "loratune.recipes.compare", str(cfg_path),
                                str(result_path)], capture_output=quiet, text=True)
         if proc.returncode != 0 or not result_path.is_file():
             detail = (proc.stderr or "")[-2000:] if quiet else "see the output above"
@@ -90,15 +90,15 @@ def run_variants(settings: dict, variants: dict[str, dict], out_dir: str | Path,
 
 def train_and_score(cfg_path: str, result_path: str) -> dict:
     """Worker: train one config, score it on its held-out set, write the result row."""
-    from loratune.cli import _quiet_transformers
     from loratune.config import load_config
     from loratune.data import load_conversations
     from loratune.eval.heldout import exact_match_eval
     from loratune.models import load_model
+    from loratune.recipes import quiet_transformers
     from loratune.train import train
     from loratune.train.loop import resolve_data_paths
 
-    _quiet_transformers()
+    quiet_transformers()
     cfg = load_config(cfg_path)
     model, tok = load_model(cfg.model)
     result = train(cfg, model=model, tokenizer=tok, overwrite=True)
