@@ -1,4 +1,10 @@
-"""GGUF exports run by real llama.cpp (opt-in: `pytest -m llamacpp`, needs llama-cpp-python)."""
+"""GGUF exports run by real llama.cpp (opt-in: `pytest -m llamacpp`, needs llama-cpp-python).
+
+The checks themselves are benchmarks/llamacpp_check.py's `run_checks` (a harness, not part of
+the installed package)."""
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,12 +12,20 @@ import torch
 pytestmark = pytest.mark.llamacpp
 llama_cpp = pytest.importorskip("llama_cpp")
 
+HARNESS = Path(__file__).parents[1] / "benchmarks" / "llamacpp_check.py"
+
+
+def run_checks(*args, **kwargs) -> dict:
+    spec = importlib.util.spec_from_file_location("llamacpp_check", HARNESS)
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    return harness.run_checks(*args, **kwargs)
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     from loratune.adapters import add_adapter, save_adapter
     from loratune.config import LoraConfig, ModelConfig
-    from loratune.export.llamacpp_check import run_checks
     from loratune.models import load_model
 
     work = tmp_path_factory.mktemp("llamacpp")
