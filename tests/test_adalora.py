@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from loratune.adapters.adaptive import (AdaLoraAdapter, RankAllocator, adalora_modules,
-                                        adalora_peft_config, apply_rank_pattern, final_ranks,
-                                        orthogonal_loss, rank_pattern)
+from loratune.adapters.adalora import (AdaLoraAdapter, RankAllocator, adalora_modules,
+                                       adalora_peft_config, apply_rank_pattern, final_ranks,
+                                       orthogonal_loss, rank_pattern)
 from loratune.adapters.host import AdaptedLinear
 from loratune.config import AdaLoraConfig
 from loratune.models.modules import set_submodule

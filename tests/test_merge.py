@@ -139,7 +139,7 @@ def test_qlora_adapter_merges_into_the_4bit_values_it_trained_on(base_dir, tmp_p
 
 
 def test_pruned_adalora_adapter_merges(base_dir, tmp_path):
-    from loratune.adapters.adaptive import adalora_modules
+    from loratune.adapters.adalora import adalora_modules
     from loratune.config import AdaLoraConfig
 
     model = AutoModelForCausalLM.from_pretrained(base_dir)
