@@ -23,7 +23,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "loratune"
 
 # Bottom to top; a package may import from its own layer (no cycle) and the layers below.
 LAYERS: list[tuple[str, ...]] = [
-    ("config", "files", "readers"),           # typed configs, atomic writes, checked reads
+    ("config", "command_config", "flags",     # typed configs (and their command-line flags),
+     "files", "readers"),                     # atomic writes, checked reads
     ("quant",),                               # the 4-bit format, Linear4bit, 8-bit AdamW
     ("models", "data"),                       # base models (4-bit ones too), data sets
     ("adapters",),                            # methods, injection, the PEFT format
@@ -44,8 +45,9 @@ def package_of(module: str) -> str | None:
     return parts[1]
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(SRC.parent).with_suffix("")
+def module_name(path: Path, src: Path = SRC) -> str:
+    """src/loratune/adapters/io.py -> `loratune.adapters.io` (`src` is the loratune folder)."""
+    rel = path.relative_to(src.parent).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts.pop()
@@ -73,7 +75,7 @@ def imported_modules(node: ast.AST, module: str, is_package: bool) -> list[str]:
 def collect_edges(src: Path = SRC) -> Edges:
     edges: Edges = defaultdict(list)
     for path in sorted(src.rglob("*.py")):
-        module = module_name(path)
+        module = module_name(path, src)
         here = package_of(module)
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for node in ast.walk(tree):
