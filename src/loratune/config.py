@@ -47,8 +47,11 @@ class QuantConfig(_Section):
         return check_blocksize(v)
 
 
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model: every command's default base
+
+
 class ModelConfig(_Section):
-    name: str = Field("smollm2-135m-instruct", description="embedded name, HF folder or .gguf file")
+    name: str = Field(DEFAULT_MODEL, description="embedded name, HF folder or .gguf file")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     strict_dtype: bool = Field(False, description="error instead of falling back to float32 "
@@ -323,15 +326,28 @@ class RunConfig(_Section):
         return v
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, flags: dict[str, str] | None = None) -> str:
+    """One line per problem, naming the key (and its command-line flag, when it has one)."""
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
+        flag = next((flags[k] for k in _prefixes(key) if k in flags), None) if flags else None
+        named = f"key '{key}'" + (f" ({flag})" if flag else "")
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}'")
+        elif e["type"] == "missing":
+            lines.append(f"  missing {named}")
+        elif not key:  # a rule across several keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  key '{key}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {named}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def _prefixes(key: str) -> list[str]:
+    """'weights.1' -> ['weights.1', 'weights']: the key, then the keys that hold it."""
+    parts = key.split(".")
+    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -345,36 +361,50 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        set_key(data, path, value, f"override '{item}'")
     return data
 
 
+def set_key(data: dict, path: list[str], value: Any, what: str) -> None:
+    """data[path[0]][path[1]]... = value, making the sections on the way."""
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: '{part}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def build_config(data: dict, source: str = "config") -> RunConfig:
+    return validate_config(RunConfig, data, source)
+
+
+def validate_config(cls: type[_Section], data: dict, source: str,
+                    flags: dict[str, str] | None = None):
+    """`cls` from `data`, or a ConfigError naming each bad key (and its flag, from `flags`)."""
     try:
-        return RunConfig.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, flags)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping a YAML config file holds; a ConfigError for a missing file or bad YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config (or defaults when path is None) and apply overrides."""
-    data: dict = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        source = str(path)
+    data = read_yaml(path) if path is not None else {}
+    source = str(Path(path)) if path is not None else "defaults"
     return build_config(apply_overrides(data, list(overrides)), source)
