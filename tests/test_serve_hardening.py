@@ -15,6 +15,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from loratune.cli import build_parser, main
+from loratune.command_config import ServeConfig
+from loratune.flags import config_from_args
 from loratune.eval.generate import prompt_ids
 from loratune.serve.api import DEFAULT_MAX_BODY_BYTES, build_app, startup_api_key
 from loratune.serve.engine import Engine
@@ -216,7 +218,7 @@ def test_request_body_over_the_cap_is_413(engine):
         assert_error(c.post("/v1/completions", content=chunks), 413, "request_too_large")
         assert_error(c.post("/v1/adapters/load", content=b" " * 4096), 413)
     assert DEFAULT_MAX_BODY_BYTES == 4 * 2**20
-    assert build_parser().parse_args(["serve"]).max_body_bytes == DEFAULT_MAX_BODY_BYTES
+    assert serve_config([]).max_body_bytes == DEFAULT_MAX_BODY_BYTES
     with TestClient(build_app(engine)) as c:
         huge = b'{"model": "x", "prompt": "' + b"z" * DEFAULT_MAX_BODY_BYTES + b'"}'
         assert_error(c.post("/v1/completions", content=huge), 413, "request_too_large")
@@ -279,6 +281,11 @@ def test_composition_weights_must_be_finite(client, engine, model):
 
 
 # -- 5. keys, hosts and folders at startup ---------------------------------------------------------
+def serve_config(argv) -> ServeConfig:
+    """The typed config `loratune serve ARGV` runs with."""
+    return config_from_args(ServeConfig, build_parser().parse_args(["serve", *argv]))
+
+
 def serve_cli(capsys, *argv) -> tuple[int, str]:
     """`loratune serve` up to its first error (the model path does not exist: nothing loads)."""
     code = main(["serve", "--model", "/nonexistent/model", *argv])
@@ -313,8 +320,7 @@ def test_safe_startups_pass_the_checks(capsys, monkeypatch, tmp_path, argv):
     monkeypatch.delenv("LORATUNE_API_KEY", raising=False)
     code, err = serve_cli(capsys, *argv, "--adapters", str(tmp_path))
     assert code == 2 and "/nonexistent/model" in err    # got as far as loading the model
-    args = build_parser().parse_args(["serve", *argv])
-    assert startup_api_key(args) == ("k" if "k" in argv else None)
+    assert startup_api_key(serve_config(argv)) == ("k" if "k" in argv else None)
 
 
 def test_adapter_loading_needs_an_adapters_folder(engine, adapter_dir):

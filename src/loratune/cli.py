@@ -1,4 +1,4 @@
-"""One entry point: `loratune train|demo|chat|generate|eval`."""
+"""One entry point: `loratune train|demo|chat|generate|eval|merge|export|serve|plan`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from loratune.flags import add_config_flags, config_from_args
 
 
 def _quiet_transformers() -> None:
@@ -18,12 +20,11 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _load(model_name: str, adapters: list[str], device: str, dtype: str):
+def _load(model_config, adapters: list[str]):
     from loratune.adapters import load_adapter, set_active
-    from loratune.config import ModelConfig
     from loratune.models import load_model
 
-    model, tok = load_model(ModelConfig(name=model_name, device=device, dtype=dtype))
+    model, tok = load_model(model_config)
     names = []
     for i, folder in enumerate(adapters):
         name = f"a{i}" if len(adapters) > 1 else "default"
@@ -66,22 +67,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _system_messages(args) -> list[dict]:
-    messages = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    return messages
-
-
 def cmd_chat(args) -> int:
+    from loratune.command_config import ChatConfig
     from loratune.eval.generate import generate_chat
 
-    model, tok = _load(args.model, args.adapter, args.device, args.dtype)
-    history = _system_messages(args)
-    opts = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed)
-    if args.prompt is not None:
-        history.append({"role": "user", "content": args.prompt})
+    cfg = config_from_args(ChatConfig, args)
+    model, tok = _load(cfg.model, cfg.adapter)
+    history = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    opts = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
+                temperature=cfg.temperature or 1.0, top_p=cfg.top_p, seed=cfg.seed)
+    if cfg.prompt is not None:
+        history.append({"role": "user", "content": cfg.prompt})
         print(generate_chat(model, tok, [history], **opts)[0])
         return 0
     print("chat: empty line or Ctrl-D to quit, /reset to clear history")
@@ -109,29 +105,31 @@ def _given_paths(*names: str | None) -> list[Path]:
 
 
 def cmd_generate(args) -> int:
+    from loratune.command_config import GenerateConfig
     from loratune.config import DataConfig
     from loratune.data import load_conversations
     from loratune.eval.generate import generate_chat
     from loratune.files import check_new_file, check_output_path, write_atomic_file
 
-    if args.out:  # before the slow part: never overwrite an input, or a file unasked
-        check_output_path(args.out, _given_paths(args.input, args.model, *args.adapter))
-        check_new_file(Path(args.out), args.overwrite)
-    model, tok = _load(args.model, args.adapter, args.device, args.dtype)
-    if args.input:
-        convs = load_conversations(args.input, DataConfig(train=args.input))
+    cfg = config_from_args(GenerateConfig, args)
+    if cfg.out:  # before the slow part: never overwrite an input, or a file unasked
+        check_output_path(cfg.out, _given_paths(cfg.input, cfg.model.name, *cfg.adapter))
+        check_new_file(Path(cfg.out), cfg.overwrite)
+    model, tok = _load(cfg.model, cfg.adapter)
+    if cfg.input:
+        convs = load_conversations(cfg.input, DataConfig(train=cfg.input))
         prompts = [c[:-1] if c and c[-1]["role"] == "assistant" else c for c in convs]
     else:
-        prompts = [[{"role": "user", "content": p}] for p in args.prompt]
-    answers = generate_chat(model, tok, prompts, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size)
+        prompts = [[{"role": "user", "content": p}] for p in cfg.prompt]
+    answers = generate_chat(model, tok, prompts, max_new_tokens=cfg.max_new_tokens,
+                            batch_size=cfg.batch_size)
 
     def write(out) -> None:
         for prompt, answer in zip(prompts, answers):
             out.write(json.dumps({"prompt": prompt[-1]["content"], "answer": answer},
                                  ensure_ascii=False) + "\n")
 
-    if not args.out:
+    if not cfg.out:
         write(sys.stdout)
         return 0
 
@@ -139,19 +137,21 @@ def cmd_generate(args) -> int:
         with open(tmp, "w", encoding="utf-8") as f:
             write(f)
 
-    write_atomic_file(args.out, fill, overwrite=args.overwrite)
+    write_atomic_file(cfg.out, fill, overwrite=cfg.overwrite)
     return 0
 
 
 def cmd_eval(args) -> int:
+    from loratune.command_config import EvalCommandConfig
     from loratune.config import DataConfig
     from loratune.data import load_conversations
     from loratune.eval.heldout import exact_match_eval
 
-    model, tok = _load(args.model, args.adapter, args.device, args.dtype)
-    convs = load_conversations(args.data, DataConfig(train=args.data))
-    report = exact_match_eval(model, tok, convs[: args.limit] if args.limit else convs,
-                              args.max_new_tokens)
+    cfg = config_from_args(EvalCommandConfig, args)
+    model, tok = _load(cfg.model, cfg.adapter)
+    convs = load_conversations(cfg.data, DataConfig(train=cfg.data))
+    report = exact_match_eval(model, tok, convs[: cfg.limit] if cfg.limit else convs,
+                              cfg.max_new_tokens)
     print(f"exact match: {report.accuracy:.1%} ({sum(r.correct for r in report.rows)}/{report.n})")
     return 0
 
@@ -195,34 +195,48 @@ def cmd_tune_rank(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from loratune.command_config import MergeConfig
+
+    cfg = config_from_args(MergeConfig, args)
+    return _write_merged(cfg, cfg.adapter, cfg.weights, cfg.qlora, cfg.check)
+
+
+def cmd_export_hf(args) -> int:
+    from loratune.command_config import ExportHfConfig
+
+    return _write_merged(config_from_args(ExportHfConfig, args))
+
+
+def _write_merged(cfg, adapter_dirs: list[str] = (), weights: list[float] | None = None,
+                  qlora: str | None = None, check: bool = False) -> int:
+    """`merge` (adapters given) and `export hf` (none): a Hugging Face folder at cfg.out."""
     import shutil
 
     from loratune.config import QuantConfig
     from loratune.export.merge import base_folder, merge_folder, nf4_round_trip, read_adapters
     from loratune.files import check_output_path
 
-    check_output_path(args.out, _given_paths(args.model, *args.adapter))  # a gguf model file
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-    adapters = read_adapters(args.adapter, weights)
-    base, tmp = base_folder(args.model)
+    check_output_path(cfg.out, _given_paths(cfg.model, *adapter_dirs))  # a gguf model file
+    adapters = read_adapters(list(adapter_dirs), weights)
+    base, tmp = base_folder(cfg.model)
     try:
         transform = None
-        if args.qlora:
+        if qlora:
             config = json.loads((base / "config.json").read_text())
-            transform = nf4_round_trip(config, QuantConfig(type=args.qlora))
-        report = merge_folder(base, adapters, Path(args.out), dtype=args.dtype,
-                              shard_size=args.shard_size, overwrite=args.overwrite,
+            transform = nf4_round_trip(config, QuantConfig(type=qlora))
+        report = merge_folder(base, adapters, Path(cfg.out), dtype=cfg.dtype,
+                              shard_size=cfg.shard_size, overwrite=cfg.overwrite,
                               transform=transform)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {report.out}: {report.merged_modules} layers merged from {len(adapters)} "
           f"adapter(s), {report.shards} shard(s), {report.seconds:.1f} s")
-    if args.check and adapters:
+    if check and adapters:
         from loratune.export.check import merged_logit_gap
 
-        gap = merged_logit_gap(args.model, args.adapter, weights, report.out, args.qlora)
-        print(f"max |logit difference| merged vs base + adapter{' (4-bit base)' if args.qlora else ''}: "
+        gap = merged_logit_gap(cfg.model, list(adapter_dirs), weights, report.out, qlora)
+        print(f"max |logit difference| merged vs base + adapter{' (4-bit base)' if qlora else ''}: "
               f"{gap:.3g}")
     return 0
 
@@ -231,60 +245,53 @@ def cmd_export_gguf(args) -> int:
     import shutil
     import tempfile
 
+    from loratune.command_config import ExportGgufConfig
     from loratune.export.gguf_file import write_gguf, write_lora_gguf
     from loratune.export.merge import base_folder, merge_folder, read_adapters
     from loratune.files import check_output_path
 
-    check_output_path(args.out, _given_paths(args.model, *args.adapter))
-    base, tmp = base_folder(args.model)
+    cfg = config_from_args(ExportGgufConfig, args)
+    check_output_path(cfg.out, _given_paths(cfg.model, *cfg.adapter))
+    base, tmp = base_folder(cfg.model)
     try:
-        if args.adapter_only:
-            if len(args.adapter) != 1:
+        if cfg.adapter_only:
+            if len(cfg.adapter) != 1:
                 raise ValueError("--adapter-only exports exactly one --adapter")
-            out = write_lora_gguf(Path(args.adapter[0]), base, Path(args.out), args.type
-                                  if args.type in ("f32", "f16") else "f32", args.overwrite)
+            out = write_lora_gguf(Path(cfg.adapter[0]), base, Path(cfg.out), cfg.type
+                                  if cfg.type in ("f32", "f16") else "f32", cfg.overwrite)
         else:
             source = base
             work = None
-            if args.adapter:
-                weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+            if cfg.adapter:
                 work = Path(tempfile.mkdtemp(prefix="loratune-merge-"))
-                source = merge_folder(base, read_adapters(args.adapter, weights),
+                source = merge_folder(base, read_adapters(cfg.adapter, cfg.weights),
                                       work / "merged").out
             try:
-                out = write_gguf(source, Path(args.out), args.type,
-                                 tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite)
+                out = write_gguf(source, Path(cfg.out), cfg.type,
+                                 tokenizer_pre=cfg.tokenizer_pre, overwrite=cfg.overwrite)
             finally:
                 if work is not None:
                     shutil.rmtree(work, ignore_errors=True)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {cfg.type})")
     return 0
 
 
 def cmd_serve(args) -> int:
+    from loratune.command_config import ServeConfig
     from loratune.serve.api import run
 
-    return run(args)
+    return run(config_from_args(ServeConfig, args))
 
 
 def cmd_plan(args) -> int:
+    from loratune.command_config import PlanConfig
     from loratune.plan.report import run
 
-    print(run(args))
+    print(run(config_from_args(PlanConfig, args)))
     return 0
-
-
-def _model_args(p: argparse.ArgumentParser, adapters: bool = True) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="embedded name, HF folder or .gguf file")
-    if adapters:
-        p.add_argument("--adapter", action="append", default=[],
-                       help="adapter folder (PEFT format); repeat to stack several")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,32 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     p.set_defaults(func=cmd_demo)
 
+    from loratune.command_config import (ChatConfig, EvalCommandConfig, ExportGgufConfig,
+                                         ExportHfConfig, GenerateConfig, MergeConfig, PlanConfig,
+                                         ServeConfig)
+
     p = sub.add_parser("chat", help="chat with a base model and adapters")
-    _model_args(p)
-    p.add_argument("--prompt", help="one-shot: answer this and exit")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    add_config_flags(p, ChatConfig)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="answer prompts from a file or the command line")
-    _model_args(p)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", help="data file (alpaca/messages/sharegpt)")
-    src.add_argument("--prompt", action="append", help="a prompt; repeat for several")
-    p.add_argument("--out", help="JSONL output (default stdout)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    add_config_flags(p, GenerateConfig)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="exact-match accuracy on a held-out file")
-    _model_args(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    add_config_flags(p, EvalCommandConfig)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="train several methods on the same data and budget")
@@ -355,81 +350,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_tune_rank)
 
-    def merge_args(p, adapters: bool) -> None:
-        p.add_argument("--model", default="smollm2-135m-instruct",
-                       help="embedded name, HF folder or .gguf file")
-        if adapters:
-            p.add_argument("--adapter", action="append", required=True,
-                           help="adapter folder; repeat to merge a weighted combination")
-            p.add_argument("--weights", help="one weight per adapter, e.g. 0.7,0.3")
-            p.add_argument("--qlora", choices=["nf4", "fp4"], help="the adapter was trained on a "
-                           "4-bit base: merge into the dequantized 4-bit weights it saw")
-            p.add_argument("--check", action="store_true", help="load both and report the "
-                           "largest logit difference (needs memory for two models)")
-        p.add_argument("--out", required=True, help="output folder (written atomically)")
-        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                       help="dtype of the written weights (default: the base's)")
-        p.add_argument("--shard-size", default="2GB", help="largest safetensors shard")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-
     p = sub.add_parser("merge", help="merge adapters into the base; write a Hugging Face folder")
-    merge_args(p, adapters=True)
+    add_config_flags(p, MergeConfig)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="write the model in a deployable format")
     export = p.add_subparsers(dest="format", required=True)
     p = export.add_parser("hf", help="a plain Hugging Face folder (merge without adapters)")
-    merge_args(p, adapters=False)
-    p.set_defaults(func=cmd_merge, adapter=[], weights=None, qlora=None, check=False)
+    add_config_flags(p, ExportHfConfig)
+    p.set_defaults(func=cmd_export_hf)
     p = export.add_parser("gguf", help="one GGUF file for llama.cpp (adapters merged in)")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--adapter", action="append", default=[], help="adapter folder(s) to merge")
-    p.add_argument("--weights", help="one weight per adapter, e.g. 0.7,0.3")
-    p.add_argument("--out", required=True, help="output .gguf file")
-    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0", "q4_k_m"])
-    p.add_argument("--adapter-only", action="store_true",
-                   help="write the LoRA adapter alone, for llama.cpp's --lora")
-    p.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name, when the model has no "
-                   "source GGUF to copy the tokenizer from (e.g. llama-bpe, smollm)")
-    p.add_argument("--overwrite", action="store_true")
+    add_config_flags(p, ExportGgufConfig)
     p.set_defaults(func=cmd_export_gguf)
 
-    from loratune.plan.report import add_arguments
-
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, many adapters")
-    _model_args(p, adapters=False)
-    p.add_argument("--adapters", default=None,
-                   help="folder of PEFT LoRA adapters (sub-folder name = adapter name)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-adapters", type=int, default=8, help="adapters held in memory at once")
-    p.add_argument("--host-adapters", type=int, default=0,
-                   help="evicted adapters kept in CPU memory (a second tier for GPU serving)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    p.add_argument("--max-prompt-tokens", type=int, default=2048)
-    p.add_argument("--max-completion-tokens", type=int, default=1024)
-    p.add_argument("--request-timeout", type=float, default=120.0,
-                   help="seconds per request, queue included (then 504)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' (default: $LORATUNE_API_KEY)")
-    p.add_argument("--insecure-no-key", action="store_true",
-                   help="allow a non-loopback --host without an API key")
-    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
-                   help="larger request bodies get 413")
-    p.add_argument("--route", default=None,
-                   help="language router for model 'auto', e.g. zh=adapter_zh,en=adapter_en")
-    p.add_argument("--quantize", choices=["nf4", "fp4"], default=None,
-                   help="4-bit base weights (adapters stay full precision)")
-    p.add_argument("--served-name", default=None, help="the base's id in /v1/models")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (1 on a CPU shared with other jobs)")
-    p.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
+    add_config_flags(p, ServeConfig)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("plan", help="memory needed for a training step, and what fits a GPU")
-    add_arguments(p)
+    add_config_flags(p, PlanConfig)
     p.set_defaults(func=cmd_plan)
     return parser
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 
+from loratune.command_config import PlanConfig
 from loratune.plan.memory import METHODS, PARALLEL, Breakdown, Setup, estimate
 from loratune.plan.recommend import GPUS, GiB, leanest_total, longest_seq, parse_memory, recommend
 from loratune.plan.shapes import PRESETS, ModelShape, resolve_shape
@@ -103,51 +103,31 @@ def scaling_table(shapes: list[ModelShape], setup: Setup,
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="llama-2-7b",
-                   help=f"preset ({', '.join(PRESETS)}; or 7b/13b/70b), HF folder or config.json")
-    p.add_argument("--method", default="qlora", choices=METHODS)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="base weights (full/lora) or compute dtype (qlora); activations too")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--device", default="cuda", help="cuda or cpu (sets the runtime overhead)")
-    p.add_argument("--gpu", help="memory to fit: 24GB, 24GiB, 12g, or a GPU "
-                   f"({', '.join(GPUS)})")
-    p.add_argument("--target-batch", type=int, default=16, help="effective batch to reach")
-    p.add_argument("--table", action="store_true",
-                   help="print the 7B/13B/70B x full/LoRA/QLoRA matrix instead")
-    p.add_argument("--gpus", type=int, default=1,
-                   help="data-parallel GPUs; figures are per GPU")
-    p.add_argument("--parallel", default="ddp", choices=list(PARALLEL),
-                   help="ddp replicates the base on every GPU, fsdp shards it")
-    p.add_argument("--scaling", action="store_true",
-                   help="print 7B/13B/70B x method x ddp/fsdp on 1/2/4/8 GPUs instead")
+def setup_of(cfg: PlanConfig) -> Setup:
+    return Setup(method=cfg.method, batch=cfg.batch, seq=cfg.seq, rank=cfg.rank, dtype=cfg.dtype,
+                 optimizer=cfg.optimizer, checkpointing=cfg.checkpointing,
+                 loss_chunk=cfg.loss_chunk, blocksize=cfg.blocksize,
+                 double_quant=cfg.double_quant, device=cfg.device, gpus=cfg.gpus,
+                 parallel=cfg.parallel)
 
 
-def run(args: argparse.Namespace) -> str:
+def run(cfg: PlanConfig) -> str:
+    """`loratune plan`'s report for options `cfg`."""
     try:
-        setup = Setup(method=args.method, batch=args.batch, seq=args.seq, rank=args.rank,
-                      dtype=args.dtype, optimizer=args.optimizer,
-                      checkpointing=args.checkpointing, device=args.device,
-                      gpus=getattr(args, "gpus", 1), parallel=getattr(args, "parallel", "ddp"))
+        setup = setup_of(cfg)
         presets = [PRESETS[n] for n in ("llama-2-7b", "llama-2-13b", "llama-2-70b")]
-        if getattr(args, "scaling", False):
+        if cfg.scaling:
             return scaling_table(presets, setup)
-        if args.table:
-            return table([PRESETS[n] for n in ("llama-2-7b", "llama-2-13b", "llama-2-70b")],
-                         setup)
-        shape = resolve_shape(args.model)
+        if cfg.table:
+            return table(presets, setup)
+        shape = resolve_shape(cfg.model)
         b = estimate(shape, setup)
         lines = [render(shape, setup, b)]
-        targets = [parse_memory(args.gpu)] if args.gpu else [GPUS[n] for n in GPUS]
+        targets = [parse_memory(cfg.gpu)] if cfg.gpu else [GPUS[n] for n in GPUS]
         for label, memory in targets:
             lines.append(verdict(b.total, label, int(memory)))
-        if args.gpu:
-            lines += advice_lines(shape, setup, *targets[0], args.target_batch)
+        if cfg.gpu:
+            lines += advice_lines(shape, setup, *targets[0], cfg.target_batch)
         return "\n".join(lines)
     except ValueError as err:
         raise PlanError(str(err)) from None

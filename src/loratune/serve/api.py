@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loratune.command_config import ServeConfig
 from loratune.serve.metrics import Metrics
 from loratune.serve.router import LanguageRouter, last_user_text
 from loratune.serve.sampling import SEED_MAX, SEED_MIN
@@ -32,7 +33,7 @@ from loratune.serve.types import (BadAdapter, Event, GenerationRequest, Sampling
 # engine that stopped answering, so a client never waits forever.
 DEADLINE_GRACE_S = 5.0
 DEFAULT_MAX_TOKENS = 256     # when a request sets neither max_tokens nor max_completion_tokens
-DEFAULT_MAX_BODY_BYTES = 4 * 2**20     # a 2048-token prompt is ~10 KB; 4 MiB leaves ample room
+DEFAULT_MAX_BODY_BYTES = ServeConfig.model_fields["max_body_bytes"].default
 
 
 class APIError(Exception):
@@ -577,9 +578,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def startup_api_key(args) -> str | None:
+def startup_api_key(cfg: ServeConfig) -> str | None:
     """The key requests must bring (None: no key), or a ValueError for an unsafe setup."""
-    key = args.api_key
+    key = cfg.api_key
     if key is not None and not key.strip():
         raise ValueError("--api-key is empty: give a key, or leave the option out to serve "
                          "without one (on a loopback address only)")
@@ -587,60 +588,58 @@ def startup_api_key(args) -> str | None:
         key = os.environ.get("LORATUNE_API_KEY")
         if key is not None and not key.strip():
             raise ValueError("$LORATUNE_API_KEY is set but empty: set a key or unset it")
-    if key is None and not is_loopback(args.host) and not args.insecure_no_key:
-        raise ValueError(f"--host {args.host} is reachable from other machines and no --api-key "
+    if key is None and not is_loopback(cfg.host) and not cfg.insecure_no_key:
+        raise ValueError(f"--host {cfg.host} is reachable from other machines and no --api-key "
                          "is set: give a key (or $LORATUNE_API_KEY), or --insecure-no-key to "
                          "let anyone who reaches the port generate and load adapters")
     return key
 
 
-def check_startup(args) -> str | None:
-    """Everything `serve` can refuse before the slow model load; returns the API key."""
-    key = startup_api_key(args)
-    folder = args.adapters
+def check_startup(cfg: ServeConfig) -> str | None:
+    """Everything `serve` can refuse before the slow model load; returns the API key.
+
+    (ServeConfig itself refuses values out of range, such as max_body_bytes < 1.)
+    """
+    key = startup_api_key(cfg)
+    folder = cfg.adapters
     if folder is not None and not (folder.strip() and Path(folder).expanduser().is_dir()):
         raise ValueError(f"--adapters {folder}: no such folder (expected a folder with one "
                          "sub-folder per PEFT LoRA adapter)")
-    if args.max_body_bytes < 1:
-        raise ValueError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
     return key
 
 
-def run(args) -> int:
+def run(cfg: ServeConfig) -> int:
     """`loratune serve`: load the base, start the engine, serve HTTP until interrupted."""
     import uvicorn
 
-    from loratune.config import ModelConfig, QuantConfig
     from loratune.models import load_model
     from loratune.serve.engine import Engine
     from loratune.serve.pool import AdapterPool
 
-    if getattr(args, "threads", None):
+    if cfg.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
-    api_key = check_startup(args)
-    router = LanguageRouter.parse(args.route) if args.route else None
-    quant = QuantConfig(type=args.quantize) if args.quantize else None
-    model, tok = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype,
-                                        quantization=quant))
-    pool = AdapterPool(args.adapters, max_adapters=args.max_adapters,
-                       host_adapters=getattr(args, "host_adapters", 0))
-    engine = Engine(model, tok, pool, base_name=args.served_name or served_name(args.model),
-                    max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_prompt_tokens=args.max_prompt_tokens,
-                    max_completion_tokens=args.max_completion_tokens)
+        torch.set_num_threads(cfg.threads)
+    api_key = check_startup(cfg)
+    router = LanguageRouter.parse(cfg.route) if cfg.route else None
+    model, tok = load_model(cfg.model)
+    pool = AdapterPool(cfg.adapters, max_adapters=cfg.max_adapters,
+                       host_adapters=cfg.host_adapters)
+    engine = Engine(model, tok, pool, base_name=cfg.served_name or served_name(cfg.model.name),
+                    max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+                    max_prompt_tokens=cfg.max_prompt_tokens,
+                    max_completion_tokens=cfg.max_completion_tokens)
     if router is not None:
         for target in {*router.routes.values(), router.default} - {None}:
             engine.resolve(target)   # an unknown route target fails now, not on the first request
-    if api_key is None and not is_loopback(args.host):    # allowed by --insecure-no-key
-        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
+    if api_key is None and not is_loopback(cfg.host):    # allowed by --insecure-no-key
+        print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach this "
               "port can use the model and load adapters")
-    app = build_app(engine, api_key=api_key, request_timeout_s=args.request_timeout, router=router,
-                    max_body_bytes=args.max_body_bytes)
+    app = build_app(engine, api_key=api_key, request_timeout_s=cfg.request_timeout, router=router,
+                    max_body_bytes=cfg.max_body_bytes)
     engine.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
     finally:
         engine.stop()
     return 0

@@ -1,0 +1,220 @@
+"""Typed options of the commands besides train: serve, merge, export, chat, generate, eval, plan.
+
+Each class is both the command line and the YAML file: a field `max_body_bytes` is the flag
+`--max-body-bytes` and the key `max_body_bytes:`; the model a command loads is a `model:`
+section (`ModelConfig`, as in a training config) whose flags `FLAGS` names. `loratune serve
+--config serve.yaml --port 9000` reads the file, then the flags given override it. As in
+`RunConfig`, an unknown key or a wrong type is an error naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from loratune.config import (DEFAULT_MODEL, ModelConfig, check_blocksize, read_yaml, set_key,
+                             validate_config)
+
+
+def _comma_separated(v):
+    """'0.7,0.3' (a flag's value) -> ['0.7', '0.3']; a YAML list passes as it is."""
+    if isinstance(v, str):
+        return v.split(",") if v.strip() else None
+    return v
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Weights = Annotated[list[float] | None, BeforeValidator(_comma_separated)]
+MODEL_FLAGS = {"--model": "model.name", "--device": "model.device", "--dtype": "model.dtype"}
+
+
+class CommandConfig(BaseModel):
+    """Base of a command's options. `FLAGS` maps the flags of keys inside sections to their
+    dotted keys (with help text where the field's own description does not fit); every
+    top-level field that is not a section is its own flag."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    FLAGS: ClassVar[dict[str, str | tuple[str, str]]] = {}
+
+    @classmethod
+    def flag_keys(cls) -> dict[str, str]:
+        """flag -> dotted key, for every flag of the command."""
+        out = {flag: spec if isinstance(spec, str) else spec[0] for flag, spec in cls.FLAGS.items()}
+        out.update({f"--{name.replace('_', '-')}": name for name, field in cls.model_fields.items()
+                    if not _is_section(field.annotation)})
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, given: dict[str, Any] | None = None):
+        """The options in YAML file `path` (if any), with `given` ({dotted key: value}, the
+        flags typed) on top."""
+        flags = {key: flag for flag, key in cls.flag_keys().items()}
+        data = read_yaml(path) if path is not None else {}
+        for key, value in (given or {}).items():
+            set_key(data, key.split("."), value, f"{flags.get(key, key)} (in {path})")
+        source = f"{path} and flags" if path is not None and given else str(path or "flags")
+        return validate_config(cls, data, source, flags)
+
+
+def _is_section(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+# -- serve ----------------------------------------------------------------------------------------
+class ServeConfig(CommandConfig):
+    """`loratune serve`: an OpenAI-compatible HTTP server, one base and many adapters."""
+
+    FLAGS: ClassVar = {**MODEL_FLAGS, "--quantize": (
+        "model.quantization.type", "4-bit base weights (adapters stay full precision)")}
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapters: str | None = Field(
+        None, description="folder of PEFT LoRA adapters (sub-folder name = adapter name)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_adapters: int = Field(8, gt=0, description="adapters held in memory at once")
+    host_adapters: int = Field(
+        0, ge=0, description="evicted adapters kept in CPU memory (a second tier for GPU serving)")
+    max_batch: int = Field(16, gt=0, description="requests decoded together")
+    max_queue: int = Field(64, ge=0, description="waiting requests before 429")
+    max_prompt_tokens: int = Field(2048, gt=0)
+    max_completion_tokens: int = Field(1024, gt=0)
+    request_timeout: float = Field(120.0, gt=0,
+                                   description="seconds per request, queue included (then 504)")
+    api_key: str | None = Field(
+        None, description="require 'Authorization: Bearer KEY' (default: $LORATUNE_API_KEY)")
+    insecure_no_key: bool = Field(False,
+                                  description="allow a non-loopback --host without an API key")
+    # a 2048-token prompt is ~10 KB; 4 MiB leaves ample room
+    max_body_bytes: int = Field(4 * 2**20, ge=1, description="larger request bodies get 413")
+    route: str | None = Field(
+        None, description="language router for model 'auto', e.g. zh=adapter_zh,en=adapter_en")
+    served_name: str | None = Field(None, description="the base's id in /v1/models")
+    threads: int | None = Field(None, gt=0,
+                                description="torch threads (1 on a CPU shared with other jobs)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+
+# -- merge and export -----------------------------------------------------------------------------
+class ExportHfConfig(CommandConfig):
+    """`loratune export hf`: the base as a plain Hugging Face folder (a GGUF file converted)."""
+
+    model: str = Field(DEFAULT_MODEL, description="embedded name, HF folder or .gguf file")
+    out: str = Field(description="output folder (written atomically)")
+    dtype: Dtype | None = Field(None, description="dtype of the written weights (default: the "
+                                "base's)")
+    shard_size: str = Field("2GB", description="largest safetensors shard")
+    overwrite: bool = Field(False, description="replace an existing --out")
+
+
+class MergeConfig(ExportHfConfig):
+    """`loratune merge`: adapters folded into the base, written as a Hugging Face folder."""
+
+    adapter: list[str] = Field(min_length=1, description="adapter folder; repeat to merge a "
+                               "weighted combination")
+    weights: Weights = Field(None, description="one weight per adapter, e.g. 0.7,0.3")
+    qlora: Literal["nf4", "fp4"] | None = Field(
+        None, description="the adapter was trained on a 4-bit base: merge into the dequantized "
+        "4-bit weights it saw")
+    check: bool = Field(False, description="load both and report the largest logit difference "
+                        "(needs memory for two models)")
+
+
+class ExportGgufConfig(CommandConfig):
+    """`loratune export gguf`: one GGUF file for llama.cpp (adapters merged in), or a LoRA."""
+
+    model: str = Field(DEFAULT_MODEL, description="embedded name, HF folder or .gguf file")
+    adapter: list[str] = Field(default_factory=list, description="adapter folder(s) to merge")
+    weights: Weights = Field(None, description="one weight per adapter, e.g. 0.7,0.3")
+    out: str = Field(description="output .gguf file")
+    type: Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m"] = "f16"
+    adapter_only: bool = Field(False, description="write the LoRA adapter alone, for llama.cpp's "
+                               "--lora")
+    tokenizer_pre: str | None = Field(
+        None, description="llama.cpp pre-tokenizer name, when the model has no source GGUF to "
+        "copy the tokenizer from (e.g. llama-bpe, smollm)")
+    overwrite: bool = Field(False, description="replace an existing --out")
+
+
+# -- chat, generate, eval -------------------------------------------------------------------------
+class _WithAdapters(CommandConfig):
+    FLAGS: ClassVar = MODEL_FLAGS
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: list[str] = Field(default_factory=list, description="adapter folder (PEFT format); "
+                               "repeat to stack several")
+
+
+class ChatConfig(_WithAdapters):
+    """`loratune chat`: talk to the base with its adapters, or answer one prompt."""
+
+    prompt: str | None = Field(None, description="one-shot: answer this and exit")
+    system: str | None = Field(None, description="system prompt")
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+
+
+class GenerateConfig(_WithAdapters):
+    """`loratune generate`: answer prompts from a data file or the command line."""
+
+    input: str | None = Field(None, description="data file (alpaca/messages/sharegpt)")
+    prompt: list[str] = Field(default_factory=list, description="a prompt; repeat for several")
+    out: str | None = Field(None, description="JSONL output (default stdout)")
+    overwrite: bool = Field(False, description="replace an existing --out")
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.input and self.prompt:
+            raise ValueError("give input (--input) or prompt (--prompt), not both")
+        if not (self.input or self.prompt):
+            raise ValueError("give input (--input FILE) or prompt (--prompt TEXT, repeatable)")
+        return self
+
+
+class EvalCommandConfig(_WithAdapters):
+    """`loratune eval`: exact-match accuracy on a held-out file."""
+
+    data: str = Field(description="held-out data file")
+    limit: int | None = Field(None, gt=0, description="evaluate only the first N items")
+    max_new_tokens: int = Field(32, gt=0)
+
+
+# -- plan -----------------------------------------------------------------------------------------
+class PlanConfig(CommandConfig):
+    """`loratune plan`: the memory one training step needs, and what fits a GPU."""
+
+    model: str = Field("llama-2-7b", description="preset (llama-2-7b|13b|70b, 7b/13b/70b, "
+                       "smollm2-135m-instruct), HF folder or config.json")
+    method: Literal["full", "lora", "qlora"] = "qlora"
+    batch: int = Field(1, gt=0, description="rows per micro-batch")
+    seq: int = Field(512, gt=0, description="tokens per row")
+    rank: int = Field(16, gt=0, description="LoRA rank")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="base weights (full/lora) or compute dtype (qlora); activations too")
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    checkpointing: bool = Field(True, description="gradient checkpointing")
+    loss_chunk: int = Field(1024, ge=0, description="tokens per chunk of the output-layer loss "
+                            "(0: full logits)")
+    blocksize: int = Field(64, gt=0, description="4-bit block size (qlora)")
+    double_quant: bool = Field(True, description="quantized block scales (qlora)")
+    device: str = Field("cuda", description="cuda or cpu (sets the runtime overhead)")
+    gpu: str | None = Field(None, description="memory to fit: 24GB, 24GiB, 12g, or a GPU "
+                            "(rtx3060, rtx4090, a100-40, a100-80, h100)")
+    target_batch: int = Field(16, gt=0, description="effective batch to reach")
+    table: bool = Field(False, description="print the 7B/13B/70B x full/LoRA/QLoRA matrix instead")
+    gpus: int = Field(1, gt=0, description="data-parallel GPUs; figures are per GPU")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp replicates the base on every GPU, fsdp shards it")
+    scaling: bool = Field(False, description="print 7B/13B/70B x method x ddp/fsdp on 1/2/4/8 "
+                          "GPUs instead")
+
+    @field_validator("blocksize")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        return check_blocksize(v)

@@ -1,0 +1,89 @@
+"""Command-line flags made from a typed command config (`loratune.command_config`).
+
+One flag per field, its type, choices and help read from the field: a bool is a switch
+(`--x/--no-x` when it defaults to true), a Literal gives choices, a list of strings repeats the
+flag (`--adapter A --adapter B`), a list of numbers is one comma-separated value
+(`--weights 0.7,0.3`, which the field splits). Flags have no argparse defaults: the config class
+holds them, so a flag left out cannot hide what `--config FILE` says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic.fields import FieldInfo
+
+from loratune.command_config import CommandConfig
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type[CommandConfig]) -> None:
+    """`--config FILE` and one flag per option of `cls`."""
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="YAML file of these options (keys: the flags' names with '_'; the model's "
+                   "under 'model:'); flags given override it")
+    for flag, key in cls.flag_keys().items():
+        field = field_at(cls, key)
+        spec = cls.FLAGS.get(flag)  # (key, help): the help says it all, defaults included
+        text = spec[1] if isinstance(spec, tuple) else _help(field.description, field)
+        p.add_argument(flag, dest=_dest(key), default=argparse.SUPPRESS, help=text,
+                       **_argparse_kind(field, flag))
+
+
+def config_from_args(cls: type[CommandConfig], args: argparse.Namespace):
+    """The typed config: `--config`'s file with the flags given on top."""
+    given = {key: getattr(args, _dest(key)) for key in cls.flag_keys().values()
+             if hasattr(args, _dest(key))}
+    return cls.load(getattr(args, "config", None), given)
+
+
+def given_flags(cls: type[CommandConfig], args: argparse.Namespace) -> list[str]:
+    """The flags of `cls` that were typed."""
+    return [flag for flag, key in cls.flag_keys().items() if hasattr(args, _dest(key))]
+
+
+def field_at(cls, key: str) -> FieldInfo:
+    """The field a dotted key names, through sections ('model.quantization.type')."""
+    *sections, name = key.split(".")
+    for part in sections:
+        cls = _plain(cls.model_fields[part].annotation)
+    return cls.model_fields[name]
+
+
+def _dest(key: str) -> str:
+    return key.replace(".", "__")
+
+
+def _plain(annotation):
+    """X for `X | None`."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _argparse_kind(field: FieldInfo, flag: str) -> dict[str, Any]:
+    kind = _plain(field.annotation)
+    metavar = flag.lstrip("-").upper().replace("-", "_")
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction if field.default is True
+                else "store_true"}
+    if get_origin(kind) is Literal:
+        choices = list(get_args(kind))
+        return {"choices": choices, "type": type(choices[0])}
+    if get_origin(kind) is list:
+        item = get_args(kind)[0]
+        if item is str:
+            return {"action": "append", "metavar": metavar}
+        return {"type": str, "metavar": f"{metavar}[,...]"}
+    return {"type": kind if kind in (int, float) else str, "metavar": metavar}
+
+
+def _help(text: str | None, field: FieldInfo) -> str | None:
+    default = field.get_default(call_default_factory=True)
+    if field.is_required() or default is None or default is False or default == []:
+        return text
+    return f"{text} (default: {default})" if text else f"default: {default}"
+

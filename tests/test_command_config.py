@@ -1,0 +1,127 @@
+"""Every command's options are one typed config, from flags or a YAML file (flags win), with
+errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loratune.cli import build_parser, main
+from loratune.command_config import (ChatConfig, CommandConfig, EvalCommandConfig,
+                                     ExportGgufConfig, ExportHfConfig, GenerateConfig,
+                                     MergeConfig, PlanConfig, ServeConfig)
+from loratune.config import DEFAULT_MODEL, ConfigError, QuantConfig
+from loratune.flags import config_from_args
+
+# command words, its config class, the options it cannot run without
+COMMANDS = [
+    (["serve"], ServeConfig, {}),
+    (["merge"], MergeConfig, {"adapter": ["a"], "out": "o"}),
+    (["export", "hf"], ExportHfConfig, {"out": "o"}),
+    (["export", "gguf"], ExportGgufConfig, {"out": "o.gguf"}),
+    (["chat"], ChatConfig, {}),
+    (["generate"], GenerateConfig, {"prompt": ["hi"]}),
+    (["eval"], EvalCommandConfig, {"data": "d.jsonl"}),
+    (["plan"], PlanConfig, {}),
+]
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def parsed(words: list[str], cls: type[CommandConfig]):
+    """The typed config the command line `loratune WORDS` runs with."""
+    return config_from_args(cls, build_parser().parse_args(words))
+
+
+def test_serve_yaml_reads_back_and_flags_override_it(tmp_path):
+    data = {"model": {"name": "my-base", "device": "cuda:1", "dtype": "bfloat16",
+                      "quantization": {"type": "fp4", "blocksize": 128}},
+            "adapters": "adapters/", "host": "0.0.0.0", "port": 9000, "api_key": "k",
+            "max_body_bytes": 1024, "route": "zh=a,en=b", "threads": 2, "log_level": "warning"}
+    path = write_yaml(tmp_path / "serve.yaml", data)
+    cfg = ServeConfig.load(path)
+    assert cfg.model_dump(exclude_unset=True) == data
+    assert cfg.model.quantization == QuantConfig(type="fp4", blocksize=128)
+    assert cfg.max_batch == 16  # unset keys keep the defaults
+    over = parsed(["serve", "--config", str(path), "--port", "9001", "--quantize", "nf4",
+                   "--device", "cpu"], ServeConfig)
+    assert over.port == 9001 and over.model.device == "cpu" and over.api_key == "k"
+    assert over.model.quantization == QuantConfig(type="nf4", blocksize=128)
+    assert over.model.name == "my-base" and over.max_body_bytes == 1024
+
+
+def test_merge_yaml_reads_back_and_comma_weights_flag(tmp_path):
+    data = {"model": "base/", "adapter": ["a", "b"], "weights": [0.7, 0.3], "out": "merged/",
+            "dtype": "bfloat16", "qlora": "nf4", "check": True, "shard_size": "500MB"}
+    path = write_yaml(tmp_path / "merge.yaml", data)
+    assert MergeConfig.load(path).model_dump() == {**data, "overwrite": False}
+    flags = parsed(["merge", "--model", "base/", "--adapter", "a", "--adapter", "b", "--weights",
+                    "0.7,0.3", "--out", "merged/", "--dtype", "bfloat16", "--qlora", "nf4",
+                    "--check", "--shard-size", "500MB"], MergeConfig)
+    assert flags == MergeConfig.load(path)
+
+
+def test_plan_yaml_reads_back_and_prints_what_its_flags_print(tmp_path, capsys):
+    data = {"model": "13b", "method": "lora", "batch": 4, "seq": 1024, "rank": 8,
+            "dtype": "fp16", "optimizer": "adamw8bit", "checkpointing": False,
+            "gpu": "rtx4090", "gpus": 2, "parallel": "fsdp"}
+    path = write_yaml(tmp_path / "plan.yaml", data)
+    assert PlanConfig.load(path).model_dump(exclude_unset=True) == data
+    assert main(["plan", "--config", str(path)]) == 0
+    from_yaml = capsys.readouterr().out
+    assert main(["plan", "--model", "13b", "--method", "lora", "--batch", "4", "--seq", "1024",
+                 "--rank", "8", "--dtype", "fp16", "--optimizer", "adamw8bit",
+                 "--no-checkpointing", "--gpu", "rtx4090", "--gpus", "2", "--parallel",
+                 "fsdp"]) == 0
+    assert from_yaml == capsys.readouterr().out
+    assert "llama-2-13b" in from_yaml and "per GPU of 2 (fsdp" in from_yaml
+
+
+@pytest.mark.parametrize("words, cls, needed", COMMANDS)
+def test_unknown_key_is_named(tmp_path, capsys, words, cls, needed):
+    path = write_yaml(tmp_path / "c.yaml", {**needed, "max_new_tokenz": 3})
+    with pytest.raises(ConfigError, match=r"unknown key 'max_new_tokenz'"):
+        cls.load(path)
+    assert main([*words, "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'max_new_tokenz'" in err and str(path) in err
+
+
+@pytest.mark.parametrize("words, cls, needed", COMMANDS)
+def test_wrong_type_names_the_key_and_its_flag(tmp_path, words, cls, needed):
+    key, flag = next((k, f) for f, k in cls.flag_keys().items() if "." not in k
+                     and cls.model_fields[k].annotation in (int, float, bool))
+    path = write_yaml(tmp_path / "c.yaml", {**needed, key: "lots"})
+    with pytest.raises(ConfigError, match=rf"key '{key}' \({flag}\): .*'lots'"):
+        cls.load(path)
+
+
+def test_a_key_inside_the_model_section_is_named(tmp_path):
+    path = write_yaml(tmp_path / "s.yaml", {"model": {"devise": "cuda"}})
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.devise'"):
+        ServeConfig.load(path)
+    path = write_yaml(tmp_path / "s.yaml", {"model": {"dtype": "fp8"}})
+    with pytest.raises(ConfigError, match=r"key 'model\.dtype' \(--dtype\): Input should be"):
+        ServeConfig.load(path)
+
+
+def test_missing_option_and_rules_across_keys(tmp_path, capsys):
+    assert main(["merge", "--adapter", "a"]) == 2
+    assert "missing key 'out' (--out)" in capsys.readouterr().err
+    assert main(["generate", "--model", "/nonexistent"]) == 2
+    assert "give input (--input FILE) or prompt" in capsys.readouterr().err
+    assert main(["generate", "--input", "x.jsonl", "--prompt", "hi"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["serve", "--max-body-bytes", "0"]) == 2
+    assert "key 'max_body_bytes' (--max-body-bytes)" in capsys.readouterr().err
+
+
+def test_every_command_defaults_to_the_one_default_model():
+    assert DEFAULT_MODEL == "smollm2-135m-instruct"
+    for words, cls, needed in COMMANDS[:-1]:  # plan's default is a 7B shape
+        cfg = cls.load(None, needed)
+        assert (cfg.model if isinstance(cfg.model, str) else cfg.model.name) == DEFAULT_MODEL
+
