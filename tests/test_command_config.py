@@ -1,6 +1,7 @@
 """Every command's options are one typed config, from flags or a YAML file (flags win), with
-errors that name the key."""
+errors that name the key; `loratune plan run.yaml` estimates the training run the file holds."""
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from loratune.command_config import (ChatConfig, CommandConfig, EvalCommandConfi
                                      MergeConfig, PlanConfig, ServeConfig)
 from loratune.config import DEFAULT_MODEL, ConfigError, QuantConfig
 from loratune.flags import config_from_args
+
+DEMO = Path(__file__).parent.parent / "examples" / "demo.yaml"
 
 # command words, its config class, the options it cannot run without
 COMMANDS = [
@@ -125,3 +128,55 @@ def test_every_command_defaults_to_the_one_default_model():
         cfg = cls.load(None, needed)
         assert (cfg.model if isinstance(cfg.model, str) else cfg.model.name) == DEFAULT_MODEL
 
+
+def plan_output(capsys, argv) -> list[str]:
+    assert main(["plan", *argv]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_plan_of_a_training_config_equals_the_flags_form(capsys):
+    run = plan_output(capsys, [str(DEMO)])
+    # examples/demo.yaml: the embedded model, LoRA r=16, 2 rows of 256 tokens, float32 on cpu,
+    # no gradient checkpointing, AdamW, grad_accum 1
+    flags = ["--model", "smollm2-135m-instruct", "--method", "lora", "--rank", "16",
+             "--batch", "2", "--seq", "256", "--dtype", "fp32", "--device", "cpu",
+             "--no-checkpointing", "--optimizer", "adamw"]
+    assert run[1:] == plan_output(capsys, flags)
+    assert "lora, batch 2 x seq 256, r=16, fp32, adamw, without gradient checkpointing" in run[1]
+    shown = run[0].split("as flags: loratune plan ", 1)[1]   # the command line it printed
+    assert run[1:] == plan_output(capsys, shlex.split(shown))
+
+
+def test_plan_of_a_qlora_run_with_overrides_and_a_gpu(capsys):
+    run = plan_output(capsys, [str(DEMO), "model.quantization.type=nf4",
+                               "model.quantization.compute_dtype=bfloat16",
+                               "train.gradient_checkpointing=true", "train.batch_size=4",
+                               "train.grad_accum=4", "train.optimizer=adamw8bit",
+                               "--gpu", "rtx3060"])
+    flags = ["--model", "smollm2-135m-instruct", "--method", "qlora", "--rank", "16",
+             "--batch", "4", "--seq", "256", "--dtype", "bf16", "--device", "cpu",
+             "--checkpointing", "--optimizer", "adamw8bit", "--gpu", "rtx3060",
+             "--target-batch", "16"]
+    assert run[1:] == plan_output(capsys, flags)
+    assert "qlora, batch 4 x seq 256, r=16, bf16, adamw8bit, with gradient" in run[1]
+    assert any("effective batch 16" in line for line in run)
+
+
+def test_plan_of_a_run_refuses_flags_the_run_decides(capsys, tmp_path):
+    assert main(["plan", str(DEMO), "--batch", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch" in err and "train.batch_size" in err
+    ia3 = write_yaml(tmp_path / "ia3.yaml", {"adapter": {"method": "ia3"}})
+    assert main(["plan", str(ia3)]) == 2
+    assert "adapter.method 'ia3' has no rank" in capsys.readouterr().err
+    assert main(["plan", str(DEMO), "train.batch_sise=4"]) == 2
+    assert "unknown key 'train.batch_sise'" in capsys.readouterr().err
+
+
+def test_plan_of_a_run_says_what_it_leaves_out(capsys, tmp_path):
+    run = plan_output(capsys, [str(DEMO), "adapter.method=dora",
+                               "adapter.target_modules=[q_proj,v_proj]"])
+    notes = [line for line in run if line.startswith("note: ")]
+    assert len(notes) == 2 and "dora" in notes[0] and "q_proj" in notes[1]
+    moe = plan_output(capsys, [str(DEMO), "adapter={method: moe_lora, r: 4, num_experts: 4}"])
+    assert "r=16" in moe[1]   # four rank-4 experts hold the weights of one rank-16 LoRA

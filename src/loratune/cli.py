@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from loratune.flags import add_config_flags, config_from_args
+from loratune.flags import add_config_flags, config_from_args, flags_of
 
 
 def _quiet_transformers() -> None:
@@ -288,9 +288,24 @@ def cmd_serve(args) -> int:
 
 def cmd_plan(args) -> int:
     from loratune.command_config import PlanConfig
+    from loratune.config import load_config
+    from loratune.plan.from_run import RUN_KEYS, plan_for_run, run_notes
     from loratune.plan.report import run
 
-    print(run(config_from_args(PlanConfig, args)))
+    cfg = config_from_args(PlanConfig, args)
+    if args.run is None:
+        if args.overrides:
+            raise ValueError(f"{args.overrides[0]}: key=value overrides go with a training "
+                             "config (loratune plan run.yaml train.batch_size=4)")
+        print(run(cfg))
+        return 0
+    train_cfg = load_config(args.run, args.overrides)
+    cfg = plan_for_run(train_cfg, cfg, args.run)
+    decided = [key for key in RUN_KEYS if key in cfg.model_fields_set]
+    print(f"{args.run} as flags: loratune plan {flags_of(cfg, decided)}")
+    print(run(cfg))
+    for note in run_notes(train_cfg):
+        print(f"note: {note}")
     return 0
 
 
@@ -368,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("plan", help="memory needed for a training step, and what fits a GPU")
+    p.add_argument("run", nargs="?", help="a training config (YAML): estimate that run (its "
+                   "model, method, batch, max_length, rank, dtype, optimizer, checkpointing)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
     add_config_flags(p, PlanConfig)
     p.set_defaults(func=cmd_plan)
     return parser

@@ -87,3 +87,22 @@ def _help(text: str | None, field: FieldInfo) -> str | None:
         return text
     return f"{text} (default: {default})" if text else f"default: {default}"
 
+
+def flags_of(cfg: CommandConfig, keys) -> str:
+    """The command line that sets `keys` of `cfg` to their values (for showing, shell-quoted)."""
+    import shlex
+
+    flag_of = {key: flag for flag, key in type(cfg).flag_keys().items()}
+    words = []
+    for key in keys:
+        value, flag = cfg, flag_of[key]
+        for part in key.split("."):
+            value = getattr(value, part)
+        if isinstance(value, bool):
+            if value or field_at(type(cfg), key).default is True:
+                words.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, list):
+            words += [w for v in value for w in (flag, str(v))]
+        elif value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)

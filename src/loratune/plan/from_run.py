@@ -1,0 +1,82 @@
+"""A training config in the planner's terms: `loratune plan run.yaml` estimates the run itself."""
+
+from __future__ import annotations
+
+from loratune.command_config import PlanConfig
+from loratune.config import ConfigError, RunConfig
+
+# planner option -> what sets it in a training config
+RUN_KEYS = {
+    "model": "model.name",
+    "method": "model.quantization (set: qlora, else lora)",
+    "batch": "train.batch_size",
+    "seq": "data.max_length",
+    "rank": "adapter.r",
+    "dtype": "model.dtype (model.quantization.compute_dtype for QLoRA)",
+    "optimizer": "train.optimizer",
+    "checkpointing": "train.gradient_checkpointing",
+    "loss_chunk": "train.loss_chunk",
+    "blocksize": "model.quantization.blocksize",
+    "double_quant": "model.quantization.double_quant",
+    "device": "model.device",
+    "parallel": "train.parallel",
+    "target_batch": "train.batch_size x train.grad_accum",
+}
+PLAN_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def run_settings(run: RunConfig) -> dict:
+    """The planner options (RUN_KEYS) that training run `run` amounts to."""
+    quant = run.model.quantization
+    adapter = run.adapter
+    if getattr(adapter, "r", None) is None:
+        raise ConfigError(f"adapter.method {adapter.method!r} has no rank: the planner estimates "
+                          "low-rank methods (lora, dora, adalora, moe_lora)")
+    out = {"model": run.model.name, "method": "qlora" if quant else "lora",
+           "batch": run.train.batch_size, "seq": run.data.max_length,
+           # MoE-LoRA's experts hold as many weights as one LoRA of their summed rank
+           "rank": adapter.r * getattr(adapter, "num_experts", 1),
+           "dtype": PLAN_DTYPES[quant.compute_dtype if quant else run.model.dtype],
+           "optimizer": run.train.optimizer, "checkpointing": run.train.gradient_checkpointing,
+           "loss_chunk": run.train.loss_chunk, "device": run.model.device,
+           "parallel": run.train.parallel,
+           "target_batch": run.train.batch_size * run.train.grad_accum}
+    if quant:
+        out.update(blocksize=quant.blocksize, double_quant=quant.double_quant)
+    return out
+
+
+def plan_for_run(run: RunConfig, options: PlanConfig, source: str = "the training config"
+                 ) -> PlanConfig:
+    """`options` (GPU, GPU count, output) with everything `run` decides taken from `run`."""
+    clash = sorted(options.model_fields_set & RUN_KEYS.keys())
+    if clash:
+        flags = {key: flag for flag, key in PlanConfig.flag_keys().items()}
+        raise ConfigError("; ".join(f"{flags[k]}: {source} decides it ({RUN_KEYS[k]})"
+                                    for k in clash) + " - change it there or with key=value")
+    settings = run_settings(run)
+    return PlanConfig.model_validate({**options.model_dump(exclude_unset=True), **settings})
+
+
+def run_notes(run: RunConfig) -> list[str]:
+    """What the estimate of `run` leaves out or counts high."""
+    adapter, train = run.adapter, run.train
+    notes = []
+    method = adapter.method
+    if method == "dora":
+        notes.append("dora is estimated as LoRA of the same rank: its magnitude vectors and "
+                     "weight-norm work are not counted")
+    elif method != "lora":
+        notes.append(f"{method} is estimated as LoRA of rank {run_settings(run)['rank']}")
+    targets = getattr(adapter, "target_modules", "all-linear")
+    if targets not in ("all-linear", ["all-linear"]):
+        notes.append(f"target_modules {targets!r}: the planner puts LoRA on every linear layer, "
+                     "so adapter, gradient and optimizer figures are upper bounds")
+    if getattr(adapter, "modules_to_save", None):
+        notes.append(f"modules_to_save {adapter.modules_to_save} (fully trained) are not counted")
+    for key in ("offload_optimizer", "offload_activations"):
+        if getattr(train, key):
+            notes.append(f"train.{key} is not modeled: those bytes are counted on the device")
+    if train.deepspeed:
+        notes.append("train.deepspeed is not modeled")
+    return notes
