@@ -155,10 +155,20 @@ def peft_config(model: nn.Module, config: PrefixConfig) -> dict:
             "encoder_hidden_size": config.encoder_hidden_size or d["hidden"], "init_weights": None}
 
 
+def why_no_resume(config: PrefixConfig) -> str | None:
+    # A checkpoint is an adapter file, and PEFT's file holds the prefixes the MLP computed.
+    if config.prefix_projection:
+        return ("with prefix_projection, checkpoints hold the computed prefixes, not the MLP; "
+                "train without prefix_projection to resume")
+    return None
+
+
 register(MethodRecord(
     name="prefix", config_class=PrefixConfig, peft_type="PREFIX_TUNING",
     file_keys=("prompt_embeddings",), attach=attach_prefix,
     why_not_mergeable="prefix tuning adds key/value prefixes, not weights: there is nothing to "
                       "fold in",
     why_no_packing=NO_PACKING,
-    peft_fields=lambda model, name, config, compact: peft_config(model, config)))
+    peft_fields=lambda model, name, config, compact: peft_config(model, config),
+    virtual_tokens=lambda config: config.num_virtual_tokens,
+    why_no_resume=why_no_resume))

@@ -218,4 +218,5 @@ register(MethodRecord(
     why_not_mergeable="prompt tuning adds virtual tokens, not weights: there is nothing to fold in",
     why_no_packing=NO_PACKING,
     peft_fields=lambda model, name, config, compact: peft_config(model, config),
-    loaded_options=loaded_options))
+    loaded_options=loaded_options,
+    virtual_tokens=lambda config: config.num_virtual_tokens))

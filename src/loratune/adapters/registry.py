@@ -80,6 +80,11 @@ class MethodRecord:
     before_load: Callable[[nn.Module, str, dict, dict], None] | None = None
     # (model, config, name, total_steps) -> TrainingHooks
     training_hooks: Callable[[nn.Module, AdapterConfig, str, int], TrainingHooks] | None = None
+    # (config) -> the virtual tokens put before every row: they take context positions, so they
+    # and the longest row must fit the model
+    virtual_tokens: Callable[[AdapterConfig], int] | None = None
+    # (config) -> why a run with these options cannot resume from its checkpoints; None: it can
+    why_no_resume: Callable[[AdapterConfig], str | None] | None = None
     # (base adapter section, the options of it this method has) -> the options to use, when
     # `loratune compare` seeds every method from one adapter section
     compare_options: Callable[[dict, dict], dict] | None = None
