@@ -50,15 +50,16 @@ def _samples(before, after, langs: list[str]) -> list[dict]:
 
 def run_demo(output_dir: str | None = None, overrides: list[str] = ()) -> dict:
     from loratune.data import load_conversations, read_records
+    from loratune.demo import resolve_data_paths
     from loratune.eval.heldout import exact_match_eval
     from loratune.models import load_model
     from loratune.train import train
-    from loratune.train.loop import resolve_data_paths
 
     t0 = time.perf_counter()
     cfg = demo_config(output_dir, overrides)
     model, tok = load_model(cfg.model)
-    _, heldout = resolve_data_paths(cfg)
+    paths = resolve_data_paths(cfg)
+    heldout = paths[1]
     convs = load_conversations(heldout, cfg.data)
     langs = [r.get("lang", "all") for r in read_records(heldout)]
     if cfg.eval.limit:
@@ -67,7 +68,7 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = ()) -> dict:
     ev = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
     before = exact_match_eval(model, tok, convs, **ev)
     print(f"before fine-tuning: exact match {before.accuracy:.1%}")
-    result = train(cfg, model=model, tokenizer=tok)
+    result = train(cfg, model=model, tokenizer=tok, data_paths=paths)
     after = exact_match_eval(model, tok, convs, **ev)
     report = {
         "exact_match_before": before.accuracy, "exact_match_after": after.accuracy,

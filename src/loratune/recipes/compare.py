@@ -92,18 +92,19 @@ def train_and_score(cfg_path: str, result_path: str) -> dict:
     """Worker: train one config, score it on its held-out set, write the result row."""
     from loratune.config import load_config
     from loratune.data import load_conversations
+    from loratune.demo import resolve_data_paths
     from loratune.eval.heldout import exact_match_eval
     from loratune.models import load_model
     from loratune.recipes import quiet_transformers
     from loratune.train import train
-    from loratune.train.loop import resolve_data_paths
 
     quiet_transformers()
     cfg = load_config(cfg_path)
     model, tok = load_model(cfg.model)
-    result = train(cfg, model=model, tokenizer=tok, overwrite=True)
+    paths = resolve_data_paths(cfg)  # `train: demo`: the bundled files
+    result = train(cfg, model=model, tokenizer=tok, overwrite=True, data_paths=paths)
     summary = json.loads((result.output_dir / "run_summary.json").read_text())
-    _, heldout = resolve_data_paths(cfg)
+    heldout = paths[1]
     score = None
     if heldout:
         convs = load_conversations(heldout, cfg.data)[: cfg.eval.limit]

@@ -4,7 +4,8 @@ torchrun starts one process per device and sets RANK / WORLD_SIZE / LOCAL_RANK /
 MASTER_PORT; `DistInfo.from_env()` reads them and `init_group` joins the process group (gloo
 on CPU, NCCL on CUDA). One optimizer step is always `train.grad_accum` micro-batches of
 `train.batch_size` rows; with W processes, rank r runs the micro-batches k with k % W == r, so
-the data order, the step count and the checkpoints do not depend on W.
+the data order, the step count and the checkpoints do not depend on W. The recipe does not call
+these pieces itself: it asks train/runtime.py's runtime for this rank.
 
 Gradients are SUMMED across ranks (not averaged as DDP does by default): the loop already
 divides each micro-batch's loss by the label count of the whole step, so the sum over ranks is
@@ -150,29 +151,6 @@ def init_group(device: torch.device, info: DistInfo,
     return True
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
-
-
-def sum_across(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
-    """Sum a few floats over all ranks (float64; NCCL needs them on the GPU)."""
-    if not info.enabled:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def broadcast_object(obj, info: DistInfo):
-    """Rank 0's value of `obj` on every rank."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class LossModule(nn.Module):
     """forward(batch) -> (summed token loss, label count); the unit DDP/FSDP wrap."""
 
@@ -237,21 +215,6 @@ def wrap_fsdp(model: nn.Module, chunk: int, device: torch.device, world_size: in
             m.set_gradient_divide_factor(1.0)  # sum, like the DDP hook
             m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
     return module
-
-
-def set_grad_sync(wrapper: nn.Module, sync: bool):
-    """A context: skip the gradient all-reduce on micro-batches before the step's last one."""
-    from contextlib import contextmanager, nullcontext
-
-    if hasattr(wrapper, "no_sync"):  # DDP
-        return nullcontext() if sync else wrapper.no_sync()
-
-    @contextmanager
-    def fsdp_sync():
-        wrapper.set_requires_gradient_sync(sync)
-        yield
-
-    return fsdp_sync()
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
