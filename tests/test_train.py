@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from loratune.config import build_config
@@ -195,3 +196,67 @@ def test_dora_run_trains_and_saves_a_dora_adapter(tmp_path, data_file, smol_toke
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _adapter_cfg(tmp_path, data_file, name, adapter, **train):
+    cfg = _cfg(tmp_path, data_file, name, **train).model_dump()
+    cfg["adapter"] = adapter
+    return build_config(cfg)
+
+
+def test_a_method_record_refuses_resume(tmp_path, data_file, smol_tokenizer):
+    # prefix's record: with prefix_projection, checkpoints hold computed prefixes, not the MLP.
+    cfg = _adapter_cfg(tmp_path, data_file, "proj", {"method": "prefix", "num_virtual_tokens": 2,
+                                                     "prefix_projection": True},
+                       max_steps=4, save_every=2)
+    _run(cfg, smol_tokenizer)
+    (tmp_path / "proj" / "run_summary.json").unlink()
+    saved = (tmp_path / "proj" / "config.yaml").read_bytes()
+    with pytest.raises(RunFolderError, match=r"resume is not supported for adapter.method: "
+                                             r"prefix \(with prefix_projection, checkpoints"):
+        _run(cfg, smol_tokenizer, resume=True)
+    assert (tmp_path / "proj" / "config.yaml").read_bytes() == saved
+    plain = _adapter_cfg(tmp_path, data_file, "plain", {"method": "prefix",
+                                                        "num_virtual_tokens": 2},
+                         max_steps=4, save_every=2)
+    _run(plain, smol_tokenizer)
+    (tmp_path / "plain" / "run_summary.json").unlink()
+    result, _ = _run(plain, smol_tokenizer, resume=True)
+    assert [h["step"] for h in result.history] == [3, 4]
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_tokens_from_the_record_must_fit_the_context(tmp_path, data_file,
+                                                             smol_tokenizer, method):
+    # The tiny model has 128 positions; rows are up to 64 tokens.
+    cfg = _adapter_cfg(tmp_path, data_file, method, {"method": method,
+                                                     "num_virtual_tokens": 65})
+    with pytest.raises(ValueError, match=r"num_virtual_tokens=65 plus data.max_length=64 "
+                                         r"exceeds the model's context of 128.*at most 64"):
+        _run(cfg, smol_tokenizer)
+    assert not (tmp_path / method).exists()
+    cfg.adapter.num_virtual_tokens = 64
+    _run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 1})}),
+         smol_tokenizer)
+
+
+def test_the_recipe_reads_the_files_its_caller_resolved(tmp_path, data_file, smol_tokenizer):
+    cfg = _cfg(tmp_path, data_file, "given", max_steps=1)
+    cfg.data.train = str(tmp_path / "not-read.jsonl")
+    held = tmp_path / "held.jsonl"
+    held.write_text(data_file.read_text().split("\n", 1)[0] + "\n")
+    result, _ = _run(cfg, smol_tokenizer, data_paths=(str(data_file), str(held)))
+    assert result.steps == 1 and result.eval_loss is not None
+    written = yaml.safe_load((result.output_dir / "config.yaml").read_text())
+    assert written["data"]["train"] == cfg.data.train  # the config as given, not the paths
+
+
+def test_demo_names_are_resolved_by_the_demo_package():
+    from loratune.demo import demo_heldout_path, demo_train_path, resolve_data_paths
+
+    cfg = build_config({"data": {"train": "demo"}})
+    assert resolve_data_paths(cfg) == (str(demo_train_path()), str(demo_heldout_path()))
+    cfg = build_config({"data": {"train": "mine.jsonl", "eval": "demo"}})
+    assert resolve_data_paths(cfg) == ("mine.jsonl", str(demo_heldout_path()))
+    cfg = build_config({"data": {"train": "mine.jsonl"}})
+    assert resolve_data_paths(cfg) == ("mine.jsonl", None)
