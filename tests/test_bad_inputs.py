@@ -54,14 +54,6 @@ def garble(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smol_tokenizer):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    tiny_llama(vocab=len(smol_tokenizer)).save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def one_line_error(capsys, command: str, *names: str) -> str:
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err, err

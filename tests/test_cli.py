@@ -10,14 +10,6 @@ from loratune.cli import main
 from tiny import randomize_lora, tiny_llama
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smol_tokenizer):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    tiny_llama(vocab=len(smol_tokenizer)).save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def config(tmp_path, tiny_folder):
     data = tmp_path / "d.jsonl"

@@ -24,14 +24,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smol_tokenizer):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    tiny_llama(vocab=len(smol_tokenizer)).save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def run_with_adapter(tmp_path):
     """A run folder as train leaves it: adapter, a checkpoint, config and metrics."""
