@@ -13,7 +13,7 @@ layers), one run measures:
 (c) adapter cold-load time and LRU behaviour with max_adapters=4 and 16 adapters in rotation.
 
     python benchmarks/serve.py               # ~3 min on 2 cores
-    python benchmarks/serve.py --requests 8 --tokens 8 --repeat 3   # smoke run
+    python benchmarks/serve.py --quick       # smoke run: --requests 8 --tokens 8 --repeat 3
 """
 
 from __future__ import annotations
@@ -197,7 +197,10 @@ def main() -> None:
     ap.add_argument("--rotation", type=int, default=16, help="adapters in rotation in (c)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: stable figures on a CPU shared with other jobs)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 8 requests x 8 tokens, 3 repeats")
     args = ap.parse_args()
+    if args.quick:
+        args.requests, args.tokens, args.repeat = 8, 8, 3
     torch.set_num_threads(args.threads)
 
     from loratune.models import load_model
