@@ -8,10 +8,7 @@ import pytest
 SCRIPT = Path(__file__).parents[1] / "scripts" / "import_graph.py"
 
 # Known upward imports being removed elsewhere; delete an entry once its import is gone.
-PENDING = {
-    ("train", "demo"): "train/loop.py resolves the demo data paths (issue 14 item 3: the "
-                       "caller will)",
-}
+PENDING: dict[tuple[str, str], str] = {}  # (from, to): why an upward edge is allowed for now
 
 
 @pytest.fixture(scope="module")

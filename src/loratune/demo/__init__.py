@@ -7,30 +7,8 @@ Records are alpaca-style: instruction, input, output, plus ``lang`` ("en" or "zh
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
+# The data files and what `data.train: demo` resolves to belong to the data layer.
+from loratune.data.bundled import (DEMO_DIR, demo_heldout_path, demo_train_path,
+                                   resolve_data_paths)
 
-if TYPE_CHECKING:
-    from loratune.config import RunConfig
-
-DEMO_DIR = Path(__file__).parent / "data"
-
-
-def demo_train_path() -> Path:
-    """The training set (1200 items, half English, half Chinese)."""
-    return DEMO_DIR / "train.jsonl"
-
-
-def demo_heldout_path() -> Path:
-    """The held-out set (80 items, 40 English, 40 Chinese); no input or output is in training."""
-    return DEMO_DIR / "heldout.jsonl"
-
-
-def resolve_data_paths(cfg: RunConfig) -> tuple[str, str | None]:
-    """(training file, held-out file or None) of a run config, `demo` resolved to the bundled
-    files; a held-out set is implied by `train: demo` alone."""
-    train = str(demo_train_path()) if cfg.data.train == "demo" else cfg.data.train
-    held = cfg.data.eval
-    if held == "demo" or (held is None and cfg.data.train == "demo"):
-        held = str(demo_heldout_path())
-    return train, held
+__all__ = ["DEMO_DIR", "demo_heldout_path", "demo_train_path", "resolve_data_paths"]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from loratune import data as lt_data
+from loratune.data.bundled import resolve_data_paths
 from loratune.adapters import add_adapter, method_record, save_adapter, trainable_report
 from loratune.adapters.registry import TrainingHooks
 from loratune.config import RunConfig
@@ -73,13 +74,13 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
 
     `skip_corrupt`: on resume, pass over corrupt newest checkpoints to the newest readable one
     (without it a corrupt newest checkpoint is an error that names both). `data_paths`: the
-    training and held-out files when the caller resolved them (the demo job resolves
-    `train: demo`); None: the files cfg.data names."""
+    training and held-out files when the caller resolved them; None: the files cfg.data names
+    (`demo`: the bundled set)."""
     opts = RunOptions(resume, overwrite, quiet, skip_corrupt)
     info = DistInfo.from_env()
     mode = lt_dist.check_parallel_options(cfg.train, cfg.adapter.method, info)
     check_run_dir(Path(cfg.output_dir), resume, overwrite)  # fail before the slow setup
-    paths = data_paths or config_data_paths(cfg)
+    paths = data_paths or resolve_data_paths(cfg)
     seed_everything(cfg.train.seed)
     model, tokenizer = load_base(cfg, info, model, tokenizer)
     with process_group(info, mode, device_of(model), cfg.train.dist_timeout) as runtime:
@@ -206,20 +207,9 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def config_data_paths(cfg: RunConfig) -> DataPaths:
-    """The files cfg.data names, for a caller that resolved none."""
-    if "demo" in (cfg.data.train, cfg.data.eval):
-        # `loratune train` still hands the recipe an unresolved `train: demo`; once cmd_train
-        # passes data_paths=loratune.demo.resolve_data_paths(cfg), this import goes.
-        from loratune.demo import resolve_data_paths
-
-        return resolve_data_paths(cfg)
-    return cfg.data.train, cfg.data.eval
-
-
 def build_data(cfg: RunConfig, tokenizer, paths: DataPaths | None = None):
     """(training examples, held-out examples, stats, packing on) from the files."""
-    train_path, eval_path = paths or config_data_paths(cfg)
+    train_path, eval_path = paths or resolve_data_paths(cfg)
     train_ex, stats = lt_data.build_examples(train_path, tokenizer, cfg.data)
     eval_ex = []
     if eval_path:
