@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from tiny import tiny_llama
@@ -18,3 +20,14 @@ def tiny_folder(tmp_path_factory, smol_tokenizer):
     tiny_llama(vocab=len(smol_tokenizer)).save_pretrained(folder)
     smol_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    """Eight alpaca records ("Repeat the word apple" -> "apple apple apple"): a task a few
+    steps learn."""
+    rows = [{"instruction": f"Repeat the word {w}", "input": "", "output": f"{w} {w} {w}"}
+            for w in ["apple", "river", "stone", "cloud", "green", "metal", "piano", "tiger"]]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

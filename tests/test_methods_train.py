@@ -24,15 +24,6 @@ METHODS = {
 PEFT_TYPES = {"ia3", "adalora", "prompt", "prefix"}
 
 
-@pytest.fixture
-def data_file(tmp_path):
-    rows = [{"instruction": f"Repeat the word {w}", "input": "", "output": f"{w} {w} {w}"}
-            for w in ["apple", "river", "stone", "cloud", "green", "metal", "piano", "tiger"]]
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_trains_saves_and_reloads(tmp_path, data_file, smol_tokenizer, method):
     options, lr, drop = METHODS[method]

@@ -75,15 +75,6 @@ def toy_registered():
     unregister("toy_shift")
 
 
-@pytest.fixture
-def data_file(tmp_path):
-    rows = [{"instruction": f"Repeat the word {w}", "input": "", "output": f"{w} {w} {w}"}
-            for w in ["apple", "river", "stone", "cloud", "green", "metal", "piano", "tiger"]]
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _toy_cfg(tmp_path, data_file, **data):
     return build_config({
         "output_dir": str(tmp_path / "toy"),
