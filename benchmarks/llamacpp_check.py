@@ -13,7 +13,7 @@ weights; LoRA GGUF via --lora vs the merged GGUF), perplexity ratio, mean KL div
 top-1 agreement of q8_0/q4_0/q4_k_m vs f16 for our files and for llama.cpp's own quantizer
 applied to our f16 file (perplexity targets: within 1% and 10%), file sizes.
 
-`run_checks` is also what `pytest -m llamacpp` (tests/test_llamacpp.py) asserts on:
+`run_checks` is also what `pytest -m llamacpp` (tests/export/test_llamacpp.py) asserts on:
 - the GGUF tokenizer gives the same ids as the Hugging Face tokenizer;
 - greedy generation from our f16 GGUF equals transformers' greedy generation from the same
   f16 weights (computed in fp32, as llama.cpp accumulates);

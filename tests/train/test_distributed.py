@@ -23,7 +23,10 @@ from loratune.config import build_config
 from loratune.train import RunFolderError, train
 from loratune.train import distributed as lt_dist
 from loratune.train.distributed import DistInfo, DistributedError
-from tiny import tiny_llama
+
+if __name__ == "__main__":  # a torchrun worker runs this file as a script: tiny.py is one up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny import tiny_llama  # noqa: E402
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "metal", "piano", "tiger", "lemon",
          "candle", "forest", "rocket"]

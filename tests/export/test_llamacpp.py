@@ -12,7 +12,7 @@ import torch
 pytestmark = pytest.mark.llamacpp
 llama_cpp = pytest.importorskip("llama_cpp")
 
-HARNESS = Path(__file__).parents[1] / "benchmarks" / "llamacpp_check.py"
+HARNESS = Path(__file__).parents[2] / "benchmarks" / "llamacpp_check.py"
 
 
 def run_checks(*args, **kwargs) -> dict:

@@ -112,7 +112,7 @@ def test_estimate_within_15_percent_of_a_measured_qlora_step():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parents[1] / "benchmarks" / "qlora_memory.py"
+    script = Path(__file__).parents[2] / "benchmarks" / "qlora_memory.py"
     out = subprocess.run([sys.executable, str(script), "--worker", "--shape", "small",
                           "--batch", "1", "--seq", "256", "--steps", "1"],
                          capture_output=True, text=True, check=True)
