@@ -410,3 +410,26 @@ def test_engine_passes_the_cache_under_the_models_own_keyword(setup):
         for _ in range(5):
             engine.step()
     assert handle.result().token_ids == refs[(None, 0)][:4]
+
+
+def test_a_checked_adapter_is_read_once(setup, monkeypatch):
+    """The API checks an adapter before queueing its request; the pool's first use then takes
+    that read instead of reading the folder a second time."""
+    import loratune.serve.pool as pool_module
+
+    model, tok, folder, _ = setup
+    reads = []
+    real = pool_module.read_lora
+    monkeypatch.setattr(pool_module, "read_lora", lambda *a: reads.append(a[0]) or real(*a))
+    pool = AdapterPool(folder, max_adapters=2, host_adapters=0)
+    slots = pool.bind(model)
+    try:
+        pool.check("a0")
+        slot = pool.acquire({"a0": 1.0})
+        assert slot is not None and reads == ["a0"]
+        pool.release(slot)
+        pool.unload("a0")
+        pool.acquire({"a0": 1.0})            # nothing kept: a later load reads again
+        assert reads == ["a0", "a0"]
+    finally:
+        slots.rows = None

@@ -404,15 +404,13 @@ def check_adapter(state: _State, name: str) -> None:
     The pool reads folders on the engine thread, where an error can only end the request;
     checking here first gives the client the right status and keeps the batch untouched.
     """
-    from loratune.serve.pool import read_lora
-
     folder = state.engine.pool.folder(name)
     config = folder / "adapter_config.json"
     stamp = max((p.stat().st_mtime for p in folder.iterdir() if p.is_file()), default=0.0)
     if state.checked.get(name) == (folder, stamp) or not config.is_file():
         return
     try:
-        read_lora(name, folder, state.engine.model)
+        state.engine.pool.check(name)   # the pool keeps this read for the first use
     except BadAdapter:
         raise
     except Exception as err:  # e.g. a truncated safetensors file

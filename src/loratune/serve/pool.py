@@ -131,6 +131,8 @@ class AdapterPool:
         self.pins: dict[int, int] = {}
         self.free = list(range(1, max_adapters + 1))
         self.host: OrderedDict[str, HostLora] = OrderedDict()
+        # Reads made by check() before a first use; that use takes them instead of reading again.
+        self.checked: dict[str, HostLora] = {}
         self.counts = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0, "load_seconds": 0.0,
                        "host_hits": 0}
         self.model: nn.Module | None = None
@@ -239,15 +241,26 @@ class AdapterPool:
         self.pins[slot] = self.pins.get(slot, 0) + 1
         return slot
 
+    def check(self, name: str) -> None:
+        """Read and check adapter `name` now (errors raise here, off the engine thread); its
+        first use then takes this read instead of reading the folder again."""
+        if self.model is None:
+            raise RuntimeError("AdapterPool.bind(model) must be called before adapters are used")
+        lora = read_lora(name, self.folder(name), self.model)
+        with self.lock:
+            self.checked[name] = lora
+
     def _host_lora(self, name: str) -> HostLora:
         with self.lock:
             if name in self.host:
                 self.host.move_to_end(name)
                 self.counts["host_hits"] += 1
                 return self.host[name]
+            lora = self.checked.pop(name, None)
         if self.model is None:
             raise RuntimeError("AdapterPool.bind(model) must be called before adapters are used")
-        lora = read_lora(name, self.folder(name), self.model)
+        if lora is None:
+            lora = read_lora(name, self.folder(name), self.model)
         if self.host_adapters:
             with self.lock:
                 self.host[name] = lora
@@ -276,6 +289,7 @@ class AdapterPool:
         return False
 
     def _drop_entries_with(self, name: str) -> bool:
+        self.checked.pop(name, None)  # read from a folder that may no longer be the name's
         keys = [k for k, names in self.members.items() if name in names]
         for key in keys:
             slot = self.live.pop(key)
