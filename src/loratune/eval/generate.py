@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loratune.models.modules import eos_ids
+
 
 def prompt_ids(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
     out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True,
@@ -24,6 +26,8 @@ def generate_chat(model: nn.Module, tokenizer, conversations: list[list[dict]],
     model.eval()
     if seed is not None:
         torch.manual_seed(seed)
+    # the generation config's whole eos list: tokenizer.eos_token_id alone would override it
+    stop = sorted(eos_ids(model, tokenizer)) or None
     answers: list[str] = []
     for start in range(0, len(conversations), batch_size):
         chunk = [prompt_ids(tokenizer, c, template) for c in conversations[start:start + batch_size]]
@@ -37,7 +41,7 @@ def generate_chat(model: nn.Module, tokenizer, conversations: list[list[dict]],
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                              max_new_tokens=max_new_tokens, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id, **sampling)
+                             eos_token_id=stop, **sampling)
         for row in out[:, width:]:
             answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     model.train(was_training)

@@ -57,3 +57,16 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, leaf, module)
+
+
+def eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    """Every id that ends a reply: the generation config's eos list (Gemma's <end_of_turn>,
+    Llama 3's <|eot_id|>, ...) and the tokenizer's eos."""
+    ids = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from loratune.models.modules import cache_keyword
+from loratune.models.modules import cache_keyword, eos_ids
 from loratune.serve.pool import AdapterPool, entry_key
 from loratune.serve.sampling import check_seed, find_stop, held_back, new_generator, next_token
 from loratune.serve.types import Event, GenerationRequest, QueueFull, ServeError
@@ -484,14 +484,3 @@ def left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    ids = set()
-    gen = getattr(model, "generation_config", None)
-    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(value)
-    return ids
