@@ -57,14 +57,19 @@ def adapter_dir(tmp_path_factory, smol_tokenizer):
     return root
 
 
+def slow_engine(adapter_dir, tokenizer, slow: dict, max_adapters: int):
+    """A started engine on a tiny model whose every forward sleeps slow["seconds"] (so a
+    request can still be running when the test acts); stop() it after use."""
+    model = tiny_llama(vocab=len(tokenizer))
+    model.register_forward_pre_hook(lambda *_: time.sleep(slow["seconds"]))
+    return Engine(model, tokenizer, AdapterPool(adapter_dir, max_adapters=max_adapters),
+                  base_name=BASE, max_batch=4, max_queue=8, max_prompt_tokens=96,
+                  max_completion_tokens=64).start()
+
+
 @pytest.fixture(scope="module")
 def engine(adapter_dir, smol_tokenizer):
-    model = tiny_llama(vocab=len(smol_tokenizer))
-    model.register_forward_pre_hook(lambda *_: time.sleep(SLOW["seconds"]))
-    eng = Engine(model, smol_tokenizer, AdapterPool(adapter_dir, max_adapters=3),
-                 base_name=BASE, max_batch=4, max_queue=8, max_prompt_tokens=96,
-                 max_completion_tokens=64)
-    eng.start()
+    eng = slow_engine(adapter_dir, smol_tokenizer, SLOW, max_adapters=3)
     yield eng
     eng.stop()
 

@@ -22,7 +22,8 @@ from loratune.serve.api import DEFAULT_MAX_BODY_BYTES, build_app, startup_api_ke
 from loratune.serve.engine import Engine
 from loratune.serve.pool import AdapterPool
 from loratune.serve.types import GenerationRequest, SamplingParams, ServeError
-from test_serve_api import EN, assert_error, chat, reference, sse_events, _save_lora
+from test_serve_api import (EN, _save_lora, assert_error, chat, reference, slow_engine,
+                            sse_events)
 from tiny import tiny_llama
 
 BASE = "tiny-base"
@@ -49,12 +50,7 @@ def adapter_dir(tmp_path_factory, smol_tokenizer):
 
 @pytest.fixture(scope="module")
 def engine(adapter_dir, smol_tokenizer):
-    model = tiny_llama(vocab=len(smol_tokenizer))
-    model.register_forward_pre_hook(lambda *_: time.sleep(SLOW["seconds"]))
-    eng = Engine(model, smol_tokenizer, AdapterPool(adapter_dir, max_adapters=2),
-                 base_name=BASE, max_batch=4, max_queue=8, max_prompt_tokens=96,
-                 max_completion_tokens=64)
-    eng.start()
+    eng = slow_engine(adapter_dir, smol_tokenizer, SLOW, max_adapters=2)
     yield eng
     eng.stop()
 
