@@ -31,3 +31,18 @@ def data_file(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def family_folder(tmp_path_factory):
+    """Factory: a family's name (tests/families.py) -> its saved model folder, one per session."""
+    from families import save_family
+
+    folders = {}
+
+    def get(name: str):
+        if name not in folders:
+            folders[name] = save_family(name, tmp_path_factory.mktemp(name) / "model")
+        return folders[name]
+
+    return get
