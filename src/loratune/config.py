@@ -280,6 +280,10 @@ class TrainConfig(_Section):
     dist_timeout: float = Field(
         600, gt=0, description="seconds a collective waits for a stalled rank before failing")
     gradient_checkpointing: bool = False
+    fused_lora: bool = Field(
+        False, description="LoRA layers run base + adapter as one autograd op that keeps only "
+        "x, the dropout mask and A·x for backward (less activation memory); other methods and "
+        "layers with several active adapters take the plain path")
     offload_activations: bool = Field(
         False, description="keep tensors saved for backward in host memory (GPU runs)")
     optimizer: Literal["adamw", "adamw8bit"] = Field(

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loratune.adapters.host import LayerAdapter
 from loratune.adapters.lora import LoraAdapter, lora_peft_fields
 from loratune.adapters.peft_format import LORA_KINDS
 from loratune.adapters.registry import MethodRecord, register
@@ -29,6 +30,9 @@ class DoraAdapter(LoraAdapter):
         super().__init__(in_features, out_features, config, r, alpha, device, dtype)
         self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, device=device,
                                                              dtype=dtype))
+
+    # DoRA's update needs the base output's norm: the fused LoRA op does not apply.
+    fused_forward = LayerAdapter.fused_forward
 
     def init_from_base(self, base: nn.Module) -> None:
         """m starts at the base rows' norms, so a fresh adapter changes nothing."""

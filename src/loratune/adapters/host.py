@@ -32,6 +32,12 @@ class LayerAdapter(nn.Module):
         input `x`, times `weight`; `base_out` is the base layer's own output."""
         raise NotImplementedError
 
+    def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float = 1.0
+                      ) -> torch.Tensor | None:
+        """base(x) with this adapter's update in one op (`train.fused_lora`), when the adapter
+        is the layer's only running one; None: no fused path, the host runs the plain one."""
+        return None
+
     def scale_input(self, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         """The base layer's input after this adapter (IA³ scales a feed-forward layer's input)."""
         return x
@@ -103,6 +109,7 @@ class AdaptedLinear(AdapterHost):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.merged: dict[str, float] = {}
+        self.fused = False  # try the adapter's fused op first (adapters/fused_lora.py)
 
     @property
     def in_features(self) -> int:
@@ -131,6 +138,10 @@ class AdaptedLinear(AdapterHost):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         running = self.running()
+        if self.fused and len(running) == 1:
+            out = running[0][0].fused_forward(self.base_layer, x, running[0][1])
+            if out is not None:
+                return out
         x_base = x
         for ad, weight in running:
             x_base = ad.scale_input(x_base, weight)

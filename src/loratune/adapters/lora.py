@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loratune.adapters.fused_lora import fused_lora_forward
 from loratune.adapters.host import LayerAdapter, adapted_layers, leaf_names
 from loratune.adapters.peft_format import LORA_KINDS, canonical_path, lora_scale
 from loratune.adapters.registry import AdapterError, MethodRecord, register
@@ -70,6 +71,12 @@ class LoraAdapter(LayerAdapter):
         fused = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.t(),
                             alpha=self.scaling * weight)
         return fused.view(out.shape)
+
+    def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float = 1.0
+                      ) -> torch.Tensor | None:
+        dropout = self.dropout if self.training else 0.0
+        return fused_lora_forward(base, x, self.lora_A, self.lora_B, self.scaling * weight,
+                                  dropout)
 
     def delta_weight(self) -> torch.Tensor:
         """B·A·scale in fp32 (low-precision products lose the small update)."""

@@ -22,6 +22,7 @@ from torch import nn
 from loratune import data as lt_data
 from loratune.data.bundled import resolve_data_paths
 from loratune.adapters import add_adapter, method_record, save_adapter, trainable_report
+from loratune.adapters.fused_lora import set_fused_lora
 from loratune.adapters.registry import TrainingHooks
 from loratune.config import RunConfig
 from loratune.models import load_model
@@ -261,6 +262,7 @@ def setup_adapter(cfg: RunConfig, model: nn.Module, tokenizer, log: Log) -> None
     check_context(cfg, model)
     torch.manual_seed(cfg.train.seed)  # the adapter's initial weights depend on the seed alone
     add_adapter(model, cfg.adapter, "default", tokenizer=tokenizer)
+    set_fused_lora(model, cfg.train.fused_lora)
     log(trainable_report(model)[2])
 
 
