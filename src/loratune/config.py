@@ -69,6 +69,12 @@ class AdapterConfig(_Section):
     Literal lists: defining it is what makes `adapter.method: <name>` select it, so a method
     defined outside this file (a plugin, a test) needs no change here."""
 
+    dtype: Literal["float32", "base"] = Field(
+        "float32", description="dtype of the trained adapter weights: float32 (default; on a "
+        "bf16/fp16 base the adapter casts at its boundary, so small updates are not rounded "
+        "away) or base (the base model's dtype: less memory, but AdamW steps below the dtype's "
+        "resolution are lost). Not written to adapter files")
+
     @classmethod
     def method_names(cls) -> tuple[str, ...]:
         field = cls.model_fields.get("method")
@@ -244,8 +250,10 @@ def adapter_config_from(data: dict | AdapterConfig | None) -> AdapterConfig:
                   for k in foreign}
         detail = "; ".join(f"'{k}'" + (f" (an option of {', '.join(dict.fromkeys(o))})" if o else
                                        " (no method has it)") for k, o in owners.items())
+        # The method's own options first, those every method has (adapter.dtype) last.
+        own = [f for f in cls.model_fields if f != "method" and f not in AdapterConfig.model_fields]
         raise ValueError(f"method {method!r} has no option {detail}. Options of {method}: "
-                         f"{', '.join(f for f in cls.model_fields if f != 'method')}")
+                         f"{', '.join(own + list(AdapterConfig.model_fields))}")
     return cls.model_validate(data)
 
 

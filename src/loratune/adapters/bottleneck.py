@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loratune.adapters.host import AdapterHost
+from loratune.adapters.host import AdapterHost, adapter_dtype
 from loratune.adapters.registry import AdapterError, MethodRecord, register
 from loratune.config import BottleneckConfig
 from loratune.models.modules import set_submodule
@@ -131,14 +131,15 @@ def attach_bottleneck(model: nn.Module, config: BottleneckConfig, name: str,
             set_submodule(model, path, host)
         if name in host.adapters:
             raise AdapterError(f"{path} already holds a bottleneck adapter named '{name}'")
-        host.adapters[name] = BottleneckAdapter(hidden, config, device=device, dtype=dtype)
+        host.adapters[name] = BottleneckAdapter(hidden, config, device=device,
+                                                dtype=adapter_dtype(config, dtype))
         host.active = {name: 1.0}
 
 
 def bottleneck_config(config: BottleneckConfig) -> dict:
     """adapter_config.json content: our peft_type, the task type and the config's fields."""
     return {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM",
-            **config.model_dump(exclude={"method"})}
+            **config.model_dump(exclude={"method", "dtype"})}
 
 
 register(MethodRecord(

@@ -18,6 +18,27 @@ from torch import nn
 from loratune.adapters.peft_format import file_key
 
 
+def adapter_dtype(config, base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype adapter weights train in beside a base in `base_dtype`: fp32 unless the config
+    says `dtype: base`. AdamW's step on a bf16 weight near 1 (an IA³ scale) is below bf16's
+    resolution there and rounds away; fp32 weights keep it, and the adapters cast at their
+    boundary (input to their dtype, output back to the base's)."""
+    if getattr(config, "dtype", "float32") == "base":
+        return base_dtype
+    return torch.float32
+
+
+def module_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter (None when it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _cast_floats(value, dtype: torch.dtype | None):
+    if dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
 class LayerAdapter(nn.Module):
     """One adapter of a layer-level method on one linear layer: what `AdaptedLinear` calls.
 
@@ -189,8 +210,12 @@ class SavedModule(nn.Module):
         self.active: dict[str, float] = {}
         self.disabled = False
 
-    def add_copy(self, name: str) -> nn.Module:
+    def add_copy(self, name: str, dtype: torch.dtype | None = None) -> nn.Module:
+        """A trainable copy of the original as `name`, its floating weights in `dtype` (None:
+        the original's); forward casts at the copy's boundary when the two differ."""
         clone = copy.deepcopy(self.original)
+        if dtype is not None:
+            clone.to(dtype)  # Module.to(dtype) changes floating-point tensors only
         clone.requires_grad_(True)
         self.copies[name] = clone
         return clone
@@ -203,7 +228,14 @@ class SavedModule(nn.Module):
         return self.original
 
     def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+        mod = self.current()
+        inner, outer = module_dtype(mod), module_dtype(self.original)
+        if inner == outer:
+            return mod(*args, **kwargs)
+        # An fp32 copy on a low-precision base: floating inputs in, the output back out.
+        args = [_cast_floats(a, inner) for a in args]
+        kwargs = {k: _cast_floats(v, inner) for k, v in kwargs.items()}
+        return _cast_floats(mod(*args, **kwargs), outer)
 
     def __getattr__(self, item):
         # Model code reads attributes such as `lm_head.weight`; answer for the module in use.

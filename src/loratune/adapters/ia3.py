@@ -37,6 +37,9 @@ class IA3Adapter(LayerAdapter):
         return 1 + weight * (self.ia3_l - 1) if weight != 1.0 else self.ia3_l
 
     def scale_input(self, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        # The scale (this adapter's output) is cast to x's dtype, not x to fp32: an fp32 copy
+        # of the MLP activation would be kept for backward. The fp32 weight still gets every
+        # update; only the forward sees it rounded to the base's dtype.
         if not self.feedforward:
             return x
         return x * self.scale(weight).flatten().to(x.dtype)

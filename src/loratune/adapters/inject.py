@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from loratune.adapters.host import (AdaptedLinear, AdapterHost, SavedModule, adapted_layers,
-                                    hosts, saved_modules)
+                                    adapter_dtype, hosts, module_dtype, saved_modules)
 from loratune.adapters.peft_format import pattern_value
 from loratune.adapters.registry import AdapterError, method_record
 from loratune.config import AdapterConfig
@@ -93,7 +93,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
         if not isinstance(module, SavedModule):
             module = SavedModule(module)
             set_submodule(model, path, module)
-        module.add_copy(name)
+        module.add_copy(name, adapter_dtype(config, module_dtype(module.original)))
     set_active(model, name)
     mark_trainable(model, name)
     return targets
@@ -116,7 +116,7 @@ def _add_layer_adapters(model: nn.Module, config: AdapterConfig, name: str,
             layer = AdaptedLinear(layer)
             set_submodule(model, path, layer)
         base = layer.base_layer
-        device, dtype = _adapter_placement(base)
+        device, dtype = _adapter_placement(base, config)
         r = alpha = None
         if record.has_rank:
             r = int(pattern_value(path, rank_pattern, config.r))
@@ -140,11 +140,12 @@ def new_layer_adapter(config: AdapterConfig, path: str, in_features: int, out_fe
                              device=device, dtype=dtype)
 
 
-def _adapter_placement(base: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Adapters live beside their base layer, in its compute dtype (fp32 for 4-bit bases)."""
+def _adapter_placement(base: nn.Module, config: AdapterConfig
+                       ) -> tuple[torch.device, torch.dtype]:
+    """Adapters live beside their base layer, in fp32 or (`dtype: base`) its compute dtype."""
     if isinstance(base, Linear4bit):
-        return base.packed.device, torch.float32
-    return base.weight.device, base.weight.dtype
+        return base.packed.device, adapter_dtype(config, base.compute_dtype)
+    return base.weight.device, adapter_dtype(config, base.weight.dtype)
 
 
 def _saved_targets(model: nn.Module, names: list[str]) -> list[str]:
@@ -276,7 +277,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for path, host in reversed(list(hosts(model))):  # inner hosts first: paths stay valid
         _put_back(model, path, host.unwrap())
     for path, saved in reversed(list(saved_modules(model))):
-        set_submodule(model, path, saved.current())
+        # A copy trained in fp32 goes back in the dtype of the module it replaces.
+        kept, dtype = saved.current(), module_dtype(saved.original)
+        set_submodule(model, path, kept if dtype is None else kept.to(dtype))
     return model
 
 

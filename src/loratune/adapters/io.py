@@ -58,7 +58,7 @@ def config_dict(model: nn.Module, name: str, base_model: str | None = None,
     """adapter_config.json for adapter `name`, as PEFT writes it for the method's peft_type."""
     config = adapter_config(model, name)
     record = method_record(config.method)
-    fields = config.model_dump(exclude={"method", "use_dora"})
+    fields = config.model_dump(exclude={"method", "use_dora", "dtype"})
     if record.peft_fields is not None:
         fields.update(record.peft_fields(model, name, config, compact))
     fields.update(peft_type=record.peft_type, task_type="CAUSAL_LM",

@@ -143,7 +143,8 @@ def read_adapter_config(folder: str | Path) -> tuple[AdapterConfig, dict]:
                            f"{', '.join(peft_types())}")
     record = records[0]  # methods sharing a peft_type share the config class (lora, dora)
     cls = record.config_class
-    fields = set(cls.model_fields) - {"method"}
+    # adapter.dtype is how this run trains, not a fact about the file: it is never read from one.
+    fields = set(cls.model_fields) - {"method", "dtype"}
     # Newer PEFT versions add option keys; unset ones (null/false) change nothing here.
     unknown = sorted(k for k, v in raw.items()
                      if k not in fields and k not in _PEFT_ONLY and v not in (None, False))

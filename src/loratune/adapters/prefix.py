@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from loratune.adapters.host import adapter_dtype
 from loratune.adapters.prompt import NO_PACKING, PEFT_COMMON, PromptHost, find_decoder, place_host
 from loratune.adapters.registry import AdapterError, MethodRecord, register
 from loratune.config import PrefixConfig
@@ -141,7 +142,8 @@ def attach_prefix(model: nn.Module, config: PrefixConfig, name: str, tokenizer=N
     dims = model_dims(model)
     _check_kv_width(decoder, dims["kv_heads"] * dims["head_dim"])
     weight = decoder.get_input_embeddings().weight
-    adapter = PrefixEncoder(config, dims, device=weight.device, dtype=weight.dtype)
+    adapter = PrefixEncoder(config, dims, device=weight.device,
+                            dtype=adapter_dtype(config, weight.dtype))
     place_host(model, "prefix_encoder", PrefixHost, name, adapter)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
-from loratune.adapters.host import AdapterHost
+from loratune.adapters.host import AdapterHost, adapter_dtype
 from loratune.adapters.registry import AdapterError, MethodRecord, register
 from loratune.config import PromptConfig
 from loratune.models.modules import CACHE_KEYWORDS, cache_keyword
@@ -182,8 +182,9 @@ def text_init_ids(config: PromptConfig, tokenizer) -> list[int]:
 def attach_prompt(model: nn.Module, config: PromptConfig, name: str, tokenizer=None) -> None:
     """Add prompt adapter `name` at `model.prompt_encoder`; it becomes the active one there."""
     emb = find_decoder(model).get_input_embeddings()
-    weight = emb.weight  # the adapter lives beside the embeddings, in their dtype
-    adapter = PromptEmbedding(config, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    weight = emb.weight  # the adapter lives beside the embeddings, in fp32 or their dtype
+    adapter = PromptEmbedding(config, weight.shape[1], device=weight.device,
+                              dtype=adapter_dtype(config, weight.dtype))
     if config.prompt_tuning_init == "text":
         ids = torch.tensor(text_init_ids(config, tokenizer), device=weight.device)
         with torch.no_grad():
