@@ -27,3 +27,18 @@ def randomize_lora(model, seed: int = 1, scale: float = 0.2):
                 for ad in mod.adapters.values():
                     ad.lora_B.copy_(torch.randn(ad.lora_B.shape, generator=g) * scale)
     return model
+
+
+def unigram_llama(logits: dict[int, float], vocab: int, seed: int = 0):
+    """A tiny Llama whose next-token logits are the same at every position: `logits` for the
+    ids given, 0 for the rest (the output layer's weight is zero and its bias holds them). Its
+    log-likelihoods and greedy answers can be worked out by hand."""
+    model = tiny_llama(seed=seed, vocab=vocab)
+    head = torch.nn.Linear(model.config.hidden_size, vocab, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        for token, value in logits.items():
+            head.bias[token] = value
+    model.lm_head = head
+    return model

@@ -143,16 +143,16 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     from loratune.command_config import EvalCommandConfig
-    from loratune.config import DataConfig
-    from loratune.data import load_conversations
-    from loratune.eval.heldout import exact_match_eval
+    from loratune.eval.report import default_out, markdown, write_report
+    from loratune.eval.run import run_eval
 
     cfg = config_from_args(EvalCommandConfig, args)
-    model, tok = _load(cfg.model, cfg.adapter)
-    convs = load_conversations(cfg.data, DataConfig(train=cfg.data))
-    report = exact_match_eval(model, tok, convs[: cfg.limit] if cfg.limit else convs,
-                              cfg.max_new_tokens)
-    print(f"exact match: {report.accuracy:.1%} ({sum(r.correct for r in report.rows)}/{report.n})")
+    run = run_eval(cfg)
+    print(markdown(run), end="")
+    out = cfg.out or default_out(cfg.adapter)
+    if out:
+        json_path, md_path = write_report(run, out)
+        print(f"\nwritten: {json_path}, {md_path}")
     return 0
 
 
@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, GenerateConfig)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="exact-match accuracy on a held-out file")
+    p = sub.add_parser("eval", help="score the base and adapters on a task (exact, mc, "
+                       "perplexity, generate, code)")
     add_config_flags(p, EvalCommandConfig)
     p.set_defaults(func=cmd_eval)
 

@@ -177,12 +177,55 @@ class GenerateConfig(_WithAdapters):
         return self
 
 
-class EvalCommandConfig(_WithAdapters):
-    """`loratune eval`: exact-match accuracy on a held-out file."""
+Ints = Annotated[list[int], BeforeValidator(_comma_separated)]
 
-    data: str = Field(description="held-out data file")
+
+class EvalCommandConfig(_WithAdapters):
+    """`loratune eval`: a task (`loratune.eval.tasks`) on the base and each adapter, side by
+    side. Options marked (mc), (code)... are read by that task only."""
+
+    task: str = Field("exact", description="exact (default), mc, perplexity, generate, code, or "
+                      "a registered task")
+    data: str = Field(description="the task's data file (mc: a file or a folder of them)")
     limit: int | None = Field(None, gt=0, description="evaluate only the first N items")
-    max_new_tokens: int = Field(32, gt=0)
+    out: str | None = Field(None, description="folder for eval-TASK.json and .md (default: the "
+                            "run folder of a single adapter trained by loratune)")
+    base: bool = Field(True, description="also score the base model, beside the adapters")
+    stack: bool = Field(False, description="score the adapters stacked as one model, not one "
+                        "column each")
+    batch_size: int = Field(16, gt=0, description="prompts or options per forward")
+    max_new_tokens: int | None = Field(None, gt=0, description="generated tokens per answer "
+                                       "(default: 32; code: 384)")
+    shots: int = Field(0, ge=0, description="(mc) solved examples before each question, from "
+                       "--dev")
+    dev: str | None = Field(None, description="(mc) file or folder of solved examples for "
+                            "--shots (MMLU's dev split)")
+    mc_score: Literal["text", "letter"] = Field(
+        "text", description="(mc) score each option's text, or its letter after 'Answer:'")
+    max_length: int | None = Field(None, gt=1, description="(perplexity) window in tokens "
+                                   "(default: the model's context length)")
+    stride: int | None = Field(None, gt=0, description="(perplexity) tokens a window moves on "
+                               "(default: half the window)")
+    samples: int = Field(1, gt=0, description="(code) completions per problem (n of pass@k)")
+    k: Ints = Field(default_factory=lambda: [1], description="(code) pass@k for each k, e.g. "
+                    "1,10 (k <= --samples)")
+    temperature: float = Field(0.0, ge=0, description="(generate, code) 0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, description="sampling seed")
+    timeout: float = Field(10.0, gt=0, description="(code) wall seconds per completion")
+    cpu_seconds: int = Field(5, gt=0, description="(code) CPU seconds per completion")
+    memory_mb: int = Field(1024, gt=0, description="(code) address space per completion, MiB")
+    workers: int = Field(2, gt=0, description="(code) completions run at once")
+
+    @model_validator(mode="after")
+    def _k_within_samples(self):
+        bad = [k for k in self.k if not 0 < k <= self.samples]
+        if bad:
+            raise ValueError(f"k (--k): {bad[0]} is not within 1..samples ({self.samples})")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("samples (--samples) > 1 needs temperature (--temperature) > 0: "
+                             "greedy completions are all the same")
+        return self
 
 
 # -- plan -----------------------------------------------------------------------------------------
