@@ -407,7 +407,7 @@ def accumulate_gradients(run: Run, micro: list[dict], n_labels: int) -> list[flo
     for i, k in enumerate(mine):
         with runtime.grad_sync(last=i == len(mine) - 1):
             batch = to_device(micro[k], runtime.device)
-            with activation_offload(train_cfg.offload_activations, runtime.device):
+            with activation_offload(train_cfg.offload_activations, runtime.device, run.model):
                 loss_sum, _ = run.forward(batch)
             # Normalize by the step's label count: the token-level mean over all micro-batches.
             loss = loss_sum / max(n_labels, 1)
