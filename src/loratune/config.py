@@ -266,6 +266,9 @@ class DataConfig(_Section):
     max_length: int = Field(512, gt=8)
     overflow: Literal["truncate", "drop"] = "truncate"
     train_on: Literal["answers", "all"] = "answers"
+    think: Literal["keep", "strip"] = Field(
+        "keep", description="<think>...</think> blocks in answers (Qwen3's reasoning): keep and "
+        "train on them as the chat template renders them, or strip them from every answer")
     packing: bool | Literal["auto"] = "auto"
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share when no eval file")
 

@@ -238,7 +238,7 @@ def setup_data(cfg: RunConfig, tokenizer, paths: DataPaths, log: Log) -> TrainDa
     train_ex, eval_ex, stats, packing = build_data(cfg, tokenizer, paths)
     log(f"data: {stats.n_examples} examples ({stats.format}), {stats.n_truncated} truncated, "
         f"{stats.dropped()}; packing={'on' if packing else 'off'}; "
-        f"held-out: {len(eval_ex)}")
+        f"held-out: {len(eval_ex)}{stats.noted()}")
     if not train_ex:
         raise ValueError(f"no training examples left in {cfg.data.train}")
     pad_id = tokenizer.pad_token_id
