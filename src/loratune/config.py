@@ -310,6 +310,13 @@ class TrainConfig(_Section):
     save_every: int | None = Field(None, gt=0)
     save_total_limit: int | None = Field(2, gt=0)
     seed: int = 42
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers fed the config and metrics "
+        "(pip install 'loratune[trackers]')")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+        "<output_dir>/mlruns)")
+    wandb_project: str = Field("loratune", description="W&B project (offline unless $WANDB_MODE)")
 
 
 class EvalConfig(_Section):
