@@ -133,8 +133,8 @@ class ExportGgufConfig(CommandConfig):
     adapter_only: bool = Field(False, description="write the LoRA adapter alone, for llama.cpp's "
                                "--lora")
     tokenizer_pre: str | None = Field(
-        None, description="llama.cpp pre-tokenizer name, when the model has no source GGUF to "
-        "copy the tokenizer from (e.g. llama-bpe, smollm)")
+        None, description="llama.cpp pre-tokenizer name for a byte-level BPE tokenizer, in place "
+        "of the one detected from tokenizer.json (e.g. llama-bpe, qwen2, smollm)")
     overwrite: bool = Field(False, description="replace an existing --out")
 
 

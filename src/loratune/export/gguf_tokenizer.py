@@ -1,16 +1,25 @@
-"""The tokenizer part of a GGUF: copied from a source GGUF, or built from tokenizer.json (BPE).
+"""The tokenizer part of a GGUF: copied from a source GGUF, or built from tokenizer.json.
 
-llama.cpp picks its pre-tokenizer regex by the `tokenizer.ggml.pre` name, which tokenizer.json
-does not state; a source GGUF carries it, otherwise it must be given (`--tokenizer-pre`).
+tokenizer.json holds one of two BPE flavours, written the way llama.cpp's converter writes them:
+- byte-level BPE (GPT-2 style: Llama 3, Qwen, SmolLM, Phi-4): `tokenizer.ggml.model = gpt2`,
+  tokens, types and merges, plus the pre-tokenizer name, detected from the tokenizer's own
+  splitting (gguf_pretokenizer.detect_pre);
+- SentencePiece-style BPE (`▁` for spaces, byte fallback: Mistral, Llama 2, Gemma, Phi-3):
+  `tokenizer.ggml.model = llama` with a score per token. llama.cpp's SentencePiece tokenizer
+  merges the adjacent pair whose joined piece scores highest; tokenizer.json ranks merges
+  instead, so a piece scores minus the rank of the first merge that makes it.
+Other tokenizer models (Unigram, WordPiece) are refused by name.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-KNOWN_PRE = ("default", "llama-bpe", "gpt-2", "smollm", "qwen2", "mistral-bpe", "olmo",
-             "starcoder", "falcon", "deepseek-llm", "command-r")
+# gguf.TokenType values (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def source_gguf(folder: Path) -> Path | None:
@@ -37,55 +46,152 @@ def _copy_fields(writer, source: Path) -> None:
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
 
-def _from_tokenizer_json(writer, folder: Path, pre: str | None) -> None:
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise ValueError(f"{folder}: no tokenizer.json (and no source GGUF) to take the "
-                         "tokenizer from")
-    data = json.loads(path.read_text(encoding="utf-8"))
+def _components(node: dict | None) -> list[dict]:
+    """A normalizer / pre-tokenizer / decoder and, for a Sequence, its parts."""
+    if not node:
+        return []
+    parts = node.get("normalizers") or node.get("pretokenizers") or node.get("decoders")
+    return [node] + [c for p in parts or [] for c in _components(p)]
+
+
+def tokenizer_kind(data: dict, path: Path) -> str:
+    """'gpt2' (byte-level BPE) or 'llama' (SentencePiece-style BPE); refuses the rest by name."""
     model = data.get("model", {})
     if model.get("type") != "BPE":
-        raise ValueError(f"{path}: tokenizer model {model.get('type')!r}; GGUF export handles "
-                         "BPE tokenizers (or copies a source GGUF's tokenizer)")
-    if pre is None:
-        raise ValueError(f"{path}: llama.cpp needs the pre-tokenizer name; pass --tokenizer-pre "
-                         f"(one of {', '.join(KNOWN_PRE)}, as llama.cpp names them)")
-    vocab = dict(model["vocab"])
+        raise ValueError(f"{path}: tokenizer model {model.get('type')!r}; GGUF export writes BPE "
+                         "tokenizers (byte-level or SentencePiece-style), not this one")
+    parts = [c.get("type") for key in ("normalizer", "pre_tokenizer", "decoder")
+             for c in _components(data.get(key))]
+    if "ByteLevel" in parts:
+        return "gpt2"
+    metaspace = "Metaspace" in parts or any(
+        c.get("type") == "Replace" and c.get("content") == "▁"
+        for c in _components(data.get("normalizer")) + _components(data.get("pre_tokenizer")))
+    if model.get("byte_fallback") and metaspace:
+        return "llama"
+    raise ValueError(f"{path}: a BPE tokenizer that is neither byte-level (ByteLevel) nor "
+                     "SentencePiece-style (▁ for spaces with byte_fallback); llama.cpp has no "
+                     "tokenizer for it")
+
+
+def _vocab(data: dict, vocab_size: int, path: Path) -> tuple[list[str], dict[str, dict]]:
+    """Token texts by id (padded to the model's vocab_size) and the added tokens by text."""
+    vocab = dict(data["model"]["vocab"])
     added = {t["content"]: t for t in data.get("added_tokens", [])}
     for text, t in added.items():
         vocab[text] = t["id"]
-    size = max(vocab.values()) + 1
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [1] * size  # normal
+    top = max(vocab.values()) + 1
+    if top > vocab_size:
+        raise ValueError(f"{path}: token id {top - 1} is outside the model's vocab_size "
+                         f"{vocab_size} (config.json)")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     for text, i in vocab.items():
         tokens[i] = text
-        if text in added:
-            types[i] = 3 if added[text].get("special") else 4  # control / user-defined
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return tokens, added
+
+
+def _types(tokens: list[str], data: dict, added: dict[str, dict], byte_pieces: bool) -> list[int]:
+    known = set(data["model"]["vocab"]) | set(added)
+    unk = data["model"].get("unk_token")
+    types = []
+    for i, text in enumerate(tokens):
+        if text in added and added[text]["id"] == i:
+            types.append(CONTROL if added[text].get("special") else USER_DEFINED)
+        elif text not in known:
+            types.append(UNUSED)  # padding up to vocab_size
+        elif byte_pieces and _BYTE_PIECE.fullmatch(text):
+            types.append(BYTE)
+        elif text == unk:
+            types.append(UNKNOWN)
+        else:
+            types.append(NORMAL)
+    return types
+
+
+def _merges(data: dict) -> list[str]:
+    return [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+
+
+def _write_bpe(writer, data: dict, path: Path, vocab_size: int, pre: str) -> dict[str, int]:
+    tokens, added = _vocab(data, vocab_size, path)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
+    writer.add_token_types(_types(tokens, data, added, byte_pieces=False))
+    writer.add_token_merges(_merges(data))
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def _adds_space_prefix(data: dict) -> bool:
+    """SentencePiece's "add dummy prefix": a Prepend("▁") normalizer, or a Metaspace
+    pre-tokenizer that prepends."""
+    for c in _components(data.get("normalizer")):
+        if c.get("type") == "Prepend" and c.get("prepend") == "▁":
+            return True
+    for c in _components(data.get("pre_tokenizer")):
+        if c.get("type") == "Metaspace":
+            return c.get("prepend_scheme", "always") != "never" and c.get("add_prefix_space",
+                                                                          True)
+    return False
+
+
+def _write_sentencepiece(writer, data: dict, path: Path, vocab_size: int) -> dict[str, int]:
+    tokens, added = _vocab(data, vocab_size, path)
+    types = _types(tokens, data, added, byte_pieces=True)
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(_merges(data)):
+        left, right = merge.split(" ", 1)
+        rank.setdefault(left + right, r)
+    unreachable = len(rank)
+    scores = [-1000.0 if t in (CONTROL, USER_DEFINED, UNUSED) else 0.0 if t in (BYTE, UNKNOWN)
+              else -float(rank.get(text, unreachable + i))
+              for i, (text, t) in enumerate(zip(tokens, types))]
+    # llama.cpp matches user-defined tokens in raw text, where spaces are still spaces
+    listed = [text.replace("▁", " ") if t == USER_DEFINED else text
+              for text, t in zip(tokens, types)]
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(listed)
+    writer.add_token_scores(scores)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    _special_ids(writer, folder, vocab)
+    writer.add_add_space_prefix(_adds_space_prefix(data))
+    return {t: i for i, t in enumerate(tokens)}
 
 
-def _special_ids(writer, folder: Path, vocab: dict[str, int]) -> None:
+def _template_ends(data: dict) -> tuple[str | None, str | None]:
+    """The special tokens the post-processor puts before and after a single text."""
+    post = data.get("post_processor") or {}
+    for c in _components(post) + [p for p in post.get("processors", [])]:
+        if c.get("type") == "TemplateProcessing":
+            single = c.get("single", [])
+            first = single[0].get("SpecialToken", {}).get("id") if single else None
+            last = single[-1].get("SpecialToken", {}).get("id") if len(single) > 1 else None
+            return first, last
+    return None, None
+
+
+def _special_ids(writer, folder: Path, data: dict, vocab: dict[str, int]) -> None:
     cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
 
-    def token_id(key: str):
-        value = cfg.get(key)
+    def token_id(value):
         if isinstance(value, dict):
             value = value.get("content")
         return vocab.get(value) if value is not None else None
 
+    first, last = _template_ends(data)
     for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
                      ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
-        i = token_id(key)
+        i = token_id(cfg.get(key))
         if i is not None:
             add(i)
-    writer.add_add_bos_token(bool(cfg.get("add_bos_token", False)))
+    # transformers 5 often leaves add_bos_token out of tokenizer_config.json: the
+    # post-processor template says what encode() adds.
+    writer.add_add_bos_token(bool(cfg.get("add_bos_token", first is not None)))
+    writer.add_add_eos_token(bool(cfg.get("add_eos_token", last is not None)))
+    eot = _end_of_turn(folder, token_id(cfg.get("eos_token")))
+    if eot is not None:
+        writer.add_eot_token_id(eot)
     template = cfg.get("chat_template")
     jinja = folder / "chat_template.jinja"
     if template is None and jinja.is_file():
@@ -94,9 +200,40 @@ def _special_ids(writer, folder: Path, vocab: dict[str, int]) -> None:
         writer.add_chat_template(template)
 
 
-def add_tokenizer(writer, folder: Path, source: Path | None = None, pre: str | None = None) -> None:
+def _end_of_turn(folder: Path, eos: int | None) -> int | None:
+    """The generation config's first stop id other than eos (Gemma's <end_of_turn>, Llama 3's
+    <|eot_id|>), which llama.cpp then also stops at."""
+    path = folder / "generation_config.json"
+    ids = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    ids = ids if isinstance(ids, list) else [ids]
+    others = [i for i in ids if i is not None and i != eos]
+    return others[0] if others else None
+
+
+def add_tokenizer(writer, folder: Path, vocab_size: int, source: Path | None = None,
+                  pre: str | None = None) -> str:
+    """Write the tokenizer keys; returns the tokenizer model written ('gpt2', 'llama', or
+    'copied' from a source GGUF)."""
     source = source or source_gguf(folder)
     if source is not None and pre is None:
         _copy_fields(writer, source)
+        return "copied"
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"{folder}: no tokenizer.json (and no source GGUF) to take the "
+                         "tokenizer from")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    kind = tokenizer_kind(data, path)
+    if kind == "gpt2":
+        from loratune.export.gguf_pretokenizer import CANDIDATES, detect_pre
+
+        if pre is not None and pre not in CANDIDATES:
+            raise ValueError(f"--tokenizer-pre {pre!r}: choose one of {', '.join(CANDIDATES)}")
+        vocab = _write_bpe(writer, data, path, vocab_size, pre or detect_pre(path))
     else:
-        _from_tokenizer_json(writer, folder, pre)
+        if pre is not None:
+            raise ValueError(f"--tokenizer-pre {pre!r}: {path} is a SentencePiece-style "
+                             "tokenizer, which has no pre-tokenizer to choose")
+        vocab = _write_sentencepiece(writer, data, path, vocab_size)
+    _special_ids(writer, folder, data, vocab)
+    return kind

@@ -1,0 +1,230 @@
+"""What llama.cpp needs to know about each model family, beyond its tensors.
+
+Tensor names come from the `gguf` package's own maps (`gguf.get_tensor_name_map`, built from
+its MODEL_TENSORS / TensorNameMap for the architecture); this module holds the rest:
+- the llama.cpp architecture an HF architecture becomes (Mistral runs as `llama`);
+- how weights change on the way: Q/K rows permuted where llama.cpp rotates interleaved pairs
+  (the `llama` architecture), Gemma's RMSNorm weights stored as 1 + w (llama.cpp multiplies by
+  the stored value, transformers by 1 + w);
+- the metadata keys: sizes, head_dim (key/value length), RoPE base and scaling (llama3 as a
+  `rope_freqs` tensor, yarn, linear, Phi-3's longrope factors), Gemma's soft-capping and
+  sliding-window layers, Phi-3's partial rotary and original context.
+Gemma's embedding scale (× √hidden) and Qwen2's q/k/v biases need no key: llama.cpp's gemma
+graphs scale by √n_embd themselves, and biases are tensors with their own names.
+Anything llama.cpp would compute differently (an unknown RoPE type, a Gemma query scale other
+than the one llama.cpp hard-codes) is refused by name rather than written wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+class GGUFExportError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Family:
+    """One HF architecture as llama.cpp runs it."""
+
+    arch: str                        # gguf.MODEL_ARCH member name
+    interleaved_rope: bool = False   # llama.cpp rotates adjacent pairs: permute Q/K rows
+    norm_offset: float = 0.0         # added to every `*norm.weight` (Gemma's 1 + w)
+    keys: Callable | None = None     # family-specific metadata: keys(writer, config, hf)
+
+
+def rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of each head from [first halves | second halves] to interleaved pairs."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).transpose(1, 2)
+            .reshape(w.shape))
+
+
+def _head_dim(hf) -> int:
+    return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+
+
+def _rope(hf, layer_type: str | None = None) -> dict:
+    """The (standardized) RoPE parameters, per layer type where the model has several."""
+    params = dict(getattr(hf, "rope_parameters", None) or {})
+    if layer_type is not None and layer_type in params:
+        return dict(params[layer_type])
+    if "full_attention" in params:
+        return dict(params["full_attention"])
+    return params
+
+
+def _layer_window_pattern(writer, hf) -> None:
+    """Which layers use sliding-window attention, from `layer_types` (llama.cpp reads a
+    per-layer array in place of its built-in pattern)."""
+    types = getattr(hf, "layer_types", None)
+    if types:
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+
+def _gemma_query_scale(writer, hf, n_layer_27b: int) -> None:
+    # llama.cpp hard-codes the query scale: 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the
+    # 27B models (recognised by layer count); transformers uses query_pre_attn_scalar.
+    expected = (hf.hidden_size // hf.num_attention_heads if hf.num_hidden_layers == n_layer_27b
+                else _head_dim(hf))
+    if hf.query_pre_attn_scalar != expected:
+        raise GGUFExportError(f"config.json: query_pre_attn_scalar={hf.query_pre_attn_scalar}; "
+                              f"llama.cpp scales queries by 1/sqrt({expected}) for this shape, "
+                              "so the exported model would compute differently")
+
+
+def _gemma2_keys(writer, config: dict, hf) -> None:
+    _gemma_query_scale(writer, hf, n_layer_27b=46)
+    if not hf.tie_word_embeddings:
+        raise GGUFExportError("config.json: an untied Gemma 2 output layer; llama.cpp's gemma2 "
+                              "reads the output from token_embd")
+    if hf.attn_logit_softcapping:
+        writer.add_attn_logit_softcapping(float(hf.attn_logit_softcapping))
+    if hf.final_logit_softcapping:
+        writer.add_final_logit_softcapping(float(hf.final_logit_softcapping))
+    writer.add_sliding_window(int(hf.sliding_window))
+    _layer_window_pattern(writer, hf)
+
+
+def _gemma3_keys(writer, config: dict, hf) -> None:
+    _gemma_query_scale(writer, hf, n_layer_27b=62)
+    if getattr(hf, "attn_logit_softcapping", None):
+        raise GGUFExportError("config.json: attn_logit_softcapping is set; llama.cpp's gemma3 "
+                              "has no attention soft-capping")
+    if getattr(hf, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(hf.final_logit_softcapping))
+    if getattr(hf, "sliding_window", None):
+        writer.add_sliding_window(int(hf.sliding_window))
+        _layer_window_pattern(writer, hf)
+        local = _rope(hf, "sliding_attention").get("rope_theta")
+        if local is not None:
+            writer.add_rope_freq_base_swa(float(local))
+
+
+def _phi3_keys(writer, config: dict, hf) -> None:
+    rope = _rope(hf)
+    writer.add_rope_scaling_orig_ctx_len(int(rope.get(
+        "original_max_position_embeddings",
+        getattr(hf, "original_max_position_embeddings", None) or hf.max_position_embeddings)))
+    # 0 tells llama.cpp's phi3 there is no sliding window (Phi-4-mini)
+    writer.add_sliding_window(int(getattr(hf, "sliding_window", None) or 0))
+
+
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family("LLAMA", interleaved_rope=True),
+    "MistralForCausalLM": Family("LLAMA", interleaved_rope=True),
+    "Qwen2ForCausalLM": Family("QWEN2"),
+    "Qwen3ForCausalLM": Family("QWEN3"),
+    "Gemma2ForCausalLM": Family("GEMMA2", norm_offset=1.0, keys=_gemma2_keys),
+    "Gemma3ForCausalLM": Family("GEMMA3", norm_offset=1.0, keys=_gemma3_keys),
+    "Phi3ForCausalLM": Family("PHI3", keys=_phi3_keys),
+}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+               "phi3": "Phi3ForCausalLM"}
+
+
+def family_of(config: dict, where: str) -> tuple[str, Family]:
+    """(HF architecture, Family) of a config.json, or an error naming the supported ones."""
+    arch = (config.get("architectures") or [MODEL_TYPES.get(config.get("model_type"),
+                                                            config.get("model_type"))])[0]
+    if arch not in FAMILIES:
+        raise GGUFExportError(f"{where}: architecture {arch} is not supported for GGUF export; "
+                              f"supported: {', '.join(FAMILIES)}")
+    return arch, FAMILIES[arch]
+
+
+def hf_config(config: dict):
+    """transformers' config object (its defaults filled in, RoPE parameters standardized)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**config)
+
+
+def gguf_arch_name(family: Family) -> str:
+    import gguf
+
+    return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)]
+
+
+def tensor_name_map(family: Family, n_layers: int):
+    import gguf
+
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, family.arch), n_layers)
+
+
+def _rope_scaling(writer, family: Family, hf) -> dict[str, torch.Tensor]:
+    """Write the RoPE scaling keys; returns the extra tensors it needs (name -> values)."""
+    import gguf
+
+    rope = _rope(hf)
+    kind = rope.get("rope_type", "default")
+    tensors = gguf.MODEL_TENSORS[getattr(gguf.MODEL_ARCH, family.arch)]
+    if kind == "default":
+        return {}
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        return {}
+    if kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings")
+                                                 or hf.max_position_embeddings))
+        for key, add in (("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+                         ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(key) is not None:
+                add(float(rope[key]))
+        return {}
+    if kind == "llama3" and gguf.MODEL_TENSOR.ROPE_FREQS in tensors:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        # llama.cpp divides each default frequency by a factor read from `rope_freqs`
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, torch.device("cpu"))
+        dim = int(_head_dim(hf) * rope.get("partial_rotary_factor", 1.0))
+        base = float(rope["rope_theta"])
+        default = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        return {"rope_freqs.weight": (default / scaled.double()).float()}
+    if kind == "longrope" and gguf.MODEL_TENSOR.ROPE_FACTORS_LONG in tensors:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        _, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](hf, torch.device("cpu"))
+        writer.add_rope_scaling_attn_factors(float(attention_factor))
+        return {"rope_factors_long.weight": torch.tensor(rope["long_factor"], dtype=torch.float32),
+                "rope_factors_short.weight": torch.tensor(rope["short_factor"],
+                                                          dtype=torch.float32)}
+    raise GGUFExportError(f"config.json: rope scaling {kind!r} is not supported for the "
+                          f"{gguf_arch_name(family)} architecture in GGUF export")
+
+
+def write_metadata(writer, family: Family, config: dict, name: str,
+                   file_type: int) -> dict[str, torch.Tensor]:
+    """All the architecture keys; returns the extra tensors (RoPE factors) to write."""
+    hf = hf_config(config)
+    heads = hf.num_attention_heads
+    head_dim = _head_dim(hf)
+    writer.add_name(name)
+    writer.add_context_length(int(hf.max_position_embeddings))
+    writer.add_embedding_length(hf.hidden_size)
+    writer.add_block_count(hf.num_hidden_layers)
+    writer.add_feed_forward_length(hf.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(hf, "num_key_value_heads", None) or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    rope = _rope(hf)
+    writer.add_rope_dimension_count(int(head_dim * rope.get(
+        "partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(hf.rms_norm_eps))
+    writer.add_vocab_size(hf.vocab_size)
+    writer.add_file_type(file_type)
+    if family.keys is not None:
+        family.keys(writer, config, hf)
+    return _rope_scaling(writer, family, hf)
