@@ -408,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             FileExistsError, PlanError, ValueError) as err:
         print(f"loratune {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:   # a RunInterrupted says where the run stopped
+        print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
         return 130
 
 

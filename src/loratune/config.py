@@ -266,6 +266,9 @@ class DataConfig(_Section):
     max_length: int = Field(512, gt=8)
     overflow: Literal["truncate", "drop"] = "truncate"
     train_on: Literal["answers", "all"] = "answers"
+    think: Literal["keep", "strip"] = Field(
+        "keep", description="<think>...</think> blocks in answers (Qwen3's reasoning): keep and "
+        "train on them as the chat template renders them, or strip them from every answer")
     packing: bool | Literal["auto"] = "auto"
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share when no eval file")
 
@@ -307,6 +310,13 @@ class TrainConfig(_Section):
     save_every: int | None = Field(None, gt=0)
     save_total_limit: int | None = Field(2, gt=0)
     seed: int = 42
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers fed the config and metrics "
+        "(pip install 'loratune[trackers]')")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+        "<output_dir>/mlruns)")
+    wandb_project: str = Field("loratune", description="W&B project (offline unless $WANDB_MODE)")
 
 
 class EvalConfig(_Section):

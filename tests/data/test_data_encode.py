@@ -147,7 +147,8 @@ def test_template_that_rewrites_history_is_refused(smol_tokenizer):
     template = ("{% for m in messages %}{{ m['content'] }}{% if loop.last %}{{ '!' }}{% endif %}"
                 "{% endfor %}")
     with pytest.raises(DataError, match=r"does not render conversations prefix by prefix "
-                                        r"\(assistant turn 1\).*train_on: all"):
+                                        r"\(assistant turn 1: its prompt is not the start of the "
+                                        r"whole conversation\).*train_on: all"):
         encode_conversation(CHAT[1:], smol_tokenizer, template, "answers", 64)
     ex, _ = encode_conversation(CHAT[1:], smol_tokenizer, template, "all", 64)
     assert smol_tokenizer.decode(ex.input_ids) == "HiHello there2+2?4!<|im_end|>"

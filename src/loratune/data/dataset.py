@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loratune.config import DataConfig
+from loratune.data.conversation import fit_conversation
 from loratune.data.encode import IGNORE, Example, encode_conversation
 from loratune.data.errors import DataError
 from loratune.data.formats import detect_format, locate, read_indexed, to_messages
@@ -26,6 +27,7 @@ class DataStats:
     n_label_tokens: int = 0  # tokens that carry loss (the first token of an example never does)
     format: str = ""  # alpaca, messages, sharegpt, or "mixed: a, b" for auto-detected mixes
     drop_reasons: dict[str, int] = field(default_factory=dict)  # why -> records dropped
+    notes: dict[str, int] = field(default_factory=dict)  # what was changed to fit the template
 
     def why_dropped(self) -> str:
         """e.g. '2 with no answer tokens left after truncation to data.max_length=64'."""
@@ -34,6 +36,10 @@ class DataStats:
     def dropped(self) -> str:
         """'N dropped', and why when any were: how the log line reports them."""
         return f"{self.n_dropped} dropped" + (f" ({self.why_dropped()})" if self.n_dropped else "")
+
+    def noted(self) -> str:
+        """e.g. '; note: 8 records: system message folded into ...' ('' when none)."""
+        return "".join(f"; note: {n} records: {what}" for what, n in self.notes.items())
 
 
 def _drop_reason(truncated: bool, cfg: DataConfig) -> str:
@@ -72,6 +78,9 @@ def build_examples(path: str | Path, tokenizer,
     examples = []
     for index, messages in conversations:
         try:
+            messages, notes = fit_conversation(messages, tokenizer, template, cfg.think)
+            for note in notes:
+                stats.notes[note] = stats.notes.get(note, 0) + 1
             example, truncated = encode_conversation(messages, tokenizer, template, cfg.train_on,
                                                      cfg.max_length, cfg.overflow)
         except DataError as err:

@@ -1,10 +1,14 @@
 """Tokenize a conversation with its chat template; label only what the model should learn.
 
-Answer spans are found in characters, then mapped to tokens with the tokenizer's offsets:
-the text before assistant turn i is the template's rendering of turns < i with the
-generation prompt, and the turn ends where the rendering of turns <= i ends (minus trailing
-whitespace). So the end-of-turn marker the template writes after an answer (`<|im_end|>`,
-`</s>`) is inside the span and gets a label: the model learns to stop.
+Answer spans are found in characters, then mapped to tokens with the tokenizer's offsets.
+Assistant turn i starts where the template's prompt for it ends (turns < i with the
+generation prompt, which must be a prefix of the whole conversation's text) and ends with the
+end-of-turn token the template writes right after the answer (`<|im_end|>`, `<|eot_id|>`,
+`</s>`, `<end_of_turn>`, `<|end|>`): the model learns to stop. Where the answer's text ends is
+found by rendering the whole conversation again with a marker after that answer, so templates
+that render earlier turns differently once later ones follow (Qwen3 drops the think blocks of
+past answers; Phi-3 ends the conversation with eos) are read as they render the whole.
+The tokenizer's eos ends every example, labelled (appended when the template does not write it).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from loratune.data.conversation import render
 from loratune.data.errors import DataError
 
 IGNORE = -100  # label of a token that carries no loss (PyTorch cross_entropy ignore_index)
@@ -44,30 +49,75 @@ class Encoded(NamedTuple):
     truncated: bool
 
 
-def _render(tokenizer, messages: list[dict], template: str, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+# An answer marker no template adds, trims or escapes (U+2063 INVISIBLE SEPARATOR).
+_MARK = "\u2063\u2063\u2063"
+
+
+def _render_or_refuse(tokenizer, messages: list[dict], template: str) -> str:
+    """The whole conversation's text; what the template refuses is a DataError, not a jinja
+    traceback."""
+    try:
+        return render(tokenizer, messages, template, False)
+    except Exception as err:  # jinja's TemplateError (raise_exception), or what a template trips
+        raise DataError(f"the chat template refused the conversation: {err}") from None
+
+
+def _not_prefix(i: int, why: str) -> DataError:
+    return DataError(f"the chat template does not render conversations prefix by prefix "
+                     f"(assistant turn {i}: {why}), so answers cannot be located; set "
+                     f"data.train_on: all, or data.template to one of the named templates")
+
+
+def _answer_end(messages: list[dict], i: int, tokenizer, template: str, full: str) -> int:
+    """Where assistant turn i's text ends in `full` (before its end-of-turn token)."""
+    marked = [dict(m) for m in messages]
+    marked[i]["content"] = f"{messages[i]['content']}{_MARK}"
+    text = render(tokenizer, marked, template, False)
+    at = text.find(_MARK)
+    after = text[at + len(_MARK):]
+    if at < 0 or _MARK in after or not full.endswith(after):
+        raise _not_prefix(i, "its answer text is not rendered as given")
+    return len(full) - len(after)
+
+
+def _end_tokens(tokenizer) -> list[str]:
+    """Special tokens that may close a turn (longest first), bos excluded."""
+    specials = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                if t.special}
+    specials.add(tokenizer.eos_token or "")
+    specials.discard(tokenizer.bos_token or "")
+    specials.discard("")
+    return sorted(specials, key=len, reverse=True)
+
+
+def _with_end_marker(full: str, end: int, ends: list[str]) -> int:
+    """`end` moved past the end-of-turn token written right after the answer (blanks between
+    allowed, as Llama 2's " </s>"); unchanged when none follows."""
+    rest = full[end:]
+    gap = len(rest) - len(rest.lstrip())
+    marker = next((t for t in ends if rest[gap:].startswith(t)), None)
+    return end + gap + len(marker) if marker else end
 
 
 def answer_spans(messages: list[dict], tokenizer,
                  template: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span [start, end) of every assistant turn,
     end-of-turn marker included."""
-    full = _render(tokenizer, messages, template, False)
+    full = _render_or_refuse(tokenizer, messages, template)
+    ends = _end_tokens(tokenizer)
     spans = []
     for i, message in enumerate(messages):
         # An assistant turn that opens the conversation answers nothing (and templates cannot
         # render an empty prefix): it stays context.
         if message["role"] != "assistant" or i == 0:
             continue
-        before = _render(tokenizer, messages[:i], template, True)
-        through = _render(tokenizer, messages[: i + 1], template, False)
-        if not (full.startswith(through) and through.startswith(before)):
-            raise DataError(f"the chat template does not render conversations prefix by prefix "
-                            f"(assistant turn {i}), so answers cannot be located; set "
-                            f"data.train_on: all, or data.template to one of the named templates")
-        # The newline a template puts after the end marker is not part of the answer.
-        spans.append((len(before), len(through.rstrip())))
+        before = render(tokenizer, messages[:i], template, True)
+        if not full.startswith(before):
+            raise _not_prefix(i, "its prompt is not the start of the whole conversation")
+        end = _answer_end(messages, i, tokenizer, template, full)
+        if end < len(before):
+            raise _not_prefix(i, "its answer ends before its prompt")
+        spans.append((len(before), _with_end_marker(full, end, ends)))
     return full, spans
 
 
@@ -99,7 +149,7 @@ def encode_conversation(messages: list[dict], tokenizer, template: str,
     if train_on == "answers":
         text, spans = answer_spans(messages, tokenizer, template)
     else:
-        text, spans = _render(tokenizer, messages, template, False), []
+        text, spans = _render_or_refuse(tokenizer, messages, template), []
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:
@@ -109,10 +159,13 @@ def encode_conversation(messages: list[dict], tokenizer, template: str,
     labels = list(ids) if train_on == "all" else _label_answers(ids, enc["offset_mapping"], spans)
     eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
     # The model must learn to stop; the label is set here, never derived from pad, so it
-    # survives when pad == eos.
+    # survives when pad == eos (and a final eos the template writes itself, as Phi-3's, is
+    # labelled too).
     if eos_id is not None and not (eos and text.rstrip().endswith(eos)):
         ids.append(eos_id)
         labels.append(eos_id)
+    elif eos_id is not None and ids and ids[-1] == eos_id:
+        labels[-1] = eos_id
     truncated = len(ids) > max_length
     if truncated:
         if overflow == "drop":

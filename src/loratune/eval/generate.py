@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
+from loratune.data.conversation import fit_conversation
 from loratune.models.modules import eos_ids
 
 
+class TemplateNote(UserWarning):
+    """The conversation was changed to fit the chat template (e.g. a system message folded)."""
+
+
+
 def prompt_ids(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
+    """The prompt's token ids, with the generation prompt; a system message the template
+    cannot render is folded into the first user turn, as training does (with a warning)."""
+    messages, notes = fit_conversation(messages, tokenizer, template)
+    for note in notes:
+        warnings.warn(note, TemplateNote, stacklevel=2)
     out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True,
                                         add_generation_prompt=True, return_dict=True)
     return list(out["input_ids"])

@@ -40,6 +40,9 @@ from loratune.train.run_folder import (RunFolderError, check_resume_state, check
                                        write_summary)
 from loratune.train.runtime import Forward, OneProcess, process_group
 from loratune.train.schedule import lr_factor
+from loratune.train.status import (RunInterrupted, StopRequest, recorded_outcome,
+                                   stop_on_signal, write_status)
+from loratune.train.trackers import check_trackers, open_trackers
 
 DataPaths = tuple[str, str | None]  # (training file, held-out file or None)
 Log = Callable[..., None]  # print, or silence on other ranks and with quiet
@@ -81,13 +84,16 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=N
     info = DistInfo.from_env()
     mode = lt_dist.check_parallel_options(cfg.train, cfg.adapter.method, info)
     check_run_dir(Path(cfg.output_dir), resume, overwrite)  # fail before the slow setup
+    check_trackers(cfg.train.report_to)
     paths = data_paths or resolve_data_paths(cfg)
     seed_everything(cfg.train.seed)
     model, tokenizer = load_base(cfg, info, model, tokenizer)
     with process_group(info, mode, device_of(model), cfg.train.dist_timeout) as runtime:
         run = setup(cfg, opts, runtime, model, tokenizer, paths)
-        progress = train_steps(run)
-        return save(run, progress)
+        with recorded_outcome(run.out, runtime.is_main, run.metrics), \
+                stop_on_signal() as run.stop:
+            progress = train_steps(run)
+            return save(run, progress)
 
 
 # ---------------------------------------------------------------------------------- setup
@@ -141,6 +147,7 @@ class Run:
     total_steps: int
     start_step: int
     quiet: bool
+    stop: StopRequest = field(default_factory=StopRequest)  # SIGINT/SIGTERM: stop at a step
 
     @property
     def out(self) -> Path:
@@ -174,9 +181,12 @@ def setup(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, model: nn.Modul
     forward, optimizer, start_step = setup_optimizer(cfg, runtime, model, checkpoint, log)
     if runtime.is_main:
         write_config(out, cfg)
+        write_status(out, "running", step=start_step, total_steps=total)
     for note in offload_notes(cfg.train, runtime.device):
         log(note)
     metrics = open_metrics(out, runtime, opts.resume, start_step)
+    if runtime.is_main:
+        metrics.trackers = open_trackers(cfg, out)
     return Run(cfg, runtime, model, forward, optimizer, hooks, data, metrics, total, start_step,
                quiet)
 
@@ -238,7 +248,7 @@ def setup_data(cfg: RunConfig, tokenizer, paths: DataPaths, log: Log) -> TrainDa
     train_ex, eval_ex, stats, packing = build_data(cfg, tokenizer, paths)
     log(f"data: {stats.n_examples} examples ({stats.format}), {stats.n_truncated} truncated, "
         f"{stats.dropped()}; packing={'on' if packing else 'off'}; "
-        f"held-out: {len(eval_ex)}")
+        f"held-out: {len(eval_ex)}{stats.noted()}")
     if not train_ex:
         raise ValueError(f"no training examples left in {cfg.data.train}")
     pad_id = tokenizer.pad_token_id
@@ -486,9 +496,22 @@ def train_steps(run: Run) -> Progress:
         if train_cfg.save_every and stats.step % train_cfg.save_every == 0 \
                 and stats.step < run.total_steps:
             save_step_checkpoint(run, stats.step)
+        stop_if_asked(run, stats.step)
     bar.close()
     progress.seconds = time.perf_counter() - t_start
     return progress
+
+
+def stop_if_asked(run: Run, step: int) -> None:
+    """After SIGINT/SIGTERM (on any rank): checkpoint step `step`, raise RunInterrupted. At
+    the last step the run just finishes."""
+    asked = run.runtime.sum([float(run.stop.requested)])[0] > 0  # all ranks stop at one step
+    if not asked or step >= run.total_steps:
+        return
+    ckpt = run.out / "checkpoints" / f"step-{step:08d}"
+    if ckpt not in list_checkpoints(run.out / "checkpoints"):  # save_every may have written it
+        save_step_checkpoint(run, step)
+    raise RunInterrupted(step, ckpt)
 
 
 def _progress_bar(total: int, start: int, enabled: bool):
@@ -530,6 +553,8 @@ def save(run: Run, progress: Progress) -> TrainResult:
     if run.runtime.is_main:
         plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
         write_summary(run.out, run_summary(run, progress))
+        write_status(run.out, "finished", step=run.total_steps)
+    run.metrics.close("finished", adapter_dir)
     run.runtime.barrier()  # the other ranks return once rank 0 has written everything
     return TrainResult(run.out, adapter_dir, run.total_steps, progress.loss,
                        progress.eval_loss, progress.seconds, progress.tokens,

@@ -9,15 +9,26 @@ from loratune.files import write_atomic_file
 
 
 class MetricsLog:
-    def __init__(self, path: Path, enabled: bool = True):
+    """metrics.jsonl, and the experiment trackers (train/trackers.py) fed each same record."""
+
+    def __init__(self, path: Path, enabled: bool = True, trackers: list | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.trackers = list(trackers or [])
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def close(self, state: str, adapter_dir: Path | None = None) -> None:
+        """Tell the trackers how the run ended (finished/interrupted/failed), once."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(state, adapter_dir)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records past the checkpoint so the log has no duplicate steps."""

@@ -1,7 +1,7 @@
 """The run folder: what a start may do to it (refusals change nothing) and what it holds.
 
-A run folder holds config.yaml, metrics.jsonl, checkpoints/, adapter/, loss.png and, once the run
-finished, run_summary.json. Starting again into one is refused unless it is a resume of an
+A run folder holds config.yaml, metrics.jsonl, status.json, checkpoints/, adapter/, loss.png,
+the trackers' folders and, once the run finished, run_summary.json. Starting again into one is refused unless it is a resume of an
 unfinished run or an --overwrite (which keeps the old folder under a backup name).
 """
 
@@ -22,7 +22,8 @@ DONE_FILE = "run_summary.json"
 # What train and demo write into a run folder. --overwrite moves the folder away, so one
 # holding anything else (or cwd, or home) is someone's own files and is refused.
 RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "adapter", DONE_FILE, "loss.png",
-               "demo_report.json"}
+               "demo_report.json", "status.json",
+               "tensorboard", "mlruns", "wandb"}   # train.report_to's trackers
 
 # What decides the data order and the meaning of a step: a checkpoint written under other values
 # would resume on different batches. The world size is free to change.
