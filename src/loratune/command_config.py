@@ -195,7 +195,7 @@ class EvalCommandConfig(_WithAdapters):
                         "column each")
     batch_size: int = Field(16, gt=0, description="prompts or options per forward")
     max_new_tokens: int | None = Field(None, gt=0, description="generated tokens per answer "
-                                       "(default: 32; code: 384)")
+                                       "(default: exact 32, generate 128, code 384)")
     shots: int = Field(0, ge=0, description="(mc) solved examples before each question, from "
                        "--dev")
     dev: str | None = Field(None, description="(mc) file or folder of solved examples for "
