@@ -38,7 +38,17 @@ class QuantConfig(_Section):
     bits: Literal[4] = 4
     type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = Field(True, description="quantize the block scales too (~0.37 bit saved)")
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the 4-bit weights are dequantized to and the activations "
+        "run in")
+    unquantized_dtype: Literal["compute", "float32"] = Field(
+        "compute", description="dtype of the weights left unquantized (embeddings, lm_head, "
+        "norms, biases): compute (= compute_dtype: the smallest model) or float32 (as PEFT's "
+        "prepare_model_for_kbit_training; the residual stream then runs in fp32)")
+    kernel: Literal["auto", "torch", "triton", "bitsandbytes"] = Field(
+        "auto", description="4-bit dequantization: torch (readable PyTorch, any device), triton "
+        "(our kernel, CUDA), bitsandbytes (its CUDA kernels on the same bytes); auto: on CUDA "
+        "bitsandbytes, else triton, whichever imports first, else torch")
     blocksize: int = Field(64, description="values per absmax block: a power of two, 32..4096")
 
     @field_validator("blocksize")

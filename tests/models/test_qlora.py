@@ -133,3 +133,73 @@ def test_embedded_model_in_4bit_answers():
                                           "content": "What is the capital of France?"}]],
                            max_new_tokens=12)[0]
     assert "Paris" in answer
+
+
+def _resident_bytes(model) -> int:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not None}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _unquantized(model) -> list[torch.Tensor]:
+    return list(model.parameters())  # 4-bit weights are buffers
+
+
+@pytest.mark.parametrize("build", ["streamed", "in_memory"])
+def test_compute_dtype_bf16_runs_and_stores_the_model_in_bf16(tmp_path, build):
+    """compute_dtype: bfloat16 holds end to end: embeddings, norms, lm_head, biases stored in
+    bf16; hidden states, every projection's output, the final norm and the logits in bf16."""
+    from loratune.models.load_4bit import load_quantized
+    from loratune.models.quantize import unquantized_dtype
+
+    def build_model(**options):
+        cfg = QuantConfig(compute_dtype="bfloat16", **options)
+        if build == "streamed":
+            return load_quantized(tmp_path, cfg)
+        model = tiny_llama(bias=True)
+        quantize_model(model, cfg)
+        return prepare_for_kbit_training(model, unquantized_dtype(cfg))
+
+    tiny_llama(bias=True).save_pretrained(tmp_path)
+    model = build_model()
+    assert {p.dtype for p in _unquantized(model)} == {torch.bfloat16}
+    outputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o.dtype))
+             for n, m in model.named_modules() if isinstance(m, Linear4bit) or n == "model.norm"]
+    with torch.no_grad():
+        out = model(input_ids=IDS, output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == 15 and set(outputs.values()) == {torch.bfloat16}, outputs
+    assert {h.dtype for h in out.hidden_states} == {torch.bfloat16}
+    assert out.logits.dtype == torch.bfloat16
+    # Resident bytes: the same 4-bit bytes, the unquantized weights at 2 bytes instead of 4.
+    wide = build_model(unquantized_dtype="float32")
+    assert {p.dtype for p in _unquantized(wide)} == {torch.float32}
+    n_plain = sum(p.numel() for p in _unquantized(model))
+    assert quantized_bytes(model) == quantized_bytes(wide)
+    assert _resident_bytes(wide) - _resident_bytes(model) == 2 * n_plain
+    # unquantized_dtype: float32 keeps PEFT's layout: fp32 residual stream, bf16 matmuls
+    with torch.no_grad():
+        assert wide(input_ids=IDS).logits.dtype == torch.float32
+    # The two agree to bf16's resolution
+    torch.testing.assert_close(out.logits.float(), logits(wide), atol=0.05, rtol=0.05)
+
+
+def test_qlora_trains_with_bf16_compute_and_fp32_adapters():
+    from loratune.train.loss import causal_lm_loss
+
+    model = tiny_llama()
+    quantize_model(model, QuantConfig(compute_dtype="bfloat16"))
+    prepare_for_kbit_training(model, torch.bfloat16)
+    add_adapter(model, LoraConfig(r=4, lora_alpha=8))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and {p.dtype for p in params} == {torch.float32}
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    batch = {"input_ids": IDS, "labels": IDS}
+    for _ in range(3):
+        loss, n = causal_lm_loss(model, batch)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all((p != b).float().mean() > 0.9 for p, b in zip(params, before))

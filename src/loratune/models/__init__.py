@@ -1,7 +1,7 @@
 """Base models: loading (embedded, HF folder, GGUF; 4-bit bases too) and module discovery."""
 
+from loratune.models.device import DTYPES
 from loratune.models.load import (
-    DTYPES,
     EMBEDDED,
     ModelNotFound,
     embedded_folder,

@@ -17,7 +17,8 @@ from safetensors.torch import save_model
 
 from loratune.config import ModelConfig
 from loratune.files import write_atomic_dir
-from loratune.models.device import DTYPES, resolve_dtype
+from loratune.models.device import resolve_dtype
+from loratune.quant.kernels import choose_kernel
 from loratune.readers import CorruptFileError, check_safetensors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -172,6 +173,8 @@ def load_model(cfg: ModelConfig | str):
 
     cfg = ModelConfig(name=cfg) if isinstance(cfg, str) else cfg
     dtype = resolve_dtype(cfg.dtype, cfg.device, cfg.strict_dtype)
+    if cfg.quantization is not None:  # an impossible kernel fails before anything is read
+        choose_kernel(cfg.quantization.kernel, cfg.device)
     folder, gguf = resolve_model(cfg.name)
     quant = cfg.quantization
     if gguf is None and quant is None:
@@ -183,7 +186,7 @@ def load_model(cfg: ModelConfig | str):
     if quant is not None and gguf is None:
         from loratune.models.load_4bit import load_quantized
 
-        model = load_quantized(folder, quant, dtype)
+        model = load_quantized(folder, quant)  # unquantized weights: quant.unquantized_dtype
     else:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
@@ -194,10 +197,11 @@ def load_model(cfg: ModelConfig | str):
             use_safetensors=None if gguf else True,
         )
         if quant is not None:
-            from loratune.models.quantize import prepare_for_kbit_training, quantize_model
+            from loratune.models.quantize import (prepare_for_kbit_training, quantize_model,
+                                                  unquantized_dtype)
 
             quantize_model(model, quant)
-            prepare_for_kbit_training(model)
+            prepare_for_kbit_training(model, unquantized_dtype(quant))
     model.config._attn_implementation = cfg.attn_implementation
     model.to(torch.device(cfg.device))
     model.eval()

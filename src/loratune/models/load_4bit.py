@@ -16,7 +16,7 @@ from torch import nn
 from loratune.config import QuantConfig
 from loratune.models.device import DTYPES
 from loratune.models.modules import set_submodule
-from loratune.models.quantize import prepare_for_kbit_training
+from loratune.models.quantize import prepare_for_kbit_training, unquantized_dtype
 from loratune.models.shapes import LLAMA_SHAPES
 from loratune.quant.io import STATE_KEY, quantized_linear
 from loratune.quant.linear4bit import Linear4bit
@@ -53,7 +53,7 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, skip: set[str], cfg
     if isinstance(module, nn.Linear) and name == "weight" and path not in skip:
         bias = module.bias if module.bias is not None and not module.bias.is_meta else None
         q = quantize_4bit(tensor, cfg.blocksize, cfg.type, cfg.double_quant)
-        layer = Linear4bit(q, bias, DTYPES[cfg.compute_dtype])
+        layer = Linear4bit(q, bias, DTYPES[cfg.compute_dtype], cfg.kernel)
         if module.bias is not None and bias is None:
             layer.bias = module.bias  # still meta: its tensor comes later in the file
         set_submodule(model, path, layer)
@@ -63,7 +63,7 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, skip: set[str], cfg
         _set_tensor(model, key, tensor.to(dtype, copy=True))
 
 
-def _finish(model: nn.Module, config) -> nn.Module:
+def _finish(model: nn.Module, config, dtype: torch.dtype) -> nn.Module:
     """Tie weights, rebuild computed (non-persistent) buffers, check nothing stayed on meta."""
     if getattr(config, "tie_word_embeddings", False):
         # A tied checkpoint stores the shared matrix once, under either name.
@@ -80,12 +80,14 @@ def _finish(model: nn.Module, config) -> nn.Module:
             if t.is_meta]
     if left:
         raise ValueError(f"checkpoint has no tensor for {left[0]} ({len(left)} missing)")
-    prepare_for_kbit_training(model)
+    prepare_for_kbit_training(model, dtype)
     return model.eval()
 
 
-def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype = torch.float32):
+def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype | None = None):
     """A 4-bit model from a safetensors folder, one tensor in full precision at a time.
+
+    What stays unquantized is stored in `dtype` (None: `unquantized_dtype(cfg)`).
 
     Linear weights already stored in 4 bits (a transformers/bitsandbytes `load_in_4bit`
     checkpoint, or one `save_quantized` wrote) are taken as they are.
@@ -95,6 +97,7 @@ def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype = to
     from transformers import AutoConfig
 
     folder = Path(folder)
+    dtype = unquantized_dtype(cfg) if dtype is None else dtype
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     model = _meta_model(config)
     skip = _skip_paths(model)
@@ -117,7 +120,7 @@ def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype = to
                 _place_packed(model, key[:-7], read, cfg)
             else:
                 _place(model, key, read(key), skip, cfg, dtype)
-    return _finish(model, config)
+    return _finish(model, config, dtype)
 
 
 def _place_packed(model: nn.Module, path: str, read, cfg: QuantConfig) -> None:
@@ -126,18 +129,20 @@ def _place_packed(model: nn.Module, path: str, read, cfg: QuantConfig) -> None:
         raise ValueError(f"{path}: stored in 4 bits but the model has a "
                          f"{type(module).__name__} there")
     layer = quantized_linear(path, read, (module.out_features, module.in_features),
-                             DTYPES[cfg.compute_dtype], None)
+                             DTYPES[cfg.compute_dtype], None, cfg.kernel)
     if module.bias is not None:
         layer.bias = module.bias  # still meta: its own key fills it
     set_submodule(model, path, layer)
 
 
-def random_quantized(shape: str | dict, cfg: QuantConfig, dtype: torch.dtype = torch.float32,
+def random_quantized(shape: str | dict, cfg: QuantConfig, dtype: torch.dtype | None = None,
                      seed: int = 0, std: float = 0.02):
-    """A random-initialized Llama of a real shape, built straight into 4 bits, layer by layer."""
+    """A random-initialized Llama of a real shape, built straight into 4 bits, layer by layer
+    (unquantized weights in `dtype`; None: `unquantized_dtype(cfg)`)."""
     from transformers import LlamaConfig
 
     dims = LLAMA_SHAPES[shape] if isinstance(shape, str) else shape
+    dtype = unquantized_dtype(cfg) if dtype is None else dtype
     config = LlamaConfig(**dims, max_position_embeddings=4096, tie_word_embeddings=False)
     model = _meta_model(config)
     skip = _skip_paths(model)
@@ -149,4 +154,4 @@ def random_quantized(shape: str | dict, cfg: QuantConfig, dtype: torch.dtype = t
             value = torch.empty(tensor.shape).normal_(0, std, generator=gen)
         _place(model, key, value, skip, cfg, dtype)
         del value
-    return _finish(model, config)
+    return _finish(model, config, dtype)

@@ -103,8 +103,9 @@ def _weights(shape: ModelShape, s: Setup) -> tuple[int, int]:
         stats = blocks + 4 * -(-blocks // 256) + 4 * LINEARS_PER_LAYER * shape.layers
     else:
         stats = 4 * blocks
-    # Embeddings, norms and lm_head stay unquantized, in fp32 (prepare_for_kbit_training).
-    return shape.linear_params // 2 + 4 * shape.other_params, stats
+    # Embeddings, norms and lm_head stay unquantized, in the compute dtype (quantization.
+    # unquantized_dtype's default).
+    return shape.linear_params // 2 + BYTES[s.dtype] * shape.other_params, stats
 
 
 def _optimizer(shape: ModelShape, s: Setup) -> int:

@@ -56,7 +56,7 @@ def linear_tensors(prefix: str, layer: Linear4bit) -> dict[str, torch.Tensor]:
 
 
 def quantized_linear(prefix: str, read, expected: tuple[int, int], compute_dtype,
-                     bias: torch.Tensor | None) -> Linear4bit:
+                     bias: torch.Tensor | None, kernel: str = "auto") -> Linear4bit:
     """Build one Linear4bit from its stored parts; `read(key)` returns a tensor or None."""
     state = None
     for kind in ("nf4", "fp4"):
@@ -76,7 +76,7 @@ def quantized_linear(prefix: str, read, expected: tuple[int, int], compute_dtype
                       read(f"{prefix}.weight.nested_absmax") if nested else None)
     if nested and int(meta.get("nested_blocksize", 256)) != 256:
         raise ValueError(f"{prefix}: nested block size {meta['nested_blocksize']}, expected 256")
-    return Linear4bit(q, bias, compute_dtype)
+    return Linear4bit(q, bias, compute_dtype, kernel)
 
 
 def save_quantized(model: nn.Module, folder: str | Path, overwrite: bool = False) -> Path:

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune.quant.nf4 import Quantized4bit, dequantize_4bit, quantize_4bit
+from loratune.quant.kernels import dequantize
+from loratune.quant.nf4 import Quantized4bit, quantize_4bit
 
 
 class _Frozen4bitMatmul(torch.autograd.Function):
@@ -26,11 +27,12 @@ class _Frozen4bitMatmul(torch.autograd.Function):
 
 class Linear4bit(nn.Module):
     def __init__(self, q: Quantized4bit, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, kernel: str = "auto"):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.blocksize, self.quant_type = q.blocksize, q.quant_type
         self.compute_dtype = compute_dtype
+        self.kernel = kernel  # quantization.kernel, resolved per call for the buffers' device
         self.register_buffer("packed", q.packed)
         self.register_buffer("absmax", q.absmax)
         self.register_buffer("offset", q.offset)
@@ -40,17 +42,18 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, quant_type: str = "nf4",
-                    double_quant: bool = True, compute_dtype: torch.dtype = torch.float32):
+                    double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
+                    kernel: str = "auto"):
         q = quantize_4bit(linear.weight.data, blocksize, quant_type, double_quant)
         bias = None if linear.bias is None else linear.bias.data.to(compute_dtype)
-        return cls(q, bias, compute_dtype)
+        return cls(q, bias, compute_dtype, kernel)
 
     def quantized(self) -> Quantized4bit:
         return Quantized4bit(self.packed, (self.out_features, self.in_features), self.blocksize,
                              self.quant_type, self.absmax, self.offset, self.absmax2)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_4bit(self.quantized(), dtype or self.compute_dtype)
+        return dequantize(self.quantized(), dtype or self.compute_dtype, self.kernel)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -65,4 +68,5 @@ class Linear4bit(nn.Module):
     def extra_repr(self) -> str:
         dq = "double-quant" if self.offset is not None else "fp32 scales"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"{self.quant_type}, block={self.blocksize}, {dq}, compute={self.compute_dtype}")
+                f"{self.quant_type}, block={self.blocksize}, {dq}, compute={self.compute_dtype}, "
+                f"kernel={self.kernel}")
