@@ -140,8 +140,10 @@ def test_data_parallel_per_gpu():
     assert totals == sorted(totals, reverse=True)
     q1 = estimate(shape, Setup(method="qlora"))
     q8 = estimate(shape, Setup(method="qlora", gpus=8, parallel="fsdp"))
-    assert q8.weights > q1.weights - 4 * shape.other_params  # 4-bit layers replicated
-    assert q8.quant_stats == q1.quant_stats
+    # 4-bit codes and scales sharded too, plus the fp32 root and two gathered layers
+    gathered = 4 * shape.other_params + 2 * (layer // 2 + -(-q1.quant_stats // shape.layers))
+    assert q8.weights == -(-q1.weights // 8) + gathered
+    assert q8.quant_stats == -(-q1.quant_stats // 8)
     with pytest.raises(ValueError, match="parallel 'zero'"):
         Setup(parallel="zero")
     with pytest.raises(ValueError, match="gpus 0"):

@@ -52,7 +52,8 @@ def _build(spec: dict):
     return cfg
 
 
-def _train(spec: dict, tok, resume=False, layer_calls: list | None = None):
+def _train(spec: dict, tok, resume=False, layer_calls: list | None = None,
+           models: list | None = None):
     """One run of `spec`; `layer_calls` collects layer 0's MLP calls with gradients on: one per
     micro-batch in the forward, one more in backward when checkpointing recomputes the layer
     (a pre-hook: non-reentrant checkpointing stops at the last saved tensor, before post-hooks)."""
@@ -67,6 +68,8 @@ def _train(spec: dict, tok, resume=False, layer_calls: list | None = None):
 
         quantize_model(model, QuantConfig())
         prepare_for_kbit_training(model)
+    if models is not None:
+        models.append(model)
     return train(_build(spec), model=model, tokenizer=tok, quiet=True, resume=resume)
 
 
@@ -241,11 +244,23 @@ def test_virtual_tokens_two_processes_equal_one(launched, method):
 
 @pytest.mark.parametrize("name", ["qlora_fsdp", "qlora_ddp"])
 def test_4bit_base_two_processes_equal_one(launched, name):
-    # The frozen NF4 buffers replicated on each rank, LoRA sharded (FSDP) or not.
-    _job(launched, name)
+    # FSDP: each rank holds half of the 4-bit codes and scales (and of the LoRA weights); DDP:
+    # the whole 4-bit base on each rank.
+    outcomes = _job(launched, name)
     single = launched.tmp / "qlora_single"
     _assert_same_adapter(_adapter(launched.tmp / name), _adapter(single))
     assert _losses(launched.tmp / name)[0] == pytest.approx(_losses(single)[0], abs=1e-5)
+    held = [o["bytes_4bit"][0] for o in outcomes]
+    whole = outcomes[0]["bytes_4bit"][1]
+    assert whole > 5_000 and outcomes[1]["bytes_4bit"][1] == whole
+    if name == "qlora_fsdp":
+        # Halves up to padding (dim 0 of each tensor split in two) and the replicated
+        # double-quant offset and second-level scales.
+        assert [h / whole for h in held] == [pytest.approx(0.5, abs=0.02)] * 2, (held, whole)
+        summary = json.loads((launched.tmp / name / "run_summary.json").read_text())
+        assert (summary["base_4bit_bytes"], summary["base_4bit_bytes_rank0"]) == (whole, held[0])
+    else:
+        assert held == [whole, whole]
 
 
 def test_moe_lora_two_processes_equal_one(launched):
@@ -365,9 +380,12 @@ def _worker(spec_path: str) -> None:
             _train(job["spec"], tok, resume=job.get("resume", False))
             continue
         calls: list[int] = []
+        models: list = []
         try:
-            _train(job["spec"], tok, resume=job.get("resume", False), layer_calls=calls)
-            outcome = {"ok": True, "layer_calls": len(calls)}
+            _train(job["spec"], tok, resume=job.get("resume", False), layer_calls=calls,
+                   models=models)
+            outcome = {"ok": True, "layer_calls": len(calls),
+                       "bytes_4bit": lt_dist.local_4bit_bytes(models[0])}
         except Exception:
             outcome = {"ok": False, "error": traceback.format_exc()}
         Path(f"{job['report']}.rank{rank}.json").write_text(json.dumps(outcome))

@@ -151,13 +151,12 @@ def _per_gpu(n: int, s: Setup) -> int:
     return -(-n // s.gpus) if s.sharded else n
 
 
-def _fsdp_gathered(shape: ModelShape, s: Setup) -> int:
+def _fsdp_gathered(shape: ModelShape, s: Setup, stats: int = 0) -> int:
     """Whole parameters FSDP holds besides the shards: the root unit and two decoder layers."""
-    if s.method == "qlora":  # the 4-bit layers are replicated anyway; the fp32 root is gathered
-        return 4 * shape.other_params
-    a = BYTES[s.dtype]
     layer = sum(x * y for x, y in shape.linear_shapes())
-    return (shape.other_params + 2 * layer) * a
+    if s.method == "qlora":  # the fp32 root, two layers' 4-bit codes and scales
+        return 4 * shape.other_params + 2 * (layer // 2 + -(-stats // shape.layers))
+    return (shape.other_params + 2 * layer) * BYTES[s.dtype]
 
 
 def _communication(shape: ModelShape, s: Setup, trainable: int, grad_bytes: int) -> int:
@@ -171,13 +170,9 @@ def _communication(shape: ModelShape, s: Setup, trainable: int, grad_bytes: int)
 def estimate(shape: ModelShape, setup: Setup) -> Breakdown:
     """Bytes one training step needs on one device (per GPU when setup.gpus > 1)."""
     weights, stats = _weights(shape, setup)
-    if setup.sharded:
-        if setup.method == "qlora":  # buffers: replicated; the fp32 rest is sharded
-            fp32 = 4 * shape.other_params
-            weights = weights - fp32 + _per_gpu(fp32, setup)
-        else:
-            weights = _per_gpu(weights, setup)
-        weights += _fsdp_gathered(shape, setup)
+    if setup.sharded:  # 4-bit codes and scales too (Linear4bit.shardable)
+        weights = _per_gpu(weights, setup) + _fsdp_gathered(shape, setup, stats)
+        stats = _per_gpu(stats, setup)
     trainable = trainable_params(shape, setup)
     adapter = 0 if setup.method == "full" else 4 * trainable  # LoRA weights train in fp32
     grad_bytes = BYTES[setup.dtype] if setup.method == "full" else 4

@@ -48,6 +48,19 @@ class Linear4bit(nn.Module):
         bias = None if linear.bias is None else linear.bias.data.to(compute_dtype)
         return cls(q, bias, compute_dtype, kernel)
 
+    def shardable(self) -> "Linear4bit":
+        """Hold the packed codes and block scales as frozen Parameters instead of buffers.
+
+        FSDP2 (`fully_shard`) shards Parameters only (along dim 0, any dtype, padded when
+        uneven): so stored, each rank keeps 1/world of the 4-bit bytes and the layer's unit
+        all-gathers them around its forward and backward, as it does full-precision weights.
+        The double-quant offset and second-level scales (a few bytes) stay replicated."""
+        for name in ("packed", "absmax"):
+            if name in self._buffers:
+                self.register_parameter(name, nn.Parameter(self._buffers.pop(name),
+                                                           requires_grad=False))
+        return self
+
     def quantized(self) -> Quantized4bit:
         return Quantized4bit(self.packed, (self.out_features, self.in_features), self.blocksize,
                              self.quant_type, self.absmax, self.offset, self.absmax2)

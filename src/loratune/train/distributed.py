@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from loratune.adapters.registry import method_record
+from loratune.quant.linear4bit import Linear4bit
 from loratune.train.loss import causal_lm_loss
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -200,11 +201,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def wrap_fsdp(model: nn.Module, chunk: int, device: torch.device, world_size: int) -> nn.Module:
     """FSDP2: each decoder layer is one shard unit, the rest (embeddings, norm, head) the root.
 
-    fully_shard shards Parameters only: frozen fp32/bf16 base weights are sharded, 4-bit base
-    weights (Linear4bit keeps them as uint8 buffers) stay replicated on every rank."""
+    fully_shard shards Parameters only: frozen fp32/bf16 base weights are sharded, and so are
+    4-bit ones once `Linear4bit.shardable()` holds their codes and scales as frozen uint8/fp32
+    Parameters (a 4-bit base too large for one device fits on several)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.shardable()
     mesh = init_device_mesh(device.type, (world_size,))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
@@ -215,6 +220,21 @@ def wrap_fsdp(model: nn.Module, chunk: int, device: torch.device, world_size: in
             m.set_gradient_divide_factor(1.0)  # sum, like the DDP hook
             m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
     return module
+
+
+def local_4bit_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of 4-bit base storage this process holds, bytes of the whole 4-bit base)."""
+    held = whole = 0
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            for name in ("packed", "absmax", "offset", "absmax2"):
+                t = getattr(m, name)
+                if t is None:
+                    continue
+                local = t.to_local() if hasattr(t, "to_local") else t
+                held += local.numel() * local.element_size()
+                whole += t.numel() * t.element_size()
+    return held, whole
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

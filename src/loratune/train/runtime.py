@@ -184,6 +184,11 @@ class FullySharded(DataParallel):
     def gathered(self) -> AbstractContextManager:
         return lt_dist.GatheredAdapter(self.wrapper)
 
+    def summary(self) -> dict:
+        held, whole = lt_dist.local_4bit_bytes(self.wrapper)
+        extra = {"base_4bit_bytes": whole, "base_4bit_bytes_rank0": held} if whole else {}
+        return {**super().summary(), **extra}
+
 
 class _Snapshot:
     """An optimizer state taken once, read by save_checkpoint like an optimizer's."""
