@@ -248,10 +248,12 @@ def cmd_export_gguf(args) -> int:
     from loratune.command_config import ExportGgufConfig
     from loratune.export.gguf_file import write_gguf, write_lora_gguf
     from loratune.export.merge import base_folder, merge_folder, read_adapters
-    from loratune.files import check_output_path
+    from loratune.files import check_new_file, check_output_path
 
     cfg = config_from_args(ExportGgufConfig, args)
     check_output_path(cfg.out, _given_paths(cfg.model, *cfg.adapter))
+    if cfg.modelfile:  # refused before the GGUF is written, not after
+        check_new_file(Path(cfg.out).with_suffix(".Modelfile"), cfg.overwrite)
     base, tmp = base_folder(cfg.model)
     try:
         if cfg.adapter_only:
@@ -259,6 +261,8 @@ def cmd_export_gguf(args) -> int:
                 raise ValueError("--adapter-only exports exactly one --adapter")
             out = write_lora_gguf(Path(cfg.adapter[0]), base, Path(cfg.out), cfg.type
                                   if cfg.type in ("f32", "f16") else "f32", cfg.overwrite)
+            if cfg.modelfile:
+                _modelfile(out, base, cfg, base_ref=_ollama_base(cfg.model, base))
         else:
             source = base
             work = None
@@ -269,6 +273,8 @@ def cmd_export_gguf(args) -> int:
             try:
                 out = write_gguf(source, Path(cfg.out), cfg.type,
                                  tokenizer_pre=cfg.tokenizer_pre, overwrite=cfg.overwrite)
+                if cfg.modelfile:
+                    _modelfile(out, source, cfg)
             finally:
                 if work is not None:
                     shutil.rmtree(work, ignore_errors=True)
@@ -277,6 +283,25 @@ def cmd_export_gguf(args) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {cfg.type})")
     return 0
+
+
+def _ollama_base(model: str, folder: Path) -> str:
+    """What an adapter's Modelfile names as FROM: the base as a GGUF file where there is one
+    (a .gguf --model, an embedded model's source), else its safetensors folder."""
+    from loratune.export.gguf_tokenizer import source_gguf
+    from loratune.models.load import resolve_model
+
+    found, gguf = resolve_model(model)
+    if gguf is not None:
+        return str((found / gguf).resolve())
+    return str(source_gguf(found) or found.resolve())
+
+
+def _modelfile(out: Path, folder: Path, cfg, base_ref: str | None = None) -> None:
+    from loratune.export.modelfile import write_modelfile
+
+    path = write_modelfile(out, folder, base_ref, cfg.overwrite)
+    print(f"wrote {path}: ollama create NAME -f {path}")
 
 
 def cmd_serve(args) -> int:

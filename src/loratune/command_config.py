@@ -135,7 +135,9 @@ class ExportGgufConfig(CommandConfig):
     tokenizer_pre: str | None = Field(
         None, description="llama.cpp pre-tokenizer name for a byte-level BPE tokenizer, in place "
         "of the one detected from tokenizer.json (e.g. llama-bpe, qwen2, smollm)")
-    overwrite: bool = Field(False, description="replace an existing --out")
+    modelfile: bool = Field(True, description="also write an Ollama Modelfile beside --out "
+                            "(<out stem>.Modelfile: FROM, TEMPLATE, stop tokens, ADAPTER)")
+    overwrite: bool = Field(False, description="replace an existing --out (and its Modelfile)")
 
 
 # -- chat, generate, eval -------------------------------------------------------------------------
