@@ -27,12 +27,31 @@ def prompt_ids(tokenizer, messages: list[dict], template: str | None = None) -> 
     return list(out["input_ids"])
 
 
-@torch.no_grad()
 def generate_chat(model: nn.Module, tokenizer, conversations: list[list[dict]],
                   max_new_tokens: int = 64, batch_size: int = 16, template: str | None = None,
                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                   seed: int | None = None) -> list[str]:
     """Answer each conversation (ending with a user turn); greedy unless do_sample."""
+    return generate_from_ids(model, tokenizer, [prompt_ids(tokenizer, c, template)
+                                                for c in conversations],
+                             max_new_tokens, batch_size, do_sample, temperature, top_p, seed)
+
+
+def generate_text(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+                  batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0,
+                  top_p: float = 1.0, seed: int | None = None) -> list[str]:
+    """Continue each plain-text prompt (no chat template: code completion, base models)."""
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    return generate_from_ids(model, tokenizer, ids, max_new_tokens, batch_size, do_sample,
+                             temperature, top_p, seed, strip=False)
+
+
+@torch.no_grad()
+def generate_from_ids(model: nn.Module, tokenizer, prompts: list[list[int]],
+                      max_new_tokens: int = 64, batch_size: int = 16, do_sample: bool = False,
+                      temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                      strip: bool = True) -> list[str]:
+    """The decoded continuation of each prompt (token ids), batched with left padding."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
@@ -42,8 +61,8 @@ def generate_chat(model: nn.Module, tokenizer, conversations: list[list[dict]],
     # the generation config's whole eos list: tokenizer.eos_token_id alone would override it
     stop = sorted(eos_ids(model, tokenizer)) or None
     answers: list[str] = []
-    for start in range(0, len(conversations), batch_size):
-        chunk = [prompt_ids(tokenizer, c, template) for c in conversations[start:start + batch_size]]
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
         width = max(len(ids) for ids in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -56,6 +75,7 @@ def generate_chat(model: nn.Module, tokenizer, conversations: list[list[dict]],
                              max_new_tokens=max_new_tokens, pad_token_id=pad,
                              eos_token_id=stop, **sampling)
         for row in out[:, width:]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            answers.append(text.strip() if strip else text)
     model.train(was_training)
     return answers
