@@ -66,7 +66,9 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     strict_dtype: bool = Field(False, description="error instead of falling back to float32 "
                                "when the device has no native support for dtype")
-    attn_implementation: str = Field("sdpa", description="transformers attention backend")
+    attn_implementation: str = Field(
+        "auto", description="transformers attention backend (sdpa, eager, ...); auto: sdpa where "
+        "the architecture has it, else eager (Gemma 2's logit softcapping has only eager)")
     quantization: QuantConfig | None = Field(None, description="set for QLoRA (4-bit base)")
 
 

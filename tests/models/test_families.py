@@ -2,15 +2,22 @@
 planner, masking and stopping."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from families import FAMILIES, FAMILY_SPECS, build_family, family_conversation
-from loratune.config import DataConfig
+from loratune.adapters import AdapterError, add_adapter, load_adapter, save_adapter
+from loratune.config import (DataConfig, IA3Config, LoraConfig, ModelConfig, QuantConfig,
+                             build_config)
 from loratune.data import IGNORE, DataError, build_examples, encode_conversation
 from loratune.data.conversation import FOLDED_NOTE, fit_conversation
 from loratune.eval.generate import TemplateNote, generate_chat, prompt_ids
+from loratune.export.merge import merge_folder, read_adapters
+from loratune.models import load_model
+from loratune.plan.shapes import resolve_shape
+from loratune.train import train
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -186,3 +193,137 @@ def test_generation_stops_at_every_eos_of_the_generation_config(name):
         forced["id"], calls[:] = eid, []
         generate_chat(model, tok, [conv], max_new_tokens=4)
         assert len(calls) == 4
+
+
+# -- loading, training, save / reload / merge -----------------------------------------------------
+def chat_file(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": family_conversation(system=True)}) + "\n"
+                            for _ in range(4)))
+    return path
+
+
+def train_family(folder, tmp_path, method: str, quant: bool = False):
+    options = {"ia3": {}, "lora": {"r": 4}, "dora": {"r": 4}}[method]
+    model = {"name": str(folder)}
+    if quant:
+        model["quantization"] = {"type": "nf4"}
+    cfg = build_config({
+        "output_dir": str(tmp_path / f"run-{method}"), "model": model,
+        "adapter": {"method": method, **options},
+        "data": {"train": str(chat_file(tmp_path)), "max_length": 256},
+        "train": {"max_steps": 2, "batch_size": 2, "lr": 0.3 if method == "ia3" else 5e-2,
+                  "warmup_ratio": 0.0}})
+    return train(cfg, quiet=True)
+
+
+IDS = torch.tensor([[3, 40, 200, 17, 301, 99, 5]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_train_save_reload_merge(name, method, family_folder, tmp_path):
+    """From the family's HF folder: two steps of training on a 2-turn chat with a system
+    message, the adapter reloads into a fresh base with equal logits, and the merged folder
+    gives them too (transformers loading it)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = family_folder(name)
+    result = train_family(folder, tmp_path, method)
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    base, _ = load_model(str(folder))
+    before = logits(base)
+    load_adapter(base, result.adapter_dir)
+    adapted = logits(base)
+    assert (adapted - before).abs().max() > 1e-4  # training moved the model
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    if method == "ia3":  # every default target adapted: Phi-3's k/v rows of qkv_proj too
+        expected = ({"qkv_proj"} if "qkv_proj" in leaves else {"k_proj", "v_proj"}) | {"down_proj"}
+        assert set(saved["target_modules"]) == expected
+    merged = merge_folder(folder, read_adapters([result.adapter_dir], None), tmp_path / "merged")
+    assert merged.merged_modules > 0
+    again = AutoModelForCausalLM.from_pretrained(merged.out, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(again), adapted, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_qlora_loads_every_family_and_trains(name, family_folder, tmp_path):
+    """The 4-bit loader builds every family (Gemma's scaled embeddings, rotary tables from
+    its own config) with the logits of the full model whose linear weights took the NF4
+    round trip; LoRA trains on it."""
+    from loratune.quant.nf4 import dequantize_4bit, quantize_4bit
+
+    folder = family_folder(name)
+    q, _ = load_model(ModelConfig(name=str(folder), quantization=QuantConfig(type="nf4")))
+    full, _ = load_model(str(folder))
+    skip = full.get_output_embeddings()
+    with torch.no_grad():
+        for mod in full.modules():
+            if isinstance(mod, torch.nn.Linear) and mod is not skip:
+                mod.weight.copy_(dequantize_4bit(quantize_4bit(mod.weight, 64, "nf4", True)))
+    torch.testing.assert_close(logits(q), logits(full), atol=1e-4, rtol=0)
+    result = train_family(folder, tmp_path, "lora", quant=True)
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_planner_counts_equal_the_real_model(name, family_folder):
+    """Real head_dim (Qwen3, Gemma), q/k/v biases (Qwen2), extra norms (Gemma 2/3, q/k norms),
+    tied or untied heads, GQA, fused layers (Phi-3): parameters and LoRA parameters exact."""
+    shape = resolve_shape(str(family_folder(name)))
+    model, _ = build_family(name)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    add_adapter(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert shape.lora_params(4) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# -- fused layers (Phi-3) -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [n for n in FAMILIES if FAMILY_SPECS[n].fused])
+def test_ia3_scales_exactly_the_k_and_v_rows_of_qkv_proj(name, tmp_path):
+    """IA³'s default k_proj/v_proj targets are the k and v rows of Phi-3's qkv_proj: q rows
+    keep scale 1 (no gradient, also under weight decay), the file loads in PEFT."""
+    model, tok = build_family(name)
+    add_adapter(model, IA3Config())
+    attn = model.model.layers[0].self_attn.qkv_proj
+    ad = attn.adapters["default"]
+    q_rows = model.config.num_attention_heads * model.model.layers[0].self_attn.head_dim
+    assert not ad.kept[:q_rows].any() and ad.kept[q_rows:].all()
+    loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    assert ad.ia3_l.grad[:q_rows].abs().max() == 0 and ad.ia3_l.grad[q_rows:].abs().max() > 0
+    with torch.no_grad():  # weight decay's kind of change: reaches the q rows too
+        for n, p in model.named_parameters():
+            if n.endswith("ia3_l"):
+                p.mul_(0.5)
+    ours = logits(model)
+    save_adapter(model, tmp_path / "ia3")
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(build_family(name)[0], tmp_path / "ia3")
+    torch.testing.assert_close(logits(theirs), ours, atol=1e-5, rtol=0)
+    fresh, _ = build_family(name)
+    with torch.no_grad():  # the same model by hand: k and v rows halved, q rows as they were
+        for layer in fresh.model.layers:
+            layer.self_attn.qkv_proj.weight[q_rows:] *= 0.5
+            layer.mlp.down_proj.weight.mul_(0.5)
+    torch.testing.assert_close(logits(fresh), ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_rank_methods_refuse_parts_of_a_fused_layer(method):
+    model, _ = build_family("phi3")
+    cfg = LoraConfig(
+        method=method, r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
+    with pytest.raises(AdapterError, match=r"names gate_proj, k_proj, q_proj, up_proj, v_proj, "
+                       r"which Phi3ForCausalLM fuses into one weight \(gate_up_proj = \[gate_proj"
+                       r" \| up_proj\]; qkv_proj = \[q_proj \| k_proj \| v_proj\]\); " + method
+                       + r" cannot adapt some rows.*Target gate_up_proj, qkv_proj"):
+        add_adapter(model, cfg)
+    assert not any(p.requires_grad for p in model.parameters())
+    add_adapter(model, cfg.model_copy(update={"target_modules": ["qkv_proj", "o_proj"]}), "ok")

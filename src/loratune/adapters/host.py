@@ -79,6 +79,11 @@ class LayerAdapter(nn.Module):
         """What a saved file holds (AdaLoRA: only its kept ranks); by default the live tensors."""
         return self.file_tensors()
 
+    def restrict_outputs(self, rows: list[int], parts: list[str]) -> None:
+        """Adapt only these output rows (the named `parts` of a fused layer); methods whose
+        record has `slices_outputs` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} adapts whole layers only")
+
     def init_from_base(self, base: nn.Module) -> None:
         """Called once the adapter is placed on `base` (DoRA starts its magnitudes from it)."""
 

@@ -28,13 +28,32 @@ class IA3Adapter(LayerAdapter):
         self.ia3_l = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
         if not config.init_ia3_weights:
             nn.init.normal_(self.ia3_l, mean=1.0, std=0.02)
+        self.register_buffer("kept", None, persistent=False)  # rows that train; None: all
 
     @property
     def r(self) -> int:
         return 0
 
+    def restrict_outputs(self, rows: list[int], parts: list[str]) -> None:
+        """Scale only these output rows (Phi-3's k and v rows of qkv_proj); the others stay
+        at 1, also in the saved file, so it loads in PEFT as a scale on the whole layer."""
+        if self.feedforward:
+            raise AdapterError(f"IA³ scales the input of feedforward modules, which the parts "
+                               f"{', '.join(parts)} of a fused layer share; it cannot scale one")
+        kept = torch.zeros(self.ia3_l.shape, dtype=torch.bool, device=self.ia3_l.device)
+        kept[rows] = True
+        self.kept = kept
+        with torch.no_grad():
+            self.ia3_l.masked_fill_(~kept, 1.0)
+
+    def scales(self) -> torch.Tensor:
+        """The trained scales, 1 on rows it does not adapt (weight decay cannot move them)."""
+        if self.kept is None:
+            return self.ia3_l
+        return torch.where(self.kept, self.ia3_l, torch.ones_like(self.ia3_l))
+
     def scale(self, weight: float) -> torch.Tensor:
-        return 1 + weight * (self.ia3_l - 1) if weight != 1.0 else self.ia3_l
+        return 1 + weight * (self.scales() - 1) if weight != 1.0 else self.scales()
 
     def scale_input(self, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         # The scale (this adapter's output) is cast to x's dtype, not x to fp32: an fp32 copy
@@ -72,6 +91,9 @@ class IA3Adapter(LayerAdapter):
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {"ia3_l": self.ia3_l}
 
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        return {"ia3_l": self.scales()}
+
 
 def new_ia3(config: IA3Config, path: str, in_features: int, out_features: int, *,
             r: int | None = None, alpha: float | None = None, device=None, dtype=None
@@ -106,4 +128,5 @@ def compare_options(base: dict, options: dict) -> dict:
 
 register(MethodRecord(
     name="ia3", config_class=IA3Config, peft_type="IA3", file_keys=("ia3_l",), make_layer=new_ia3,
-    check_targets=check_feedforward, peft_fields=ia3_peft_fields, compare_options=compare_options))
+    check_targets=check_feedforward, peft_fields=ia3_peft_fields, compare_options=compare_options,
+    slices_outputs=True))

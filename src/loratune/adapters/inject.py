@@ -20,6 +20,7 @@ from loratune.adapters.host import (AdaptedLinear, AdapterHost, SavedModule, ada
 from loratune.adapters.peft_format import pattern_value
 from loratune.adapters.registry import AdapterError, method_record
 from loratune.config import AdapterConfig
+from loratune.models.fused import FUSED, fused_layers, named_parts
 from loratune.quant.linear4bit import Linear4bit
 from loratune.models.modules import (
     describe_linear_names,
@@ -101,13 +102,24 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
 
 def _add_layer_adapters(model: nn.Module, config: AdapterConfig, name: str,
                         rank_pattern: dict, alpha_pattern: dict) -> list[str]:
-    targets = select_targets(model, config.target_modules, _plain_linear_names(model))
+    candidates = _plain_linear_names(model)
+    targets = select_targets(model, config.target_modules, candidates)
+    record = method_record(config.method)
+    # Names of parts of a fused layer (Phi-3's k_proj inside qkv_proj) select its rows, or are
+    # refused: never dropped silently.
+    try:
+        parts = named_parts(config.target_modules,
+                            fused_layers(model, [c for c in candidates if c not in targets]))
+    except ValueError as err:
+        raise AdapterError(str(err)) from None
+    if parts and not record.slices_outputs:
+        raise AdapterError(_fused_refusal(model, config, parts))
+    targets += sorted(parts)
     if not targets:
         raise AdapterError(
             f"target_modules={config.target_modules!r} matches no linear layer. "
             f"Linear layers in this model: {describe_linear_names(model)}"
         )
-    record = method_record(config.method)
     if record.check_targets is not None:
         record.check_targets(config, targets)
     for path in targets:
@@ -124,8 +136,21 @@ def _add_layer_adapters(model: nn.Module, config: AdapterConfig, name: str,
         ad = new_layer_adapter(config, path, base.in_features, base.out_features, r=r,
                                alpha=alpha, device=device, dtype=dtype)
         ad.init_from_base(base)
+        if path in parts:
+            fused = fused_layers(model, [path])[path]
+            ad.restrict_outputs([i for part in parts[path] for i in fused[part]], parts[path])
         layer.adapters[name] = ad
     return targets
+
+
+def _fused_refusal(model: nn.Module, config: AdapterConfig, parts: dict[str, list[str]]) -> str:
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in parts})
+    named = sorted({n for ns in parts.values() for n in ns})
+    holds = "; ".join(f"{leaf} = [{' | '.join(FUSED[leaf])}]" for leaf in leaves)
+    return (f"target_modules names {', '.join(named)}, which {type(model).__name__} fuses into "
+            f"one weight ({holds}); {config.method} cannot adapt some rows of a fused weight "
+            f"(its update would mix all of them, and a PEFT file has one adapter per module). "
+            f"Target {', '.join(leaves)} (or all-linear) to adapt the fused layer whole")
 
 
 def new_layer_adapter(config: AdapterConfig, path: str, in_features: int, out_features: int,

@@ -70,6 +70,10 @@ class MethodRecord:
     why_no_packing: str | None = None         # None: rows may be packed
     why_single_process: str | None = None     # None: DDP/FSDP can train it
     has_rank: bool = False           # an `r` option, with PEFT's rank/alpha patterns per module
+    # Can adapt only some output rows of a layer (`restrict_outputs`): the parts of a fused layer
+    # a target_modules list names (IA³ scales only Phi-3's k/v rows of qkv_proj). Without it,
+    # naming such a part is refused.
+    slices_outputs: bool = False
     # DDP must expect parameters without a gradient in some steps (MoE-LoRA's unrouted experts).
     unused_parameters: bool = False
     # (model, name, config, compact) -> the method's own adapter_config.json fields

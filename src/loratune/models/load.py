@@ -177,6 +177,8 @@ def load_model(cfg: ModelConfig | str):
         choose_kernel(cfg.quantization.kernel, cfg.device)
     folder, gguf = resolve_model(cfg.name)
     quant = cfg.quantization
+    # auto: transformers picks sdpa where the architecture supports it, else eager
+    attention = None if cfg.attn_implementation == "auto" else cfg.attn_implementation
     if gguf is None and quant is None:
         quant = _stored_4bit(folder)  # a load_in_4bit checkpoint stays in 4 bits
     if quant is not None:
@@ -192,7 +194,7 @@ def load_model(cfg: ModelConfig | str):
             folder,
             gguf_file=gguf,
             dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=attention,
             local_files_only=True,
             use_safetensors=None if gguf else True,
         )
@@ -202,7 +204,8 @@ def load_model(cfg: ModelConfig | str):
 
             quantize_model(model, quant)
             prepare_for_kbit_training(model, unquantized_dtype(quant))
-    model.config._attn_implementation = cfg.attn_implementation
+    if attention is not None:
+        model.config._attn_implementation = attention
     model.to(torch.device(cfg.device))
     model.eval()
     model.requires_grad_(False)

@@ -63,6 +63,30 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, skip: set[str], cfg
         _set_tensor(model, key, tensor.to(dtype, copy=True))
 
 
+def _compute_buffers(model: nn.Module) -> None:
+    """Fill the buffers no checkpoint stores (rotary tables, Gemma's embedding scale) as
+    transformers does for a model built on meta: with the model's own `_init_weights`, every
+    tensor already read marked initialized so that it is left as read."""
+    pending: dict[nn.Module, list[torch.Tensor]] = {}
+    for module in model.modules():
+        for name, b in module._buffers.items():
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.empty_like(b, device="cpu")
+                pending.setdefault(module, []).append(module._buffers[name])
+    if not pending:
+        return
+    fresh = {id(t) for ts in pending.values() for t in ts}
+    read = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in fresh]
+    for t in read:
+        t._is_hf_initialized = True
+    try:
+        for module in pending:
+            model._init_weights(module)
+    finally:
+        for t in read:
+            del t._is_hf_initialized
+
+
 def _finish(model: nn.Module, config, dtype: torch.dtype) -> nn.Module:
     """Tie weights, rebuild computed (non-persistent) buffers, check nothing stayed on meta."""
     if getattr(config, "tie_word_embeddings", False):
@@ -72,10 +96,7 @@ def _finish(model: nn.Module, config, dtype: torch.dtype) -> nn.Module:
             emb.weight = out.weight
         else:
             out.weight = emb.weight
-    for path, module in list(model.named_modules()):
-        if any(b is not None and b.is_meta for b in module._buffers.values()):
-            # Rotary tables and similar are computed from the config, not stored.
-            set_submodule(model, path, type(module)(config=config))
+    _compute_buffers(model)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if t.is_meta]
     if left:

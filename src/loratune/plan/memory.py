@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from loratune.plan.shapes import LINEARS_PER_LAYER, ModelShape
+from loratune.plan.shapes import ModelShape
 
 BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 METHODS = ("full", "lora", "qlora")
@@ -100,7 +100,7 @@ def _weights(shape: ModelShape, s: Setup) -> tuple[int, int]:
         return shape.params * BYTES[s.dtype], 0
     blocks = -(-shape.linear_params // s.blocksize)
     if s.double_quant:  # one 8-bit code per block, one fp32 scale per 256 codes, offsets
-        stats = blocks + 4 * -(-blocks // 256) + 4 * LINEARS_PER_LAYER * shape.layers
+        stats = blocks + 4 * -(-blocks // 256) + 4 * shape.linears_per_layer * shape.layers
     else:
         stats = 4 * blocks
     # Embeddings, norms and lm_head stay unquantized, in the compute dtype (quantization.
@@ -120,7 +120,7 @@ def _activations(shape: ModelShape, s: Setup) -> int:
     h, i, kv, r = shape.hidden, shape.intermediate, shape.kv_dim, s.rank
     per_layer = 6 * h + 2 * kv + 4 * i + 2 * shape.heads
     if s.method != "full":
-        per_layer += LINEARS_PER_LAYER * r
+        per_layer += shape.linears_per_layer * r
     tokens = s.batch * s.seq
     a = BYTES[s.dtype]
     if s.checkpointing:

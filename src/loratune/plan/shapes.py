@@ -8,7 +8,12 @@ from pathlib import Path
 
 from loratune.models.shapes import LLAMA_SHAPES
 
-LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
+# model_type -> what its decoder layer holds beyond the Llama layout. The planner counts
+# these decoders exactly (tested against the real models); any other model_type is refused.
+KNOWN = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+_NORMS_PER_LAYER = {"gemma2": 4, "gemma3_text": 4}  # + pre/post feed-forward norms
+_QK_NORM = ("qwen3", "gemma3_text")                 # RMSNorm(head_dim) on queries and keys
+_FUSED = ("phi3",)                                  # qkv_proj and gate_up_proj
 
 
 @dataclass(frozen=True)
@@ -21,10 +26,21 @@ class ModelShape:
     kv_heads: int
     vocab: int
     tie_embeddings: bool = False
+    head_size: int | None = None     # config.head_dim where it is not hidden / heads (Qwen3)
+    qkv_bias: bool = False           # biases on q, k, v (Qwen2)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    norms_per_layer: int = 2
+    qk_norm: bool = False
+    fused: bool = False              # q/k/v and gate/up as one layer each (Phi-3)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -32,8 +48,14 @@ class ModelShape:
 
     def linear_shapes(self) -> list[tuple[int, int]]:
         """(in, out) of one decoder layer's linear layers."""
-        h, i, kv = self.hidden, self.intermediate, self.kv_dim
-        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        if self.fused:
+            return [(h, q + 2 * kv), (q, h), (h, 2 * i), (i, h)]
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+    @property
+    def linears_per_layer(self) -> int:
+        return len(self.linear_shapes())
 
     @property
     def linear_params(self) -> int:
@@ -41,9 +63,13 @@ class ModelShape:
 
     @property
     def other_params(self) -> int:
-        """Embeddings, the output layer (unless tied) and the RMSNorm weights."""
+        """Embeddings, the output layer (unless tied), norms and biases."""
         emb = self.vocab * self.hidden
-        return emb * (1 if self.tie_embeddings else 2) + (2 * self.layers + 1) * self.hidden
+        norms = self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+        biases = ((self.q_dim + 2 * self.kv_dim) * self.qkv_bias + self.hidden * self.o_bias
+                  + (2 * self.intermediate + self.hidden) * self.mlp_bias)
+        return emb * (1 if self.tie_embeddings else 2) + self.layers * (norms + biases) \
+            + self.hidden
 
     @property
     def params(self) -> int:
@@ -55,6 +81,10 @@ class ModelShape:
     @classmethod
     def from_hf_config(cls, config, name: str = "custom") -> "ModelShape":
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        kind = get("model_type") or "llama"
+        if kind not in KNOWN:
+            raise ValueError(f"{name}: the planner counts {', '.join(KNOWN)} decoders; "
+                             f"model_type '{kind}' is not one of them")
         needed = ("hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "vocab_size")
         missing = [k for k in needed if not isinstance(get(k), int)]
@@ -62,10 +92,18 @@ class ModelShape:
             raise ValueError(f"{name}: config has no {', '.join(missing)} (the planner knows "
                              f"Llama-style decoders)")
         heads = get("num_attention_heads")
+        attention_bias = bool(get("attention_bias", False))
         return cls(name=name, hidden=get("hidden_size"), intermediate=get("intermediate_size"),
                    layers=get("num_hidden_layers"), heads=heads,
                    kv_heads=get("num_key_value_heads") or heads, vocab=get("vocab_size"),
-                   tie_embeddings=bool(get("tie_word_embeddings", False)))
+                   # when the file does not say: the config class's default (Gemma ties)
+                   tie_embeddings=bool(get("tie_word_embeddings", kind.startswith("gemma"))),
+                   head_size=get("head_dim") or None,
+                   qkv_bias=attention_bias or kind == "qwen2",
+                   o_bias=attention_bias and kind not in ("qwen2",),
+                   mlp_bias=bool(get("mlp_bias", False)),
+                   norms_per_layer=_NORMS_PER_LAYER.get(kind, 2), qk_norm=kind in _QK_NORM,
+                   fused=kind in _FUSED)
 
 
 PRESETS: dict[str, ModelShape] = {
