@@ -327,3 +327,27 @@ def test_rank_methods_refuse_parts_of_a_fused_layer(method):
         add_adapter(model, cfg)
     assert not any(p.requires_grad for p in model.parameters())
     add_adapter(model, cfg.model_copy(update={"target_modules": ["qkv_proj", "o_proj"]}), "ok")
+
+
+# -- from a GGUF file -----------------------------------------------------------------------------
+# Families whose GGUF (our export) transformers' GGUF reader takes back whole; for the others
+# see tests/export/test_gguf_families.py's NOT_READ_BACK.
+GGUF_READABLE = ["qwen2_5", "mistral_v0_3", "phi3"]
+
+
+@pytest.mark.parametrize("name", GGUF_READABLE)
+def test_train_from_a_family_gguf(name, family_folder, tmp_path):
+    """`model.name: file.gguf` loads the family with the folder's logits and trains on it."""
+    pytest.importorskip("gguf")
+    from loratune.export.gguf_file import write_gguf
+
+    folder = family_folder(name)
+    path = write_gguf(folder, tmp_path / f"{name}.gguf", "f32")
+    from_gguf, tok = load_model(str(path))
+    from_folder, _ = load_model(str(folder))
+    torch.testing.assert_close(logits(from_gguf), logits(from_folder), atol=1e-4, rtol=0)
+    assert tok.chat_template and tok.eos_token == FAMILY_SPECS[name].eos
+    result = train_family(path, tmp_path, "lora")
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    load_adapter(from_gguf, result.adapter_dir)
+    assert (logits(from_gguf) - logits(from_folder)).abs().max() > 1e-4
