@@ -87,6 +87,11 @@ class AdapterConfig(_Section):
         "away) or base (the base model's dtype: less memory, but AdamW steps below the dtype's "
         "resolution are lost). Not written to adapter files")
 
+    # Not part of the adapter's file (exclude): write_config puts it back into config.yaml.
+    init_from: str | None = Field(
+        None, exclude=True, description="start from this adapter folder (e.g. an SFT adapter); "
+        "its adapter_config.json gives the method and options")
+
     @classmethod
     def method_names(cls) -> tuple[str, ...]:
         field = cls.model_fields.get("method")
@@ -285,7 +290,44 @@ class DataConfig(_Section):
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share when no eval file")
 
 
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")
+# preference option -> the objectives that read it
+PREFERENCE_OPTIONS = {
+    "beta": ("dpo", "ipo", "simpo", "kto"),
+    "label_smoothing": ("dpo", "simpo"),
+    "simpo_gamma": ("simpo",),
+    "orpo_lambda": ("orpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+    "reference": ("dpo", "ipo", "kto"),
+}
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "simpo": 2.0}
+
+
+class PreferenceConfig(_Section):
+    """Options of the preference objectives (train.objective); each applies to some of them."""
+
+    beta: float | None = Field(None, gt=0, description="strength: dpo/ipo/kto 0.1, simpo 2.0 "
+                               "when unset (ipo: the target margin is 1/(2 beta))")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="share of pairs assumed "
+                                   "mislabelled (conservative DPO / SimPO)")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin")
+    orpo_lambda: float = Field(0.1, gt=0, description="weight of ORPO's odds-ratio term")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of desirable examples")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of undesirable ones")
+    reference: Literal["live", "cached"] = Field(
+        "live", description="reference log-probs: live (adapter off, every step) or cached "
+        "(computed once, kept in the run folder as ref_logps.safetensors)")
+
+    def beta_for(self, objective: str) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA[objective]
+
+
 class TrainConfig(_Section):
+    objective: Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto"] = Field(
+        "sft", description="sft: next-token loss; dpo/ipo/orpo/simpo: prompt/chosen/rejected "
+        "pairs; kto: prompt/completion/label examples")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     batch_size: int = Field(8, gt=0, description="rows per micro-batch")
@@ -329,6 +371,16 @@ class TrainConfig(_Section):
         None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
         "<output_dir>/mlruns)")
     wandb_project: str = Field("loratune", description="W&B project (offline unless $WANDB_MODE)")
+
+    @model_validator(mode="after")
+    def _preference_options_fit(self):
+        # By value, not by keys given: config.yaml lists every option with its default.
+        for key, owners in PREFERENCE_OPTIONS.items():
+            default = PreferenceConfig.model_fields[key].default
+            if getattr(self.preference, key) != default and self.objective not in owners:
+                raise ValueError(f"train.preference.{key} applies to train.objective "
+                                 f"{'/'.join(owners)}, not {self.objective}")
+        return self
 
 
 class EvalConfig(_Section):

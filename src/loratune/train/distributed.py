@@ -153,15 +153,17 @@ def init_group(device: torch.device, info: DistInfo,
 
 
 class LossModule(nn.Module):
-    """forward(batch) -> (summed token loss, label count); the unit DDP/FSDP wrap."""
+    """forward(batch) -> (summed loss, count); the unit DDP/FSDP wrap. `loss_fn(model, batch,
+    chunk)`: causal_lm_loss (token loss, label count) or a preference objective's loss."""
 
-    def __init__(self, model: nn.Module, chunk: int):
+    def __init__(self, model: nn.Module, chunk: int, loss_fn=causal_lm_loss):
         super().__init__()
         self.model = model
         self.chunk = chunk
+        self.loss_fn = loss_fn
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        return causal_lm_loss(self.model, batch, self.chunk)
+        return self.loss_fn(self.model, batch, self.chunk)
 
 
 def _sum_allreduce(group, bucket):
@@ -171,7 +173,7 @@ def _sum_allreduce(group, bucket):
 
 
 def wrap_ddp(model: nn.Module, chunk: int, device: torch.device,
-             find_unused: bool = False) -> nn.Module:
+             find_unused: bool = False, loss_fn=causal_lm_loss) -> nn.Module:
     """DDP over the trainable (adapter) parameters only.
 
     Frozen base weights and buffers are left out of DDP's start-up broadcast: every rank loaded
@@ -179,7 +181,7 @@ def wrap_ddp(model: nn.Module, chunk: int, device: torch.device,
     parameters are broadcast from rank 0, so every rank starts from the same adapter."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    module = LossModule(model, chunk)
+    module = LossModule(model, chunk, loss_fn)
     ignore = [n for n, p in module.named_parameters() if not p.requires_grad]
     ignore += [n for n, _ in module.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(module, ignore)
@@ -198,7 +200,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def wrap_fsdp(model: nn.Module, chunk: int, device: torch.device, world_size: int) -> nn.Module:
+def wrap_fsdp(model: nn.Module, chunk: int, device: torch.device, world_size: int,
+              loss_fn=causal_lm_loss) -> nn.Module:
     """FSDP2: each decoder layer is one shard unit, the rest (embeddings, norm, head) the root.
 
     fully_shard shards Parameters only: frozen fp32/bf16 base weights are sharded, and so are
@@ -213,7 +216,7 @@ def wrap_fsdp(model: nn.Module, chunk: int, device: torch.device, world_size: in
     mesh = init_device_mesh(device.type, (world_size,))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
-    module = LossModule(model, chunk)
+    module = LossModule(model, chunk, loss_fn)
     fully_shard(module, mesh=mesh)
     for m in module.modules():
         if hasattr(m, "set_gradient_divide_factor"):

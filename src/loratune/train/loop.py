@@ -21,7 +21,7 @@ from torch import nn
 
 from loratune import data as lt_data
 from loratune.data.bundled import resolve_data_paths
-from loratune.adapters import add_adapter, method_record, save_adapter, trainable_report
+from loratune.adapters import method_record, save_adapter, trainable_report
 from loratune.adapters.fused_lora import set_fused_lora
 from loratune.adapters.registry import TrainingHooks
 from loratune.config import RunConfig
@@ -33,6 +33,9 @@ from loratune.train.distributed import DistInfo
 from loratune.train.host_memory import use_mmap_for_large_blocks
 from loratune.train.method_hooks import method_hooks
 from loratune.train.metrics import MetricsLog, plot_loss
+from loratune.train.objectives import (Objective, build_preference_data,
+                                       epoch_preference_batches, is_preference, start_adapter,
+                                       training_objective)
 from loratune.train.offload import activation_offload, offload_notes
 from loratune.train.optim import build_optimizer, set_lr
 from loratune.train.run_folder import (RunFolderError, check_resume_state, check_run_dir,
@@ -108,6 +111,7 @@ class TrainData:
     packing: bool
     pad_id: int
     eval_batches: list[dict]
+    make_epoch: Callable[[int], list[dict]] | None = None  # preference data: its own batches
     n_batches: int = field(init=False)  # micro-batches per epoch
     _epochs: dict[int, list[dict]] = field(default_factory=dict, init=False)  # the current one
 
@@ -127,8 +131,8 @@ class TrainData:
     def _epoch(self, epoch: int) -> list[dict]:
         if epoch not in self._epochs:
             self._epochs.clear()
-            self._epochs[epoch] = epoch_batches(self.cfg, self.examples, self.packing,
-                                                self.pad_id, epoch)
+            self._epochs[epoch] = self.make_epoch(epoch) if self.make_epoch else \
+                epoch_batches(self.cfg, self.examples, self.packing, self.pad_id, epoch)
         return self._epochs[epoch]
 
 
@@ -142,6 +146,7 @@ class Run:
     forward: Forward
     optimizer: torch.optim.Optimizer
     hooks: TrainingHooks
+    objective: Objective
     data: TrainData
     metrics: MetricsLog
     total_steps: int
@@ -164,6 +169,7 @@ def setup(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, model: nn.Modul
     comes before the run folder is touched (a refused resume leaves config.yaml as it was)."""
     quiet = opts.quiet or not runtime.is_main  # rank 0 alone prints, logs and writes files
     log: Log = _silent if quiet else print
+    objective = training_objective(cfg)
     data = setup_data(cfg, tokenizer, paths, log)
     setup_adapter(cfg, model, tokenizer, log)
     out = Path(cfg.output_dir)
@@ -178,17 +184,20 @@ def setup(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, model: nn.Modul
     total = total_steps(cfg, data.n_batches)
     hooks = method_hooks(model, cfg.adapter, "default", total)
     checkpoint = resume_checkpoint(cfg, opts, runtime, out, log)
-    forward, optimizer, start_step = setup_optimizer(cfg, runtime, model, checkpoint, log)
+    forward, optimizer, start_step = setup_optimizer(cfg, runtime, model, checkpoint, log,
+                                                     objective)
     if runtime.is_main:
         write_config(out, cfg)
         write_status(out, "running", step=start_step, total_steps=total)
+    if is_preference(cfg) and cfg.train.preference.reference == "cached":
+        setup_reference_cache(cfg, runtime, model, objective, data, out, log)
     for note in offload_notes(cfg.train, runtime.device):
         log(note)
     metrics = open_metrics(out, runtime, opts.resume, start_step)
     if runtime.is_main:
         metrics.trackers = open_trackers(cfg, out)
-    return Run(cfg, runtime, model, forward, optimizer, hooks, data, metrics, total, start_step,
-               quiet)
+    return Run(cfg, runtime, model, forward, optimizer, hooks, objective, data, metrics, total,
+               start_step, quiet)
 
 
 def seed_everything(seed: int) -> None:
@@ -245,6 +254,8 @@ def epoch_batches(cfg: RunConfig, examples, packing: bool, pad_id: int, epoch: i
 
 
 def setup_data(cfg: RunConfig, tokenizer, paths: DataPaths, log: Log) -> TrainData:
+    if is_preference(cfg):
+        return setup_preference_data(cfg, tokenizer, paths, log)
     train_ex, eval_ex, stats, packing = build_data(cfg, tokenizer, paths)
     log(f"data: {stats.n_examples} examples ({stats.format}), {stats.n_truncated} truncated, "
         f"{stats.dropped()}; packing={'on' if packing else 'off'}; "
@@ -254,6 +265,33 @@ def setup_data(cfg: RunConfig, tokenizer, paths: DataPaths, log: Log) -> TrainDa
     pad_id = tokenizer.pad_token_id
     eval_batches = epoch_batches(cfg, eval_ex, packing, pad_id, 0) if eval_ex else []
     return TrainData(cfg, train_ex, packing, pad_id, eval_batches)
+
+
+def setup_preference_data(cfg: RunConfig, tokenizer, paths: DataPaths, log: Log) -> TrainData:
+    """Pairs (or KTO examples), one per row side, never packed."""
+    train_ex, eval_ex, stats = build_preference_data(cfg, tokenizer, paths)
+    log(f"data: {stats.n_examples} {stats.format} examples for {cfg.train.objective}, "
+        f"{stats.n_truncated} truncated (prompt first), {stats.dropped()}; "
+        f"held-out: {len(eval_ex)}")
+    pad_id = tokenizer.pad_token_id
+    eval_batches = epoch_preference_batches(cfg, eval_ex, pad_id, 0) if eval_ex else []
+    return TrainData(cfg, train_ex, False, pad_id, eval_batches,
+                     make_epoch=lambda epoch: epoch_preference_batches(cfg, train_ex, pad_id,
+                                                                       epoch))
+
+
+def setup_reference_cache(cfg: RunConfig, runtime: OneProcess, model: nn.Module,
+                          objective: Objective, data: TrainData, out: Path, log: Log) -> None:
+    """Reference log-probs of every training example, read from or written to the run folder."""
+    from loratune.train.reference_cache import CACHE_FILE, cached_reference
+
+    label = f"{cfg.model.name}|{cfg.adapter.init_from}|{cfg.train.objective}"
+    found = cached_reference(model, objective.reference, data.examples, data.pad_id,
+                             cfg.train.batch_size, runtime.device, out, runtime.is_main, label,
+                             cfg.train.loss_chunk)
+    data._epochs.clear()  # batches made before carry no reference log-probs
+    log(f"reference log-probs: {'read from' if found else 'computed once, kept in'} "
+        f"{out / CACHE_FILE}")
 
 
 def check_context(cfg: RunConfig, model: nn.Module) -> None:
@@ -271,7 +309,7 @@ def check_context(cfg: RunConfig, model: nn.Module) -> None:
 def setup_adapter(cfg: RunConfig, model: nn.Module, tokenizer, log: Log) -> None:
     check_context(cfg, model)
     torch.manual_seed(cfg.train.seed)  # the adapter's initial weights depend on the seed alone
-    add_adapter(model, cfg.adapter, "default", tokenizer=tokenizer)
+    start_adapter(cfg, model, tokenizer)
     set_fused_lora(model, cfg.train.fused_lora)
     log(trainable_report(model)[2])
 
@@ -323,8 +361,8 @@ class _DeferredOptimizerState:
 
 
 def setup_optimizer(cfg: RunConfig, runtime: OneProcess, model: nn.Module,
-                    checkpoint: Path | None,
-                    log: Log) -> tuple[Forward, torch.optim.Optimizer, int]:
+                    checkpoint: Path | None, log: Log,
+                    objective: Objective) -> tuple[Forward, torch.optim.Optimizer, int]:
     """Resume into the plain model, wrap it for the runtime, then build the optimizer (FSDP
     replaces the parameters by shards, which the optimizer must hold); the start step."""
     start_step, deferred = 0, _DeferredOptimizerState()
@@ -333,7 +371,7 @@ def setup_optimizer(cfg: RunConfig, runtime: OneProcess, model: nn.Module,
         check_resume_state(state, cfg, checkpoint)
         start_step = state["step"]
         log(f"resumed from {checkpoint} at step {start_step}")
-    forward = runtime.wrap_model(model, cfg)
+    forward = runtime.wrap_model(model, cfg, objective)
     optimizer = build_optimizer(model, cfg.train)
     if deferred.state is not None:
         runtime.load_optimizer_state(optimizer, deferred.state)
@@ -392,8 +430,9 @@ def train_step(run: Run, step: int) -> StepStats:
     lr = set_lr(run.optimizer, lr_factor(step, run.total_steps, run.warmup,
                                          run.cfg.train.schedule))
     micro = run.data.micro_batches(step)
-    # Every rank builds the whole step, so the label count is the global one.
-    n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    # Every rank builds the whole step, so the label count (pairs for preference objectives) is
+    # the global one.
+    n_labels = sum(run.objective.units(b) for b in micro)
     tokens = sum(int(b["input_ids"].numel()) for b in micro)
     step_loss, extra_loss = run.runtime.sum(accumulate_gradients(run, micro, n_labels))
     extra = run.hooks.step_loss()
@@ -482,16 +521,18 @@ def train_steps(run: Run) -> Progress:
         progress.label_tokens += stats.label_tokens
         progress.loss = stats.loss
         record = stats.record()
+        record.update(run.objective.take_metrics(run.runtime.sum))
         every = train_cfg.eval_every
         if run.data.eval_batches and every and stats.step % every == 0:
             progress.eval_loss = evaluate_loss(run.model, run.forward, run.data.eval_batches,
                                                run.runtime)
             record["eval_loss"] = round(progress.eval_loss, 6)
+            record.update(run.objective.take_metrics(run.runtime.sum_eval, "eval_"))
         if stats.step % train_cfg.log_every == 0 or "eval_loss" in record:
             run.metrics.write(record)
         progress.history.append(record)
         bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
-                        tok_s=f"{stats.tokens / stats.seconds:.0f}")
+                        tok_s=f"{stats.tokens / stats.seconds:.0f}", **preference_postfix(record))
         bar.update(1)
         if train_cfg.save_every and stats.step % train_cfg.save_every == 0 \
                 and stats.step < run.total_steps:
@@ -512,6 +553,12 @@ def stop_if_asked(run: Run, step: int) -> None:
     if ckpt not in list_checkpoints(run.out / "checkpoints"):  # save_every may have written it
         save_step_checkpoint(run, step)
     raise RunInterrupted(step, ckpt)
+
+
+def preference_postfix(record: dict) -> dict[str, str]:
+    """The progress bar's share of a preference step's metrics: accuracy and margin."""
+    short = {"accuracy": "acc", "margin": "margin", "kl": "kl"}
+    return {name: f"{record[key]:.3f}" for key, name in short.items() if key in record}
 
 
 def _progress_bar(total: int, start: int, enabled: bool):
@@ -541,7 +588,8 @@ def save(run: Run, progress: Progress) -> TrainResult:
     if run.data.eval_batches:
         progress.eval_loss = evaluate_loss(run.model, run.forward, run.data.eval_batches,
                                            run.runtime)
-        run.metrics.write({"step": run.total_steps, "eval_loss": round(progress.eval_loss, 6)})
+        run.metrics.write({"step": run.total_steps, "eval_loss": round(progress.eval_loss, 6),
+                           **run.objective.take_metrics(run.runtime.sum_eval, "eval_")})
     if run.cfg.train.gradient_checkpointing:
         set_checkpointing(run.model, False)
     run.model.eval()
@@ -569,6 +617,7 @@ def run_summary(run: Run, progress: Progress) -> dict:
             "tokens": progress.tokens, "label_tokens": progress.label_tokens,
             "packing": run.data.packing, "trainable": report, "trainable_params": n_trainable,
             "all_params": n_all, "method": run.cfg.adapter.method,
+            "objective": run.cfg.train.objective,
             "seconds_per_step": round(progress.seconds / steps_run, 4),
             "peak_rss_mib": peak_rss_mib(), **run.hooks.summary(), **run.runtime.summary()}
 

@@ -48,6 +48,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
+    """The loss curve; preference runs get a second panel with the reward margin and the
+    preference accuracy (training and held-out)."""
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -58,7 +60,11 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    prefs = {key: [(r["step"], r[key]) for r in records if key in r] for key in PREFERENCE_CURVES}
+    prefs = {key: points for key, points in prefs.items() if points}
+    fig, axes = plt.subplots(1, 2 if prefs else 1, figsize=(11 if prefs else 6, 3.5), dpi=100,
+                             squeeze=False)
+    ax = axes[0][0]
     ax.plot(*zip(*train), label="train loss", lw=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="held-out loss", lw=1.2)
@@ -66,9 +72,21 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if prefs:
+        right = axes[0][1]
+        for key, points in prefs.items():
+            right.plot(*zip(*points), "o-" if key.startswith("eval_") else "-",
+                       label=PREFERENCE_CURVES[key], lw=1.2)
+        right.set_xlabel("optimizer step")
+        right.grid(alpha=0.3)
+        right.legend()
     fig.tight_layout()
     try:
         write_atomic_file(out_png, lambda tmp: fig.savefig(tmp, format="png"), overwrite=True)
     finally:
         plt.close(fig)
     return out_png
+
+
+PREFERENCE_CURVES = {"margin": "reward margin", "accuracy": "preference accuracy",
+                     "eval_margin": "held-out margin", "eval_accuracy": "held-out accuracy"}

@@ -22,7 +22,7 @@ DONE_FILE = "run_summary.json"
 # What train and demo write into a run folder. --overwrite moves the folder away, so one
 # holding anything else (or cwd, or home) is someone's own files and is refused.
 RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "adapter", DONE_FILE, "loss.png",
-               "demo_report.json", "status.json",
+               "demo_report.json", "status.json", "ref_logps.safetensors",
                "tensorboard", "mlruns", "wandb"}   # train.report_to's trackers
 
 # What decides the data order and the meaning of a step: a checkpoint written under other values
@@ -105,7 +105,10 @@ def check_resume_state(state: dict, cfg: RunConfig, path: Path) -> None:
 
 
 def write_config(out: Path, cfg: RunConfig) -> None:
-    text = yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+    data = cfg.model_dump()
+    if cfg.adapter.init_from:  # excluded from adapter files, but part of the run's config
+        data["adapter"]["init_from"] = cfg.adapter.init_from
+    text = yaml.safe_dump(data, sort_keys=False)
     write_atomic_file(out / "config.yaml", lambda tmp: tmp.write_text(text), overwrite=True)
 
 

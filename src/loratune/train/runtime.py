@@ -28,6 +28,8 @@ from loratune.train.run_folder import RunFolderError
 
 # batch -> (summed token loss, label count)
 Forward = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+# (model, batch, chunk) -> the same: causal_lm_loss, or a preference objective's loss
+LossFn = Callable[..., tuple[torch.Tensor, int]]
 
 
 @dataclass
@@ -66,9 +68,11 @@ class OneProcess:
         """The checkpoint (in folder `root`) every process resumes from: the main one's choice."""
         return chosen
 
-    def wrap_model(self, model: nn.Module, cfg: RunConfig) -> Forward:
-        """The training forward: the summed token loss and label count of a batch."""
-        return partial(causal_lm_loss, model, chunk=cfg.train.loss_chunk)
+    def wrap_model(self, model: nn.Module, cfg: RunConfig, loss_fn: LossFn = causal_lm_loss
+                   ) -> Forward:
+        """The training forward: the summed loss of a batch and what it is summed over
+        (`loss_fn(model, batch, chunk)`: label tokens for SFT, pairs for preference losses)."""
+        return partial(loss_fn, model, chunk=cfg.train.loss_chunk)
 
     def grad_sync(self, last: bool) -> AbstractContextManager:
         """A context for one micro-batch's backward; `last`: the step's last one here."""
@@ -131,10 +135,11 @@ class DataParallel(OneProcess):
                                  "machines needs output_dir on a shared filesystem")
         return path
 
-    def wrap_model(self, model: nn.Module, cfg: RunConfig) -> Forward:
+    def wrap_model(self, model: nn.Module, cfg: RunConfig, loss_fn: LossFn = causal_lm_loss
+                   ) -> Forward:
         unused = method_record(cfg.adapter.method).unused_parameters
         self.wrapper = lt_dist.wrap_ddp(model, cfg.train.loss_chunk, self.device,
-                                        find_unused=unused)
+                                        find_unused=unused, loss_fn=loss_fn)
         return self.wrapper
 
     def grad_sync(self, last: bool) -> AbstractContextManager:
@@ -165,9 +170,10 @@ class FullySharded(DataParallel):
     def sum_eval(self, values: list[float]) -> list[float]:
         return list(values)  # every rank ran every held-out batch
 
-    def wrap_model(self, model: nn.Module, cfg: RunConfig) -> Forward:
+    def wrap_model(self, model: nn.Module, cfg: RunConfig, loss_fn: LossFn = causal_lm_loss
+                   ) -> Forward:
         self.wrapper = lt_dist.wrap_fsdp(model, cfg.train.loss_chunk, self.device,
-                                         self.info.world_size)
+                                         self.info.world_size, loss_fn=loss_fn)
         return self.wrapper
 
     def grad_sync(self, last: bool) -> AbstractContextManager:
