@@ -140,10 +140,26 @@ VIRTUAL = {"prompt": {"method": "prompt", "num_virtual_tokens": 4},
            "prefix": {"method": "prefix", "num_virtual_tokens": 4}}
 
 
+def _write_pairs(folder: Path) -> Path:
+    rows = [{"prompt": f"Repeat the word {w}", "chosen": f"{w} {w} {w}", "rejected": f"no {w}"}
+            for w in WORDS]
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _pref_dict(out: Path, pairs: Path, objective: str, **preference) -> dict:
+    spec = _cfg_dict(out, pairs, objective=objective, lr=2e-2)
+    spec["train"]["preference"] = preference
+    return spec
+
+
 def _jobs(tmp: Path, data: Path) -> dict[str, dict]:
     """The 2-process jobs, by name (each trains into tmp/name)."""
     def cfg(name, adapter=None, **train):
         return _cfg_dict(tmp / name, data, adapter, **train)
+
+    pairs = tmp / "pairs.jsonl"
 
     return {"ddp": {"spec": cfg("ddp")},
             "fsdp": {"spec": cfg("fsdp", parallel="fsdp")},
@@ -154,6 +170,11 @@ def _jobs(tmp: Path, data: Path) -> dict[str, dict]:
             "qlora_fsdp": {"spec": {**cfg("qlora_fsdp", parallel="fsdp"), "quantize": True}},
             "qlora_ddp": {"spec": {**cfg("qlora_ddp"), "quantize": True}},
             "moe_ddp": {"spec": cfg("moe_ddp", MOE)},
+            "dpo_ddp_cached": {"spec": _pref_dict(tmp / "dpo_ddp_cached", pairs, "dpo",
+                                                  reference="cached")},
+            "dpo_fsdp": {"spec": {**_pref_dict(tmp / "dpo_fsdp", pairs, "dpo"),
+                                  "parallel": "fsdp"}},
+            "kto_ddp": {"spec": _pref_dict(tmp / "kto_ddp", pairs, "kto")},
             "resume_on_2": {"spec": cfg("resume_on_2"), "resume": True},
             "resume_on_2_fsdp": {"spec": cfg("resume_on_2_fsdp", parallel="fsdp"),
                                  "resume": True}}
@@ -176,6 +197,9 @@ def launched(tmp_path_factory, smol_tokenizer):
         _train(_cfg_dict(tmp / "moe_single", data, MOE), smol_tokenizer)
         for method, adapter in VIRTUAL.items():
             _train(_cfg_dict(tmp / f"{method}_single", data, adapter), smol_tokenizer)
+        pairs = _write_pairs(tmp)
+        for objective in ("dpo", "kto"):
+            _train(_pref_dict(tmp / f"{objective}_single", pairs, objective), smol_tokenizer)
     jobs = [{**job, "report": str(tmp / f"{name}.outcome")}
             for name, job in _jobs(tmp, data).items()]
     try:
@@ -274,6 +298,32 @@ def test_moe_lora_two_processes_equal_one(launched):
 
     got = extra(launched.tmp / "moe_ddp")
     assert len(got) == 4 and got == pytest.approx(extra(launched.tmp / "moe_single"), abs=1e-6)
+
+
+PREFERENCE_KEYS = ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy", "kl",
+                   "eval_loss", "eval_margin", "eval_accuracy")
+
+
+@pytest.mark.parametrize("name,single", [("dpo_ddp_cached", "dpo_single"),
+                                         ("dpo_fsdp", "dpo_single"),
+                                         ("kto_ddp", "kto_single")])
+def test_preference_two_processes_equal_one(launched, name, single):
+    """Pairs split over the ranks, the reference run on each rank's share (or read from the
+    cache), rewards and accuracy summed over the ranks: the same adapter and metrics."""
+    _job(launched, name)
+    run, ref = launched.tmp / name, launched.tmp / single
+    _assert_same_adapter(_adapter(run), _adapter(ref))
+
+    def metrics(folder):
+        records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [{k: r[k] for k in PREFERENCE_KEYS if k in r} for r in records]
+
+    got, want = metrics(run), metrics(ref)
+    assert len(got) == len(want) and any("margin" in r for r in got)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys() and a == pytest.approx(b, abs=1e-5)
+    if name.endswith("cached"):
+        assert (run / "ref_logps.safetensors").is_file()
 
 
 @pytest.mark.parametrize("name", ["resume_on_2", "resume_on_2_fsdp"])

@@ -185,7 +185,10 @@ def split_answer(messages: list[dict], tokenizer, template: str,
                  where: str) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids): the conversation tokenized, cut where its last assistant turn
     starts; the answer runs through the end-of-turn marker."""
-    text, spans = answer_spans(messages, tokenizer, template)
+    try:
+        text, spans = answer_spans(messages, tokenizer, template)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
     start, end = spans[-1]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]

@@ -154,16 +154,16 @@ def init_group(device: torch.device, info: DistInfo,
 
 class LossModule(nn.Module):
     """forward(batch) -> (summed loss, count); the unit DDP/FSDP wrap. `loss_fn(model, batch,
-    chunk)`: causal_lm_loss (token loss, label count) or a preference objective's loss."""
+    chunk)`: a preference objective's loss; None: causal_lm_loss (token loss, label count)."""
 
-    def __init__(self, model: nn.Module, chunk: int, loss_fn=causal_lm_loss):
+    def __init__(self, model: nn.Module, chunk: int, loss_fn=None):
         super().__init__()
         self.model = model
         self.chunk = chunk
         self.loss_fn = loss_fn
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        return self.loss_fn(self.model, batch, self.chunk)
+        return (self.loss_fn or causal_lm_loss)(self.model, batch, self.chunk)
 
 
 def _sum_allreduce(group, bucket):
@@ -173,7 +173,7 @@ def _sum_allreduce(group, bucket):
 
 
 def wrap_ddp(model: nn.Module, chunk: int, device: torch.device,
-             find_unused: bool = False, loss_fn=causal_lm_loss) -> nn.Module:
+             find_unused: bool = False, loss_fn=None) -> nn.Module:
     """DDP over the trainable (adapter) parameters only.
 
     Frozen base weights and buffers are left out of DDP's start-up broadcast: every rank loaded
@@ -201,7 +201,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def wrap_fsdp(model: nn.Module, chunk: int, device: torch.device, world_size: int,
-              loss_fn=causal_lm_loss) -> nn.Module:
+              loss_fn=None) -> nn.Module:
     """FSDP2: each decoder layer is one shard unit, the rest (embeddings, norm, head) the root.
 
     fully_shard shards Parameters only: frozen fp32/bf16 base weights are sharded, and so are

@@ -184,13 +184,14 @@ def setup(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, model: nn.Modul
     total = total_steps(cfg, data.n_batches)
     hooks = method_hooks(model, cfg.adapter, "default", total)
     checkpoint = resume_checkpoint(cfg, opts, runtime, out, log)
+    if is_preference(cfg) and cfg.train.preference.reference == "cached":
+        # Before the runtime wraps the model: FSDP's sharded parameters run only in its forward.
+        setup_reference_cache(cfg, runtime, model, objective, data, out, log)
     forward, optimizer, start_step = setup_optimizer(cfg, runtime, model, checkpoint, log,
                                                      objective)
     if runtime.is_main:
         write_config(out, cfg)
         write_status(out, "running", step=start_step, total_steps=total)
-    if is_preference(cfg) and cfg.train.preference.reference == "cached":
-        setup_reference_cache(cfg, runtime, model, objective, data, out, log)
     for note in offload_notes(cfg.train, runtime.device):
         log(note)
     metrics = open_metrics(out, runtime, opts.resume, start_step)
@@ -371,7 +372,7 @@ def setup_optimizer(cfg: RunConfig, runtime: OneProcess, model: nn.Module,
         check_resume_state(state, cfg, checkpoint)
         start_step = state["step"]
         log(f"resumed from {checkpoint} at step {start_step}")
-    forward = runtime.wrap_model(model, cfg, objective)
+    forward = runtime.wrap_model(model, cfg, objective if is_preference(cfg) else None)
     optimizer = build_optimizer(model, cfg.train)
     if deferred.state is not None:
         runtime.load_optimizer_state(optimizer, deferred.state)

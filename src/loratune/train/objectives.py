@@ -17,19 +17,15 @@ from loratune.adapters import AdapterError, add_adapter, load_adapter, mark_trai
 from loratune.config import ConfigError, RunConfig
 from loratune.data.encode import IGNORE
 from loratune.data.preference import build_preference_examples, preference_batches
-from loratune.train.loss import causal_lm_loss
 from loratune.train.preference import (REF_ADAPTER, PreferenceLoss, Reference,
                                        needs_reference)
 
 
 class SftLoss:
-    """The next-token loss as an objective: summed over label tokens, no extra metrics."""
+    """The next-token loss (the runtime's default, causal_lm_loss) as an objective: summed
+    over label tokens, no extra metrics."""
 
     objective = "sft"
-
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor],
-                 chunk: int = 1024) -> tuple[torch.Tensor, int]:
-        return causal_lm_loss(model, batch, chunk)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -68,11 +68,12 @@ class OneProcess:
         """The checkpoint (in folder `root`) every process resumes from: the main one's choice."""
         return chosen
 
-    def wrap_model(self, model: nn.Module, cfg: RunConfig, loss_fn: LossFn = causal_lm_loss
+    def wrap_model(self, model: nn.Module, cfg: RunConfig, loss_fn: LossFn | None = None
                    ) -> Forward:
         """The training forward: the summed loss of a batch and what it is summed over
-        (`loss_fn(model, batch, chunk)`: label tokens for SFT, pairs for preference losses)."""
-        return partial(loss_fn, model, chunk=cfg.train.loss_chunk)
+        (`loss_fn(model, batch, chunk)`: a preference objective's loss over pairs; None: the
+        token loss over labels, causal_lm_loss)."""
+        return partial(loss_fn or causal_lm_loss, model, chunk=cfg.train.loss_chunk)
 
     def grad_sync(self, last: bool) -> AbstractContextManager:
         """A context for one micro-batch's backward; `last`: the step's last one here."""
@@ -135,7 +136,7 @@ class DataParallel(OneProcess):
                                  "machines needs output_dir on a shared filesystem")
         return path
 
-    def wrap_model(self, model: nn.Module, cfg: RunConfig, loss_fn: LossFn = causal_lm_loss
+    def wrap_model(self, model: nn.Module, cfg: RunConfig, loss_fn: LossFn | None = None
                    ) -> Forward:
         unused = method_record(cfg.adapter.method).unused_parameters
         self.wrapper = lt_dist.wrap_ddp(model, cfg.train.loss_chunk, self.device,
@@ -170,7 +171,7 @@ class FullySharded(DataParallel):
     def sum_eval(self, values: list[float]) -> list[float]:
         return list(values)  # every rank ran every held-out batch
 
-    def wrap_model(self, model: nn.Module, cfg: RunConfig, loss_fn: LossFn = causal_lm_loss
+    def wrap_model(self, model: nn.Module, cfg: RunConfig, loss_fn: LossFn | None = None
                    ) -> Forward:
         self.wrapper = lt_dist.wrap_fsdp(model, cfg.train.loss_chunk, self.device,
                                          self.info.world_size, loss_fn=loss_fn)
