@@ -351,3 +351,16 @@ def test_train_from_a_family_gguf(name, family_folder, tmp_path):
     assert all(math.isfinite(h["loss"]) for h in result.history)
     load_adapter(from_gguf, result.adapter_dir)
     assert (logits(from_gguf) - logits(from_folder)).abs().max() > 1e-4
+
+
+def test_a_regex_naming_parts_of_a_fused_layer_is_not_dropped():
+    """A regex target is read against the unfused names too: '.*(q_proj|o_proj)' on Phi-3 is
+    refused for LoRA (it would otherwise adapt o_proj alone) and selects q rows for IA³."""
+    model, _ = build_family("phi3")
+    with pytest.raises(AdapterError, match=r"names q_proj, which Phi3ForCausalLM fuses"):
+        add_adapter(model, LoraConfig(r=4, target_modules=r".*\.(q_proj|o_proj)"))
+    targets = add_adapter(model, IA3Config(target_modules=r".*\.(v_proj|down_proj)"))
+    assert sorted(t.rsplit(".", 1)[-1] for t in targets) == ["down_proj", "down_proj",
+                                                             "qkv_proj", "qkv_proj"]
+    kept = model.model.layers[0].self_attn.qkv_proj.adapters["default"].kept.view(-1)
+    assert kept.sum() == model.config.num_key_value_heads * 8 and kept[-1] and not kept[0]

@@ -7,6 +7,8 @@ which output rows of which fused layer they are, to adapt exactly those rows or 
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 # fused leaf name -> its parts, in the order of the output rows
@@ -47,9 +49,18 @@ def fused_layers(model: nn.Module, paths: list[str]) -> dict[str, dict[str, rang
 
 
 def named_parts(target: list[str] | str, fused: dict[str, dict[str, range]]) -> dict[str, list[str]]:
-    """Fused layer path -> the parts a target_modules list names (by leaf name)."""
-    if isinstance(target, str):
+    """Fused layer path -> the parts `target` names: by leaf name in a list, or, for a regex,
+    the parts whose unfused path (`...self_attn.k_proj`) it matches."""
+    if target == "all-linear" or target == ["all-linear"]:
         return {}
-    names = {t.rsplit(".", 1)[-1] for t in target}
-    found = {path: [p for p in parts if p in names] for path, parts in fused.items()}
-    return {path: parts for path, parts in found.items() if parts}
+    found = {}
+    for path, parts in fused.items():
+        prefix = path[: len(path) - len(path.rsplit(".", 1)[-1])]
+        if isinstance(target, str):
+            named = [p for p in parts if re.fullmatch(target, prefix + p)]
+        else:
+            leaves = {t.rsplit(".", 1)[-1] for t in target}
+            named = [p for p in parts if p in leaves]
+        if named:
+            found[path] = named
+    return found
