@@ -1,4 +1,5 @@
-"""Which code dequantizes 4-bit weights: `quantization.kernel` resolved for a device.
+"""Which code dequantizes (and multiplies by) 4-bit weights: `quantization.kernel` resolved for a
+device.
 
 torch: nf4.py, readable, any device. triton: nf4_triton.py, one kernel (CUDA, or CPU under
 TRITON_INTERPRET=1). bitsandbytes: its CUDA kernels on our bytes (nf4_bnb.py). auto: on CUDA
@@ -11,10 +12,11 @@ import importlib.util
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 from loratune.quant.nf4 import Quantized4bit, dequantize_4bit
-from loratune.quant.nf4_bnb import dequantize_4bit_bnb
-from loratune.quant.nf4_triton import dequantize_4bit_triton, interpreting
+from loratune.quant.nf4_bnb import dequantize_4bit_bnb, matmul_4bit_bnb
+from loratune.quant.nf4_triton import dequantize_4bit_triton, interpreting, matmul_4bit_triton
 
 KERNELS = ("auto", "torch", "triton", "bitsandbytes")
 _IMPLS = {"torch": dequantize_4bit, "triton": dequantize_4bit_triton,
@@ -58,3 +60,15 @@ def choose_kernel(kernel: str, device: torch.device | str,
 def dequantize(q: Quantized4bit, dtype: torch.dtype, kernel: str = "auto") -> torch.Tensor:
     """`q` in full precision (`dtype`) by the kernel `kernel` resolves to on q's device."""
     return _IMPLS[choose_kernel(kernel, q.packed.device)](q, dtype)
+
+
+def matmul_4bit(x: torch.Tensor, q: Quantized4bit, kernel: str = "auto") -> torch.Tensor:
+    """x · Wᵀ in x's dtype, W = `q`. With many rows of x (training, prefill) every kernel
+    dequantizes W and multiplies (bit-equal results); with a few (decoding), triton and
+    bitsandbytes read W in 4 bits inside the matmul (equal to a rounding of the output)."""
+    chosen = choose_kernel(kernel, q.packed.device)
+    if chosen == "triton":
+        return matmul_4bit_triton(x, q)
+    if chosen == "bitsandbytes":
+        return matmul_4bit_bnb(x, q)
+    return F.linear(x, dequantize_4bit(q, x.dtype))

@@ -1,16 +1,16 @@
 """A frozen linear layer stored in 4 bits; QLoRA puts LoRA on top of it (`AdaptedLinear`).
 
 The full-precision weight exists only inside one call: forward dequantizes, multiplies and
-drops it; backward dequantizes again to form the input gradient (the weight gets none).
+drops it (a few rows, with the triton or bitsandbytes kernel: the matmul reads the 4-bit weight
+itself); backward dequantizes again to form the input gradient (the weight gets none).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from loratune.quant.kernels import dequantize
+from loratune.quant.kernels import dequantize, matmul_4bit
 from loratune.quant.nf4 import Quantized4bit, quantize_4bit
 
 
@@ -18,7 +18,7 @@ class _Frozen4bitMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
         ctx.layer = layer  # keep the 4-bit layer, not the dequantized weight, for backward
-        return F.linear(x, layer.dequantize(x.dtype))
+        return matmul_4bit(x, layer.quantized(), layer.kernel)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

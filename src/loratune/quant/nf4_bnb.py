@@ -1,4 +1,4 @@
-"""4-bit dequantization by bitsandbytes' kernels (`quantization.kernel: bitsandbytes`).
+"""4-bit dequantization and matmul by bitsandbytes' kernels (`quantization.kernel: bitsandbytes`).
 
 Our stored layout is bitsandbytes' own (packed codes, high nibble first; uint8 block-scale codes,
 their fp32 group scales of 256 and the offset), so its `QuantState` is built around the very
@@ -34,3 +34,12 @@ def dequantize_4bit_bnb(q: Quantized4bit, dtype: torch.dtype = torch.float32) ->
 
     # Shaped [bytes, 1] as bitsandbytes stores it (it transposes results for [1, bytes]).
     return dequantize_4bit(q.packed.reshape(-1, 1), quant_state(q, dtype)).view(q.shape)
+
+
+def matmul_4bit_bnb(x: torch.Tensor, q: Quantized4bit) -> torch.Tensor:
+    """x · Wᵀ for W = `q` by bitsandbytes: one row reads the 4-bit weight directly (its gemv
+    kernel), more rows dequantize it then multiply. Forward only: `Linear4bit`'s backward
+    forms the input gradient itself."""
+    from bitsandbytes import matmul_4bit
+
+    return matmul_4bit(x.detach(), q.packed.reshape(-1, 1).t(), quant_state(q, x.dtype))

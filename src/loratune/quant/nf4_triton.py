@@ -25,12 +25,15 @@ TILE = 1024  # bytes per program
 DQ_GROUP = 256  # block scales per fp32 scale in double quantization (bitsandbytes' value)
 
 
-@lru_cache(maxsize=None)
-def _kernel():
-    # Imported on first use: triton reads TRITON_INTERPRET when the kernel is defined.
-    from loratune.quant.nf4_triton_kernels import dequant_4bit
+FEW_ROWS = 16  # rows of x up to which `matmul_4bit_triton` reads the weight in 4 bits
 
-    return dequant_4bit
+
+@lru_cache(maxsize=None)
+def _kernels():
+    # Imported on first use: triton reads TRITON_INTERPRET when a kernel is defined.
+    from loratune.quant import nf4_triton_kernels
+
+    return nf4_triton_kernels
 
 
 def interpreting() -> bool:
@@ -45,18 +48,43 @@ def dequantize_4bit_triton(q: Quantized4bit, dtype: torch.dtype = torch.float32)
     n = 1
     for d in q.shape:
         n *= d
+    out = torch.empty(n, dtype=dtype, device=q.packed.device)
+    grid = (-(-((n + 1) // 2) // TILE),)
+    bf16 = dtype == torch.bfloat16
+    _kernels().dequant_4bit[grid](*_scale_args(q), out.view(torch.int16) if bf16 else out, n,
+                                  BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, BF16=bf16,
+                                  TILE=TILE, **_options())
+    return out.view(q.shape)
+
+
+def _scale_args(q: Quantized4bit) -> tuple[torch.Tensor, ...]:
+    """packed, absmax, absmax2, offset, code table, dynamic map: the kernels' first arguments."""
     dev = q.packed.device
-    out = torch.empty(n, dtype=dtype, device=dev)
     code = code_4bit(q.quant_type).to(dev)
     if q.double_quant:
-        absmax2, offset, dmap = q.absmax2, q.offset.reshape(1), dynamic_map().to(dev)
-    else:  # unused by the kernel, but every pointer argument needs a tensor
-        absmax2, offset, dmap = q.absmax, q.absmax, code
-    grid = (-(-((n + 1) // 2) // TILE),)
+        return q.packed, q.absmax, q.absmax2, q.offset.reshape(1), code, dynamic_map().to(dev)
+    # unused by the kernels, but every pointer argument needs a tensor
+    return q.packed, q.absmax, q.absmax, q.absmax, code, code
+
+
+def _options() -> dict:
     # No fused multiply-add: the PyTorch path rounds the product before adding the offset.
-    options = {} if interpreting() else {"enable_fp_fusion": False}
-    bf16 = dtype == torch.bfloat16
-    _kernel()[grid](q.packed, q.absmax, absmax2, offset, code, dmap,
-                    out.view(torch.int16) if bf16 else out, n, BLOCKSIZE=q.blocksize,
-                    DOUBLE=q.double_quant, BF16=bf16, TILE=TILE, **options)
-    return out.view(q.shape)
+    return {} if interpreting() else {"enable_fp_fusion": False}
+
+
+def matmul_4bit_triton(x: torch.Tensor, q: Quantized4bit) -> torch.Tensor:
+    """x · Wᵀ for W = `q`, in x's dtype. Up to FEW_ROWS rows of x (decoding), one kernel reads
+    the 4-bit weight tile by tile; more rows dequantize W once (kernel above) and multiply."""
+    rows = x.numel() // x.shape[-1]
+    if rows > FEW_ROWS or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.nn.functional.linear(x, dequantize_4bit_triton(q, x.dtype))
+    n_out, k = q.shape
+    x2 = x.reshape(rows, k).contiguous()
+    out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
+    bf16 = x.dtype == torch.bfloat16
+    block_n = 64
+    _kernels().matmul_4bit_few[(-(-n_out // block_n),)](
+        x2, *_scale_args(q), out.view(torch.int16) if bf16 else out, rows, n_out, k,
+        BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, BF16=bf16, FP32=x.dtype == torch.float32,
+        BLOCK_M=FEW_ROWS, BLOCK_N=block_n, BLOCK_K=64, **_options())
+    return out.view(*x.shape[:-1], n_out)
