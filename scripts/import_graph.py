@@ -29,7 +29,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("models", "data"),                       # base models (4-bit ones too), data sets
     ("adapters",),                            # methods, injection, the PEFT format
     ("train", "eval", "export", "serve", "plan"),
-    ("recipes", "demo"),                      # jobs and experiments built from the above
+    ("recipes", "demo",                       # jobs and experiments built from the above,
+     "ui"),                                   # the dashboard over their run folders
     ("cli", "__main__"),
 ]
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}

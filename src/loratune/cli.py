@@ -1,4 +1,4 @@
-"""One entry point: `loratune train|demo|chat|generate|eval|merge|export|serve|plan`."""
+"""One entry point: `loratune train|demo|chat|generate|eval|merge|export|serve|plan|ui`."""
 
 from __future__ import annotations
 
@@ -311,6 +311,13 @@ def cmd_serve(args) -> int:
     return run(config_from_args(ServeConfig, args))
 
 
+def cmd_ui(args) -> int:
+    from loratune.command_config import UiConfig
+    from loratune.ui.app import run
+
+    return run(config_from_args(UiConfig, args))
+
+
 def cmd_plan(args) -> int:
     from loratune.command_config import PlanConfig
     from loratune.config import load_config
@@ -357,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from loratune.command_config import (ChatConfig, EvalCommandConfig, ExportGgufConfig,
                                          ExportHfConfig, GenerateConfig, MergeConfig, PlanConfig,
-                                         ServeConfig)
+                                         ServeConfig, UiConfig)
 
     p = sub.add_parser("chat", help="chat with a base model and adapters")
     add_config_flags(p, ChatConfig)
@@ -407,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, many adapters")
     add_config_flags(p, ServeConfig)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="web dashboard: runs, live curves, launch, plan, chat")
+    add_config_flags(p, UiConfig)
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("plan", help="memory needed for a training step, and what fits a GPU")
     p.add_argument("run", nargs="?", help="a training config (YAML): estimate that run (its "

@@ -263,3 +263,21 @@ class PlanConfig(CommandConfig):
     @classmethod
     def _power_of_two(cls, v: int) -> int:
         return check_blocksize(v)
+
+
+# -- ui -------------------------------------------------------------------------------------------
+class UiConfig(CommandConfig):
+    """`loratune ui`: a local web dashboard over a folder of runs (same key rules as serve)."""
+
+    runs: str = Field("runs", description="folder of run folders (launched runs go here too)")
+    host: str = "127.0.0.1"
+    port: int = Field(7860, ge=0, le=65535)
+    serve_url: str | None = Field(
+        None, description="a running `loratune serve` for the chat playground, e.g. "
+        "http://127.0.0.1:8000")
+    serve_key: str | None = Field(None, description="the API key that server wants, if any")
+    api_key: str | None = Field(
+        None, description="require 'Authorization: Bearer KEY' (default: $LORATUNE_API_KEY)")
+    insecure_no_key: bool = Field(False,
+                                  description="allow a non-loopback --host without an API key")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning"

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loratune.command_config import ServeConfig
+from loratune.command_config import ServeConfig, UiConfig
 from loratune.serve.metrics import Metrics
 from loratune.serve.router import LanguageRouter, last_user_text
 from loratune.serve.sampling import SEED_MAX, SEED_MIN
@@ -314,11 +314,7 @@ def build_app(engine, api_key: str | None = None, request_timeout_s: float = 120
     app.state.loratune = state
 
     async def auth(request: Request) -> None:
-        if state.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 state.api_key.encode()):
+        if not key_matches(request.headers.get("authorization", ""), state.api_key):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
@@ -566,6 +562,16 @@ def served_name(model: str) -> str:
     return model if model in EMBEDDED else Path(model).expanduser().resolve().stem or model
 
 
+def key_matches(authorization: str, api_key: str | None) -> bool:
+    """Whether an Authorization header brings `api_key` as a bearer token (any header does
+    when there is no key). Compared in constant time."""
+    if api_key is None:
+        return True
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                              api_key.encode())
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
     if host == "localhost":
@@ -576,8 +582,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def startup_api_key(cfg: ServeConfig) -> str | None:
-    """The key requests must bring (None: no key), or a ValueError for an unsafe setup."""
+def startup_api_key(cfg: ServeConfig | UiConfig) -> str | None:
+    """The key requests must bring (None: no key), or a ValueError for an unsafe setup: the
+    rules of `serve` and `ui` alike (their api_key, host and insecure_no_key options)."""
     key = cfg.api_key
     if key is not None and not key.strip():
         raise ValueError("--api-key is empty: give a key, or leave the option out to serve "

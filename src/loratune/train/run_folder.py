@@ -55,7 +55,9 @@ def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if has_ckpt:
         raise RunFolderError(f"{out} holds checkpoints of an unfinished run: pass --resume to "
                              "continue it or --overwrite to start over")
-    if any(p.name != "config.yaml" for p in out.iterdir()):
+    # config.yaml and status.json alone: a start that never got going (or `loratune ui`'s
+    # launch, which writes both before train starts)
+    if any(p.name not in ("config.yaml", "status.json") for p in out.iterdir()):
         raise RunFolderError(f"{out} is not empty; pass --overwrite or choose another output_dir")
 
 

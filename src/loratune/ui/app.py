@@ -1,0 +1,278 @@
+"""`loratune ui`: the dashboard's HTTP side. Static pages from ui/static, JSON under /api.
+
+Pages are plain HTML/JS/CSS (no build step); every /api route wants the API key when one is set
+(the same rules and check as `serve`); a run's metrics stream as server-sent events that tail
+metrics.jsonl while the run is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from loratune.command_config import PlanConfig, UiConfig
+from loratune.config import RunConfig, _ADAPTER_OPTIONS
+from loratune.serve.api import startup_api_key, is_loopback, key_matches
+from loratune.ui.launcher import LaunchError, Launcher, field_errors, validate_launch
+from loratune.ui.runs import (RunNotFound, find_reports, find_runs, read_metrics_from,
+                              run_detail, run_path, run_row, run_state)
+
+STATIC = Path(__file__).parent / "static"
+POLL_S = 0.3          # how often a stream looks at metrics.jsonl
+HEARTBEAT_S = 10.0    # a comment line this often keeps proxies from closing a quiet stream
+
+
+class UiState:
+    def __init__(self, root: Path, launcher: Launcher, api_key: str | None,
+                 serve_url: str | None, serve_key: str | None):
+        self.root, self.launcher, self.api_key = root, launcher, api_key
+        self.serve_url = serve_url.rstrip("/") if serve_url else None
+        self.serve_key = serve_key
+
+
+def error(status: int, message: str, errors: list[dict] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "errors": errors or []}, status_code=status)
+
+
+def build_app(root: str | Path, api_key: str | None = None, serve_url: str | None = None,
+              serve_key: str | None = None, launcher: Launcher | None = None) -> FastAPI:
+    """The dashboard over run folder `root` (created if missing)."""
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    state = UiState(root, launcher or Launcher(root), api_key, serve_url, serve_key)
+    app = FastAPI(title="loratune ui", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ui = state
+
+    async def auth(request: Request) -> None:
+        if not key_matches(request.headers.get("authorization", ""), state.api_key):
+            raise LaunchError("missing or wrong API key: send 'Authorization: Bearer <key>'",
+                              status=401)
+
+    @app.exception_handler(LaunchError)
+    async def _launch_error(request: Request, err: LaunchError):
+        return error(err.status, str(err), [{"field": err.field, "message": str(err)}]
+                     if err.field else None)
+
+    @app.exception_handler(RunNotFound)
+    async def _not_found(request: Request, err: RunNotFound):
+        return error(404, str(err))
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/static/{name}")
+    async def static(name: str):
+        file = STATIC / name
+        if "/" in name or not file.is_file():
+            return error(404, f"no file {name}")
+        return FileResponse(file)
+
+    guarded = [Depends(auth)]
+
+    @app.get("/api/info", dependencies=guarded)
+    async def info():
+        return {"runs": str(root), "serve_url": state.serve_url}
+
+    @app.get("/api/runs", dependencies=guarded)
+    async def runs():
+        return {"runs": [run_row(root, p) for p in find_runs(root)]}
+
+    @app.get("/api/runs/{name:path}/metrics", dependencies=guarded)
+    async def metrics(name: str, request: Request):
+        return StreamingResponse(metric_events(state, name, request),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/runs/{name:path}/loss.png", dependencies=guarded)
+    async def loss_png(name: str):
+        return FileResponse(run_path(root, name) / "loss.png")
+
+    @app.post("/api/runs/{name:path}/stop", dependencies=guarded)
+    async def stop(name: str):
+        run_path(root, name)
+        state.launcher.stop(name)
+        return {"stopping": name}
+
+    @app.post("/api/runs/{name:path}/resume", dependencies=guarded)
+    async def resume(name: str):
+        await asyncio.to_thread(state.launcher.resume, name)
+        return {"resumed": name}
+
+    @app.get("/api/runs/{name:path}", dependencies=guarded)
+    async def run(name: str):
+        return {**run_detail(root, name), "log": state.launcher.log_tail(name),
+                "launched_here": name in state.launcher.children}
+
+    @app.get("/api/reports", dependencies=guarded)
+    async def reports():
+        return {"reports": find_reports(root)}
+
+    @app.get("/api/report-plot/{name:path}", dependencies=guarded)
+    async def report_plot(name: str):
+        file = (root / name).resolve()
+        if root not in file.parents or file.suffix != ".png" or not file.is_file():
+            return error(404, f"no plot {name}")
+        return FileResponse(file)
+
+    @app.get("/api/schema", dependencies=guarded)
+    async def schema():
+        return launch_schema()
+
+    @app.post("/api/launch", dependencies=guarded)
+    async def launch(request: Request):
+        body = await request.json()
+        name, config = body.get("name", ""), body.get("config")
+        if not isinstance(config, dict):
+            return error(400, "config: expected a JSON object of config sections")
+        try:
+            cfg = validate_launch(config)
+        except ValidationError as err:
+            return error(422, "the config is not valid", field_errors(err))
+        child = state.launcher.launch(str(name), cfg)
+        return {"name": child.name, "pid": child.process.pid}
+
+    @app.get("/api/plan/schema", dependencies=guarded)
+    async def plan_schema():
+        s = PlanConfig.model_json_schema()
+        s["properties"] = {k: v for k, v in s["properties"].items()
+                           if k not in ("table", "scaling")}   # the form shows one setup
+        return s
+
+    @app.post("/api/plan", dependencies=guarded)
+    async def plan(request: Request):
+        try:
+            cfg = PlanConfig.model_validate(await request.json())
+        except ValidationError as err:
+            return error(422, "the plan options are not valid", field_errors(err))
+        return plan_result(cfg)
+
+    @app.get("/api/models", dependencies=guarded)
+    async def models():
+        return await asyncio.to_thread(serve_call, state, "GET", "/v1/models")
+
+    @app.post("/api/chat", dependencies=guarded)
+    async def chat(request: Request):
+        body = await request.json()
+        names = body.get("models") or []
+        if not names or not body.get("messages"):
+            return error(400, "give models (one or more) and messages")
+        opts = {k: body[k] for k in ("max_tokens", "temperature", "seed") if k in body}
+        answers = await asyncio.gather(*[asyncio.to_thread(
+            chat_answer, state, m, body["messages"], opts) for m in names])
+        return {"answers": answers}
+
+    return app
+
+
+async def metric_events(state: UiState, name: str, request: Request):
+    """Server-sent events: `metrics` (a batch of records) as they are written, `state` when the
+    run's state changes, and `end` once it is no longer running and all is sent."""
+    path = run_path(state.root, name)
+    offset, last_state, quiet = 0, None, 0.0
+    while not await request.is_disconnected():
+        records, offset = read_metrics_from(path, offset)
+        now = run_state(path)
+        if records:
+            yield f"event: metrics\ndata: {json.dumps(records)}\n\n"
+        if now != last_state:
+            yield f"event: state\ndata: {json.dumps(now)}\n\n"
+            last_state = now
+        if now != "running" and not records:
+            yield "event: end\ndata: {}\n\n"
+            return
+        quiet = 0.0 if records else quiet + POLL_S
+        if quiet >= HEARTBEAT_S:
+            yield ": alive\n\n"
+            quiet = 0.0
+        await asyncio.sleep(POLL_S)
+
+
+def launch_schema() -> dict:
+    """The training config's JSON schema for the form: the sections without the adapter (whose
+    fields depend on its method) and output_dir (the run's name decides it), and one schema
+    per adapter method."""
+    run = RunConfig.model_json_schema()
+    run["properties"] = {k: v for k, v in run["properties"].items()
+                         if k not in ("adapter", "output_dir")}
+    adapters = {}
+    for method, cls in _ADAPTER_OPTIONS.items():
+        s = cls.model_json_schema()
+        s["properties"] = {k: v for k, v in s["properties"].items()
+                           if k not in ("method", "use_dora")}
+        adapters[method] = s
+    return {"run": run, "adapters": adapters, "default_method": "lora"}
+
+
+def plan_result(cfg: PlanConfig) -> dict | JSONResponse:
+    from loratune.plan import PlanError
+    from loratune.plan.memory import estimate
+    from loratune.plan.report import run as plan_text
+    from loratune.plan.report import setup_of
+    from loratune.plan.shapes import resolve_shape
+
+    try:
+        shape = resolve_shape(cfg.model)
+        breakdown = estimate(shape, setup_of(cfg)).as_dict()
+        text = plan_text(cfg)
+    except (PlanError, ValueError, OSError) as err:
+        return error(422, str(err), [{"field": "model", "message": str(err)}])
+    return {"model": shape.name, "breakdown": breakdown, "report": text}
+
+
+def serve_call(state: UiState, method: str, path: str, body: dict | None = None,
+               timeout: float = 300) -> dict:
+    """One JSON call to the chat server (`--serve-url`); an {'error': ...} dict on failure."""
+    if not state.serve_url:
+        return {"error": "no chat server: start the dashboard with --serve-url "
+                "http://127.0.0.1:8000 (a running `loratune serve`)"}
+    req = urllib.request.Request(state.serve_url + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    if state.serve_key:
+        req.add_header("Authorization", f"Bearer {state.serve_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        try:
+            message = json.loads(err.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = str(err)
+        return {"error": f"{state.serve_url}: {err.code}: {message}"}
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        return {"error": f"{state.serve_url}: {err}"}
+
+
+def chat_answer(state: UiState, model: str, messages: list, opts: dict) -> dict:
+    reply = serve_call(state, "POST", "/v1/chat/completions",
+                       {"model": model, "messages": messages, **opts})
+    if "error" in reply:
+        return {"model": model, "error": reply["error"]}
+    return {"model": model, "answer": reply["choices"][0]["message"]["content"],
+            "usage": reply.get("usage")}
+
+
+def run(cfg: UiConfig) -> int:
+    """`loratune ui`: serve the dashboard until interrupted; stop the runs it started."""
+    import uvicorn
+
+    api_key = startup_api_key(cfg)
+    if api_key is None and not is_loopback(cfg.host):
+        print(f"warning: the dashboard listens on {cfg.host} without --api-key: anyone who can "
+              "reach this port can start training runs")
+    app = build_app(cfg.runs, api_key=api_key, serve_url=cfg.serve_url,
+                    serve_key=cfg.serve_key)
+    print(f"loratune ui: http://{cfg.host}:{cfg.port}/ over {Path(cfg.runs).resolve()}")
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    finally:
+        app.state.ui.launcher.close()
+    return 0

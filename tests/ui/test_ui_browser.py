@@ -1,0 +1,216 @@
+"""The dashboard in a real headless Chromium (Debian's chromium + chromedriver, driven by
+Selenium; nothing is downloaded). Marked `browser`; skipped with the reason when either is
+missing. LORATUNE_SCREENSHOTS=DIR saves a PNG of each page there (docs/ui.md's pictures)."""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from loratune.ui.app import build_app
+from ui_server import Server
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+SHOTS = os.environ.get("LORATUNE_SCREENSHOTS")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed "
+                                    "(pip install -e '.[test]')")
+    if not (CHROMIUM and DRIVER):
+        pytest.skip("no chromium/chromedriver on PATH (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,900"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def site(runs_dir):
+    server = Server(build_app(runs_dir))
+    yield server
+    server.server.should_exit = True
+    server.stop()
+
+
+def wait(predicate, timeout=30.0, every=0.1, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def open_page(browser, site, hash_):
+    browser.get(f"{site.url}/#{hash_}")
+    browser.refresh()   # a hash change alone would not reload
+    wait(lambda: browser.execute_script("return document.body.dataset.ready") is not None,
+         what=f"page {hash_}")
+
+
+def shot(browser, name):
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(Path(SHOTS) / f"{name}.png"))
+
+
+def css(browser, selector):
+    from selenium.webdriver.common.by import By
+
+    return browser.find_elements(By.CSS_SELECTOR, selector)
+
+
+def states_in_table(browser):
+    return {row.get_attribute("data-run"): row.find_element("css selector", "[data-state]").text
+            for row in css(browser, "#runs-table tr[data-run]")}
+
+
+def test_runs_table_lists_a_finished_and_a_running_run(browser, site, writer):
+    open_page(browser, site, "/runs")
+    states = wait(lambda: states_in_table(browser), what="rows")
+    assert states["done"] == "finished" and states["live"] == "running"
+    assert states["stopped"] == "interrupted"
+    filt = css(browser, "#runs-filter")[0]
+    filt.send_keys("dora")
+    assert list(states_in_table(browser)) == ["live"]
+    filt.clear()
+    filt.send_keys(" ")   # input event with an empty filter
+    wait(lambda: len(states_in_table(browser)) == 3, what="unfiltered")
+    shot(browser, "runs")
+
+
+def _points(browser, chart="#chart-loss"):
+    lines = css(browser, f"{chart} polyline[data-series='train']")
+    return int(lines[0].get_attribute("data-points")) if lines else 0
+
+
+def test_live_curve_gains_points_while_the_run_writes(browser, site, writer):
+    open_page(browser, site, "/run/live")
+    first = wait(lambda: _points(browser), what="first points")
+    later = wait(lambda: _points(browser) >= first + 3 and _points(browser), what="new points")
+    assert later > first
+    assert css(browser, "#run-state [data-state]")[0].text == "running"
+    assert css(browser, "#stop")[0].is_displayed()
+
+
+def test_launch_form_rejects_a_bad_value_then_trains_stops_and_resumes(
+        browser, site, runs_dir, tiny_folder, data_file):
+    open_page(browser, site, "/launch")
+    field = css(browser, "input[name='train.lr']")[0]
+    field.clear()
+    field.send_keys("-1")
+    css(browser, "input[name='name']")[0].clear()
+    css(browser, "input[name='name']")[0].send_keys("from-form")
+    css(browser, "#launch-start")[0].click()
+    msg = wait(lambda: css(browser, "[data-error-for='train.lr']")[0].text, what="field error")
+    assert msg == "Input should be greater than 0"
+    assert "invalid" in css(browser, "[data-field='train.lr']")[0].get_attribute("class")
+    assert not (runs_dir / "from-form").exists()
+    shot(browser, "launch")
+
+    def set_field(name, value):
+        box = css(browser, f"input[name='{name}']")[0]
+        box.clear()
+        box.send_keys(value)
+
+    set_field("train.lr", "0.005")
+    set_field("model.name", str(tiny_folder))
+    set_field("data.train", str(data_file))
+    set_field("data.max_length", "64")
+    set_field("train.max_steps", "400")
+    set_field("train.batch_size", "2")
+    set_field("adapter.r", "4")
+    css(browser, "input[name='train.report_to'][value='tensorboard']")[0].click()
+    css(browser, "#launch-start")[0].click()
+    wait(lambda: "#/run/from-form" in browser.current_url, what="the run page")
+    wait(lambda: css(browser, "#run-name"), what="run page drawn")
+    first = wait(lambda: _points(browser), timeout=120, what="first points of the real run")
+    wait(lambda: _points(browser) > first, timeout=60, what="more points")
+    shot(browser, "run")
+    css(browser, "#stop")[0].click()
+    wait(lambda: css(browser, "#run-state [data-state='interrupted']"), timeout=60,
+         what="interrupted")
+    out = runs_dir / "from-form"
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert ckpts, "stop wrote no checkpoint"
+    stopped_at = int(ckpts[-1].split("-")[1])
+    assert 0 < stopped_at < 400
+    css(browser, "#resume")[0].click()
+    wait(lambda: css(browser, "#run-state [data-state='finished']"), timeout=180,
+         what="finished after resume")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = sorted({e.step for e in acc.Scalars("train/loss")})
+    assert steps == list(range(1, 401))   # both starts of the run, every step once
+
+
+def test_compare_overlays_the_chosen_runs(browser, site):
+    open_page(browser, site, "/compare?runs=done,stopped")
+    wait(lambda: len(css(browser, "#compare-loss polyline")) == 2, what="two curves")
+    names = {p.get_attribute("data-series") for p in css(browser, "#compare-loss polyline")}
+    assert names == {"done", "stopped"}
+    shot(browser, "compare")
+
+
+def test_plan_form_draws_the_breakdown(browser, site):
+    open_page(browser, site, "/plan")
+    wait(lambda: css(browser, "#plan-chart rect[data-label='total']"), what="bars")
+    labels = [r.get_attribute("data-label") for r in css(browser, "#plan-chart rect")]
+    assert "weights" in labels and "activations" in labels
+    assert "llama-2-7b" in css(browser, "#plan-report")[0].text
+    shot(browser, "plan")
+
+
+@pytest.fixture
+def chat_site(runs_dir, smol_tokenizer, tmp_path):
+    """The dashboard pointed at a real `serve` app (engine on a tiny model) on another port."""
+    from loratune.serve.api import build_app as serve_app
+    from loratune.serve.engine import Engine
+    from loratune.serve.pool import AdapterPool
+    from tiny import tiny_llama
+
+    (tmp_path / "adapters").mkdir()
+    shutil.copytree(runs_dir / "done" / "adapter", tmp_path / "adapters" / "done")
+    engine = Engine(tiny_llama(vocab=len(smol_tokenizer)), smol_tokenizer,
+                    AdapterPool(str(tmp_path / "adapters")), base_name="tiny",
+                    max_completion_tokens=32).start()
+    serve = Server(serve_app(engine))
+    ui = Server(build_app(runs_dir, serve_url=serve.url))
+    yield ui, engine
+    ui.stop()
+    serve.stop()
+    engine.stop()
+
+
+def test_chat_playground_answers_side_by_side(browser, chat_site):
+    site, engine = chat_site
+    open_page(browser, site, "/chat")
+    wait(lambda: len(css(browser, "#chat-models input")) == 2, what="models")
+    css(browser, "#chat-prompt")[0].send_keys("Repeat the word apple")
+    box = css(browser, "#chat-max")[0]
+    box.clear()
+    box.send_keys("8")
+    css(browser, "#chat-send")[0].click()
+    wait(lambda: len(css(browser, "#chat-answers .answer")) == 2, timeout=60, what="answers")
+    answers = {a.get_attribute("data-model"): a.text for a in css(browser, "#chat-answers .answer")}
+    assert set(answers) == {"tiny", "done"}
+    assert all(text.strip() != name for name, text in answers.items())   # a reply under the name
+    shot(browser, "chat")
