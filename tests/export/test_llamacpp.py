@@ -6,6 +6,7 @@ the installed package)."""
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +63,100 @@ def test_quantized_files_as_good_as_llamacpps_own_quantizer(report):
         assert kl[kind] <= 1.15 * kl[f"cpp_{kind}"], (kind, kl)
         assert top1[kind] >= top1[f"cpp_{kind}"] - 0.03, (kind, top1)
     assert report["sizes_mib"]["q4_0"] == report["sizes_mib"]["cpp_q4_0"]  # same mix
+
+
+# -- every family of tests/families.py, and the real gemma3-270m --------------------------------
+from families import FAMILIES, FAMILY_SPECS, build_family, save_family  # noqa: E402
+
+TEXTS = ["What is the capital of France?", "apple apple  apple, river 42 1234567!",
+         "Größe ünd naïve ✅ 你好\n\n  indented"]
+
+
+def _open(path, lora=None):
+    from llama_cpp import Llama
+
+    kw = {"lora_path": str(lora)} if lora else {}
+    return Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, seed=0,
+                 n_threads=2, **kw)
+
+
+def _logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return torch.tensor(np.asarray(llm.scores[:len(ids)]), dtype=torch.float32)
+
+
+def _greedy(llm, ids, n):
+    llm.reset()
+    out = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
+        if len(out) == n:
+            break
+        out.append(int(token))
+    return out
+
+
+@torch.no_grad()
+def _hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_gguf_runs_in_llamacpp_as_in_transformers(name, tmp_path):
+    """f32 GGUF in llama.cpp: the same token ids for plain text, logits within 1e-3 over a
+    chat prompt (fp32 both sides), the same 20 greedy tokens; the adapter-only GGUF through
+    --lora gives the adapted model's logits."""
+    from loratune.adapters import add_adapter, save_adapter
+    from loratune.config import LoraConfig
+    from loratune.export.gguf_file import write_gguf, write_lora_gguf
+    from tiny import randomize_lora
+
+    folder = save_family(name, tmp_path / name)
+    model, tok = build_family(name)
+    path = write_gguf(folder, tmp_path / "m.gguf", "f32")
+    llm = _open(path)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(
+            text, add_special_tokens=False).input_ids, text
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True,
+                                  return_dict=True)["input_ids"]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(_logits(llm, ids), ref, atol=1e-3, rtol=1e-3)
+    assert _greedy(llm, ids, 20) == _hf_greedy(model, ids, 20)
+    del llm
+    targets = ["qkv_proj", "o_proj"] if FAMILY_SPECS[name].fused else ["q_proj", "k_proj",
+                                                                         "v_proj", "down_proj"]
+    add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomize_lora(model, scale=0.5)
+    save_adapter(model, tmp_path / "ad")
+    lora = write_lora_gguf(tmp_path / "ad", folder, tmp_path / "lora.gguf")
+    with torch.no_grad():
+        adapted = model(torch.tensor([ids])).logits[0]
+    assert (adapted - ref).abs().max() > 1e-2  # the adapter changes the output
+    with_lora = _open(path, lora)
+    torch.testing.assert_close(_logits(with_lora, ids), adapted, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_in_llamacpp_as_in_transformers(tmp_path):
+    """The real gemma3-270m (weights as our cache holds them) exported to f32 GGUF: llama.cpp's
+    greedy continuation equals transformers' on the same weights."""
+    import importlib.util
+
+    from loratune.export.gguf_file import write_gguf
+    from loratune.models import load_model
+    from loratune.models.load import EMBEDDED, embedded_folder
+
+    if importlib.util.find_spec(EMBEDDED["gemma3-270m"].package) is None:
+        pytest.skip("gemma3-270m is not installed (loratune models install gemma3-270m)")
+    model, tok = load_model("gemma3-270m")
+    path = write_gguf(embedded_folder("gemma3-270m"), tmp_path / "g.gguf", "f32")
+    llm = _open(path)
+    for prompt in ["The capital of France is", "def fibonacci(n):", "Once upon a time"]:
+        ids = tok(prompt).input_ids
+        assert llm.tokenize(prompt.encode(), add_bos=True, special=False) == ids
+        assert _greedy(llm, ids, 24) == _hf_greedy(model, ids, 24), prompt

