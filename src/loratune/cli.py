@@ -164,7 +164,12 @@ def cmd_compare(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     variants = {m: method_adapter(settings.get("adapter") or {}, m) for m in methods}
     lrs = parse_method_values(args.lr, methods, "--lr")
-    rows = run_variants(settings, variants, args.out, quiet=args.quiet, lrs=lrs)
+    task = None
+    if args.task:
+        from loratune.recipes.compare import task_options
+
+        task = task_options(args.task, args.task_data, args.task_option or [])
+    rows = run_variants(settings, variants, args.out, quiet=args.quiet, lrs=lrs, task=task)
     print(write_report(rows, Path(args.out), "compare"))
     print(f"\nwritten: {args.out}/compare.md, compare.png, compare.json")
     return 0
@@ -416,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(others use train.lr)")
     p.add_argument("--out", default="runs/compare", help="folder for runs and the report")
     p.add_argument("--quiet", action="store_true", help="hide each run's progress")
+    p.add_argument("--task", help="also score each adapter on this eval task (mc, perplexity, "
+                   "generate, code, ...): its headline metric becomes a column")
+    p.add_argument("--task-data", help="the task's data file (with --task)")
+    p.add_argument("--task-option", action="append", metavar="KEY=VALUE",
+                   help="an eval option of the task, e.g. shots=5 (repeatable)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("tune-rank", help="try several LoRA ranks, keep the best held-out score")

@@ -75,3 +75,31 @@ def test_tune_rank_runs_each_rank_and_names_the_best(tmp_path, capsys):
     assert rows[1]["trainable"] == 2 * rows[0]["trainable"]  # params grow linearly with r
     printed = capsys.readouterr().out
     assert "best: r" in printed and (out / "tune_rank.md").is_file()
+
+
+def test_compare_includes_an_eval_tasks_score(tmp_path, tiny_folder, data_file, capsys):
+    """compare --task mc: each trained adapter's acc on the bundled MMLU-layout sample (1-shot),
+    equal to `eval --task mc` on the saved adapter."""
+    import loratune.eval
+    from loratune.command_config import EvalCommandConfig
+    from loratune.eval.run import run_eval
+
+    samples = __import__("pathlib").Path(loratune.eval.__file__).parent / "samples" / "mc"
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"model": {"name": str(tiny_folder)},
+                                  "adapter": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
+                                  "data": {"train": str(data_file)},
+                                  "train": {"max_steps": 2, "batch_size": 2, "lr": 0.05}}))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(config), "--methods", "lora", "--out", str(out), "--quiet",
+                 "--task", "mc", "--task-data", str(samples / "test"),
+                 "--task-option", "shots=1", "--task-option", f"dev={samples / 'dev'}"]) == 0
+    (row,) = json.loads((out / "compare.json").read_text())
+    assert row["task"] == "mc acc"
+    cfg = EvalCommandConfig(task="mc", data=str(samples / "test"), shots=1,
+                            dev=str(samples / "dev"), adapter=[row["adapter"]], base=False,
+                            model={"name": str(tiny_folder)})
+    assert row["task_score"] == pytest.approx(run_eval(cfg).variants[0].result.metrics["acc"])
+    assert "| mc acc |" in (out / "compare.md").read_text()
+    assert main(["compare", str(config), "--task", "mc"]) == 2
+    assert "--task mc needs --task-data FILE" in capsys.readouterr().err

@@ -61,9 +61,30 @@ def parse_method_values(text: str, methods: list[str], option: str) -> dict[str,
     return out
 
 
+def task_options(task: str, data: str, options: list[str]) -> dict:
+    """`loratune eval` options for `compare --task`: checked (the data read) before training."""
+    from loratune.command_config import EvalCommandConfig
+    from loratune.eval.tasks import task_record
+
+    if not data:
+        raise ConfigError(f"--task {task} needs --task-data FILE")
+    values = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--task-option {item!r}: expected KEY=VALUE (an eval option, "
+                              "e.g. shots=5)")
+        values[key.strip().replace("-", "_")] = value
+    cfg = EvalCommandConfig(task=task, data=data, **values)
+    task_record(task).read(cfg)
+    return cfg.model_dump(mode="json", exclude={"model", "adapter"}, exclude_unset=True)
+
+
 def run_variants(settings: dict, variants: dict[str, dict], out_dir: str | Path,
-                 quiet: bool = False, lrs: dict[str, float] | None = None) -> list[dict]:
-    """Train each variant (label -> adapter section) in a child process; rows of results."""
+                 quiet: bool = False, lrs: dict[str, float] | None = None,
+                 task: dict | None = None) -> list[dict]:
+    """Train each variant (label -> adapter section) in a child process; rows of results.
+    `task`: `loratune eval` options (task_options) of a task each adapter is also scored on."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -79,7 +100,8 @@ def run_variants(settings: dict, variants: dict[str, dict], out_dir: str | Path,
         if not quiet:
             print(f"[{label}] training ({adapter['method']}) ...", flush=True)
         proc = subprocess.run([sys.executable, "-m", "loratune.recipes.compare", str(cfg_path),
-                               str(result_path)], capture_output=quiet, text=True)
+                               str(result_path), json.dumps(task or {})],
+                              capture_output=quiet, text=True)
         if proc.returncode != 0 or not result_path.is_file():
             detail = (proc.stderr or "")[-2000:] if quiet else "see the output above"
             raise RuntimeError(f"variant {label} failed (exit {proc.returncode}): {detail}")
@@ -88,8 +110,19 @@ def run_variants(settings: dict, variants: dict[str, dict], out_dir: str | Path,
     return rows
 
 
-def train_and_score(cfg_path: str, result_path: str) -> dict:
-    """Worker: train one config, score it on its held-out set, write the result row."""
+def task_score(model, tok, model_cfg, task: dict) -> tuple[str, float]:
+    """The trained adapter's headline score on an eval task: ("mc acc", 0.62)."""
+    from loratune.command_config import EvalCommandConfig
+    from loratune.eval.tasks import task_record
+
+    cfg = EvalCommandConfig(model=model_cfg, **task)
+    record = task_record(cfg.task)
+    result = record.score(model, tok, record.read(cfg), cfg)
+    return f"{record.name} {record.headline}", result.metrics.get(record.headline)
+
+
+def train_and_score(cfg_path: str, result_path: str, task: dict | None = None) -> dict:
+    """Worker: train one config, score it on its held-out set (and `task`), write the row."""
     from loratune.config import load_config
     from loratune.data import load_conversations
     from loratune.demo import resolve_data_paths
@@ -118,6 +151,8 @@ def train_and_score(cfg_path: str, result_path: str) -> dict:
            "seconds_per_step": summary["seconds_per_step"],
            "peak_rss_mib": summary["peak_rss_mib"], "mergeable": "yes" if mergeable else "no",
            "adapter": str(result.adapter_dir)}
+    if task:
+        row["task"], row["task_score"] = task_score(model, tok, cfg.model, task)
     if "final_ranks" in summary:
         row["total_rank"] = summary["total_rank"]
     Path(result_path).write_text(json.dumps(row, indent=2) + "\n")
@@ -125,10 +160,14 @@ def train_and_score(cfg_path: str, result_path: str) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
+    columns = list(COLUMNS)
+    task = next((r["task"] for r in rows if r.get("task")), None)
+    if task:  # compare --task: the task's headline beside the held-out exact match
+        columns.insert(6, ("task_score", task, "{:.4f}"))
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [fmt.format(row[k]) if row.get(k) is not None else "–" for k, _, fmt in COLUMNS]
+        cells = [fmt.format(row[k]) if row.get(k) is not None else "–" for k, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -169,4 +208,5 @@ def best_rank(rows: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    train_and_score(sys.argv[1], sys.argv[2])
+    train_and_score(sys.argv[1], sys.argv[2],
+                    json.loads(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -68,7 +68,7 @@ def window_size(model, cfg) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _score_windows(model, rows: list[tuple[list[int], int]], batch_size: int) -> list[torch.Tensor]:
+def score_windows(model, rows: list[tuple[list[int], int]], batch_size: int) -> list[torch.Tensor]:
     """Log-probabilities of tokens first..end of each (window ids, first scored) row."""
     device = next(model.parameters()).device
     out = []
@@ -96,7 +96,7 @@ def score(model, tokenizer, data: TaskData, cfg) -> TaskResult:
             docs.append((where, text, [start, *ids]))
         spans = [(d, w) for d, (_, _, ids) in enumerate(docs) for w in windows(len(ids), size,
                                                                                stride)]
-        scored = _score_windows(model, [(docs[d][2][b:e], f - b) for d, (b, e, f) in spans],
+        scored = score_windows(model, [(docs[d][2][b:e], f - b) for d, (b, e, f) in spans],
                                 cfg.batch_size)
         per_doc: dict[int, float] = {}
         for (d, _), logp in zip(spans, scored):
