@@ -186,8 +186,8 @@ class EvalCommandConfig(_WithAdapters):
     """`loratune eval`: a task (`loratune.eval.tasks`) on the base and each adapter, side by
     side. Options marked (mc), (code)... are read by that task only."""
 
-    task: str = Field("exact", description="exact (default), mc, perplexity, generate, code, or "
-                      "a registered task")
+    task: str = Field("exact", description="exact (default), mc, perplexity, generate, code, "
+                      "preference, or a registered task")
     data: str = Field(description="the task's data file (mc: a file or a folder of them)")
     limit: int | None = Field(None, gt=0, description="evaluate only the first N items")
     out: str | None = Field(None, description="folder for eval-TASK.json and .md (default: the "
