@@ -275,7 +275,8 @@ def adapter_config_from(data: dict | AdapterConfig | None) -> AdapterConfig:
 
 
 class DataConfig(_Section):
-    train: str = Field("demo", description="data file, or 'demo' for the bundled demo set")
+    train: str = Field("demo", description="data file, or 'demo' for the bundled demo set "
+                       "('demo-pairs': its preference pairs)")
     eval: str | None = Field(None, description="held-out file; 'demo' pairs with train: demo")
     format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
     template: str | None = Field(None, description="named chat template if the tokenizer has none")

@@ -193,3 +193,24 @@ def test_sft_data_for_a_preference_objective_is_named(tmp_path, smol_tokenizer):
 
     with pytest.raises(DataError, match="sft.jsonl:1: not a preference record"):
         _run(_cfg(tmp_path, sft_data, "x", "dpo"), smol_tokenizer)
+
+
+def test_example_config_and_bundled_pairs(smol_tokenizer):
+    """examples/dpo.yaml reads; `demo-pairs` names the bundled pairs, which all tokenize and
+    hold out their prompts."""
+    from pathlib import Path
+
+    from loratune.config import load_config
+    from loratune.data.bundled import resolve_data_paths
+    from loratune.data.preference import build_preference_examples
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "dpo.yaml")
+    assert (cfg.train.objective, cfg.adapter.init_from) == ("dpo", "runs/sft/adapter")
+    train_path, held_path = resolve_data_paths(cfg)
+    assert Path(train_path).name == "pairs_train.jsonl"
+    assert Path(held_path).name == "pairs_heldout.jsonl"
+    train_ex, stats = build_preference_examples(train_path, smol_tokenizer, cfg.data, "pairs")
+    held_ex, _ = build_preference_examples(held_path, smol_tokenizer, cfg.data, "pairs")
+    assert (len(train_ex), len(held_ex), stats.n_truncated) == (600, 80, 0)
+    assert all(e.chosen != e.rejected for e in train_ex + held_ex)
+    assert not {tuple(e.prompt) for e in held_ex} & {tuple(e.prompt) for e in train_ex}

@@ -26,11 +26,25 @@ def demo_heldout_path() -> Path:
     return DEMO_DIR / "heldout.jsonl"
 
 
+# bundled name -> (training file, held-out file) in DEMO_DIR
+BUNDLED = {"demo": ("train.jsonl", "heldout.jsonl"),
+           # preference pairs of the same task (scripts/make_preference_data.py): 600 training
+           # pairs from the training items, 80 held-out pairs from the held-out items
+           "demo-pairs": ("pairs_train.jsonl", "pairs_heldout.jsonl")}
+
+
+def bundled_path(name: str, held_out: bool = False) -> Path:
+    return DEMO_DIR / BUNDLED[name][int(held_out)]
+
+
 def resolve_data_paths(cfg: RunConfig) -> tuple[str, str | None]:
-    """(training file, held-out file or None) of a run config, `demo` resolved to the bundled
-    files; a held-out set is implied by `train: demo` alone."""
-    train = str(demo_train_path()) if cfg.data.train == "demo" else cfg.data.train
+    """(training file, held-out file or None) of a run config, the bundled names (`demo`,
+    `demo-pairs`) resolved to their files; a bundled training set brings its held-out set."""
+    name = cfg.data.train
+    train = str(bundled_path(name)) if name in BUNDLED else name
     held = cfg.data.eval
-    if held == "demo" or (held is None and cfg.data.train == "demo"):
-        held = str(demo_heldout_path())
+    if held in BUNDLED:
+        held = str(bundled_path(held, held_out=True))
+    elif held is None and name in BUNDLED:
+        held = str(bundled_path(name, held_out=True))
     return train, held

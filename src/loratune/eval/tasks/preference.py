@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from loratune.data.bundled import BUNDLED, bundled_path
 from loratune.data.formats import locate, read_indexed
 from loratune.data.preference import (PairExample, collate_pairs, pair_messages, record_kind,
                                       split_answer)
@@ -22,14 +23,16 @@ from loratune.models.logprobs import next_token_logps
 
 
 def read(cfg) -> TaskData:
-    """(where, chosen conversation, rejected conversation) per pair."""
+    """(where, chosen conversation, rejected conversation) per pair; `--data demo-pairs`: the
+    bundled held-out pairs of the demo task."""
+    path = str(bundled_path(cfg.data, held_out=True)) if cfg.data in BUNDLED else cfg.data
     items = []
-    for index, record in read_indexed(cfg.data):
-        where = locate(cfg.data, index)
+    for index, record in read_indexed(path):
+        where = locate(path, index)
         if record_kind(record, where) != "pairs":
             raise DataError(f"{where}: --task preference needs prompt/chosen/rejected pairs")
         items.append((where, *pair_messages(record, where)))
-    return TaskData(items[: cfg.limit] if cfg.limit else items, hashed(cfg.data))
+    return TaskData(items[: cfg.limit] if cfg.limit else items, hashed(path))
 
 
 def tokenized(items: list, tokenizer) -> list[PairExample]:
