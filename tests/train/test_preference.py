@@ -66,3 +66,28 @@ def test_an_option_of_another_objective_is_an_error(objective, option, owners):
 def test_unknown_objective_is_named():
     with pytest.raises(ConfigError, match="train.objective"):
         build_config({"train": {"objective": "rlhf"}})
+
+
+def test_progress_bar_and_plot_show_the_preference_metrics(tmp_path):
+    import json
+
+    from loratune.train.loop import preference_postfix
+    from loratune.train.metrics import plot_loss
+
+    assert preference_postfix({"loss": 0.6, "accuracy": 0.75, "margin": 0.1234}) == \
+        {"acc": "0.750", "margin": "0.123"}
+    assert preference_postfix({"loss": 0.6, "kl": 0.5}) == {"kl": "0.500"}
+    assert preference_postfix({"loss": 0.6}) == {}
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 0.69, "margin": 0.0, "accuracy": 0.0},
+            {"step": 2, "loss": 0.5, "margin": 0.3, "accuracy": 1.0, "eval_loss": 0.6,
+             "eval_margin": 0.2, "eval_accuracy": 0.5}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_loss(metrics, tmp_path / "pref.png")
+    metrics.write_text("".join(json.dumps({"step": r["step"], "loss": r["loss"]}) + "\n"
+                               for r in rows))
+    plot_loss(metrics, tmp_path / "sft.png")
+    from PIL import Image
+
+    # a second panel (margin, accuracy) beside the loss: a wider figure
+    assert Image.open(tmp_path / "pref.png").size[0] > Image.open(tmp_path / "sft.png").size[0]

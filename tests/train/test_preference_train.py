@@ -214,3 +214,27 @@ def test_example_config_and_bundled_pairs(smol_tokenizer):
     assert (len(train_ex), len(held_ex), stats.n_truncated) == (600, 80, 0)
     assert all(e.chosen != e.rejected for e in train_ex + held_ex)
     assert not {tuple(e.prompt) for e in held_ex} & {tuple(e.prompt) for e in train_ex}
+
+
+def test_resume_continues_exactly_and_reads_the_cache(tmp_path, pairs_file, smol_tokenizer,
+                                                      capsys):
+    import shutil
+
+    full, _ = _run(_cfg(tmp_path, pairs_file, "full", "dpo", save_every=4, eval_every=None,
+                        preference={"reference": "cached"}), smol_tokenizer)
+    cut = tmp_path / "cut"
+    shutil.copytree(full.output_dir, cut)
+    (cut / "run_summary.json").unlink()
+    shutil.rmtree(cut / "adapter")
+    cfg = _cfg(tmp_path, pairs_file, "cut", "dpo", save_every=4, eval_every=None,
+               preference={"reference": "cached"})
+    model = tiny_llama(vocab=len(smol_tokenizer))
+    resumed = train(cfg, model=model, tokenizer=smol_tokenizer, resume=True)
+    assert "reference log-probs: read from" in capsys.readouterr().out
+    assert [h["step"] for h in resumed.history] == [5, 6, 7, 8]
+    assert [h["loss"] for h in resumed.history] == pytest.approx(
+        [h["loss"] for h in full.history[4:]], abs=1e-6)
+    a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
