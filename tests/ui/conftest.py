@@ -28,6 +28,23 @@ def runs_dir(tmp_path_factory, smol_tokenizer):
                         "data": {"train": str(data), "max_length": 64, "eval_fraction": 0.25},
                         "train": {"max_steps": 6, "batch_size": 2, "lr": 5e-3, "eval_every": 3}})
     train(cfg, model=tiny_llama(vocab=len(smol_tokenizer)), tokenizer=smol_tokenizer, quiet=True)
+    # what `loratune demo` and `loratune eval --task` add to a run folder, and a compare report
+    (root / "done" / "demo_report.json").write_text(json.dumps({
+        "exact_match_before": 0.25, "exact_match_after": 0.75, "samples": [
+            {"lang": "en", "prompt": "Repeat the word apple", "reference": "apple apple apple",
+             "before": "Apple.", "after": "apple apple apple"}]}))
+    (root / "done" / "eval-exact.json").write_text(json.dumps({
+        "task": "exact", "headline": "exact_match", "variants": [
+            {"label": "base", "metrics": {"exact_match": 0.1}},
+            {"label": "adapter", "metrics": {"exact_match": 0.6}}]}))
+    from loratune.recipes.compare import write_report
+
+    rows = [{"variant": m, "method": m, "lr": 2e-4, "trainable": t, "trainable_pct": p,
+             "score": s, "eval_loss": 1.0, "final_loss": 0.9, "seconds_per_step": 0.5,
+             "peak_rss_mib": 900, "mergeable": "yes", "adapter": f"runs/compare/{m}/adapter"}
+            for m, t, p, s in [("lora", 4096, 0.13, 0.5), ("ia3", 512, 0.02, 0.25)]]
+    (root / "compare").mkdir()
+    write_report(rows, root / "compare", "compare")
     stopped = root / "stopped"
     stopped.mkdir()
     (stopped / "config.yaml").write_text(yaml.safe_dump({"adapter": {"method": "ia3"}}))

@@ -13,8 +13,10 @@ from loratune.ui.app import build_app
 
 @pytest.fixture
 def client(runs_dir):
-    with TestClient(build_app(runs_dir)) as c:
+    app = build_app(runs_dir)
+    with TestClient(app) as c:
         yield c
+    app.state.ui.launcher.close()
 
 
 def _rows(client):
@@ -41,6 +43,10 @@ def test_run_page_has_config_adapter_and_checkpoints(client):
     assert d["adapter"]["exists"] and d["adapter"]["bytes"] > 1000
     assert d["adapter"]["mergeable"] is True
     assert d["summary"]["steps"] == 6 and d["status"]["state"] == "finished"
+    assert d["samples"][0]["after"] == "apple apple apple" and d["score_before"] == 0.25
+    assert d["score"] == 0.75   # the demo's figure wins over the eval report's
+    assert d["evals"] == [{"task": "exact", "headline": "exact_match", "variants": [
+        {"label": "base", "value": 0.1}, {"label": "adapter", "value": 0.6}]}]
     assert client.get("/api/runs/../etc").status_code == 404
     assert client.get("/api/runs/nope").status_code == 404
 
@@ -152,3 +158,20 @@ def test_ui_command_flags_make_a_ui_config():
     cfg = config_from_args(UiConfig, args)
     assert (cfg.runs, cfg.port, cfg.serve_url, cfg.host) == ("r", 9001, "http://127.0.0.1:8000",
                                                              "127.0.0.1")
+
+
+def test_held_out_score_comes_from_an_eval_report_without_a_demo(runs_dir):
+    from loratune.ui.runs import held_out_score
+
+    assert held_out_score(runs_dir / "done", {}) == 0.6
+    assert held_out_score(runs_dir / "stopped", {}) is None
+
+
+def test_reports_lists_compare_tables_and_their_plots(client):
+    [rep] = client.get("/api/reports").json()["reports"]
+    assert rep["name"] == "compare/compare.json" and rep["plot"] == "compare/compare.png"
+    assert [r["variant"] for r in rep["rows"]] == ["lora", "ia3"]
+    png = client.get("/api/report-plot/compare/compare.png")
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    assert client.get("/api/report-plot/compare/compare.json").status_code == 404
+    assert client.get("/api/report-plot/../x.png").status_code == 404

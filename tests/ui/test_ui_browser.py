@@ -39,10 +39,11 @@ def browser():
 
 @pytest.fixture
 def site(runs_dir):
-    server = Server(build_app(runs_dir))
+    app = build_app(runs_dir)
+    server = Server(app)
     yield server
-    server.server.should_exit = True
     server.stop()
+    app.state.ui.launcher.close()   # a test that failed half-way leaves no training behind
 
 
 def wait(predicate, timeout=30.0, every=0.1, what="condition"):
@@ -62,10 +63,25 @@ def open_page(browser, site, hash_):
          what=f"page {hash_}")
 
 
-def shot(browser, name):
+def shot(browser, name, at=None):
+    """With LORATUNE_SCREENSHOTS=DIR: the page (or the window around selector `at`) as
+    DIR/name.png, in 64 colours (small files)."""
     if SHOTS:
-        Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(Path(SHOTS) / f"{name}.png"))
+        from PIL import Image
+
+        path = Path(SHOTS) / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = browser.get_window_size()
+        if at:
+            browser.execute_script("document.querySelector(arguments[0])"
+                                   ".scrollIntoView({block: 'center'})", at)
+        else:
+            height = browser.execute_script("return document.documentElement.scrollHeight")
+            browser.set_window_size(1280, min(max(height + 140, 700), 1800))   # the whole page
+            browser.execute_script("window.scrollTo(0, 0)")
+        browser.save_screenshot(str(path))
+        browser.set_window_size(size["width"], size["height"])
+        Image.open(path).convert("RGB").quantize(64).save(path, optimize=True)
 
 
 def css(browser, selector):
@@ -120,7 +136,7 @@ def test_launch_form_rejects_a_bad_value_then_trains_stops_and_resumes(
     assert msg == "Input should be greater than 0"
     assert "invalid" in css(browser, "[data-field='train.lr']")[0].get_attribute("class")
     assert not (runs_dir / "from-form").exists()
-    shot(browser, "launch")
+    shot(browser, "launch", at="[data-field='train.lr']")
 
     def set_field(name, value):
         box = css(browser, f"input[name='{name}']")[0]
@@ -162,11 +178,30 @@ def test_launch_form_rejects_a_bad_value_then_trains_stops_and_resumes(
     assert steps == list(range(1, 401))   # both starts of the run, every step once
 
 
-def test_compare_overlays_the_chosen_runs(browser, site):
+def test_finished_run_page_shows_curves_samples_and_adapter(browser, site, runs_dir):
+    open_page(browser, site, "/run/done")
+    wait(lambda: _points(browser) == 6, what="all six points")
+    assert css(browser, "#run-state [data-state]")[0].text == "finished"
+    assert not css(browser, "#stop")[0].is_displayed()
+    assert not css(browser, "#resume")[0].is_displayed()
+    cells = [td.text for td in css(browser, "#samples td")]
+    assert cells == ["Repeat the word apple", "apple apple apple", "Apple.", "apple apple apple"]
+    assert "merges into the base: yes" in browser.page_source
+    assert "25.0% → 75.0%" in browser.page_source
+    assert "max_steps: 6" in css(browser, "#config")[0].text
+    shot(browser, "run-finished")
+
+
+def test_compare_overlays_the_chosen_runs_and_shows_reports(browser, site):
     open_page(browser, site, "/compare?runs=done,stopped")
     wait(lambda: len(css(browser, "#compare-loss polyline")) == 2, what="two curves")
     names = {p.get_attribute("data-series") for p in css(browser, "#compare-loss polyline")}
     assert names == {"done", "stopped"}
+    rows = css(browser, "table.report tr")
+    assert len(rows) == 3 and "lora" in rows[1].text
+    wait(lambda: browser.execute_script(
+        "const i = document.querySelector('#reports img'); return i && i.naturalWidth > 0"),
+        what="the compare plot")
     shot(browser, "compare")
 
 

@@ -120,11 +120,39 @@ def run_row(root: Path, path: Path) -> dict:
         or train_cfg.get("max_steps"),
         "last_loss": losses[-1]["loss"] if losses else None,
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "score": report.get("exact_match_after"),
+        "score": held_out_score(path, report),
         "seconds": summary.get("train_seconds") or round(sum(r.get("seconds", 0)
                                                              for r in losses), 2),
         "modified": max((p.stat().st_mtime for p in path.iterdir()), default=0),
     }
+
+
+def eval_reports(path: Path) -> list[dict]:
+    """`loratune eval --task` reports in the run folder (eval-<task>.json): each variant's
+    headline metric."""
+    out = []
+    for file in sorted(path.glob("eval-*.json")):
+        rep = _json(file)
+        if not isinstance(rep, dict) or not isinstance(rep.get("variants"), list):
+            continue
+        head = rep.get("headline")
+        out.append({"task": rep.get("task"), "headline": head,
+                    "variants": [{"label": v.get("label"),
+                                  "value": (v.get("metrics") or {}).get(head)}
+                                 for v in rep["variants"] if isinstance(v, dict)]})
+    return out
+
+
+def held_out_score(path: Path, demo_report: dict) -> float | None:
+    """The demo's exact match after training, else the last variant (the adapter; the base
+    comes first) of the first eval report."""
+    if demo_report.get("exact_match_after") is not None:
+        return demo_report["exact_match_after"]
+    for rep in eval_reports(path):
+        values = [v["value"] for v in rep["variants"] if isinstance(v["value"], (int, float))]
+        if values:
+            return values[-1]
+    return None
 
 
 def _json_or_yaml(path: Path) -> dict:
@@ -156,6 +184,7 @@ def run_detail(root: Path, name: str) -> dict:
                     "exists": (adapter / "adapter_config.json").is_file(),
                     "mergeable": mergeable},
         "samples": report.get("samples", []),
+        "evals": eval_reports(path),
         "score_before": report.get("exact_match_before"),
         "checkpoints": sorted(p.name for p in (path / "checkpoints").glob("step-*")),
         "has_loss_png": (path / "loss.png").is_file(),

@@ -63,6 +63,7 @@ function streamEvents(path, onEvent) {
 }
 
 // ---------------------------------------------------------------- helpers
+function setPage(...kids) { page.replaceChildren(...kids.filter(k => k !== null && k !== undefined)); }
 function h(tag, attrs, ...kids) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
@@ -101,7 +102,7 @@ async function pageRuns() {
   const compareBtn = h("button", {id: "compare-chosen", onclick: () => {
     location.hash = "#/compare?runs=" + encodeURIComponent([...chosen].join(","));
   }}, "compare chosen");
-  page.replaceChildren(h("h2", {}, "Runs"), h("p", {}, filter, " ", compareBtn), table);
+  setPage(h("h2", {}, "Runs"), h("p", {}, filter, " ", compareBtn), table);
 
   function draw() {
     const q = filter.value.trim().toLowerCase();
@@ -141,7 +142,7 @@ async function pageRuns() {
 // ---------------------------------------------------------------- one run
 async function pageRun(name) {
   const r = await api("/api/runs/" + name);
-  if (!r.ok) { page.replaceChildren(h("p", {class: "err"}, r.data.error)); return; }
+  if (!r.ok) { setPage(h("p", {class: "err"}, r.data.error)); return; }
   const d = r.data;
   const stateBox = h("span", {id: "run-state"}, stateTag(d.state));
   const stopBtn = h("button", {id: "stop", onclick: async () => {
@@ -175,12 +176,17 @@ async function pageRun(name) {
     h("h3", {}, "Samples before / after"),
     h("table", {id: "samples"}, h("tr", {}, h("th", {}, "prompt"), h("th", {}, "expected"),
       h("th", {}, "before"), h("th", {}, "after")),
-      d.samples.map(s => h("tr", {}, h("td", {}, s.prompt || ""), h("td", {}, s.expected || s.answer || ""),
+      d.samples.map(s => h("tr", {}, h("td", {}, s.prompt || ""), h("td", {}, s.reference || ""),
         h("td", {}, s.before), h("td", {}, s.after))))) : null;
-  page.replaceChildren(
+  const evals = d.evals.length ? h("div", {}, h("h3", {}, "Evaluations (loratune eval)"),
+    h("table", {id: "evals"}, h("tr", {}, h("th", {}, "task"), h("th", {}, "metric"),
+      h("th", {}, "variant"), h("th", {}, "value")),
+      d.evals.flatMap(e => e.variants.map(v => h("tr", {}, h("td", {}, e.task), h("td", {}, e.headline),
+        h("td", {}, v.label), h("td", {class: "num"}, typeof v.value === "number" ? +v.value.toPrecision(4) : "–")))))) : null;
+  setPage(
     h("h2", {}, "Run ", h("span", {id: "run-name"}, name), " ", stateBox),
     h("p", {}, stopBtn, " ", resumeBtn, " ", msg),
-    facts, h("h3", {}, "Curves"), charts, samples,
+    facts, h("h3", {}, "Curves"), charts, samples, evals,
     h("h3", {}, "Config"), h("pre", {id: "config"}, d.config),
     d.log ? h("div", {}, h("h3", {}, "Console (last lines)"), h("pre", {id: "log"}, d.log)) : null);
   function showButtons(state) {
@@ -215,7 +221,7 @@ async function pageCompare(query) {
     h("input", {type: "checkbox", value: r.name, checked: want.has(r.name)}), " " + r.name + "  ")));
   const charts = h("div", {class: "charts", id: "compare-charts"});
   const reports = h("div", {id: "reports"});
-  page.replaceChildren(h("h2", {}, "Compare"), pick,
+  setPage(h("h2", {}, "Compare"), pick,
     h("p", {}, h("button", {id: "compare-show", onclick: () => {
       const names = [...pick.querySelectorAll("input:checked")].map(i => i.value);
       location.hash = "#/compare?runs=" + encodeURIComponent(names.join(","));
@@ -314,8 +320,8 @@ function buildFields(box, schema, root, prefix, getters) {
       };
     }
     box.append(h("div", {class: "field", "data-field": key},
-      h("label", {for: key}, key), input, h("span", {class: "help"}, s.description || raw.description || ""),
-      h("span", {class: "err", "data-error-for": key})));
+      h("label", {for: key}, key), input, h("span", {class: "err", "data-error-for": key}),
+      h("span", {class: "help"}, s.description || raw.description || "")));
     getters[name] = get;
   }
 }
@@ -348,11 +354,11 @@ async function pageLaunch() {
   const general = h("div", {class: "err", id: "launch-errors"});
   const name = h("input", {name: "name", type: "text", value: "run-" + new Date().toISOString().slice(0, 19).replace(/[:T]/g, "-")});
   form.append(h("div", {class: "field", "data-field": "name"}, h("label", {}, "run name"), name,
-    h("span", {class: "help"}, "a folder under the runs folder"), h("span", {class: "err", "data-error-for": "name"})));
+    h("span", {class: "err", "data-error-for": "name"}), h("span", {class: "help"}, "a folder under the runs folder")));
   const method = h("select", {name: "adapter.method"}, Object.keys(sch.adapters).map(m =>
     h("option", {value: m, selected: m === sch.default_method}, m)));
   const adapterBox = h("fieldset", {"data-section": "adapter"}, h("legend", {}, "adapter"),
-    h("div", {class: "field"}, h("label", {}, "adapter.method"), method, h("span", {class: "help"}, "the method picks the options below")));
+    h("div", {class: "field"}, h("label", {}, "adapter.method"), method, h("span"), h("span", {class: "help"}, "the method picks the options below")));
   const adapterFields = h("div");
   adapterBox.append(adapterFields);
   let adapterGetters = {};
@@ -378,7 +384,7 @@ async function pageLaunch() {
     if (res.ok) { location.hash = "#/run/" + res.data.name; return; }
     showErrors(form, res.data.errors && res.data.errors.length ? res.data.errors : [{message: res.data.error}], general);
   });
-  page.replaceChildren(h("h2", {}, "Launch a training run"),
+  setPage(h("h2", {}, "Launch a training run"),
     h("p", {class: "muted"}, "Checked by the same RunConfig as loratune train; starts loratune train in the background."), form);
 }
 
@@ -403,7 +409,7 @@ async function pagePlan() {
     barChart(chart, items, " GiB");
     report.textContent = res.data.report;
   });
-  page.replaceChildren(h("h2", {}, "Memory planner"), h("div", {class: "row"}, form, h("div", {}, chart, report)));
+  setPage(h("h2", {}, "Memory planner"), h("div", {class: "row"}, form, h("div", {}, chart, report)));
   form.requestSubmit();
 }
 
@@ -430,7 +436,7 @@ async function pageChat() {
     answers.replaceChildren(...res.data.answers.map(a => h("div", {class: "answer", "data-model": a.model},
       h("b", {}, a.model), h("br"), a.error ? h("span", {class: "err"}, a.error) : a.answer)));
   }}, "send");
-  page.replaceChildren(h("h2", {}, "Chat playground"),
+  setPage(h("h2", {}, "Chat playground"),
     h("p", {class: "muted"}, "Against the loratune serve given by --serve-url; each chosen model (base, adapter or a composition) answers side by side."),
     models, h("p", {}, system), h("p", {}, prompt), h("p", {}, "max tokens ", maxTokens, " ", send), answers);
 }

@@ -23,9 +23,11 @@ function niceTicks(lo, hi, count) {
   return out;
 }
 
-function fmt(v) {
+function fmt(v, step) {
+  // enough decimals to tell ticks `step` apart
   const a = Math.abs(v);
-  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(1);
+  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(step ? Math.max(1, Math.ceil(Math.log10(a / step))) : 1);
+  if (step) return v.toFixed(Math.max(0, -Math.floor(Math.log10(step))));
   return +v.toPrecision(4) + "";
 }
 
@@ -62,14 +64,15 @@ class LineChart {
       if (y1 === y0) { y0 -= Math.abs(y0) * 0.05 || 1; y1 += Math.abs(y1) * 0.05 || 1; }
       const sx = x => m.l + (x - x0) / (x1 - x0) * (W - m.l - m.r);
       const sy = y => H - m.b - (y - y0) / (y1 - y0) * (H - m.t - m.b);
-      for (const t of niceTicks(y0, y1, 4)) {
+      const yt = niceTicks(y0, y1, 4), xt = niceTicks(x0, x1, 5);
+      for (const t of yt) {
         svg.appendChild(svgEl("line", {x1: m.l, x2: W - m.r, y1: sy(t), y2: sy(t), class: "grid"}));
         svg.appendChild(svgEl("text", {x: m.l - 4, y: sy(t) + 3, "text-anchor": "end",
-                                       class: "tick"}, fmt(t)));
+                                       class: "tick"}, fmt(t, yt[1] - yt[0])));
       }
-      for (const t of niceTicks(x0, x1, 5)) {
+      for (const t of xt) {
         svg.appendChild(svgEl("text", {x: sx(t), y: H - m.b + 13, "text-anchor": "middle",
-                                       class: "tick"}, fmt(t)));
+                                       class: "tick"}, fmt(t, xt[1] - xt[0])));
       }
       svg.appendChild(svgEl("text", {x: W - m.r, y: H - 4, "text-anchor": "end", class: "tick"},
                             xlabel));
