@@ -81,6 +81,13 @@ class ServeConfig(CommandConfig):
     max_queue: int = Field(64, ge=0, description="waiting requests before 429")
     max_prompt_tokens: int = Field(2048, gt=0)
     max_completion_tokens: int = Field(1024, gt=0)
+    kv_cache: Literal["auto", "slots", "dynamic"] = Field(
+        "auto", description="the batch's KV cache: slots (preallocated rows written in place), "
+        "dynamic (transformers' DynamicCache, for models slots refuse), auto (slots if the model "
+        "allows)")
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="replay each decode step as a CUDA graph (auto: on when the model "
+        "is on CUDA and served from slots)")
     request_timeout: float = Field(120.0, gt=0,
                                    description="seconds per request, queue included (then 504)")
     api_key: str | None = Field(

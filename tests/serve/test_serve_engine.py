@@ -2,7 +2,6 @@
 
 import contextlib
 import json
-import threading
 
 import pytest
 import torch
@@ -39,6 +38,10 @@ def make_adapters(model, folder, n=3, ranks=(4, 8, 2)):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, smol_tokenizer):
+    return served_setup(tmp_path_factory, smol_tokenizer)
+
+
+def served_setup(tmp_path_factory, smol_tokenizer):
     """A tiny Llama (real tokenizer's vocabulary), three adapters on disk, greedy references."""
     folder = tmp_path_factory.mktemp("adapters")
     model = tiny_llama(vocab=len(smol_tokenizer))

@@ -633,7 +633,10 @@ def run(cfg: ServeConfig) -> int:
     engine = Engine(model, tok, pool, base_name=cfg.served_name or served_name(cfg.model.name),
                     max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                     max_prompt_tokens=cfg.max_prompt_tokens,
-                    max_completion_tokens=cfg.max_completion_tokens)
+                    max_completion_tokens=cfg.max_completion_tokens, kv_cache=cfg.kv_cache,
+                    cuda_graphs={"auto": None, "on": True, "off": False}[cfg.cuda_graphs])
+    if engine.kv_cache_note:
+        print(f"note: serving from a dynamic KV cache: {engine.kv_cache_note}")
     if router is not None:
         for target in {*router.routes.values(), router.default} - {None}:
             engine.resolve(target)   # an unknown route target fails now, not on the first request

@@ -1,9 +1,12 @@
 """The serving engine: continuous batching of generation requests over one base model.
 
-One background thread owns the model. Between decode steps it admits queued requests (each is
-prefilled alone with its own adapter, then its KV cache joins the batch, left-padded to a common
-length) and retires finished ones (their rows leave the cache). Every decode step is a single
-forward of all running rows, each row with its own adapter slot (see multi_lora.py).
+One background thread owns the model. Between decode steps it admits queued requests (their
+prompts are prefilled together, each row with its own adapter, into free rows of the batch's
+KV cache) and retires finished ones (their rows leave the cache). Every decode step is a single
+forward of all running rows, each row with its own adapter slot (see multi_lora.py). The batch
+and its cache are a SlotCache (slot_batch.py: preallocated rows written in place, optionally
+replayed as CUDA graphs) or, for models it cannot serve, transformers' DynamicCache
+(dynamic_batch.py).
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from loratune.models.modules import cache_keyword, eos_ids
+from loratune.serve.dynamic_batch import DynamicBatch
 from loratune.serve.pool import AdapterPool, entry_key
 from loratune.serve.sampling import check_seed, find_stop, held_back, new_generator, next_token
+from loratune.serve.slot_batch import SlotBatch
+from loratune.serve.slot_cache import slot_cache_refusal
 from loratune.serve.types import Event, GenerationRequest, QueueFull, ServeError
 
 
@@ -109,7 +114,14 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer, pool: AdapterPool, base_name: str = "base",
                  max_batch: int = 16, max_queue: int = 64, max_prompt_tokens: int = 2048,
-                 max_completion_tokens: int = 1024, prefill_tokens: int = 4096):
+                 max_completion_tokens: int = 1024, prefill_tokens: int = 4096,
+                 kv_cache: str = "auto", cuda_graphs: bool | None = None,
+                 kv_preallocate: bool | None = None):
+        """kv_cache: "slots" (preallocated rows written in place), "dynamic" (transformers'
+        DynamicCache, grown by concatenation) or "auto" (slots where the model allows).
+        cuda_graphs: replay recorded decode steps (slots on CUDA only; None = on with CUDA).
+        kv_preallocate: give the slot cache its full size at the first request (None = on CUDA).
+        """
         self.model = model.eval().requires_grad_(False)
         self.cache_key = cache_keyword(model.forward) or "past_key_values"
         self.tokenizer = tokenizer
@@ -125,14 +137,45 @@ class Engine:
         self.eos = eos_ids(model, tokenizer)
         self.queue: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None     # [rows, cached columns]; 0 = left padding
+        self.kv_cache, self.kv_cache_note = self._choose_cache(kv_cache)
+        self.batch = self._make_batch(cuda_graphs, kv_preallocate)
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.counts = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0,
                        "prefills": 0, "errors": 0}
         self.per_adapter: dict[str, int] = {}
+
+    def _choose_cache(self, choice: str) -> tuple[str, str | None]:
+        """"slots" or "dynamic", and why slots were not taken when "auto" fell back."""
+        if choice not in ("auto", "slots", "dynamic"):
+            raise ValueError(f"kv_cache must be 'auto', 'slots' or 'dynamic', got {choice!r}")
+        if choice == "dynamic":
+            return "dynamic", None
+        refusal = slot_cache_refusal(self.model, self.columns())
+        if refusal is None:
+            return "slots", None
+        if choice == "slots":
+            raise ValueError(f"kv_cache 'slots' cannot serve this model: {refusal}")
+        return "dynamic", refusal
+
+    def columns(self) -> int:
+        """The longest row a request can make: prompt plus completion, within the context."""
+        longest = self.max_prompt_tokens + self.max_completion_tokens
+        return min(longest, self.context) if self.context else longest
+
+    def _make_batch(self, cuda_graphs: bool | None, preallocate: bool | None):
+        on_cuda = self.device.type == "cuda"
+        if cuda_graphs and not (on_cuda and self.kv_cache == "slots"):
+            raise ValueError("cuda_graphs needs the model on a CUDA device and kv_cache 'slots' "
+                             f"(the model is on {self.device}, kv_cache is {self.kv_cache!r})")
+        if self.kv_cache == "dynamic":
+            return DynamicBatch(self.model, self.cache_key, self.row_slots, self.device)
+        graphs = "cuda" if (on_cuda if cuda_graphs is None else cuda_graphs) else None
+        return SlotBatch(self.model, self.cache_key, self.row_slots, self.device,
+                         rows=self.max_batch, columns=self.columns(),
+                         preallocate=on_cuda if preallocate is None else preallocate,
+                         graphs=graphs, lock=self.pool.lock)
 
     # -- the public side -----------------------------------------------------------------------
     def resolve(self, model_field: str) -> dict[str, float]:
@@ -192,7 +235,9 @@ class Engine:
     def stats(self) -> dict:
         with self.cond:
             return {**self.counts, "running": len(self.running), "queued": len(self.queue),
-                    "per_adapter": dict(self.per_adapter), "pool": self.pool.stats()}
+                    "per_adapter": dict(self.per_adapter), "pool": self.pool.stats(),
+                    "kv_cache": self.kv_cache, "kv_cache_note": self.kv_cache_note,
+                    "cuda_graphs": getattr(self.batch, "graphs", None) is not None}
 
     # -- checks ----------------------------------------------------------------------------------
     def _check(self, request: GenerationRequest) -> None:
@@ -246,17 +291,9 @@ class Engine:
         if not self.running:
             return
         rows = self.running
-        last = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
-        pos = torch.tensor([[len(s.request.prompt_ids) + len(s.tokens) - 1] for s in rows],
-                           device=self.device)
-        mask = torch.cat([self.mask, self.mask.new_ones(len(rows), 1)], dim=1)
-        self.row_slots.set([s.slot for s in rows], self.device)
-        out = self.model(input_ids=last, attention_mask=mask, position_ids=pos,
-                         **{self.cache_key: self.cache}, use_cache=True, logits_to_keep=1)
-        self.mask = mask
+        logits = self.batch.decode(rows)
         self.counts["steps"] += 1
-        for i, seq in enumerate(rows):
-            self._advance(seq, out.logits[i, -1])
+        self._advance(rows, logits)
         self._retire()
 
     def _admit(self) -> None:
@@ -316,45 +353,29 @@ class Engine:
         return True
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """One forward over the new prompts (left-padded, each row with its adapter)."""
-        width = max(len(s.request.prompt_ids) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for i, seq in enumerate(seqs):
-            n = len(seq.request.prompt_ids)
-            ids[i, width - n:] = torch.tensor(seq.request.prompt_ids, device=self.device)
-            mask[i, width - n:] = 1
-        # Positions count real tokens only, so a padded row sees what it would see alone.
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        self.row_slots.set([s.slot for s in seqs], self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         **{self.cache_key: cache}, use_cache=True, logits_to_keep=1)
+        """One forward over the new prompts (each row with its adapter); they join the batch."""
+        logits = self.batch.prefill(seqs)
         self.counts["prefills"] += 1
-        self._join(cache, mask)
         self.running.extend(seqs)
-        for i, seq in enumerate(seqs):
+        for seq in seqs:
             seq.in_batch = True
-            self._advance(seq, out.logits[i, -1])
+        self._advance(seqs, logits)
 
-    def _join(self, cache: DynamicCache, new_mask: torch.Tensor) -> None:
-        """Add prefilled rows to the batch cache, left-padding whichever side is shorter."""
-        if self.cache is None:
-            self.cache, self.mask = cache, new_mask
-            return
-        width = max(self.mask.shape[1], new_mask.shape[1])
-        for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([left_pad(old.keys, width), left_pad(new.keys, width)], 0)
-            old.values = torch.cat([left_pad(old.values, width), left_pad(new.values, width)], 0)
-        self.mask = torch.cat([left_pad(self.mask, width, dim=1),
-                               left_pad(new_mask, width, dim=1)], 0)
-
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample and record a row's next token; a failure here ends this row alone."""
-        try:
-            self._append(seq, next_token(logits, seq.request.params, seq.generator))
-        except Exception as err:  # the forward was shared, the sampling is this request's own
-            self._fail(seq, err)
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Choose and record each row's next token from logits [rows, vocab]; a failure here
+        ends its row alone (the forward was shared, the sampling is each request's own)."""
+        greedy = [i for i, s in enumerate(seqs) if s.request.params.temperature <= 0]
+        picked: dict[int, int] = {}
+        if greedy:   # one argmax and one device-to-host copy for all greedy rows
+            chosen = logits if len(greedy) == len(seqs) else logits[greedy]
+            picked = dict(zip(greedy, chosen.argmax(-1).tolist()))
+        for i, seq in enumerate(seqs):
+            try:
+                token = picked[i] if i in picked else next_token(logits[i], seq.request.params,
+                                                                 seq.generator)
+                self._append(seq, token)
+            except Exception as err:
+                self._fail(seq, err)
 
     def _append(self, seq: Sequence, token: int) -> None:
         """Record a sampled token; stream the text that is now safe to send."""
@@ -445,23 +466,12 @@ class Engine:
             self._publish(seq)
 
     def _keep_rows(self, keep: list[int]) -> None:
-        """Shrink the batch, its cache and its mask to the rows `keep`."""
-        self.running = [self.running[i] for i in keep]
-        if not keep:
-            self._reset_batch()
-            return
-        index = torch.tensor(keep, device=self.device)
-        self.cache.batch_select_indices(index)
-        self.mask = self.mask.index_select(0, index)
-        # Columns that are padding in every remaining row are dead weight: cut them.
-        first = int(self.mask.any(0).int().argmax())
-        if first:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-            self.mask = self.mask[:, first:]
+        """Shrink the batch and its cache to the rows `keep` (the batch may reorder them)."""
+        order = self.batch.keep(keep)
+        self.running = [self.running[i] for i in order]
 
     def _reset_batch(self) -> None:
-        self.cache, self.mask = None, None
+        self.batch.reset()
 
 
 def adapter_weight(text: str, model_field: str) -> float:
@@ -474,13 +484,3 @@ def adapter_weight(text: str, model_field: str) -> float:
         raise ServeError(f"model: adapter weight {text!r} in {model_field!r} must be a finite "
                          "number", param="model")
     return weight
-
-
-def left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """Zero-pad `t` on the left of `dim` up to `width`."""
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -1,10 +1,17 @@
 """Mixed-adapter batches: every row of a batch may use a different LoRA, in one forward.
 
 Each target linear layer keeps the pool's adapters stacked into slots: A [S, r, in] and
-B·scale [S, out, r], slot 0 all zeros (the base model), ranks zero-padded to the largest.
-The base matmul runs once for the whole batch; the LoRA part gathers each row's A and B by its
-slot index and runs as two batched matmuls (the BGMV idea of Punica / S-LoRA), so eight rows
-with eight adapters cost two bmm calls per layer, not eight forwards.
+B·scale [out, S, r], slot 0 all zeros (the base model), ranks zero-padded to the largest.
+The base matmul runs once for the whole batch. The LoRA part takes one of three paths:
+
+- every row on one slot: two plain matmuls;
+- a decode step (one token per row) with no more slots than rows: one matmul against all
+  slots' A at once, the other slots' columns zeroed per row, one matmul against all B — two
+  GEMMs and no per-row weight copies, which is what a launch-bound GPU step wants;
+- otherwise (a prefill, or more slots than rows): each row's A and B gathered by its slot
+  index, then two batched matmuls (the BGMV idea of Punica / S-LoRA).
+
+All three compute the same sum; zeroed columns add exact zeros.
 """
 
 from __future__ import annotations
@@ -16,13 +23,27 @@ from torch import nn
 class RowSlots:
     """The slot index of each row of the batch being run (shared by all layers of a model)."""
 
-    def __init__(self):
+    def __init__(self, num_slots: int = 1):
+        self.num_slots = num_slots
         self.rows: torch.Tensor | None = None   # [batch] long, on the model's device
         self.uniform: int | None = None         # the slot when every row uses the same one
+        self.others: torch.Tensor | None = None  # [batch, slots, 1]: row b does not use slot s
+        # A forward recorded once and replayed (a CUDA graph) must not branch on which slots
+        # are filled or shared: with `static` set every layer takes a path fixed by shapes.
+        self.static = False
+        # Bumped whenever a layer's slot tensors are (re)allocated (a layer's first adapter, a
+        # larger rank): a recorded forward holds the old tensors' addresses, or skipped a layer
+        # that had none, and must be recorded again.
+        self.generation = 0
 
     def set(self, slots: list[int], device: torch.device) -> None:
-        self.rows = torch.tensor(slots, dtype=torch.long, device=device)
-        self.uniform = slots[0] if len(set(slots)) == 1 else None
+        self.use(torch.tensor(slots, dtype=torch.long, device=device),
+                 slots[0] if len(set(slots)) == 1 else None)
+
+    def use(self, rows: torch.Tensor, uniform: int | None = None) -> None:
+        """Run the next forwards with slot `rows` (a tensor the caller may refill in place)."""
+        self.rows, self.uniform = rows, uniform
+        self.others = (rows[:, None] != torch.arange(self.num_slots, device=rows.device))[..., None]
 
 
 class MultiLoraLinear(nn.Module):
@@ -53,11 +74,13 @@ class MultiLoraLinear(nn.Module):
             return
         dtype = self._compute_dtype()
         a = torch.zeros(self.num_slots, rank, self.in_features, device=device, dtype=dtype)
-        b = torch.zeros(self.num_slots, self.out_features, rank, device=device, dtype=dtype)
+        # [out, slots, rank]: viewed as [out, slots·rank] it is the B of every slot side by side.
+        b = torch.zeros(self.out_features, self.num_slots, rank, device=device, dtype=dtype)
         if old:
             a[:, :old] = self.lora_A
             b[:, :, :old] = self.lora_B
         self.lora_A, self.lora_B = a, b
+        self.row_slots.generation += 1
 
     @torch.no_grad()
     def fill(self, slot: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
@@ -72,40 +95,62 @@ class MultiLoraLinear(nn.Module):
         self.clear(slot)
         r = a.shape[0]
         self.lora_A[slot, :r] = a.to(self.lora_A.dtype)
-        self.lora_B[slot, :, :r] = b_scaled.to(self.lora_B.dtype)
+        self.lora_B[:, slot, :r] = b_scaled.to(self.lora_B.dtype)
         self.filled.add(slot)
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
         if slot in self.filled:
             self.lora_A[slot].zero_()
-            self.lora_B[slot].zero_()
+            self.lora_B[:, slot].zero_()
             self.filled.discard(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        rows = self.row_slots.rows
-        if rows is None or not self.filled:
+        slots = self.row_slots
+        rows = slots.rows
+        if rows is None or self.lora_A is None or not (self.filled or slots.static):
             return out
-        uniform = self.row_slots.uniform
-        if uniform is not None:
-            if uniform not in self.filled:
-                return out
-            # One adapter for the whole batch: two plain matmuls, no gather.
-            h = x.to(self.lora_A.dtype) @ self.lora_A[uniform].t()
-            if out.dtype != h.dtype:
-                return out + (h @ self.lora_B[uniform].t()).to(out.dtype)
-            # Fused into the base output: no [tokens, out] temporary for the update.
-            flat = out.view(-1, out.shape[-1])
-            return flat.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B[uniform].t()).view_as(out)
+        if slots.uniform is not None:
+            return self._one_slot(x, out, slots.uniform)
         if x.dim() != 3 or x.shape[0] != rows.shape[0]:
             raise RuntimeError(f"batch of {tuple(x.shape)} does not match {rows.numel()} row slots")
-        a = self.lora_A.index_select(0, rows)             # [batch, r, in]
-        b = self.lora_B.index_select(0, rows)             # [batch, out, r]
-        h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))   # [batch, tokens, r]
+        if x.shape[1] == 1 and self.num_slots <= x.shape[0]:
+            return self._all_slots(x, out, slots.others)
+        return self._gathered(x, out, rows)
+
+    def _one_slot(self, x: torch.Tensor, out: torch.Tensor, slot: int) -> torch.Tensor:
+        """One adapter for the whole batch: two plain matmuls, no gather."""
+        if slot not in self.filled:
+            return out
+        h = x.to(self.lora_A.dtype) @ self.lora_A[slot].t()
+        b = self.lora_B[:, slot]
         if out.dtype != h.dtype:
-            return out + torch.bmm(h, b.transpose(1, 2)).to(out.dtype)
-        return out.baddbmm_(h, b.transpose(1, 2))
+            return out + (h @ b.t()).to(out.dtype)
+        # Fused into the base output: no [tokens, out] temporary for the update.
+        flat = out.view(-1, out.shape[-1])
+        return flat.addmm_(h.reshape(-1, h.shape[-1]), b.t()).view_as(out)
+
+    def _all_slots(self, x: torch.Tensor, out: torch.Tensor, others: torch.Tensor
+                   ) -> torch.Tensor:
+        """x [batch, 1, in]: every slot's A at once, other rows' slots zeroed, every slot's B."""
+        a, b = self.lora_A, self.lora_B
+        s, r = a.shape[:2]
+        h = torch.mm(x.reshape(x.shape[0], -1).to(a.dtype), a.view(s * r, -1).t())
+        h.view(-1, s, r).masked_fill_(others, 0)
+        b = b.view(self.out_features, s * r).t()
+        if out.dtype != h.dtype:
+            return out + torch.mm(h, b).to(out.dtype).view_as(out)
+        return out.view(-1, out.shape[-1]).addmm_(h, b).view_as(out)
+
+    def _gathered(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Each row's own A and B gathered by slot, then two batched matmuls."""
+        a = self.lora_A.index_select(0, rows)                         # [batch, r, in]
+        b = self.lora_B.index_select(1, rows).permute(1, 2, 0)        # [batch, r, out]
+        h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))               # [batch, tokens, r]
+        if out.dtype != h.dtype:
+            return out + torch.bmm(h, b).to(out.dtype)
+        return out.baddbmm_(h, b)
 
 
 def detach(model: nn.Module) -> None:

@@ -136,7 +136,7 @@ class AdapterPool:
         self.counts = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0, "load_seconds": 0.0,
                        "host_hits": 0}
         self.model: nn.Module | None = None
-        self.slots = RowSlots()
+        self.slots = RowSlots(max_adapters + 1)
         self.layers: dict[str, MultiLoraLinear] = {}
 
     def bind(self, model: nn.Module) -> RowSlots:
