@@ -6,12 +6,15 @@ vocabulary, sdpa attention), 4 random LoRA adapters r=16 on all seven linear lay
 as benchmarks/serve.py does), 16 concurrent greedy requests with prompts of 8–40 tokens and
 32 new tokens each, spread over the adapters, eos ignored. bf16 on CUDA, fp32 on CPU. Loops:
 
-  dynamic   the first loop: transformers' DynamicCache, one concatenation per layer per step
+  old       the first loop: transformers' DynamicCache (one concatenation per layer per step,
+            kv_cache="dynamic") with each row's LoRA gathered per layer, as it was
+  dynamic   kv_cache="dynamic" as it is now (decode steps take the all-slots LoRA matmuls)
   slots     preallocated per-row KV cache written in place, tensor inputs, batched argmax
   graphs    slots with each decode step replayed as a CUDA graph (CUDA only)
 
 Each loop runs the same requests: a warm-up pass (graphs get recorded), then --repeat timed
-passes; tokens/s = generated tokens / wall seconds of a pass (median, best), prefill included.
+passes; tokens/s = generated tokens / wall seconds of a pass (median, best), prefill included;
+tokens per CPU-second (best pass) is the figure to read on a CPU shared with other jobs.
 Every loop's greedy tokens are compared with the same requests run one at a time ("serial"):
 equal in fp32; in bf16 a different batch shape may round differently and flip a near-tie.
 The tokenizer is a stub (ids as text), as in the GPU measurement of 173 tokens/s.
@@ -26,6 +29,7 @@ The tokenizer is a stub (ids as text), as in the GPU measurement of 173 tokens/s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -80,26 +84,28 @@ def requests(prompts: list[list[int]], names: list[str], tokens: int) -> list:
 
 
 def run_pass(engine, reqs: list, device: torch.device, concurrent: bool = True
-             ) -> tuple[float, list[list[int]]]:
+             ) -> tuple[float, float, list[list[int]]]:
+    """Wall and CPU seconds (this process) of one pass, and each request's tokens."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if concurrent:
         outs = [h.result() for h in [engine.submit(r) for r in reqs]]
     else:
         outs = [engine.submit(r).result() for r in reqs]
     sync(device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     errors = [o.error for o in outs if o.error]
     if errors:
         raise RuntimeError(f"requests failed: {errors[:3]}")
-    return seconds, [o.token_ids for o in outs]
+    return seconds, cpu, [o.token_ids for o in outs]
 
 
 def make_engine(model, folder: Path, loop: str, args):
     from loratune.serve.engine import Engine
     from loratune.serve.pool import AdapterPool
 
-    kw = {"dynamic": dict(kv_cache="dynamic"), "slots": dict(kv_cache="slots", cuda_graphs=False),
+    kw = {"old": dict(kv_cache="dynamic"), "dynamic": dict(kv_cache="dynamic"),
+          "slots": dict(kv_cache="slots", cuda_graphs=False),
           "graphs": dict(kv_cache="slots", cuda_graphs=True)}[loop]
     engine = Engine(model, StubTokenizer(), AdapterPool(folder, max_adapters=args.adapters),
                     base_name="base", max_batch=args.requests, max_prompt_tokens=64,
@@ -108,27 +114,47 @@ def make_engine(model, folder: Path, loop: str, args):
     return engine
 
 
-def measure(model, folder: Path, names: list[str], prompts, loop: str, args, device) -> dict:
-    engine = make_engine(model, folder, loop, args).start()
+@contextlib.contextmanager
+def first_loop_lora(loop: str):
+    """For "old": decode steps gather each row's A and B, as the first loop did."""
+    from loratune.serve.multi_lora import MultiLoraLinear
+
+    if loop != "old":
+        yield
+        return
+    real = MultiLoraLinear._all_slots
+    MultiLoraLinear._all_slots = lambda self, x, out, others: self._gathered(
+        x, out, self.row_slots.rows)
     try:
-        reqs = requests(prompts, names, args.tokens)
-        run_pass(engine, reqs, device)                    # warm-up: graphs, adapters, caches
-        times, outs = [], None
-        for _ in range(args.repeat):
-            seconds, outs = run_pass(engine, reqs, device)
-            times.append(seconds)
-        _, serial = run_pass(engine, reqs, device, concurrent=False)
-        stats = engine.stats()
-        note = stats["kv_cache_note"] or getattr(engine.batch, "graph_note", None)
-        if loop == "graphs" and not stats["cuda_graphs"]:
-            note = f"graphs turned themselves off: {note}"
+        yield
     finally:
-        engine.stop()
+        MultiLoraLinear._all_slots = real
+
+
+def measure(model, folder: Path, names: list[str], prompts, loop: str, args, device) -> dict:
+    with first_loop_lora(loop):
+        engine = make_engine(model, folder, loop, args).start()
+        try:
+            reqs = requests(prompts, names, args.tokens)
+            run_pass(engine, reqs, device)                # warm-up: graphs, adapters, caches
+            times, cpus, outs = [], [], None
+            for _ in range(args.repeat):
+                seconds, cpu, outs = run_pass(engine, reqs, device)
+                times.append(seconds)
+                cpus.append(cpu)
+            serial = (run_pass(engine, reqs, device, concurrent=False)[2] if args.serial
+                      else None)
+            stats = engine.stats()
+        finally:
+            engine.stop()
+    note = stats["kv_cache_note"] or getattr(engine.batch, "graph_note", None)
+    if loop == "graphs" and not stats["cuda_graphs"]:
+        note = f"graphs turned themselves off: {note}"
     tokens = sum(len(t) for t in outs)
     return {"loop": loop, "tok_s": tokens / statistics.median(times),
-            "best_tok_s": tokens / min(times), "outs": outs,
-            "equal_serial": sum(a == b for a, b in zip(outs, serial)),
-            "steps": stats["steps"], "note": note}
+            "best_tok_s": tokens / min(times), "cpu_tok_s": tokens / min(cpus), "outs": outs,
+            "equal_serial": (f"{sum(a == b for a, b in zip(outs, serial))}/{len(outs)}"
+                             if serial else "not run"), "note": note}
 
 
 def profile(model, folder: Path, names: list[str], prompts, args, device) -> None:
@@ -162,9 +188,11 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--loops", default=None,
-                    help="comma-separated: dynamic,slots,graphs (graphs on CUDA only)")
+                    help="comma-separated: old,dynamic,slots,graphs (graphs on CUDA only)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads on CPU (1: stable figures on a CPU shared with other jobs)")
+    ap.add_argument("--serial", action=argparse.BooleanOptionalAction, default=True,
+                    help="compare with the requests run one at a time (--no-serial: skip)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: 8 tokens, 1 timed pass")
     ap.add_argument("--profile", action="store_true", help="also profile the slots loop")
     args = ap.parse_args()
@@ -172,8 +200,8 @@ def main() -> int:
         args.device, args.tokens, args.repeat = "cpu", 8, 1
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    loops = (args.loops or ("dynamic,slots,graphs" if device.type == "cuda"
-                            else "dynamic,slots")).split(",")
+    loops = (args.loops or ("old,dynamic,slots,graphs" if device.type == "cuda"
+                            else "old,dynamic,slots")).split(",")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     model = build_model(args.shape, dtype, device)
@@ -195,13 +223,14 @@ def main() -> int:
             profile(model, folder, names, prompts, args, device)
     base = results[0]
     print(f"\n| loop | tokens/s (median of {args.repeat}) | best | × {base['loop']} | "
-          f"decode steps | greedy = serial | = {base['loop']} |")
-    print("|---|---|---|---|---|---|---|")
+          f"tokens per CPU-second | × {base['loop']} | greedy = serial | = {base['loop']} |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         same = sum(a == b for a, b in zip(r["outs"], base["outs"]))
         print(f"| {r['loop']} | {r['tok_s']:.1f} | {r['best_tok_s']:.1f} | "
-              f"{r['tok_s'] / base['tok_s']:.2f} | {r['steps']} | {r['equal_serial']}/"
-              f"{args.requests} | {same}/{args.requests} |")
+              f"{r['tok_s'] / base['tok_s']:.2f} | {r['cpu_tok_s']:.1f} | "
+              f"{r['cpu_tok_s'] / base['cpu_tok_s']:.2f} | {r['equal_serial']} | "
+              f"{same}/{args.requests} |")
     for r in results:
         if r["note"]:
             print(f"note ({r['loop']}): {r['note']}")

@@ -198,3 +198,42 @@ def test_models_the_slot_cache_cannot_serve_fall_back_or_are_refused(smol_tokeni
     assert Engine(model, smol_tokenizer, AdapterPool(None)).kv_cache == "slots"
     with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA device"):
         Engine(model, smol_tokenizer, AdapterPool(None), cuda_graphs=True)
+
+
+def test_serve_flags_choose_the_cache_and_graphs():
+    from loratune.cli import build_parser
+    from loratune.command_config import ServeConfig
+    from loratune.flags import config_from_args
+
+    def parse(*argv):
+        return config_from_args(ServeConfig, build_parser().parse_args(["serve", *argv]))
+
+    cfg = parse()
+    assert (cfg.kv_cache, cfg.cuda_graphs) == ("auto", "auto")
+    cfg = parse("--kv-cache", "dynamic", "--cuda-graphs", "off")
+    assert (cfg.kv_cache, cfg.cuda_graphs) == ("dynamic", "off")
+    with pytest.raises(SystemExit):
+        parse("--kv-cache", "paged")
+
+
+
+def test_serve_command_runs_the_engine_it_was_told(monkeypatch, smol_tokenizer, capsys):
+    """`loratune serve --kv-cache dynamic` serves from a DynamicCache; --cuda-graphs on without
+    CUDA is a one-line error naming the option."""
+    import uvicorn
+
+    import loratune.models
+    from loratune.cli import main
+    from tiny import tiny_llama
+
+    served = {}
+    monkeypatch.setattr(loratune.models, "load_model",
+                        lambda cfg: (tiny_llama(vocab=len(smol_tokenizer)), smol_tokenizer))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(
+        engine=app.state.loratune.engine))
+    assert main(["serve", "--kv-cache", "dynamic", "--cuda-graphs", "off"]) == 0
+    assert served["engine"].kv_cache == "dynamic"
+    assert main(["serve"]) == 0
+    assert served["engine"].kv_cache == "slots" and not served["engine"].stats()["cuda_graphs"]
+    assert main(["serve", "--cuda-graphs", "on"]) == 2
+    assert "cuda_graphs needs the model on a CUDA device" in capsys.readouterr().err
