@@ -55,12 +55,13 @@ def main() -> None:
             result = mc.score(model, tok, data, cfg)
             times.append(time.perf_counter() - start)
         figures[label] = n / min(times)
+        acc = result.metrics["acc"]
         rows[label] = [x for r in result.rows for x in r["logprobs"]]
     mc.score_items = original
     a, b = rows.values()
     gap = max(abs(x - y) for x, y in zip(a, b))
     print(f"model {args.model}, {n} questions x 4 options, {args.shots} shots, "
-          f"{torch.get_num_threads()} threads, best of {args.repeat}")
+          f"{torch.get_num_threads()} threads, best of {args.repeat}; acc {acc:.1%}")
     for label, ips in figures.items():
         print(f"  {label:24s} {ips:7.2f} items/s")
     cached, plain = figures.values()

@@ -193,8 +193,10 @@ class EvalCommandConfig(_WithAdapters):
     """`loratune eval`: a task (`loratune.eval.tasks`) on the base and each adapter, side by
     side. Options marked (mc), (code)... are read by that task only."""
 
-    task: str = Field("exact", description="exact (default), mc, perplexity, generate, code, "
-                      "preference, or a registered task")
+    task: str = Field("exact", description="exact, mc, perplexity, generate, code, preference, "
+                      "or another registered task")
+    adapter: list[str] = Field(default_factory=list, description="adapter folder (PEFT format); "
+                               "repeat to score several side by side")
     data: str = Field(description="the task's data file (mc: a file or a folder of them)")
     limit: int | None = Field(None, gt=0, description="evaluate only the first N items")
     out: str | None = Field(None, description="folder for eval-TASK.json and .md (default: the "
@@ -212,7 +214,7 @@ class EvalCommandConfig(_WithAdapters):
     mc_score: Literal["text", "letter"] = Field(
         "text", description="(mc) score each option's text, or its letter after 'Answer:'")
     max_length: int | None = Field(None, gt=1, description="(perplexity) window in tokens "
-                                   "(default: the model's context length)")
+                                   "(default: the model's context length, at most 2048)")
     stride: int | None = Field(None, gt=0, description="(perplexity) tokens a window moves on "
                                "(default: half the window)")
     samples: int = Field(1, gt=0, description="(code) completions per problem (n of pass@k)")

@@ -141,3 +141,26 @@ def test_bad_rows_are_named_by_file_and_line(tmp_path):
     rec.write_text(json.dumps({"prompt": "Q", "answer": "A"}) + "\n")
     with pytest.raises(DataError, match=rf"{rec}:1: expected fields question and answer"):
         read_questions(rec)
+
+
+@pytest.mark.slow
+def test_real_model_cached_scores_equal_the_plain_path_and_beat_chance(monkeypatch):
+    """SmolLM2-135M on the bundled world-facts sample (8 questions, 1 shot): the cache-reusing
+    path gives the plain path's log-likelihoods (sdpa, fp32), and more than chance (25%)."""
+    import loratune.eval
+    from loratune.eval.loglik import score_items
+    from loratune.eval.tasks import mc
+    from loratune.models import load_model
+
+    samples = __import__("pathlib").Path(loratune.eval.__file__).parent / "samples" / "mc"
+    cfg = EvalCommandConfig(task="mc", data=str(samples / "test" / "world_facts_test.csv"),
+                            shots=1, dev=str(samples / "dev"))
+    model, tok = load_model("smollm2-135m-instruct")
+    data = mc.read(cfg)
+    cached = mc.score(model, tok, data, cfg)
+    monkeypatch.setattr(mc, "score_items",
+                        lambda *a, **kw: score_items(*a, **{**kw, "reuse_cache": False}))
+    plain = mc.score(model, tok, data, cfg)
+    flat = [x for r in plain.rows for x in r["logprobs"]]
+    assert [x for r in cached.rows for x in r["logprobs"]] == pytest.approx(flat, abs=1e-3)
+    assert cached.metrics["acc"] > 0.25

@@ -128,3 +128,31 @@ def test_report_goes_to_the_run_folder_of_a_trained_adapter(tmp_path, tiny_folde
     assert [v["n"] for v in report["variants"]] == [2, 2]
     assert report["settings"]["limit"] == 2 and report["settings"]["max_new_tokens"] == 2
     assert "| exact_match |" in capsys.readouterr().out
+
+
+def test_code_task_from_the_command_line_writes_outcomes_per_problem(tmp_path, tiny_folder):
+    import loratune.eval
+
+    problems = __import__("pathlib").Path(loratune.eval.__file__).parent / "samples" / \
+        "humaneval.jsonl"
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(tiny_folder), "--task", "code", "--data", str(problems),
+                 "--limit", "2", "--samples", "2", "--k", "1,2", "--temperature", "0.7",
+                 "--max-new-tokens", "4", "--timeout", "5", "--out", str(out)]) == 0
+    report = json.loads((out / "eval-code.json").read_text())
+    assert report["settings"]["k"] == [1, 2] and report["settings"]["samples"] == 2
+    (base,) = report["variants"]
+    assert set(base["groups"]) == {"sample/0", "sample/1"}
+    assert [r["status"] for r in base["rows"]] == ["failed"] * 4  # 4 random tokens of code
+    assert base["metrics"] == {"pass@1": 0.0, "pass@2": 0.0}
+    assert "| sample/0 | 0.0% |" in (out / "eval-code.md").read_text()
+
+
+def test_the_harness_without_lm_eval_names_the_extra():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['lm_eval'] = None; "
+                           "import loratune.eval.harness"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "pip install 'loratune[harness]'" in proc.stderr
