@@ -193,6 +193,10 @@ class EvalCommandConfig(_WithAdapters):
     """`loratune eval`: a task (`loratune.eval.tasks`) on the base and each adapter, side by
     side. Options marked (mc), (code)... are read by that task only."""
 
+    FLAGS: ClassVar = {**MODEL_FLAGS, "--quantize": (
+        "model.quantization.type", "4-bit base weights, nf4 or fp4 (adapters stay full "
+        "precision)")}
+
     task: str = Field("exact", description="exact, mc, perplexity, generate, code, preference, "
                       "or another registered task")
     adapter: list[str] = Field(default_factory=list, description="adapter folder (PEFT format); "

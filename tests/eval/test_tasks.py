@@ -156,3 +156,26 @@ def test_the_harness_without_lm_eval_names_the_extra():
                            "import loratune.eval.harness"], capture_output=True, text=True)
     assert proc.returncode == 1
     assert "pip install 'loratune[harness]'" in proc.stderr
+
+
+def test_eval_scores_a_4bit_base_with_quantize(tmp_path, tiny_folder):
+    """--quantize nf4 loads the base through the 4-bit path: its perplexity is the 4-bit
+    model's, not the full-precision one's."""
+    from loratune.config import ModelConfig
+    from loratune.eval.tasks import perplexity
+    from loratune.models import load_model
+
+    text = tmp_path / "t.txt"
+    text.write_text("one two three four five six seven eight nine ten " * 2)
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(tiny_folder), "--quantize", "nf4", "--task",
+                 "perplexity", "--data", str(text), "--out", str(out)]) == 0
+    report = json.loads((out / "eval-perplexity.json").read_text())
+    assert report["settings"]["model"]["quantization"]["type"] == "nf4"
+    got = report["variants"][0]["metrics"]["perplexity"]
+    cfg = EvalCommandConfig(task="perplexity", data=str(text))
+    data = perplexity.read(cfg)
+    for quant, same in [({"type": "nf4"}, True), (None, False)]:
+        model, tok = load_model(ModelConfig(name=str(tiny_folder), quantization=quant))
+        want = perplexity.score(model, tok, data, cfg).metrics["perplexity"]
+        assert (got == pytest.approx(want, rel=1e-5)) is same
