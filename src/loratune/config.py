@@ -69,6 +69,11 @@ class ModelConfig(_Section):
     attn_implementation: str = Field(
         "auto", description="transformers attention backend (sdpa, eager, ...); auto: sdpa where "
         "the architecture has it, else eager (Gemma 2's logit softcapping has only eager)")
+    packed_attention: Literal["mask", "flex", "varlen", "auto"] = Field(
+        "mask", description="attention over packed rows: mask = a dense block-diagonal mask "
+        "(attn_implementation); flex = flex_attention's document block mask; varlen = "
+        "FlashAttention's variable-length kernel (flash-attn package); auto = varlen if "
+        "installed, else flex. flex/varlen need CUDA (on CPU: mask, with a note)")
     quantization: QuantConfig | None = Field(None, description="set for QLoRA (4-bit base)")
 
 

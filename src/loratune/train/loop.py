@@ -26,6 +26,7 @@ from loratune.adapters.fused_lora import set_fused_lora
 from loratune.adapters.registry import TrainingHooks
 from loratune.config import RunConfig
 from loratune.models import load_model
+from loratune.models.attention import use_packed_attention
 from loratune.train import distributed as lt_dist
 from loratune.train.checkpoint import (choose_checkpoint, list_checkpoints, load_checkpoint,
                                        save_checkpoint)
@@ -171,6 +172,9 @@ def setup(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, model: nn.Modul
     log: Log = _silent if quiet else print
     objective = training_objective(cfg)
     data = setup_data(cfg, tokenizer, paths, log)
+    note = use_packed_attention(model, cfg.model.packed_attention, runtime.device, data.packing)
+    if note:
+        log(note)
     setup_adapter(cfg, model, tokenizer, log)
     out = Path(cfg.output_dir)
     # Only now, with data, model and adapter known good, is the run folder created.
