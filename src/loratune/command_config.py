@@ -289,6 +289,11 @@ class UiConfig(CommandConfig):
         None, description="a running `loratune serve` for the chat playground, e.g. "
         "http://127.0.0.1:8000")
     serve_key: str | None = Field(None, description="the API key that server wants, if any")
+    serve_adapters: str | None = Field(
+        None, description="no --serve-url: start a loratune serve over this adapters folder "
+        "for the chat page (stopped with the dashboard)")
+    serve_model: str | None = Field(None, description="the base model that server loads "
+                                    "(default: serve's default)")
     api_key: str | None = Field(
         None, description="require 'Authorization: Bearer KEY' (default: $LORATUNE_API_KEY)")
     insecure_no_key: bool = Field(False,

@@ -86,6 +86,28 @@ def test_stream_of_a_running_run_tails_new_lines_until_it_ends(client, live_run)
     assert events[-1][0] == "end"
 
 
+def test_stream_starts_over_when_a_resume_cuts_metrics_back(client, live_run):
+    import threading
+    import time
+
+    def resume_later():
+        time.sleep(0.8)
+        lines = (live_run.path / "metrics.jsonl").read_text().splitlines()
+        (live_run.path / "metrics.jsonl").write_text(lines[0] + "\n")   # back to step 1
+        live_run.step = 1
+        live_run.write(1)
+        time.sleep(0.8)
+        live_run.stop()
+
+    threading.Thread(target=resume_later).start()
+    events = _events(client.get("/api/runs/live/metrics").text)
+    names = [name for name, _ in events]
+    assert "reset" in names
+    after = [r["step"] for name, data in events[names.index("reset"):] if name == "metrics"
+             for r in data]
+    assert after == [1, 2]
+
+
 def test_launch_refuses_a_bad_field_by_name_and_starts_nothing(client, runs_dir):
     r = client.post("/api/launch", json={"name": "bad", "config": {"train": {"lr": -1}}})
     assert r.status_code == 422
@@ -175,3 +197,89 @@ def test_reports_lists_compare_tables_and_their_plots(client):
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
     assert client.get("/api/report-plot/compare/compare.json").status_code == 404
     assert client.get("/api/report-plot/../x.png").status_code == 404
+
+
+def _get_json(url, timeout=60):
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return json.loads(resp.read())
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def test_loratune_ui_command_serves_the_runs_and_stops_on_ctrl_c(runs_dir):
+    import signal
+    import subprocess
+    import sys
+
+    from ui_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "loratune", "ui", "--runs", str(runs_dir),
+                             "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        rows = _get_json(f"http://127.0.0.1:{port}/api/runs")["runs"]
+        assert {r["name"] for r in rows} >= {"done", "stopped"}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and f"http://127.0.0.1:{port}/" in out
+
+
+def test_loratune_ui_refuses_an_open_host_without_a_key(runs_dir, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("LORATUNE_API_KEY", raising=False)
+    r = subprocess.run([sys.executable, "-m", "loratune", "ui", "--runs", str(runs_dir),
+                        "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("loratune ui: error: --host 0.0.0.0 is reachable")
+
+
+def test_loratune_ui_starts_a_chat_server_over_an_adapters_folder(runs_dir, tiny_folder,
+                                                                   tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from ui_server import free_port
+
+    shutil.copytree(runs_dir / "done" / "adapter", tmp_path / "adapters" / "done")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "loratune", "ui", "--runs", str(runs_dir),
+                             "--port", str(port), "--serve-adapters", str(tmp_path / "adapters"),
+                             "--serve-model", str(tiny_folder)])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        serve_url = _get_json(f"{base}/api/info")["serve_url"]
+        deadline = time.time() + 120
+        while "data" not in (models := _get_json(f"{base}/api/models")):
+            assert "try again in a moment" in models["error"] and time.time() < deadline
+            time.sleep(1)
+        ids = {m["id"] for m in models["data"]}
+        assert ids == {tiny_folder.name, "done"}
+        req = urllib.request.Request(f"{base}/api/chat", method="POST", data=json.dumps({
+            "models": sorted(ids), "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4, "temperature": 0}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            answers = json.loads(resp.read())["answers"]
+        assert [a["model"] for a in answers] == sorted(ids)
+        assert all("answer" in a and a["usage"]["completion_tokens"] >= 1 for a in answers)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    with pytest.raises(OSError):   # the chat server went with the dashboard
+        urllib.request.urlopen(serve_url + "/health", timeout=5)

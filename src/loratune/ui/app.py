@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -174,10 +177,14 @@ def build_app(root: str | Path, api_key: str | None = None, serve_url: str | Non
 
 async def metric_events(state: UiState, name: str, request: Request):
     """Server-sent events: `metrics` (a batch of records) as they are written, `state` when the
-    run's state changes, and `end` once it is no longer running and all is sent."""
+    run's state changes, `reset` when metrics.jsonl got shorter (a resume cuts it back to its
+    checkpoint; all is sent again), and `end` once it is no longer running and all is sent."""
     path = run_path(state.root, name)
     offset, last_state, quiet = 0, None, 0.0
     while not await request.is_disconnected():
+        if metrics_size(path) < offset:   # cut back by a resume: start over
+            offset = 0
+            yield "event: reset\ndata: {}\n\n"
         records, offset = read_metrics_from(path, offset)
         now = run_state(path)
         if records:
@@ -193,6 +200,13 @@ async def metric_events(state: UiState, name: str, request: Request):
             yield ": alive\n\n"
             quiet = 0.0
         await asyncio.sleep(POLL_S)
+
+
+def metrics_size(path: Path) -> int:
+    try:
+        return (path / "metrics.jsonl").stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def launch_schema() -> dict:
@@ -248,7 +262,8 @@ def serve_call(state: UiState, method: str, path: str, body: dict | None = None,
             message = str(err)
         return {"error": f"{state.serve_url}: {err.code}: {message}"}
     except (urllib.error.URLError, OSError, ValueError) as err:
-        return {"error": f"{state.serve_url}: {err}"}
+        return {"error": f"{state.serve_url}: {err} (a server the dashboard started answers "
+                "once its model is loaded: try again in a moment)"}
 
 
 def chat_answer(state: UiState, model: str, messages: list, opts: dict) -> dict:
@@ -265,14 +280,40 @@ def run(cfg: UiConfig) -> int:
     import uvicorn
 
     api_key = startup_api_key(cfg)
+    if cfg.serve_url and cfg.serve_adapters:
+        raise ValueError("give --serve-url (a running server) or --serve-adapters (start one), "
+                         "not both")
+    if cfg.serve_adapters and not Path(cfg.serve_adapters).is_dir():
+        raise ValueError(f"--serve-adapters {cfg.serve_adapters}: no such folder (expected one "
+                         "sub-folder per adapter)")
     if api_key is None and not is_loopback(cfg.host):
         print(f"warning: the dashboard listens on {cfg.host} without --api-key: anyone who can "
               "reach this port can start training runs")
-    app = build_app(cfg.runs, api_key=api_key, serve_url=cfg.serve_url,
-                    serve_key=cfg.serve_key)
-    print(f"loratune ui: http://{cfg.host}:{cfg.port}/ over {Path(cfg.runs).resolve()}")
+    chat_server, serve_url = None, cfg.serve_url
+    if cfg.serve_adapters:
+        chat_server, serve_url = start_chat_server(cfg.serve_adapters, cfg.serve_model)
+        print(f"chat server: {serve_url} (loratune serve --adapters {cfg.serve_adapters})")
+    app = build_app(cfg.runs, api_key=api_key, serve_url=serve_url, serve_key=cfg.serve_key)
+    print(f"loratune ui: http://{cfg.host}:{cfg.port}/ over {Path(cfg.runs).resolve()}",
+          flush=True)
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
     finally:
         app.state.ui.launcher.close()
+        if chat_server is not None:
+            chat_server.terminate()
+            chat_server.wait(timeout=30)
     return 0
+
+
+def start_chat_server(adapters: str, model: str | None) -> tuple[subprocess.Popen, str]:
+    """`loratune serve` on a free loopback port over `adapters`, as a child process; its URL.
+    It answers once its model is loaded; until then the chat page says it is starting."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "loratune", "serve", "--adapters", adapters, "--host",
+           "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    if model:
+        cmd += ["--model", model]
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL), f"http://127.0.0.1:{port}"

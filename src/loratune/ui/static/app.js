@@ -205,6 +205,8 @@ async function pageRun(name) {
       }
       [loss, lr, tps, evl].forEach(c => c.render());
       document.getElementById("run-steps").textContent = `${last} / ${d.total_steps || "?"} steps`;
+    } else if (event === "reset") {
+      [loss, lr, tps, evl].forEach(c => c.clear());
     } else if (event === "state") {
       stateBox.replaceChildren(stateTag(data));
       showButtons(data);
@@ -231,6 +233,7 @@ async function pageCompare(query) {
   loss.el.id = "compare-loss";
   for (const name of want) {
     cleanup.push(streamEvents(`/api/runs/${name}/metrics`, (event, data) => {
+      if (event === "reset") { loss.series.delete(name); evl.series.delete(name); }
       if (event !== "metrics") return;
       for (const rec of data) {
         if (rec.loss !== undefined) loss.add(name, rec.step, rec.loss);
@@ -417,7 +420,7 @@ async function pagePlan() {
 async function pageChat() {
   const info = (await api("/api/models")).data;
   const models = h("div", {id: "chat-models"});
-  if (info.error) models.append(h("p", {class: "err"}, info.error));
+  if (info.error) models.append(h("p", {class: "err"}, info.error, " ", h("button", {onclick: route}, "try again")));
   for (const m of info.data || []) {
     models.append(h("label", {}, h("input", {type: "checkbox", value: m.id, checked: true}), " " + m.id + "  "));
   }

@@ -47,6 +47,7 @@ class LineChart {
     if (!this.series.has(name)) this.series.set(name, []);
     this.series.get(name).push([x, y]);
   }
+  clear() { this.series.clear(); this.render(); }
   points(name) { return (this.series.get(name) || []).length; }
   render() {
     const {width: W, height: H, title, xlabel} = this.opts;
