@@ -74,6 +74,9 @@ class ModelConfig(_Section):
         "(attn_implementation); flex = flex_attention's document block mask; varlen = "
         "FlashAttention's variable-length kernel (flash-attn package); auto = varlen if "
         "installed, else flex. flex/varlen need CUDA (on CPU: mask, with a note)")
+    fused_kernels: bool = Field(
+        False, description="liger-kernel's fused RMSNorm and SwiGLU for Llama-style models on "
+        "CUDA (extra: loratune[liger]); on CPU the plain path runs, with a note")
     quantization: QuantConfig | None = Field(None, description="set for QLoRA (4-bit base)")
 
 

@@ -27,6 +27,7 @@ from loratune.adapters.registry import TrainingHooks
 from loratune.config import RunConfig
 from loratune.models import load_model
 from loratune.models.attention import use_packed_attention
+from loratune.models.kernels import use_fused_kernels
 from loratune.train import distributed as lt_dist
 from loratune.train.checkpoint import (choose_checkpoint, list_checkpoints, load_checkpoint,
                                        save_checkpoint)
@@ -175,6 +176,9 @@ def setup(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, model: nn.Modul
     note = use_packed_attention(model, cfg.model.packed_attention, runtime.device, data.packing)
     if note:
         log(note)
+    if cfg.model.fused_kernels:
+        for note in use_fused_kernels(model, runtime.device):
+            log(note)
     setup_adapter(cfg, model, tokenizer, log)
     out = Path(cfg.output_dir)
     # Only now, with data, model and adapter known good, is the run folder created.
