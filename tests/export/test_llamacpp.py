@@ -4,6 +4,7 @@ The checks themselves are benchmarks/llamacpp_check.py's `run_checks` (a harness
 the installed package)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +73,11 @@ TEXTS = ["What is the capital of France?", "apple apple  apple, river 42 1234567
          "Größe ünd naïve ✅ 你好\n\n  indented"]
 
 
-def _open(path, lora=None):
+def _open(path, lora=None, n_ctx=128):
     from llama_cpp import Llama
 
     kw = {"lora_path": str(lora)} if lora else {}
-    return Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, seed=0,
+    return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
                  n_threads=2, **kw)
 
 
@@ -103,11 +104,70 @@ def _hf_greedy(model, ids, n):
     return out[0, len(ids):].tolist()
 
 
+def _regimes(model, tok):
+    """(n_ctx, prompt ids) to run: one chat prompt; for longrope models (Phi-3.5, Phi-4-mini)
+    one within the original context (short factors on both sides: transformers picks them by
+    sequence length, llama.cpp by n_ctx) and one past it (long factors on both sides)."""
+    def chat(text):
+        return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                       add_generation_prompt=True, return_dict=True)["input_ids"]
+    rope = dict(model.config.rope_parameters)
+    if rope.get("rope_type") != "longrope":
+        return [(128, chat("What is the capital of France?"))]
+    orig = model.config.original_max_position_embeddings
+    short = chat("Capital of France?")
+    long = chat(" ".join(["What is the capital of France?"] * 40))
+    assert len(short) + 20 <= orig < len(long) and len(long) + 20 <= 2 * orig
+    return [(orig, short), (2 * orig, long)]
+
+
+def _with_context(folder, orig=256):
+    """The family's model with its original context at `orig` (max 4x): llama.cpp rounds
+    n_ctx up to a multiple of 256, so it picks the short factors only when the original
+    context is at least that."""
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((folder / "config.json").read_text())
+    config["original_max_position_embeddings"] = orig
+    config["max_position_embeddings"] = 4 * orig
+    config["rope_parameters"]["original_max_position_embeddings"] = orig
+    (folder / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model.config._attn_implementation = "eager"
+    return model
+
+
+def _check_greedy(llm, model, ids, n=20):
+    """transformers' greedy run; llama.cpp scoring the same sequence (teacher-forced) within
+    1e-3 and picking the same token at every step but near-ties (top-2 gap within twice the
+    largest logit difference); llama.cpp's own incremental greedy equal to transformers' up to
+    the first step with a top-2 gap under 1e-2. Returns the number of steps compared so."""
+    hf = _hf_greedy(model, ids, n)
+    seq = ids + hf
+    with torch.no_grad():
+        ref = model(torch.tensor([seq])).logits[0]
+    got = _logits(llm, seq)
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
+    steps = slice(len(ids) - 1, len(seq) - 1)
+    top2 = ref[steps].topk(2, -1).values
+    gap = top2[:, 0] - top2[:, 1]
+    # where both sides differ by at most d, the pick can only flip if the top two logits are
+    # within 2d of each other
+    clear = (gap > 2 * (got - ref)[steps].abs().max()).tolist()
+    picked, wanted = got[steps].argmax(-1).tolist(), ref[steps].argmax(-1).tolist()
+    assert [p for p, c in zip(picked, clear) if c] == [w for w, c in zip(wanted, clear) if c]
+    # incremental decoding (KV cache) moves logits by up to ~1e-3 on either side (seen on the
+    # LoRA-adapted Llama 3.1): compare the two greedy runs up to the first step closer than 1e-2
+    k = int((gap < 1e-2).nonzero()[0]) if (gap < 1e-2).any() else n
+    assert _greedy(llm, ids, n)[:k] == hf[:k]
+    return k
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_gguf_runs_in_llamacpp_as_in_transformers(name, tmp_path):
-    """f32 GGUF in llama.cpp: the same token ids for plain text, logits within 1e-3 over a
-    chat prompt (fp32 both sides), the same 20 greedy tokens; the adapter-only GGUF through
-    --lora gives the adapted model's logits."""
+    """f32 GGUF in llama.cpp: the same token ids for plain text; the same greedy run as
+    transformers, logits within 1e-3 (fp32 both sides); the adapter-only GGUF through --lora
+    gives the adapted model's logits and greedy run."""
     from loratune.adapters import add_adapter, save_adapter
     from loratune.config import LoraConfig
     from loratune.export.gguf_file import write_gguf, write_lora_gguf
@@ -115,30 +175,27 @@ def test_family_gguf_runs_in_llamacpp_as_in_transformers(name, tmp_path):
 
     folder = save_family(name, tmp_path / name)
     model, tok = build_family(name)
+    if dict(model.config.rope_parameters).get("rope_type") == "longrope":
+        model = _with_context(folder)
     path = write_gguf(folder, tmp_path / "m.gguf", "f32")
-    llm = _open(path)
-    for text in TEXTS:
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(
-            text, add_special_tokens=False).input_ids, text
-    msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True,
-                                  return_dict=True)["input_ids"]
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(_logits(llm, ids), ref, atol=1e-3, rtol=1e-3)
-    assert _greedy(llm, ids, 20) == _hf_greedy(model, ids, 20)
-    del llm
+    regimes = _regimes(model, tok)
+    for n_ctx, ids in regimes:
+        llm = _open(path, n_ctx=n_ctx)
+        for text in TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(
+                text, add_special_tokens=False).input_ids, text
+        _check_greedy(llm, model, ids)
+        del llm
     targets = ["qkv_proj", "o_proj"] if FAMILY_SPECS[name].fused else ["q_proj", "k_proj",
                                                                          "v_proj", "down_proj"]
     add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     randomize_lora(model, scale=0.5)
     save_adapter(model, tmp_path / "ad")
     lora = write_lora_gguf(tmp_path / "ad", folder, tmp_path / "lora.gguf")
-    with torch.no_grad():
-        adapted = model(torch.tensor([ids])).logits[0]
-    assert (adapted - ref).abs().max() > 1e-2  # the adapter changes the output
-    with_lora = _open(path, lora)
-    torch.testing.assert_close(_logits(with_lora, ids), adapted, atol=1e-3, rtol=1e-3)
+    for n_ctx, ids in regimes:
+        with_lora = _open(path, lora, n_ctx=n_ctx)
+        _check_greedy(with_lora, model, ids)
+        del with_lora
 
 
 @pytest.mark.slow
