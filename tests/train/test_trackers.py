@@ -44,17 +44,20 @@ def test_tensorboard_event_files_hold_the_metrics_and_config(tmp_path, data_file
     assert texts["outcome/text_summary"] == f"finished; adapter: {out / 'adapter'}"
 
 
-def test_mlflow_file_store_holds_params_metrics_and_adapter(tmp_path, data_file, smol_tokenizer,
-                                                            monkeypatch):
+@pytest.mark.parametrize("where", ["run folder", "mlflow_uri"])
+def test_mlflow_store_holds_params_metrics_and_adapter(tmp_path, data_file, smol_tokenizer,
+                                                       monkeypatch, where):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    out, records = _train(tmp_path, data_file, smol_tokenizer, ["mlflow"])
+    store = (tmp_path / "elsewhere").as_uri() if where == "mlflow_uri" else None
+    out, records = _train(tmp_path, data_file, smol_tokenizer, ["mlflow"], mlflow_uri=store)
     assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ   # allowed for the tracker alone
+    assert (out / "mlruns").is_dir() == (store is None)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    client = MlflowClient(tracking_uri=store or (out / "mlruns").resolve().as_uri())
     exp = client.get_experiment_by_name("loratune")
     [run] = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "run"

@@ -100,6 +100,10 @@ def test_runs_table_lists_a_finished_and_a_running_run(browser, site, writer):
     states = wait(lambda: states_in_table(browser), what="rows")
     assert states["done"] == "finished" and states["live"] == "running"
     assert states["stopped"] == "interrupted"
+    css(browser, "th[data-key='last_loss']")[0].click()   # sort by last loss, ascending
+    assert list(states_in_table(browser)) == ["live", "stopped", "done"]
+    css(browser, "th[data-key='last_loss']")[0].click()   # again: descending
+    assert list(states_in_table(browser)) == ["done", "stopped", "live"]
     filt = css(browser, "#runs-filter")[0]
     filt.send_keys("dora")
     assert list(states_in_table(browser)) == ["live"]
