@@ -90,7 +90,8 @@ def prefill(model: nn.Module, ids: list[int], start: Prefill | None = None) -> P
 @torch.no_grad()
 def score_options(model: nn.Module, context: Prefill, options: list[list[int]],
                   batch_size: int = 16) -> list[Scored]:
-    """Each option's log-likelihood after the prefilled context, `batch_size` options a forward."""
+    """Each option's log-likelihood after the prefilled context, `batch_size` options a forward.
+    The context's cache is used up (the last chunk runs on it rather than on a copy)."""
     if any(not o for o in options):
         raise ValueError("an empty continuation has no likelihood")
     kw = cache_keyword(model.forward)
@@ -102,7 +103,8 @@ def score_options(model: nn.Module, context: Prefill, options: list[list[int]],
         if width == 1:  # the context's last logits predict every one-token option
             out += [_continuation_scores(first[None], o) for o in chunk]
             continue
-        cache = copy.deepcopy(context.cache)
+        last = start + batch_size >= len(options)
+        cache = context.cache if last else copy.deepcopy(context.cache)
         cache.batch_repeat_interleave(len(chunk))
         x = torch.tensor([o + [o[-1]] * (width - len(o)) for o in chunk], device=first.device)
         mask = torch.ones((len(chunk), len(context.ids) + width), dtype=torch.long,
