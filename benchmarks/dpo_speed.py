@@ -13,7 +13,8 @@ reported apart. Each configuration runs in its own process, so its peak RSS is i
     python benchmarks/dpo_speed.py            # batch 8 pairs, 5 measured steps
     python benchmarks/dpo_speed.py --quick    # smoke run
 
-Prints s/step (median), pairs/s, peak RSS and RSS after loading, and ratios against TRL.
+Prints s/step (median), pairs/s, peak RSS and RSS after loading, ratios against TRL, and the
+last step's loss (equal across the three when the updates are).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Result:
     peak_rss_gib: float
     rss_after_load_gib: float
     steps: int
-    loss: float  # the first step's loss: the same in every configuration
+    loss: float  # the last step's loss: the same in every configuration (same updates)
     setup_s: float = 0.0  # one-off work before the steps (the cached reference)
 
 
@@ -119,7 +120,9 @@ def setup_trl(model, tok, examples, tmp: str):
                                             per_device_train_batch_size=len(examples)))
     inputs = trainer.data_collator([{"prompt_ids": e.prompt, "chosen_ids": e.chosen,
                                      "rejected_ids": e.rejected} for e in examples])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    # as loratune's AdamW: no weight decay (torch's default is 0.01)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
+                            weight_decay=0.0)
     model.train()
 
     def step() -> float:
@@ -145,15 +148,15 @@ def run_worker(args) -> Result:
             step, setup_s = setup_trl(model, tok, examples, tmp)
         else:
             step, setup_s = setup_loratune(model, tok, examples, args.worker.endswith("cached"))
-        first = step()  # warm-up, not timed
+        last = step()  # warm-up, not timed
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            step()
+            last = step()
             times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
     return Result(args.worker, dt, len(examples) / dt, peak_rss_gib(), loaded, args.steps,
-                  first, setup_s)
+                  last, setup_s)
 
 
 def spawn(worker: str, args) -> Result:
@@ -187,8 +190,8 @@ def main() -> None:
         print(f"{r.name:<18}{r.s_per_step:>9.3f}{r.pairs_per_s:>9.2f}{r.peak_rss_gib:>10.2f}"
               f"{r.rss_after_load_gib:>10.2f}{r.s_per_step / base.s_per_step:>8.2f}"
               f"{r.peak_rss_gib / base.peak_rss_gib:>7.2f}{r.loss:>10.5f}{r.setup_s:>9.2f}")
-    print("time x, RSS x: against TRL (below 1: loratune faster / smaller). The first-step "
-          "losses agree (same weights, same batch).")
+    print("time x, RSS x: against TRL (below 1: loratune faster / smaller). loss: the last "
+          "step's, after the same updates in each (same weights, batch and AdamW).")
 
 
 if __name__ == "__main__":
