@@ -2,6 +2,7 @@
 Selenium; nothing is downloaded). Marked `browser`; skipped with the reason when either is
 missing. LORATUNE_SCREENSHOTS=DIR saves a PNG of each page there (docs/ui.md's pictures)."""
 
+import json
 import os
 import shutil
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from loratune.train.status import read_status
 from loratune.ui.app import build_app
 from ui_server import Server
 
@@ -91,8 +93,11 @@ def css(browser, selector):
 
 
 def states_in_table(browser):
-    return {row.get_attribute("data-run"): row.find_element("css selector", "[data-state]").text
-            for row in css(browser, "#runs-table tr[data-run]")}
+    """{run: status} in table order (read in one script: the table redraws every 3 s)."""
+    pairs = browser.execute_script(
+        "return [...document.querySelectorAll('#runs-table tr[data-run]')].map(r => "
+        "[r.dataset.run, r.querySelector('[data-state]').textContent])")
+    return dict(pairs)
 
 
 def test_runs_table_lists_a_finished_and_a_running_run(browser, site, writer):
@@ -114,8 +119,10 @@ def test_runs_table_lists_a_finished_and_a_running_run(browser, site, writer):
 
 
 def _points(browser, chart="#chart-loss"):
-    lines = css(browser, f"{chart} polyline[data-series='train']")
-    return int(lines[0].get_attribute("data-points")) if lines else 0
+    """Points of the chart's training-loss line (read in one script: the chart redraws)."""
+    return browser.execute_script(
+        "const l = document.querySelector(arguments[0]); return l ? +l.dataset.points : 0",
+        f"{chart} polyline[data-series='train']")
 
 
 def test_live_curve_gains_points_while_the_run_writes(browser, site, writer):
@@ -151,7 +158,9 @@ def test_launch_form_rejects_a_bad_value_then_trains_stops_and_resumes(
     set_field("model.name", str(tiny_folder))
     set_field("data.train", str(data_file))
     set_field("data.max_length", "64")
-    set_field("train.max_steps", "400")
+    # Many steps, stopped twice: the test takes the same few seconds of training on a slow or
+    # a fast machine, and never waits for the end.
+    set_field("train.max_steps", "5000")
     set_field("train.batch_size", "2")
     set_field("adapter.r", "4")
     css(browser, "input[name='train.report_to'][value='tensorboard']")[0].click()
@@ -161,25 +170,33 @@ def test_launch_form_rejects_a_bad_value_then_trains_stops_and_resumes(
     first = wait(lambda: _points(browser), timeout=120, what="first points of the real run")
     wait(lambda: _points(browser) > first, timeout=60, what="more points")
     shot(browser, "run")
-    css(browser, "#stop")[0].click()
-    wait(lambda: css(browser, "#run-state [data-state='interrupted']"), timeout=60,
-         what="interrupted")
     out = runs_dir / "from-form"
-    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
-    assert ckpts, "stop wrote no checkpoint"
-    stopped_at = int(ckpts[-1].split("-")[1])
-    assert 0 < stopped_at < 400
+
+    def stop_and_checkpoint():
+        css(browser, "#stop")[0].click()
+        wait(lambda: css(browser, "#run-state [data-state='interrupted']"), timeout=60,
+             what="interrupted")
+        step = read_status(out)["step"]
+        assert (out / "checkpoints" / f"step-{step:08d}" / "trainer_state.json").is_file()
+        return step
+
+    stopped_at = stop_and_checkpoint()
+    assert 0 < stopped_at < 5000
     css(browser, "#resume")[0].click()
-    wait(lambda: css(browser, "#run-state [data-state='finished']"), timeout=180,
-         what="finished after resume")
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    wait(lambda: css(browser, "#run-state [data-state='running']"), timeout=30, what="running")
+    wait(lambda: _points(browser) > stopped_at + 2, timeout=120, what="points after resume")
+    stopped_again = stop_and_checkpoint()
+    assert stopped_again > stopped_at
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     steps = sorted({e.step for e in acc.Scalars("train/loss")})
-    assert steps == list(range(1, 401))   # both starts of the run, every step once
+    assert steps == list(range(1, stopped_again + 1))   # both starts, every step
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text()
+              .splitlines()]
+    assert logged == list(range(1, stopped_again + 1))
 
 
 def test_finished_run_page_shows_curves_samples_and_adapter(browser, site, runs_dir):
@@ -199,7 +216,8 @@ def test_finished_run_page_shows_curves_samples_and_adapter(browser, site, runs_
 def test_compare_overlays_the_chosen_runs_and_shows_reports(browser, site):
     open_page(browser, site, "/compare?runs=done,stopped")
     wait(lambda: len(css(browser, "#compare-loss polyline")) == 2, what="two curves")
-    names = {p.get_attribute("data-series") for p in css(browser, "#compare-loss polyline")}
+    names = set(browser.execute_script(
+        "return [...document.querySelectorAll('#compare-loss polyline')].map(p => p.dataset.series)"))
     assert names == {"done", "stopped"}
     rows = css(browser, "table.report tr")
     assert len(rows) == 3 and "lora" in rows[1].text
