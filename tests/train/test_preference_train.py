@@ -163,13 +163,17 @@ def test_init_from_refuses_other_options(tmp_path, pairs_file, smol_tokenizer):
 @pytest.mark.parametrize("adapter,lr", [({"method": "ia3"}, 5e-2),
                                         ({"method": "prompt", "num_virtual_tokens": 4}, 0.3),
                                         ({"method": "bottleneck", "bottleneck_size": 8}, 5e-2),
-                                        ({"method": "moe_lora", "r": 2, "num_experts": 2}, 5e-2)])
+                                        ({"method": "moe_lora", "r": 2, "num_experts": 2}, 5e-2),
+                                        ({"method": "prefix", "num_virtual_tokens": 4}, 5e-2),
+                                        ({"method": "adalora", "init_r": 4, "target_r": 2,
+                                          "total_step": 8}, 5e-2)])
 def test_other_methods_train_with_dpo(tmp_path, pairs_file, smol_tokenizer, adapter, lr):
     """The reference is the model with the adapter switched off, whatever the method."""
     cfg = _cfg(tmp_path, pairs_file, adapter["method"], "dpo", adapter=adapter, lr=lr)
     result, _ = _run(cfg, smol_tokenizer)
     steps = [r for r in _records(result.output_dir) if "loss" in r]
-    assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
+    if adapter["method"] not in ("prompt", "prefix"):  # random virtual tokens change the output
+        assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # starts as the identity
     assert steps[-1]["margin"] > steps[0]["margin"]
 
 
