@@ -86,3 +86,36 @@ def test_training_on_cpu_says_flex_falls_back(tmp_path, data_file, smol_tokenize
     train(cfg, model=model, tokenizer=smol_tokenizer)
     assert "packed_attention: flex falls back to the dense block mask on cpu" in capsys.readouterr().out
     assert model.config._attn_implementation == "eager"  # tiny_llama's own, left alone
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward and "
+                    "FlashAttention need CUDA; no GPU here")
+def test_flex_training_step_equals_the_dense_mask_on_cuda():
+    from loratune.adapters import add_adapter
+    from loratune.config import LoraConfig
+    from loratune.models.attention import use_packed_attention
+    from tiny import randomize_lora
+
+    ids = torch.randint(0, 128, (2, 24), device="cuda")
+    pos = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1).cuda()
+    results = {}
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for choice in ("mask", "flex"):
+        torch.manual_seed(0)  # head_dim 16: flex's kernels want at least 16
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")).cuda()
+        assert use_packed_attention(model, choice, torch.device("cuda"), True) == (
+            None if choice == "mask" else "packed rows attend through flex_attention "
+            "(no dense mask)")
+        add_adapter(model, LoraConfig(r=2), "default")
+        randomize_lora(model)
+        loss = model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss
+        loss.backward()
+        results[choice] = (float(loss.detach()), {n: p.grad.clone() for n, p in
+                                                  model.named_parameters() if p.requires_grad})
+    assert results["flex"][0] == pytest.approx(results["mask"][0], abs=1e-5)
+    for k, g in results["mask"][1].items():
+        torch.testing.assert_close(results["flex"][1][k], g, atol=1e-5, rtol=1e-4, msg=k)

@@ -66,3 +66,31 @@ def test_small_tensors_stay_on_the_device():
         lin(torch.randn(4, 8, requires_grad=True)).pow(2).sum()
     assert hooks.copied == [] and every.copied == [(4, 8), (4, 8)]
     small.backward()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host copies need CUDA; "
+                    "no GPU here")
+def test_cuda_offload_keeps_pinned_host_copies_and_equal_gradients():
+    from loratune.train.offload import activation_offload
+
+    model = tiny_llama().cuda()
+    add_adapter(model, LoraConfig(r=4), "default")
+    randomize_lora(model)
+    set_checkpointing(model, True)
+    model.train()
+    ids = torch.randint(0, 128, (3, 10), device="cuda")
+    grads = []
+    for on in (False, True):
+        model.zero_grad(set_to_none=True)
+        ctx = activation_offload(on, torch.device("cuda"), model)
+        if on:
+            assert isinstance(ctx, HostOffload) and ctx.pin_memory
+            ctx.min_bytes = 0
+        with ctx:
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert ctx.copied.count((3, 10, 32)) >= 2
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5, msg=k)
