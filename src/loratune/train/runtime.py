@@ -192,6 +192,8 @@ class FullySharded(DataParallel):
         return lt_dist.GatheredAdapter(self.wrapper)
 
     def summary(self) -> dict:
+        if self.wrapper is None:  # not wrapped yet: nothing is sharded
+            return super().summary()
         held, whole = lt_dist.local_4bit_bytes(self.wrapper)
         extra = {"base_4bit_bytes": whole, "base_4bit_bytes_rank0": held} if whole else {}
         return {**super().summary(), **extra}
