@@ -4,7 +4,8 @@
 On the embedded SmolLM2-135M-Instruct (or --model), the bundled MMLU-layout sample
 (eval/samples/mc, 14 questions, 4 options) scored with `--shots` solved examples per subject:
 (a) `eval.loglik.score_items` as `eval --task mc` runs it: the subject's header and shots once,
-    each question once, its options together on the question's cache;
+    then groups of questions (batch-size / 4 at a time) on copies of that cache, and all their
+    options together on the questions' caches;
 (b) the same items as context + option rows, batched, no cache (what a harness without cache
     reuse does: the shots and question are recomputed for every option).
 Both give the same log-likelihoods (checked here to 1e-3); the figure is items/s of each.

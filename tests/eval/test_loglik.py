@@ -43,8 +43,14 @@ def test_a_shared_prefix_is_run_once_and_gives_the_same_scores():
     calls = []
     model.model.register_forward_hook(lambda m, a, kw, out: calls.append(1), with_kwargs=True)
     score_items(model, items, batch_size=16, prefix=[5, 9, 3])
-    # prefix 1 + per item (rest of context 1 + options 1)
-    assert len(calls) == 1 + 2 * len(CONTEXTS)
+    # the prefix, then both items' rests of context together (padded between the prefix and
+    # the shorter rest), then all 8 options together
+    assert len(calls) == 3
+    calls.clear()
+    one_by_one = score_items(model, items, batch_size=4, prefix=[5, 9, 3])
+    assert len(calls) == 1 + 2 * len(CONTEXTS)  # 4 options a forward: one item at a time
+    assert [[round(s.logprob, 4) for s in row] for row in one_by_one] == \
+        [[round(s.logprob, 4) for s in row] for row in plain]
 
 
 def test_unigram_model_log_likelihood_by_hand():

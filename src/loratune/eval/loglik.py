@@ -137,6 +137,55 @@ def score_rows(model: nn.Module, rows: list[tuple[list[int], list[int]]],
     return out
 
 
+@torch.no_grad()
+def score_on_prefix(model: nn.Module, prefix: Prefill,
+                    items: list[tuple[list[int], list[list[int]]]]) -> list[list[Scored]]:
+    """Items whose contexts all begin with `prefix`, scored together: the prefix's cache
+    repeated once per item, the rest of each context in one forward (padding between the
+    prefix and a shorter rest, masked out, positions continuing the prefix), then every option
+    of every item in one forward on those caches."""
+    kw = cache_keyword(model.forward)
+    device = prefix.last.device
+    p = len(prefix.ids)
+    rests = [ctx[p:] for ctx, _ in items]
+    width = max(len(r) for r in rests)
+    pad = rests[0][0]
+    x = torch.tensor([[pad] * (width - len(r)) + r for r in rests], device=device)
+    keep = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests], device=device)
+    mask = torch.cat([torch.ones((len(items), p), dtype=torch.long, device=device), keep], 1)
+    positions = (p + (keep.cumsum(1) - 1).clamp(min=0))
+    cache = copy.deepcopy(prefix.cache)
+    cache.batch_repeat_interleave(len(items))
+    out = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{kw: cache})
+    first = torch.log_softmax(out.logits[:, -1].float(), -1)
+    rows = [(i, o) for i, (_, opts) in enumerate(items) for o in opts]
+    if any(not o for _, o in rows):
+        raise ValueError("an empty continuation has no likelihood")
+    longest = max(len(o) for _, o in rows)
+    if longest == 1:
+        flat = [_continuation_scores(first[i][None], o) for i, o in rows]
+    else:
+        index = torch.tensor([i for i, _ in rows], device=device)
+        cache = _cache_of(out)
+        cache.batch_select_indices(index)
+        y = torch.tensor([o + [o[-1]] * (longest - len(o)) for _, o in rows], device=device)
+        mask = torch.cat([mask[index], torch.ones((len(rows), longest), dtype=torch.long,
+                                                  device=device)], 1)
+        start = torch.tensor([p + len(rests[i]) for i, _ in rows], device=device)
+        positions = start[:, None] + torch.arange(longest, device=device)
+        logits = model(input_ids=y, attention_mask=mask, position_ids=positions, use_cache=True,
+                       **{kw: cache}).logits
+        logprobs = torch.log_softmax(logits.float(), -1)
+        flat = [_continuation_scores(torch.cat([first[i][None], row[:len(o) - 1]]), o)
+                for row, (i, o) in zip(logprobs, rows)]
+    out_items, at = [], 0
+    for _, opts in items:
+        out_items.append(flat[at:at + len(opts)])
+        at += len(opts)
+    return out_items
+
+
 def score_items(model: nn.Module, items: list[tuple[list[int], list[list[int]]]],
                 batch_size: int = 16, prefix: list[int] | None = None,
                 reuse_cache: bool | None = None) -> list[list[Scored]]:
@@ -151,6 +200,13 @@ def score_items(model: nn.Module, items: list[tuple[list[int], list[list[int]]]]
             out.append(flat[at:at + len(opts)])
             at += len(opts)
         return out
+    if prefix and all(len(ctx) > len(prefix) and ctx[:len(prefix)] == prefix
+                      for ctx, _ in items):
+        # several items a forward on the shared prefix: batch_size options in all
+        shared = prefill(model, prefix)
+        per = max(1, batch_size // max(len(opts) for _, opts in items))
+        return [scores for start in range(0, len(items), per)
+                for scores in score_on_prefix(model, shared, items[start:start + per])]
     shared = prefill(model, prefix) if prefix else None
     return [score_options(model, prefill(model, ctx, shared), opts, batch_size)
             for ctx, opts in items]
