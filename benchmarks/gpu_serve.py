@@ -24,12 +24,13 @@ The tokenizer is a stub (ids as text), as in the GPU measurement of 173 tokens/s
     python benchmarks/gpu_serve.py --quick --shape narrow   # 30 layers 64 wide: the per-step
                                                    # overhead a launch-bound GPU step has
     python benchmarks/gpu_serve.py --quick --profile        # where a decode step's time goes
+    python benchmarks/gpu_serve.py --device cpu --shape narrow --tokens 300 --step-cost
+                                                   # CPU ms per decode step, early and late
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import tempfile
@@ -111,42 +112,40 @@ def make_engine(model, folder: Path, loop: str, args):
                     base_name="base", max_batch=args.requests, max_prompt_tokens=64,
                     max_completion_tokens=max(args.tokens, 64), **kw)
     engine.eos = set()      # every request makes exactly --tokens tokens: equal work per loop
+    engine.row_slots.first_loop = loop == "old"
     return engine
 
 
-@contextlib.contextmanager
-def first_loop_lora(loop: str):
-    """For "old": decode steps gather each row's A and B, as the first loop did."""
+def install_first_loop_lora() -> None:
+    """Engines whose RowSlots say `first_loop` gather each row's A and B in decode steps too,
+    as the first loop did (the others take the all-slots matmuls)."""
     from loratune.serve.multi_lora import MultiLoraLinear
 
-    if loop != "old":
-        yield
-        return
     real = MultiLoraLinear._all_slots
-    MultiLoraLinear._all_slots = lambda self, x, out, others: self._gathered(
-        x, out, self.row_slots.rows)
-    try:
-        yield
-    finally:
-        MultiLoraLinear._all_slots = real
+
+    def all_slots(self, x, out):
+        if getattr(self.row_slots, "first_loop", False):
+            return self._gathered(x, out, self.row_slots.rows)
+        return real(self, x, out)
+
+    MultiLoraLinear._all_slots = all_slots
 
 
 def measure(model, folder: Path, names: list[str], prompts, loop: str, args, device) -> dict:
-    with first_loop_lora(loop):
-        engine = make_engine(model, folder, loop, args).start()
-        try:
-            reqs = requests(prompts, names, args.tokens)
-            run_pass(engine, reqs, device)                # warm-up: graphs, adapters, caches
-            times, cpus, outs = [], [], None
-            for _ in range(args.repeat):
-                seconds, cpu, outs = run_pass(engine, reqs, device)
-                times.append(seconds)
-                cpus.append(cpu)
-            serial = (run_pass(engine, reqs, device, concurrent=False)[2] if args.serial
-                      else None)
-            stats = engine.stats()
-        finally:
-            engine.stop()
+    engine = make_engine(model, folder, loop, args).start()
+    try:
+        reqs = requests(prompts, names, args.tokens)
+        run_pass(engine, reqs, device)                # warm-up: graphs, adapters, caches
+        times, cpus, outs = [], [], None
+        for _ in range(args.repeat):
+            seconds, cpu, outs = run_pass(engine, reqs, device)
+            times.append(seconds)
+            cpus.append(cpu)
+        serial = (run_pass(engine, reqs, device, concurrent=False)[2] if args.serial
+                  else None)
+        stats = engine.stats()
+    finally:
+        engine.stop()
     note = stats["kv_cache_note"] or getattr(engine.batch, "graph_note", None)
     if loop == "graphs" and not stats["cuda_graphs"]:
         note = f"graphs turned themselves off: {note}"
@@ -155,6 +154,50 @@ def measure(model, folder: Path, names: list[str], prompts, loop: str, args, dev
             "best_tok_s": tokens / min(times), "cpu_tok_s": tokens / min(cpus), "outs": outs,
             "equal_serial": (f"{sum(a == b for a, b in zip(outs, serial))}/{len(outs)}"
                              if serial else "not run"), "note": note}
+
+
+def step_cost(model, folder: Path, names: list[str], prompts, loops: list[str], args) -> None:
+    """CPU milliseconds of one decode step early and late in the requests, each loop on its
+    own copy of the model, loops interleaved in chunks of 8 steps (best chunk of each): the
+    engine thread's own time, steady on a CPU shared with other jobs."""
+    import copy
+
+    engines = {}
+    for loop in loops:
+        engine = make_engine(copy.deepcopy(model), folder, loop, args)
+        for r in requests(prompts, names, args.tokens):
+            engine.submit(r)
+        engine.step()                                     # prefill + the first decode step
+        engines[loop] = engine
+    cost: dict[tuple[str, int], float] = {}
+    if args.tokens < 64:
+        raise SystemExit("--step-cost needs --tokens 64 or more")
+    marks = [8, args.tokens - 30]
+    done = 1
+    for mark in marks:
+        for loop, engine in engines.items():               # every loop to the same step
+            for _ in range(mark - done):
+                engine.step()
+        done = mark
+        for _ in range(3):
+            for loop, engine in engines.items():
+                t0 = time.thread_time()
+                for _ in range(8):
+                    engine.step()
+                ms = (time.thread_time() - t0) / 8 * 1e3
+                cost[(loop, mark)] = min(cost.get((loop, mark), ms), ms)
+        done += 24
+    for engine in engines.values():
+        engine.stop()
+    base = loops[0]
+    print(f"\nCPU ms per decode step ({args.requests} rows; best of 3 chunks of 8 steps, loops "
+          "interleaved)")
+    print("| loop | " + " | ".join(f"step {m}-{m + 24} | × {base}" for m in marks) + " |")
+    print("|---|" + "---|---|" * len(marks))
+    for loop in loops:
+        cells = [f"{cost[(loop, m)]:.1f} | {cost[(loop, m)] / cost[(base, m)]:.2f}"
+                 for m in marks]
+        print(f"| {loop} | " + " | ".join(cells) + " |")
 
 
 def profile(model, folder: Path, names: list[str], prompts, args, device) -> None:
@@ -195,6 +238,8 @@ def main() -> int:
                     help="compare with the requests run one at a time (--no-serial: skip)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: 8 tokens, 1 timed pass")
     ap.add_argument("--profile", action="store_true", help="also profile the slots loop")
+    ap.add_argument("--step-cost", action="store_true",
+                    help="only CPU ms per decode step, early and late (needs --tokens >= 64)")
     args = ap.parse_args()
     if args.quick:
         args.device, args.tokens, args.repeat = "cpu", 8, 1
@@ -215,9 +260,14 @@ def main() -> int:
           f"{args.requests} concurrent requests x {args.tokens} tokens, {args.adapters} LoRA "
           f"adapters r={args.rank}, prompts 8-40 tokens")
     t_start = time.perf_counter()
+    install_first_loop_lora()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         names = write_adapters(model, folder, args.adapters, args.rank)
+        if args.step_cost:
+            step_cost(model, folder, names, prompts, loops, args)
+            print(f"\n{time.perf_counter() - t_start:.0f} s in all")
+            return 0
         results = [measure(model, folder, names, prompts, loop, args, device) for loop in loops]
         if args.profile:
             profile(model, folder, names, prompts, args, device)

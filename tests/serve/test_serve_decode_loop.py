@@ -237,3 +237,26 @@ def test_serve_command_runs_the_engine_it_was_told(monkeypatch, smol_tokenizer, 
     assert served["engine"].kv_cache == "slots" and not served["engine"].stats()["cuda_graphs"]
     assert main(["serve", "--cuda-graphs", "on"]) == 2
     assert "cuda_graphs needs the model on a CUDA device" in capsys.readouterr().err
+
+
+def test_all_slots_views_follow_the_layer_to_another_dtype():
+    """The all-slots path reads flat views of the slot tensors; .to() must renew them."""
+    from loratune.serve.multi_lora import RowSlots
+
+    slots = RowSlots(3)
+    layer = MultiLoraLinear(torch.nn.Linear(8, 6), slots, 3)
+    g = torch.Generator().manual_seed(0)
+    layer.fill(1, torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g))
+    layer.fill(2, torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g))
+    layer = layer.to(torch.float64)
+    assert layer.a_all.dtype == torch.float64
+    assert layer.a_all.data_ptr() == layer.lora_A.data_ptr()
+    x = torch.randn(4, 1, 8, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        slots.set([1, 2, 0, 1], x.device)
+        mixed = layer(x)
+        alone = []
+        for i, s in enumerate([1, 2, 0, 1]):
+            slots.set([s], x.device)
+            alone.append(layer(x[i:i + 1]))
+    torch.testing.assert_close(mixed, torch.cat(alone))

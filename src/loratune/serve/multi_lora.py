@@ -44,6 +44,16 @@ class RowSlots:
         """Run the next forwards with slot `rows` (a tensor the caller may refill in place)."""
         self.rows, self.uniform = rows, uniform
         self.others = (rows[:, None] != torch.arange(self.num_slots, device=rows.device))[..., None]
+        self._others_flat: dict[int, torch.Tensor] = {}
+
+    def others_flat(self, rank: int) -> torch.Tensor:
+        """[batch, slots·rank] bool: the columns of slots row b does not use (made once per
+        batch and rank, shared by the layers of that rank)."""
+        flat = self._others_flat.get(rank)
+        if flat is None:
+            b, s, _ = self.others.shape
+            flat = self._others_flat[rank] = self.others.expand(b, s, rank).reshape(b, s * rank)
+        return flat
 
 
 class MultiLoraLinear(nn.Module):
@@ -80,7 +90,22 @@ class MultiLoraLinear(nn.Module):
             a[:, :old] = self.lora_A
             b[:, :, :old] = self.lora_B
         self.lora_A, self.lora_B = a, b
+        self._flat_views()
         self.row_slots.generation += 1
+
+    def _flat_views(self) -> None:
+        """Every slot side by side, as the all-slots path multiplies: Aᵀ [in, S·r] and
+        Bᵀ [S·r, out] (views of lora_A and lora_B, plain attributes: read on every step)."""
+        a, b = self.lora_A, self.lora_B
+        self.a_all = a.view(-1, self.in_features).t()
+        self.b_all = b.view(self.out_features, -1).t()
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .half() replace the buffers: the views must follow them.
+        super()._apply(fn, recurse)
+        if self.lora_A is not None:
+            self._flat_views()
+        return self
 
     @torch.no_grad()
     def fill(self, slot: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
@@ -116,7 +141,7 @@ class MultiLoraLinear(nn.Module):
         if x.dim() != 3 or x.shape[0] != rows.shape[0]:
             raise RuntimeError(f"batch of {tuple(x.shape)} does not match {rows.numel()} row slots")
         if x.shape[1] == 1 and self.num_slots <= x.shape[0]:
-            return self._all_slots(x, out, slots.others)
+            return self._all_slots(x, out)
         return self._gathered(x, out, rows)
 
     def _one_slot(self, x: torch.Tensor, out: torch.Tensor, slot: int) -> torch.Tensor:
@@ -131,17 +156,15 @@ class MultiLoraLinear(nn.Module):
         flat = out.view(-1, out.shape[-1])
         return flat.addmm_(h.reshape(-1, h.shape[-1]), b.t()).view_as(out)
 
-    def _all_slots(self, x: torch.Tensor, out: torch.Tensor, others: torch.Tensor
-                   ) -> torch.Tensor:
+    def _all_slots(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x [batch, 1, in]: every slot's A at once, other rows' slots zeroed, every slot's B."""
-        a, b = self.lora_A, self.lora_B
-        s, r = a.shape[:2]
-        h = torch.mm(x.reshape(x.shape[0], -1).to(a.dtype), a.view(s * r, -1).t())
-        h.view(-1, s, r).masked_fill_(others, 0)
-        b = b.view(self.out_features, s * r).t()
+        a_all, b_all = self.a_all, self.b_all
+        h = torch.mm(x.reshape(x.shape[0], -1).to(a_all.dtype), a_all)  # [batch, S·r]
+        h.masked_fill_(self.row_slots.others_flat(h.shape[1] // self.num_slots), 0)
         if out.dtype != h.dtype:
-            return out + torch.mm(h, b).to(out.dtype).view_as(out)
-        return out.view(-1, out.shape[-1]).addmm_(h, b).view_as(out)
+            return out + torch.mm(h, b_all).to(out.dtype).view_as(out)
+        out.view(x.shape[0], -1).addmm_(h, b_all)
+        return out
 
     def _gathered(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Each row's own A and B gathered by slot, then two batched matmuls."""

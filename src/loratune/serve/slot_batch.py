@@ -79,8 +79,9 @@ class SlotBatch:
         need = max(pos) + 1
         self.cache.reserve(need)
         self.longest = max(self.longest, need)
-        width = bucket(need, self.cache.capacity)
         if self.graphs is not None:
+            # A recorded step has fixed shapes: attend to a power-of-two bucket of columns.
+            width = bucket(need, self.cache.capacity)
             try:
                 return self.graphs(ids, pos, slots, width, self.cache.trash, self._version())
             except GraphError as err:
@@ -89,7 +90,7 @@ class SlotBatch:
         host = torch.tensor([ids, pos, slots])
         dev = host.to(self.device)
         self.row_slots.use(dev[2], slots[0] if len(set(slots)) == 1 else None)
-        return self._forward(dev[0, :, None], dev[1], width)
+        return self._forward(dev[0, :, None], dev[1], need)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
         """The decode forward on device tensors: ids [B, 1], positions [B]."""

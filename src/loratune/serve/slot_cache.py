@@ -3,7 +3,8 @@
 Per attention layer one key and one value tensor [rows, kv_heads, columns + 1, head_dim]. Row i
 holds running request i, column j its token at position j; a decode step writes one column per
 row where that row is (rows at different lengths need no padding), and attention reads the
-first W columns of the first B rows as a view, W a power-of-two bucket of the longest row. The
+first W columns of the first B rows as a view, W the longest row (a power-of-two bucket of it
+when the step is recorded as a CUDA graph). The
 extra last column is scratch: the left padding of a joint prefill is written there and never
 read. Rows that leave are filled by moving the last rows into their place, so the running
 rows stay 0..B-1 and nothing is concatenated or copied per step.
