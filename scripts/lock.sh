@@ -2,11 +2,15 @@
 # Refresh requirements.lock: resolve the newest releases (but scripts/lock-holds.txt) for this
 # Python on Linux in a throw-away venv, exactly as scripts/setup.sh installs, and freeze them.
 # Run the tests on the new lock before committing it (scripts/setup.sh test && pytest).
+#   scripts/lock.sh            the newest releases of everything
+#   scripts/lock.sh --add-only keep every locked version; lock only packages new to the project
 set -euo pipefail
 cd "$(dirname "$0")/.."
+holds=scripts/lock-holds.txt
+if [ "${1:-}" = "--add-only" ]; then holds=requirements.lock; fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-VENV="$tmp/venv" LORATUNE_CONSTRAINTS=scripts/lock-holds.txt ./scripts/setup.sh test
+VENV="$tmp/venv" LORATUNE_CONSTRAINTS="$holds" ./scripts/setup.sh test
 py=$("$tmp/venv/bin/python" -c 'import platform; print(platform.python_version(), platform.machine())')
 {
   echo "# Exact versions scripts/setup.sh installs (runtime and test extras), used as pip constraints."
