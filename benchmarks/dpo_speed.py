@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import torch
+
+from process_memory import peak_rss_gib, rss_now_gib
 
 MODEL = "smollm2-135m-instruct"
 BETA = 0.1
@@ -46,18 +47,6 @@ class Result:
     steps: int
     loss: float  # the last step's loss (close across configurations, see main())
     setup_s: float = 0.0  # one-off work before the steps (the cached reference)
-
-
-def rss_now_gib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def pairs(tok, n: int):

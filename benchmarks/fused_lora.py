@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -41,17 +40,11 @@ def build(dtype: torch.dtype, dropout: float, dims: dict):
 
 
 def saved_mib(model, ids) -> float:
-    seen: dict[int, int] = {}
+    from loratune.train.offload import saved_activation_bytes
 
-    def pack(t):
-        if not isinstance(t, nn.Parameter):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(ids, labels=ids).loss
-    out.backward()
-    return sum(seen.values()) / 2**20
+    saved, loss = saved_activation_bytes(lambda: model(ids, labels=ids).loss)
+    loss.backward()
+    return saved / 2**20
 
 
 def step_ms(model, ids) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from process_memory import peak_rss_gib, rss_now_gib
 
 MODEL = "smollm2-135m-instruct"
 WORDS = "alpha beta gamma delta river stone cloud green metal piano tiger lemon candle".split()
@@ -38,18 +39,6 @@ class Result:
     peak_rss_gib: float
     rss_after_load_gib: float
     steps: int
-
-
-def rss_now_gib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def sft_examples(tokenizer, n: int, seed: int, variable: bool, max_length: int = 256):

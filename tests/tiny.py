@@ -1,5 +1,7 @@
 """Tiny random models for fast tests (real transformers architectures, a few thousand params)."""
 
+import contextlib
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,3 +44,25 @@ def unigram_llama(logits: dict[int, float], vocab: int, seed: int = 0):
             head.bias[token] = value
     model.lm_head = head
     return model
+
+
+def write_pairs(path, words, rejected: str):
+    """A preference file: "Repeat the word W" -> chosen "W W W", rejected `rejected` with
+    {w} filled in."""
+    import json
+
+    rows = [{"prompt": f"Repeat the word {w}", "chosen": f"{w} {w} {w}",
+             "rejected": rejected.format(w=w)} for w in words]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@contextlib.contextmanager
+def chat_template(tokenizer, template: str | None):
+    """`tokenizer` with another chat template for the block (a shared fixture is restored)."""
+    old = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.chat_template = old

@@ -11,6 +11,7 @@ from loratune.adapters.fused_lora import FusedLoraLinear, set_fused_lora
 from loratune.config import LoraConfig, QuantConfig
 from loratune.quant.linear4bit import Linear4bit
 from loratune.train.loop import set_checkpointing
+from loratune.train.offload import saved_activation_bytes
 from tiny import randomize_lora, tiny_llama
 
 
@@ -75,20 +76,6 @@ def test_fused_equals_plain_on_a_4bit_base_and_keeps_no_weight(dropout):
         assert [t.dtype for t in saved if tuple(t.shape) == (14, 64)] == [torch.bool]
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of distinct storages autograd keeps for backward while `fn()` runs."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if not isinstance(t, nn.Parameter):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
-
-
 def test_fused_keeps_less_for_backward_with_dropout():
     cfg = LoraConfig(r=4, lora_dropout=0.1)
     model = tiny_llama()
@@ -98,7 +85,7 @@ def test_fused_keeps_less_for_backward_with_dropout():
     sizes = {}
     for fused in (False, True):
         set_fused_lora(model, fused)
-        sizes[fused], _ = _saved_bytes(lambda: model(ids).logits)
+        sizes[fused], _ = saved_activation_bytes(lambda: model(ids).logits)
     # Each of the 7 projections per layer kept its own dropped-out fp32 copy of its input;
     # fused keeps a boolean mask instead (measured 2.0x less here).
     assert sizes[True] < 0.7 * sizes[False], sizes

@@ -8,6 +8,7 @@ from loratune.config import DataConfig
 from loratune.data import DataError
 from loratune.data.preference import (build_preference_examples, collate_pairs,
                                       collate_unpaired, fit_length, preference_batches)
+from tiny import chat_template
 
 
 def _write(tmp_path, rows, name="prefs.jsonl"):
@@ -75,28 +76,17 @@ def test_prompts_that_render_differently_are_refused(tmp_path, smol_tokenizer):
     template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + "
                 "'\\n' }}{% else %}{{ 'A:' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}{{ 'A:' }}{% endif %}")
-    tok = smol_tokenizer
-    old = tok.chat_template
-    tok.chat_template = template
-    try:
-        with pytest.raises(DataError, match="prefs.jsonl:1: .*renders differently"):
-            _pairs(_write(tmp_path, [{"prompt": "q", "chosen": "(red)", "rejected": "blue"}]),
-                   tok)
-    finally:
-        tok.chat_template = old
+    with chat_template(smol_tokenizer, template) as tok, \
+            pytest.raises(DataError, match="prefs.jsonl:1: .*renders differently"):
+        _pairs(_write(tmp_path, [{"prompt": "q", "chosen": "(red)", "rejected": "blue"}]), tok)
 
 
 def test_a_template_that_cannot_locate_answers_names_the_record(tmp_path, smol_tokenizer):
     template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
                 "{% if add_generation_prompt %}{{ '>' }}{% endif %}")
-    tok = smol_tokenizer
-    old = tok.chat_template
-    tok.chat_template = template
-    try:
-        with pytest.raises(DataError, match="prefs.jsonl:1: the chat template does not render"):
-            _pairs(_write(tmp_path, [{"prompt": "q", "chosen": "red", "rejected": "blue"}]), tok)
-    finally:
-        tok.chat_template = old
+    with chat_template(smol_tokenizer, template) as tok, \
+            pytest.raises(DataError, match="prefs.jsonl:1: the chat template does not render"):
+        _pairs(_write(tmp_path, [{"prompt": "q", "chosen": "red", "rejected": "blue"}]), tok)
 
 
 def test_unpaired_records_and_labels(tmp_path, smol_tokenizer):

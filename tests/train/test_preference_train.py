@@ -10,7 +10,7 @@ from loratune.config import ConfigError, build_config
 from loratune.train import train
 from loratune.train.preference import Reference
 from loratune.train.reference_cache import CACHE_FILE, cached_reference, read_cache
-from tiny import tiny_llama
+from tiny import tiny_llama, write_pairs
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "metal", "piano", "tiger", "lemon",
          "candle", "forest", "rocket"]
@@ -18,11 +18,7 @@ WORDS = ["apple", "river", "stone", "cloud", "green", "metal", "piano", "tiger",
 
 @pytest.fixture
 def pairs_file(tmp_path):
-    rows = [{"prompt": f"Repeat the word {w}", "chosen": f"{w} {w} {w}",
-             "rejected": f"I refuse to say {w}."} for w in WORDS]
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_pairs(tmp_path / "pairs.jsonl", WORDS, "I refuse to say {w}.")
 
 
 def _cfg(tmp_path, data, name, objective, adapter=None, preference=None, **train):

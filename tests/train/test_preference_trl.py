@@ -22,7 +22,7 @@ from loratune.config import DataConfig, LoraConfig, TrainConfig
 from loratune.data.preference import (build_preference_examples, collate_pairs,
                                       collate_unpaired)
 from loratune.train.preference import PreferenceLoss, Reference
-from tiny import randomize_lora, tiny_llama
+from tiny import randomize_lora, tiny_llama, write_pairs
 
 trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
@@ -34,11 +34,7 @@ WORDS = ["apple", "river", "stone", "cloud"]
 
 @pytest.fixture
 def pairs_file(tmp_path):
-    rows = [{"prompt": f"Repeat the word {w}", "chosen": f"{w} {w} {w}",
-             "rejected": f"I will not repeat {w}, sorry."} for w in WORDS]
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_pairs(tmp_path / "pairs.jsonl", WORDS, "I will not repeat {w}, sorry.")
 
 
 @pytest.fixture

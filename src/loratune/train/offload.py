@@ -74,3 +74,18 @@ def offload_notes(cfg, device: torch.device) -> list[str]:
         notes.append("train.offload_optimizer is a no-op on CPU: optimizer states already live "
                      "in host memory")
     return notes
+
+
+def saved_activation_bytes(fn):
+    """Run `fn()`; return (bytes of the distinct non-parameter storages autograd keeps for
+    backward meanwhile, what `fn` returned): the memory an activation-saving change frees."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
