@@ -19,7 +19,7 @@ Every loop's greedy tokens are compared with the same requests run one at a time
 equal in fp32; in bf16 a different batch shape may round differently and flip a near-tie.
 The tokenizer is a stub (ids as text), as in the GPU measurement of 173 tokens/s.
 
-    python benchmarks/gpu_serve.py                 # on a CUDA machine: < 2 min on one H100/H200
+    python benchmarks/gpu_serve.py                 # on a CUDA machine (meant for < 8 min on one GPU)
     python benchmarks/gpu_serve.py --quick         # CPU smoke: 16 requests x 8 tokens, fp32
     python benchmarks/gpu_serve.py --quick --shape narrow   # 30 layers 64 wide: the per-step
                                                    # overhead a launch-bound GPU step has
