@@ -1,6 +1,6 @@
 """GGUF export of every family (tests/families.py) read back with gguf.GGUFReader: names, shapes,
-values, architecture metadata, tokenizer; logits through our own GGUF loader where
-transformers' GGUF reader keeps every setting of the family."""
+values, architecture metadata, tokenizer; logits through our own GGUF loader (equal to the
+folder's, or the load refused by name)."""
 
 import json
 import math
@@ -35,16 +35,12 @@ BLOCK = {  # llama.cpp's tensors of one block, per architecture (its llama-arch.
                "ffn_down", "post_ffw_norm"},
     "phi3": {"attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"},
 }
-# What transformers' GGUF reader (behind our loader) cannot take back, per family; the others
-# must come back with the same logits.
-NOT_READ_BACK = {
-    "llama3_1": "RoPE scaling llama3 (the rope_freqs tensor)",
-    "llama3_2": "RoPE scaling llama3 (the rope_freqs tensor)",
-    "qwen3": "attention.key_length (head_dim 16; its qwen3 reader assumes the default 128)",
-    "gemma2": "query_pre_attn_scalar (it keeps the default 256)",
-    "gemma3": "query_pre_attn_scalar (it keeps the default 256)",
-    "phi3_5": "RoPE scaling longrope (rope_factors_long/short)",
-    "phi4_mini": "RoPE scaling longrope and the partial rotary dimension",
+# GGUFs our loader refuses (models/gguf_config.py), with the GGUF key the message names; the
+# others come back with the folder's logits (the settings transformers' reader drops are put back
+# from the file's metadata).
+REFUSED = {
+    "llama3_1": r"rope_freqs \(llama3 rope scaling\) \(llama\)",
+    "llama3_2": r"rope_freqs \(llama3 rope scaling\) \(llama\)",
 }
 
 
@@ -246,18 +242,26 @@ def test_family_gguf_tokenizer(name, exported):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_gguf_read_back_by_our_loader(name, exported):
-    if name in NOT_READ_BACK:
-        pytest.skip(f"{name}: transformers' GGUF reader drops {NOT_READ_BACK[name]}; the "
-                    "llama.cpp check (-m llamacpp) runs this file instead")
+    """Every family's f32 GGUF loads with the folder's logits (1e-5), or is refused by name."""
     from loratune.models import load_model
+    from loratune.models.gguf_config import GGUFLoadError
 
     _, path = exported(name)
+    if name in REFUSED:
+        with pytest.raises(GGUFLoadError, match=REFUSED[name] + ".*Hugging Face folder"):
+            load_model(str(path))
+        return
     model, tok = build_family(name)
-    ids = torch.tensor([tok("What is the capital of France? Paris.").input_ids])
+    text = "What is the capital of France? Paris."
+    ids = torch.tensor([tok(text).input_ids])
+    # past original_max_position_embeddings (64): Phi-3.5/4-mini switch to the long factors
+    long_ids = torch.tensor([tok(" ".join(["apple river stone"] * 40)).input_ids])
+    assert long_ids.shape[1] > 64
     loaded, loaded_tok = load_model(str(path))
-    assert loaded_tok("What is the capital of France? Paris.").input_ids == ids[0].tolist()
+    assert loaded_tok(text).input_ids == ids[0].tolist()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        for x in (ids, long_ids):
+            torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -18,6 +18,7 @@ from safetensors.torch import save_model
 from loratune.config import ModelConfig
 from loratune.files import write_atomic_dir
 from loratune.models.device import resolve_dtype
+from loratune.models.gguf_config import gguf_config
 from loratune.quant.kernels import choose_kernel
 from loratune.readers import CorruptFileError, check_safetensors
 
@@ -117,7 +118,7 @@ def _convert_gguf_to_folder(gguf: Path, out: Path) -> None:
     def fill(tmp: Path) -> None:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, config=gguf_config(gguf)
         )
         # transformers marks GGUF-loaded models as quantized and refuses save_pretrained;
         # the weights are plain dequantized tensors, so write them ourselves.
@@ -240,10 +241,13 @@ def load_model(cfg: ModelConfig | str):
 
         model = load_quantized(folder, quant)  # unquantized weights: quant.unquantized_dtype
     else:
+        # a GGUF's config completed from its metadata, or refused by name (gguf_config.py)
+        extra = {"config": gguf_config(folder / gguf)} if gguf else {}
         model = AutoModelForCausalLM.from_pretrained(
             folder,
             gguf_file=gguf,
             dtype=dtype,
+            **extra,
             attn_implementation=attention,
             local_files_only=True,
             use_safetensors=None if gguf else True,
