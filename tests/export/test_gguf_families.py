@@ -1,6 +1,6 @@
 """GGUF export of every family (tests/families.py) read back with gguf.GGUFReader: names, shapes,
 values, architecture metadata, tokenizer; logits through our own GGUF loader (equal to the
-folder's, or the load refused by name)."""
+folder's)."""
 
 import json
 import math
@@ -35,15 +35,6 @@ BLOCK = {  # llama.cpp's tensors of one block, per architecture (its llama-arch.
                "ffn_down", "post_ffw_norm"},
     "phi3": {"attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"},
 }
-# GGUFs our loader refuses (models/gguf_config.py), with the GGUF key the message names; the
-# others come back with the folder's logits (the settings transformers' reader drops are put back
-# from the file's metadata).
-REFUSED = {
-    "llama3_1": r"rope_freqs \(llama3 rope scaling\) \(llama\)",
-    "llama3_2": r"rope_freqs \(llama3 rope scaling\) \(llama\)",
-}
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
@@ -242,15 +233,12 @@ def test_family_gguf_tokenizer(name, exported):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_gguf_read_back_by_our_loader(name, exported):
-    """Every family's f32 GGUF loads with the folder's logits (1e-5), or is refused by name."""
+    """Every family's f32 GGUF loads with the folder's logits (1e-5): the settings
+    transformers' GGUF reader drops are put back from the metadata (models/gguf_config.py;
+    the refusals are in tests/models/test_gguf_config.py)."""
     from loratune.models import load_model
-    from loratune.models.gguf_config import GGUFLoadError
 
     _, path = exported(name)
-    if name in REFUSED:
-        with pytest.raises(GGUFLoadError, match=REFUSED[name] + ".*Hugging Face folder"):
-            load_model(str(path))
-        return
     model, tok = build_family(name)
     text = "What is the capital of France? Paris."
     ids = torch.tensor([tok(text).input_ids])

@@ -60,12 +60,9 @@ def gguf_config(path: Path):
         # the stored Q/K/V shapes.
         config.head_dim = head_dim
     rotary = get("rope.dimension_count")
-    if _vector(reader, "rope_freqs.weight") is not None:
-        # Llama 3.x rope scaling is stored as one divisor per frequency; transformers wants the
-        # parameters it was computed from, which the divisors do not determine in general.
-        raise _refuse(path, arch, "rope_freqs (llama3 rope scaling)",
-                      "transformers' GGUF reader drops the per-frequency divisors and "
-                      "they cannot be mapped back to its llama3 rope parameters exactly")
+    freqs = _vector(reader, "rope_freqs.weight")
+    if freqs is not None:
+        _llama3(path, arch, config, freqs, get("rope.freq_base"), rotary or head_dim)
     scaling = get("rope.scaling.type")
     if scaling not in (None, "none") and arch != "phi3":
         raise _refuse(path, arch, f"{arch}.rope.scaling.type={scaling}",
@@ -78,6 +75,60 @@ def gguf_config(path: Path):
         raise _refuse(path, arch, f"{arch}.rope.dimension_count",
                       f"partial rotary ({rotary} of {head_dim}) is not read for this family")
     return config
+
+
+def _llama3(path, arch, config, factors, theta, dim) -> None:
+    """Llama 3.x rope scaling, stored as one divisor per frequency (rope_freqs), as the llama3
+    rope parameters that give the same frequencies.
+
+    The divisors determine the parameters only together with Meta's low/high frequency
+    factors (1 and 4, in every published Llama 3.x). With those fixed, `factor` is the largest
+    divisor (or, when the lowest frequency is still smoothed, follows from the smoothed ones)
+    and each smoothed divisor gives original_max_position_embeddings; when none is smoothed, any
+    original length between the last unscaled and first scaled wavelength gives the same
+    frequencies. transformers' own llama3 frequencies are computed from the parameters chosen
+    and must equal the file's; otherwise the load is refused."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    key = "rope_freqs (llama3 rope scaling)"
+    f = np.asarray(factors, dtype=np.float64)
+    default = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
+    if len(f) != len(default):
+        raise _refuse(path, arch, key, f"{len(f)} divisors for {len(default)} frequencies")
+    if np.all(f == 1.0):
+        return  # no scaling: the default frequencies
+    wavelen = 2 * math.pi / default
+    want = torch.from_numpy(default / f.astype(np.float32)).float()
+    low, high = 1.0, 4.0
+    unscaled = np.isclose(f, 1.0, rtol=1e-6)
+    candidates = [f.max()]
+    if (~unscaled).sum() >= 2:
+        # all smoothed: 1/f = u + (original/wavelen - low)(1 - u)/(high - low), u = 1/factor,
+        # a line in 1/wavelen whose intercept gives u
+        _, intercept = np.polyfit(1 / wavelen[~unscaled], 1 / f[~unscaled], 1)
+        k = low / (high - low)
+        candidates.append((1 + k) / (intercept + k))
+    for factor in candidates:
+        factor = float(f"{factor:.6g}")  # float32 in the file: 8.000001 is 8
+        middle = ~(unscaled | np.isclose(f, factor, rtol=1e-6))
+        if middle.any():  # 1/f = (1 - s)/factor + s, s = (original/wavelen - low)/(high - low)
+            s = (1 / f[middle] - 1 / factor) / (1 - 1 / factor)
+            original = float(round(np.median((s * (high - low) + low) * wavelen[middle])))
+        elif unscaled.any():  # unscaled below original/high, scaled above original/low
+            last, first = wavelen[unscaled].max(), wavelen[~unscaled].min()
+            original = float(math.floor(math.sqrt(last * high * first * low)))
+        else:
+            continue
+        config.rope_parameters = dict(
+            config.rope_parameters or {}, rope_type="llama3", rope_theta=theta, factor=factor,
+            low_freq_factor=low, high_freq_factor=high,
+            original_max_position_embeddings=original)
+        got, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+        if torch.allclose(got.float(), want, rtol=1e-5, atol=0):
+            return
+    raise _refuse(path, arch, key, "the divisors are not those of llama3 rope parameters "
+                  "with low_freq_factor 1 and high_freq_factor 4")
 
 
 def _gemma(path, arch, config, get, head_dim) -> None:
