@@ -4,7 +4,6 @@ import copy
 import json
 
 import pytest
-import torch
 
 from loratune.config import DataConfig
 from loratune.data import (

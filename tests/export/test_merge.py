@@ -11,7 +11,7 @@ from loratune.adapters.inject import AdapterError, adapted_layers
 from loratune.cli import main
 from loratune.config import IA3Config, LoraConfig, MoeLoraConfig
 from loratune.export.merge import merge_folder, parse_size, read_adapters
-from tiny import randomize_lora, tiny_llama
+from tiny import tiny_llama
 
 IDS = torch.tensor([[3, 7, 11, 2, 64, 99, 5]])
 
