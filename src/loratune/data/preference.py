@@ -245,16 +245,24 @@ def build_preference_examples(path: str | Path, tokenizer, cfg: DataConfig,
     return out, stats
 
 
+def encode_pair(chosen_conv: list[dict], rejected_conv: list[dict], tokenizer, template: str,
+                where: str) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen answer ids, rejected answer ids) of a pair's two conversations; the
+    prompt must tokenize the same before both answers."""
+    p1, chosen = split_answer(chosen_conv, tokenizer, template, where)
+    p2, rejected = split_answer(rejected_conv, tokenizer, template, where)
+    if p1 != p2:
+        raise DataError(f"{where}: the prompt renders differently before 'chosen' and "
+                        "before 'rejected' (the chat template or tokenizer treats them "
+                        "differently); give the same prompt turns to both")
+    return p1, chosen, rejected
+
+
 def _encode_record(record: dict, found: str, kind: str, tokenizer, template: str,
                    cfg: DataConfig, where: str, stats: PreferenceStats) -> list:
     if found == "pairs":
-        chosen_conv, rejected_conv = pair_messages(record, where)
-        p1, chosen = split_answer(chosen_conv, tokenizer, template, where)
-        p2, rejected = split_answer(rejected_conv, tokenizer, template, where)
-        if p1 != p2:
-            raise DataError(f"{where}: the prompt renders differently before 'chosen' and "
-                            "before 'rejected' (the chat template or tokenizer treats them "
-                            "differently); give the same prompt turns to both")
+        p1, chosen, rejected = encode_pair(*pair_messages(record, where), tokenizer, template,
+                                           where)
         prompt, (chosen, rejected), cut = fit_length(p1, [chosen, rejected], cfg.max_length)
         if not _keep(cut, cfg, stats):
             return []

@@ -18,7 +18,8 @@ def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -
     return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)
 
 
-def _fast_path(model: nn.Module) -> bool:
+def supports_fast_path(model: nn.Module) -> bool:
+    """Whether hidden states can be gathered before the output layer (also train/loss.py)."""
     cfg = getattr(model, "config", None)
     # Soft-capped or scaled logits need the model's own head code.
     special = any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale"))
@@ -30,7 +31,7 @@ def next_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     """(B, L-1) fp32 log p(input_ids[:, t+1] | input_ids[:, :t+1]) where `score` (B, L-1) is
     True, 0 elsewhere. Rows are right-padded; `attention_mask` marks real tokens."""
     targets = input_ids[:, 1:][score]
-    if not _fast_path(model):
+    if not supports_fast_path(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
                        use_cache=False).logits[:, :-1]
         picked = _chunk_logps(nn.Identity(), logits[score], targets)

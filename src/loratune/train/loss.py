@@ -13,18 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from loratune.models.logprobs import supports_fast_path
+
 IGNORE = -100
 
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-
-
-def _supports_fast_path(model: nn.Module) -> bool:
-    cfg = getattr(model, "config", None)
-    # Soft-capped or scaled logits need the model's own head code.
-    special = any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale"))
-    return hasattr(model, "get_decoder") and not special
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
@@ -35,7 +30,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
     mask = targets != IGNORE
     n = int(mask.sum())
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if not _supports_fast_path(model):
+    if not supports_fast_path(model):
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum"), n
     hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1]

@@ -14,8 +14,8 @@ import torch
 
 from loratune.data.bundled import BUNDLED, bundled_path
 from loratune.data.formats import locate, read_indexed
-from loratune.data.preference import (PairExample, collate_pairs, pair_messages, record_kind,
-                                      split_answer)
+from loratune.data.preference import (PairExample, collate_pairs, encode_pair, pair_messages,
+                                      record_kind)
 from loratune.data.errors import DataError
 from loratune.data.templates import resolve_template
 from loratune.eval.tasks.registry import TaskData, TaskRecord, TaskResult, Timer, hashed, register
@@ -37,15 +37,8 @@ def read(cfg) -> TaskData:
 
 def tokenized(items: list, tokenizer) -> list[PairExample]:
     template = resolve_template(tokenizer, None)
-    out = []
-    for where, chosen, rejected in items:
-        prompt, good = split_answer(chosen, tokenizer, template, where)
-        other, bad = split_answer(rejected, tokenizer, template, where)
-        if prompt != other:
-            raise DataError(f"{where}: the prompt renders differently before 'chosen' and "
-                            "before 'rejected'")
-        out.append(PairExample(prompt, good, bad))
-    return out
+    return [PairExample(*encode_pair(chosen, rejected, tokenizer, template, where))
+            for where, chosen, rejected in items]
 
 
 @torch.no_grad()
