@@ -72,6 +72,12 @@ def test_train_chat_generate(tmp_path, config, tiny_folder, capsys):
     assert "finished run" in capsys.readouterr().err
 
 
+def test_train_takes_overrides_after_its_flags(tmp_path, config):
+    assert main(["train", str(config)]) == 0
+    assert main(["train", str(config), "--overwrite", "train.max_steps=3"]) == 0
+    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["steps"] == 3
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.lrr=1", "unknown key 'train.lrr'"),
     ("train.batch_size=zero", "key 'train.batch_size'"),
@@ -101,7 +107,8 @@ def test_train_nproc_refuses_a_world_size_that_does_not_divide_the_step(tmp_path
 
 
 def test_train_nproc_runs_two_processes(tmp_path, config):
-    assert main(["train", str(config), "train.grad_accum=2", "--nproc", "2"]) == 0
+    # the README's form: the override after the flag
+    assert main(["train", str(config), "--nproc", "2", "train.grad_accum=2"]) == 0
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["steps"] == 2
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -180,3 +180,63 @@ def test_plan_of_a_run_says_what_it_leaves_out(capsys, tmp_path):
     assert len(notes) == 2 and "dora" in notes[0] and "q_proj" in notes[1]
     moe = plan_output(capsys, [str(DEMO), "adapter={method: moe_lora, r: 4, num_experts: 4}"])
     assert "r=16" in moe[1]   # four rank-4 experts hold the weights of one rank-16 LoRA
+
+
+# -- one grammar: key=value overrides anywhere among the flags ------------------------------------
+# command words with overrides after a flag, the overrides parsed, one flag's (dest, value)
+ANY_ORDER = [
+    (["train", "c.yaml", "--resume", "train.max_steps=7"], ["train.max_steps=7"],
+     ("resume", True)),
+    (["train", "c.yaml", "--nproc", "2", "train.grad_accum=2"], ["train.grad_accum=2"],
+     ("nproc", 2)),
+    (["train", "c.yaml", "a.b=1", "--overwrite", "c.d=2"], ["a.b=1", "c.d=2"],
+     ("overwrite", True)),
+    (["demo", "--output-dir", "x", "train.max_steps=3"], ["train.max_steps=3"],
+     ("output_dir", "x")),
+    (["compare", "c.yaml", "--methods", "lora", "train.max_steps=3"], ["train.max_steps=3"],
+     ("methods", "lora")),
+    (["tune-rank", "c.yaml", "--ranks", "2,4", "train.max_steps=3"], ["train.max_steps=3"],
+     ("ranks", "2,4")),
+    (["plan", "r.yaml", "--gpu", "24GB", "train.batch_size=4"], ["train.batch_size=4"],
+     ("gpu", "24GB")),
+    (["serve", "--port", "9000", "max_batch=3", "--threads", "1"], ["max_batch=3"],
+     ("port", 9000)),
+    (["export", "gguf", "--out", "o.gguf", "type=f32"], ["type=f32"], ("out", "o.gguf")),
+]
+
+
+@pytest.mark.parametrize("words, overrides, flag", ANY_ORDER)
+def test_overrides_may_follow_flags(words, overrides, flag):
+    args = build_parser().parse_args(words)
+    assert args.overrides == overrides
+    assert getattr(args, flag[0]) == flag[1]
+
+
+@pytest.mark.parametrize("words, bad", [(["train", "c.yaml", "--resume", "oops"], "oops"),
+                                        (["train", "c.yaml", "--bogus", "a=1"], "--bogus"),
+                                        (["models", "list", "x", "a=1"], "a=1")])  # no overrides
+def test_a_leftover_that_is_not_key_value_is_an_error(words, bad, capsys):
+    with pytest.raises(SystemExit) as err:
+        build_parser().parse_args(words)
+    assert err.value.code == 2
+    assert f"error: unrecognized arguments: {bad}\n" in capsys.readouterr().err
+
+
+def test_key_value_sets_a_command_option_after_the_flags(tmp_path, capsys):
+    path = write_yaml(tmp_path / "serve.yaml", {"port": 9000, "max_batch": 4})
+    cfg = parsed(["serve", "--config", str(path), "--threads", "1", "max_batch=3",
+                  "model.dtype=bfloat16"], ServeConfig)
+    assert (cfg.port, cfg.max_batch, cfg.threads, cfg.model.dtype) == (9000, 3, 1, "bfloat16")
+    gguf = parsed(["export", "gguf", "--out", "o.gguf", "type=q8_0", "adapter=[a, b]"],
+                  ExportGgufConfig)
+    assert gguf.type == "q8_0" and gguf.adapter == ["a", "b"]
+    assert main(["serve", "--port", "1", "max_bach=3"]) == 2
+    assert "unknown key 'max_bach'" in capsys.readouterr().err
+    assert main(["serve", "stray"]) == 2   # a word that is no key=value, before any flag
+    assert "'stray' must look like key=value" in capsys.readouterr().err
+
+
+def test_plan_overrides_set_the_run_not_the_plan(capsys):
+    flags_first = plan_output(capsys, [str(DEMO), "--gpu", "rtx3060", "train.batch_size=4"])
+    overrides_first = plan_output(capsys, [str(DEMO), "train.batch_size=4", "--gpu", "rtx3060"])
+    assert flags_first == overrides_first and "batch 4 x seq 256" in flags_first[1]

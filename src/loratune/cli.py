@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from loratune.flags import add_config_flags, config_from_args, flags_of
+from loratune.flags import (CommandParser, add_config_flags, add_overrides, config_from_args,
+                            flags_of)
 
 
 def _quiet_transformers() -> None:
@@ -357,7 +358,7 @@ def cmd_plan(args) -> int:
     from loratune.plan.from_run import RUN_KEYS, plan_for_run, run_notes
     from loratune.plan.report import run
 
-    cfg = config_from_args(PlanConfig, args)
+    cfg = config_from_args(PlanConfig, args, overrides=[])  # the overrides are the run's
     if args.run is None:
         if args.overrides:
             raise ValueError(f"{args.overrides[0]}: key=value overrides go with a training "
@@ -375,12 +376,12 @@ def cmd_plan(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loratune", description=__doc__)
+    parser = CommandParser(prog="loratune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune an adapter from a YAML config")
     p.add_argument("config", help="YAML run config (see examples/)")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4 adapter.r=16")
+    add_overrides(p, "a key of the config, e.g. train.lr=1e-4 adapter.r=16")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--resume-skip-corrupt", action="store_true",
                    help="resume from the newest readable checkpoint, passing over corrupt ones")
@@ -392,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: LoRA on the bundled demo task, before/after")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/demo-<time>)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
+    add_overrides(p, "a key of the demo config, e.g. train.max_steps=40")
     p.set_defaults(func=cmd_demo)
 
     from loratune.command_config import (ChatConfig, EvalCommandConfig, ExportGgufConfig,
@@ -414,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train several methods on the same data and budget")
     p.add_argument("config", help="YAML run config (its adapter options seed every method)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=40")
+    add_overrides(p, "a key of the config, e.g. train.max_steps=40")
     p.add_argument("--methods", default="lora,dora,ia3",
                    help="comma-separated: lora,dora,ia3,prompt,prefix,bottleneck,moe_lora,adalora")
     p.add_argument("--lr", default="", help="per-method learning rates, e.g. ia3=1e-2,prompt=3e-2 "
@@ -430,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune-rank", help="try several LoRA ranks, keep the best held-out score")
     p.add_argument("config", help="YAML run config")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=40")
+    add_overrides(p, "a key of the config, e.g. train.max_steps=40")
     p.add_argument("--ranks", default="4,8,16,32,64")
     p.add_argument("--out", default="runs/tune-rank")
     p.add_argument("--quiet", action="store_true")
@@ -465,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="memory needed for a training step, and what fits a GPU")
     p.add_argument("run", nargs="?", help="a training config (YAML): estimate that run (its "
                    "model, method, batch, max_length, rank, dtype, optimizer, checkpointing)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
-    add_config_flags(p, PlanConfig)
+    add_overrides(p, "a key of the training config, e.g. train.batch_size=4")
+    add_config_flags(p, PlanConfig, overrides=False)
     p.set_defaults(func=cmd_plan)
     return parser
 
