@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from loratune.config import DataConfig
 from loratune.data.conversation import fit_conversation
 from loratune.data.encode import IGNORE, Example, encode_conversation
 from loratune.data.errors import DataError
-from loratune.data.formats import detect_format, locate, read_indexed, to_messages
-from loratune.data.templates import resolve_template
+from loratune.data.formats import detect_format, iter_indexed, locate, to_messages
+from loratune.data.templates import resolve_template, template_note
 
 
 @dataclass
@@ -28,6 +29,7 @@ class DataStats:
     format: str = ""  # alpaca, messages, sharegpt, or "mixed: a, b" for auto-detected mixes
     drop_reasons: dict[str, int] = field(default_factory=dict)  # why -> records dropped
     notes: dict[str, int] = field(default_factory=dict)  # what was changed to fit the template
+    template_note: str | None = None  # the template chosen for a tokenizer that has none
 
     def why_dropped(self) -> str:
         """e.g. '2 with no answer tokens left after truncation to data.max_length=64'."""
@@ -39,7 +41,8 @@ class DataStats:
 
     def noted(self) -> str:
         """e.g. '; note: 8 records: system message folded into ...' ('' when none)."""
-        return "".join(f"; note: {n} records: {what}" for what, n in self.notes.items())
+        template = f"; note: {self.template_note}" if self.template_note else ""
+        return template + "".join(f"; note: {n} records: {what}" for what, n in self.notes.items())
 
 
 def _drop_reason(truncated: bool, cfg: DataConfig) -> str:
@@ -51,32 +54,36 @@ def _drop_reason(truncated: bool, cfg: DataConfig) -> str:
     return "with no answer tokens to learn"
 
 
-def _conversations(path: str | Path, cfg: DataConfig) -> tuple[list[tuple[int, list[dict]]], str]:
-    """(record index, messages) for every record, and the format name for DataStats."""
-    conversations, formats = [], []
-    for index, record in read_indexed(path):
+def _conversations(path: str | Path, cfg: DataConfig,
+                   formats: set[str]) -> Iterator[tuple[int, list[dict]]]:
+    """(record index, messages) for every record, as the file is read (a bad record stops the
+    reading there); each record's format is added to `formats`."""
+    for index, record in iter_indexed(path):
         fmt = cfg.format
         if fmt == "auto":
             fmt = detect_format(record, locate(path, index))
-        formats.append(fmt)
-        conversations.append((index, to_messages(record, fmt, index, path, cfg.system_prompt)))
-    seen = sorted(set(formats))
-    return conversations, seen[0] if len(seen) == 1 else "mixed: " + ", ".join(seen)
+        formats.add(fmt)
+        yield index, to_messages(record, fmt, index, path, cfg.system_prompt)
+
+
+def _format_name(formats: set[str]) -> str:
+    seen = sorted(formats)
+    return seen[0] if len(seen) == 1 else "mixed: " + ", ".join(seen)
 
 
 def load_conversations(path: str | Path, cfg: DataConfig) -> list[list[dict]]:
     """Each record as OpenAI-style messages (the last one is the reference answer)."""
-    return [messages for _, messages in _conversations(path, cfg)[0]]
+    return [messages for _, messages in _conversations(path, cfg, set())]
 
 
 def build_examples(path: str | Path, tokenizer,
                    cfg: DataConfig) -> tuple[list[Example], DataStats]:
     """Tokenized, labelled examples of a data file, and counts of what happened to them."""
-    conversations, fmt = _conversations(path, cfg)
     template = resolve_template(tokenizer, cfg.template)
-    stats = DataStats(n_records=len(conversations), format=fmt)
-    examples = []
-    for index, messages in conversations:
+    stats = DataStats(template_note=template_note(tokenizer, cfg.template))
+    examples, formats = [], set()
+    for index, messages in _conversations(path, cfg, formats):
+        stats.n_records += 1
         try:
             messages, notes = fit_conversation(messages, tokenizer, template, cfg.think)
             for note in notes:
@@ -94,7 +101,7 @@ def build_examples(path: str | Path, tokenizer,
         stats.n_tokens += len(example)
         stats.n_label_tokens += sum(label != IGNORE for label in example.labels[1:])
         examples.append(example)
-    stats.n_examples = len(examples)
+    stats.n_examples, stats.format = len(examples), _format_name(formats)
     if not examples:
         raise DataError(f"{path}: no usable examples: all {stats.n_records} records were "
                         f"dropped ({stats.why_dropped()})")

@@ -39,7 +39,26 @@ TEMPLATES: dict[str, str] = {
         "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
     ),
+    # <start_of_turn>user\ncontent<end_of_turn>\n<start_of_turn>model\n  (Gemma 1/2/3: the
+    # published turn format, text only; a system message opens the first user turn, as Gemma 3's
+    # own template writes it)
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+        "{% set prefix = messages[0]['content'] + '\n\n' %}{% set msgs = messages[1:] %}"
+        "{% else %}{% set prefix = '' %}{% set msgs = messages %}{% endif %}"
+        "{% for m in msgs %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + m['content'] | trim"
+        " + '<end_of_turn>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
 }
+
+# Base models ship no chat template, but a family's instruct models document one: it is the
+# default when the tokenizer has that format's turn tokens (Gemma's base checkpoints do).
+FAMILY_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+}
+FAMILY_NAMES = {"gemma": "Gemma's turn format <start_of_turn>user ... <end_of_turn>"}
 
 
 def _own_template(tokenizer) -> str | None:
@@ -49,15 +68,32 @@ def _own_template(tokenizer) -> str | None:
     return own or None
 
 
+def default_template(tokenizer) -> tuple[str, str]:
+    """(name, one-line note) of the template for a tokenizer without one: its family's
+    documented format when every turn token of it is one token here, else plain-text alpaca.
+    Decided from the vocabulary alone, so it never waits on (or fails after) a model load."""
+    vocab = tokenizer.get_vocab()
+    name = next((n for n, tokens in FAMILY_TEMPLATES.items()
+                 if all(t in vocab for t in tokens)), "alpaca")
+    how = FAMILY_NAMES.get(name, "plain-text alpaca (### Instruction: / ### Response:)")
+    return name, (f"the tokenizer has no chat template: using {how} (data.template: {name}; "
+                  f"set data.template to one of {', '.join(TEMPLATES)} for another)")
+
+
+def template_note(tokenizer, name: str | None) -> str | None:
+    """What default_template chose, when data.template is unset and the tokenizer has none."""
+    if name is not None or _own_template(tokenizer) is not None:
+        return None
+    return default_template(tokenizer)[1]
+
+
 def resolve_template(tokenizer, name: str | None) -> str:
-    """The template named by `data.template`, else the tokenizer's own."""
+    """The template named by `data.template`, else the tokenizer's own, else the default for
+    its family (default_template)."""
     if name is not None:
         if name not in TEMPLATES:
             raise DataError(f"unknown chat template '{name}' (data.template); known: "
                             f"{', '.join(TEMPLATES)}")
         return TEMPLATES[name]
     own = _own_template(tokenizer)
-    if own is None:
-        raise DataError("the tokenizer has no chat template; set data.template to one of: "
-                        f"{', '.join(TEMPLATES)}")
-    return own
+    return own if own is not None else TEMPLATES[default_template(tokenizer)[0]]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from loratune.data.conversation import fit_conversation
+from loratune.data.templates import resolve_template
 from loratune.models.modules import eos_ids
 
 
@@ -18,7 +19,9 @@ class TemplateNote(UserWarning):
 
 def prompt_ids(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
     """The prompt's token ids, with the generation prompt; a system message the template
-    cannot render is folded into the first user turn, as training does (with a warning)."""
+    cannot render is folded into the first user turn, as training does (with a warning).
+    A tokenizer without a template gets the one training defaults to (resolve_template)."""
+    template = resolve_template(tokenizer, template)
     messages, notes = fit_conversation(messages, tokenizer, template)
     for note in notes:
         warnings.warn(note, TemplateNote, stacklevel=2)
