@@ -49,6 +49,21 @@ def test_outcomes_are_reported_per_problem(tmp_path):
     assert result.notes == ["outcomes: failed 1, passed 3, refused 2, timeout 1"]
 
 
+@pytest.mark.parametrize("body", [
+    "    import sys\n    sys.exit(0)\n",
+    "    import os\n    os._exit(0)\n",
+    "    raise SystemExit(0)\n",
+    "    raise SystemExit\n",
+])
+def test_a_completion_that_exits_before_its_tests_ran_fails(body):
+    """Exiting inside the function ends the program with status 0 before check() finished:
+    the harness never printed its nonce, so it is a failure, not a pass."""
+    result = code.score_completions([ADD], [[body]], [1], Limits(timeout=5))
+    assert [(r["status"], r["detail"]) for r in result.rows] == [
+        ("failed", "exited before its tests finished")]
+    assert result.metrics == {"pass@1": 0.0}
+
+
 def test_completion_is_cut_at_the_next_top_level_statement():
     assert code.truncate("    return 1\n\ndef other():\n    pass\n") == "    return 1\n"
     assert code.truncate("    x = 1\n    return x\nprint(add(1, 2))") == "    x = 1\n    return x"

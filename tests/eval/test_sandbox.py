@@ -1,9 +1,12 @@
-"""The code sandbox: each completion in its own process; writes outside its folder, sockets,
-processes and endless loops are refused or killed, and the outcome says which."""
+"""The code sandbox: each completion in its own process under bwrap; writes outside its
+folder, sockets, processes and endless loops are refused or killed, and the outcome says which.
+The escapes of issue 23 are in test_sandbox_escapes.py."""
 
 import pytest
 
-from loratune.eval.sandbox import Limits, run_program, run_programs
+from loratune.eval import sandbox
+from loratune.eval.sandbox import (Limits, SandboxError, UnsandboxedWarning, require_sandbox,
+                                   run_program, run_programs)
 
 FAST = Limits(timeout=4, cpu_seconds=2, memory_mb=512)
 
@@ -36,9 +39,12 @@ def test_a_correct_program_passes_and_a_wrong_one_fails():
     # catching the refusal does not turn it into a pass
     "try:\n    open({victim!r}, 'w')\nexcept OSError:\n    pass\n",
 ])
-def test_writing_outside_the_folder_is_refused(victim, source):
-    out = run_program(source.format(victim=str(victim), folder=str(victim.parent)), FAST)
-    assert out.status == "refused", out
+@pytest.mark.parametrize("kind", ["bwrap", "none"])
+def test_writing_outside_the_folder_is_refused(victim, source, kind):
+    """Without bwrap the audit hook refuses; under bwrap the host's folder is not even there
+    (the hook still refuses what it sees), and the program does not pass either way."""
+    out = run_program(source.format(victim=str(victim), folder=str(victim.parent)), FAST, kind)
+    assert out.status == "refused" if kind == "none" else out.status in ("refused", "failed")
     assert victim.read_text() == "keep"
 
 
@@ -83,3 +89,53 @@ def test_programs_run_in_separate_processes_and_folders():
     src = "import os\nopen('mark', 'x').write(str(os.getpid()))\nprint(os.getcwd())\n"
     outs = run_programs([src] * 3, FAST, workers=3)
     assert [o.status for o in outs] == ["passed"] * 3  # 'x' mode: the file was not there yet
+
+
+def test_without_bwrap_the_sandbox_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
+    with pytest.raises(SandboxError, match=r"`bwrap` is not on PATH: install it \(apt-get "
+                       r"install bubblewrap\), or pass --sandbox none"):
+        require_sandbox("bwrap")
+    with pytest.raises(SandboxError, match="apt-get install bubblewrap"):
+        run_program("pass\n", FAST)
+    with pytest.warns(UnsandboxedWarning, match="--sandbox none: generated code runs on this "
+                      "machine with only an audit hook"):
+        require_sandbox("none")
+    assert run_program("assert 1\n", FAST, "none").status == "passed"
+    with pytest.raises(SandboxError, match=r"sandbox \(--sandbox\): 'docker' is not bwrap"):
+        require_sandbox("docker")
+
+
+@pytest.mark.parametrize("source", [
+    "import sys\nsys.exit(0)\nassert False\n",
+    "import os\nos._exit(0)\n",
+    "raise SystemExit\n",
+    "raise SystemExit(0)\n",
+])
+@pytest.mark.parametrize("kind", ["bwrap", "none"])
+def test_a_program_that_exits_before_the_end_fails(source, kind):
+    out = run_program(source, FAST, kind)
+    assert (out.status, out.detail) == ("failed", "exited before its tests finished")
+
+
+def test_the_program_cannot_read_the_nonce_from_stdin():
+    src = "import sys, os\nprint(os.read(0, 100))\nsys.exit(0)\n"
+    assert run_program(src, FAST).status == "failed"
+
+
+def test_the_host_is_not_visible_inside():
+    """Not the user's home, the project folder, /etc or host processes; only the folder, the
+    interpreter's folders and /usr."""
+    import os
+    import sys
+
+    home = os.path.expanduser("~")
+    src = (f"import os, sys\nassert os.listdir('/proc') and len([p for p in os.listdir('/proc') "
+           f"if p.isdigit()]) <= 3, os.listdir('/proc')\n"
+           f"assert not os.path.exists({home + '/.bashrc'!r})\n"
+           f"assert not os.path.exists({os.getcwd() + '/pyproject.toml'!r})\n"
+           f"assert not os.path.exists('/etc/passwd')\nassert os.getuid() == 65534\n"
+           f"assert os.getcwd() == {sandbox.FOLDER!r}\n"
+           f"assert os.path.exists({sys.prefix!r})\n")
+    out = run_program(src, FAST)
+    assert out.status == "passed", out
