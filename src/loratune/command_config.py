@@ -298,4 +298,13 @@ class UiConfig(CommandConfig):
         None, description="require 'Authorization: Bearer KEY' (default: $LORATUNE_API_KEY)")
     insecure_no_key: bool = Field(False,
                                   description="allow a non-loopback --host without an API key")
+    allowed_host: list[str] = Field(
+        default_factory=list, description="another Host name the dashboard answers (besides "
+        "loopback names and --host), e.g. a name it is reached by through a proxy; repeat")
+    data_root: list[str] = Field(
+        default_factory=list, description="a folder runs launched from the dashboard may read "
+        "data, models, init_from and DeepSpeed configs from (besides --runs); repeat (default: "
+        "the current directory)")
+    allow_remote_tracker: bool = Field(
+        False, description="let launched runs send to a remote MLflow URI (http://...)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning"

@@ -18,6 +18,12 @@ class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the config."""
 
 
+# Options naming a file or folder the run reads or writes (or a tracker URI): the dashboard
+# confines what a launched config may name to these (ui/confine.py).
+USER_PATH = {"user_path": "path"}
+USER_URI = {"user_path": "uri"}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -61,7 +67,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model: every command's d
 
 
 class ModelConfig(_Section):
-    name: str = Field(DEFAULT_MODEL, description="embedded name, HF folder or .gguf file")
+    name: str = Field(DEFAULT_MODEL, description="embedded name, HF folder or .gguf file",
+                      json_schema_extra=USER_PATH)
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     strict_dtype: bool = Field(False, description="error instead of falling back to float32 "
@@ -97,8 +104,8 @@ class AdapterConfig(_Section):
 
     # Not part of the adapter's file (exclude): write_config puts it back into config.yaml.
     init_from: str | None = Field(
-        None, exclude=True, description="start from this adapter folder (e.g. an SFT adapter); "
-        "its adapter_config.json gives the method and options")
+        None, exclude=True, json_schema_extra=USER_PATH, description="start from this adapter "
+        "folder (e.g. an SFT adapter); its adapter_config.json gives the method and options")
 
     @classmethod
     def method_names(cls) -> tuple[str, ...]:
@@ -284,8 +291,9 @@ def adapter_config_from(data: dict | AdapterConfig | None) -> AdapterConfig:
 
 class DataConfig(_Section):
     train: str = Field("demo", description="data file, or 'demo' for the bundled demo set "
-                       "('demo-pairs': its preference pairs)")
-    eval: str | None = Field(None, description="held-out file; 'demo' pairs with train: demo")
+                       "('demo-pairs': its preference pairs)", json_schema_extra=USER_PATH)
+    eval: str | None = Field(None, description="held-out file; 'demo' pairs with train: demo",
+                             json_schema_extra=USER_PATH)
     format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
     template: str | None = Field(None, description="named chat template if the tokenizer has none")
     system_prompt: str | None = None
@@ -350,7 +358,8 @@ class TrainConfig(_Section):
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="with several processes: ddp replicates the base, fsdp shards it")
     deepspeed: str | None = Field(
-        None, description="DeepSpeed ZeRO-2/3 JSON config (needs CUDA and the deepspeed package)")
+        None, description="DeepSpeed ZeRO-2/3 JSON config (needs CUDA and the deepspeed package)",
+        json_schema_extra=USER_PATH)
     dist_timeout: float = Field(
         600, gt=0, description="seconds a collective waits for a stalled rank before failing")
     gradient_checkpointing: bool = False
@@ -378,7 +387,7 @@ class TrainConfig(_Section):
         "(pip install 'loratune[trackers]')")
     mlflow_uri: str | None = Field(
         None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-        "<output_dir>/mlruns)")
+        "<output_dir>/mlruns)", json_schema_extra=USER_URI)
     wandb_project: str = Field("loratune", description="W&B project (offline unless $WANDB_MODE)")
 
     @model_validator(mode="after")

@@ -11,10 +11,19 @@ from loratune.serve.api import startup_api_key
 from loratune.ui.app import build_app
 
 
+LOCAL = "http://127.0.0.1:7860"   # the Host a browser on this machine sends
+
+
+def local_client(app, **kw) -> TestClient:
+    """A client as the dashboard's own page: a loopback Host and the page's CSRF token."""
+    return TestClient(app, base_url=LOCAL,
+                      headers={"X-CSRF-Token": app.state.ui.csrf_token}, **kw)
+
+
 @pytest.fixture
 def client(runs_dir):
     app = build_app(runs_dir)
-    with TestClient(app) as c:
+    with local_client(app) as c:
         yield c
     app.state.ui.launcher.close()
 
@@ -154,7 +163,7 @@ def test_stop_and_resume_only_what_they_can(client):
 
 
 def test_api_key_guards_the_api_but_not_the_page(runs_dir):
-    with TestClient(build_app(runs_dir, api_key="k3y")) as c:
+    with TestClient(build_app(runs_dir, api_key="k3y"), base_url=LOCAL) as c:
         assert c.get("/").status_code == 200
         assert c.get("/api/runs").status_code == 401
         assert c.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -270,10 +279,11 @@ def test_loratune_ui_starts_a_chat_server_over_an_adapters_folder(runs_dir, tiny
             time.sleep(1)
         ids = {m["id"] for m in models["data"]}
         assert ids == {tiny_folder.name, "done"}
+        token = _get_json(f"{base}/api/session")["csrf_token"]
         req = urllib.request.Request(f"{base}/api/chat", method="POST", data=json.dumps({
             "models": sorted(ids), "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 4, "temperature": 0}).encode(),
-            headers={"Content-Type": "application/json"})
+            headers={"Content-Type": "application/json", "X-CSRF-Token": token})
         with urllib.request.urlopen(req, timeout=120) as resp:
             answers = json.loads(resp.read())["answers"]
         assert [a["model"] for a in answers] == sorted(ids)

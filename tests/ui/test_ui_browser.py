@@ -40,8 +40,9 @@ def browser():
 
 
 @pytest.fixture
-def site(runs_dir):
-    app = build_app(runs_dir)
+def site(runs_dir, tmp_path_factory):
+    # launched runs read the test's model folder and data file, both under pytest's basetemp
+    app = build_app(runs_dir, data_roots=[tmp_path_factory.getbasetemp()])
     server = Server(app)
     yield server
     server.stop()

@@ -3,12 +3,20 @@
 Pages are plain HTML/JS/CSS (no build step); every /api route wants the API key when one is set
 (the same rules and check as `serve`); a run's metrics stream as server-sent events that tail
 metrics.jsonl while the run is running.
+
+No other web page can drive it: http_guard.RequestGuard answers only Host names of this server
+(DNS rebinding) and refuses foreign Origins and non-JSON bodies on state-changing requests; and
+every POST under /api must bring this process's CSRF token in `X-CSRF-Token`, which only a page
+of this origin can read (it is written into index.html, and GET /api/session gives it to
+scripts).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import secrets
 import socket
 import subprocess
 import sys
@@ -17,15 +25,18 @@ import urllib.request
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from loratune.command_config import PlanConfig, UiConfig
 from loratune.config import RunConfig, _ADAPTER_OPTIONS
+from loratune.http_guard import HostPolicy, RequestGuard
 from loratune.serve.api import startup_api_key, is_loopback, key_matches
+from loratune.ui.confine import Confinement
 from loratune.ui.launcher import LaunchError, Launcher, field_errors, validate_launch
-from loratune.ui.runs import (RunNotFound, find_reports, find_runs, read_metrics_from,
-                              run_detail, run_path, run_row, run_state)
+from loratune.ui.run_files import MetricsTail, RunFileError, inside
+from loratune.ui.runs import (RunNotFound, RunTable, find_reports, run_detail, run_path,
+                              run_state)
 
 STATIC = Path(__file__).parent / "static"
 POLL_S = 0.3          # how often a stream looks at metrics.jsonl
@@ -38,6 +49,8 @@ class UiState:
         self.root, self.launcher, self.api_key = root, launcher, api_key
         self.serve_url = serve_url.rstrip("/") if serve_url else None
         self.serve_key = serve_key
+        self.table = RunTable(root)
+        self.csrf_token = secrets.token_urlsafe(32)   # per process: a restart needs a reload
 
 
 def error(status: int, message: str, errors: list[dict] | None = None) -> JSONResponse:
@@ -45,18 +58,39 @@ def error(status: int, message: str, errors: list[dict] | None = None) -> JSONRe
 
 
 def build_app(root: str | Path, api_key: str | None = None, serve_url: str | None = None,
-              serve_key: str | None = None, launcher: Launcher | None = None) -> FastAPI:
-    """The dashboard over run folder `root` (created if missing)."""
+              serve_key: str | None = None, launcher: Launcher | None = None,
+              host: str = "127.0.0.1", allowed_hosts=(), data_roots=(),
+              allow_remote_tracker: bool = False) -> FastAPI:
+    """The dashboard over run folder `root` (created if missing), answering as a server bound
+    to `host` (and the names in `allowed_hosts`); launched runs read only from `root` and
+    `data_roots` (default: the current directory)."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    state = UiState(root, launcher or Launcher(root), api_key, serve_url, serve_key)
+    launcher = launcher or Launcher(root, confinement=Confinement.of(
+        root, data_roots, allow_remote_tracker))
+    state = UiState(root, launcher, api_key, serve_url, serve_key)
     app = FastAPI(title="loratune ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ui = state
+    app.add_middleware(RequestGuard, policy=HostPolicy(host, allowed_hosts,
+                                                       any_host=api_key is not None),
+                       body=lambda status, message: {"error": message, "errors": []})
+    add_routes(app, state)
+    return app
+
+
+def add_routes(app: FastAPI, state: UiState) -> None:
+    root = state.root
 
     async def auth(request: Request) -> None:
         if not key_matches(request.headers.get("authorization", ""), state.api_key):
             raise LaunchError("missing or wrong API key: send 'Authorization: Bearer <key>'",
                               status=401)
+
+    async def csrf(request: Request) -> None:
+        token = request.headers.get("x-csrf-token", "")
+        if not hmac.compare_digest(token.encode(), state.csrf_token.encode()):
+            raise LaunchError("missing or wrong X-CSRF-Token: reload the dashboard's page (a "
+                              "script gets the token from GET /api/session)", status=403)
 
     @app.exception_handler(LaunchError)
     async def _launch_error(request: Request, err: LaunchError):
@@ -67,9 +101,15 @@ def build_app(root: str | Path, api_key: str | None = None, serve_url: str | Non
     async def _not_found(request: Request, err: RunNotFound):
         return error(404, str(err))
 
+    @app.exception_handler(RunFileError)
+    async def _unreadable(request: Request, err: RunFileError):
+        return error(422, f"unreadable: {err}")
+
     @app.get("/")
     async def index():
-        return FileResponse(STATIC / "index.html")
+        page = (STATIC / "index.html").read_text(encoding="utf-8")
+        return HTMLResponse(page.replace("{{csrf_token}}", state.csrf_token),
+                            headers={"Cache-Control": "no-store"})
 
     @app.get("/static/{name}")
     async def static(name: str):
@@ -79,6 +119,11 @@ def build_app(root: str | Path, api_key: str | None = None, serve_url: str | Non
         return FileResponse(file)
 
     guarded = [Depends(auth)]
+    acting = [Depends(auth), Depends(csrf)]   # every POST
+
+    @app.get("/api/session", dependencies=guarded)
+    async def session():
+        return {"csrf_token": state.csrf_token}
 
     @app.get("/api/info", dependencies=guarded)
     async def info():
@@ -86,7 +131,7 @@ def build_app(root: str | Path, api_key: str | None = None, serve_url: str | Non
 
     @app.get("/api/runs", dependencies=guarded)
     async def runs():
-        return {"runs": [run_row(root, p) for p in find_runs(root)]}
+        return {"runs": await asyncio.to_thread(state.table.rows)}
 
     @app.get("/api/runs/{name:path}/metrics", dependencies=guarded)
     async def metrics(name: str, request: Request):
@@ -96,22 +141,24 @@ def build_app(root: str | Path, api_key: str | None = None, serve_url: str | Non
 
     @app.get("/api/runs/{name:path}/loss.png", dependencies=guarded)
     async def loss_png(name: str):
-        return FileResponse(run_path(root, name) / "loss.png")
+        file = inside(run_path(root, name), "loss.png")   # a link out of the run: refused
+        return FileResponse(file) if file else error(404, f"run {name} has no loss.png")
 
-    @app.post("/api/runs/{name:path}/stop", dependencies=guarded)
+    @app.post("/api/runs/{name:path}/stop", dependencies=acting)
     async def stop(name: str):
         run_path(root, name)
         state.launcher.stop(name)
         return {"stopping": name}
 
-    @app.post("/api/runs/{name:path}/resume", dependencies=guarded)
+    @app.post("/api/runs/{name:path}/resume", dependencies=acting)
     async def resume(name: str):
         await asyncio.to_thread(state.launcher.resume, name)
         return {"resumed": name}
 
     @app.get("/api/runs/{name:path}", dependencies=guarded)
     async def run(name: str):
-        return {**run_detail(root, name), "log": state.launcher.log_tail(name),
+        detail = await asyncio.to_thread(run_detail, state.table, name)
+        return {**detail, "log": state.launcher.log_tail(name),
                 "launched_here": name in state.launcher.children}
 
     @app.get("/api/reports", dependencies=guarded)
@@ -129,9 +176,9 @@ def build_app(root: str | Path, api_key: str | None = None, serve_url: str | Non
     async def schema():
         return launch_schema()
 
-    @app.post("/api/launch", dependencies=guarded)
+    @app.post("/api/launch", dependencies=acting)
     async def launch(request: Request):
-        body = await request.json()
+        body = await json_object(request)
         name, config = body.get("name", ""), body.get("config")
         if not isinstance(config, dict):
             return error(400, "config: expected a JSON object of config sections")
@@ -149,10 +196,11 @@ def build_app(root: str | Path, api_key: str | None = None, serve_url: str | Non
                            if k not in ("table", "scaling")}   # the form shows one setup
         return s
 
-    @app.post("/api/plan", dependencies=guarded)
+    @app.post("/api/plan", dependencies=acting)
     async def plan(request: Request):
+        body = await json_object(request)
         try:
-            cfg = PlanConfig.model_validate(await request.json())
+            cfg = PlanConfig.model_validate(body)
         except ValidationError as err:
             return error(422, "the plan options are not valid", field_errors(err))
         return plan_result(cfg)
@@ -161,52 +209,71 @@ def build_app(root: str | Path, api_key: str | None = None, serve_url: str | Non
     async def models():
         return await asyncio.to_thread(serve_call, state, "GET", "/v1/models")
 
-    @app.post("/api/chat", dependencies=guarded)
+    @app.post("/api/chat", dependencies=acting)
     async def chat(request: Request):
-        body = await request.json()
+        body = await json_object(request)
         names = body.get("models") or []
-        if not names or not body.get("messages"):
-            return error(400, "give models (one or more) and messages")
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+                and isinstance(body.get("messages"), list) and body["messages"]):
+            return error(400, "give models (a list of one or more names) and messages (a list)")
         opts = {k: body[k] for k in ("max_tokens", "temperature", "seed") if k in body}
         answers = await asyncio.gather(*[asyncio.to_thread(
             chat_answer, state, m, body["messages"], opts) for m in names])
         return {"answers": answers}
 
-    return app
+
+async def json_object(request: Request) -> dict:
+    """The request's body as a JSON object, or a 400 saying what was sent instead."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise LaunchError("the body is not JSON: send a JSON object", status=400) from None
+    if not isinstance(body, dict):
+        raise LaunchError(f"the body is a JSON {type(body).__name__}: expected an object",
+                          status=400)
+    return body
+
+
+def _read_events(tail: MetricsTail, path: Path) -> tuple[list[str], str, bool]:
+    """One look at a run (in a thread: a large file is read in chunks): the events for what
+    was appended (at most one chunk of metrics.jsonl), its state, whether anything was read."""
+    before = tail.offset
+    records, replaced = tail.read(path)
+    events = ["event: reset\ndata: {}\n\n"] if replaced else []   # cut back by a resume
+    if records:
+        events.append(f"event: metrics\ndata: {json.dumps(records)}\n\n")
+    return events, run_state(path), replaced or tail.offset != before
 
 
 async def metric_events(state: UiState, name: str, request: Request):
-    """Server-sent events: `metrics` (a batch of records) as they are written, `state` when the
-    run's state changes, `reset` when metrics.jsonl got shorter (a resume cuts it back to its
-    checkpoint; all is sent again), and `end` once it is no longer running and all is sent."""
+    """Server-sent events: `metrics` (a batch of records, from at most one chunk of the file)
+    as they are written, `state` when the run's state changes, `reset` when metrics.jsonl was
+    cut back (a resume rewrites it to its checkpoint; all is sent again), `unreadable` (and the
+    end) for a bad file, and `end` once it is no longer running and all is sent."""
     path = run_path(state.root, name)
-    offset, last_state, quiet = 0, None, 0.0
+    tail, last_state, quiet = MetricsTail(), None, 0.0
     while not await request.is_disconnected():
-        if metrics_size(path) < offset:   # cut back by a resume: start over
-            offset = 0
-            yield "event: reset\ndata: {}\n\n"
-        records, offset = read_metrics_from(path, offset)
-        now = run_state(path)
-        if records:
-            yield f"event: metrics\ndata: {json.dumps(records)}\n\n"
+        try:
+            events, now, moved = await asyncio.to_thread(_read_events, tail, path)
+        except RunFileError as err:
+            yield f"event: unreadable\ndata: {json.dumps(str(err))}\n\n"
+            return
+        for event in events:
+            yield event
         if now != last_state:
             yield f"event: state\ndata: {json.dumps(now)}\n\n"
             last_state = now
-        if now != "running" and not records:
+        if moved:
+            quiet = 0.0
+            continue   # more may be waiting: no pause between chunks
+        if now != "running":
             yield "event: end\ndata: {}\n\n"
             return
-        quiet = 0.0 if records else quiet + POLL_S
+        quiet += POLL_S
         if quiet >= HEARTBEAT_S:
             yield ": alive\n\n"
             quiet = 0.0
         await asyncio.sleep(POLL_S)
-
-
-def metrics_size(path: Path) -> int:
-    try:
-        return (path / "metrics.jsonl").stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 def launch_schema() -> dict:
@@ -289,11 +356,16 @@ def run(cfg: UiConfig) -> int:
     if api_key is None and not is_loopback(cfg.host):
         print(f"warning: the dashboard listens on {cfg.host} without --api-key: anyone who can "
               "reach this port can start training runs")
+    if cfg.allow_remote_tracker:
+        print("note: launched runs may send their config and metrics to any tracker URL "
+              "(--allow-remote-tracker)")
     chat_server, serve_url = None, cfg.serve_url
     if cfg.serve_adapters:
         chat_server, serve_url = start_chat_server(cfg.serve_adapters, cfg.serve_model)
         print(f"chat server: {serve_url} (loratune serve --adapters {cfg.serve_adapters})")
-    app = build_app(cfg.runs, api_key=api_key, serve_url=serve_url, serve_key=cfg.serve_key)
+    app = build_app(cfg.runs, api_key=api_key, serve_url=serve_url, serve_key=cfg.serve_key,
+                    host=cfg.host, allowed_hosts=cfg.allowed_host, data_roots=cfg.data_root,
+                    allow_remote_tracker=cfg.allow_remote_tracker)
     print(f"loratune ui: http://{cfg.host}:{cfg.port}/ over {Path(cfg.runs).resolve()}",
           flush=True)
     try:

@@ -4,6 +4,9 @@ A launch is a RunConfig validated here (the same class `train` reads, so the for
 start what train accepts), written as <runs>/<name>/config.yaml, then `loratune train` on it.
 Stop is SIGINT: train finishes its step, writes a checkpoint and says `interrupted`; resume is
 `train --resume` on the same config. Each start's console goes to <runs>/.ui-logs/<name>.log.
+Every config started, launched or resumed, is held to ui/confine.py's bounds first. A thread
+per child waits for it, so a child that dies is reaped at once (a zombie's process id would
+read as alive) and a run that died before train could say so reads `failed`.
 """
 
 from __future__ import annotations
@@ -13,20 +16,22 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-from loratune.config import RunConfig
-from loratune.files import write_atomic_file
-from loratune.train.run_folder import check_run_dir
+from loratune.config import ConfigError, RunConfig, load_config
+from loratune.train.run_folder import check_run_dir, write_config
 from loratune.train.status import write_status
+from loratune.ui.confine import Confinement
+from loratune.ui.run_files import RunFileError, inside, read_run_status
 from loratune.ui.runs import run_path, run_state
 
 EXIT_WAIT_S = 30.0   # how long a resume waits for the stopped process of the same run to exit
+LOG_TAIL_BYTES = 64 * 2**10   # of a console log, the end the run page shows
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -64,22 +69,30 @@ class Child:
 class Launcher:
     """The training processes this dashboard started (it only stops those)."""
 
-    def __init__(self, root: Path, python: str = sys.executable):
+    def __init__(self, root: Path, python: str = sys.executable,
+                 confinement: Confinement | None = None):
         self.root, self.python = Path(root).resolve(), python
+        self.confinement = confinement or Confinement.of(self.root)
         self.children: dict[str, Child] = {}
+
+    def check(self, cfg: RunConfig) -> None:
+        """LaunchError naming the first option of `cfg` out of the dashboard's bounds."""
+        refused = self.confinement.refusal(cfg)
+        if refused is not None:
+            raise LaunchError(refused[1], refused[0])
 
     def launch(self, name: str, cfg: RunConfig) -> Child:
         """Start run `name` (a folder under root, which output_dir is set to) with `cfg`."""
         if not NAME.match(name):
             raise LaunchError("use letters, digits, '.', '_' and '-' (up to 100)", "name")
         out = self.root / name
-        if out.exists():
+        if os.path.lexists(out):
             raise LaunchError(f"{out} exists: choose another name, or resume that run", "name")
         cfg = cfg.model_copy(update={"output_dir": str(out)})
+        self.check(cfg)
         check_run_dir(out, resume=False, overwrite=False)
         out.mkdir(parents=True)
-        text = yaml.safe_dump(cfg.model_dump(), sort_keys=False)
-        write_atomic_file(out / "config.yaml", lambda tmp: tmp.write_text(text))
+        write_config(out, cfg)   # train's own writer: adapter.init_from is kept
         return self._start(name, out, [])
 
     def resume(self, name: str) -> Child:
@@ -88,6 +101,15 @@ class Launcher:
         if state not in ("interrupted", "failed"):
             raise LaunchError(f"run {name} is {state}; only an interrupted or failed run "
                               "resumes", status=409)
+        # The folder's config may have been edited since: the same bounds as a launch.
+        try:
+            cfg = load_config(path / "config.yaml")
+        except (ConfigError, OSError) as err:
+            raise LaunchError(f"run {name}: {err}", status=422) from None
+        if Path(os.path.realpath(cfg.output_dir)) != path:
+            raise LaunchError(f"run {name}: its config.yaml says output_dir {cfg.output_dir}, "
+                              f"not its own folder {path}", "output_dir", status=422)
+        self.check(cfg)
         return self._start(name, path, ["--resume"])
 
     def stop(self, name: str) -> None:
@@ -120,13 +142,21 @@ class Launcher:
         write_status(out, "running", pid=process.pid, step=None)
         child = Child(name, process, log)
         self.children[name] = child
+        threading.Thread(target=reap, args=(child, out), daemon=True).start()
         return child
 
     def log_tail(self, name: str, lines: int = 40) -> str:
-        log = self.root / ".ui-logs" / f"{name.replace('/', '__')}.log"
-        if not log.is_file():
+        """The last lines of the run's console log (its last LOG_TAIL_BYTES at most)."""
+        try:
+            log = inside(self.root / ".ui-logs", f"{name.replace('/', '__')}.log")
+        except RunFileError as err:
+            return f"(not shown: {err})"
+        if log is None:
             return ""
-        return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - LOG_TAIL_BYTES))
+            text = f.read(LOG_TAIL_BYTES).decode("utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
 
     def close(self) -> None:
         """Stop every child still running (SIGINT, then wait for its checkpoint)."""
@@ -138,3 +168,16 @@ class Launcher:
                 child.process.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 child.process.kill()
+
+
+def reap(child: Child, out: Path) -> None:
+    """Wait for `child` (reaping it); if status.json still says it is running, say it failed."""
+    code = child.process.wait()
+    try:
+        status = read_run_status(out)
+    except RunFileError:
+        return
+    if status and status["state"] == "running" and status.get("pid") == child.process.pid:
+        write_status(out, "failed", pid=child.process.pid, exit_code=code,
+                     error=f"loratune train exited with code {code} before it said how it "
+                     f"ended: see {child.log}")

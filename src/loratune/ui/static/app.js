@@ -5,6 +5,9 @@
 
 const page = document.getElementById("page");
 let cleanup = [];                     // what the current page must stop when leaving it
+// The server's per-process token, written into this page: no other origin can read it, and
+// every POST must carry it.
+const CSRF = document.querySelector("meta[name='csrf-token']").content;
 
 // ---------------------------------------------------------------- API
 function headers(extra) {
@@ -17,6 +20,7 @@ function headers(extra) {
 async function api(path, opts) {
   opts = opts || {};
   const init = {method: opts.method || "GET", headers: headers()};
+  if (init.method !== "GET") init.headers["X-CSRF-Token"] = CSRF;
   if (opts.body !== undefined) {
     init.body = JSON.stringify(opts.body);
     init.headers["Content-Type"] = "application/json";
@@ -77,7 +81,8 @@ function h(tag, attrs, ...kids) {
 }
 const num = (v, d) => (v === null || v === undefined) ? "–" : (+v).toFixed(d);
 const pct = v => (v === null || v === undefined) ? "–" : (100 * v).toFixed(1) + "%";
-const stateTag = s => h("span", {class: "state state-" + s, "data-state": s}, s);
+const stateTag = (s, why) => h("span", {class: "state state-" + s, "data-state": s, title: why},
+  why ? "unreadable: " + why : s);
 function bytes(n) {
   const u = ["B", "KiB", "MiB", "GiB"]; let i = 0;
   while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
@@ -121,7 +126,8 @@ async function pageRuns() {
       h("td", {}, h("input", {type: "checkbox", checked: chosen.has(r.name),
         onchange: e => e.target.checked ? chosen.add(r.name) : chosen.delete(r.name)})),
       h("td", {}, h("a", {href: "#/run/" + r.name}, r.name)),
-      h("td", {}, stateTag(r.state)), h("td", {}, r.method), h("td", {}, r.model || "–"),
+      h("td", {}, stateTag(r.state, r.unreadable)), h("td", {}, r.method || "–"),
+      h("td", {}, r.model || "–"),
       h("td", {class: "num"}, r.step + (r.total_steps ? " / " + r.total_steps : "")),
       h("td", {class: "num"}, num(r.last_loss, 4)), h("td", {class: "num"}, num(r.eval_loss, 4)),
       h("td", {class: "num"}, pct(r.score)), h("td", {class: "num"}, duration(r.seconds)),
@@ -144,7 +150,7 @@ async function pageRun(name) {
   const r = await api("/api/runs/" + name);
   if (!r.ok) { setPage(h("p", {class: "err"}, r.data.error)); return; }
   const d = r.data;
-  const stateBox = h("span", {id: "run-state"}, stateTag(d.state));
+  const stateBox = h("span", {id: "run-state"}, stateTag(d.state, d.unreadable));
   const stopBtn = h("button", {id: "stop", onclick: async () => {
     const res = await api(`/api/runs/${name}/stop`, {method: "POST"});
     msg.textContent = res.ok ? "stopping after this step (a checkpoint is written)" : res.data.error;
@@ -210,6 +216,8 @@ async function pageRun(name) {
     } else if (event === "state") {
       stateBox.replaceChildren(stateTag(data));
       showButtons(data);
+    } else if (event === "unreadable") {
+      stateBox.replaceChildren(stateTag("unreadable", data));
     }
   });
   cleanup.push(stop);
