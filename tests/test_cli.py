@@ -170,3 +170,49 @@ def test_serve_command_answers_over_http(tmp_path, tiny_folder):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+class _TermAt:
+    """A tracker that sends this process SIGTERM once step `step` is logged."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def log(self, record):
+        if record["step"] == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def close(self, state, adapter_dir):
+        pass
+
+
+def test_a_stopped_train_prints_its_checkpoint_and_the_resume_command(tmp_path, config, capsys,
+                                                                      monkeypatch):
+    """SIGTERM at step 2 of 4: the checkpoint and the whole command (config, every override,
+    --resume, not --overwrite) are printed; that command finishes the run and the summary
+    counts both parts."""
+    import shlex
+
+    import loratune.train.loop as loop
+
+    monkeypatch.setattr(loop, "open_trackers", lambda cfg, out: [_TermAt(2)])
+    words = ["train", str(config), "--overwrite", "train.lr=1e-3", "train.max_steps=4"]
+    assert main(words) == 130
+    err = capsys.readouterr().err
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert f"stopped at step 2; checkpoint {ckpt}\n" in err
+    resume = err.split("to resume: ", 1)[1].splitlines()[0]
+    assert resume == shlex.join(["loratune", "train", str(config), "train.lr=1e-3",
+                                 "train.max_steps=4", "--resume"])
+    monkeypatch.undo()
+    assert main(shlex.split(resume)[1:]) == 0
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()
+             if '"loss"' in line]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert summary["steps"] == 4 and summary["parts"] == 2
+    assert summary["tokens"] == sum(s["tokens"] for s in steps)
+    assert summary["train_seconds"] >= sum(s["seconds"] for s in steps) - 0.02  # rounding

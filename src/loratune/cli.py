@@ -53,18 +53,55 @@ def cmd_train(args) -> int:
         return launch(args.nproc, argv)
     from loratune.train import train
 
-    result = train(cfg, resume=args.resume or args.resume_skip_corrupt,
-                   overwrite=args.overwrite, skip_corrupt=args.resume_skip_corrupt)
+    try:
+        result = train(cfg, resume=args.resume or args.resume_skip_corrupt,
+                       overwrite=args.overwrite, skip_corrupt=args.resume_skip_corrupt)
+    except KeyboardInterrupt as err:   # a RunInterrupted names its checkpoint
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(how_to_resume(args, Path(cfg.output_dir), err), file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", 0)) == 0:  # every rank returns; one message
         print(f"adapter saved to {result.adapter_dir} ({result.steps} steps, "
               f"final loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
     return 0
 
 
+def how_to_resume(args, out: Path, err: KeyboardInterrupt) -> str:
+    """What a stopped `train` says: where it stopped, its checkpoint, the command that goes on."""
+    from loratune.train.checkpoint import list_checkpoints
+
+    checkpoint = getattr(err, "checkpoint", None)
+    said = f"stopped at step {err.step}" if hasattr(err, "step") else "interrupted"
+    if checkpoint is None:  # stopped at once: the newest checkpoint save_every wrote, if any
+        found = list_checkpoints(out / "checkpoints")
+        checkpoint = found[-1] if found else None
+        if checkpoint is None:
+            return f"loratune train: {said} before any checkpoint; nothing to resume"
+        said += "; newest checkpoint"
+    else:
+        said += "; checkpoint"
+    return f"loratune train: {said} {checkpoint}\nto resume: {resume_command(args)}"
+
+
+def resume_command(args) -> str:
+    """`loratune train` with the config and every override given, and --resume (never
+    --overwrite, which would set the stopped run aside). Under torchrun on one machine, as many
+    processes again."""
+    import os
+    import shlex
+
+    words = ["loratune", "train", args.config, *args.overrides, "--resume"]
+    nproc = args.nproc or 1
+    if os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE"):
+        nproc = max(nproc, int(os.environ.get("WORLD_SIZE", 1)))
+    return shlex.join(words + (["--nproc", str(nproc)] if nproc > 1 else []))
+
+
 def cmd_demo(args) -> int:
     from loratune.demo.job import run_demo
 
-    run_demo(output_dir=args.output_dir, overrides=args.overrides)
+    run_demo(output_dir=args.output_dir, overrides=args.overrides,
+             budget_s=0.0 if args.quick else args.budget)
     return 0
 
 
@@ -393,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: LoRA on the bundled demo task, before/after")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/demo-<time>)")
+    p.add_argument("--budget", type=float, default=300.0, metavar="SECONDS",
+                   help="the whole job's wall-clock budget: a timed 2-step probe sets the steps "
+                        "(never below the fewest that reach the target; default 300)")
+    p.add_argument("--quick", action="store_true",
+                   help="the fewest steps that reach the target, whatever the budget")
     add_overrides(p, "a key of the demo config, e.g. train.max_steps=40")
     p.set_defaults(func=cmd_demo)
 

@@ -71,6 +71,21 @@ def test_a_signal_stops_at_the_step_with_a_checkpoint_and_resume_matches(
     assert [h["loss"] for h in resumed.history] == pytest.approx(
         [h["loss"] for h in full.history[3:]], rel=1e-5)
     assert read_status(out)["state"] == "finished"
+    assert_both_parts_counted(out, status, full)
+
+
+def assert_both_parts_counted(out, stopped: dict, full):
+    """run_summary.json and status.json count the steps, tokens and seconds of both parts: the
+    tokens of an uncut run, the first part's seconds and more."""
+    summary = json.loads((out / "run_summary.json").read_text())
+    finished = read_status(out)
+    assert stopped["parts"] == 1 and stopped["tokens"] == sum(h["tokens"] for h in
+                                                              full.history[:3])
+    assert summary["steps"] == 6 and summary["parts"] == finished["parts"] == 2
+    assert summary["tokens"] == finished["tokens"] == full.tokens
+    assert summary["label_tokens"] == full.label_tokens
+    assert summary["train_seconds"] > stopped["seconds"] > 0
+    assert summary["train_seconds"] == finished["seconds"]
 
 
 def test_a_second_signal_interrupts_at_once(tmp_path, data_file, smol_tokenizer, monkeypatch):

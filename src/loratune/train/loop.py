@@ -154,6 +154,7 @@ class Run:
     total_steps: int
     start_step: int
     quiet: bool
+    before: Totals  # what the earlier parts of a resumed run did (zeros on a fresh start)
     stop: StopRequest = field(default_factory=StopRequest)  # SIGINT/SIGTERM: stop at a step
 
     @property
@@ -195,18 +196,18 @@ def setup(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, model: nn.Modul
     if is_preference(cfg) and cfg.train.preference.reference == "cached":
         # Before the runtime wraps the model: FSDP's sharded parameters run only in its forward.
         setup_reference_cache(cfg, runtime, model, objective, data, out, log)
-    forward, optimizer, start_step = setup_optimizer(cfg, runtime, model, checkpoint, log,
-                                                     objective)
+    forward, optimizer, state = setup_optimizer(cfg, runtime, model, checkpoint, log, objective)
+    start_step, before = state.get("step", 0), Totals.before(state)
     if runtime.is_main:
         write_config(out, cfg)
-        write_status(out, "running", step=start_step, total_steps=total)
+        write_status(out, "running", step=start_step, total_steps=total, **before.record())
     for note in offload_notes(cfg.train, runtime.device):
         log(note)
     metrics = open_metrics(out, runtime, opts.resume, start_step)
     if runtime.is_main:
         metrics.trackers = open_trackers(cfg, out)
     return Run(cfg, runtime, model, forward, optimizer, hooks, objective, data, metrics, total,
-               start_step, quiet)
+               start_step, quiet, before)
 
 
 def seed_everything(seed: int) -> None:
@@ -371,21 +372,21 @@ class _DeferredOptimizerState:
 
 def setup_optimizer(cfg: RunConfig, runtime: OneProcess, model: nn.Module,
                     checkpoint: Path | None, log: Log,
-                    objective: Objective) -> tuple[Forward, torch.optim.Optimizer, int]:
+                    objective: Objective) -> tuple[Forward, torch.optim.Optimizer, dict]:
     """Resume into the plain model, wrap it for the runtime, then build the optimizer (FSDP
-    replaces the parameters by shards, which the optimizer must hold); the start step."""
-    start_step, deferred = 0, _DeferredOptimizerState()
+    replaces the parameters by shards, which the optimizer must hold); the checkpoint's
+    trainer state ({} on a fresh start)."""
+    state, deferred = {}, _DeferredOptimizerState()
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, deferred)
         check_resume_state(state, cfg, checkpoint)
-        start_step = state["step"]
-        log(f"resumed from {checkpoint} at step {start_step}")
+        log(f"resumed from {checkpoint} at step {state['step']}")
     forward = runtime.wrap_model(model, cfg, objective if is_preference(cfg) else None)
     optimizer = build_optimizer(model, cfg.train)
     if deferred.state is not None:
         runtime.load_optimizer_state(optimizer, deferred.state)
-    runtime.seed_training(cfg.train.seed, start_step)
-    return forward, optimizer, start_step
+    runtime.seed_training(cfg.train.seed, state.get("step", 0))
+    return forward, optimizer, state
 
 
 def open_metrics(out: Path, runtime: OneProcess, resume: bool, start_step: int) -> MetricsLog:
@@ -507,28 +508,62 @@ def evaluate_loss(model: nn.Module, forward: Forward, batches: list[dict],
 
 
 @dataclass
-class Progress:
-    """What the steps of this start did, for the result and run_summary.json."""
+class Totals:
+    """What a run did so far over all its parts (a stop and each --resume start a new part):
+    written into every checkpoint, so a resumed run counts its earlier parts too."""
 
-    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0   # wall seconds of the training loop up to the checkpoint
     tokens: int = 0
     label_tokens: int = 0
+    parts: int = 1
+
+    def record(self) -> dict:
+        return {"seconds": round(self.seconds, 2), "tokens": self.tokens,
+                "label_tokens": self.label_tokens, "parts": self.parts}
+
+    @classmethod
+    def before(cls, state: dict) -> Totals:
+        """The totals of the parts before this one, from a checkpoint's trainer state ({}: a
+        fresh start; a checkpoint older than the record counts its part as 0 s and 0 tokens)."""
+        if not state:
+            return cls(parts=0)
+        done = state.get("totals") or {}
+        return cls(float(done.get("seconds", 0.0)), int(done.get("tokens", 0)),
+                   int(done.get("label_tokens", 0)), int(done.get("parts", 1)))
+
+
+@dataclass
+class Progress:
+    """What the run did so far, earlier parts included, for checkpoints, the result and
+    run_summary.json; `history` holds this part's steps only."""
+
+    totals: Totals
+    history: list[dict] = field(default_factory=list)
     loss: float = float("nan")
     eval_loss: float | None = None
-    seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)  # this part's first step
+
+    @classmethod
+    def after(cls, before: Totals) -> Progress:
+        return cls(Totals(before.seconds, before.tokens, before.label_tokens, before.parts + 1))
+
+    def add(self, stats: StepStats) -> None:
+        self.totals.tokens += stats.tokens
+        self.totals.label_tokens += stats.label_tokens
+        self.loss = stats.loss
+
+    def mark_time(self, before: Totals) -> None:
+        self.totals.seconds = before.seconds + time.perf_counter() - self.started
 
 
 def train_steps(run: Run) -> Progress:
     """Steps start_step..total_steps, with held-out loss, metrics and checkpoints on the way."""
-    train_cfg, progress = run.cfg.train, Progress()
+    train_cfg, progress = run.cfg.train, Progress.after(run.before)
     run.model.train()
-    t_start = time.perf_counter()
     bar = _progress_bar(run.total_steps, run.start_step, not run.quiet)
     for step in range(run.start_step, run.total_steps):
         stats = train_step(run, step)
-        progress.tokens += stats.tokens
-        progress.label_tokens += stats.label_tokens
-        progress.loss = stats.loss
+        progress.add(stats)
         record = stats.record()
         record.update(run.objective.take_metrics(run.runtime.sum))
         every = train_cfg.eval_every
@@ -543,16 +578,17 @@ def train_steps(run: Run) -> Progress:
         bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
                         tok_s=f"{stats.tokens / stats.seconds:.0f}", **preference_postfix(record))
         bar.update(1)
+        progress.mark_time(run.before)
         if train_cfg.save_every and stats.step % train_cfg.save_every == 0 \
                 and stats.step < run.total_steps:
-            save_step_checkpoint(run, stats.step)
-        stop_if_asked(run, stats.step)
+            save_step_checkpoint(run, stats.step, progress.totals)
+        stop_if_asked(run, stats.step, progress.totals)
     bar.close()
-    progress.seconds = time.perf_counter() - t_start
+    progress.mark_time(run.before)
     return progress
 
 
-def stop_if_asked(run: Run, step: int) -> None:
+def stop_if_asked(run: Run, step: int, totals: Totals) -> None:
     """After SIGINT/SIGTERM (on any rank): checkpoint step `step`, raise RunInterrupted. At
     the last step the run just finishes."""
     asked = run.runtime.sum([float(run.stop.requested)])[0] > 0  # all ranks stop at one step
@@ -560,8 +596,8 @@ def stop_if_asked(run: Run, step: int) -> None:
         return
     ckpt = run.out / "checkpoints" / f"step-{step:08d}"
     if ckpt not in list_checkpoints(run.out / "checkpoints"):  # save_every may have written it
-        save_step_checkpoint(run, step)
-    raise RunInterrupted(step, ckpt)
+        save_step_checkpoint(run, step, totals)
+    raise RunInterrupted(step, ckpt, totals.record())
 
 
 def preference_postfix(record: dict) -> dict[str, str]:
@@ -580,14 +616,18 @@ def _progress_bar(total: int, start: int, enabled: bool):
 # ----------------------------------------------------------------------------------- save
 
 
-def save_step_checkpoint(run: Run, step: int) -> None:
-    """checkpoints/step-N: rank 0 writes; a sharded run gathers on every rank first."""
+def save_step_checkpoint(run: Run, step: int, totals: Totals) -> None:
+    """checkpoints/step-N (with the run's totals up to it): rank 0 writes, then says so in
+    status.json; a sharded run gathers on every rank first."""
     optimizer = run.runtime.optimizer_to_save(run.optimizer)
     with run.runtime.gathered():
         if run.runtime.is_main:
-            save_checkpoint(run.out / "checkpoints", step, run.model, optimizer,
-                            resume_state(run.cfg, run.total_steps),
-                            keep=run.cfg.train.save_total_limit)
+            ckpt = save_checkpoint(run.out / "checkpoints", step, run.model, optimizer,
+                                   {**resume_state(run.cfg, run.total_steps),
+                                    "totals": totals.record()},
+                                   keep=run.cfg.train.save_total_limit)
+            write_status(run.out, "running", step=step, total_steps=run.total_steps,
+                         checkpoint=str(ckpt), **totals.record())
     run.runtime.barrier()
 
 
@@ -610,24 +650,27 @@ def save(run: Run, progress: Progress) -> TrainResult:
     if run.runtime.is_main:
         plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
         write_summary(run.out, run_summary(run, progress))
-        write_status(run.out, "finished", step=run.total_steps)
+        write_status(run.out, "finished", step=run.total_steps, **progress.totals.record())
     run.metrics.close("finished", adapter_dir)
     run.runtime.barrier()  # the other ranks return once rank 0 has written everything
+    totals = progress.totals
     return TrainResult(run.out, adapter_dir, run.total_steps, progress.loss,
-                       progress.eval_loss, progress.seconds, progress.tokens,
-                       progress.label_tokens, progress.history)
+                       progress.eval_loss, totals.seconds, totals.tokens, totals.label_tokens,
+                       progress.history)
 
 
 def run_summary(run: Run, progress: Progress) -> dict:
+    """run_summary.json: seconds, tokens and steps of the whole run, every part counted."""
     n_trainable, n_all, report = trainable_report(run.model)
-    steps_run = max(run.total_steps - run.start_step, 1)
+    totals = progress.totals
     return {"steps": run.total_steps, "final_loss": progress.loss,
-            "eval_loss": progress.eval_loss, "train_seconds": round(progress.seconds, 2),
-            "tokens": progress.tokens, "label_tokens": progress.label_tokens,
+            "eval_loss": progress.eval_loss, "train_seconds": round(totals.seconds, 2),
+            "tokens": totals.tokens, "label_tokens": totals.label_tokens,
+            "parts": totals.parts,
             "packing": run.data.packing, "trainable": report, "trainable_params": n_trainable,
             "all_params": n_all, "method": run.cfg.adapter.method,
             "objective": run.cfg.train.objective,
-            "seconds_per_step": round(progress.seconds / steps_run, 4),
+            "seconds_per_step": round(totals.seconds / max(run.total_steps, 1), 4),
             "peak_rss_mib": peak_rss_mib(), **run.hooks.summary(), **run.runtime.summary()}
 
 

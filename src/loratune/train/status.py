@@ -1,7 +1,9 @@
 """A run's state in its folder (status.json), and stopping a run cleanly on SIGINT/SIGTERM.
 
 status.json says `running` (with the process id and host), `interrupted` (stopped by a signal,
-with the step and checkpoint it stopped at), `failed` (with the error) or `finished`. A reader
+with the step and checkpoint it stopped at), `failed` (with the error) or `finished`. Besides
+`running` at the start, each checkpoint rewrites it; `running`, `interrupted` and `finished`
+carry the run's `seconds`, `tokens`, `label_tokens` and `parts` so far, every part counted. A reader
 such as `loratune ui` takes `running` with a dead process id as failed (the process was killed
 before it could say so).
 """
@@ -25,12 +27,13 @@ STATES = ("running", "finished", "interrupted", "failed")
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """The run stopped at a step boundary after SIGINT/SIGTERM, its checkpoint written."""
+    """The run stopped at a step boundary after SIGINT/SIGTERM, its checkpoint written;
+    `totals`: the seconds, tokens and parts of the run up to it (for status.json)."""
 
-    def __init__(self, step: int, checkpoint: Path | None):
+    def __init__(self, step: int, checkpoint: Path | None, totals: dict | None = None):
         where = f"; checkpoint {checkpoint}" if checkpoint else ""
         super().__init__(f"stopped at step {step}{where}; --resume continues the run")
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.totals = step, checkpoint, totals or {}
 
 
 def write_status(out: Path, state: str, **info) -> None:
@@ -92,7 +95,8 @@ def recorded_outcome(out: Path, enabled: bool, metrics) -> Iterator[None]:
         if enabled:
             checkpoint = getattr(err, "checkpoint", None)
             write_status(out, "interrupted", step=getattr(err, "step", None),
-                         checkpoint=str(checkpoint) if checkpoint else None)
+                         checkpoint=str(checkpoint) if checkpoint else None,
+                         **getattr(err, "totals", {}))
         metrics.close("interrupted")
         raise
     except BaseException as err:
