@@ -231,6 +231,10 @@ class EvalCommandConfig(_WithAdapters):
     cpu_seconds: int = Field(5, gt=0, description="(code) CPU seconds per completion")
     memory_mb: int = Field(1024, gt=0, description="(code) address space per completion, MiB")
     workers: int = Field(2, gt=0, description="(code) completions run at once")
+    sandbox: Literal["bwrap", "none"] = Field(
+        "bwrap", description="(code) bwrap: each completion under bubblewrap (namespaces, "
+        "seccomp, a capped tmpfs; apt-get install bubblewrap); none: on this machine with only "
+        "an audit hook and limits (a warning; not a boundary)")
 
     @model_validator(mode="after")
     def _k_within_samples(self):

@@ -98,3 +98,26 @@ def test_problems_missing_fields_are_named(tmp_path):
         EvalCommandConfig(task="code", data="x", samples=2, k=[1, 3], temperature=0.5)
     with pytest.raises(ValueError, match=r"samples \(--samples\) > 1 needs temperature"):
         EvalCommandConfig(task="code", data="x", samples=2)
+
+
+def test_without_bwrap_the_code_task_refuses_before_loading_a_model(tmp_path, monkeypatch,
+                                                                    capsys):
+    """`loratune eval --task code` with no bwrap on PATH: exit 2 and the install command, and
+    no model is loaded; `--sandbox none` runs the completions anyway, with a warning."""
+    from loratune.cli import main
+    from loratune.eval.sandbox import UnsandboxedWarning
+
+    data = tmp_path / "he.jsonl"
+    data.write_text(json.dumps(ADD) + "\n")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["eval", "--task", "code", "--data", str(data),
+                 "--model", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert "`bwrap` is not on PATH: install it (apt-get install bubblewrap)" in err
+    assert "--sandbox none" in err and "no-such-model" not in err
+    cfg = EvalCommandConfig(task="code", data=str(data), sandbox="none")
+    with pytest.warns(UnsandboxedWarning, match="--sandbox none"):
+        problems = code.read(cfg)
+    result = code.score_completions(problems.items, [["    return a + b\n"]], [1],
+                                    Limits(timeout=5), sandbox=cfg.sandbox)
+    assert result.metrics == {"pass@1": 1.0}

@@ -5,8 +5,10 @@ The data is JSONL with task_id, prompt (signature and docstring), test (defines
 plain text (no chat template, as HumanEval is run), greedy for one sample, sampled at
 `--temperature` for more; a completion is cut at the first line that starts a new top-level
 statement (HumanEval's stop sequences). prompt + completion + test + `check(entry_point)` runs
-in its own process (`eval.sandbox`: CPU-time, memory and wall limits, no network, no writes
-outside its folder); its outcome (passed, failed, timeout, refused, memory, error) is reported
+under bubblewrap (`eval.sandbox`: namespaces, seccomp, a capped tmpfs, CPU-time, memory and
+wall limits; `--sandbox none` runs it without that boundary, with a warning, and without
+bwrap the task refuses to start); a program that exits before its tests finished fails; its
+outcome (passed, failed, timeout, refused, memory, error) is reported
 per completion and counted per problem. pass@k for a problem with n samples of which c pass is
 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), averaged over problems.
 """
@@ -20,7 +22,7 @@ import numpy as np
 from loratune.data.errors import DataError
 from loratune.data.formats import read_indexed
 from loratune.eval.generate import generate_text
-from loratune.eval.sandbox import Limits, run_programs
+from loratune.eval.sandbox import Limits, require_sandbox, run_programs
 from loratune.eval.tasks.registry import TaskData, TaskRecord, TaskResult, Timer, hashed, register
 
 MAX_NEW_TOKENS = 384
@@ -29,6 +31,7 @@ FIELDS = ("task_id", "prompt", "test", "entry_point")
 
 
 def read(cfg) -> TaskData:
+    require_sandbox(cfg.sandbox)  # before the model loads: no bwrap, no generated code run
     problems = []
     for n, record in read_indexed(cfg.data):
         missing = [f for f in FIELDS if not isinstance(record.get(f), str) or not record[f]]
@@ -58,11 +61,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def score_completions(problems: list[dict], completions: list[list[str]], ks: list[int],
-                      limits: Limits, workers: int = 2) -> TaskResult:
+                      limits: Limits, workers: int = 2, sandbox: str = "bwrap") -> TaskResult:
     """Run every completion of every problem; pass@k overall and per problem."""
     flat = [(p, c) for p, cs in zip(problems, completions) for c in cs]
     with Timer() as timer:
-        outcomes = run_programs([program(p, c) for p, c in flat], limits, workers)
+        outcomes = run_programs([program(p, c) for p, c in flat], limits, workers, sandbox)
     rows, groups, at = [], {}, 0
     for problem, cs in zip(problems, completions):
         mine = outcomes[at:at + len(cs)]
@@ -91,7 +94,8 @@ def score(model, tokenizer, data: TaskData, cfg) -> TaskResult:
     completions = [[truncate(t) for t in texts[i:i + cfg.samples]]
                    for i in range(0, len(texts), cfg.samples)]
     limits = Limits(cfg.timeout, cfg.cpu_seconds, cfg.memory_mb)
-    result = score_completions(data.items, completions, cfg.k, limits, cfg.workers)
+    result = score_completions(data.items, completions, cfg.k, limits, cfg.workers,
+                               cfg.sandbox)
     result.seconds += timer.seconds  # items/s counts generation and running
     return result
 
@@ -100,5 +104,5 @@ register(TaskRecord(
     name="code", summary="HumanEval-format problems: pass@k, completions run in a sandbox",
     read=read, score=score, headline="pass@1",
     options=("limit", "samples", "k", "temperature", "top_p", "seed", "max_new_tokens",
-             "batch_size", "timeout", "cpu_seconds", "memory_mb", "workers"),
+             "batch_size", "timeout", "cpu_seconds", "memory_mb", "workers", "sandbox"),
     formats={"pass@1": "{:.1%}"}))
