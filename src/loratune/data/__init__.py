@@ -5,6 +5,7 @@ from loratune.data.encode import IGNORE, Encoded, Example, answer_spans, encode_
 from loratune.data.errors import DataError
 from loratune.data.formats import (
     detect_format,
+    iter_indexed,
     locate,
     read_indexed,
     read_records,
@@ -23,6 +24,6 @@ from loratune.data.templates import TEMPLATES, resolve_template
 __all__ = [
     "IGNORE", "TEMPLATES", "DataError", "DataStats", "Encoded", "Example", "answer_spans",
     "batches", "build_examples", "collate", "detect_format", "encode_conversation", "epoch_rows",
-    "load_conversations", "locate", "pack_examples", "padding_share", "read_indexed",
-    "read_records", "resolve_template", "should_pack", "split_heldout", "to_messages",
+    "iter_indexed", "load_conversations", "locate", "pack_examples", "padding_share",
+    "read_indexed", "read_records", "resolve_template", "should_pack", "split_heldout", "to_messages",
 ]

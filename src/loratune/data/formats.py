@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import codecs
 import csv
-import io
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 from loratune.data.errors import DataError
+from loratune.data.streaming import JsonStream, not_utf8, text_chunks, text_lines
 
 FORMATS = ("alpaca", "messages", "sharegpt")
 LINE_BASED = (".jsonl", ".csv")
@@ -43,9 +44,7 @@ def _decode(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         offset = err.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
-        line = data.count(b"\n", 0, offset) + 1
-        raise DataError(f"{path}:{line}: byte 0x{data[offset]:02x} at offset {offset} is not "
-                        "UTF-8; expected UTF-8 text (re-save the file as UTF-8)") from None
+        raise not_utf8(path, data.count(b"\n", 0, offset) + 1, offset, data[offset]) from None
 
 
 def _read_text(path: Path) -> str:
@@ -53,73 +52,79 @@ def _read_text(path: Path) -> str:
     return _decode(path).replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    out = []
-    # Split on "\n" only: str.splitlines() also breaks on U+2028 and friends, which JSON
-    # allows raw inside strings, and would shift every later line number.
-    for n, line in enumerate(_read_text(path).split("\n"), start=1):
+# Every reader yields records as it reads them, so that the first bad one (malformed, or
+# refused by whoever consumes the records) is reported before the rest of the file is read.
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    # Lines end at "\n", "\r\n" or "\r" only: str.splitlines() also breaks on U+2028 and
+    # friends, which JSON allows raw inside strings, and would shift every later line number.
+    for n, line in text_lines(path):
+        line = line.rstrip("\r\n")
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{n}: malformed JSON: {err.msg} at column {err.colno}") \
-                from None
+            raise DataError(f"{path}:{n}: malformed JSON: {err.msg.removesuffix(' at')} at "
+                            f"column {err.colno}") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-        out.append((n, record))
-    return out
+        yield n, record
 
 
-def _read_json(path: Path) -> list[tuple[int, dict]]:
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg} at column {err.colno}") \
-            from None
+def _json_records(path: Path) -> Iterator[object]:
+    """The elements of a top-level array, one at a time; any other document is read whole
+    (a {"data": [...]} file too: its list may come after other keys)."""
+    stream = JsonStream(text_chunks(path), path)
+    if stream.next_char() == "[":
+        yield from stream.array()
+        return
+    data = stream.whole()
     if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a list of objects or {{\"data\": [...]}}, "
-                        f"got {type(data).__name__}")
-    for i, record in enumerate(data):
+        yield from data["data"]
+        return
+    raise DataError(f"{path}: expected a list of objects or {{\"data\": [...]}}, "
+                    f"got {type(data).__name__}")
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
+    for i, record in enumerate(_json_records(path)):
         if not isinstance(record, dict):
             raise DataError(f"{path}[{i}]: expected a JSON object, got {type(record).__name__}")
-    return list(enumerate(data))
+        yield i, record
 
 
-def _read_csv(path: Path) -> list[tuple[int, dict]]:
+def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
     # The csv module rather than pandas: every cell stays text ("007" is not 7), and
     # line_num gives true line numbers even when quoted cells span several lines.
-    out = []
-    with io.StringIO(_decode(path), newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            return out
-        end = reader.line_num
-        for row in reader:
-            start, end = end + 1, reader.line_num
-            if None in row:
-                raise DataError(f"{path}:{start}: {len(row[None])} more cells than the "
-                                f"{len(reader.fieldnames)} header columns")
-            out.append((start, row))
-    return out
+    reader = csv.DictReader(line for _, line in text_lines(path))
+    if reader.fieldnames is None:
+        return
+    end = reader.line_num
+    for row in reader:
+        start, end = end + 1, reader.line_num
+        if None in row:
+            raise DataError(f"{path}:{start}: {len(row[None])} more cells than the "
+                            f"{len(reader.fieldnames)} header columns")
+        yield start, row
 
 
-def _read_parquet(path: Path) -> list[tuple[int, dict]]:
+def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
     import pyarrow.parquet as pq
 
     # pyarrow's to_pylist gives plain lists and dicts for nested columns (pandas would give
     # numpy arrays) and None for nulls.
-    return list(enumerate(pq.read_table(path).to_pylist()))
+    yield from enumerate(pq.read_table(path).to_pylist())
 
 
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
            ".parquet": _read_parquet}
 
 
-def read_indexed(path: str | Path) -> list[tuple[int, dict]]:
-    """Records of a data file with their index (line number or list position)."""
+def iter_indexed(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Records of a data file with their index (line number or list position), read as they
+    are asked for: a bad record stops the reading there."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a directory; expected a data file ({', '.join(READERS)})")
@@ -129,15 +134,26 @@ def read_indexed(path: str | Path) -> list[tuple[int, dict]]:
     if reader is None:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; expected one of "
                         f"{', '.join(READERS)}")
-    records = reader(path)
-    if not records:
+    return _nonempty_records(path, reader(path))
+
+
+def _nonempty_records(path: Path, records: Iterator) -> Iterator[tuple[int, dict]]:
+    empty = True
+    for item in records:
+        empty = False
+        yield item
+    if empty:
         raise DataError(f"{path}: the dataset is empty (no records)")
-    return records
+
+
+def read_indexed(path: str | Path) -> list[tuple[int, dict]]:
+    """Records of a data file with their index (line number or list position)."""
+    return list(iter_indexed(path))
 
 
 def read_records(path: str | Path) -> list[dict]:
     """All records of a .json, .jsonl, .csv or .parquet file, as dicts."""
-    return [record for _, record in read_indexed(path)]
+    return [record for _, record in iter_indexed(path)]
 
 
 def detect_format(record: dict, where: str = "record") -> str:

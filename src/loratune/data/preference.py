@@ -25,7 +25,7 @@ import torch
 from loratune.config import DataConfig
 from loratune.data.encode import IGNORE, answer_spans
 from loratune.data.errors import DataError
-from loratune.data.formats import locate, read_indexed
+from loratune.data.formats import iter_indexed, locate
 from loratune.data.templates import resolve_template
 
 PAIR_KEYS = ("chosen", "rejected")
@@ -225,7 +225,7 @@ def build_preference_examples(path: str | Path, tokenizer, cfg: DataConfig,
     template = resolve_template(tokenizer, cfg.template)
     stats = PreferenceStats(format=kind)
     out = []
-    for index, record in read_indexed(path):
+    for index, record in iter_indexed(path):
         where = locate(path, index)
         stats.n_records += 1
         found = record_kind(record, where)
