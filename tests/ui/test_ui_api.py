@@ -173,8 +173,11 @@ def test_api_key_guards_the_api_but_not_the_page(runs_dir):
 def test_ui_has_serves_startup_rules(monkeypatch):
     monkeypatch.delenv("LORATUNE_API_KEY", raising=False)
     assert startup_api_key(UiConfig()) is None
-    with pytest.raises(ValueError, match="--host 0.0.0.0 is reachable from other machines"):
+    with pytest.raises(ValueError, match="--host 0.0.0.0 is reachable from other machines") \
+            as err:
         startup_api_key(UiConfig(host="0.0.0.0"))
+    # the dashboard's risk in its own words (serve's are about adapters)
+    assert "start training runs" in str(err.value) and "adapters" not in str(err.value)
     assert startup_api_key(UiConfig(host="0.0.0.0", api_key="x")) == "x"
     with pytest.raises(ValueError, match="--api-key is empty"):
         startup_api_key(UiConfig(api_key=" "))

@@ -594,9 +594,11 @@ def startup_api_key(cfg: ServeConfig | UiConfig) -> str | None:
         if key is not None and not key.strip():
             raise ValueError("$LORATUNE_API_KEY is set but empty: set a key or unset it")
     if key is None and not is_loopback(cfg.host) and not cfg.insecure_no_key:
+        risk = ("start training runs and read every run" if isinstance(cfg, UiConfig)
+                else "generate and load adapters")
         raise ValueError(f"--host {cfg.host} is reachable from other machines and no --api-key "
                          "is set: give a key (or $LORATUNE_API_KEY), or --insecure-no-key to "
-                         "let anyone who reaches the port generate and load adapters")
+                         f"let anyone who reaches the port {risk}")
     return key
 
 
