@@ -445,6 +445,7 @@ async def generate(state: _State, request: Request, kind: str):
         model_label = model
         for name in adapters:
             await asyncio.to_thread(check_adapter, state, name)
+        state.engine.pool.check_weights(adapters)
         handle = state.engine.submit(GenerationRequest(ids, adapters, params, state.timeout_s))
     except (APIError, ServeError) as err:
         err = err if isinstance(err, APIError) else from_serve_error(err)

@@ -27,7 +27,8 @@ from loratune.serve.pool import AdapterPool, entry_key
 from loratune.serve.sampling import check_seed, find_stop, held_back, new_generator, next_token
 from loratune.serve.slot_batch import SlotBatch
 from loratune.serve.slot_cache import slot_cache_refusal
-from loratune.serve.types import Event, GenerationRequest, QueueFull, ServeError
+from loratune.serve.types import (Event, GenerationRequest, NonFiniteOutput, QueueFull,
+                                  ServeError)
 
 
 class Handle:
@@ -107,6 +108,7 @@ class Sequence:
     done: bool = False
     in_batch: bool = False           # holds a row of the running batch
     final: Event | None = None       # the last event, held back until the row is retired
+    poisoned: bool = False           # its logits went non-finite: reset what it used
 
 
 class Engine:
@@ -189,6 +191,7 @@ class Engine:
             name, _, weight = part.strip().partition(":")
             self.pool.folder(name)               # UnknownAdapter / BadAdapter name check
             adapters[name] = adapters.get(name, 0.0) + adapter_weight(weight, model_field)
+            check_weight(name, adapters[name], model_field)   # "a:1e308+a:1e308" sums to inf
         return adapters
 
     def submit(self, request: GenerationRequest) -> Handle:
@@ -363,19 +366,32 @@ class Engine:
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Choose and record each row's next token from logits [rows, vocab]; a failure here
-        ends its row alone (the forward was shared, the sampling is each request's own)."""
-        greedy = [i for i, s in enumerate(seqs) if s.request.params.temperature <= 0]
-        picked: dict[int, int] = {}
-        if greedy:   # one argmax and one device-to-host copy for all greedy rows
-            chosen = logits if len(greedy) == len(seqs) else logits[greedy]
-            picked = dict(zip(greedy, chosen.argmax(-1).tolist()))
+        ends its row alone (the forward was shared, the sampling is each request's own).
+        A row whose logits are not finite fails: argmax over NaN is a token nobody chose."""
+        # One device-to-host copy for all rows: the greedy choice, or -1 where not finite.
+        codes = torch.where(torch.isfinite(logits).all(-1), logits.argmax(-1), -1).tolist()
         for i, seq in enumerate(seqs):
             try:
-                token = picked[i] if i in picked else next_token(logits[i], seq.request.params,
-                                                                 seq.generator)
+                if codes[i] < 0:
+                    raise self._non_finite(seq)
+                params = seq.request.params
+                token = codes[i] if params.temperature <= 0 else next_token(
+                    logits[i], params, seq.generator)
                 self._append(seq, token)
             except Exception as err:
                 self._fail(seq, err)
+
+    def _non_finite(self, seq: Sequence) -> Exception:
+        """The error of a row whose logits went inf/NaN; its row and adapter slot are marked
+        to be reset when it leaves (see _retire)."""
+        seq.poisoned = True
+        where = f"at completion token {len(seq.tokens) + 1}"
+        if seq.request.adapters:
+            return NonFiniteOutput(f"model {seq.key!r} produced non-finite logits (inf or NaN) "
+                                   f"{where}: its adapter weights overflow the model's numbers; "
+                                   "this request was ended, others are unaffected")
+        return RuntimeError(f"the base model produced non-finite logits (inf or NaN) {where}; "
+                            "this request was ended, others are unaffected")
 
     def _append(self, seq: Sequence, token: int) -> None:
         """Record a sampled token; stream the text that is now safe to send."""
@@ -457,6 +473,8 @@ class Engine:
                     self._finish(seq, "timeout")
             if seq.done:
                 self.pool.release(seq.slot)
+                if seq.poisoned and seq.request.adapters:
+                    self.pool.drop_entry(seq.key)   # its slot is zeroed, read again on next use
                 ended.append(seq)
             else:
                 keep.append(i)
@@ -474,6 +492,10 @@ class Engine:
         self.batch.reset()
 
 
+# Compositions are folded into B in float32 (pool.compose): a weight beyond its range is inf.
+WEIGHT_MAX = torch.finfo(torch.float32).max
+
+
 def adapter_weight(text: str, model_field: str) -> float:
     """The weight after "name:" in a composition (1 when absent); finite, or a 400."""
     try:
@@ -484,3 +506,11 @@ def adapter_weight(text: str, model_field: str) -> float:
         raise ServeError(f"model: adapter weight {text!r} in {model_field!r} must be a finite "
                          "number", param="model")
     return weight
+
+
+def check_weight(name: str, weight: float, model_field: str) -> None:
+    """A weight (summed over repeats of `name`) must be finite in float32, where it is used."""
+    if not abs(weight) <= WEIGHT_MAX:
+        raise ServeError(f"model: the weight of adapter {name!r} in {model_field!r} is "
+                         f"{weight:g}, not a finite float32 number (at most {WEIGHT_MAX:.3g} in "
+                         "magnitude)", param="model")

@@ -20,6 +20,16 @@ import torch
 from torch import nn
 
 
+def slot_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a layer's LoRA slots are stored and multiplied in: its weight's, or the
+    compute dtype of a 4-bit layer (whose weight is packed integers)."""
+    layer = getattr(layer, "base_layer", layer)
+    w = getattr(layer, "weight", None)
+    if w is not None and w.dtype.is_floating_point:
+        return w.dtype
+    return getattr(layer, "compute_dtype", torch.float32)
+
+
 class RowSlots:
     """The slot index of each row of the batch being run (shared by all layers of a model)."""
 
@@ -71,18 +81,12 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("lora_B", None, persistent=False)
         self.filled: set[int] = set()           # slots holding a nonzero update here
 
-    def _compute_dtype(self) -> torch.dtype:
-        w = getattr(self.base_layer, "weight", None)
-        if w is not None and w.dtype.is_floating_point:
-            return w.dtype
-        return getattr(self.base_layer, "compute_dtype", torch.float32)
-
     def _grow(self, rank: int, device: torch.device) -> None:
         """Make room for rank `rank`, keeping the slots already filled."""
         old = 0 if self.lora_A is None else self.lora_A.shape[1]
         if rank <= old:
             return
-        dtype = self._compute_dtype()
+        dtype = slot_dtype(self.base_layer)
         a = torch.zeros(self.num_slots, rank, self.in_features, device=device, dtype=dtype)
         # [out, slots, rank]: viewed as [out, slots·rank] it is the B of every slot side by side.
         b = torch.zeros(self.out_features, self.num_slots, rank, device=device, dtype=dtype)

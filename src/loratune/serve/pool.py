@@ -8,6 +8,7 @@ CPU memory, so a GPU-served adapter comes back without a disk read.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -24,18 +25,20 @@ from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, LORA_KINDS
 from loratune.adapters.registry import AdapterError
 from loratune.config import LoraConfig
 from loratune.readers import CorruptFileError
-from loratune.serve.multi_lora import MultiLoraLinear, RowSlots, attach, detach
-from loratune.serve.types import BadAdapter, UnknownAdapter
+from loratune.serve.multi_lora import MultiLoraLinear, RowSlots, attach, detach, slot_dtype
+from loratune.serve.types import BadAdapter, ServeError, UnknownAdapter
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
 class HostLora:
-    """One adapter as read from disk: per layer path, A [r, in] and scale·B [out, r] (CPU)."""
+    """One adapter as read from disk: per layer path, A [r, in] and scale·B [out, r] (CPU).
+    `max_weight`: the largest composition weight its B takes within the slots' bound."""
 
     name: str
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    max_weight: float = math.inf
 
     @property
     def nbytes(self) -> int:
@@ -47,6 +50,34 @@ def entry_key(adapters: dict[str, float]) -> str:
     if len(adapters) == 1 and next(iter(adapters.values())) == 1.0:
         return next(iter(adapters))
     return "+".join(f"{n}:{w:g}" for n, w in sorted(adapters.items()))
+
+
+def value_limit(dtype: torch.dtype) -> float:
+    """The largest magnitude a slot value may have in `dtype`: the square root of its range,
+    so a product of two such values is still finite (1.8e19 in float32 and bfloat16, 256 in
+    float16). A value past it is no trained adapter; it would turn rows into inf and NaN."""
+    return math.sqrt(torch.finfo(dtype).max)
+
+
+def value_problem(t: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Why float32 `t` cannot be a slot tensor of `dtype` (None when it can). Checked in
+    float32: a finite value within value_limit(dtype) is finite after the cast too."""
+    peak = t.abs().max().item() if t.numel() else 0.0
+    if not math.isfinite(peak):
+        return f"has values that are not finite ({peak}) in float32"
+    if peak > value_limit(dtype):
+        return (f"has values up to {peak:.3g}; at most {value_limit(dtype):.3g} keeps products "
+                f"finite in {str(dtype).removeprefix('torch.')}, the dtype this layer runs in")
+    return None
+
+
+def check_slot_values(what: str, path: str, a: torch.Tensor, b: torch.Tensor,
+                      dtype: torch.dtype) -> None:
+    """Refuse A or scale·B of layer `path` that would overflow `dtype` (BadAdapter, 422)."""
+    for label, t in (("lora_A", a), ("lora_B × scale", b)):
+        problem = value_problem(t, dtype)
+        if problem is not None:
+            raise BadAdapter(f"{what}: {path} {label} {problem}")
 
 
 def check_name(name: str) -> str:
@@ -96,9 +127,19 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
                              f"{tuple(b.shape)}; this model's layer needs A ({r}, {shape_in}) and "
                              f"B ({shape_out}, {r}) ({ANOTHER_BASE})")
         layers[path] = (a.float(), b.float() * adapter.scale(path, r))
+        check_slot_values(f"adapter {name!r} ({weights_path})", path, *layers[path],
+                          slot_dtype(layer))
     if not layers:
         raise BadAdapter(f"{weights_path}: no LoRA tensors")
-    return HostLora(name, layers)
+    return HostLora(name, layers, max_weight(layers, model))
+
+
+def max_weight(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], model: nn.Module) -> float:
+    """The largest |weight| a composition may give these layers: every scale·B times it
+    stays within its layer's value_limit."""
+    ratios = [value_limit(slot_dtype(model.get_submodule(path))) / peak
+              for path, (_, b) in layers.items() if (peak := b.abs().max().item()) > 0]
+    return min(ratios, default=math.inf)
 
 
 def compose(parts: list[tuple[HostLora, float]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -133,6 +174,7 @@ class AdapterPool:
         self.host: OrderedDict[str, HostLora] = OrderedDict()
         # Reads made by check() before a first use; that use takes them instead of reading again.
         self.checked: dict[str, HostLora] = {}
+        self.max_weights: dict[str, float] = {}   # adapter -> HostLora.max_weight, once read
         self.counts = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0, "load_seconds": 0.0,
                        "host_hits": 0}
         self.model: nn.Module | None = None
@@ -217,6 +259,9 @@ class AdapterPool:
         t0 = time.perf_counter()
         parts = [(self._host_lora(n), w) for n, w in adapters.items()]
         layers = compose(parts)
+        for path, (a, b) in layers.items():     # the weights times B, in the slots' dtype
+            check_slot_values(f"model {key!r}", path, a, b,
+                              slot_dtype(self.model.get_submodule(path)))
         with self.lock:
             slot = self.free.pop()
             self._fill(slot, layers)
@@ -225,6 +270,28 @@ class AdapterPool:
             self.counts["loads"] += 1
             self.counts["load_seconds"] += time.perf_counter() - t0
             return self._pin(slot)
+
+    def check_weights(self, adapters: dict[str, float]) -> None:
+        """Refuse a composition weight that would take an adapter's values past the slots'
+        bound (a 400 before the request runs), for adapters read already; acquire checks
+        the composed tensors themselves."""
+        for name, weight in adapters.items():
+            with self.lock:
+                limit = self.max_weights.get(name, math.inf)
+            if abs(weight) > limit:
+                raise ServeError(f"model: weight {weight:g} for adapter {name!r} is too large: "
+                                 f"its lora_B × scale times the weight must stay within the "
+                                 f"range where products are finite in the model's dtype, which "
+                                 f"allows weights up to {limit:.3g}", param="model")
+
+    def drop_entry(self, key: str) -> None:
+        """Forget the slot of entry `key` (an adapter or composition whose rows went
+        non-finite): it is zeroed once no running row holds it, and read again on next use."""
+        with self.lock:
+            slot = self.live.pop(key, None)
+            self.members.pop(key, None)
+            if slot is not None and slot not in self.pins:
+                self._clear(slot)
 
     def release(self, slot: int) -> None:
         if slot == 0:
@@ -249,6 +316,7 @@ class AdapterPool:
         lora = read_lora(name, self.folder(name), self.model)
         with self.lock:
             self.checked[name] = lora
+            self.max_weights[name] = lora.max_weight
 
     def _host_lora(self, name: str) -> HostLora:
         with self.lock:
@@ -261,6 +329,8 @@ class AdapterPool:
             raise RuntimeError("AdapterPool.bind(model) must be called before adapters are used")
         if lora is None:
             lora = read_lora(name, self.folder(name), self.model)
+            with self.lock:
+                self.max_weights[name] = lora.max_weight
         if self.host_adapters:
             with self.lock:
                 self.host[name] = lora
@@ -290,6 +360,7 @@ class AdapterPool:
 
     def _drop_entries_with(self, name: str) -> bool:
         self.checked.pop(name, None)  # read from a folder that may no longer be the name's
+        self.max_weights.pop(name, None)
         keys = [k for k, names in self.members.items() if name in names]
         for key in keys:
             slot = self.live.pop(key)

@@ -102,7 +102,15 @@ class SlotCache(Cache):
 
     def prefill(self, first: int, columns: torch.Tensor) -> None:
         """The next forward is a prefill of rows first.. ; token t of row b goes to column
-        columns[b, t] (the trash column for padding). Attention sees the new tokens only."""
+        columns[b, t] (the trash column for padding). Attention sees the new tokens only.
+
+        The rows are zeroed first: a decode step reads columns past a row's own length under
+        a mask, and a mask does not hide what a previous request left there if it is NaN or
+        inf (NaN + mask is NaN; a zero weight times NaN is NaN).
+        """
+        rows = slice(first, first + columns.shape[0])
+        for t in (*self.keys, *self.values):
+            t[rows].zero_()
         self._mode, self._first, self._index = "prefill", first, columns
 
     def decode(self, positions: torch.Tensor, width: int) -> None:

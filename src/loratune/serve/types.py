@@ -30,6 +30,12 @@ class BadAdapter(ServeError):
     status = 422
 
 
+class NonFiniteOutput(ServeError):
+    """A request whose adapter made the model's logits inf or NaN: it alone ends."""
+
+    status = 422
+
+
 class QueueFull(ServeError):
     status = 429
 
