@@ -4,13 +4,15 @@ The boundary is the operating system's: each program runs under bubblewrap (`bwr
 package `bubblewrap`) in new user, PID, network, mount, IPC, UTS and cgroup namespaces, as
 `nobody` with no capabilities, in its own session, killed when the evaluator dies
 (--die-with-parent). It sees:
-- the interpreter, its standard library and the virtual environment, read-only, plus /usr
-  (and the /bin, /lib* links to it) and /etc/ld.so.cache; nothing else of the host: not the
-  user's home, the project folder, /etc, other processes or the network (only its own loopback);
-- /tmp, its working folder: a private tmpfs capped at `disk_mb` in all (the program, bound
-  read-only, and the guard live in /sandbox);
-- a seccomp filter (`seccomp.py`, built with libseccomp where it is installed) that kills it
-  on fork, device/fifo nodes, non-Unix sockets, pidfds, ptrace, mounts and new namespaces.
+- the interpreter, its standard library and the virtual environment, read-only, at their own
+  paths (a venv inside the project brings only itself), plus /usr (and the /bin, /lib* links
+  to it) and /etc/ld.so.cache; nothing else of the host: not the user's home, the project,
+  /etc, /tmp, other processes or the network (only its own loopback);
+- /sandbox/work, its working folder (HOME and TMPDIR too): a private tmpfs capped at `disk_mb`
+  in all; the program and the guard are bound read-only beside it in /sandbox;
+- a seccomp filter (`seccomp.py`, built with libseccomp) that kills it (SIGSYS, reported as
+  refused) on fork, device/fifo nodes, non-Unix sockets, pidfds, ptrace, mounts and new
+  namespaces. Without libseccomp (Debian `libseccomp2`) it runs without one, with a warning.
 Inside, `python -I -B` runs `sandbox_guard.py`, which sets RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE
 and RLIMIT_NOFILE, installs an audit hook (a second layer: it names what was refused, it is
 not the boundary), runs the program, and only after the program returned prints a random
@@ -191,8 +193,12 @@ def _seccomp_file(root: Path, sandbox: str):
     """An open file holding the compiled filter for `bwrap --seccomp`, or None."""
     from loratune.eval.seccomp import compiled_filter
 
-    program = compiled_filter() if sandbox == "bwrap" else None
+    if sandbox != "bwrap":
+        return None
+    program = compiled_filter()
     if program is None:
+        warnings.warn("libseccomp not found (apt-get install libseccomp2): generated code runs "
+                      "under bwrap without a seccomp filter", UnsandboxedWarning, stacklevel=3)
         return None
     (root / "seccomp.bpf").write_bytes(program)
     return open(root / "seccomp.bpf", "rb")
