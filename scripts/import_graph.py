@@ -24,7 +24,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "loratune"
 # Bottom to top; a package may import from its own layer (no cycle) and the layers below.
 LAYERS: list[tuple[str, ...]] = [
     ("config", "command_config", "flags",     # typed configs (and their command-line flags),
-     "files", "readers"),                     # atomic writes, checked reads
+     "files", "readers", "progress",          # atomic writes, checked reads, progress lines,
+     "http_guard"),                           # what local HTTP servers accept from browsers
     ("quant",),                               # the 4-bit format, Linear4bit, 8-bit AdamW
     ("models", "data"),                       # base models (4-bit ones too), data sets
     ("adapters",),                            # methods, injection, the PEFT format
