@@ -165,3 +165,18 @@ def test_batches_are_seeded(tmp_path, smol_tokenizer):
     assert not all(a["input_ids"].shape == b["input_ids"].shape and
                    (a["input_ids"] == b["input_ids"]).all() for a, b in zip(one, other))
     assert collate_unpaired(examples[:2], 0)["desirable"].tolist() == [True, False]
+
+
+def test_pairs_with_the_same_answer_are_counted(tmp_path, smol_tokenizer):
+    rows = [{"prompt": "q", "chosen": "same", "rejected": "same"},
+            {"prompt": "q", "chosen": "yes", "rejected": "no"},
+            {"prompt": "q", "chosen": "a b c d e f g h i j", "rejected": "a b c d e f g h i z"}]
+    _, stats = _pairs(_write(tmp_path, rows), smol_tokenizer)
+    assert (stats.n_pairs, stats.n_identical) == (3, 1)
+    # Cut to data.max_length (one prompt token, eight answer tokens) the third pair is the same
+    # tokens too: the objective sees no difference.
+    _, stats = _pairs(_write(tmp_path, rows), smol_tokenizer, max_length=9)
+    assert (stats.n_pairs, stats.n_identical) == (3, 2)
+    _, stats = build_preference_examples(_write(tmp_path, rows), smol_tokenizer,
+                                         DataConfig(max_length=128), "unpaired")
+    assert (stats.n_pairs, stats.n_identical) == (3, 1)

@@ -238,3 +238,23 @@ def test_resume_continues_exactly_and_reads_the_cache(tmp_path, pairs_file, smol
     b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_identical_pairs_are_counted_once_before_training(tmp_path, smol_tokenizer, capsys,
+                                                          objective):
+    rows = [{"prompt": f"Repeat the word {w}", "chosen": f"{w} {w}", "rejected": "no"}
+            for w in WORDS]
+    for i in (1, 4, 7):  # the same answer twice: nothing to prefer
+        rows[i]["rejected"] = rows[i]["chosen"]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train(_cfg(tmp_path, data, objective, objective, max_steps=2), model=tiny_llama(
+        vocab=len(smol_tokenizer)), tokenizer=smol_tokenizer)
+    out = capsys.readouterr().out.splitlines()
+    warnings = [i for i, line in enumerate(out) if "chosen == rejected" in line]
+    assert len(warnings) == 1, out
+    assert out[warnings[0]].startswith(f"warning: 3 of 12 pairs in {data} have chosen == "
+                                       "rejected")
+    # right after the data line, before the adapter is even made
+    assert out[warnings[0] - 1].startswith("data: ")

@@ -65,6 +65,8 @@ class PreferenceStats:
     n_truncated: int = 0  # cut to data.max_length (prompt first)
     n_dropped: int = 0  # longer than max_length with data.overflow: drop
     format: str = ""  # "pairs" or "unpaired"
+    n_pairs: int = 0  # chosen/rejected pairs kept (KTO: each gave two examples)
+    n_identical: int = 0  # of them, pairs whose chosen and rejected tokens are the same
 
     def dropped(self) -> str:
         why = " (longer than data.max_length, data.overflow: drop)" if self.n_dropped else ""
@@ -266,6 +268,8 @@ def _encode_record(record: dict, found: str, kind: str, tokenizer, template: str
         prompt, (chosen, rejected), cut = fit_length(p1, [chosen, rejected], cfg.max_length)
         if not _keep(cut, cfg, stats):
             return []
+        stats.n_pairs += 1
+        stats.n_identical += chosen == rejected  # after the cut: what the objective sees
         if kind == "pairs":
             return [PairExample(prompt, chosen, rejected)]
         return [UnpairedExample(prompt, chosen, True), UnpairedExample(prompt, rejected, False)]

@@ -40,6 +40,7 @@ from loratune.train.objectives import (Objective, build_preference_data,
                                        training_objective)
 from loratune.train.offload import activation_offload, offload_notes
 from loratune.train.optim import build_optimizer, set_lr
+from loratune.train.preference import identical_pairs_warning
 from loratune.train.run_folder import (RunFolderError, check_resume_state, check_run_dir,
                                        prepare_run_dir, resume_state, write_config,
                                        write_summary)
@@ -283,6 +284,9 @@ def setup_preference_data(cfg: RunConfig, tokenizer, paths: DataPaths, log: Log)
     log(f"data: {stats.n_examples} {stats.format} examples for {cfg.train.objective}, "
         f"{stats.n_truncated} truncated (prompt first), {stats.dropped()}; "
         f"held-out: {len(eval_ex)}")
+    warning = identical_pairs_warning(stats, paths[0], cfg.train.objective)
+    if warning:
+        log(warning)
     pad_id = tokenizer.pad_token_id
     eval_batches = epoch_preference_batches(cfg, eval_ex, pad_id, 0) if eval_ex else []
     return TrainData(cfg, train_ex, False, pad_id, eval_batches,

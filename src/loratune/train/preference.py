@@ -27,6 +27,7 @@ from torch import nn
 from loratune.adapters import disable_adapters, set_active
 from loratune.config import TrainConfig
 from loratune.data.encode import IGNORE
+from loratune.data.preference import PreferenceStats
 from loratune.models.logprobs import next_token_logps
 
 PAIRWISE = ("dpo", "ipo", "orpo", "simpo")
@@ -46,6 +47,18 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 def smoothed_sigmoid_loss(z: torch.Tensor, smoothing: float) -> torch.Tensor:
     return -(1 - smoothing) * F.logsigmoid(z) - smoothing * F.logsigmoid(-z)
+
+
+def identical_pairs_warning(stats: PreferenceStats, path: str, objective: str) -> str | None:
+    """What to tell before training when some pairs' chosen and rejected answers are the same
+    tokens: a pairwise preference term has no gradient on them, and KTO gets one completion
+    labelled both desirable and undesirable. None when there are none."""
+    if not stats.n_identical:
+        return None
+    why = ("KTO gets each answer as both desirable and undesirable" if objective == "kto" else
+           f"{objective}'s preference term learns nothing from them")
+    return (f"warning: {stats.n_identical} of {stats.n_pairs} pairs in {path} have chosen == "
+            f"rejected (the same answer tokens, after data.max_length); {why}. Fix or drop them")
 
 
 # ----------------------------------------------------------------------------- formulas
