@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from loratune.serve.api import build_app
 from loratune.serve.engine import Engine
 from loratune.serve.pool import AdapterPool
+from loratune.serve.slot_batch import SlotBatch
 from test_serve_api import _save_lora, assert_error
 from tiny import tiny_llama
 
@@ -61,13 +62,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def client(adapter_dir, smol_tokenizer, one_thread):
+@pytest.fixture(scope="module", params=["slots", "dynamic", "graph-steps"])
+def client(request, adapter_dir, smol_tokenizer, one_thread):
+    """The API on each batch loop; "graph-steps": the CUDA-graph runner's padded static
+    steps (rows past the batch read whatever earlier requests left), replayed eagerly."""
     model = tiny_llama(vocab=len(smol_tokenizer))
     model.register_forward_pre_hook(lambda *_: time.sleep(SLOW["seconds"]))
     engine = Engine(model, smol_tokenizer, AdapterPool(adapter_dir, max_adapters=4),
                     base_name=BASE, max_batch=16, max_queue=64, max_prompt_tokens=96,
-                    max_completion_tokens=64).start()
+                    max_completion_tokens=64,
+                    kv_cache="dynamic" if request.param == "dynamic" else "slots")
+    if request.param == "graph-steps":
+        engine.batch = SlotBatch(model, engine.cache_key, engine.row_slots, engine.device,
+                                 rows=engine.max_batch, columns=engine.columns(),
+                                 graphs="eager", lock=engine.pool.lock)
+    engine.start()
     with TestClient(build_app(engine, request_timeout_s=60),
                     base_url="http://127.0.0.1") as c:
         yield c
