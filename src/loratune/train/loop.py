@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from loratune import data as lt_data
+from loratune import progress as lt_progress
 from loratune.data.bundled import resolve_data_paths
 from loratune.adapters import method_record, save_adapter, trainable_report
 from loratune.adapters.fused_lora import set_fused_lora
@@ -494,15 +495,19 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None) -> 
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, forward: Forward, batches: list[dict],
-                  runtime: OneProcess) -> float | None:
+                  runtime: OneProcess, show: bool = True) -> float | None:
     """Held-out loss per label token; the runtime decides which batches each rank runs."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in runtime.eval_batches(batches):
-        loss, n = forward(to_device(batch, runtime.device))
-        total += float(loss)
-        count += n
+    mine = list(runtime.eval_batches(batches))
+    with lt_progress.bar("held-out loss", len(mine), "batches",
+                         enabled=show and runtime.is_main) as bar:
+        for batch in mine:
+            loss, n = forward(to_device(batch, runtime.device))
+            total += float(loss)
+            count += n
+            bar.update(1)
     model.train(was_training)
     total, count = runtime.sum_eval([total, count])
     return total / count if count else None
@@ -562,34 +567,40 @@ class Progress:
 
 def train_steps(run: Run) -> Progress:
     """Steps start_step..total_steps, with held-out loss, metrics and checkpoints on the way."""
-    train_cfg, progress = run.cfg.train, Progress.after(run.before)
+    progress = Progress.after(run.before)
     run.model.train()
-    bar = _progress_bar(run.total_steps, run.start_step, not run.quiet)
-    for step in range(run.start_step, run.total_steps):
-        stats = train_step(run, step)
-        progress.add(stats)
-        record = stats.record()
-        record.update(run.objective.take_metrics(run.runtime.sum))
-        every = train_cfg.eval_every
-        if run.data.eval_batches and every and stats.step % every == 0:
-            progress.eval_loss = evaluate_loss(run.model, run.forward, run.data.eval_batches,
-                                               run.runtime)
-            record["eval_loss"] = round(progress.eval_loss, 6)
-            record.update(run.objective.take_metrics(run.runtime.sum_eval, "eval_"))
-        if stats.step % train_cfg.log_every == 0 or "eval_loss" in record:
-            run.metrics.write(record)
-        progress.history.append(record)
-        bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
-                        tok_s=f"{stats.tokens / stats.seconds:.0f}", **preference_postfix(record))
-        bar.update(1)
-        progress.mark_time(run.before)
-        if train_cfg.save_every and stats.step % train_cfg.save_every == 0 \
-                and stats.step < run.total_steps:
-            save_step_checkpoint(run, stats.step, progress.totals)
-        stop_if_asked(run, stats.step, progress.totals)
-    bar.close()
+    with lt_progress.bar("train", run.total_steps, "steps", run.start_step,
+                         enabled=not run.quiet) as bar:
+        for step in range(run.start_step, run.total_steps):
+            _one_step(run, step, progress, bar)
     progress.mark_time(run.before)
     return progress
+
+
+def _one_step(run: Run, step: int, progress: Progress, bar: lt_progress.Bar) -> None:
+    """Optimizer step `step`, then its held-out loss, metrics line, checkpoint and stop check."""
+    train_cfg = run.cfg.train
+    stats = train_step(run, step)
+    progress.add(stats)
+    record = stats.record()
+    record.update(run.objective.take_metrics(run.runtime.sum))
+    every = train_cfg.eval_every
+    if run.data.eval_batches and every and stats.step % every == 0:
+        progress.eval_loss = evaluate_loss(run.model, run.forward, run.data.eval_batches,
+                                           run.runtime, not run.quiet)
+        record["eval_loss"] = round(progress.eval_loss, 6)
+        record.update(run.objective.take_metrics(run.runtime.sum_eval, "eval_"))
+    if stats.step % train_cfg.log_every == 0 or "eval_loss" in record:
+        run.metrics.write(record)
+    progress.history.append(record)
+    bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
+                    tok_s=f"{stats.tokens / stats.seconds:.0f}", **preference_postfix(record))
+    bar.update(1)
+    progress.mark_time(run.before)
+    if train_cfg.save_every and stats.step % train_cfg.save_every == 0 \
+            and stats.step < run.total_steps:
+        save_step_checkpoint(run, stats.step, progress.totals)
+    stop_if_asked(run, stats.step, progress.totals)
 
 
 def stop_if_asked(run: Run, step: int, totals: Totals) -> None:
@@ -608,13 +619,6 @@ def preference_postfix(record: dict) -> dict[str, str]:
     """The progress bar's share of a preference step's metrics: accuracy and margin."""
     short = {"accuracy": "acc", "margin": "margin", "kl": "kl"}
     return {name: f"{record[key]:.3f}" for key, name in short.items() if key in record}
-
-
-def _progress_bar(total: int, start: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step",
-                mininterval=2.0, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------------- save
@@ -640,7 +644,7 @@ def save(run: Run, progress: Progress) -> TrainResult:
     presence marks the run finished)."""
     if run.data.eval_batches:
         progress.eval_loss = evaluate_loss(run.model, run.forward, run.data.eval_batches,
-                                           run.runtime)
+                                           run.runtime, not run.quiet)
         run.metrics.write({"step": run.total_steps, "eval_loss": round(progress.eval_loss, 6),
                            **run.objective.take_metrics(run.runtime.sum_eval, "eval_")})
     if run.cfg.train.gradient_checkpointing:

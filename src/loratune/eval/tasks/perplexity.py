@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from loratune import progress
 from loratune.data.errors import DataError
 from loratune.data.formats import _read_text, read_indexed
 from loratune.eval.tasks.registry import TaskData, TaskRecord, TaskResult, Timer, hashed, register
@@ -72,6 +73,7 @@ def score_windows(model, rows: list[tuple[list[int], int]], batch_size: int) -> 
     """Log-probabilities of tokens first..end of each (window ids, first scored) row."""
     device = next(model.parameters()).device
     out = []
+    shown = progress.bar("perplexity", len(rows), "windows")
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         width = max(len(ids) for ids, _ in chunk)
@@ -81,6 +83,8 @@ def score_windows(model, rows: list[tuple[list[int], int]], batch_size: int) -> 
         for row, (ids, first) in zip(logp, chunk):
             targets = torch.tensor(ids[first:], device=device)
             out.append(row[first - 1:len(ids) - 1].gather(-1, targets[:, None])[:, 0].cpu())
+        shown.update(len(chunk))
+    shown.close()
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from loratune import progress
 from loratune.data.bundled import BUNDLED, bundled_path
 from loratune.data.formats import locate, read_indexed
 from loratune.data.preference import (PairExample, collate_pairs, encode_pair, pair_messages,
@@ -47,6 +48,7 @@ def pair_logps(model, pairs: list[PairExample], pad_id: int,
     """(B, 2) summed answer log-probs (chosen, rejected) and (B, 2) answer token counts."""
     device = next(model.parameters()).device
     sums, counts = [], []
+    shown = progress.bar("preference", len(pairs), "pairs")
     for i in range(0, len(pairs), batch_size):
         batch = collate_pairs(pairs[i:i + batch_size], pad_id)
         score = (batch["labels"][:, 1:] != -100).to(device)
@@ -55,6 +57,8 @@ def pair_logps(model, pairs: list[PairExample], pad_id: int,
         n = len(batch["input_ids"]) // 2
         sums.append(logps.sum(-1).view(2, n).T.double().cpu())
         counts.append(score.sum(-1).view(2, n).T.double().cpu())
+        shown.update(n)
+    shown.close()
     return torch.cat(sums), torch.cat(counts)
 
 
