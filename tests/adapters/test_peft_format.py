@@ -46,3 +46,62 @@ def test_readers_give_each_module_its_live_rank_and_scale(tmp_path, rslora):
     served = read_lora("a", tmp_path / "a", tiny_llama()).layers  # the server's reader
     for path, (a, scaled_b) in served.items():
         torch.testing.assert_close(scaled_b @ a, live[path].delta_weight())
+
+
+def _lora_folder(tmp_path, **config_edits):
+    """A LoRA folder (rank 4; v_proj rank 2 by rank_pattern) whose adapter_config.json is then
+    edited, so that it disagrees with the tensors."""
+    import json
+
+    model = tiny_llama()
+    add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                rank_pattern={"v_proj": 2})
+    randomize_lora(model)
+    folder = save_adapter(model, tmp_path / "a")
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(config_edits)
+    config_file.write_text(json.dumps(config))
+    return folder
+
+
+def _every_reader_refuses(folder, tmp_path, message):
+    """merge, training's init_from (load_adapter) and serve refuse the folder in the same words."""
+    from loratune.adapters import load_adapter
+    from loratune.config import ConfigError, build_config
+    from loratune.export.merge import read_adapters
+    from loratune.serve.types import BadAdapter
+    from loratune.train.objectives import start_adapter
+
+    with pytest.raises(ValueError) as merge_err:
+        read_adapters([folder], None)
+    with pytest.raises(ValueError) as load_err:
+        load_adapter(tiny_llama(), folder)
+    cfg = build_config({"output_dir": str(tmp_path / "run"), "data": {"train": "x.jsonl"},
+                        "adapter": {"init_from": str(folder)}})
+    with pytest.raises(ConfigError) as init_err:
+        start_adapter(cfg, tiny_llama(), None)
+    with pytest.raises(BadAdapter) as serve_err:
+        read_lora("a", folder, tiny_llama())
+    assert str(merge_err.value) == str(load_err.value) == message
+    assert str(init_err.value) == f"adapter.init_from: {message}"
+    assert str(serve_err.value) == f"adapter 'a': {message}"
+
+
+def test_config_r_that_disagrees_with_the_tensors_is_refused_by_every_reader(tmp_path):
+    folder = _lora_folder(tmp_path, r=8)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _every_reader_refuses(folder, tmp_path, (
+        f"{folder / 'adapter_config.json'}: r is 8, but adapter_model.safetensors holds {key} of "
+        "shape (4, 32), rank 4; the config and the tensors disagree (the update is scaled by "
+        "lora_alpha / r, so a wrong r changes it): fix r or rank_pattern"))
+
+
+def test_rank_pattern_that_disagrees_with_the_tensors_is_refused_by_every_reader(tmp_path):
+    folder = _lora_folder(tmp_path, rank_pattern={"v_proj": 3})
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"
+    _every_reader_refuses(folder, tmp_path, (
+        f"{folder / 'adapter_config.json'}: rank_pattern['v_proj'] is 3, but "
+        f"adapter_model.safetensors holds {key} of shape (2, 32), rank 2; the config and the "
+        "tensors disagree (the update is scaled by lora_alpha / r, so a wrong r changes it): "
+        "fix r or rank_pattern"))

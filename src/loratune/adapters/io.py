@@ -17,7 +17,7 @@ from loratune.adapters.host import hosts, saved_modules
 from loratune.adapters.inject import add_adapter, adapter_config, delete_adapter
 from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, PREFIX, WEIGHTS_NAME,
                                            canonical_path, file_key, read_adapter_config,
-                                           read_adapter_weights, write_peft_folder)
+                                           read_peft_weights, write_peft_folder)
 from loratune.adapters.registry import AdapterError, method_names, method_record
 from loratune.config import AdapterConfig
 
@@ -135,7 +135,7 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str = "default",
     """Inject adapter `name` from a PEFT folder and load its weights; strict about keys/shapes."""
     folder = Path(folder)
     config, raw = read_adapter_config(folder)
-    weights = read_adapter_weights(folder)
+    weights = read_peft_weights(folder, config, raw).tensors
     record = method_record(config.method)
     patterns = {}
     if record.has_rank:

@@ -27,7 +27,7 @@ from loratune.adapters.registry import (AdapterError, method_names, method_recor
                                         records_of_peft_type)
 from loratune.config import AdapterConfig
 from loratune.files import write_atomic_dir
-from loratune.readers import check_finite, read_safetensors
+from loratune.readers import CorruptFileError, check_finite, read_safetensors
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -37,6 +37,9 @@ LORA_KINDS = ("lora_A.weight", "lora_B.weight")
 # Keys or shapes that do not fit the loaded model nearly always mean the adapter was trained on
 # another base (a bigger or smaller sibling); every loader says so in these words.
 ANOTHER_BASE = "adapter for another base model?"
+# Where the rank sits in the tensors of methods with one (the registry's has_rank): LoRA's
+# A [r, in] and B [out, r] (DoRA's too), MoE-LoRA's A [experts, r, in] and B [experts, out, r].
+RANK_AXES = {"lora_A.weight": 0, "lora_B.weight": 1, "moe_lora_A": 1, "moe_lora_B": 2}
 # Keys PEFT writes that carry no meaning for a plain LoRA here; read and dropped quietly.
 _PEFT_ONLY = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
@@ -82,14 +85,21 @@ def canonical_path(path: str) -> str:
     return path.replace(".base_layer.", ".")
 
 
-def pattern_value(path: str, pattern: dict, default):
-    """PEFT's rank/alpha patterns: the value of the first key (a module path or regex) that
-    matches `path`, else `default`."""
+def pattern_key(path: str, pattern: dict) -> str | None:
+    """PEFT's rank/alpha patterns: the first key (a module path or regex) that matches `path`."""
     path = canonical_path(path)
-    for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", path):
-            return value
-    return default
+    return next((key for key in pattern if re.fullmatch(rf"(.*\.)?{key}", path)), None)
+
+
+def pattern_value(path: str, pattern: dict, default):
+    """The value of the pattern's key for `path` (see pattern_key), else `default`."""
+    key = pattern_key(path, pattern)
+    return default if key is None else pattern[key]
+
+
+class AdapterMismatch(AdapterError, CorruptFileError):
+    """adapter_config.json and the tensors of one folder disagree. Both an AdapterError and a
+    CorruptFileError: the folder is unusable as it stands, whichever a reader catches."""
 
 
 def weights_file(folder: Path) -> Path:
@@ -213,8 +223,40 @@ class PeftFolder:
         return lora_scale(self.alpha(path), r, self.config.use_rslora)
 
 
+    def rank_source(self, path: str) -> str:
+        """Which config entry gives the module its rank: `r`, or `rank_pattern['<key>']`."""
+        key = pattern_key(path, self.raw.get("rank_pattern") or {})
+        return "r" if key is None else f"rank_pattern[{key!r}]"
+
+
+def check_ranks(adapter: PeftFolder) -> None:
+    """Refuse a folder whose config gives a module another rank than its tensors have; merge,
+    training and serving would otherwise each make something different of it."""
+    record = method_record(adapter.config.method)
+    if not record.has_rank:
+        return
+    for path, parts in adapter.modules().items():
+        want = adapter.rank(path)
+        for kind, tensor in parts.items():
+            axis = RANK_AXES.get(kind) if kind in record.file_keys else None
+            if axis is None or tensor.dim() <= axis or tensor.shape[axis] == want:
+                continue
+            source = adapter.rank_source(path)
+            raise AdapterMismatch(
+                f"{adapter.folder / CONFIG_NAME}: {source} is {want}, but {WEIGHTS_NAME} holds "
+                f"{file_key(path, kind)} of shape {tuple(tensor.shape)}, rank "
+                f"{tensor.shape[axis]}; the config and the tensors disagree (the update is "
+                "scaled by lora_alpha / r, so a wrong r changes it): fix r or rank_pattern")
+
+
+def read_peft_weights(folder: str | Path, config: AdapterConfig, raw: dict) -> PeftFolder:
+    """The folder with its tensors, once they are known to fit its config (read_adapter_config):
+    the one reader merge, training (init_from) and the server go through."""
+    adapter = PeftFolder(Path(folder), config, raw, read_adapter_weights(folder))
+    check_ranks(adapter)
+    return adapter
+
+
 def read_peft_folder(folder: str | Path) -> PeftFolder:
-    """Config and tensors of an adapter folder (see read_adapter_config, read_adapter_weights)."""
-    folder = Path(folder)
-    config, raw = read_adapter_config(folder)
-    return PeftFolder(folder, config, raw, read_adapter_weights(folder))
+    """Config and tensors of an adapter folder (see read_adapter_config, read_peft_weights)."""
+    return read_peft_weights(folder, *read_adapter_config(folder))

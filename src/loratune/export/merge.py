@@ -20,7 +20,7 @@ import torch
 
 from loratune.adapters.inject import new_layer_adapter
 from loratune.adapters.peft_format import (ANOTHER_BASE, PeftFolder, module_path,
-                                           read_adapter_config, read_adapter_weights)
+                                           read_adapter_config, read_peft_weights)
 from loratune.adapters.registry import AdapterError, method_record
 from loratune.export.safetensors_io import StreamWriter, read_index, read_tensor
 from loratune.files import check_output_path, write_atomic_dir
@@ -70,7 +70,7 @@ def read_adapters(folders: list[str | Path], weights: list[float] | None) -> lis
             raise AdapterError(f"{folder}: a {config.method} adapter cannot be merged: {why}. "
                                "Load it on the base model instead (loratune chat/serve "
                                "--adapter DIR).")
-        tensors = read_adapter_weights(folder)
+        tensors = read_peft_weights(folder, config, raw).tensors
         out.append(AdapterFile(Path(folder), config, raw, tensors,
                                1.0 if weights is None else float(weights[i])))
     return out

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, LORA_KINDS, PeftFolder,
-                                           file_key, read_adapter_config, read_adapter_weights,
+                                           file_key, read_adapter_config, read_peft_weights,
                                            split_key, weights_file)
 from loratune.adapters.registry import AdapterError
 from loratune.config import LoraConfig
@@ -102,7 +102,7 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
         raise BadAdapter(f"adapter {name!r} ({folder}) trains biases or whole modules "
                          "(bias / modules_to_save); those cannot be mixed per row. Merge it instead")
     try:
-        weights = read_adapter_weights(folder)
+        weights = read_peft_weights(folder, config, raw).tensors
     except CorruptFileError as err:
         raise BadAdapter(f"adapter {name!r}: {err}") from None
     stray = sorted(k for k in weights if split_key(k, LORA_KINDS) is None)
