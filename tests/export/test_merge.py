@@ -157,3 +157,44 @@ def test_pruned_adalora_adapter_merges(base_dir, tmp_path):
     merge_folder(base_dir, read_adapters([tmp_path / "ada"], None), tmp_path / "out")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(logits(plain), expected, atol=1e-4, rtol=0)
+
+
+def _fill(folder, value: float):
+    """Every tensor of the adapter's file set to `value`: finite in float32, so reading passes."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    save_file({k: torch.full_like(v, value) for k, v in load_file(path).items()}, path)
+    return folder
+
+
+def test_merge_refuses_non_finite_results_by_tensor_name_and_writes_nothing(base_dir, tmp_path):
+    config = LoraConfig(r=4, target_modules="all-linear")
+    out = tmp_path / "out"
+    merge_folder(base_dir, read_adapters([_adapter(base_dir, tmp_path, config, "ok", 1)], None),
+                 out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    huge = _fill(_adapter(base_dir, tmp_path, config, "huge", 2), 3e38)
+    with pytest.raises(AdapterError) as err:
+        merge_folder(base_dir, read_adapters([huge], None), out, overwrite=True)
+    message = str(err.value)
+    assert message.startswith(f"{out}: the merge gives NaN or Inf in 14 tensors as float32 (")
+    assert message.endswith(", and 11 more); nothing was written. Check the adapters' values "
+                            "(or the weights given with --weights), or write a wider --dtype")
+    named = message.split(" (", 1)[1].split(", and")[0].split(", ")
+    assert len(named) == 3 and all(n.endswith("_proj.weight") for n in named)
+    # the merge that was there is untouched, and no temp folder is left beside it
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "huge", "ok", "out"]
+
+
+def test_merge_checks_values_in_the_dtype_written(base_dir, tmp_path):
+    # B·A is about 1e7 per entry: finite in float32 and bfloat16, past float16's 65504.
+    big = _fill(_adapter(base_dir, tmp_path, LoraConfig(r=4, target_modules=["q_proj"]), "big",
+                         1), 1e3)
+    merge_folder(base_dir, read_adapters([big], None), tmp_path / "f32")
+    merge_folder(base_dir, read_adapters([big], None), tmp_path / "bf16", dtype="bfloat16")
+    with pytest.raises(AdapterError, match=r"NaN or Inf in 2 tensors as float16 \("
+                                           r"model\.layers\.\d\.self_attn\.q_proj\.weight, "):
+        merge_folder(base_dir, read_adapters([big], None), tmp_path / "f16", dtype="float16")
+    assert not (tmp_path / "f16").exists()

@@ -185,7 +185,7 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
         if b is not None:
             stash[bias_name] = b.to(out_type(index[bias_name]))
 
-    def produce(name: str) -> torch.Tensor:
+    def output(name: str) -> torch.Tensor:
         path = name.rsplit(".", 1)[0]
         if path in merged_paths and name.endswith((".weight", ".bias")):
             if name not in stash:
@@ -193,17 +193,37 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
             return stash.pop(name)
         return read(name).to(out_type(index[name]))
 
+    non_finite: list[tuple[str, torch.dtype]] = []
+
+    def produce(name: str) -> torch.Tensor:
+        # Checked as written: a sum finite in float32 can still overflow float16.
+        tensor = output(name)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            non_finite.append((name, tensor.dtype))
+        return tensor
+
     plan = [(name, out_type(e), e.shape) for name, e in index.items()]
 
     def fill(tmp: Path) -> None:
         shards = plan_shards(plan, parse_size(shard_size))
         write_shards(tmp, shards, produce)
+        if non_finite:  # every tensor is made first, so that the error can name them all
+            raise _non_finite_error(out, non_finite)
         stats["shards"] = len(shards)
         _copy_side_files(base, tmp, config, dtype)
 
     write_atomic_dir(out, fill, overwrite=overwrite, marker="config.json")
     return MergeReport(out, stats["merged"], len(replaced), stats["shards"],
                        time.perf_counter() - t0)
+
+
+def _non_finite_error(out: Path, bad: list[tuple[str, torch.dtype]]) -> AdapterError:
+    names = ", ".join(name for name, _ in bad[:3]) + (f", and {len(bad) - 3} more"
+                                                      if len(bad) > 3 else "")
+    dtypes = ", ".join(sorted({str(dtype).removeprefix("torch.") for _, dtype in bad}))
+    return AdapterError(f"{out}: the merge gives NaN or Inf in {len(bad)} tensors as {dtypes} "
+                        f"({names}); nothing was written. Check the adapters' values (or the "
+                        "weights given with --weights), or write a wider --dtype")
 
 
 def _all_paths(modules: list[dict]) -> set[str]:
