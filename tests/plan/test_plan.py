@@ -162,3 +162,40 @@ def test_plan_cli_scaling(capsys):
     assert per_gpu == sorted(per_gpu, reverse=True) and per_gpu[-1] < per_gpu[0] / 4
     assert main(["plan", "--model", "7b", "--gpus", "4", "--parallel", "fsdp"]) == 0
     assert "per GPU of 4 (fsdp, base sharded)" in capsys.readouterr().out
+
+
+def test_plan_answers_for_the_configured_device(capsys, monkeypatch):
+    """device cpu: this machine's RAM, no CUDA context row, no GPU table; a GPU only when
+    asked with --gpu (issue 24: 'fits on RTX 3060' for a CPU config)."""
+    from loratune.plan import report
+
+    monkeypatch.setattr(report, "host_memory", lambda: (16 * 2**30, 9 * 2**30))
+    assert main(["plan", "--model", "smollm2-135m-instruct", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "CUDA" not in out and "RTX" not in out and "A100" not in out
+    assert "runtime (python, torch)" in out
+    total = float(next(x for x in out.splitlines() if x.strip().startswith("total")).split()[1])
+    assert out.splitlines()[-1] == (f"fits in this machine's RAM: {total:.2f} of 16.00 GiB; "
+                                    "9.00 GiB available now")
+    monkeypatch.setattr(report, "host_memory", lambda: (2**29, None))
+    assert main(["plan", "--model", "7b", "--device", "cpu"]) == 0
+    assert "does not fit in this machine's RAM:" in capsys.readouterr().out
+    assert main(["plan", "--model", "7b", "--device", "cpu", "--gpu", "rtx3060"]) == 0
+    assert "on RTX 3060 12 GB" in capsys.readouterr().out
+
+
+def test_plan_for_a_gpu_run_lists_no_gpu_table_unless_asked(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["plan", "--model", "7b", "--method", "qlora"]) == 0
+    out = capsys.readouterr().out
+    assert "RTX" not in out and "runtime / CUDA context" in out
+    assert out.splitlines()[-1].startswith("no GPU here: --gpu NAME or SIZE says whether it fits")
+
+
+def test_host_memory_is_this_machines():
+    from loratune.plan.report import host_memory
+
+    total, available = host_memory()
+    assert total > 2**28 and (available is None or 0 < available <= total)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 from loratune.command_config import PlanConfig
@@ -15,6 +16,8 @@ ROWS = [("weights", "weights"), ("quant_stats", "quantization scales"),
         ("logits", "logits (loss)"), ("temporaries", "dequantized temporaries"),
         ("overhead", "runtime / CUDA context"),
         ("communication", "DDP/FSDP buffers")]
+# On a CPU run the overhead row is the process itself: there is no CUDA context.
+CPU_LABELS = {"overhead": "runtime (python, torch)"}
 
 
 class PlanError(ValueError):
@@ -34,7 +37,9 @@ def render(shape: ModelShape, setup: Setup, b: Breakdown) -> str:
                 f"{'base sharded' if setup.sharded else 'base replicated'})"
                 if setup.gpus > 1 else "")]
     other = estimate(shape, replace(setup, checkpointing=not setup.checkpointing))
+    cpu = setup.device.split(":")[0] == "cpu"
     for key, label in ROWS:
+        label = CPU_LABELS.get(key, label) if cpu else label
         value = getattr(b, key)
         if value:
             note = (f"   ({'without' if setup.checkpointing else 'with'} checkpointing: "
@@ -42,6 +47,39 @@ def render(shape: ModelShape, setup: Setup, b: Breakdown) -> str:
             lines.append(f"  {label:<26}{gib(value):>9} GiB{note}")
     lines.append(f"  {'total':<26}{gib(b.total):>9} GiB")
     return "\n".join(lines)
+
+
+def host_memory() -> tuple[int, int | None]:
+    """(total, available now or None) bytes of this machine's RAM."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return total, int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: the total alone
+        return total, None
+
+
+def ram_verdict(total: int) -> str:
+    """Whether a CPU run fits this machine's RAM (and what is free now)."""
+    ram, available = host_memory()
+    word = "fits" if total <= ram else "does not fit"
+    free = f"; {gib(available)} GiB available now" if available is not None else ""
+    return f"{word} in this machine's RAM: {gib(total)} of {gib(ram)} GiB{free}"
+
+
+def device_lines(total: int, setup: Setup) -> list[str]:
+    """The verdict for the configured device when no --gpu is asked: RAM for a CPU run; for a
+    GPU run the visible GPU's memory, else how to ask about one."""
+    if setup.device.split(":")[0] == "cpu":
+        return [ram_verdict(total)]
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(setup.device))
+        return [verdict(total, props.name, props.total_memory)]
+    return [f"no GPU here: --gpu NAME or SIZE says whether it fits one ({', '.join(GPUS)}, "
+            "or e.g. 24GB)"]
 
 
 def verdict(total: int, label: str, memory: int) -> str:
@@ -123,11 +161,11 @@ def run(cfg: PlanConfig) -> str:
         shape = resolve_shape(cfg.model)
         b = estimate(shape, setup)
         lines = [render(shape, setup, b)]
-        targets = [parse_memory(cfg.gpu)] if cfg.gpu else [GPUS[n] for n in GPUS]
-        for label, memory in targets:
-            lines.append(verdict(b.total, label, int(memory)))
-        if cfg.gpu:
-            lines += advice_lines(shape, setup, *targets[0], cfg.target_batch)
+        if not cfg.gpu:
+            return "\n".join(lines + device_lines(b.total, setup))
+        label, memory = parse_memory(cfg.gpu)
+        lines.append(verdict(b.total, label, int(memory)))
+        lines += advice_lines(shape, setup, label, memory, cfg.target_batch)
         return "\n".join(lines)
     except ValueError as err:
         raise PlanError(str(err)) from None
