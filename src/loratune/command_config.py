@@ -94,6 +94,9 @@ class ServeConfig(CommandConfig):
         None, description="require 'Authorization: Bearer KEY' (default: $LORATUNE_API_KEY)")
     insecure_no_key: bool = Field(False,
                                   description="allow a non-loopback --host without an API key")
+    allowed_host: list[str] = Field(
+        default_factory=list, description="another Host name the server answers (besides "
+        "loopback names and --host), e.g. a name it is reached by through a proxy; repeat")
     # a 2048-token prompt is ~10 KB; 4 MiB leaves ample room
     max_body_bytes: int = Field(4 * 2**20, ge=1, description="larger request bodies get 413")
     route: str | None = Field(

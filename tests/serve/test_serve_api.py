@@ -31,6 +31,8 @@ BASE = "tiny-base"
 ZH = [{"role": "user", "content": "请用一句话解释什么是低秩适配。"}]
 EN = [{"role": "user", "content": "Explain low-rank adaptation in one sentence."}]
 SLOW = {"seconds": 0.0}   # per-forward delay, so a client can hang up mid-generation
+LOCAL = "http://127.0.0.1:8000"   # the Host a client on this machine sends (the guard checks it)
+JSON = {"content-type": "application/json"}   # raw bodies: the guard wants a JSON type
 
 
 def _save_lora(tok, folder, name, seed):
@@ -77,7 +79,7 @@ def engine(adapter_dir, smol_tokenizer):
 @pytest.fixture(scope="module")
 def client(engine):
     router = LanguageRouter.parse("zh=adapter_zh,en=adapter_en")
-    with TestClient(build_app(engine, router=router)) as c:
+    with TestClient(build_app(engine, router=router), base_url=LOCAL) as c:
         yield c
 
 
@@ -213,7 +215,7 @@ def test_models_list_and_adapter_load_unload(client, engine, adapter_dir):
 
 
 def test_metrics_count_what_was_served(engine):
-    with TestClient(build_app(engine)) as c:
+    with TestClient(build_app(engine), base_url=LOCAL) as c:
         before = engine.stats()
         usages = [chat(c, "adapter_en").json()["usage"] for _ in range(2)]
         assert chat(c, "no_such").status_code == 404
@@ -240,7 +242,7 @@ def test_metrics_count_what_was_served(engine):
 
 
 def test_api_key(engine):
-    with TestClient(build_app(engine, api_key="s3cret")) as c:
+    with TestClient(build_app(engine, api_key="s3cret"), base_url=LOCAL) as c:
         assert_error(c.get("/v1/models"), 401, "invalid_api_key")
         assert_error(c.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)
         assert_error(chat(c, "fin"), 401)
@@ -272,9 +274,10 @@ def test_bad_requests(client, body, status, words):
 
 def test_malformed_json_and_unknown_route(client):
     resp = client.post("/v1/chat/completions", content=b'{"model": "fin", "messages": [',
-                       headers={"content-type": "application/json"})
+                       headers=JSON)
     assert_error(resp, 400, "invalid_json")
-    assert_error(client.post("/v1/completions", content=b"[1, 2]"), 400, "invalid_json")
+    assert_error(client.post("/v1/completions", content=b"[1, 2]", headers=JSON), 400,
+                 "invalid_json")
     assert_error(client.post("/v1/completions", json={"model": "fin", "prompt": ["a", "b"]}), 400)
     assert_error(client.get("/v1/nothing"), 404)
 
@@ -289,7 +292,7 @@ def test_queue_full_is_429(smol_tokenizer):
     idle = Engine(model, smol_tokenizer, AdapterPool(None), base_name=BASE, max_queue=1)
     # Never started, so the queue cannot drain.
     idle.submit(GenerationRequest([1, 2, 3], {}, SamplingParams(max_tokens=4)))
-    with TestClient(build_app(idle)) as c:
+    with TestClient(build_app(idle), base_url=LOCAL) as c:
         resp = chat(c, BASE)
     assert_error(resp, 429, "rate_limit_exceeded")
     assert resp.headers["retry-after"] == "1"
@@ -298,13 +301,13 @@ def test_queue_full_is_429(smol_tokenizer):
 
 def test_timeouts_are_504(engine, smol_tokenizer, monkeypatch):
     # The engine's own deadline: expired before admission.
-    with TestClient(build_app(engine, request_timeout_s=1e-6)) as c:
+    with TestClient(build_app(engine, request_timeout_s=1e-6), base_url=LOCAL) as c:
         assert_error(chat(c, "fin"), 504, "timeout")
     # The API's safety net, for an engine that never answers.
     monkeypatch.setattr(serve_api, "DEADLINE_GRACE_S", 0.2)
     idle = Engine(tiny_llama(vocab=len(smol_tokenizer)), smol_tokenizer, AdapterPool(None),
                   base_name=BASE)
-    with TestClient(build_app(idle, request_timeout_s=0.1)) as c:
+    with TestClient(build_app(idle, request_timeout_s=0.1), base_url=LOCAL) as c:
         t0 = time.perf_counter()
         assert_error(chat(c, BASE), 504, "timeout")
         assert time.perf_counter() - t0 < 5
@@ -338,7 +341,7 @@ def test_auto_routes_chinese_to_the_zh_adapter(client, engine, smol_tokenizer):
         assert body["model"] == adapter
         ref = reference(engine, prompt_ids(smol_tokenizer, messages), adapter)
         assert body["choices"][0]["message"]["content"] == ref.text
-    with TestClient(build_app(engine)) as c:   # no --route: "auto" is refused
+    with TestClient(build_app(engine), base_url=LOCAL) as c:   # no --route: "auto" is refused
         assert "--route" in assert_error(chat(c, "auto"), 400)["message"]
 
 

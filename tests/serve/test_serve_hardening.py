@@ -22,8 +22,8 @@ from loratune.serve.api import DEFAULT_MAX_BODY_BYTES, build_app, startup_api_ke
 from loratune.serve.engine import Engine
 from loratune.serve.pool import AdapterPool
 from loratune.serve.types import GenerationRequest, SamplingParams, ServeError
-from test_serve_api import (EN, _save_lora, assert_error, chat, reference, slow_engine,
-                            sse_events)
+from test_serve_api import (EN, JSON, LOCAL, _save_lora, assert_error, chat, reference,
+                            slow_engine, sse_events)
 from tiny import tiny_llama
 
 BASE = "tiny-base"
@@ -57,7 +57,7 @@ def engine(adapter_dir, smol_tokenizer):
 
 @pytest.fixture(scope="module")
 def client(engine):
-    with TestClient(build_app(engine, request_timeout_s=20)) as c:
+    with TestClient(build_app(engine, request_timeout_s=20), base_url=LOCAL) as c:
         yield c
 
 
@@ -203,7 +203,7 @@ def test_garbled_adapter_file_fails_only_its_own_request(engine, client, slow):
 
 # -- 2. the body size cap --------------------------------------------------------------------------
 def test_request_body_over_the_cap_is_413(engine):
-    with TestClient(build_app(engine, max_body_bytes=2048)) as c:
+    with TestClient(build_app(engine, max_body_bytes=2048), base_url=LOCAL) as c:
         small = {"model": BASE, "prompt": "hi", "max_tokens": 2}
         assert c.post("/v1/completions", json=small).status_code == 200
         big = {**small, "prompt": "x" * 4096}
@@ -211,13 +211,15 @@ def test_request_body_over_the_cap_is_413(engine):
         assert "2048" in err["message"] and err["type"] == "invalid_request_error"
         # Chunked, without a Content-Length: counted while it arrives.
         chunks = (b'{"model": "x", "prompt": "' + b"y" * 1000 for _ in range(4))
-        assert_error(c.post("/v1/completions", content=chunks), 413, "request_too_large")
-        assert_error(c.post("/v1/adapters/load", content=b" " * 4096), 413)
+        assert_error(c.post("/v1/completions", content=chunks, headers=JSON), 413,
+                     "request_too_large")
+        assert_error(c.post("/v1/adapters/load", content=b" " * 4096, headers=JSON), 413)
     assert DEFAULT_MAX_BODY_BYTES == 4 * 2**20
     assert serve_config([]).max_body_bytes == DEFAULT_MAX_BODY_BYTES
-    with TestClient(build_app(engine)) as c:
+    with TestClient(build_app(engine), base_url=LOCAL) as c:
         huge = b'{"model": "x", "prompt": "' + b"z" * DEFAULT_MAX_BODY_BYTES + b'"}'
-        assert_error(c.post("/v1/completions", content=huge), 413, "request_too_large")
+        assert_error(c.post("/v1/completions", content=huge, headers=JSON), 413,
+                     "request_too_large")
 
 
 # -- 3. templating off the event loop --------------------------------------------------------------
@@ -245,7 +247,7 @@ def test_chat_templating_does_not_block_health_or_other_requests(smol_tokenizer)
     eng = Engine(tiny_llama(vocab=len(smol_tokenizer)), tok, AdapterPool(None),
                  base_name=BASE).start()
     try:
-        with TestClient(build_app(eng)) as c:
+        with TestClient(build_app(eng), base_url=LOCAL) as c:
             out: dict = {}
             thread = threading.Thread(target=lambda: out.update(r=chat(c, BASE)), daemon=True)
             thread.start()
@@ -322,7 +324,7 @@ def test_safe_startups_pass_the_checks(capsys, monkeypatch, tmp_path, argv):
 def test_adapter_loading_needs_an_adapters_folder(engine, adapter_dir):
     model = tiny_llama(vocab=len(engine.tokenizer))
     no_folder = Engine(model, engine.tokenizer, AdapterPool(None), base_name=BASE)
-    with TestClient(build_app(no_folder)) as c:
+    with TestClient(build_app(no_folder), base_url=LOCAL) as c:
         body = {"name": "mine", "path": str(adapter_dir / "good")}
         err = assert_error(c.post("/v1/adapters/load", json=body), 403, "adapters_disabled")
         assert "--adapters" in err["message"]
@@ -375,7 +377,7 @@ def byte_client(smol_tokenizer):
     assert len(hi) >= 3 and tok.decode(hi[-1:]) == "\n"
     cycles.update({a: b for a, b in zip(hi, hi[1:] + [tok.eos_token_id])})
     eng = Engine(chain_model(len(tok), cycles), tok, AdapterPool(None), base_name=BASE).start()
-    with TestClient(build_app(eng)) as c:
+    with TestClient(build_app(eng), base_url=LOCAL) as c:
         yield c, {"zh": zhong[-1], "smile": smile[-1], "hello": hi[0],
                   "hello_rest": tok.decode(hi[1:])}
     eng.stop()

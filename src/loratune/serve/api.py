@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Iterable, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loratune.command_config import ServeConfig, UiConfig
+from loratune.http_guard import HostPolicy, RequestGuard
 from loratune.serve.metrics import Metrics
 from loratune.serve.router import LanguageRouter, last_user_text
 from loratune.serve.sampling import SEED_MAX, SEED_MIN
@@ -60,6 +61,19 @@ _SERVE_ERROR_KINDS = {
     422: ("invalid_request_error", "bad_adapter"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
 }
+
+
+# What the Host/Origin/content-type guard (http_guard) refuses, in OpenAI's terms.
+_GUARD_ERROR_KINDS = {
+    421: ("invalid_request_error", "host_not_allowed"),
+    403: ("permission_error", "cross_origin_refused"),
+    415: ("invalid_request_error", "unsupported_content_type"),
+}
+
+
+def guard_error_body(status: int, message: str) -> dict:
+    type_, code = _GUARD_ERROR_KINDS.get(status, ("invalid_request_error", None))
+    return APIError(status, message, type_, code).body()
 
 
 def status_error(status: int, message: str, param: str | None = None) -> APIError:
@@ -178,14 +192,39 @@ def validate_body(raw: bytes, cls: type[BaseModel]) -> BaseModel:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json")
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON here: it nests arrays or "
+                       "objects too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        raise APIError(400, "the request body must be a JSON object, got "
+                       f"{type(data).__name__ if data is not None else 'null'}",
+                       code="invalid_json")
+    check_text(data)
     try:
         return cls.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "body"
         raise APIError(400, f"{field}: {first['msg']}", code="invalid_value", param=field)
+
+
+def check_text(data: Any) -> None:
+    """Refuse strings that are not Unicode text: JSON's "\\ud800" escape parses to a lone
+    surrogate, which no tokenizer takes (it would be a 500 deep inside it)."""
+    todo = [("body", data)]
+    while todo:             # a loop, not recursion: the body may nest ~1000 levels deep
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend((f"{k}" if where == "body" else f"{where}.{k}", v)
+                        for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((f"{where}.{i}", v) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise APIError(400, f"{where}: not Unicode text ({err.reason} at character "
+                               f"{err.start})", code="invalid_value", param=where) from None
 
 
 # -- prompts --------------------------------------------------------------------------------------
@@ -307,11 +346,18 @@ class _State:
 
 def build_app(engine, api_key: str | None = None, request_timeout_s: float = 120,
               router: LanguageRouter | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app serving `engine` (which the caller starts and stops)."""
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, host: str = "127.0.0.1",
+              allowed_hosts: Iterable[str] = ()) -> FastAPI:
+    """The FastAPI app serving `engine` (which the caller starts and stops), answering as a
+    server bound to `host` (and the names in `allowed_hosts`): a web page the user visits
+    can neither drive it (foreign Origin, non-JSON body) nor read it (DNS rebinding)."""
     state = _State(engine, api_key, request_timeout_s, router, max_body_bytes)
     app = FastAPI(title="loratune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.loratune = state
+    # With a key, a wildcard bind may answer any Host: a page has no key to send.
+    app.add_middleware(RequestGuard, policy=HostPolicy(host, allowed_hosts,
+                                                       any_host=api_key is not None),
+                       body=guard_error_body)
 
     async def auth(request: Request) -> None:
         if not key_matches(request.headers.get("authorization", ""), state.api_key):
@@ -647,7 +693,8 @@ def run(cfg: ServeConfig) -> int:
         print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach this "
               "port can use the model and load adapters")
     app = build_app(engine, api_key=api_key, request_timeout_s=cfg.request_timeout, router=router,
-                    max_body_bytes=cfg.max_body_bytes)
+                    max_body_bytes=cfg.max_body_bytes, host=cfg.host,
+                    allowed_hosts=cfg.allowed_host)
     engine.start()
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
