@@ -264,6 +264,50 @@ class BottleneckConfig(AdapterConfig):
     modules_to_save: list[str] = Field(default_factory=list, description="fully trained modules")
 
 
+class _FactoredUpdateFields(AdapterConfig):
+    """Options LoHa and LoKr share, named as in PEFT (after LyCORIS) so adapter files round-trip.
+    Their classes live here, not in adapters/: the CLI parses a config before it imports torch."""
+
+    r: int = Field(8, gt=0, description="rank of each low-rank factor")
+    alpha: float = Field(8.0, description="scale numerator: the update is scaled by alpha / r")
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="training only: each step "
+                                "drops each output row of the update with this probability")
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="training only: each step "
+                                  "skips a layer's whole update with this probability")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="module names, one regex string, or 'all-linear' (not lm_head)")
+    modules_to_save: list[str] = Field(default_factory=list, description="fully trained modules")
+
+    @property
+    def lora_alpha(self) -> float:
+        """`alpha` under the name per-module alpha patterns are resolved with (adapters/inject)."""
+        return self.alpha
+
+
+class LoHaConfig(_FactoredUpdateFields):
+    """LoHa: the update is the Hadamard (element-wise) product of two rank-r products."""
+
+    method: Literal["loha"] = "loha"
+    init_weights: bool = Field(True, description="True: one factor starts at 0 (a fresh adapter "
+                               "changes nothing); False: all factors random")
+
+
+class LoKrConfig(_FactoredUpdateFields):
+    """LoKr: the update is the Kronecker product of a small and a large (low-rank) factor."""
+
+    method: Literal["lokr"] = "lokr"
+    decompose_both: bool = Field(False, description="also write the small factor as a rank-r "
+                                 "product (when r is below half its larger side)")
+    decompose_factor: int = Field(-1, ge=-1, description="split each dimension as m·n, m = this "
+                                  "when it divides the dimension, else the largest divisor below "
+                                  "it up to the square root; -1: near the square root")
+    rank_dropout_scale: bool = Field(False, description="with rank_dropout: scale the kept rows "
+                                     "up by 1/(fraction kept)")
+    init_weights: bool | Literal["lycoris"] = Field(
+        True, description="True: the small factor starts at 0; lycoris: the large one does "
+        "(either way a fresh adapter changes nothing); False: all factors random")
+
+
 def adapter_config_from(data: dict | AdapterConfig | None) -> AdapterConfig:
     """The config class `data['method']` names (default lora); errors list the methods."""
     if data is None:

@@ -6,6 +6,7 @@ order below is the order commands list them in.
 
 # isort: off
 from loratune.adapters import lora, dora, ia3, adalora, prompt, prefix, moe_lora, bottleneck
+from loratune.adapters import loha, lokr
 # isort: on
 from loratune.adapters.host import AdaptedLinear, AdapterHost, LayerAdapter, SavedModule
 from loratune.adapters.inject import (

@@ -1,0 +1,111 @@
+"""Adapters that rebuild their whole update ΔW [out, in] from small factors (LoHa, LoKr).
+
+Unlike LoRA's B·A, a Hadamard or Kronecker product has no cheap path through x, so (as PEFT
+does) each forward builds ΔW and applies it: an extra out×in matmul per layer, and ΔW is kept
+for backward. The scale is alpha / r. PEFT's two training-time regularisers are kept:
+`module_dropout` skips a layer's update for a step, `rank_dropout` zeroes random output rows
+of ΔW (LoHa rescales the kept rows by 1/(fraction kept); LoKr only with `rank_dropout_scale`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loratune.adapters.host import LayerAdapter, adapted_layers, leaf_names
+from loratune.adapters.lora import checked_rank
+from loratune.adapters.peft_format import canonical_path, pattern_value
+from loratune.config import AdapterConfig
+
+
+def he_uniform(*shape: int, device=None) -> torch.Tensor:
+    """A factor initialised as nn.Linear initialises its weight."""
+    return nn.init.kaiming_uniform_(torch.empty(shape, device=device), a=math.sqrt(5))
+
+
+class DeltaWeightAdapter(LayerAdapter):
+    """The shared half: scale, dropouts, merge and the file's rank; a subclass makes its
+    factors (`make_factors`) and multiplies them out (`unscaled_delta`)."""
+
+    rescale_rank_dropout = True
+
+    def __init__(self, in_features: int, out_features: int, config, r: int | None = None,
+                 alpha: float | None = None, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.in_features, self.out_features = in_features, out_features
+        self.alpha = config.alpha if alpha is None else alpha
+        self.set_rank(checked_rank(r, config), device, dtype)
+
+    def set_rank(self, r: int, device=None, dtype=None) -> None:
+        """(Re)make the factors for rank r, initialised as the config says."""
+        self.r = r
+        self.scaling = self.alpha / r
+        for name in getattr(self, "factor_names", ()):
+            delattr(self, name)
+        factors = self.make_factors(r, device)
+        self.factor_names = tuple(factors)
+        for name, value in factors.items():
+            self.register_parameter(name, nn.Parameter(value.to(device=device, dtype=dtype)))
+
+    def make_factors(self, r: int, device) -> dict[str, torch.Tensor]:
+        """File kind -> initialised fp32 factor on `device`, for rank r."""
+        raise NotImplementedError
+
+    def unscaled_delta(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW [out, in] in the adapter's dtype, scaled, without dropout."""
+        return self.unscaled_delta() * self.scaling
+
+    def dropped_rows(self, delta: torch.Tensor) -> torch.Tensor:
+        """ΔW with each output row zeroed with probability rank_dropout (training only)."""
+        keep = (torch.rand(delta.shape[0], device=delta.device) >= self.config.rank_dropout)
+        keep = keep.to(delta.dtype)
+        if self.rescale_rank_dropout:  # all rows dropped: ΔW is 0 whatever the divisor
+            keep = keep / keep.mean().clamp_min(1.0 / delta.shape[0])
+        return delta * keep.view(-1, 1)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, weight: float = 1.0,
+               base: nn.Module | None = None, base_out: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        if self.training and self.config.module_dropout:
+            if torch.rand(()).item() < self.config.module_dropout:
+                return out
+        delta = self.delta_weight()
+        if self.training and self.config.rank_dropout:
+            delta = self.dropped_rows(delta)
+        return out + (weight * F.linear(x.to(delta.dtype), delta)).to(out.dtype)
+
+    def merge_into(self, w: torch.Tensor, bias: torch.Tensor | None, weight: float):
+        return w + weight * self.delta_weight().float(), bias
+
+    def unmerge_from(self, w: torch.Tensor, bias: torch.Tensor | None, weight: float):
+        return w - weight * self.delta_weight().float(), bias
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.factor_names}
+
+    def fit_file(self, path: str, tensors: dict[str, torch.Tensor], raw: dict) -> None:
+        """Take the module's rank from the file's rank_pattern (a merge builds the adapter from
+        the config's r; a Kronecker factor's shape may not show the rank, its scale needs it)."""
+        r = int(pattern_value(path, raw.get("rank_pattern") or {}, self.config.r))
+        if r != self.r:
+            first = next(iter(self.file_tensors().values()))
+            self.set_rank(checked_rank(r, self.config), first.device, first.dtype)
+
+
+def factored_peft_fields(model: nn.Module, name: str, config: AdapterConfig,
+                         compact: bool = True) -> dict:
+    """adapter_config.json fields beside the options: target_modules as leaf names, and the
+    per-module ranks/alphas that differ from r/alpha."""
+    layers = [(p, l.adapters[name]) for p, l in adapted_layers(model) if name in l.adapters]
+    return {"target_modules": leaf_names(model, name, config.target_modules),
+            "rank_pattern": {canonical_path(p): a.r for p, a in layers if a.r != config.r},
+            "alpha_pattern": {canonical_path(p): a.alpha for p, a in layers
+                              if a.alpha != config.alpha},
+            "layers_to_transform": None, "layers_pattern": None}
