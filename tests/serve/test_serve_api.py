@@ -195,7 +195,11 @@ def test_models_list_and_adapter_load_unload(client, engine, adapter_dir):
     ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert ids == [BASE, "adapter_en", "adapter_zh", "broken", "fin", "auto"]
 
-    assert_error(chat(client, "late"), 404, "model_not_found")
+    err = assert_error(chat(client, "late"), 404, "model_not_found")
+    # every name /v1/models lists, the base model's too (issue 24 item 6)
+    assert err["message"].endswith("known: " + ", ".join(ids)) and err["param"] == "model"
+    err = assert_error(chat(client, "fin:0.5+late"), 404, "model_not_found")
+    assert err["message"].endswith("known: " + ", ".join(ids))
     resp = client.post("/v1/adapters/load", json={"name": "late",
                                                   "path": str(adapter_dir / "more" / "late")})
     assert resp.status_code == 200, resp.text

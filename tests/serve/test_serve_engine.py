@@ -175,7 +175,7 @@ def test_composition_equals_weighted_adapters(setup):
     torch.testing.assert_close(ours, refs["composed"], atol=1e-5, rtol=1e-5)
     assert engine.resolve("a1+a0") == {"a1": 1.0, "a0": 1.0}
     assert engine.resolve("tiny") == {}
-    with pytest.raises(UnknownAdapter, match="known: a0, a1, a2"):
+    with pytest.raises(UnknownAdapter, match="known: tiny, a0, a1, a2"):
         engine.resolve("a0+nope")
 
 
@@ -276,7 +276,7 @@ def test_limits_and_queue_bound(setup):
         engine.submit(request(list(range(9))))
     with pytest.raises(ServeError, match="prompt is empty"):
         engine.submit(request([]))
-    with pytest.raises(UnknownAdapter, match="known: a0, a1, a2"):
+    with pytest.raises(UnknownAdapter, match="known: tiny, a0, a1, a2"):
         engine.submit(request(PROMPTS[0], {"zz": 1.0}))
     engine.submit(request(PROMPTS[0]))
     engine.submit(request(PROMPTS[1]))

@@ -28,7 +28,7 @@ from loratune.serve.metrics import Metrics
 from loratune.serve.router import LanguageRouter, last_user_text
 from loratune.serve.sampling import SEED_MAX, SEED_MIN
 from loratune.serve.types import (BadAdapter, Event, GenerationRequest, SamplingParams,
-                                  ServeError)
+                                  ServeError, UnknownAdapter)
 
 # The engine enforces each request's timeout itself; this margin is only a safety net for an
 # engine that stopped answering, so a client never waits forever.
@@ -440,6 +440,15 @@ def list_models(state: _State) -> dict:
     return {"object": "list", "data": data}
 
 
+def resolve_servable(state: _State, model: str) -> dict[str, float]:
+    """The engine's adapters for `model`; a 404 names what /v1/models lists (base, adapters,
+    "auto" with a router): what a client may send instead."""
+    try:
+        return state.engine.resolve(model)
+    except UnknownAdapter as err:
+        raise UnknownAdapter(err.name, [m["id"] for m in list_models(state)["data"]]) from None
+
+
 def check_adapter(state: _State, name: str) -> None:
     """Read adapter `name` once per folder version, so a broken folder is a 422 up front.
 
@@ -487,7 +496,7 @@ async def generate(state: _State, request: Request, kind: str):
         # Templating and tokenizing a long prompt takes a while: on a worker thread, so /health
         # and the other requests' streams go on meanwhile.
         ids, model = await asyncio.to_thread(prompt_and_model, state, body, kind)
-        adapters = state.engine.resolve(model)
+        adapters = resolve_servable(state, model)
         model_label = model
         for name in adapters:
             await asyncio.to_thread(check_adapter, state, name)

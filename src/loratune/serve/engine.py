@@ -28,7 +28,7 @@ from loratune.serve.sampling import check_seed, find_stop, held_back, new_genera
 from loratune.serve.slot_batch import SlotBatch
 from loratune.serve.slot_cache import slot_cache_refusal
 from loratune.serve.types import (Event, GenerationRequest, NonFiniteOutput, QueueFull,
-                                  ServeError)
+                                  ServeError, UnknownAdapter)
 
 
 class Handle:
@@ -189,15 +189,23 @@ class Engine:
         adapters: dict[str, float] = {}
         for part in model_field.split("+"):
             name, _, weight = part.strip().partition(":")
-            self.pool.folder(name)               # UnknownAdapter / BadAdapter name check
+            self._known(name)
             adapters[name] = adapters.get(name, 0.0) + adapter_weight(weight, model_field)
             check_weight(name, adapters[name], model_field)   # "a:1e308+a:1e308" sums to inf
         return adapters
 
+    def _known(self, name: str) -> None:
+        """A BadAdapter for a name no folder may have; an UnknownAdapter listing every name
+        a request's `model` may give (the base's first)."""
+        try:
+            self.pool.folder(name)
+        except UnknownAdapter as err:
+            raise UnknownAdapter(name, [self.base_name, *err.known]) from None
+
     def submit(self, request: GenerationRequest) -> Handle:
         self._check(request)
         for name in request.adapters:
-            self.pool.folder(name)
+            self._known(name)
         return self._enqueue(request)
 
     def _enqueue(self, request: GenerationRequest) -> Handle:
