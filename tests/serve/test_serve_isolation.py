@@ -9,7 +9,6 @@ after unloading, from 0·inf in the all-slots LoRA matmul and NaN left in freed 
 """
 
 import shutil
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
