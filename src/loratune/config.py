@@ -7,11 +7,11 @@ silently ignored setting.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, StringConstraints,
+                      ValidationError, field_validator, model_validator)
 
 
 class ConfigError(ValueError):
@@ -149,6 +149,18 @@ class _LowRankFields(AdapterConfig):
     modules_to_save: list[str] = Field(default_factory=list, description="fully trained modules")
 
 
+class LoftQOptions(_Section):
+    """LoftQ (init_lora_weights: loftq), named as PEFT's loftq_config."""
+
+    loftq_bits: Literal[4] = Field(4, description="bits of the quantized residual base (NF4)")
+    loftq_iter: int = Field(1, gt=0, description="alternations of NF4 quantization and SVD")
+
+
+# Inits that move a rank-r part of the base weight into the adapter (the base keeps the rest);
+# pissa_niter_K (a randomized SVD with K subspace iterations) too.
+BASE_INITS = ("pissa", "olora", "loftq")
+
+
 class LoraConfig(_LowRankFields):
     """LoRA (and DoRA) hyper-parameters."""
 
@@ -156,6 +168,28 @@ class LoraConfig(_LowRankFields):
         "lora", description="dora: weight-decomposed LoRA (a trained magnitude per output row)")
     r: int = Field(8, gt=0, description="rank of the update B·A")
     use_dora: bool = Field(False, description="PEFT's name for method: dora")
+    init_lora_weights: Literal[True, "gaussian", "pissa", "olora", "loftq"] | Annotated[
+        str, StringConstraints(pattern=r"^pissa_niter_[1-9][0-9]*$")] = Field(
+        True, description="True: A kaiming-uniform, B = 0; 'gaussian': A ~ N(0, 1/r), B = 0; "
+        "'pissa': A, B from W's r principal singular directions, the base keeps the residual "
+        "('pissa_niter_K': by a randomized SVD with K iterations); 'olora': from W's QR "
+        "factorization; 'loftq': the base becomes NF4(W - s·B·A), B·A fitted to the "
+        "quantization error. Saved files are plain LoRAs of rank 2r for the unchanged base")
+    loftq_config: LoftQOptions | None = Field(None, description="LoftQ's options (with "
+                                              "init_lora_weights: loftq)")
+
+    @model_validator(mode="after")
+    def _base_init_fits(self):
+        if self.init_lora_weights == "loftq" and self.loftq_config is None:
+            self.loftq_config = LoftQOptions()
+        elif self.init_lora_weights != "loftq" and self.loftq_config is not None:
+            self.loftq_config = None  # PEFT writes {} when unused and ignores it
+        changes_base = self.init_lora_weights in BASE_INITS or str(
+            self.init_lora_weights).startswith("pissa")
+        if changes_base and self.method != "lora":
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} changes the base "
+                             f"weight and is for method lora only, not {self.method}")
+        return self
 
     @model_validator(mode="after")
     def _dora_both_ways(self):

@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loratune.adapters.base_inits import (base_init, config_converts_on_save, converts_on_save,
+                                          niter, plain_lora_fields, plain_lora_tensors,
+                                          start_from_base)
 from loratune.adapters.fused_lora import fused_lora_forward
 from loratune.adapters.host import LayerAdapter, adapted_layers, leaf_names
 from loratune.adapters.peft_format import LORA_KINDS, canonical_path, lora_scale
@@ -50,6 +53,12 @@ class LoraAdapter(LayerAdapter):
             # Same init as nn.Linear's weight, so A starts like a freshly made projection.
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+
+    def init_from_base(self, base: nn.Module) -> None:
+        """PiSSA, OLoRA, LoftQ: A and B from the base weight, which keeps the rest
+        (adapters/base_inits.py)."""
+        if base_init(self.config.init_lora_weights) is not None:
+            start_from_base(self, base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
@@ -93,6 +102,10 @@ class LoraAdapter(LayerAdapter):
         """Live tensors by the key suffix PEFT's files use."""
         return dict(zip(LORA_KINDS, (self.lora_A, self.lora_B)))
 
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """After PiSSA/OLoRA the update for the unchanged base (rank 2r), else the live tensors."""
+        return plain_lora_tensors(self) if converts_on_save(self) else self.file_tensors()
+
 
 def new_lora(config: LoraConfig, path: str, in_features: int, out_features: int, *,
              r: int | None = None, alpha: float | None = None, device=None, dtype=None
@@ -113,13 +126,30 @@ def lora_peft_fields(model: nn.Module, name: str, config: AdapterConfig,
                      compact: bool = True) -> dict:
     """The low-rank fields plus r and the per-module ranks/alphas that differ from it."""
     layers = [(p, l.adapters[name]) for p, l in adapted_layers(model) if name in l.adapters]
-    return {**low_rank_fields(model, name, config), "r": config.r, "use_dora": config.use_dora,
-            "rank_pattern": {canonical_path(p): a.r for p, a in layers if a.r != config.r},
-            "alpha_pattern": {canonical_path(p): a.alpha for p, a in layers
-                              if a.alpha != config.lora_alpha}}
+    fields = {**low_rank_fields(model, name, config), "r": config.r, "use_dora": config.use_dora,
+              "rank_pattern": {canonical_path(p): a.r for p, a in layers if a.r != config.r},
+              "alpha_pattern": {canonical_path(p): a.alpha for p, a in layers
+                                if a.alpha != config.lora_alpha}}
+    fields["loftq_config"] = config.loftq_config.model_dump() if config.loftq_config else {}
+    if compact and config_converts_on_save(config):
+        fields = plain_lora_fields(fields, config.use_rslora)
+    return fields
+
+
+def loaded_options(values: dict) -> dict:
+    """A PEFT folder saved right after a randomized PiSSA init (pissa_niter_K, not converted)
+    applies to a residual base that cannot be rebuilt: refused (pissa and olora are rebuilt)."""
+    init = values.get("init_lora_weights")
+    if isinstance(init, str) and niter(init) is not None:
+        raise AdapterError(
+            f"init_lora_weights is {init!r}: the adapter applies to a base from which a "
+            "randomized SVD removed a part, which cannot be rebuilt. Save it from PEFT with "
+            "save_pretrained(path_initial_model_for_weight_conversion=...) (a plain LoRA), or "
+            "train it here: loratune saves such adapters converted")
+    return values
 
 
 register(MethodRecord(
     name="lora", config_class=LoraConfig, peft_type="LORA",
     file_keys=LORA_KINDS, make_layer=new_lora, has_rank=True,
-    peft_fields=lora_peft_fields))
+    peft_fields=lora_peft_fields, loaded_options=loaded_options))
