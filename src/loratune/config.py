@@ -342,6 +342,67 @@ class LoKrConfig(_FactoredUpdateFields):
         "(either way a fresh adapter changes nothing); False: all factors random")
 
 
+class VeraConfig(AdapterConfig):
+    """VeRA: one pair of frozen random projections A, B shared by every adapted layer; each layer
+    trains two vectors only, d on the rank and b on the outputs: ΔW = diag(b)·B·diag(d)·A.
+    (Here, not in adapters/vera.py: the CLI parses a config before it imports torch.)"""
+
+    method: Literal["vera"] = "vera"
+    r: int = Field(256, gt=0, description="rank of the shared projections (a layer trains only "
+                   "r + out values, so VeRA affords far higher ranks than LoRA)")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="module names, one regex string, or 'all-linear' (not lm_head)")
+    projection_prng_key: int = Field(0, description="seed the shared projections are drawn from")
+    save_projection: bool = Field(
+        True, description="write the projections into the adapter file; false: a reader draws "
+        "them again from projection_prng_key (a smaller file, exact only while torch's random "
+        "generator stays the same)")
+    vera_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    d_initial: float = Field(0.1, description="starting value of every d (b starts at 0, so a "
+                             "fresh adapter changes nothing)")
+    bias: Literal["none", "all"] = "none"
+    init_weights: bool = Field(True, description="True: d = d_initial, b = 0; False: b = 1, "
+                               "d ~ N(0, 1) (the adapter changes the output from the start)")
+    modules_to_save: list[str] = Field(default_factory=list, description="fully trained modules")
+
+
+class OFTConfig(AdapterConfig):
+    """OFT: each adapted layer sees its input turned by a block-diagonal orthogonal matrix, the
+    Cayley transform of trained skew-symmetric blocks (PEFT's OFT, version 0.18 and later).
+    (Here, not in adapters/oft.py: the CLI parses a config before it imports torch.)"""
+
+    method: Literal["oft"] = "oft"
+    r: int = Field(0, ge=0, description="blocks per layer; give r or oft_block_size and set the "
+                   "other to 0 (r × oft_block_size = the layer's input width)")
+    oft_block_size: int = Field(32, ge=0, description="width of each block (a divisor of the "
+                                "input width; otherwise the nearest divisor, with a warning)")
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="training only: each step "
+                                  "this fraction of a layer's blocks is left unturned")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="module names, one regex string, or 'all-linear' (not lm_head)")
+    bias: Literal["none", "all"] = "none"
+    init_weights: bool = Field(True, description="True: every block starts as the identity; "
+                               "False: random generators (std 0.1)")
+    coft: bool = Field(False, description="constrained OFT: before each use a block's generator "
+                       "is pulled back to Frobenius norm eps/√blocks at most")
+    eps: float = Field(6e-5, gt=0, description="COFT's radius (only with coft: true)")
+    block_share: bool = Field(False, description="one trained block, shared by all blocks of a "
+                              "layer")
+    use_cayley_neumann: bool = Field(
+        True, description="approximate the Cayley transform by a truncated Neumann series "
+        "(no matrix inverse: faster, nearly orthogonal) instead of solving it exactly")
+    num_cayley_neumann_terms: int = Field(5, gt=0, description="terms of that series")
+    modules_to_save: list[str] = Field(default_factory=list, description="fully trained modules")
+
+    @model_validator(mode="after")
+    def _r_or_block_size(self):
+        if (self.r == 0) == (self.oft_block_size == 0):
+            raise ValueError(f"r={self.r}, oft_block_size={self.oft_block_size}: give exactly one "
+                             "of them and set the other to 0 (r × oft_block_size is a layer's "
+                             "input width)")
+        return self
+
+
 def adapter_config_from(data: dict | AdapterConfig | None) -> AdapterConfig:
     """The config class `data['method']` names (default lora); errors list the methods."""
     if data is None:

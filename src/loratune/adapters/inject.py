@@ -85,6 +85,8 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
     model.requires_grad_(False)
     if record.layer_level:
         targets = _add_layer_adapters(model, config, name, rank_pattern or {}, alpha_pattern or {})
+        if record.after_layers is not None:
+            record.after_layers(model, config, name)
     else:
         before = {p for p, h in hosts(model) if name in h.adapters}
         record.attach(model, config, name, tokenizer)

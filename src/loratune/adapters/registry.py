@@ -64,6 +64,9 @@ class MethodRecord:
     make_layer: Callable[..., nn.Module] | None = None
     # (model, config, name, tokenizer) -> None: put adapter `name` in the method's own host(s).
     attach: Callable[..., None] | None = None
+    # (model, config, name) -> None, layer-level only: runs once adapter `name` sits on every
+    # targeted layer, for state its layers share (VeRA's projections, sized by the largest layer)
+    after_layers: Callable[[nn.Module, AdapterConfig, str], None] | None = None
     # (config, target module paths): refuse options that do not fit the targets (layer-level)
     check_targets: Callable[[AdapterConfig, list[str]], None] | None = None
     why_not_mergeable: str | None = None      # None: merge folds it into the weights
