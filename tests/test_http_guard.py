@@ -28,11 +28,13 @@ def test_host_name_strips_port_and_brackets():
     assert host_name("[::1]:9000") == "::1"
     assert host_name("example.com.") == "example.com"
     assert host_name("::1") == "::1"
+    assert host_name("127.0.0.1:80.evil.com") == ""     # not a port: matches no allowed name
 
 
 def test_loopback_hosts_answer_foreign_hosts_refused():
     assert client(host="localhost:8000").get("/read").status_code == 200
     assert client(host="[::1]:8000").get("/read").status_code == 200
+    assert client().get("/read", headers={"host": "127.0.0.1:80.evil.com"}).status_code == 421
     r = client(host="attacker.example").get("/read")     # DNS rebinding
     assert r.status_code == 421 and "allowed-host" in r.json()["error"]
 

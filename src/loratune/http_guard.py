@@ -33,7 +33,9 @@ def host_name(value: str) -> str:
     if value.startswith("["):
         return value[1:value.find("]")] if "]" in value else value[1:]
     if value.count(":") == 1:
-        value = value.partition(":")[0]
+        value, _, port = value.partition(":")
+        if not port.isdigit():   # "127.0.0.1:80.evil.com" names no port: not one of ours
+            return ""
     return value.rstrip(".")
 
 
