@@ -20,8 +20,10 @@ METHODS = {
     "prefix": ({"num_virtual_tokens": 8}, 5e-2, 0.05),
     "adalora": ({"init_r": 6, "target_r": 3, "tinit": 2, "tfinal": 4, "deltaT": 2,
                  "lora_alpha": 8}, 5e-2, 0.1),
+    "loha": ({"r": 4, "alpha": 8}, 5e-2, 0.1),
+    "lokr": ({"r": 2, "alpha": 4, "decompose_both": True}, 5e-2, 0.1),
 }
-PEFT_TYPES = {"ia3", "adalora", "prompt", "prefix"}
+PEFT_TYPES = {"ia3", "adalora", "prompt", "prefix", "loha", "lokr"}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
