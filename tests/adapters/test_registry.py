@@ -14,7 +14,8 @@ from loratune.adapters import (AdapterError, LayerAdapter, MethodRecord, Trainin
                                add_adapter, load_adapter, merge, method_names, method_record,
                                register, save_adapter, unregister)
 from loratune.adapters.host import leaf_names
-from loratune.config import AdapterConfig, BottleneckConfig, IA3Config, LoraConfig, build_config
+from loratune.config import (AdapterConfig, BottleneckConfig, IA3Config, LoHaConfig, LoKrConfig,
+                             LoraConfig, build_config)
 from loratune.train import train
 from tiny import tiny_llama
 
@@ -155,7 +156,8 @@ def test_a_record_is_either_layer_or_model_level():
 
 BUILTIN = {"lora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
            "dora": LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]),
-           "ia3": IA3Config(), "bottleneck": BottleneckConfig(bottleneck_size=4)}
+           "ia3": IA3Config(), "bottleneck": BottleneckConfig(bottleneck_size=4),
+           "loha": LoHaConfig(r=2), "lokr": LoKrConfig(r=2, decompose_both=True)}
 
 
 @pytest.mark.parametrize("method", sorted(BUILTIN))
