@@ -168,3 +168,19 @@ def test_files_peft_itself_refuses_or_warns_about(tmp_path):
     with pytest.raises(AdapterError, match=r"without oft_block_size was written by PEFT before "
                                            r"0\.14"):
         load_adapter(tiny_llama(), tmp_path / "a")
+
+
+def test_loratune_merge_streams_oft_into_the_base(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from loratune.export.merge import merge_folder, read_adapters
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    torch.manual_seed(2)
+    model = tiny_llama()
+    add_adapter(model, OFTConfig(r=4, oft_block_size=0, init_weights=False))
+    save_adapter(model, tmp_path / "ad")
+    merge_folder(tmp_path / "base", read_adapters([tmp_path / "ad"], [0.6]), tmp_path / "out")
+    set_active(model, {"default": 0.6})
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits(plain), logits(model), atol=1e-5, rtol=0)

@@ -172,3 +172,22 @@ def test_config_parses_before_the_adapters_are_imported():
             "c = build_config({'adapter': {'method': 'vera', 'r': 16}}); "
             "assert c.adapter.r == 16 and 'loratune.adapters' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_loratune_merge_streams_vera_into_the_base(tmp_path, save_projection):
+    """The streaming merge builds each layer alone: it takes the projections from the folder,
+    or draws them at the size of the largest targeted layer of the base."""
+    from transformers import AutoModelForCausalLM
+
+    from loratune.export.merge import merge_folder, read_adapters
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = tiny_llama()
+    add_adapter(model, VeraConfig(r=8, target_modules=TARGETS, init_weights=False,
+                                  save_projection=save_projection, projection_prng_key=5))
+    save_adapter(model, tmp_path / "ad")
+    merge_folder(tmp_path / "base", read_adapters([tmp_path / "ad"], [0.7]), tmp_path / "out")
+    set_active(model, {"default": 0.7})
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits(plain), logits(model), atol=1e-5, rtol=0)

@@ -91,6 +91,12 @@ class LayerAdapter(nn.Module):
         """Reshape to a file's `tensors` (by kind) before they are copied in; `raw` is its
         adapter_config.json (AdaLoRA: a file may hold only the kept ranks)."""
 
+    def fit_folder(self, folder, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Called when the adapter is built alone from an adapter folder (the streaming merge),
+        after `fit_file`: `folder` (a PeftFolder: config, raw, every tensor) and the base's
+        (out, in) shape of each layer the folder targets give what its layers share inside a
+        model (VeRA's projections, drawn at the size of the largest layer)."""
+
 
 class AdapterHost(nn.Module):
     """Holds named adapters at one module path; `base_layer` is the module it wraps, if any."""

@@ -35,17 +35,36 @@ def he_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tens
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
+def draw_projections(config: VeraConfig, in_max: int, out_max: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [r, in_max] and B [out_max, r] from projection_prng_key, in fp32 on the CPU."""
+    generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
+    a = he_uniform((config.r, in_max), generator)  # A first: the order is part of the format
+    return a, he_uniform((out_max, config.r), generator)
+
+
+def stored_projections(tensors: dict[str, torch.Tensor], save_projection: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A file's (A, B) when its config says save_projection, else None; refused, as PEFT
+    refuses it, when the config says so but the file lacks them."""
+    if not save_projection:
+        return None
+    missing = [key for key in PROJECTION_KEYS.values() if key not in tensors]
+    if missing:
+        raise AdapterError(f"adapter_config.json says save_projection: true, but "
+                           f"adapter_model.safetensors has no {' or '.join(missing)}; set "
+                           "save_projection: false to draw them from projection_prng_key")
+    return tensors[PROJECTION_KEYS["vera_A"]], tensors[PROJECTION_KEYS["vera_B"]]
+
+
 class VeraProjection(nn.Module):
     """The frozen A [r, in_max] and B [out_max, r] one adapter's layers share (buffers)."""
 
-    def __init__(self, config: VeraConfig, in_max: int, out_max: int, device=None, dtype=None):
+    def __init__(self, config: VeraConfig, a: torch.Tensor, b: torch.Tensor):
         super().__init__()
         self.config = config
-        generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
-        a = he_uniform((config.r, in_max), generator)  # A first: the order is part of the format
-        b = he_uniform((out_max, config.r), generator)
-        self.register_buffer("vera_A", a.to(device=device, dtype=dtype))
-        self.register_buffer("vera_B", b.to(device=device, dtype=dtype))
+        self.register_buffer("vera_A", a)
+        self.register_buffer("vera_B", b)
 
 
 class VeraProjectionHost(AdapterHost):
@@ -119,6 +138,15 @@ class VeraAdapter(LayerAdapter):
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
 
+    def fit_folder(self, folder, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Built alone (the streaming merge): the folder's own projections, or those drawn at
+        the size of the largest layer it targets, as a model would hold them."""
+        stored = stored_projections(folder.tensors, self.config.save_projection)
+        if stored is None:
+            stored = draw_projections(self.config, max(s[1] for s in shapes.values()),
+                                      max(s[0] for s in shapes.values()))
+        self.shared = VeraProjection(self.config, *stored)
+
 
 def new_vera(config: VeraConfig, path: str, in_features: int, out_features: int, *,
              r: int | None = None, alpha: float | None = None, device=None, dtype=None
@@ -131,8 +159,10 @@ def share_projections(model: nn.Module, config: VeraConfig, name: str) -> None:
     so), put them in the root host and point every layer of the adapter at them."""
     layers = [layer.adapters[name] for _, layer in adapted_layers(model) if name in layer.adapters]
     first = layers[0].vera_lambda_b
-    projection = VeraProjection(config, max(ad.in_features for ad in layers),
-                                max(ad.out_features for ad in layers), first.device, first.dtype)
+    a, b = draw_projections(config, max(ad.in_features for ad in layers),
+                            max(ad.out_features for ad in layers))
+    projection = VeraProjection(config, a.to(first.device, first.dtype),
+                                b.to(first.device, first.dtype))
     host = getattr(model, HOST_ATTR, None)
     if host is None:
         host = VeraProjectionHost()
@@ -154,14 +184,10 @@ def vera_peft_fields(model: nn.Module, name: str, config: VeraConfig,
 def check_projection_keys(model: nn.Module, name: str, raw: dict, weights: dict) -> None:
     """As PEFT: save_projection true needs both projections in the file; with false, any found
     are ignored (the ones drawn from projection_prng_key stay), with a warning."""
+    if stored_projections(weights, raw.get("save_projection", True)) is not None:
+        return
     found = [key for key in PROJECTION_KEYS.values() if key in weights]
-    if raw.get("save_projection", True):
-        missing = [key for key in PROJECTION_KEYS.values() if key not in weights]
-        if missing:
-            raise AdapterError(f"adapter_config.json says save_projection: true, but "
-                               f"adapter_model.safetensors has no {' or '.join(missing)}; set "
-                               "save_projection: false to draw them from projection_prng_key")
-    elif found:
+    if found:
         warnings.warn(f"save_projection is false: ignoring {', '.join(found)} in the adapter "
                       "file and drawing the projections from projection_prng_key", stacklevel=2)
         for key in found:

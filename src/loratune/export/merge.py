@@ -76,8 +76,10 @@ def read_adapters(folders: list[str | Path], weights: list[float] | None) -> lis
     return out
 
 
-def _build(adapter: AdapterFile, path: str, parts: dict, out_f: int, in_f: int, source: str):
-    """The adapter of the module at `path`, filled with its tensors from the file (`parts`)."""
+def _build(adapter: AdapterFile, path: str, parts: dict, out_f: int, in_f: int, source: str,
+           shapes: dict[str, tuple[int, ...]]):
+    """The adapter of the module at `path`, filled with its tensors from the file (`parts`);
+    `shapes`: the base's (out, in) of every module the file targets."""
     record = method_record(adapter.config.method)
     r = alpha = None
     if record.has_rank:  # the file's rank, and the module's alpha
@@ -86,6 +88,7 @@ def _build(adapter: AdapterFile, path: str, parts: dict, out_f: int, in_f: int, 
         alpha = adapter.alpha(path)
     ad = new_layer_adapter(adapter.config, path, in_f, out_f, r=r, alpha=alpha)
     ad.fit_file(path, parts, adapter.raw)
+    ad.fit_folder(adapter, shapes)
     live = ad.file_tensors()
     for suffix, tensor in parts.items():
         if suffix not in live or tuple(live[suffix].shape) != tuple(tensor.shape):
@@ -155,6 +158,7 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
         if missing:
             raise AdapterError(f"{a.folder}: targets {missing[0]}, which {base} does not have "
                                f"({len(missing)} such modules; {ANOTHER_BASE})")
+    shapes = [{p: index[f"{p}.weight"].shape for p in mods} for mods in modules]
     # Tensors a file holds whole (trained biases, modules_to_save) replace the base's.
     replaced = {module_path(k): t for a in adapters for k, t in a.tensors.items()
                 if module_path(k) in index}
@@ -175,9 +179,9 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
         w = read(f"{path}.weight").float()
         bias_name = f"{path}.bias"
         b = read(bias_name).float() if bias_name in index else None
-        for a, m in zip(adapters, modules):
+        for a, m, s in zip(adapters, modules, shapes):
             if path in m:
-                ad = _build(a, path, m[path], w.shape[0], w.shape[1], str(base))
+                ad = _build(a, path, m[path], w.shape[0], w.shape[1], str(base), s)
                 with torch.no_grad():
                     w, b = ad.merge_into(w, b, a.weight)
         stats["merged"] += 1
