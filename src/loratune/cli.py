@@ -138,21 +138,17 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _given_paths(*names: str | None) -> list[Path]:
-    """The command's inputs that are paths on disk (an embedded model's name is not)."""
-    return [Path(n).expanduser() for n in names if n and Path(n).expanduser().exists()]
-
-
 def cmd_generate(args) -> int:
     from loratune.command_config import GenerateConfig
     from loratune.config import DataConfig
     from loratune.data import load_conversations
     from loratune.eval.generate import generate_chat
-    from loratune.files import check_new_file, check_output_path, write_atomic_file
+    from loratune.files import (check_new_file, check_output_path, existing_paths,
+                                write_atomic_file)
 
     cfg = config_from_args(GenerateConfig, args)
     if cfg.out:  # before the slow part: never overwrite an input, or a file unasked
-        check_output_path(cfg.out, _given_paths(cfg.input, cfg.model.name, *cfg.adapter))
+        check_output_path(cfg.out, existing_paths(cfg.input, cfg.model.name, *cfg.adapter))
         check_new_file(Path(cfg.out), cfg.overwrite)
     model, tok = _load(cfg.model, cfg.adapter)
     if cfg.input:
@@ -240,122 +236,27 @@ def cmd_tune_rank(args) -> int:
 
 def cmd_merge(args) -> int:
     from loratune.command_config import MergeConfig
+    from loratune.export.pipeline import write_merged
 
     cfg = config_from_args(MergeConfig, args)
-    return _write_merged(cfg, cfg.adapter, cfg.weights, cfg.qlora, cfg.check)
+    write_merged(cfg, cfg.adapter, cfg.weights, cfg.qlora, cfg.check)
+    return 0
 
 
 def cmd_export_hf(args) -> int:
     from loratune.command_config import ExportHfConfig
+    from loratune.export.pipeline import write_merged
 
-    return _write_merged(config_from_args(ExportHfConfig, args))
-
-
-def _write_merged(cfg, adapter_dirs: list[str] = (), weights: list[float] | None = None,
-                  qlora: str | None = None, check: bool = False) -> int:
-    """`merge` (adapters given) and `export hf` (none): a Hugging Face folder at cfg.out."""
-    import shutil
-
-    from loratune.config import QuantConfig
-    from loratune.export.merge import base_folder, merge_folder, nf4_round_trip, read_adapters
-    from loratune.files import check_output_path
-
-    from loratune.progress import stage
-
-    check_output_path(cfg.out, _given_paths(cfg.model, *adapter_dirs))  # a gguf model file
-    adapters = read_adapters(list(adapter_dirs), weights)
-    with stage(f"reading the base {cfg.model}"):
-        base, tmp = base_folder(cfg.model)
-    try:
-        transform = None
-        if qlora:
-            config = json.loads((base / "config.json").read_text())
-            transform = nf4_round_trip(config, QuantConfig(type=qlora))
-        with stage(f"writing {cfg.out} ({len(adapters)} adapter(s) merged)"):
-            report = merge_folder(base, adapters, Path(cfg.out), dtype=cfg.dtype,
-                                  shard_size=cfg.shard_size, overwrite=cfg.overwrite,
-                                  transform=transform)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {report.out}: {report.merged_modules} layers merged from {len(adapters)} "
-          f"adapter(s), {report.shards} shard(s), {report.seconds:.1f} s")
-    if check and adapters:
-        from loratune.export.check import merged_logit_gap
-
-        with stage("checking the merged model against base + adapter"):
-            gap = merged_logit_gap(cfg.model, list(adapter_dirs), weights, report.out, qlora)
-        print(f"max |logit difference| merged vs base + adapter{' (4-bit base)' if qlora else ''}: "
-              f"{gap:.3g}")
+    write_merged(config_from_args(ExportHfConfig, args))
     return 0
 
 
 def cmd_export_gguf(args) -> int:
-    import shutil
-    import tempfile
-
     from loratune.command_config import ExportGgufConfig
-    from loratune.export.gguf_file import write_gguf, write_lora_gguf
-    from loratune.export.merge import base_folder, merge_folder, read_adapters
-    from loratune.files import check_new_file, check_output_path
+    from loratune.export.pipeline import export_gguf
 
-    from loratune.progress import stage
-
-    cfg = config_from_args(ExportGgufConfig, args)
-    check_output_path(cfg.out, _given_paths(cfg.model, *cfg.adapter))
-    if cfg.modelfile:  # refused before the GGUF is written, not after
-        check_new_file(Path(cfg.out).with_suffix(".Modelfile"), cfg.overwrite)
-    with stage(f"reading the base {cfg.model}"):
-        base, tmp = base_folder(cfg.model)
-    try:
-        if cfg.adapter_only:
-            if len(cfg.adapter) != 1:
-                raise ValueError("--adapter-only exports exactly one --adapter")
-            out = write_lora_gguf(Path(cfg.adapter[0]), base, Path(cfg.out), cfg.type
-                                  if cfg.type in ("f32", "f16") else "f32", cfg.overwrite)
-            if cfg.modelfile:
-                _modelfile(out, base, cfg, base_ref=_ollama_base(cfg.model, base))
-        else:
-            source = base
-            work = None
-            if cfg.adapter:
-                work = Path(tempfile.mkdtemp(prefix="loratune-merge-"))
-                with stage(f"merging {len(cfg.adapter)} adapter(s) into the base"):
-                    source = merge_folder(base, read_adapters(cfg.adapter, cfg.weights),
-                                          work / "merged").out
-            try:
-                with stage(f"writing {cfg.out} ({cfg.type})"):
-                    out = write_gguf(source, Path(cfg.out), cfg.type,
-                                     tokenizer_pre=cfg.tokenizer_pre, overwrite=cfg.overwrite)
-                if cfg.modelfile:
-                    _modelfile(out, source, cfg)
-            finally:
-                if work is not None:
-                    shutil.rmtree(work, ignore_errors=True)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {cfg.type})")
+    export_gguf(config_from_args(ExportGgufConfig, args))
     return 0
-
-
-def _ollama_base(model: str, folder: Path) -> str:
-    """What an adapter's Modelfile names as FROM: the base as a GGUF file where there is one
-    (a .gguf --model, an embedded model's source), else its safetensors folder."""
-    from loratune.export.gguf_tokenizer import source_gguf
-    from loratune.models.load import resolve_model
-
-    found, gguf = resolve_model(model)
-    if gguf is not None:
-        return str((found / gguf).resolve())
-    return str(source_gguf(found) or found.resolve())
-
-
-def _modelfile(out: Path, folder: Path, cfg, base_ref: str | None = None) -> None:
-    from loratune.export.modelfile import write_modelfile
-
-    path = write_modelfile(out, folder, base_ref, cfg.overwrite)
-    print(f"wrote {path}: ollama create NAME -f {path}")
 
 
 def cmd_models(args) -> int:

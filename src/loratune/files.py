@@ -47,6 +47,12 @@ def check_output_path(out: str | Path, inputs: Iterable[str | Path | None]) -> N
                                   "path outside it (writing there could clobber what is read)")
 
 
+def existing_paths(*names: str | Path | None) -> list[Path]:
+    """The inputs of a command that are paths on disk (an embedded model's name is not), for
+    `check_output_path`."""
+    return [Path(n).expanduser() for n in names if n and Path(n).expanduser().exists()]
+
+
 def protected_reason(folder: str | Path) -> str | None:
     """Why `folder` must never be replaced or moved away (None if it may be)."""
     target = Path(folder).expanduser().resolve()
