@@ -22,8 +22,10 @@ METHODS = {
                  "lora_alpha": 8}, 5e-2, 0.1),
     "loha": ({"r": 4, "alpha": 8}, 5e-2, 0.1),
     "lokr": ({"r": 2, "alpha": 4, "decompose_both": True}, 5e-2, 0.1),
+    "vera": ({"r": 16}, 5e-2, 0.1),
+    "oft": ({"oft_block_size": 8}, 5e-2, 0.1),
 }
-PEFT_TYPES = {"ia3", "adalora", "prompt", "prefix", "loha", "lokr"}
+PEFT_TYPES = {"ia3", "adalora", "prompt", "prefix", "loha", "lokr", "vera", "oft"}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
