@@ -14,6 +14,7 @@ from loratune.adapters import (AdapterError, LayerAdapter, MethodRecord, Trainin
                                add_adapter, load_adapter, merge, method_names, method_record,
                                register, save_adapter, unregister)
 from loratune.adapters.host import leaf_names
+from loratune.adapters.registry import FileSpec, MergeSpec, TrainingSpec
 from loratune.config import (AdapterConfig, BottleneckConfig, IA3Config, LoHaConfig, LoKrConfig,
                              LoraConfig, build_config)
 from loratune.train import train
@@ -60,13 +61,13 @@ class ToyHooks(TrainingHooks):
 
 TOY = MethodRecord(
     name="toy_shift", config_class=ToyShiftConfig, peft_type="TEST_TOY_SHIFT",
-    file_keys=("toy_shift",), make_layer=new_toy_shift,
-    why_not_mergeable="the toy keeps its shift apart",
-    why_no_packing="toy rows stand alone",
-    why_single_process="the toy counts steps in one process",
-    peft_fields=lambda model, name, config, compact: {
-        "target_modules": leaf_names(model, name, config.target_modules)},
-    training_hooks=lambda model, config, name, total_steps: ToyHooks())
+    files=FileSpec(("toy_shift",), peft_fields=lambda model, name, config, compact: {
+        "target_modules": leaf_names(model, name, config.target_modules)}),
+    make_layer=new_toy_shift,
+    training=TrainingSpec(hooks=lambda model, config, name, total_steps: ToyHooks(),
+                          why_no_packing="toy rows stand alone",
+                          why_single_process="the toy counts steps in one process"),
+    merge=MergeSpec(why_not="the toy keeps its shift apart"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -148,9 +149,9 @@ def test_unregistered_method_is_refused_by_name():
 
 def test_a_record_is_either_layer_or_model_level():
     with pytest.raises(ValueError, match="exactly one of make_layer"):
-        MethodRecord(name="toy_shift", config_class=ToyShiftConfig, peft_type="X", file_keys=())
+        MethodRecord(name="toy_shift", config_class=ToyShiftConfig, peft_type="X", files=FileSpec(()))
     with pytest.raises(ValueError, match=r"ToyShiftConfig.method does not allow it"):
-        MethodRecord(name="other", config_class=ToyShiftConfig, peft_type="X", file_keys=(),
+        MethodRecord(name="other", config_class=ToyShiftConfig, peft_type="X", files=FileSpec(()),
                      make_layer=new_toy_shift)
 
 
@@ -170,7 +171,7 @@ def test_builtin_files_match_their_records(tmp_path, method):
     written = json.loads((tmp_path / method / "adapter_config.json").read_text())
     assert written["peft_type"] == record.peft_type
     keys = load_file(str(tmp_path / method / "adapter_model.safetensors"))
-    assert keys and all(any(k.endswith("." + kind) for kind in record.file_keys) for k in keys)
+    assert keys and all(any(k.endswith("." + kind) for kind in record.files.keys) for k in keys)
     assert method in method_names()
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from loratune.adapters.host import AdapterHost, LayerAdapter
 from loratune.adapters.lora import low_rank_fields
 from loratune.adapters.peft_format import file_key
-from loratune.adapters.registry import MethodRecord, TrainingHooks, register
+from loratune.adapters.registry import FileSpec, MethodRecord, TrainingHooks, TrainingSpec, register
 from loratune.config import AdaLoraConfig
 
 
@@ -300,19 +300,12 @@ def before_load(model: nn.Module, name: str, raw: dict, weights: dict) -> None:
     apply_rank_pattern(model, name, raw.get("rank_pattern"), weights)
 
 
-def compare_options(base: dict, options: dict) -> dict:
-    """Another method's r becomes the target rank, starting from half as much again."""
-    if "r" in base:
-        options.setdefault("target_r", base["r"])
-        options.setdefault("init_r", max(base["r"] * 3 // 2, base["r"]))
-    return options
-
-
 register(MethodRecord(
     name="adalora", config_class=AdaLoraConfig, peft_type="ADALORA",
-    file_keys=("lora_A", "lora_B", "lora_E"), make_layer=new_adalora,
+    files=FileSpec(("lora_A", "lora_B", "lora_E"), peft_fields=adalora_peft_fields,
+                   before_load=before_load),
+    make_layer=new_adalora,
     # Its allocator scores importance from each step's gradients and its orthogonality loss is
     # backpropagated outside the model's forward.
-    why_single_process="its rank budget is a global per-step state",
-    peft_fields=adalora_peft_fields, before_load=before_load, training_hooks=AdaLoraHooks,
-    compare_options=compare_options))
+    training=TrainingSpec(hooks=AdaLoraHooks,
+                          why_single_process="its rank budget is a global per-step state")))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from loratune.adapters.host import AdapterHost, adapter_dtype
-from loratune.adapters.registry import AdapterError, MethodRecord, register
+from loratune.adapters.registry import AdapterError, FileSpec, MergeSpec, MethodRecord, register
 from loratune.config import BottleneckConfig
 from loratune.models.modules import set_submodule
 
@@ -144,7 +144,9 @@ def bottleneck_config(config: BottleneckConfig) -> dict:
 
 register(MethodRecord(
     name="bottleneck", config_class=BottleneckConfig, peft_type=PEFT_TYPE,
-    file_keys=("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias"),
+    files=FileSpec(("adapter_down.weight", "adapter_down.bias", "adapter_up.weight",
+                    "adapter_up.bias"),
+                   peft_fields=lambda model, name, config, compact: bottleneck_config(config)),
     attach=attach_bottleneck,
-    why_not_mergeable="a bottleneck adapter is a nonlinear extra block; no weight change equals it",
-    peft_fields=lambda model, name, config, compact: bottleneck_config(config)))
+    merge=MergeSpec(why_not="a bottleneck adapter is a nonlinear extra block; no weight change "
+                            "equals it")))

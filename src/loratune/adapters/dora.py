@@ -15,7 +15,8 @@ from torch import nn
 from loratune.adapters.host import LayerAdapter
 from loratune.adapters.lora import LoraAdapter, lora_peft_fields
 from loratune.adapters.peft_format import LORA_KINDS
-from loratune.adapters.registry import MethodRecord, register
+from loratune.adapters.registry import (ExportSpec, FileSpec, MethodRecord, ServingSpec,
+                                        TrainingSpec, register)
 from loratune.config import LoraConfig
 
 
@@ -89,5 +90,12 @@ def new_dora(config: LoraConfig, path: str, in_features: int, out_features: int,
 # PEFT writes DoRA as a LORA adapter with use_dora: true.
 register(MethodRecord(
     name="dora", config_class=LoraConfig, peft_type="LORA",
-    file_keys=(*LORA_KINDS, "lora_magnitude_vector"), make_layer=new_dora,
-    has_rank=True, peft_fields=lora_peft_fields))
+    files=FileSpec((*LORA_KINDS, "lora_magnitude_vector"), peft_fields=lora_peft_fields),
+    make_layer=new_dora, has_rank=True,
+    training=TrainingSpec(plan_note="estimated as LoRA of the same rank: its magnitude vectors "
+                                    "and weight-norm work are not counted"),
+    # Its magnitude divides by the norm of each row of W + ΔW: no pair of factors holds that.
+    serving=ServingSpec(why_not="DoRA rescales each output row by a magnitude over the norm of "
+                                "W + B·A, which slot-stacked LoRA factors do not hold"),
+    export=ExportSpec(why_not="llama.cpp's adapter GGUF holds LoRA factors, and DoRA's per-row "
+                              "magnitude is not one")))

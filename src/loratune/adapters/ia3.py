@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from loratune.adapters.host import LayerAdapter, adapted_layers, leaf_names
-from loratune.adapters.registry import AdapterError, MethodRecord, register
+from loratune.adapters.registry import AdapterError, FileSpec, MethodRecord, register
 from loratune.config import IA3Config
 from loratune.models.modules import matches_target
 
@@ -121,12 +121,7 @@ def ia3_peft_fields(model: nn.Module, name: str, config: IA3Config, compact: boo
             "feedforward_modules": feedforward, "fan_in_fan_out": False}
 
 
-def compare_options(base: dict, options: dict) -> dict:
-    """IA³ targets k/v/down by design: another method's target_modules is not taken over."""
-    return {k: v for k, v in options.items() if k != "target_modules"}
-
-
 register(MethodRecord(
-    name="ia3", config_class=IA3Config, peft_type="IA3", file_keys=("ia3_l",), make_layer=new_ia3,
-    check_targets=check_feedforward, peft_fields=ia3_peft_fields, compare_options=compare_options,
-    slices_outputs=True))
+    name="ia3", config_class=IA3Config, peft_type="IA3",
+    files=FileSpec(("ia3_l",), peft_fields=ia3_peft_fields), make_layer=new_ia3,
+    check_targets=check_feedforward, slices_outputs=True))

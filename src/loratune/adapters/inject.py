@@ -282,7 +282,7 @@ def check_mergeable(model: nn.Module, names: dict[str, float] | None = None) -> 
         record = method_record(adapter_config(model, name).method)
         if not record.mergeable:
             raise AdapterError(f"adapter '{name}' ({record.name}) cannot be merged: "
-                               f"{record.why_not_mergeable}. Load it on the base model instead "
+                               f"{record.merge.why_not}. Load it on the base model instead "
                                "(loratune chat/eval/serve --adapter DIR).")
 
 

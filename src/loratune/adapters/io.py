@@ -59,8 +59,8 @@ def config_dict(model: nn.Module, name: str, base_model: str | None = None,
     config = adapter_config(model, name)
     record = method_record(config.method)
     fields = config.model_dump(exclude={"method", "use_dora", "dtype"})
-    if record.peft_fields is not None:
-        fields.update(record.peft_fields(model, name, config, compact))
+    if record.files.peft_fields is not None:
+        fields.update(record.files.peft_fields(model, name, config, compact))
     fields.update(peft_type=record.peft_type, task_type="CAUSAL_LM",
                   base_model_name_or_path=base_model, inference_mode=True, revision=None)
     fields["modules_to_save"] = list(getattr(config, "modules_to_save", []) or []) or None
@@ -97,7 +97,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def _writers(key: str) -> list[str]:
     """The peft_types of the methods that write tensors named like `key`."""
     types = [method_record(m).peft_type for m in method_names()
-             if any(key == k or key.endswith("." + k) for k in method_record(m).file_keys)]
+             if any(key == k or key.endswith("." + k) for k in method_record(m).files.keys)]
     return list(dict.fromkeys(types))
 
 
@@ -143,8 +143,8 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str = "default",
                     "alpha_pattern": raw.get("alpha_pattern") or {}}
     add_adapter(model, config, name, tokenizer=tokenizer, **patterns)
     try:
-        if record.before_load is not None:
-            record.before_load(model, name, raw, weights)
+        if record.files.before_load is not None:
+            record.files.before_load(model, name, raw, weights)
         copy_adapter_weights(model, name, weights, folder)
     except (AdapterError, ValueError) as err:
         delete_adapter(model, name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from loratune.adapters.delta_weight import DeltaWeightAdapter, factored_peft_fields, he_uniform
-from loratune.adapters.registry import MethodRecord, register
+from loratune.adapters.registry import FileSpec, MethodRecord, register
 from loratune.config import LoHaConfig
 
 LOHA_KINDS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -38,5 +38,6 @@ def new_loha(config: LoHaConfig, path: str, in_features: int, out_features: int,
 
 
 register(MethodRecord(
-    name="loha", config_class=LoHaConfig, peft_type="LOHA", file_keys=LOHA_KINDS,
-    make_layer=new_loha, has_rank=True, peft_fields=factored_peft_fields))
+    name="loha", config_class=LoHaConfig, peft_type="LOHA",
+    files=FileSpec(LOHA_KINDS, peft_fields=factored_peft_fields), make_layer=new_loha,
+    has_rank=True))

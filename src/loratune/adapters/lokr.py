@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from loratune.adapters.delta_weight import DeltaWeightAdapter, factored_peft_fields, he_uniform
-from loratune.adapters.registry import MethodRecord, register
+from loratune.adapters.registry import FileSpec, MethodRecord, register
 from loratune.config import LoKrConfig
 
 LOKR_KINDS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -78,5 +78,6 @@ def new_lokr(config: LoKrConfig, path: str, in_features: int, out_features: int,
 
 
 register(MethodRecord(
-    name="lokr", config_class=LoKrConfig, peft_type="LOKR", file_keys=LOKR_KINDS,
-    make_layer=new_lokr, has_rank=True, peft_fields=factored_peft_fields))
+    name="lokr", config_class=LoKrConfig, peft_type="LOKR",
+    files=FileSpec(LOKR_KINDS, peft_fields=factored_peft_fields), make_layer=new_lokr,
+    has_rank=True))

@@ -17,7 +17,7 @@ from loratune.adapters.base_inits import (base_init, config_converts_on_save, co
 from loratune.adapters.fused_lora import fused_lora_forward
 from loratune.adapters.host import LayerAdapter, adapted_layers, leaf_names
 from loratune.adapters.peft_format import LORA_KINDS, canonical_path, lora_scale
-from loratune.adapters.registry import AdapterError, MethodRecord, register
+from loratune.adapters.registry import AdapterError, FileSpec, MethodRecord, TrainingSpec, register
 from loratune.config import AdapterConfig, LoraConfig
 
 
@@ -151,5 +151,5 @@ def loaded_options(values: dict) -> dict:
 
 register(MethodRecord(
     name="lora", config_class=LoraConfig, peft_type="LORA",
-    file_keys=LORA_KINDS, make_layer=new_lora, has_rank=True,
-    peft_fields=lora_peft_fields, loaded_options=loaded_options))
+    files=FileSpec(LORA_KINDS, peft_fields=lora_peft_fields, loaded_options=loaded_options),
+    make_layer=new_lora, has_rank=True, training=TrainingSpec(plan_note=None)))

@@ -20,7 +20,8 @@ from torch import nn
 from loratune.adapters.host import LayerAdapter
 from loratune.adapters.lora import checked_rank, lora_peft_fields
 from loratune.adapters.peft_format import lora_scale
-from loratune.adapters.registry import MethodRecord, TrainingHooks, register
+from loratune.adapters.registry import (FileSpec, MergeSpec, MethodRecord, TrainingHooks,
+                                        TrainingSpec, register)
 from loratune.config import MoeLoraConfig
 
 NOT_MERGEABLE = ("MoE-LoRA cannot be merged: its update depends on each token's routing, so no "
@@ -124,9 +125,10 @@ def new_moe_lora(config: MoeLoraConfig, path: str, in_features: int, out_feature
 
 register(MethodRecord(
     name="moe_lora", config_class=MoeLoraConfig, peft_type="LORATUNE_MOE_LORA",
-    file_keys=("moe_lora_A", "moe_lora_B", "moe_router"), make_layer=new_moe_lora,
-    why_not_mergeable="MoE-LoRA's update depends on each token's routing, so no single weight "
-                      "equals it",
-    has_rank=True, unused_parameters=True,  # top-k routing leaves some experts without a grad
-    peft_fields=lora_peft_fields,
-    training_hooks=lambda model, config, name, total_steps: MoeLoraHooks(model)))
+    files=FileSpec(("moe_lora_A", "moe_lora_B", "moe_router"), peft_fields=lora_peft_fields),
+    make_layer=new_moe_lora, has_rank=True,
+    training=TrainingSpec(
+        hooks=lambda model, config, name, total_steps: MoeLoraHooks(model),
+        unused_parameters=True),  # top-k routing leaves some experts without a grad
+    merge=MergeSpec(why_not="MoE-LoRA's update depends on each token's routing, so no single "
+                            "weight equals it")))

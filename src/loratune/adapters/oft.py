@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from loratune.adapters.host import LayerAdapter, leaf_names
-from loratune.adapters.registry import AdapterError, MethodRecord, register
+from loratune.adapters.registry import AdapterError, FileSpec, MethodRecord, register
 from loratune.config import OFTConfig
 
 # The PEFT release whose OFT this file follows: the Neumann series changed in 0.18, and PEFT
@@ -193,6 +193,7 @@ def warn_old_series(model: nn.Module, name: str, raw: dict, weights: dict) -> No
 
 
 register(MethodRecord(
-    name="oft", config_class=OFTConfig, peft_type="OFT", file_keys=("oft_R.weight",),
-    make_layer=new_oft, peft_fields=oft_peft_fields, loaded_options=loaded_options,
-    before_load=warn_old_series))
+    name="oft", config_class=OFTConfig, peft_type="OFT",
+    files=FileSpec(("oft_R.weight",), peft_fields=oft_peft_fields, loaded_options=loaded_options,
+                   before_load=warn_old_series),
+    make_layer=new_oft))

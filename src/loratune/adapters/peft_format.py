@@ -168,9 +168,9 @@ def read_adapter_config(folder: str | Path) -> tuple[AdapterConfig, dict]:
     # (adapters/base_inits.py); the others only matter before training.
     if init not in (None, True, "gaussian", *BASE_INITS) and not str(init).startswith("pissa"):
         values.pop("init_lora_weights")
-    if record.loaded_options is not None:
+    if record.files.loaded_options is not None:
         try:
-            values = record.loaded_options(values)
+            values = record.files.loaded_options(values)
         except ValueError as err:
             raise AdapterError(f"{path}: {err}") from None
     try:
@@ -195,10 +195,10 @@ class PeftFolder:
     def modules(self) -> dict[str, dict[str, torch.Tensor]]:
         """module path -> {kind: tensor} for the per-module tensors. Kinds of other layer-level
         methods are split off too, so that a stray one is reported instead of ignored."""
-        own = method_record(self.config.method).file_keys
+        own = method_record(self.config.method).files.keys
         kinds = tuple(dict.fromkeys(own + tuple(k for m in method_names()
                                                 if method_record(m).layer_level
-                                                for k in method_record(m).file_keys)))
+                                                for k in method_record(m).files.keys)))
         by_module: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in self.tensors.items():
             found = split_key(key, kinds)
@@ -244,7 +244,7 @@ def check_ranks(adapter: PeftFolder) -> None:
     for path, parts in adapter.modules().items():
         want = adapter.rank(path)
         for kind, tensor in parts.items():
-            axis = RANK_AXES.get(kind) if kind in record.file_keys else None
+            axis = RANK_AXES.get(kind) if kind in record.files.keys else None
             if axis is None or tensor.dim() <= axis or tensor.shape[axis] == want:
                 continue
             source = adapter.rank_source(path)

@@ -20,7 +20,8 @@ from transformers.cache_utils import DynamicCache
 
 from loratune.adapters.host import adapter_dtype
 from loratune.adapters.prompt import NO_PACKING, PEFT_COMMON, PromptHost, find_decoder, place_host
-from loratune.adapters.registry import AdapterError, MethodRecord, register
+from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, MethodRecord,
+                                        TrainingSpec, register)
 from loratune.config import PrefixConfig
 
 
@@ -167,10 +168,11 @@ def why_no_resume(config: PrefixConfig) -> str | None:
 
 register(MethodRecord(
     name="prefix", config_class=PrefixConfig, peft_type="PREFIX_TUNING",
-    file_keys=("prompt_embeddings",), attach=attach_prefix,
-    why_not_mergeable="prefix tuning adds key/value prefixes, not weights: there is nothing to "
-                      "fold in",
-    why_no_packing=NO_PACKING,
-    peft_fields=lambda model, name, config, compact: peft_config(model, config),
-    virtual_tokens=lambda config: config.num_virtual_tokens,
-    why_no_resume=why_no_resume))
+    files=FileSpec(("prompt_embeddings",),
+                   peft_fields=lambda model, name, config, compact: peft_config(model, config)),
+    attach=attach_prefix,
+    training=TrainingSpec(why_no_packing=NO_PACKING,
+                          virtual_tokens=lambda config: config.num_virtual_tokens,
+                          why_no_resume=why_no_resume),
+    merge=MergeSpec(why_not="prefix tuning adds key/value prefixes, not weights: there is "
+                            "nothing to fold in")))

@@ -17,7 +17,8 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from loratune.adapters.host import AdapterHost, adapter_dtype
-from loratune.adapters.registry import AdapterError, MethodRecord, register
+from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, MethodRecord,
+                                        TrainingSpec, register)
 from loratune.config import PromptConfig
 from loratune.models.modules import CACHE_KEYWORDS, cache_keyword
 
@@ -215,9 +216,11 @@ NO_PACKING = "virtual tokens lead each row"
 
 register(MethodRecord(
     name="prompt", config_class=PromptConfig, peft_type="PROMPT_TUNING",
-    file_keys=("prompt_embeddings",), attach=attach_prompt,
-    why_not_mergeable="prompt tuning adds virtual tokens, not weights: there is nothing to fold in",
-    why_no_packing=NO_PACKING,
-    peft_fields=lambda model, name, config, compact: peft_config(model, config),
-    loaded_options=loaded_options,
-    virtual_tokens=lambda config: config.num_virtual_tokens))
+    files=FileSpec(("prompt_embeddings",),
+                   peft_fields=lambda model, name, config, compact: peft_config(model, config),
+                   loaded_options=loaded_options),
+    attach=attach_prompt,
+    training=TrainingSpec(why_no_packing=NO_PACKING,
+                          virtual_tokens=lambda config: config.num_virtual_tokens),
+    merge=MergeSpec(why_not="prompt tuning adds virtual tokens, not weights: there is nothing "
+                            "to fold in")))

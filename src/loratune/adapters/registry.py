@@ -45,8 +45,77 @@ class TrainingHooks:
 
 
 @dataclass(frozen=True)
+class FileSpec:
+    """How the method's adapter folders are written and read (adapters/io.py, peft_format.py)."""
+
+    # Endings of the tensor names this method writes (`<prefix><path>.<ending>`, or the whole key
+    # for prompt learning): they split file keys into module path + kind and tell, in a mixed-up
+    # folder, which method a stray tensor came from.
+    keys: tuple[str, ...]
+    # (model, name, config, compact) -> the method's own adapter_config.json fields
+    peft_fields: Callable[[nn.Module, str, AdapterConfig, bool], dict] | None = None
+    # options read from a file -> the options to build the config from
+    loaded_options: Callable[[dict], dict] | None = None
+    # (model, name, raw config dict, file tensors): fit the fresh adapter to the file first
+    before_load: Callable[[nn.Module, str, dict, dict], None] | None = None
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """What training (train/) and the planner need to know beyond the layers themselves."""
+
+    # (model, config, name, total_steps) -> TrainingHooks
+    hooks: Callable[[nn.Module, AdapterConfig, str, int], TrainingHooks] | None = None
+    why_no_packing: str | None = None         # None: rows may be packed
+    why_single_process: str | None = None     # None: DDP/FSDP can train it
+    # DDP must expect parameters without a gradient in some steps (MoE-LoRA's unrouted experts).
+    unused_parameters: bool = False
+    # (config) -> the virtual tokens put before every row: they take context positions, so they
+    # and the longest row must fit the model
+    virtual_tokens: Callable[[AdapterConfig], int] | None = None
+    # (config) -> why a run with these options cannot resume from its checkpoints; None: it can
+    why_no_resume: Callable[[AdapterConfig], str | None] | None = None
+    # What `loratune plan` leaves out when it counts this method as LoRA of the same total
+    # rank; None: the LoRA estimate is this method's own.
+    plan_note: str | None = "estimated as LoRA of the same total rank"
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """Merging folds each layer's `merge_into` (adapters/host.py) into the base weights."""
+
+    why_not: str | None = None                # None: merge folds it into the weights
+
+
+# What a consumer says when a method declares no per-row serving or GGUF-adapter path.
+NO_SERVING = "the server runs LoRA-product adapters side by side, and this one is not one"
+NO_GGUF = "llama.cpp's adapter GGUF holds plain LoRA factors only"
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """How the server runs the method for some rows of a mixed batch (serve/pool.py), or why not.
+
+    `factors`: (PeftFolder) -> {module path: (A [r, in], scale·B [out, r])} in float32, the
+    LoRA product (adapters/lora_product.py) that the pool stacks into its slots."""
+
+    factors: Callable | None = None
+    why_not: str = NO_SERVING
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What `export gguf --lora` can write as llama.cpp's adapter file; otherwise merge first.
+
+    `gguf_factors`: as ServingSpec.factors, the pairs llama.cpp multiplies as x·Aᵀ·Bᵀ."""
+
+    gguf_factors: Callable | None = None
+    why_not: str = NO_GGUF
+
+
+@dataclass(frozen=True)
 class MethodRecord:
-    """Every fact about one method that code outside its own file needs.
+    """Every fact about one method that code outside its own file needs, grouped by who asks.
 
     Exactly one of `make_layer` (layer-level: an adapter per targeted linear, hosted by
     `AdaptedLinear`) and `attach` (model-level: the method places its own host) is set.
@@ -55,10 +124,7 @@ class MethodRecord:
     name: str                        # adapter.method
     config_class: type[AdapterConfig]
     peft_type: str                   # adapter_config.json's peft_type
-    # Endings of the tensor names this method writes (`<prefix><path>.<ending>`, or the whole key
-    # for prompt learning): they split file keys into module path + kind and tell, in a mixed-up
-    # folder, which method a stray tensor came from.
-    file_keys: tuple[str, ...]
+    files: FileSpec
     # (config, module path, in_features, out_features, *, r, alpha, device, dtype) -> LayerAdapter;
     # r and alpha are the module's rank and alpha (None: the config's) for methods with has_rank.
     make_layer: Callable[..., nn.Module] | None = None
@@ -69,32 +135,15 @@ class MethodRecord:
     after_layers: Callable[[nn.Module, AdapterConfig, str], None] | None = None
     # (config, target module paths): refuse options that do not fit the targets (layer-level)
     check_targets: Callable[[AdapterConfig, list[str]], None] | None = None
-    why_not_mergeable: str | None = None      # None: merge folds it into the weights
-    why_no_packing: str | None = None         # None: rows may be packed
-    why_single_process: str | None = None     # None: DDP/FSDP can train it
     has_rank: bool = False           # an `r` option, with PEFT's rank/alpha patterns per module
     # Can adapt only some output rows of a layer (`restrict_outputs`): the parts of a fused layer
     # a target_modules list names (IA³ scales only Phi-3's k/v rows of qkv_proj). Without it,
     # naming such a part is refused.
     slices_outputs: bool = False
-    # DDP must expect parameters without a gradient in some steps (MoE-LoRA's unrouted experts).
-    unused_parameters: bool = False
-    # (model, name, config, compact) -> the method's own adapter_config.json fields
-    peft_fields: Callable[[nn.Module, str, AdapterConfig, bool], dict] | None = None
-    # options read from a file -> the options to build the config from
-    loaded_options: Callable[[dict], dict] | None = None
-    # (model, name, raw config dict, file tensors): fit the fresh adapter to the file first
-    before_load: Callable[[nn.Module, str, dict, dict], None] | None = None
-    # (model, config, name, total_steps) -> TrainingHooks
-    training_hooks: Callable[[nn.Module, AdapterConfig, str, int], TrainingHooks] | None = None
-    # (config) -> the virtual tokens put before every row: they take context positions, so they
-    # and the longest row must fit the model
-    virtual_tokens: Callable[[AdapterConfig], int] | None = None
-    # (config) -> why a run with these options cannot resume from its checkpoints; None: it can
-    why_no_resume: Callable[[AdapterConfig], str | None] | None = None
-    # (base adapter section, the options of it this method has) -> the options to use, when
-    # `loratune compare` seeds every method from one adapter section
-    compare_options: Callable[[dict, dict], dict] | None = None
+    training: TrainingSpec = TrainingSpec()
+    merge: MergeSpec = MergeSpec()
+    serving: ServingSpec = ServingSpec()
+    export: ExportSpec = ExportSpec()
 
     def __post_init__(self):
         if (self.make_layer is None) == (self.attach is None):
@@ -110,15 +159,7 @@ class MethodRecord:
 
     @property
     def mergeable(self) -> bool:
-        return self.why_not_mergeable is None
-
-    @property
-    def packing_ok(self) -> bool:
-        return self.why_no_packing is None
-
-    @property
-    def multiprocess_ok(self) -> bool:
-        return self.why_single_process is None
+        return self.merge.why_not is None
 
 
 _RECORDS: dict[str, MethodRecord] = {}

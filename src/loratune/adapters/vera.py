@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.adapters.host import AdapterHost, LayerAdapter, adapted_layers, leaf_names
-from loratune.adapters.registry import AdapterError, MethodRecord, register
+from loratune.adapters.registry import AdapterError, FileSpec, MethodRecord, register
 from loratune.config import VeraConfig
 
 # PEFT's keys for the shared projections: model-level, outside any module path.
@@ -196,6 +196,6 @@ def check_projection_keys(model: nn.Module, name: str, raw: dict, weights: dict)
 
 register(MethodRecord(
     name="vera", config_class=VeraConfig, peft_type="VERA",
-    file_keys=("vera_lambda_b", "vera_lambda_d", *PROJECTION_KEYS), make_layer=new_vera,
-    after_layers=share_projections, peft_fields=vera_peft_fields,
-    before_load=check_projection_keys))
+    files=FileSpec(("vera_lambda_b", "vera_lambda_d", *PROJECTION_KEYS),
+                   peft_fields=vera_peft_fields, before_load=check_projection_keys),
+    make_layer=new_vera, after_layers=share_projections))

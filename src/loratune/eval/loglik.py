@@ -56,7 +56,9 @@ def can_reuse_cache(model: nn.Module) -> bool:
 
     known = set(adapter_names(model))
     for name in active_adapters(model):
-        if name in known and method_record(adapter_config(model, name).method).virtual_tokens:
+        if name not in known:
+            continue
+        if method_record(adapter_config(model, name).method).training.virtual_tokens:
             return False
     return True
 

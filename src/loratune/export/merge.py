@@ -65,7 +65,7 @@ def read_adapters(folders: list[str | Path], weights: list[float] | None) -> lis
     out = []
     for i, folder in enumerate(folders):
         config, raw = read_adapter_config(folder)
-        why = method_record(config.method).why_not_mergeable
+        why = method_record(config.method).merge.why_not
         if why is not None:
             raise AdapterError(f"{folder}: a {config.method} adapter cannot be merged: {why}. "
                                "Load it on the base model instead (loratune chat/serve "
@@ -250,13 +250,13 @@ def _copy_side_files(base: Path, out: Path, config: dict, dtype: str | None) -> 
 
 def base_folder(model: str) -> tuple[Path, Path | None]:
     """(safetensors folder, temp folder to delete afterwards) for a model name or path."""
-    from loratune.models.load import _convert_gguf_to_folder, resolve_model
+    from loratune.models.load import convert_gguf_to_folder, resolve_model
 
     folder, gguf = resolve_model(model)
     if gguf is None:
         return folder, None
     tmp = Path(tempfile.mkdtemp(prefix="loratune-gguf-"))
-    _convert_gguf_to_folder(folder / gguf, tmp / "model")
+    convert_gguf_to_folder(folder / gguf, tmp / "model")
     return tmp / "model", tmp
 
 

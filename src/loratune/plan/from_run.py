@@ -60,14 +60,13 @@ def plan_for_run(run: RunConfig, options: PlanConfig, source: str = "the trainin
 
 def run_notes(run: RunConfig) -> list[str]:
     """What the estimate of `run` leaves out or counts high."""
+    from loratune.adapters import method_record  # imported for every method's registration
+
     adapter, train = run.adapter, run.train
     notes = []
-    method = adapter.method
-    if method == "dora":
-        notes.append("dora is estimated as LoRA of the same rank: its magnitude vectors and "
-                     "weight-norm work are not counted")
-    elif method != "lora":
-        notes.append(f"{method} is estimated as LoRA of rank {run_settings(run)['rank']}")
+    as_lora = method_record(adapter.method).training.plan_note
+    if as_lora is not None:
+        notes.append(f"{adapter.method} (rank {run_settings(run)['rank']}) is {as_lora}")
     targets = getattr(adapter, "target_modules", "all-linear")
     if targets not in ("all-linear", ["all-linear"]):
         notes.append(f"target_modules {targets!r}: the planner puts LoRA on every linear layer, "

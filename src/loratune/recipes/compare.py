@@ -23,6 +23,25 @@ COLUMNS = [("variant", "variant", "{}"), ("method", "method", "{}"), ("lr", "lr"
            ("peak_rss_mib", "peak RSS MiB", "{:.0f}"), ("mergeable", "merge", "{}")]
 
 
+def ia3_seed(base: dict, options: dict) -> dict:
+    """IA³ targets k/v/down by design: another method's target_modules is not taken over."""
+    return {k: v for k, v in options.items() if k != "target_modules"}
+
+
+def adalora_seed(base: dict, options: dict) -> dict:
+    """Another method's r becomes AdaLoRA's target rank, starting from half as much again."""
+    if "r" in base:
+        options.setdefault("target_r", base["r"])
+        options.setdefault("init_r", max(base["r"] * 3 // 2, base["r"]))
+    return options
+
+
+# Where taking over the options a method shares with the base section is not the fair start:
+# (base section, those options) -> the options to use. Seeding is this recipe's choice, so it
+# lives here, not on the method record.
+SEEDS = {"ia3": ia3_seed, "adalora": adalora_seed}
+
+
 def method_adapter(base: dict, method: str) -> dict:
     """The adapter section for `method`, keeping the base section's options that method has."""
     try:
@@ -31,8 +50,8 @@ def method_adapter(base: dict, method: str) -> dict:
         raise ConfigError(str(err)) from None
     fields = set(record.config_class.model_fields)
     out = {k: v for k, v in base.items() if k in fields and k not in ("method", "use_dora")}
-    if record.compare_options is not None:
-        out = record.compare_options(base, out)
+    if method in SEEDS:
+        out = SEEDS[method](base, out)
     out["method"] = method
     return out
 

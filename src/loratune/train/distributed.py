@@ -93,7 +93,7 @@ def check_parallel_options(train_cfg, method: str, info: DistInfo) -> str:
     if not info.enabled:
         return mode
     check_world_size(train_cfg.grad_accum, train_cfg.batch_size, info.world_size)
-    why = method_record(method).why_single_process
+    why = method_record(method).training.why_single_process
     if why is not None:
         raise DistributedError(f"adapter.method: {method} is not supported on several processes "
                                f"({why}); train it on one process or use lora/dora")

@@ -249,11 +249,11 @@ def build_data(cfg: RunConfig, tokenizer, paths: DataPaths | None = None):
     elif cfg.data.eval_fraction:
         train_ex, eval_ex = lt_data.split_heldout(train_ex, cfg.data.eval_fraction, cfg.train.seed)
     packing = cfg.data.packing
-    record = method_record(cfg.adapter.method)
-    if not record.packing_ok:
+    why_not = method_record(cfg.adapter.method).training.why_no_packing
+    if why_not is not None:
         if packing is True:
             raise ValueError(f"data.packing: true does not work with adapter.method: "
-                             f"{cfg.adapter.method} ({record.why_no_packing}); use auto/false")
+                             f"{cfg.adapter.method} ({why_not}); use auto/false")
         packing = False
     if packing == "auto":
         packing = lt_data.should_pack(train_ex, cfg.data.max_length, cfg.train.batch_size)
@@ -311,7 +311,7 @@ def setup_reference_cache(cfg: RunConfig, runtime: OneProcess, model: nn.Module,
 
 def check_context(cfg: RunConfig, model: nn.Module) -> None:
     """Virtual tokens take context positions: they and the longest row must fit the model."""
-    virtual_tokens = method_record(cfg.adapter.method).virtual_tokens
+    virtual_tokens = method_record(cfg.adapter.method).training.virtual_tokens
     n = virtual_tokens(cfg.adapter) if virtual_tokens else 0
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if n and limit and n + cfg.data.max_length > limit:
@@ -357,7 +357,7 @@ def resume_checkpoint(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, out
     # The newest readable one: newer ones are corrupt, skipped only on request.
     chosen = choose_checkpoint(ckpts, opts.skip_corrupt, log) if ckpts else None
     if chosen is not None:
-        why_not = method_record(cfg.adapter.method).why_no_resume
+        why_not = method_record(cfg.adapter.method).training.why_no_resume
         why = why_not(cfg.adapter) if why_not else None
         if why:
             raise RunFolderError(f"resume is not supported for adapter.method: "

@@ -14,5 +14,5 @@ from loratune.adapters.registry import TrainingHooks, method_record
 
 def method_hooks(model: nn.Module, config, name: str, total_steps: int) -> TrainingHooks:
     """The training hooks of adapter `name` (method `config.method`) for a run of total_steps."""
-    make = method_record(config.method).training_hooks
+    make = method_record(config.method).training.hooks
     return TrainingHooks() if make is None else make(model, config, name, total_steps)

@@ -138,7 +138,7 @@ class DataParallel(OneProcess):
 
     def wrap_model(self, model: nn.Module, cfg: RunConfig, loss_fn: LossFn | None = None
                    ) -> Forward:
-        unused = method_record(cfg.adapter.method).unused_parameters
+        unused = method_record(cfg.adapter.method).training.unused_parameters
         self.wrapper = lt_dist.wrap_ddp(model, cfg.train.loss_chunk, self.device,
                                         find_unused=unused, loss_fn=loss_fn)
         return self.wrapper
