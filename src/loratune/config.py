@@ -446,7 +446,7 @@ class DataConfig(_Section):
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share when no eval file")
 
 
-OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo")
 # preference option -> the objectives that read it
 PREFERENCE_OPTIONS = {
     "beta": ("dpo", "ipo", "simpo", "kto"),
@@ -479,11 +479,79 @@ class PreferenceConfig(_Section):
         return self.beta if self.beta is not None else DEFAULT_BETA[objective]
 
 
+RL_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo")
+# loss -> (epsilon_low, epsilon_high) when unset: PPO's 0.2; DAPO's clip-higher 0.28; GSPO's
+# sequence-level ratios sit near 1, so its paper clips at 3e-4 / 4e-4.
+DEFAULT_EPSILON = {"grpo": (0.2, 0.2), "bnpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2),
+                   "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
+
+
+class RewardSpec(_Section):
+    """One reward function of train.objective grpo and its weight in the summed reward."""
+
+    function: str = Field(description="a built-in (exact_match, regex, numeric, code, length) "
+                          "or user code as path/to/file.py:function or module:function, called "
+                          "TRL's way: f(prompts, completions, **columns) -> list[float | None]")
+    weight: float = 1.0
+    column: str | None = Field(None, description="exact_match/numeric/code: the data column "
+                               "holding the answer or the tests (default answer, tests for code)")
+    pattern: str | None = Field(None, description="regex: the pattern a completion must match "
+                                "(re.search; 1.0 if it does, else 0.0)")
+    tolerance: float = Field(1e-6, ge=0, description="numeric: relative/absolute tolerance")
+    target_length: int | None = Field(None, gt=0, description="length: completion characters "
+                                      "beyond which each extra one costs 1/target_length")
+    timeout: float = Field(10.0, gt=0, description="code: seconds per program")
+
+
+class RlConfig(_Section):
+    """Options of train.objective grpo: online RL on the adapter with programmatic rewards."""
+
+    loss: Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo"] = Field(
+        "dapo", description="grpo: token mean per sequence; bnpo: token mean per micro-batch; "
+        "dr_grpo: token sum / (rows x max_completion_length); dapo: token sum / tokens of the "
+        "whole step; gspo: sequence-level importance ratios, grpo's normalisation")
+    num_generations: int = Field(8, ge=2, description="completions sampled per prompt (a group)")
+    max_completion_length: int = Field(256, gt=0, description="tokens per completion at most")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (and the log-probs' "
+                               "scale, as TRL)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(0.0, ge=0, description="KL penalty to the reference (the adapter off); "
+                        "0: no reference forward")
+    kl_correction: bool = Field(True, description="weight the KL term by the importance "
+                                "ratio (DeepSeek-V3.2; TRL's use_bias_correction_kl)")
+    num_iterations: int = Field(1, gt=0, description="updates per rollout (mu); >1 clips "
+                                "against the log-probs of the policy that sampled")
+    epsilon_low: float | None = Field(None, gt=0, lt=1, description="lower clip; default per loss "
+                                      "(0.2; gspo 3e-4)")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip; default per loss "
+                                       "(0.2; dapo 0.28; gspo 4e-4)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="advantage = (reward - group mean) / std of the group, of the "
+        "whole batch, or not divided (Dr. GRPO)")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all "
+                                   "equal (no signal) from the update")
+    overlong_buffer: int = Field(0, ge=0, description="DAPO's soft overlong penalty: completions "
+                                 "within this many tokens of max_completion_length lose up to "
+                                 "overlong_penalty, linearly (0: off)")
+    overlong_penalty: float = Field(1.0, ge=0)
+    rewards: list[RewardSpec] = Field(default_factory=list, description="reward functions; "
+                                      "their weighted sum is the reward")
+    samples_logged: int = Field(4, ge=0, description="completions (with rewards) written per "
+                                "step to completions.jsonl")
+
+    def epsilons(self) -> tuple[float, float]:
+        low, high = DEFAULT_EPSILON[self.loss]
+        return (self.epsilon_low if self.epsilon_low is not None else low,
+                self.epsilon_high if self.epsilon_high is not None else high)
+
+
 class TrainConfig(_Section):
-    objective: Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto"] = Field(
+    objective: Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo"] = Field(
         "sft", description="sft: next-token loss; dpo/ipo/orpo/simpo: prompt/chosen/rejected "
-        "pairs; kto: prompt/completion/label examples")
+        "pairs; kto: prompt/completion/label examples; grpo: prompts and reward functions "
+        "(train.rl)")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    rl: RlConfig = Field(default_factory=RlConfig)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     batch_size: int = Field(8, gt=0, description="rows per micro-batch")
@@ -537,6 +605,19 @@ class TrainConfig(_Section):
             if getattr(self.preference, key) != default and self.objective not in owners:
                 raise ValueError(f"train.preference.{key} applies to train.objective "
                                  f"{'/'.join(owners)}, not {self.objective}")
+        return self
+
+    @model_validator(mode="after")
+    def _rl_fits(self):
+        if self.objective != "grpo":
+            return self
+        if not self.rl.rewards:
+            raise ValueError("train.objective grpo needs train.rl.rewards: at least one reward "
+                             "function, e.g. [{function: exact_match, column: answer}]")
+        if self.batch_size % self.rl.num_generations:
+            raise ValueError(f"train.batch_size {self.batch_size} must be a multiple of "
+                             f"train.rl.num_generations {self.rl.num_generations} (whole groups "
+                             "per micro-batch)")
         return self
 
 
