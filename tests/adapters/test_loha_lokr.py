@@ -66,7 +66,7 @@ def adapted(cfg, seed=1, **patterns):
     model = tiny_llama()
     add_adapter(model, cfg, **patterns)
     randomize(our_tensors(model), seed)
-    return model.eval()  # new hosts start in training mode, as new modules do
+    return model
 
 
 @pytest.mark.parametrize("dim", [1, 7, 24, 32, 64, 127, 128, 192, 4096, 11008])
@@ -229,3 +229,17 @@ def test_options_parse_without_torch_and_foreign_options_are_refused():
         build_config({"adapter": {"method": "loha", "lora_alpha": 16}})
     with pytest.raises(ValueError, match="decompose_factor"):
         build_config({"adapter": {"method": "lokr", "decompose_factor": -2}})
+
+
+def test_an_adapter_loaded_into_an_eval_model_runs_without_dropout(tmp_path):
+    """`loratune eval` loads adapters into the eval-mode model load_model returns and never calls
+    .eval() again: new hosts must follow the model's mode, or the dropouts run at inference."""
+    trained = adapted(LoHaConfig(r=4, module_dropout=0.5, rank_dropout=0.5))
+    save_adapter(trained, tmp_path / "ad")
+    model = tiny_llama()  # in eval mode, as load_model returns it
+    load_adapter(model, tmp_path / "ad")
+    assert not any(m.training for m in model.modules())
+    torch.manual_seed(0)
+    runs = [logits(model) for _ in range(4)]
+    for run in runs:
+        torch.testing.assert_close(run, logits(trained), atol=0, rtol=0)

@@ -97,6 +97,9 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
             module = SavedModule(module)
             set_submodule(model, path, module)
         module.add_copy(name, adapter_dtype(config, module_dtype(module.original)))
+    # New modules start in training mode; an adapter loaded into an eval-mode model for
+    # inference must not run its dropouts (nor training-only paths) there.
+    model.train(model.training)
     set_active(model, name)
     mark_trainable(model, name)
     return targets
