@@ -2,7 +2,8 @@
 """loratune's imports between its packages: every edge, the ones that point up, and cycles.
 
     python scripts/import_graph.py            # edges, upward imports, cycles, counts
-    python scripts/import_graph.py --check    # exit 1 on any upward import or cycle
+    python scripts/import_graph.py --check    # exit 1 on any upward import or cycle, or a
+                                              # private name imported from another package
 
 Reads src/loratune with `ast` (nothing is imported), so module-level and function-level
 imports count alike. A package is the first name under `loratune` (`adapters`, `train`, ...);
@@ -88,6 +89,24 @@ def collect_edges(src: Path = SRC) -> Edges:
     return dict(edges)
 
 
+def private_imports(src: Path = SRC) -> list[str]:
+    """`path:line module._name` for each `from loratune.<pkg>... import _name` in another
+    package: a name another package needs is an interface, so it gets a public name (or the
+    code moves to where it is used)."""
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        module = module_name(path, src)
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            targets = imported_modules(node, module, path.name == "__init__.py")
+            if not isinstance(node, ast.ImportFrom) or package_of(targets[0]) in (
+                    None, package_of(module)):
+                continue
+            found += [f"{path.relative_to(src.parents[1])}:{node.lineno} {targets[0]}.{a.name}"
+                      for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
 def unplaced(edges: Edges) -> list[str]:
     return sorted({p for edge in edges for p in edge if p not in RANK})
 
@@ -136,7 +155,7 @@ def cycles(edges: Edges) -> list[list[str]]:
     return sorted(groups)
 
 
-def report(edges: Edges) -> str:
+def report(edges: Edges, private: list[str] = ()) -> str:
     lines = ["edges (from -> to: import statements):"]
     for (a, b), where in sorted(edges.items()):
         lines.append(f"  {a} -> {b}: {len(where)}")
@@ -149,23 +168,27 @@ def report(edges: Edges) -> str:
     for group in groups:
         inside = [f"{a}->{b}" for (a, b) in sorted(edges) if a in group and b in group]
         lines.append(f"  {' <-> '.join(group)} ({', '.join(inside)})")
+    lines.append("private names imported from another package:")
+    lines += [f"  {where}" for where in private]
     missing = unplaced(edges)
     if missing:
         lines.append(f"not placed in LAYERS: {', '.join(missing)}")
     lines.append(f"{len(edges)} package edges ({sum(map(len, edges.values()))} import "
                  f"statements); {len(up)} upward ({sum(map(len, up.values()))} statements); "
-                 f"{len(groups)} cycles")
+                 f"{len(groups)} cycles; {len(private)} private names imported across packages")
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true",
-                    help="exit 1 on an upward import, a cycle or an unplaced package")
+                    help="exit 1 on an upward import, a cycle, an unplaced package or a "
+                    "private name imported across packages")
     args = ap.parse_args()
     edges = collect_edges()
-    print(report(edges))
-    bad = upward(edges) or cycles(edges) or unplaced(edges)
+    private = private_imports()
+    print(report(edges, private))
+    bad = upward(edges) or cycles(edges) or unplaced(edges) or private
     return 1 if args.check and bad else 0
 
 

@@ -53,3 +53,22 @@ def test_the_script_finds_function_level_upward_imports_and_cycles(graph, tmp_pa
     assert set(graph.upward(edges)) == {("models", "train")}
     assert graph.cycles(edges) == [["models", "train"]]
     assert graph.unplaced(edges) == []
+
+
+def test_no_private_name_is_imported_from_another_package(graph):
+    assert graph.private_imports() == [], "give the name a public one, or move the code"
+
+
+def test_the_script_finds_private_names_imported_across_packages(graph, tmp_path):
+    pkg = tmp_path / "loratune"
+    for folder in ("data", "eval"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "data" / "formats.py").write_text("def _decode(p): ...\ndef __version__(): ...\n")
+    (pkg / "data" / "read.py").write_text("from loratune.data.formats import _decode\n"
+                                          "from .formats import _decode\n")  # same package
+    (pkg / "eval" / "mc.py").write_text("import os\nfrom loratune.data.formats import (\n"
+                                        "    __version__, _decode)\n")
+    assert graph.private_imports(pkg) == [
+        f"{tmp_path.name}/loratune/eval/mc.py:2 loratune.data.formats._decode"]

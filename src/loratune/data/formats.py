@@ -35,7 +35,7 @@ def locate(source: str | Path | None, index: int | None) -> str:
     return f"{source}[{index}]"
 
 
-def _decode(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     """The file's text, line endings untouched; a byte that is not UTF-8 is named by line and
     offset (spreadsheets often save CSV as Latin-1 or UTF-16)."""
     data = path.read_bytes()
@@ -47,9 +47,10 @@ def _decode(path: Path) -> str:
         raise not_utf8(path, data.count(b"\n", 0, offset) + 1, offset, data[offset]) from None
 
 
-def _read_text(path: Path) -> str:
-    # Universal newlines, as text-mode reads give: "\r\n" and "\r" end lines too.
-    return _decode(path).replace("\r\n", "\n").replace("\r", "\n")
+def read_text_file(path: Path) -> str:
+    """The file's text with universal newlines, as text-mode reads give: CRLF and a lone CR
+    end lines too; not UTF-8 is refused as `read_utf8` does."""
+    return read_utf8(path).replace("\r\n", "\n").replace("\r", "\n")
 
 
 # Every reader yields records as it reads them, so that the first bad one (malformed, or

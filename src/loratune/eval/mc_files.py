@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loratune.data.errors import DataError
-from loratune.data.formats import _decode, read_indexed
+from loratune.data.formats import read_indexed, read_utf8
 
 LETTERS = string.ascii_uppercase
 SPLIT_SUFFIX = re.compile(r"_(test|dev|val|validation|train)$")
@@ -78,7 +78,7 @@ def _question(record: dict, subject: str, where: str) -> Question:
 
 
 def _read_csv(path: Path) -> list[Question]:
-    rows = list(csv.reader(io.StringIO(_decode(path), newline="")))
+    rows = list(csv.reader(io.StringIO(read_utf8(path), newline="")))
     if not rows:
         raise DataError(f"{path}: the file is empty")
     header = [c.strip().lower() for c in rows[0]]

@@ -118,7 +118,7 @@ def install_embedded(name: str) -> list[str]:
     return cmd
 
 
-def _convert_gguf_to_folder(gguf: Path, out: Path) -> None:
+def convert_gguf_to_folder(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF once into a safetensors folder; written to a temp name, then renamed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -156,7 +156,7 @@ def embedded_folder(name: str) -> Path:
         )
     with progress.stage(f"first use of {name}: converting {gguf.name} to a safetensors "
                         f"folder in {out} (once; minutes on a small CPU)", announce=True):
-        _convert_gguf_to_folder(gguf, out)
+        convert_gguf_to_folder(gguf, out)
     return out
 
 

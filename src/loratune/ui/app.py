@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from pydantic import ValidationError
 
 from loratune.command_config import PlanConfig, UiConfig
-from loratune.config import RunConfig, _ADAPTER_OPTIONS
+from loratune.config import RunConfig, adapter_options
 from loratune.http_guard import HostPolicy, RequestGuard
 from loratune.serve.api import startup_api_key, is_loopback, key_matches
 from loratune.ui.confine import Confinement
@@ -284,7 +284,7 @@ def launch_schema() -> dict:
     run["properties"] = {k: v for k, v in run["properties"].items()
                          if k not in ("adapter", "output_dir")}
     adapters = {}
-    for method, cls in _ADAPTER_OPTIONS.items():
+    for method, cls in adapter_options().items():
         s = cls.model_json_schema()
         s["properties"] = {k: v for k, v in s["properties"].items()
                            if k not in ("method", "use_dora")}

@@ -19,7 +19,7 @@ import torch
 
 from loratune import progress
 from loratune.data.errors import DataError
-from loratune.data.formats import _read_text, read_indexed
+from loratune.data.formats import read_indexed, read_text_file
 from loratune.eval.tasks.registry import TaskData, TaskRecord, TaskResult, Timer, hashed, register
 
 DEFAULT_WINDOW_CAP = 2048  # the context length, at most this: logits of a window stay small
@@ -30,7 +30,7 @@ def read(cfg) -> TaskData:
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
-        texts = [(str(path), _read_text(path))]
+        texts = [(str(path), read_text_file(path))]
     else:
         texts = []
         for n, record in read_indexed(path):
