@@ -176,3 +176,59 @@ def test_loftq_on_a_tiny_model_quantizes_saves_and_reloads(tmp_path):
     mine = tiny_llama()  # the original weights: loading reruns LoftQ, then copies A and B
     load_adapter(mine, tmp_path / "ad")
     torch.testing.assert_close(logits(mine), want, atol=1e-5, rtol=0)
+
+
+def test_pissa_trains_through_train_and_its_file_reloads(tmp_path, data_file, smol_tokenizer):
+    from loratune.config import build_config
+    from loratune.train import train
+
+    cfg = build_config({
+        "output_dir": str(tmp_path / "run"),
+        "adapter": {"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa"},
+        "data": {"train": str(data_file), "max_length": 64},
+        "train": {"max_steps": 12, "batch_size": 4, "lr": 2e-2, "warmup_ratio": 0.0},
+    })
+    model = tiny_llama(vocab=len(smol_tokenizer))
+    result = train(cfg, model=model, tokenizer=smol_tokenizer, quiet=True)
+    losses = [h["loss"] for h in result.history]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1, losses
+    ids = torch.tensor([[5, 900, 17, 4000, 31]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        fresh = tiny_llama(vocab=len(smol_tokenizer))  # the unchanged base
+        load_adapter(fresh, result.adapter_dir)
+        torch.testing.assert_close(fresh(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        pm = peft.PeftModel.from_pretrained(tiny_llama(vocab=len(smol_tokenizer)),
+                                            result.adapter_dir)
+        torch.testing.assert_close(pm(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+def test_loftq_equals_peft_loop_with_bitsandbytes_nf4(iters):
+    """PEFT's loftq_init asks for CUDA; its loop is rebuilt here from PEFT's own SVD helper and
+    bitsandbytes' (CPU) NF4 codes, with lora_alpha = r where PEFT's unscaled B·A is right.
+    (bitsandbytes' CPU dequantize_4bit is off by up to 1.2 here without its `kernels` package,
+    so its codes are decoded with its own code table and block scales.)"""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    torch.manual_seed(1)
+    w = torch.randn(64, 48)
+    table = bnb_f.get_4bit_type("nf4", device="cpu")
+    residual = w
+    for step in range(iters):
+        packed, state = bnb_f.quantize_4bit(residual, blocksize=64, compress_statistics=False,
+                                            quant_type="nf4")
+        codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], 1).view(-1).long()
+        q = (table[codes].view(-1, 64) * state.absmax[:, None]).view(w.shape)
+        out = _low_rank_decomposition(w - q, reduced_rank=4)
+        residual = w - out["L"] @ out["R"]
+    lin = torch.nn.Linear(48, 64, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    model = torch.nn.Sequential(lin)
+    add_adapter(model, LoraConfig(r=4, lora_alpha=4, init_lora_weights="loftq",
+                                  loftq_config={"loftq_iter": iters}, target_modules=["0"]))
+    ad = model[0].adapters["default"]
+    torch.testing.assert_close(model[0].base_layer.weight, q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ad.lora_B @ ad.lora_A, out["L"] @ out["R"], atol=1e-5, rtol=0)
