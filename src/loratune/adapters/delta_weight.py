@@ -1,10 +1,11 @@
 """Adapters that rebuild their whole update ΔW [out, in] from small factors (LoHa, LoKr).
 
-Unlike LoRA's B·A, a Hadamard or Kronecker product has no cheap path through x, so (as PEFT
-does) each forward builds ΔW and applies it: an extra out×in matmul per layer, and ΔW is kept
-for backward. The scale is alpha / r. PEFT's two training-time regularisers are kept:
-`module_dropout` skips a layer's update for a step, `rank_dropout` zeroes random output rows
-of ΔW (LoHa rescales the kept rows by 1/(fraction kept); LoKr only with `rank_dropout_scale`).
+A Hadamard product has no cheap path through x, so (as PEFT does) LoHa builds ΔW in each
+forward and applies it: an extra out×in matmul per layer, and ΔW is kept for backward. LoKr
+applies its Kronecker product to x factor by factor instead (lokr.py). The scale is alpha / r.
+PEFT's two training-time regularisers are kept: `module_dropout` skips a layer's update for a
+step, `rank_dropout` zeroes random output rows of ΔW (LoHa rescales the kept rows by
+1/(fraction kept); LoKr only with `rank_dropout_scale`).
 """
 
 from __future__ import annotations
@@ -62,13 +63,20 @@ class DeltaWeightAdapter(LayerAdapter):
         """ΔW [out, in] in the adapter's dtype, scaled, without dropout."""
         return self.unscaled_delta() * self.scaling
 
-    def dropped_rows(self, delta: torch.Tensor) -> torch.Tensor:
-        """ΔW with each output row zeroed with probability rank_dropout (training only)."""
-        keep = (torch.rand(delta.shape[0], device=delta.device) >= self.config.rank_dropout)
-        keep = keep.to(delta.dtype)
-        if self.rescale_rank_dropout:  # all rows dropped: ΔW is 0 whatever the divisor
-            keep = keep / keep.mean().clamp_min(1.0 / delta.shape[0])
-        return delta * keep.view(-1, 1)
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """ΔW·x for input x, without dropout; a method with a cheaper path than building ΔW
+        (LoKr) overrides it."""
+        delta = self.delta_weight()
+        return F.linear(x.to(delta.dtype), delta)
+
+    def kept_rows(self, y: torch.Tensor) -> torch.Tensor:
+        """A factor per output feature of update `y`: 0 with probability rank_dropout (PEFT
+        drops rows of ΔW, which is the same), the kept ones rescaled when the method does."""
+        n = y.shape[-1]
+        keep = (torch.rand(n, device=y.device) >= self.config.rank_dropout).to(y.dtype)
+        if self.rescale_rank_dropout:  # all rows dropped: the update is 0 whatever the divisor
+            keep = keep / keep.mean().clamp_min(1.0 / n)
+        return keep
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, weight: float = 1.0,
                base: nn.Module | None = None, base_out: torch.Tensor | None = None
@@ -76,10 +84,10 @@ class DeltaWeightAdapter(LayerAdapter):
         if self.training and self.config.module_dropout:
             if torch.rand(()).item() < self.config.module_dropout:
                 return out
-        delta = self.delta_weight()
+        y = self.update(x)
         if self.training and self.config.rank_dropout:
-            delta = self.dropped_rows(delta)
-        return out + (weight * F.linear(x.to(delta.dtype), delta)).to(out.dtype)
+            y = y * self.kept_rows(y)
+        return out + (weight * y).to(out.dtype)
 
     def merge_into(self, w: torch.Tensor, bias: torch.Tensor | None, weight: float):
         return w + weight * self.delta_weight().float(), bias

@@ -70,6 +70,13 @@ class LokrAdapter(DeltaWeightAdapter):
     def unscaled_delta(self) -> torch.Tensor:
         return torch.kron(self.side("lokr_w1"), self.side("lokr_w2"))
 
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """(W1 ⊗ W2)·x without building W1 ⊗ W2: x's features as a [c, d] grid, W1·grid·W2ᵀ
+        is the [a, b] grid of the output's (a·c·b + c·d·b multiply-adds a token, not out·in)."""
+        w1, w2 = self.side("lokr_w1"), self.side("lokr_w2")
+        grid = x.to(w1.dtype).reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])
+        return (w1 @ (grid @ w2.t())).flatten(-2) * self.scaling
+
 
 def new_lokr(config: LoKrConfig, path: str, in_features: int, out_features: int, *,
              r: int | None = None, alpha: float | None = None, device=None, dtype=None
