@@ -12,8 +12,9 @@ path: the adapter computes in its own dtype and is cast to the base's output dty
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from loratune.adapters.lora_product import REFERENCE
 
 
 def frozen_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
@@ -49,12 +50,8 @@ class FusedLoraLinear(torch.autograd.Function):
             xd = x2 * noise
         else:
             xd = x2
-        h = F.linear(xd.to(lora_A.dtype), lora_A)
-        out2 = out.reshape(-1, out.shape[-1])
-        if out.dtype == lora_B.dtype:
-            out2 = torch.addmm(out2, h, lora_B.t(), alpha=scale)
-        else:
-            out2 = out2 + (F.linear(h, lora_B) * scale).to(out.dtype)
+        h = REFERENCE.shrink(xd, lora_A)
+        out2 = REFERENCE.expand_add(out.reshape(-1, out.shape[-1]), h, lora_B, scale)
         keep = noise.ne(0) if noise is not None else None
         ctx.save_for_backward(x, h, lora_A, lora_B, *(() if keep is None else (keep,)))
         ctx.base, ctx.scale, ctx.dropout = base, scale, dropout

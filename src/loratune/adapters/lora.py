@@ -16,8 +16,10 @@ from loratune.adapters.base_inits import (base_init, config_converts_on_save, co
                                           start_from_base)
 from loratune.adapters.fused_lora import fused_lora_forward
 from loratune.adapters.host import LayerAdapter, adapted_layers, leaf_names
+from loratune.adapters.lora_product import REFERENCE, product, scaled_factors
 from loratune.adapters.peft_format import LORA_KINDS, canonical_path, lora_scale
-from loratune.adapters.registry import AdapterError, FileSpec, MethodRecord, TrainingSpec, register
+from loratune.adapters.registry import (AdapterError, ExportSpec, FileSpec, MethodRecord,
+                                        ServingSpec, TrainingSpec, register)
 from loratune.config import AdapterConfig, LoraConfig
 
 
@@ -63,23 +65,17 @@ class LoraAdapter(LayerAdapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
-        x = x.to(self.lora_A.dtype)
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return product(x, self.lora_A, self.lora_B, self.scaling)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, weight: float = 1.0,
                base: nn.Module | None = None, base_out: torch.Tensor | None = None
                ) -> torch.Tensor:
-        """out + weight·adapter(x), with the B matmul, scale and sum fused into one addmm."""
-        if out.dtype != self.lora_B.dtype:
-            return out + (weight * self(x)).to(out.dtype)
+        """out + weight·adapter(x): in out's dtype the B matmul, scale and sum are one addmm
+        (adapters/lora_product.py)."""
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
-        h = F.linear(x.to(self.lora_A.dtype), self.lora_A)
-        # Scaling the [tokens, out] result would cost a full-size multiply (and another in
-        # backward); addmm applies it inside the matmul.
-        fused = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.t(),
-                            alpha=self.scaling * weight)
-        return fused.view(out.shape)
+        h = REFERENCE.shrink(x, self.lora_A)
+        return REFERENCE.expand_add(out, h, self.lora_B, self.scaling * weight)
 
     def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float = 1.0
                       ) -> torch.Tensor | None:
@@ -152,4 +148,5 @@ def loaded_options(values: dict) -> dict:
 register(MethodRecord(
     name="lora", config_class=LoraConfig, peft_type="LORA",
     files=FileSpec(LORA_KINDS, peft_fields=lora_peft_fields, loaded_options=loaded_options),
-    make_layer=new_lora, has_rank=True, training=TrainingSpec(plan_note=None)))
+    make_layer=new_lora, has_rank=True, training=TrainingSpec(plan_note=None),
+    serving=ServingSpec(factors=scaled_factors), export=ExportSpec(gguf_factors=scaled_factors)))

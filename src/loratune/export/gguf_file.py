@@ -177,20 +177,25 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
     an adapter of another one), B's rows permuted like the base's Q/K rows where it permutes."""
     import gguf
 
+    from loratune.adapters import method_record
     from loratune.adapters.peft_format import (PeftFolder, lora_scale, read_adapter_config,
-                                               read_adapter_weights)
+                                               read_peft_weights)
 
     cfg, raw = read_adapter_config(adapter_dir)
-    if cfg.method != "lora":
-        raise GGUFExportError(f"{adapter_dir}: llama.cpp adapters are plain LoRA; a {cfg.method} "
-                              "adapter must be merged instead (export gguf --adapter DIR)")
+    export = method_record(cfg.method).export
+    if export.gguf_factors is None:
+        raise GGUFExportError(f"{adapter_dir}: a {cfg.method} adapter cannot be written as "
+                              f"llama.cpp's adapter file ({export.why_not}); merge it instead "
+                              "(export gguf --adapter DIR)")
     config = json.loads((base_folder / "config.json").read_text())
     _, family = family_of(config, str(base_folder / "config.json"))
     arch = gguf_arch_name(family)
     names = tensor_name_map(family, config["num_hidden_layers"])
-    adapter = PeftFolder(Path(adapter_dir), cfg, raw, read_adapter_weights(adapter_dir))
-    # llama.cpp scales every layer by alpha / (that layer's rank); per-layer differences from
-    # PEFT's scale (rank/alpha patterns, rsLoRA) are folded into B.
+    # The one reader that checks the config's ranks against the tensors' shapes.
+    weights = read_peft_weights(Path(adapter_dir), cfg, raw).tensors
+    factors = export.gguf_factors(PeftFolder(Path(adapter_dir), cfg, raw, weights))
+    # llama.cpp scales every layer by alpha / (that layer's rank): the factors carry PEFT's
+    # per-layer scale in B (rank/alpha patterns, rsLoRA), so r / alpha undoes llama.cpp's.
     alpha = lora_scale(cfg.lora_alpha, cfg.r, cfg.use_rslora) * cfg.r
     dtype = np.float16 if out_type == "f16" else np.float32
     out, tmp = _target(out, overwrite, [adapter_dir, base_folder])
@@ -199,14 +204,8 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
         writer.add_string("general.type", "adapter")
         writer.add_string("adapter.type", "lora")
         writer.add_float32("adapter.lora.alpha", float(alpha))
-        for path, (a, b) in adapter.lora_pairs().items():
-            if b is None:
-                raise GGUFExportError(f"{adapter_dir}: {path}.lora_A.weight has no matching "
-                                      "lora_B tensor")
-            a, b = a.float(), b.float()
-            r = a.shape[0]
-            b = _transform(family, f"{path}.weight", b * (adapter.scale(path, r) * r / alpha),
-                           config)
+        for path, (a, b) in factors.items():
+            b = _transform(family, f"{path}.weight", b * (a.shape[0] / alpha), config)
             name = gguf_name(names, f"{path}.weight", arch)
             writer.add_tensor(f"{name}.lora_a", a.numpy().astype(dtype))
             writer.add_tensor(f"{name}.lora_b", b.numpy().astype(dtype))

@@ -11,13 +11,16 @@ The base matmul runs once for the whole batch. The LoRA part takes one of three 
 - otherwise (a prefill, or more slots than rows): each row's A and B gathered by its slot
   index, then two batched matmuls (the BGMV idea of Punica / S-LoRA).
 
-All three compute the same sum; zeroed columns add exact zeros.
+All three compute the same sum; zeroed columns add exact zeros. The products themselves are
+adapters/lora_product.py's (its backends); this module keeps the slots and picks the path.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from loratune.adapters.lora_product import backend as lora_backend
 
 
 def slot_dtype(layer: nn.Module) -> torch.dtype:
@@ -69,9 +72,11 @@ class RowSlots:
 class MultiLoraLinear(nn.Module):
     """A frozen linear layer plus slot-stacked LoRA weights, chosen per row by `RowSlots`."""
 
-    def __init__(self, base_layer: nn.Module, slots: RowSlots, num_slots: int):
+    def __init__(self, base_layer: nn.Module, slots: RowSlots, num_slots: int,
+                 backend: str = "torch"):
         super().__init__()
         self.base_layer = base_layer
+        self.backend = lora_backend(backend)   # adapters/lora_product.py runs the product
         self.row_slots = slots
         self.num_slots = num_slots
         self.in_features = base_layer.in_features
@@ -152,32 +157,17 @@ class MultiLoraLinear(nn.Module):
         """One adapter for the whole batch: two plain matmuls, no gather."""
         if slot not in self.filled:
             return out
-        h = x.to(self.lora_A.dtype) @ self.lora_A[slot].t()
-        b = self.lora_B[:, slot]
-        if out.dtype != h.dtype:
-            return out + (h @ b.t()).to(out.dtype)
-        # Fused into the base output: no [tokens, out] temporary for the update.
-        flat = out.view(-1, out.shape[-1])
-        return flat.addmm_(h.reshape(-1, h.shape[-1]), b.t()).view_as(out)
+        return self.backend.one_slot(out, x, self.lora_A[slot], self.lora_B[:, slot])
 
     def _all_slots(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x [batch, 1, in]: every slot's A at once, other rows' slots zeroed, every slot's B."""
-        a_all, b_all = self.a_all, self.b_all
-        h = torch.mm(x.reshape(x.shape[0], -1).to(a_all.dtype), a_all)  # [batch, S·r]
-        h.masked_fill_(self.row_slots.others_flat(h.shape[1] // self.num_slots), 0)
-        if out.dtype != h.dtype:
-            return out + torch.mm(h, b_all).to(out.dtype).view_as(out)
-        out.view(x.shape[0], -1).addmm_(h, b_all)
-        return out
+        rank = self.lora_A.shape[1]
+        return self.backend.all_slots(out, x, self.a_all, self.b_all,
+                                      self.row_slots.others_flat(rank))
 
     def _gathered(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Each row's own A and B gathered by slot, then two batched matmuls."""
-        a = self.lora_A.index_select(0, rows)                         # [batch, r, in]
-        b = self.lora_B.index_select(1, rows).permute(1, 2, 0)        # [batch, r, out]
-        h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))               # [batch, tokens, r]
-        if out.dtype != h.dtype:
-            return out + torch.bmm(h, b).to(out.dtype)
-        return out.baddbmm_(h, b)
+        return self.backend.gathered(out, x, self.lora_A, self.lora_B, rows)
 
 
 def detach(model: nn.Module) -> None:
@@ -189,8 +179,8 @@ def detach(model: nn.Module) -> None:
             setattr(parent, child, mod.base_layer)
 
 
-def attach(model: nn.Module, paths: list[str], slots: RowSlots, num_slots: int
-           ) -> dict[str, MultiLoraLinear]:
+def attach(model: nn.Module, paths: list[str], slots: RowSlots, num_slots: int,
+           backend: str = "torch") -> dict[str, MultiLoraLinear]:
     """Wrap the linear layers at `paths` (skipping ones already wrapped); return all wrappers."""
     layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, MultiLoraLinear)}
     for path in paths:
@@ -201,7 +191,7 @@ def attach(model: nn.Module, paths: list[str], slots: RowSlots, num_slots: int
         base = getattr(parent, child)
         if not hasattr(base, "in_features"):
             raise ValueError(f"{path} is a {type(base).__name__}, not a linear layer")
-        wrapper = MultiLoraLinear(base, slots, num_slots)
+        wrapper = MultiLoraLinear(base, slots, num_slots, backend)
         setattr(parent, child, wrapper)
         layers[path] = wrapper
     return layers

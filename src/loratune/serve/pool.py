@@ -22,8 +22,7 @@ from torch import nn
 from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, LORA_KINDS, PeftFolder,
                                            file_key, read_adapter_config, read_peft_weights,
                                            split_key, weights_file)
-from loratune.adapters.registry import AdapterError
-from loratune.config import LoraConfig
+from loratune.adapters.registry import AdapterError, method_record
 from loratune.readers import CorruptFileError
 from loratune.serve.multi_lora import MultiLoraLinear, RowSlots, attach, detach, slot_dtype
 from loratune.serve.types import BadAdapter, ServeError, UnknownAdapter
@@ -88,15 +87,17 @@ def check_name(name: str) -> str:
 
 
 def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
-    """Read and check a PEFT LoRA folder against `model`; every error names the file and tensor."""
+    """Read and check an adapter folder against `model`, as the LoRA factors its method's record
+    serves it by (ServingSpec.factors); every error names the file and tensor."""
     try:
         config, raw = read_adapter_config(folder)
         weights_path = weights_file(folder)
+        record = method_record(config.method)
     except AdapterError as err:
         raise BadAdapter(f"adapter {name!r}: {err}") from None
-    if not isinstance(config, LoraConfig) or config.method != "lora":
-        raise BadAdapter(f"adapter {name!r} ({folder}) is {config.method}; the server runs plain "
-                         "LoRA adapters side by side. Merge it into the base with `loratune merge` "
+    if record.serving.factors is None:
+        raise BadAdapter(f"adapter {name!r} ({folder}) is {config.method}: "
+                         f"{record.serving.why_not}. Merge it into the base with `loratune merge` "
                          "and serve the merged model instead")
     if getattr(config, "bias", "none") != "none" or raw.get("modules_to_save"):
         raise BadAdapter(f"adapter {name!r} ({folder}) trains biases or whole modules "
@@ -105,33 +106,40 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
         weights = read_peft_weights(folder, config, raw).tensors
     except CorruptFileError as err:
         raise BadAdapter(f"adapter {name!r}: {err}") from None
-    stray = sorted(k for k in weights if split_key(k, LORA_KINDS) is None)
+    stray = sorted(k for k in weights if split_key(k, record.files.keys) is None)
     if stray:
-        raise BadAdapter(f"{weights_path}: tensor {stray[0]} is not a LoRA A/B weight")
-    adapter = PeftFolder(folder, config, raw, weights)
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for path, (a, b) in adapter.lora_pairs().items():
-        key = file_key(path, LORA_KINDS[0])
-        if b is None:
-            raise BadAdapter(f"{weights_path}: {key} has no matching lora_B tensor")
-        try:
-            layer = model.get_submodule(path)
-        except AttributeError:
-            raise BadAdapter(f"{weights_path}: tensor {key} has no place in this model "
-                             f"({ANOTHER_BASE})") from None
-        shape_in = getattr(layer, "in_features", None)
-        shape_out = getattr(layer, "out_features", None)
-        r = adapter.rank(path)
-        if a.shape != (r, shape_in) or b.shape != (shape_out, r):
-            raise BadAdapter(f"{weights_path}: {path} has A {tuple(a.shape)} and B "
-                             f"{tuple(b.shape)}; this model's layer needs A ({r}, {shape_in}) and "
-                             f"B ({shape_out}, {r}) ({ANOTHER_BASE})")
-        layers[path] = (a.float(), b.float() * adapter.scale(path, r))
-        check_slot_values(f"adapter {name!r} ({weights_path})", path, *layers[path],
-                          slot_dtype(layer))
+        raise BadAdapter(f"{weights_path}: tensor {stray[0]} is not a {config.method} tensor "
+                         f"(expected names ending in {', '.join(record.files.keys)})")
+    try:
+        factors = record.serving.factors(PeftFolder(folder, config, raw, weights))
+    except AdapterError as err:
+        raise BadAdapter(str(err)) from None
+    layers = {path: fitted(path, a, b, model, weights_path) for path, (a, b) in factors.items()}
+    for path, (a, b) in layers.items():
+        check_slot_values(f"adapter {name!r} ({weights_path})", path, a, b,
+                          slot_dtype(model.get_submodule(path)))
     if not layers:
         raise BadAdapter(f"{weights_path}: no LoRA tensors")
     return HostLora(name, layers, max_weight(layers, model))
+
+
+def fitted(path: str, a: torch.Tensor, b: torch.Tensor, model: nn.Module, weights_path: Path
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, scale·B) of the layer at `path`, refused unless they fit that layer of `model`."""
+    key = file_key(path, LORA_KINDS[0])
+    try:
+        layer = model.get_submodule(path)
+    except AttributeError:
+        raise BadAdapter(f"{weights_path}: tensor {key} has no place in this model "
+                         f"({ANOTHER_BASE})") from None
+    shape_in = getattr(layer, "in_features", None)
+    shape_out = getattr(layer, "out_features", None)
+    r = a.shape[0]
+    if a.shape != (r, shape_in) or b.shape != (shape_out, r):
+        raise BadAdapter(f"{weights_path}: {path} has A {tuple(a.shape)} and B "
+                         f"{tuple(b.shape)}; this model's layer needs A ({r}, {shape_in}) and "
+                         f"B ({shape_out}, {r}) ({ANOTHER_BASE})")
+    return a, b
 
 
 def max_weight(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], model: nn.Module) -> float:
@@ -157,7 +165,7 @@ class AdapterPool:
     """Known adapters (folders under `adapter_dir`, or registered), `max_adapters` of them live."""
 
     def __init__(self, adapter_dir: str | Path | None = None, max_adapters: int = 8,
-                 host_adapters: int = 0):
+                 host_adapters: int = 0, lora_backend: str = "torch"):
         if max_adapters < 1:
             raise ValueError(f"max_adapters must be at least 1, got {max_adapters}")
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir else None
@@ -165,6 +173,7 @@ class AdapterPool:
             raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist")
         self.max_adapters = max_adapters
         self.host_adapters = host_adapters
+        self.lora_backend = lora_backend   # adapters/lora_product.py: what runs the products
         self.lock = threading.RLock()
         self.registered: dict[str, Path] = {}
         self.live: OrderedDict[str, int] = OrderedDict()   # entry key -> slot, LRU first
@@ -339,7 +348,8 @@ class AdapterPool:
         return lora
 
     def _fill(self, slot: int, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.layers = attach(self.model, list(layers), self.slots, self.max_adapters + 1)
+        self.layers = attach(self.model, list(layers), self.slots, self.max_adapters + 1,
+                             self.lora_backend)
         for path, (a, b) in layers.items():
             self.layers[path].fill(slot, a, b)
 
