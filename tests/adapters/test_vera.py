@@ -191,3 +191,11 @@ def test_loratune_merge_streams_vera_into_the_base(tmp_path, save_projection):
     set_active(model, {"default": 0.7})
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(logits(plain), logits(model), atol=1e-5, rtol=0)
+
+
+def test_planner_says_its_lora_estimate_is_an_upper_bound():
+    from loratune.config import build_config
+    from loratune.plan.from_run import run_notes
+
+    notes = run_notes(build_config({"adapter": {"method": "vera", "r": 64}}))
+    assert notes[0].startswith("vera (rank 64) is estimated as LoRA of rank r, an upper bound")

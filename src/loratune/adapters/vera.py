@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.adapters.host import AdapterHost, LayerAdapter, adapted_layers, leaf_names
-from loratune.adapters.registry import AdapterError, FileSpec, MethodRecord, register
+from loratune.adapters.registry import (AdapterError, FileSpec, MethodRecord, TrainingSpec,
+                                        register)
 from loratune.config import VeraConfig
 
 # PEFT's keys for the shared projections: model-level, outside any module path.
@@ -198,4 +199,7 @@ register(MethodRecord(
     name="vera", config_class=VeraConfig, peft_type="VERA",
     files=FileSpec(("vera_lambda_b", "vera_lambda_d", *PROJECTION_KEYS),
                    peft_fields=vera_peft_fields, before_load=check_projection_keys),
-    make_layer=new_vera, after_layers=share_projections))
+    make_layer=new_vera, after_layers=share_projections,
+    training=TrainingSpec(plan_note="estimated as LoRA of rank r, an upper bound: VeRA trains "
+                          "only r + out values per layer, beside frozen projections of "
+                          "r·(in + out) values for the largest layer, held once")))
