@@ -76,11 +76,6 @@ def config_from_args(cls: type[CommandConfig], args: argparse.Namespace,
     return cls.load(getattr(args, "config", None), given)
 
 
-def given_flags(cls: type[CommandConfig], args: argparse.Namespace) -> list[str]:
-    """The flags of `cls` that were typed."""
-    return [flag for flag, key in cls.flag_keys().items() if hasattr(args, _dest(key))]
-
-
 def field_at(cls, key: str) -> FieldInfo:
     """The field a dotted key names, through sections ('model.quantization.type')."""
     *sections, name = key.split(".")

