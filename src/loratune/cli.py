@@ -53,6 +53,8 @@ def cmd_train(args) -> int:
         return launch(args.nproc, argv)
     from loratune.train import train
 
+    if cfg.train.objective == "grpo":
+        from loratune.recipes.grpo import train_grpo as train
     try:
         result = train(cfg, resume=args.resume or args.resume_skip_corrupt,
                        overwrite=args.overwrite, skip_corrupt=args.resume_skip_corrupt,

@@ -1,0 +1,212 @@
+"""The GRPO recipe (train.objective grpo), top to bottom: setup -> steps -> save.
+
+Data rows are a `prompt` (a string, used as written, or a list of messages, rendered by the
+chat template with the generation prompt) plus any columns the rewards read. A step samples
+train.rl.num_generations completions for each of its batch_size x grad_accum / num_generations
+prompts on the live model (train/rl_rollout.py), scores them (train/rl_rewards.py) and updates
+the adapter num_iterations times (train/rl_step.py). max_steps counts these steps.
+
+Resume is exact: a checkpoint holds the adapter, the optimizer and the step; a step's prompts
+and samples depend only on (seed, step), so a resumed run repeats what the killed one would
+have done. Written to the run folder: metrics.jsonl (one record per step), completions.jsonl
+(sampled completions with their rewards), checkpoints/, adapter/, run_summary.json, loss.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from loratune.adapters import save_adapter
+from loratune.config import ConfigError, RunConfig
+from loratune.data.bundled import resolve_data_paths
+from loratune.data.formats import read_indexed
+from loratune.models.modules import eos_ids
+from loratune.serve.types import SamplingParams
+from loratune.train.checkpoint import (choose_checkpoint, list_checkpoints, load_checkpoint,
+                                       save_checkpoint)
+from loratune.train.loop import TrainResult, load_base, seed_everything
+from loratune.train.metrics_log import MetricsLog, plot_loss
+from loratune.train.objectives import start_adapter
+from loratune.train.optim import build_optimizer, set_lr
+from loratune.train.rl_rewards import load_rewards, score
+from loratune.train.rl_rollout import rollout
+from loratune.train.rl_step import Prompt, grpo_step, sample_lines
+from loratune.train.run_folder import (check_resume_state, prepare_run_dir, resume_state,
+                                       write_config, write_summary)
+from loratune.train.distributed import DistInfo
+from loratune.train.schedule import lr_factor
+
+
+def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=None,
+               tokenizer=None, quiet: bool = False, skip_corrupt: bool = False) -> TrainResult:
+    log = (lambda *a: None) if quiet else print
+    if DistInfo.from_env().world_size > 1:
+        raise ConfigError("train.objective grpo runs in one process for now (rollouts per rank "
+                          "are not written yet); launch without torchrun / --nproc")
+    rewards = load_rewards(cfg.train.rl.rewards)          # a bad reference fails before loading
+    out = Path(cfg.output_dir)
+    prepare_run_dir(out, resume, overwrite)
+    seed_everything(cfg.train.seed)
+    model, tokenizer = load_base(cfg, DistInfo.from_env(), model, tokenizer)
+    start_adapter(cfg, model, tokenizer)
+    model.train()
+    train_rows, held_rows = read_prompts(cfg, tokenizer)
+    per_step = cfg.train.batch_size * cfg.train.grad_accum // cfg.train.rl.num_generations
+    total = total_steps(cfg, len(train_rows), per_step)
+    optimizer = build_optimizer(model, cfg.train)
+    start = resume_from(cfg, out, model, optimizer, total, skip_corrupt, log) if resume else 0
+    write_config(out, cfg)
+    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics.truncate_after(start)
+    log(f"grpo: {len(train_rows)} prompts, {per_step} per step x {cfg.train.rl.num_generations} "
+        f"completions, {total} steps, loss {cfg.train.rl.loss}")
+    eos = eos_ids(model, tokenizer)
+    began, history = time.perf_counter(), []
+    for step in range(start, total):
+        prompts = step_prompts(train_rows, per_step, cfg.train.seed, step)
+        record, scored = grpo_step(model, tokenizer, prompts, rewards, cfg.train, eos, step,
+                                   optimizer, lambda k: set_lr(optimizer, schedule(cfg, total, k)))
+        record = {"step": step + 1, **record}
+        if held_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+            record["eval_reward"] = heldout_reward(model, tokenizer, held_rows, rewards, cfg, eos)
+        metrics.write(record)
+        history.append(record)
+        append_samples(out, sample_lines(scored, [text_prompt(p) for p in prompts
+                                                  for _ in range(cfg.train.rl.num_generations)],
+                                         step + 1, cfg.train.rl.samples_logged))
+        log(progress_line(record, total))
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+            save_checkpoint(out / "checkpoints", step + 1, model, optimizer,
+                            resume_state(cfg, total), keep=cfg.train.save_total_limit)
+    return finish(cfg, out, model, tokenizer, held_rows, rewards, eos, total, history,
+                  time.perf_counter() - began)
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def read_prompts(cfg: RunConfig, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+    """(training prompts, held-out prompts): data.eval, else a data.eval_fraction split."""
+    train_path, held_path = resolve_data_paths(cfg)
+    rows = [encode_prompt(r, f"{train_path}:{n}", tokenizer) for n, r in read_indexed(train_path)]
+    held = [encode_prompt(r, f"{held_path}:{n}", tokenizer)
+            for n, r in read_indexed(held_path)] if held_path else []
+    if not held and cfg.data.eval_fraction:
+        order = list(range(len(rows)))
+        random.Random(cfg.train.seed).shuffle(order)
+        cut = max(1, int(len(rows) * cfg.data.eval_fraction))
+        held, rows = [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
+    if not rows:
+        raise ConfigError(f"data.train: {train_path} has no prompts")
+    return rows, held
+
+
+def encode_prompt(record: dict, where: str, tokenizer) -> Prompt:
+    prompt = record.get("prompt") if isinstance(record, dict) else None
+    if isinstance(prompt, str) and prompt:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        raise ConfigError(f"{where}: expected a 'prompt' (a non-empty string or a list of "
+                          "{role, content} messages) for train.objective grpo")
+    columns = {k: v for k, v in record.items() if k != "prompt"}
+    return Prompt(prompt, list(ids), columns)
+
+
+def text_prompt(p: Prompt) -> str:
+    return p.prompt if isinstance(p.prompt, str) else p.prompt[-1].get("content", "")
+
+
+def step_prompts(rows: list[Prompt], n: int, seed: int, step: int) -> list[Prompt]:
+    """The step's prompts: consecutive slices of a per-epoch shuffle (seed, epoch)."""
+    out, at = [], step * n
+    while len(out) < n:
+        epoch, i = divmod(at, len(rows))
+        order = list(range(len(rows)))
+        random.Random(seed * 7919 + epoch).shuffle(order)
+        out.append(rows[order[i]])
+        at += 1
+    return out
+
+
+def total_steps(cfg: RunConfig, n_rows: int, per_step: int) -> int:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * n_rows / per_step))
+
+
+def schedule(cfg: RunConfig, total: int, update: int) -> float:
+    updates = total * cfg.train.rl.num_iterations
+    return lr_factor(update, updates, int(cfg.train.warmup_ratio * updates), cfg.train.schedule)
+
+
+# ------------------------------------------------------------------------- resume, eval
+
+
+def resume_from(cfg: RunConfig, out: Path, model, optimizer, total: int, skip_corrupt: bool,
+                log) -> int:
+    ckpts = list_checkpoints(out / "checkpoints")
+    if not ckpts:
+        log("resume: no checkpoint yet, starting at step 0")
+        return 0
+    path = choose_checkpoint(ckpts, skip_corrupt, log)
+    meta = load_checkpoint(path, model, optimizer)
+    check_resume_state(meta, cfg, path)
+    log(f"resumed from {path.name}")
+    return int(meta["step"])
+
+
+@torch.no_grad()
+def heldout_reward(model, tokenizer, rows: list[Prompt], rewards, cfg: RunConfig,
+                   eos: set[int]) -> float:
+    """Mean of the first reward over greedy completions of the held-out prompts."""
+    params = SamplingParams(max_tokens=cfg.train.rl.max_completion_length, temperature=0.0)
+    got = []
+    for i in range(0, len(rows), cfg.eval.batch_size):
+        part = rows[i:i + cfg.eval.batch_size]
+        ids = rollout(model, [p.ids for p in part], eos, params, cfg.train.seed, 0)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        shown = [[{"role": "assistant", "content": t}] if isinstance(p.prompt, list) else t
+                 for p, t in zip(part, texts)]
+        columns = {k: [p.columns.get(k) for p in part] for k in part[0].columns}
+        got.append(score(rewards[:1], [p.prompt for p in part], shown,
+                         {**columns, "completion_ids": ids})[:, 0])
+    values = torch.cat(got)
+    return float(torch.nanmean(values))
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def append_samples(out: Path, lines: list[dict]) -> None:
+    with (out / "completions.jsonl").open("a", encoding="utf-8") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def progress_line(record: dict, total: int) -> str:
+    return (f"step {record['step']}/{total} loss {record['loss']:.4f} reward "
+            f"{record['reward'] if record['reward'] is not None else float('nan'):.3f} "
+            f"kl {record['kl']:.4f} len {record['completion_length']:.1f} rollout "
+            f"{record['rollout_seconds']:.1f}s update {record['update_seconds']:.1f}s")
+
+
+def finish(cfg: RunConfig, out: Path, model, tokenizer, held_rows, rewards, eos, total: int,
+           history: list[dict], seconds: float) -> TrainResult:
+    adapter_dir = save_adapter(model, out / "adapter", overwrite=True)
+    final = history[-1]["loss"] if history else float("nan")
+    summary = {"objective": "grpo", "loss": cfg.train.rl.loss, "steps": total,
+               "seconds": round(seconds, 2), "final_loss": final}
+    if held_rows:
+        summary["eval_reward"] = heldout_reward(model, tokenizer, held_rows, rewards, cfg, eos)
+    write_summary(out, summary)
+    plot_loss(out / "metrics.jsonl", out / "loss.png")
+    return TrainResult(out, adapter_dir, total, final, summary.get("eval_reward"), seconds,
+                       0, 0, history)
