@@ -52,7 +52,7 @@ class Result:
 def pairs(tok, n: int):
     from loratune.config import DataConfig
     from loratune.data.bundled import bundled_path
-    from loratune.data.preference import build_preference_examples
+    from loratune.data.preference_pairs import build_preference_examples
 
     examples, _ = build_preference_examples(bundled_path("demo-pairs"), tok,
                                             DataConfig(max_length=256), "pairs")
@@ -62,9 +62,9 @@ def pairs(tok, n: int):
 def setup_loratune(model, tok, examples, cached: bool):
     from loratune.adapters import add_adapter
     from loratune.config import LoraConfig, TrainConfig
-    from loratune.data.preference import collate_pairs
+    from loratune.data.preference_pairs import collate_pairs
     from loratune.train.optim import build_optimizer
-    from loratune.train.preference import PreferenceLoss, Reference
+    from loratune.train.preference_loss import PreferenceLoss, Reference
     from loratune.train.reference_cache import attach_reference, compute_reference
 
     add_adapter(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))

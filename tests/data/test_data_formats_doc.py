@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from loratune.data.formats import detect_format, to_messages
-from loratune.data.preference import pair_messages, unpaired_messages
+from loratune.data.preference_pairs import pair_messages, unpaired_messages
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "data-formats.md"

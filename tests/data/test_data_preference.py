@@ -6,8 +6,8 @@ import pytest
 
 from loratune.config import DataConfig
 from loratune.data import DataError
-from loratune.data.preference import (build_preference_examples, collate_pairs,
-                                      collate_unpaired, fit_length, preference_batches)
+from loratune.data.preference_pairs import (build_preference_examples, collate_pairs,
+                                            collate_unpaired, fit_length, preference_batches)
 from tiny import chat_template
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from loratune.config import DataConfig
 from loratune.data import DataError, build_examples, load_conversations, read_records
-from loratune.data.preference import build_preference_examples
+from loratune.data.preference_pairs import build_preference_examples
 from loratune.data.streaming import JsonStream, text_chunks
 
 GOOD = json.dumps({"instruction": "a", "output": "b"}).encode()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loratune.demo import DEMO_DIR, demo_heldout_path, demo_train_path
-from loratune.eval.metrics import accuracy, exact_match, normalize_answer
+from loratune.eval.answer_match import accuracy, exact_match, normalize_answer
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "make_demo_data.py"
 COMMAND = re.compile(r"^([a-z]+)\(([a-z_]+=[a-z0-9_:]+)(, [a-z_]+=[a-z0-9_:]+)*\)$")

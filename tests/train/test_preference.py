@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loratune.config import ConfigError, TrainConfig, build_config
-from loratune.train.preference import kto_losses, pair_losses, preference_means
+from loratune.train.preference_loss import kto_losses, pair_losses, preference_means
 
 
 def test_kto_kl_estimate_is_clamped_at_zero():
@@ -72,7 +72,7 @@ def test_progress_bar_and_plot_show_the_preference_metrics(tmp_path):
     import json
 
     from loratune.train.loop import preference_postfix
-    from loratune.train.metrics import plot_loss
+    from loratune.train.metrics_log import plot_loss
 
     assert preference_postfix({"loss": 0.6, "accuracy": 0.75, "margin": 0.1234}) == \
         {"acc": "0.750", "margin": "0.123"}

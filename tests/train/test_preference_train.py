@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from loratune.config import ConfigError, build_config
 from loratune.train import train
-from loratune.train.preference import Reference
+from loratune.train.preference_loss import Reference
 from loratune.train.reference_cache import CACHE_FILE, cached_reference, read_cache
 from tiny import tiny_llama, write_pairs
 
@@ -87,7 +87,7 @@ def test_cached_reference_gives_the_live_run(tmp_path, pairs_file, smol_tokenize
 def test_the_cache_is_read_back_and_checked(tmp_path, pairs_file, smol_tokenizer):
     from loratune.adapters import add_adapter
     from loratune.config import DataConfig, LoraConfig
-    from loratune.data.preference import build_preference_examples
+    from loratune.data.preference_pairs import build_preference_examples
 
     tok = smol_tokenizer
     examples, _ = build_preference_examples(pairs_file, tok, DataConfig(max_length=64), "pairs")
@@ -202,7 +202,7 @@ def test_example_config_and_bundled_pairs(smol_tokenizer):
 
     from loratune.config import load_config
     from loratune.data.bundled import resolve_data_paths
-    from loratune.data.preference import build_preference_examples
+    from loratune.data.preference_pairs import build_preference_examples
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "dpo.yaml")
     assert (cfg.train.objective, cfg.adapter.init_from) == ("dpo", "runs/sft/adapter")

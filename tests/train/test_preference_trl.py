@@ -19,9 +19,9 @@ import torch
 from loratune.adapters import add_adapter, load_adapter, mark_trainable, save_adapter, set_active
 from loratune.adapters.io import adapter_tensors
 from loratune.config import DataConfig, LoraConfig, TrainConfig
-from loratune.data.preference import (build_preference_examples, collate_pairs,
-                                      collate_unpaired)
-from loratune.train.preference import PreferenceLoss, Reference
+from loratune.data.preference_pairs import (build_preference_examples, collate_pairs,
+                                            collate_unpaired)
+from loratune.train.preference_loss import PreferenceLoss, Reference
 from tiny import randomize_lora, tiny_llama, write_pairs
 
 trl = pytest.importorskip("trl")
@@ -234,7 +234,7 @@ def test_orpo_answers_are_likely(tmp_path, pairs_file, smol_tokenizer):
     e = examples[0]
     e.chosen = _likely(ours, e.prompt, 4)
     batch = collate_pairs([e], tok.pad_token_id)
-    from loratune.train.preference import completion_mask, row_sums
+    from loratune.train.preference_loss import completion_mask, row_sums
 
     mean = row_sums(ours, batch, completion_mask(batch), 1024)[0] / len(e.chosen)
     assert mean > -2.0  # log(1 - p) < log(1 - e**-2) ~ -0.15: far beyond the tolerance

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from loratune.eval.generate import generate_chat
-from loratune.eval.metrics import exact_match
+from loratune.eval.answer_match import exact_match
 
 
 @dataclass

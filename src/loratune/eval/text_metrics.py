@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from loratune.eval.metrics import exact_match
+from loratune.eval.answer_match import exact_match
 
 EXTRA = "eval"  # pip install 'loratune[eval]': rouge-score and sacrebleu
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loratune.command_config import ServeConfig, UiConfig
 from loratune.http_guard import HostPolicy, RequestGuard
-from loratune.serve.metrics import Metrics
+from loratune.serve.prometheus import Metrics
 from loratune.serve.router import LanguageRouter, last_user_text
 from loratune.serve.sampling import SEED_MAX, SEED_MIN
 from loratune.serve.types import (BadAdapter, Event, GenerationRequest, SamplingParams,

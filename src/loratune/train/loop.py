@@ -35,13 +35,13 @@ from loratune.train.checkpoint import (choose_checkpoint, list_checkpoints, load
 from loratune.train.distributed import DistInfo
 from loratune.train.host_memory import use_mmap_for_large_blocks
 from loratune.train.method_hooks import method_hooks
-from loratune.train.metrics import MetricsLog, plot_loss
+from loratune.train.metrics_log import MetricsLog, plot_loss
 from loratune.train.objectives import (Objective, build_preference_data,
                                        epoch_preference_batches, is_preference, start_adapter,
                                        training_objective)
 from loratune.train.offload import activation_offload, offload_notes
 from loratune.train.optim import build_optimizer, set_lr
-from loratune.train.preference import identical_pairs_warning
+from loratune.train.preference_loss import identical_pairs_warning
 from loratune.train.run_folder import (RunFolderError, check_resume_state, check_run_dir,
                                        prepare_run_dir, resume_state, write_config,
                                        write_summary)

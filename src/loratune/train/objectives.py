@@ -1,8 +1,9 @@
 """What `train.objective` changes in the recipe: the loss, the data it reads, the starting
 adapter and the reference policy.
 
-`sft` is the next-token loss on labelled tokens; the preference objectives (train/preference.py)
-read pairs or KTO examples (data/preference.py) and score them against a reference policy.
+`sft` is the next-token loss on labelled tokens; the preference objectives
+(train/preference_loss.py) read pairs or KTO examples (data/preference_pairs.py) and score them
+against a reference policy.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from torch import nn
 from loratune.adapters import AdapterError, add_adapter, load_adapter, mark_trainable, set_active
 from loratune.config import ConfigError, RunConfig
 from loratune.data.encode import IGNORE
-from loratune.data.preference import build_preference_examples, preference_batches
-from loratune.train.preference import (REF_ADAPTER, PreferenceLoss, Reference,
-                                       needs_reference)
+from loratune.data.preference_pairs import build_preference_examples, preference_batches
+from loratune.train.preference_loss import (REF_ADAPTER, PreferenceLoss, Reference,
+                                            needs_reference)
 
 
 class SftLoss:

@@ -1,6 +1,6 @@
 """Preference objectives: DPO, IPO, ORPO, SimPO and KTO on an adapter.
 
-A micro-batch (data/preference.py) holds rows [chosen_1..B, rejected_1..B] (pairs) or
+A micro-batch (data/preference_pairs.py) holds rows [chosen_1..B, rejected_1..B] (pairs) or
 [completion_1..B, KL pair_1..B] (KTO). The policy is the model with its adapter; the reference
 is the same model with the adapter switched off (or, with `adapter.init_from`, with the frozen
 starting adapter active instead), run under no_grad — there is no second model. Reference
@@ -27,7 +27,7 @@ from torch import nn
 from loratune.adapters import disable_adapters, set_active
 from loratune.config import TrainConfig
 from loratune.data.encode import IGNORE
-from loratune.data.preference import PreferenceStats
+from loratune.data.preference_pairs import PreferenceStats
 from loratune.models.logprobs import next_token_logps
 
 PAIRWISE = ("dpo", "ipo", "orpo", "simpo")

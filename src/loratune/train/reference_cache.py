@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from loratune.data.preference import PairExample, collate_preference
+from loratune.data.preference_pairs import PairExample, collate_preference
 from loratune.files import write_atomic_file
 from loratune.readers import CorruptFileError, open_safetensors
-from loratune.train.preference import Reference, completion_mask, row_sums
+from loratune.train.preference_loss import Reference, completion_mask, row_sums
 
 CACHE_FILE = "ref_logps.safetensors"
 

@@ -1,9 +1,9 @@
 """`preference`: does the model rank the chosen answer above the rejected one?
 
 The data is a preference file as training reads it (prompt/chosen/rejected, strings or message
-lists, or chosen/rejected conversations with a shared prompt; see data/preference.py). Each side
-is scored by the log-probability of its answer tokens (end-of-turn marker included) after the
-chat-templated prompt. `accuracy`: the share of pairs where the chosen answer is the likelier
+lists, or chosen/rejected conversations with a shared prompt; see data/preference_pairs.py).
+Each side is scored by the log-probability of its answer tokens (end-of-turn marker included)
+after the chat-templated prompt. `accuracy`: the share of pairs where the chosen answer is the likelier
 one (summed log-probs); `accuracy_norm`: the same on log-probs per token; `margin`: the mean
 of log p(chosen) - log p(rejected), in nats. The same numbers for the base and each adapter.
 """
@@ -15,8 +15,8 @@ import torch
 from loratune import progress
 from loratune.data.bundled import BUNDLED, bundled_path
 from loratune.data.formats import locate, read_indexed
-from loratune.data.preference import (PairExample, collate_pairs, encode_pair, pair_messages,
-                                      record_kind)
+from loratune.data.preference_pairs import (PairExample, collate_pairs, encode_pair,
+                                            pair_messages, record_kind)
 from loratune.data.errors import DataError
 from loratune.data.templates import resolve_template
 from loratune.eval.tasks.registry import TaskData, TaskRecord, TaskResult, Timer, hashed, register
