@@ -36,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     import loratune.eval
-    from loratune.command_config import EvalCommandConfig
+    from loratune.config.commands import EvalCommandConfig
     from loratune.eval.tasks import mc
     from loratune.models import load_model
 

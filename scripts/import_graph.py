@@ -7,7 +7,7 @@
 
 Reads src/loratune with `ast` (nothing is imported), so module-level and function-level
 imports count alike. A package is the first name under `loratune` (`adapters`, `train`, ...);
-a top-level module (`config.py`, `files.py`) is its own package. An import points up when it
+a top-level module (`files.py`, `flags.py`) is its own package. An import points up when it
 reaches a higher layer of LAYERS; imports inside one layer are allowed as long as the packages
 form no cycle. A package missing from LAYERS is an error: place it before it is imported.
 """
@@ -24,7 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "loratune"
 
 # Bottom to top; a package may import from its own layer (no cycle) and the layers below.
 LAYERS: list[tuple[str, ...]] = [
-    ("config", "command_config", "flags",     # typed configs (and their command-line flags),
+    ("config", "flags",                       # typed configs (and their command-line flags),
      "files", "readers", "progress",          # atomic writes, checked reads, progress lines,
      "http_guard"),                           # what local HTTP servers accept from browsers
     ("quant",),                               # the 4-bit format, Linear4bit, 8-bit AdamW

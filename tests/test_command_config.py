@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from loratune.cli import build_parser, main
-from loratune.command_config import (ChatConfig, CommandConfig, EvalCommandConfig,
-                                     ExportGgufConfig, ExportHfConfig, GenerateConfig,
-                                     MergeConfig, PlanConfig, ServeConfig)
+from loratune.config.commands import (ChatConfig, CommandConfig, EvalCommandConfig,
+                                      ExportGgufConfig, ExportHfConfig, GenerateConfig,
+                                      MergeConfig, PlanConfig, ServeConfig)
 from loratune.config import DEFAULT_MODEL, ConfigError, QuantConfig
 from loratune.flags import config_from_args
 

@@ -109,7 +109,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from loratune.command_config import ChatConfig
+    from loratune.config.commands import ChatConfig
     from loratune.eval.generate import generate_chat
 
     cfg = config_from_args(ChatConfig, args)
@@ -141,7 +141,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from loratune.command_config import GenerateConfig
+    from loratune.config.commands import GenerateConfig
     from loratune.config import DataConfig
     from loratune.data import load_conversations
     from loratune.eval.generate import generate_chat
@@ -179,7 +179,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from loratune.command_config import EvalCommandConfig
+    from loratune.config.commands import EvalCommandConfig
     from loratune.eval.report import default_out, markdown, write_report
     from loratune.eval.run import run_eval
 
@@ -237,7 +237,7 @@ def cmd_tune_rank(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from loratune.command_config import MergeConfig
+    from loratune.config.commands import MergeConfig
     from loratune.export.pipeline import write_merged
 
     cfg = config_from_args(MergeConfig, args)
@@ -246,7 +246,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    from loratune.command_config import ExportHfConfig
+    from loratune.config.commands import ExportHfConfig
     from loratune.export.pipeline import write_merged
 
     write_merged(config_from_args(ExportHfConfig, args))
@@ -254,7 +254,7 @@ def cmd_export_hf(args) -> int:
 
 
 def cmd_export_gguf(args) -> int:
-    from loratune.command_config import ExportGgufConfig
+    from loratune.config.commands import ExportGgufConfig
     from loratune.export.pipeline import export_gguf
 
     export_gguf(config_from_args(ExportGgufConfig, args))
@@ -290,21 +290,21 @@ def cmd_models(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from loratune.command_config import ServeConfig
+    from loratune.config.commands import ServeConfig
     from loratune.serve.api import run
 
     return run(config_from_args(ServeConfig, args))
 
 
 def cmd_ui(args) -> int:
-    from loratune.command_config import UiConfig
+    from loratune.config.commands import UiConfig
     from loratune.ui.app import run
 
     return run(config_from_args(UiConfig, args))
 
 
 def cmd_plan(args) -> int:
-    from loratune.command_config import PlanConfig
+    from loratune.config.commands import PlanConfig
     from loratune.config import load_config
     from loratune.plan.from_run import RUN_KEYS, plan_for_run, run_notes
     from loratune.plan.report import run
@@ -365,9 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_overrides(p, "a key of the demo config, e.g. train.max_steps=40")
     p.set_defaults(func=cmd_demo)
 
-    from loratune.command_config import (ChatConfig, EvalCommandConfig, ExportGgufConfig,
-                                         ExportHfConfig, GenerateConfig, MergeConfig, PlanConfig,
-                                         ServeConfig, UiConfig)
+    from loratune.config.commands import (ChatConfig, EvalCommandConfig, ExportGgufConfig,
+                                          ExportHfConfig, GenerateConfig, MergeConfig, PlanConfig,
+                                          ServeConfig, UiConfig)
 
     p = _command(sub, "chat", help="chat with a base model and adapters")
     add_config_flags(p, ChatConfig)

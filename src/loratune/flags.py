@@ -1,4 +1,4 @@
-"""Command-line flags made from a typed command config (`loratune.command_config`).
+"""Command-line flags made from a typed command config (`loratune.config.commands`).
 
 One flag per field, its type, choices and help read from the field: a bool is a switch
 (`--x/--no-x` when it defaults to true), a Literal gives choices, a list of strings repeats the
@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from loratune.command_config import CommandConfig
+from loratune.config.commands import CommandConfig
 from loratune.config import parse_override
 
 KEY_VALUE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from loratune.command_config import EvalCommandConfig
+from loratune.config.commands import EvalCommandConfig
 from loratune.data import DataError
 from loratune.eval.run import run_eval
 from loratune.eval.sandbox import Limits

@@ -6,7 +6,7 @@ import math
 import pytest
 import sacrebleu
 
-from loratune.command_config import EvalCommandConfig
+from loratune.config.commands import EvalCommandConfig
 from loratune.eval.run import run_eval
 from loratune.eval.text_metrics import bleu, generation_scores, rouge_l, token_f1, words
 from tiny import unigram_llama

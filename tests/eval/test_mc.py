@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from loratune.command_config import EvalCommandConfig
+from loratune.config.commands import EvalCommandConfig
 from loratune.data import DataError
 from loratune.eval.mc_files import read_questions
 from loratune.eval.run import run_eval

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from loratune.command_config import EvalCommandConfig
+from loratune.config.commands import EvalCommandConfig
 from loratune.data import DataError
 from loratune.eval.run import run_eval
 from loratune.eval.tasks import perplexity

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from loratune.cli import main
-from loratune.command_config import EvalCommandConfig
+from loratune.config.commands import EvalCommandConfig
 from loratune.config import build_config
 from loratune.data import DataError
 from loratune.eval.run import run_eval

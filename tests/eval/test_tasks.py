@@ -8,7 +8,7 @@ import torch
 
 from loratune.adapters import add_adapter, save_adapter
 from loratune.cli import main
-from loratune.command_config import EvalCommandConfig
+from loratune.config.commands import EvalCommandConfig
 from loratune.config import LoraConfig
 from loratune.eval.report import markdown
 from loratune.eval.run import run_eval

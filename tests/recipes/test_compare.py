@@ -81,7 +81,7 @@ def test_compare_includes_an_eval_tasks_score(tmp_path, tiny_folder, data_file, 
     """compare --task mc: each trained adapter's acc on the bundled MMLU-layout sample (1-shot),
     equal to `eval --task mc` on the saved adapter."""
     import loratune.eval
-    from loratune.command_config import EvalCommandConfig
+    from loratune.config.commands import EvalCommandConfig
     from loratune.eval.run import run_eval
 
     samples = __import__("pathlib").Path(loratune.eval.__file__).parent / "samples" / "mc"

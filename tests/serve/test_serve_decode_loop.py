@@ -202,7 +202,7 @@ def test_models_the_slot_cache_cannot_serve_fall_back_or_are_refused(smol_tokeni
 
 def test_serve_flags_choose_the_cache_and_graphs():
     from loratune.cli import build_parser
-    from loratune.command_config import ServeConfig
+    from loratune.config.commands import ServeConfig
     from loratune.flags import config_from_args
 
     def parse(*argv):

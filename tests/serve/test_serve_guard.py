@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loratune.cli import build_parser
-from loratune.command_config import ServeConfig
+from loratune.config.commands import ServeConfig
 from loratune.flags import config_from_args
 from loratune.serve.api import build_app
 from loratune.serve.engine import Engine

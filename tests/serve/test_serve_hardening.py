@@ -15,7 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from loratune.cli import build_parser, main
-from loratune.command_config import ServeConfig
+from loratune.config.commands import ServeConfig
 from loratune.flags import config_from_args
 from loratune.eval.generate import prompt_ids
 from loratune.serve.api import DEFAULT_MAX_BODY_BYTES, build_app, startup_api_key

@@ -6,7 +6,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from loratune.command_config import UiConfig
+from loratune.config.commands import UiConfig
 from loratune.serve.api import startup_api_key
 from loratune.ui.app import build_app
 

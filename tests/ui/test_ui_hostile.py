@@ -251,7 +251,7 @@ def test_data_root_and_remote_tracker_are_the_operators_choice(tmp_path):
 
 def test_ui_flags_give_allowed_hosts_data_roots_and_remote_trackers(tmp_path):
     from loratune.cli import build_parser
-    from loratune.command_config import UiConfig
+    from loratune.config.commands import UiConfig
     from loratune.flags import config_from_args
 
     args = build_parser().parse_args(["ui", "--allowed-host", "box.lan", "--allowed-host",

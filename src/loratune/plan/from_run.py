@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from loratune.command_config import PlanConfig
 from loratune.config import ConfigError, RunConfig
+from loratune.config.commands import PlanConfig
 
 # planner option -> what sets it in a training config
 RUN_KEYS = {

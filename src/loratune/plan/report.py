@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from loratune.command_config import PlanConfig
+from loratune.config.commands import PlanConfig
 from loratune.plan.memory import METHODS, PARALLEL, Breakdown, Setup, estimate
 from loratune.plan.recommend import GPUS, GiB, leanest_total, longest_seq, parse_memory, recommend
 from loratune.plan.shapes import PRESETS, ModelShape, resolve_shape

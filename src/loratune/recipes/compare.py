@@ -82,7 +82,7 @@ def parse_method_values(text: str, methods: list[str], option: str) -> dict[str,
 
 def task_options(task: str, data: str, options: list[str]) -> dict:
     """`loratune eval` options for `compare --task`: checked (the data read) before training."""
-    from loratune.command_config import EvalCommandConfig
+    from loratune.config.commands import EvalCommandConfig
     from loratune.eval.tasks import task_record
 
     if not data:
@@ -131,7 +131,7 @@ def run_variants(settings: dict, variants: dict[str, dict], out_dir: str | Path,
 
 def task_score(model, tok, model_cfg, task: dict) -> tuple[str, float]:
     """The trained adapter's headline score on an eval task: ("mc acc", 0.62)."""
-    from loratune.command_config import EvalCommandConfig
+    from loratune.config.commands import EvalCommandConfig
     from loratune.eval.tasks import task_record
 
     cfg = EvalCommandConfig(model=model_cfg, **task)

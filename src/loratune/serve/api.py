@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loratune.command_config import ServeConfig, UiConfig
+from loratune.config.commands import ServeConfig, UiConfig
 from loratune.http_guard import HostPolicy, RequestGuard
 from loratune.serve.prometheus import Metrics
 from loratune.serve.router import LanguageRouter, last_user_text

@@ -28,7 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from loratune.command_config import PlanConfig, UiConfig
+from loratune.config.commands import PlanConfig, UiConfig
 from loratune.config import RunConfig, adapter_options
 from loratune.http_guard import HostPolicy, RequestGuard
 from loratune.serve.api import startup_api_key, is_loopback, key_matches

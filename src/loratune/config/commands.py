@@ -14,8 +14,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from loratune.config import (DEFAULT_MODEL, ModelConfig, check_blocksize, read_yaml, set_key,
-                             validate_config)
+from loratune.config.base import read_yaml, set_key, validate_config
+from loratune.config.run import DEFAULT_MODEL, ModelConfig, check_blocksize
 
 
 def _comma_separated(v):

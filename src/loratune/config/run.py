@@ -1,0 +1,309 @@
+"""The training run's config: one YAML file mirrors `RunConfig` (model, adapter, data, train,
+eval), `key=value` overrides patch it.
+
+Every section forbids unknown keys, so a typo is an error that names the key instead of a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
+
+from loratune.config.base import (USER_PATH, USER_URI, _Section, apply_overrides, read_yaml,
+                                  validate_config)
+from loratune.config.methods import AdapterConfig, LoraConfig, adapter_config_from
+
+
+BLOCK_RANGE = (32, 4096)  # the 4-bit block sizes bitsandbytes' layout allows
+
+
+def check_blocksize(blocksize: int) -> int:
+    lo, hi = BLOCK_RANGE
+    if not (lo <= blocksize <= hi and blocksize & (blocksize - 1) == 0):
+        raise ValueError(f"blocksize {blocksize}: expected a power of two from {lo} to {hi}")
+    return blocksize
+
+
+class QuantConfig(_Section):
+    """QLoRA base: frozen linear weights stored in 4 bits (bitsandbytes' layout)."""
+
+    bits: Literal[4] = 4
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="quantize the block scales too (~0.37 bit saved)")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the 4-bit weights are dequantized to and the activations "
+        "run in")
+    unquantized_dtype: Literal["compute", "float32"] = Field(
+        "compute", description="dtype of the weights left unquantized (embeddings, lm_head, "
+        "norms, biases): compute (= compute_dtype: the smallest model) or float32 (as PEFT's "
+        "prepare_model_for_kbit_training; the residual stream then runs in fp32)")
+    kernel: Literal["auto", "torch", "triton", "bitsandbytes"] = Field(
+        "auto", description="4-bit dequantization: torch (readable PyTorch, any device), triton "
+        "(our kernel, CUDA), bitsandbytes (its CUDA kernels on the same bytes); auto: on CUDA "
+        "bitsandbytes, else triton, whichever imports first, else torch")
+    blocksize: int = Field(64, description="values per absmax block: a power of two, 32..4096")
+
+    @field_validator("blocksize")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        return check_blocksize(v)
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model: every command's default base
+
+
+class ModelConfig(_Section):
+    name: str = Field(DEFAULT_MODEL, description="embedded name, HF folder or .gguf file",
+                      json_schema_extra=USER_PATH)
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    strict_dtype: bool = Field(False, description="error instead of falling back to float32 "
+                               "when the device has no native support for dtype")
+    attn_implementation: str = Field(
+        "auto", description="transformers attention backend (sdpa, eager, ...); auto: sdpa where "
+        "the architecture has it, else eager (Gemma 2's logit softcapping has only eager)")
+    packed_attention: Literal["mask", "flex", "varlen", "auto"] = Field(
+        "mask", description="attention over packed rows: mask = a dense block-diagonal mask "
+        "(attn_implementation); flex = flex_attention's document block mask; varlen = "
+        "FlashAttention's variable-length kernel (flash-attn package); auto = varlen if "
+        "installed, else flex. flex/varlen need CUDA (on CPU: mask, with a note)")
+    fused_kernels: bool = Field(
+        False, description="liger-kernel's fused RMSNorm and SwiGLU for Llama-style models on "
+        "CUDA (extra: loratune[liger]); on CPU the plain path runs, with a note")
+    quantization: QuantConfig | None = Field(None, description="set for QLoRA (4-bit base)")
+
+
+class DataConfig(_Section):
+    train: str = Field("demo", description="data file, or 'demo' for the bundled demo set "
+                       "('demo-pairs': its preference pairs)", json_schema_extra=USER_PATH)
+    eval: str | None = Field(None, description="held-out file; 'demo' pairs with train: demo",
+                             json_schema_extra=USER_PATH)
+    format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
+    template: str | None = Field(None, description="named chat template if the tokenizer has none")
+    system_prompt: str | None = None
+    max_length: int = Field(512, gt=8)
+    overflow: Literal["truncate", "drop"] = "truncate"
+    train_on: Literal["answers", "all"] = "answers"
+    think: Literal["keep", "strip"] = Field(
+        "keep", description="<think>...</think> blocks in answers (Qwen3's reasoning): keep and "
+        "train on them as the chat template renders them, or strip them from every answer")
+    packing: bool | Literal["auto"] = "auto"
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share when no eval file")
+
+
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo")
+# preference option -> the objectives that read it
+PREFERENCE_OPTIONS = {
+    "beta": ("dpo", "ipo", "simpo", "kto"),
+    "label_smoothing": ("dpo", "simpo"),
+    "simpo_gamma": ("simpo",),
+    "orpo_lambda": ("orpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+    "reference": ("dpo", "ipo", "kto"),
+}
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "simpo": 2.0}
+
+
+class PreferenceConfig(_Section):
+    """Options of the preference objectives (train.objective); each applies to some of them."""
+
+    beta: float | None = Field(None, gt=0, description="strength: dpo/ipo/kto 0.1, simpo 2.0 "
+                               "when unset (ipo: the target margin is 1/(2 beta))")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="share of pairs assumed "
+                                   "mislabelled (conservative DPO / SimPO)")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin")
+    orpo_lambda: float = Field(0.1, gt=0, description="weight of ORPO's odds-ratio term")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of desirable examples")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of undesirable ones")
+    reference: Literal["live", "cached"] = Field(
+        "live", description="reference log-probs: live (adapter off, every step) or cached "
+        "(computed once, kept in the run folder as ref_logps.safetensors)")
+
+    def beta_for(self, objective: str) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA[objective]
+
+
+RL_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo")
+# loss -> (epsilon_low, epsilon_high) when unset: PPO's 0.2; DAPO's clip-higher 0.28; GSPO's
+# sequence-level ratios sit near 1, so its paper clips at 3e-4 / 4e-4.
+DEFAULT_EPSILON = {"grpo": (0.2, 0.2), "bnpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2),
+                   "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
+
+
+class RewardSpec(_Section):
+    """One reward function of train.objective grpo and its weight in the summed reward."""
+
+    function: str = Field(description="a built-in (exact_match, regex, numeric, code, length) "
+                          "or user code as path/to/file.py:function or module:function, called "
+                          "TRL's way: f(prompts, completions, **columns) -> list[float | None]")
+    weight: float = 1.0
+    column: str | None = Field(None, description="exact_match/numeric/code: the data column "
+                               "holding the answer or the tests (default answer, tests for code)")
+    pattern: str | None = Field(None, description="regex: the pattern a completion must match "
+                                "(re.search; 1.0 if it does, else 0.0)")
+    tolerance: float = Field(1e-6, ge=0, description="numeric: relative/absolute tolerance")
+    target_length: int | None = Field(None, gt=0, description="length: completion characters "
+                                      "beyond which each extra one costs 1/target_length")
+    timeout: float = Field(10.0, gt=0, description="code: seconds per program")
+
+
+class RlConfig(_Section):
+    """Options of train.objective grpo: online RL on the adapter with programmatic rewards."""
+
+    loss: Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo"] = Field(
+        "dapo", description="grpo: token mean per sequence; bnpo: token mean per micro-batch; "
+        "dr_grpo: token sum / (rows x max_completion_length); dapo: token sum / tokens of the "
+        "whole step; gspo: sequence-level importance ratios, grpo's normalisation")
+    num_generations: int = Field(8, ge=2, description="completions sampled per prompt (a group)")
+    max_completion_length: int = Field(256, gt=0, description="tokens per completion at most")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (and the log-probs' "
+                               "scale, as TRL)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(0.0, ge=0, description="KL penalty to the reference (the adapter off); "
+                        "0: no reference forward")
+    kl_correction: bool = Field(True, description="weight the KL term by the importance "
+                                "ratio (DeepSeek-V3.2; TRL's use_bias_correction_kl)")
+    num_iterations: int = Field(1, gt=0, description="updates per rollout (mu); >1 clips "
+                                "against the log-probs of the policy that sampled")
+    epsilon_low: float | None = Field(None, gt=0, lt=1, description="lower clip; default per loss "
+                                      "(0.2; gspo 3e-4)")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip; default per loss "
+                                       "(0.2; dapo 0.28; gspo 4e-4)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="advantage = (reward - group mean) / std of the group, of the "
+        "whole batch, or not divided (Dr. GRPO)")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all "
+                                   "equal (no signal) from the update")
+    overlong_buffer: int = Field(0, ge=0, description="DAPO's soft overlong penalty: completions "
+                                 "within this many tokens of max_completion_length lose up to "
+                                 "overlong_penalty, linearly (0: off)")
+    overlong_penalty: float = Field(1.0, ge=0)
+    rewards: list[RewardSpec] = Field(default_factory=list, description="reward functions; "
+                                      "their weighted sum is the reward")
+    samples_logged: int = Field(4, ge=0, description="completions (with rewards) written per "
+                                "step to completions.jsonl")
+
+    def epsilons(self) -> tuple[float, float]:
+        low, high = DEFAULT_EPSILON[self.loss]
+        return (self.epsilon_low if self.epsilon_low is not None else low,
+                self.epsilon_high if self.epsilon_high is not None else high)
+
+
+class TrainConfig(_Section):
+    objective: Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo"] = Field(
+        "sft", description="sft: next-token loss; dpo/ipo/orpo/simpo: prompt/chosen/rejected "
+        "pairs; kto: prompt/completion/label examples; grpo: prompts and reward functions "
+        "(train.rl)")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    rl: RlConfig = Field(default_factory=RlConfig)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(8, gt=0, description="rows per micro-batch")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: lr of B = lr * ratio")
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes: ddp replicates the base, fsdp shards it")
+    deepspeed: str | None = Field(
+        None, description="DeepSpeed ZeRO-2/3 JSON config (needs CUDA and the deepspeed package)",
+        json_schema_extra=USER_PATH)
+    dist_timeout: float = Field(
+        600, gt=0, description="seconds a collective waits for a stalled rank before failing")
+    gradient_checkpointing: bool = False
+    fused_lora: bool = Field(
+        False, description="LoRA layers run base + adapter as one autograd op that keeps only "
+        "x, the dropout mask and A·x for backward (less activation memory); other methods and "
+        "layers with several active adapters take the plain path")
+    offload_activations: bool = Field(
+        False, description="keep tensors saved for backward in host memory (GPU runs)")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit: moments stored as blockwise 8-bit codes")
+    offload_optimizer: bool = Field(
+        False, description="keep optimizer states in (pinned) host memory (GPU runs)")
+    host_memory: Literal["auto", "low", "fast"] = Field(
+        "auto", description="low: large host blocks from mmap, returned to the OS when freed "
+        "(lower peak RSS, slower CPU steps); auto: low for QLoRA runs")
+    loss_chunk: int = Field(1024, gt=0, description="tokens per chunk of the output-layer loss")
+    log_every: int = Field(1, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    save_total_limit: int | None = Field(2, gt=0)
+    seed: int = 42
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers fed the config and metrics "
+        "(pip install 'loratune[trackers]')")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+        "<output_dir>/mlruns)", json_schema_extra=USER_URI)
+    wandb_project: str = Field("loratune", description="W&B project (offline unless $WANDB_MODE)")
+
+    @model_validator(mode="after")
+    def _preference_options_fit(self):
+        # By value, not by keys given: config.yaml lists every option with its default.
+        for key, owners in PREFERENCE_OPTIONS.items():
+            default = PreferenceConfig.model_fields[key].default
+            if getattr(self.preference, key) != default and self.objective not in owners:
+                raise ValueError(f"train.preference.{key} applies to train.objective "
+                                 f"{'/'.join(owners)}, not {self.objective}")
+        return self
+
+    @model_validator(mode="after")
+    def _rl_fits(self):
+        if self.objective != "grpo":
+            return self
+        if not self.rl.rewards:
+            raise ValueError("train.objective grpo needs train.rl.rewards: at least one reward "
+                             "function, e.g. [{function: exact_match, column: answer}]")
+        if self.batch_size % self.rl.num_generations:
+            raise ValueError(f"train.batch_size {self.batch_size} must be a multiple of "
+                             f"train.rl.num_generations {self.rl.num_generations} (whole groups "
+                             "per micro-batch)")
+        return self
+
+
+class EvalConfig(_Section):
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(16, gt=0)
+    limit: int | None = Field(None, gt=0, description="evaluate only the first N held-out items")
+
+
+class RunConfig(_Section):
+    output_dir: str = "runs/demo"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    # SerializeAsAny: dump the method's own fields, not just those of the base class.
+    adapter: SerializeAsAny[AdapterConfig] = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("adapter", mode="wrap")
+    @classmethod
+    def _by_method(cls, v, handler):
+        # `method` picks the class, so errors name that method's fields instead of all seven.
+        return adapter_config_from(v)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+def build_config(data: dict, source: str = "config") -> RunConfig:
+    return validate_config(RunConfig, data, source)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or defaults when path is None) and apply overrides."""
+    data = read_yaml(path) if path is not None else {}
+    source = str(Path(path)) if path is not None else "defaults"
+    return build_config(apply_overrides(data, list(overrides)), source)
