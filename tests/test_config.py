@@ -47,3 +47,20 @@ def test_option_of_another_method_is_named_with_its_method():
         build_config({"adapter": {"method": "moe_lora", "num_experts": 0}})
     with pytest.raises(ConfigError, match="unknown method 'lorra'; choose one of lora, dora"):
         build_config({"adapter": {"method": "lorra"}})
+
+
+def test_the_config_package_reexports_its_modules_and_imports_no_torch():
+    """`from loratune.config import X` works for whatever config/run, methods and base define,
+    and parsing stays cheap: the package (commands too) imports no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, inspect, loratune.config as c, loratune.config.commands\n"
+            "from loratune.config import base, methods, run\n"
+            "for m in (base, methods, run):\n"
+            "    own = [n for n, v in vars(m).items() if not n.startswith('_') and\n"
+            "           (n.isupper() or getattr(v, '__module__', None) == m.__name__)]\n"
+            "    missing = [n for n in own if getattr(c, n, None) is not getattr(m, n)]\n"
+            "    assert own and not missing, (m.__name__, missing)\n"
+            "assert 'torch' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
