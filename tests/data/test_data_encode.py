@@ -198,8 +198,10 @@ def test_build_examples_counts(tmp_path, smol_tokenizer):
         build_examples(path, tok, DataConfig(max_length=32))
     bare = copy.deepcopy(tok)
     bare.chat_template = None
-    with pytest.raises(DataError, match="no chat template"):
-        build_examples(path, bare, DataConfig())
+    # no template and no family turn tokens: alpaca, said once in the data line's notes
+    default, stats = build_examples(tmp_path / "d.jsonl", bare, DataConfig())
+    assert bare.decode(default[0].input_ids).startswith("### Instruction:\n")
+    assert "no chat template: using plain-text alpaca" in stats.noted()
     examples, _ = build_examples(tmp_path / "d.jsonl", bare, DataConfig(template="alpaca"))
     assert bare.decode(examples[0].input_ids).startswith("### Instruction:\n")
 
