@@ -20,10 +20,10 @@ _THINK_BLOCK = re.compile(r"\s*<think>.*?</think>\s*", re.DOTALL)
 
 
 def render(tokenizer, messages: list[dict], template: str | None,
-           generation_prompt: bool) -> str:
-    """The template's text for `messages` (no tokenization)."""
+           generation_prompt: bool, tools: list[dict] | None = None) -> str:
+    """The template's text for `messages` (no tokenization); `tools`: the declared tools."""
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+                                         add_generation_prompt=generation_prompt, tools=tools)
 
 
 def strip_think(messages: list[dict]) -> list[dict]:

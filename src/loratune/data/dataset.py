@@ -13,6 +13,8 @@ from loratune.data.encode import IGNORE, Example, encode_conversation
 from loratune.data.errors import DataError
 from loratune.data.formats import detect_format, iter_indexed, locate, to_messages
 from loratune.data.templates import resolve_template, template_note
+from loratune.data.tools import fit_tools, has_tools, tool_conversation
+from loratune.data.text import document_ids, iter_documents, split_document
 
 
 @dataclass
@@ -54,16 +56,30 @@ def _drop_reason(truncated: bool, cfg: DataConfig) -> str:
     return "with no answer tokens to learn"
 
 
+def _record_conversation(record: dict, fmt: str, index: int, path: str | Path,
+                         cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """(messages, declared tools) of one record; tools is [] for a conversation without any."""
+    if not has_tools(record):
+        return to_messages(record, fmt, index, path, cfg.system_prompt), []
+    messages, tools = tool_conversation(record, fmt, locate(path, index))
+    if cfg.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return messages, tools
+
+
 def _conversations(path: str | Path, cfg: DataConfig,
-                   formats: set[str]) -> Iterator[tuple[int, list[dict]]]:
-    """(record index, messages) for every record, as the file is read (a bad record stops the
-    reading there); each record's format is added to `formats`."""
+                   formats: set[str]) -> Iterator[tuple[int, list[dict], list[dict]]]:
+    """(record index, messages, tools) for every record, as the file is read (a bad record
+    stops the reading there); each record's format is added to `formats`."""
+    if cfg.format == "text":
+        raise DataError(f"{path}: data.format: text holds documents, not conversations; "
+                        "score it with `loratune eval --task perplexity`")
     for index, record in iter_indexed(path):
         fmt = cfg.format
         if fmt == "auto":
             fmt = detect_format(record, locate(path, index))
         formats.add(fmt)
-        yield index, to_messages(record, fmt, index, path, cfg.system_prompt)
+        yield index, *_record_conversation(record, fmt, index, path, cfg)
 
 
 def _format_name(formats: set[str]) -> str:
@@ -73,23 +89,34 @@ def _format_name(formats: set[str]) -> str:
 
 def load_conversations(path: str | Path, cfg: DataConfig) -> list[list[dict]]:
     """Each record as OpenAI-style messages (the last one is the reference answer)."""
-    return [messages for _, messages in _conversations(path, cfg, set())]
+    return [messages for _, messages, _ in _conversations(path, cfg, set())]
+
+
+def load_tool_conversations(path: str | Path, cfg: DataConfig) -> list[tuple[list[dict],
+                                                                             list[dict]]]:
+    """Each record as (messages, declared tools): what tool-use evaluation reads."""
+    return [(messages, tools) for _, messages, tools in _conversations(path, cfg, set())]
 
 
 def build_examples(path: str | Path, tokenizer,
                    cfg: DataConfig) -> tuple[list[Example], DataStats]:
     """Tokenized, labelled examples of a data file, and counts of what happened to them."""
+    if cfg.format == "text":
+        return build_text_examples(path, tokenizer, cfg)
     template = resolve_template(tokenizer, cfg.template)
     stats = DataStats(template_note=template_note(tokenizer, cfg.template))
     examples, formats = [], set()
-    for index, messages in _conversations(path, cfg, formats):
+    for index, messages, tools in _conversations(path, cfg, formats):
         stats.n_records += 1
         try:
+            if tools or any(m["role"] == "tool" for m in messages):
+                named = cfg.template or f"{tokenizer.name_or_path or 'the tokenizer'}'s own"
+                messages, tools = fit_tools(messages, tools, template, named)
             messages, notes = fit_conversation(messages, tokenizer, template, cfg.think)
             for note in notes:
                 stats.notes[note] = stats.notes.get(note, 0) + 1
             example, truncated = encode_conversation(messages, tokenizer, template, cfg.train_on,
-                                                     cfg.max_length, cfg.overflow)
+                                                     cfg.max_length, cfg.overflow, tools)
         except DataError as err:
             raise DataError(f"{locate(path, index)}: {err}") from None
         if example is None:
@@ -105,6 +132,27 @@ def build_examples(path: str | Path, tokenizer,
     if not examples:
         raise DataError(f"{path}: no usable examples: all {stats.n_records} records were "
                         f"dropped ({stats.why_dropped()})")
+    return examples, stats
+
+
+def build_text_examples(path: str | Path, tokenizer,
+                        cfg: DataConfig) -> tuple[list[Example], DataStats]:
+    """`data.format: text`: every document of a file or folder as pieces of at most
+    max_length tokens, every token labelled (data/text.py)."""
+    stats, examples = DataStats(format="text"), []
+    split = f"split into pieces of data.max_length={cfg.max_length} (one token overlap)"
+    for where, text in iter_documents(path, cfg):
+        stats.n_records += 1
+        pieces = split_document(document_ids(text, tokenizer), cfg.max_length)
+        if len(pieces) > 1:
+            stats.notes[split] = stats.notes.get(split, 0) + 1
+        for piece in pieces:
+            stats.n_tokens += len(piece)
+            stats.n_label_tokens += len(piece) - 1
+        examples.extend(pieces)
+    stats.n_examples = len(examples)
+    if not examples:
+        raise DataError(f"{path}: no documents with text (data.format: text)")
     return examples, stats
 
 

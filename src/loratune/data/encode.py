@@ -53,11 +53,12 @@ class Encoded(NamedTuple):
 _MARK = "\u2063\u2063\u2063"
 
 
-def _render_or_refuse(tokenizer, messages: list[dict], template: str) -> str:
+def _render_or_refuse(tokenizer, messages: list[dict], template: str,
+                      tools: list[dict] | None = None) -> str:
     """The whole conversation's text; what the template refuses is a DataError, not a jinja
     traceback."""
     try:
-        return render(tokenizer, messages, template, False)
+        return render(tokenizer, messages, template, False, tools)
     except Exception as err:  # jinja's TemplateError (raise_exception), or what a template trips
         raise DataError(f"the chat template refused the conversation: {err}") from None
 
@@ -68,11 +69,34 @@ def _not_prefix(i: int, why: str) -> DataError:
                      f"data.train_on: all, or data.template to one of the named templates")
 
 
-def _answer_end(messages: list[dict], i: int, tokenizer, template: str, full: str) -> int:
+def _call_end(messages: list[dict], i: int, tokenizer, template: str, full: str,
+              tools: list[dict] | None, ends: list[str]) -> int:
+    """Where assistant turn i, which makes tool calls, ends in `full`, end-of-turn token
+    included. Templates write calls after (or instead of) the content, so the marker goes in
+    the last call's name; the turn ends at the first end-of-turn token after it."""
+    marked = [dict(m) for m in messages]
+    calls = [dict(c, function=dict(c["function"])) for c in messages[i]["tool_calls"]]
+    calls[-1]["function"]["name"] += _MARK
+    marked[i]["tool_calls"] = calls
+    text = render(tokenizer, marked, template, False, tools)
+    at = text.find(_MARK)
+    after = text[at + len(_MARK):]
+    if at < 0 or _MARK in after or not full.endswith(after):
+        raise _not_prefix(i, "its tool calls are not rendered as given")
+    where = len(full) - len(after)
+    found = [(full.find(t, where), t) for t in ends if full.find(t, where) >= 0]
+    if not found:
+        raise _not_prefix(i, "no end-of-turn token follows its tool calls")
+    at, token = min(found)
+    return at + len(token)
+
+
+def _answer_end(messages: list[dict], i: int, tokenizer, template: str, full: str,
+                tools: list[dict] | None = None) -> int:
     """Where assistant turn i's text ends in `full` (before its end-of-turn token)."""
     marked = [dict(m) for m in messages]
     marked[i]["content"] = f"{messages[i]['content']}{_MARK}"
-    text = render(tokenizer, marked, template, False)
+    text = render(tokenizer, marked, template, False, tools)
     at = text.find(_MARK)
     after = text[at + len(_MARK):]
     if at < 0 or _MARK in after or not full.endswith(after):
@@ -99,11 +123,11 @@ def _with_end_marker(full: str, end: int, ends: list[str]) -> int:
     return end + gap + len(marker) if marker else end
 
 
-def answer_spans(messages: list[dict], tokenizer,
-                 template: str) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span [start, end) of every assistant turn,
-    end-of-turn marker included."""
-    full = _render_or_refuse(tokenizer, messages, template)
+def answer_spans(messages: list[dict], tokenizer, template: str,
+                 tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span [start, end) of every assistant turn
+    (tool calls included), end-of-turn marker included; `tools`: the declared tools."""
+    full = _render_or_refuse(tokenizer, messages, template, tools)
     ends = _end_tokens(tokenizer)
     spans = []
     for i, message in enumerate(messages):
@@ -111,13 +135,17 @@ def answer_spans(messages: list[dict], tokenizer,
         # render an empty prefix): it stays context.
         if message["role"] != "assistant" or i == 0:
             continue
-        before = render(tokenizer, messages[:i], template, True)
+        before = render(tokenizer, messages[:i], template, True, tools)
         if not full.startswith(before):
             raise _not_prefix(i, "its prompt is not the start of the whole conversation")
-        end = _answer_end(messages, i, tokenizer, template, full)
+        if message.get("tool_calls"):
+            end = _call_end(messages, i, tokenizer, template, full, tools, ends)
+        else:
+            end = _with_end_marker(full, _answer_end(messages, i, tokenizer, template, full,
+                                                     tools), ends)
         if end < len(before):
             raise _not_prefix(i, "its answer ends before its prompt")
-        spans.append((len(before), _with_end_marker(full, end, ends)))
+        spans.append((len(before), end))
     return full, spans
 
 
@@ -134,22 +162,23 @@ def _label_answers(ids: list[int], offsets: list[tuple[int, int]],
 
 def encode_conversation(messages: list[dict], tokenizer, template: str,
                         train_on: str = "answers", max_length: int = 2048,
-                        overflow: str = "truncate") -> Encoded:
+                        overflow: str = "truncate", tools: list[dict] | None = None) -> Encoded:
     """Tokenize one conversation (ending with an assistant turn) into an Example.
 
     train_on="answers" labels every assistant turn with its end marker; "all" labels every
     token. If the rendered text does not end with the tokenizer's eos, eos is appended with a
     label. Longer than max_length: keep the first max_length tokens ("truncate") or drop.
     Dropped (example None): overflow="drop", or no labelled token left after truncation.
+    `tools`: the tools a tool-use conversation declares (passed to the template).
     """
     if train_on not in TRAIN_ON:
         raise DataError(f"data.train_on is '{train_on}'; expected one of {', '.join(TRAIN_ON)}")
     if overflow not in OVERFLOW:
         raise DataError(f"data.overflow is '{overflow}'; expected one of {', '.join(OVERFLOW)}")
     if train_on == "answers":
-        text, spans = answer_spans(messages, tokenizer, template)
+        text, spans = answer_spans(messages, tokenizer, template, tools)
     else:
-        text, spans = _render_or_refuse(tokenizer, messages, template), []
+        text, spans = _render_or_refuse(tokenizer, messages, template, tools), []
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:
