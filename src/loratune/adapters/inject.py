@@ -97,6 +97,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
             module = SavedModule(module)
             set_submodule(model, path, module)
         module.add_copy(name, adapter_dtype(config, module_dtype(module.original)))
+    _tie_saved_embeddings(model, name)
     # New modules start in training mode; an adapter loaded into an eval-mode model for
     # inference must not run its dropouts (nor training-only paths) there.
     model.train(model.training)
@@ -176,6 +177,20 @@ def _adapter_placement(base: nn.Module, config: AdapterConfig
     if isinstance(base, Linear4bit):
         return base.packed.device, adapter_dtype(config, base.compute_dtype)
     return base.weight.device, adapter_dtype(config, base.weight.dtype)
+
+
+def _tie_saved_embeddings(model: nn.Module, name: str) -> None:
+    """A model that ties its output layer to its embeddings (tie_word_embeddings) keeps them
+    one matrix when both are modules_to_save: the output copy shares the embedding copy's
+    weight, so they train as one (one optimizer entry) and merge back into the tied base."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return
+    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings")):
+        return
+    src, dst = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(src, SavedModule) and isinstance(dst, SavedModule) \
+            and name in src.copies and name in dst.copies:
+        dst.copies[name].weight = src.copies[name].weight
 
 
 def _saved_targets(model: nn.Module, names: list[str]) -> list[str]:

@@ -50,7 +50,19 @@ def adapter_state_dict(model: nn.Module, name: str = "default",
         if name in saved_mod.copies:
             for pname, param in saved_mod.copies[name].state_dict().items():
                 state[file_key(canonical_path(path), pname)] = param
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return _unshared({k: v.detach().contiguous().cpu() for k, v in state.items()})
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor with storage of its own: tied embeddings trained as modules_to_save are one
+    matrix under two keys, and safetensors refuses to write shared storage (PEFT writes both)."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    return out
 
 
 def config_dict(model: nn.Module, name: str, base_model: str | None = None,

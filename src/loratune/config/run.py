@@ -81,7 +81,14 @@ class DataConfig(_Section):
                        "('demo-pairs': its preference pairs)", json_schema_extra=USER_PATH)
     eval: str | None = Field(None, description="held-out file; 'demo' pairs with train: demo",
                              json_schema_extra=USER_PATH)
-    format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = Field(
+        "auto", description="text: raw documents for continued pretraining (loss on every "
+        "token; .txt files, records with data.text_column, or a folder of them)")
+    text_column: str = Field("text", description="data.format text: the field holding a "
+                             "record's document (.jsonl, .json, .csv, .parquet)")
+    documents: Literal["blank_line", "file"] = Field(
+        "blank_line", description="data.format text: how a .txt file holds documents: separated "
+        "by blank lines, or the whole file is one")
     template: str | None = Field(None, description="named chat template if the tokenizer has none")
     system_prompt: str | None = None
     max_length: int = Field(512, gt=8)
@@ -206,6 +213,9 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(2e-4, gt=0)
     loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: lr of B = lr * ratio")
+    embedding_lr: float | None = Field(
+        None, gt=0, description="lr of the embeddings and output layer trained through "
+        "adapter.modules_to_save (continued pretraining: usually 2-10x below lr); unset: lr")
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)

@@ -14,6 +14,7 @@ from loratune.data.errors import DataError
 from loratune.data.formats import detect_format, iter_indexed, locate, to_messages
 from loratune.data.templates import resolve_template, template_note
 from loratune.data.tools import fit_tools, has_tools, tool_conversation
+from loratune.data.text import document_ids, iter_documents, split_document
 
 
 @dataclass
@@ -70,6 +71,9 @@ def _conversations(path: str | Path, cfg: DataConfig,
                    formats: set[str]) -> Iterator[tuple[int, list[dict], list[dict]]]:
     """(record index, messages, tools) for every record, as the file is read (a bad record
     stops the reading there); each record's format is added to `formats`."""
+    if cfg.format == "text":
+        raise DataError(f"{path}: data.format: text holds documents, not conversations; "
+                        "score it with `loratune eval --task perplexity`")
     for index, record in iter_indexed(path):
         fmt = cfg.format
         if fmt == "auto":
@@ -97,6 +101,8 @@ def load_tool_conversations(path: str | Path, cfg: DataConfig) -> list[tuple[lis
 def build_examples(path: str | Path, tokenizer,
                    cfg: DataConfig) -> tuple[list[Example], DataStats]:
     """Tokenized, labelled examples of a data file, and counts of what happened to them."""
+    if cfg.format == "text":
+        return build_text_examples(path, tokenizer, cfg)
     template = resolve_template(tokenizer, cfg.template)
     stats = DataStats(template_note=template_note(tokenizer, cfg.template))
     examples, formats = [], set()
@@ -126,6 +132,27 @@ def build_examples(path: str | Path, tokenizer,
     if not examples:
         raise DataError(f"{path}: no usable examples: all {stats.n_records} records were "
                         f"dropped ({stats.why_dropped()})")
+    return examples, stats
+
+
+def build_text_examples(path: str | Path, tokenizer,
+                        cfg: DataConfig) -> tuple[list[Example], DataStats]:
+    """`data.format: text`: every document of a file or folder as pieces of at most
+    max_length tokens, every token labelled (data/text.py)."""
+    stats, examples = DataStats(format="text"), []
+    split = f"split into pieces of data.max_length={cfg.max_length} (one token overlap)"
+    for where, text in iter_documents(path, cfg):
+        stats.n_records += 1
+        pieces = split_document(document_ids(text, tokenizer), cfg.max_length)
+        if len(pieces) > 1:
+            stats.notes[split] = stats.notes.get(split, 0) + 1
+        for piece in pieces:
+            stats.n_tokens += len(piece)
+            stats.n_label_tokens += len(piece) - 1
+        examples.extend(pieces)
+    stats.n_examples = len(examples)
+    if not examples:
+        raise DataError(f"{path}: no documents with text (data.format: text)")
     return examples, stats
 
 

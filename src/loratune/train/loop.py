@@ -255,6 +255,8 @@ def build_data(cfg: RunConfig, tokenizer, paths: DataPaths | None = None):
             raise ValueError(f"data.packing: true does not work with adapter.method: "
                              f"{cfg.adapter.method} ({why_not}); use auto/false")
         packing = False
+    if packing == "auto" and cfg.data.format == "text":
+        packing = True  # documents and their pieces share rows: no padding, no cross-attention
     if packing == "auto":
         packing = lt_data.should_pack(train_ex, cfg.data.max_length, cfg.train.batch_size)
     return train_ex, eval_ex, stats, bool(packing)

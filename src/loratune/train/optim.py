@@ -1,17 +1,36 @@
-"""AdamW over the trainable parameters, with LoRA+ (a larger lr for B) as an option."""
+"""AdamW over the trainable parameters, with LoRA+ (a larger lr for B) and an embedding lr
+(train.embedding_lr, for embeddings trained through modules_to_save) as options."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from loratune.adapters.host import saved_modules
 from loratune.config import TrainConfig
 
 
+def embedding_params(model: nn.Module) -> set[int]:
+    """ids of the trained copies (modules_to_save) of the token embeddings and of the output
+    layer, known as a linear layer whose outputs are the vocabulary (an embedding's rows)."""
+    vocab = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
+    found = set()
+    for _, saved in saved_modules(model):
+        original = saved.original
+        if isinstance(original, nn.Embedding) or (isinstance(original, nn.Linear)
+                                                  and original.out_features in vocab):
+            found.update(id(p) for copy in saved.copies.values() for p in copy.parameters())
+    return found
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    a_like, b_like = [], []
+    a_like, b_like, embeddings = [], [], []
+    embedding_ids = embedding_params(model) if cfg.embedding_lr else set()
     for name, param in model.named_parameters():
         if not param.requires_grad:
+            continue
+        if id(param) in embedding_ids:
+            embeddings.append(param)
             continue
         is_b = name.endswith("lora_B")
         (b_like if is_b and cfg.loraplus_lr_ratio else a_like).append(param)
@@ -19,6 +38,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     if b_like:
         lr_b = cfg.lr * cfg.loraplus_lr_ratio
         groups.append({"params": b_like, "lr": lr_b, "base_lr": lr_b})
+    if embeddings:
+        groups.append({"params": embeddings, "lr": cfg.embedding_lr, "base_lr": cfg.embedding_lr})
     return [g for g in groups if g["params"]]
 
 
