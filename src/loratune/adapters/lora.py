@@ -126,7 +126,8 @@ def lora_peft_fields(model: nn.Module, name: str, config: AdapterConfig,
               "rank_pattern": {canonical_path(p): a.r for p, a in layers if a.r != config.r},
               "alpha_pattern": {canonical_path(p): a.alpha for p, a in layers
                                 if a.alpha != config.lora_alpha}}
-    fields["loftq_config"] = config.loftq_config.model_dump() if config.loftq_config else {}
+    loftq = getattr(config, "loftq_config", None)   # LoRA's option; MoE-LoRA shares this writer
+    fields["loftq_config"] = loftq.model_dump() if loftq else {}
     if compact and config_converts_on_save(config):
         fields = plain_lora_fields(fields, config.use_rslora)
     return fields
