@@ -1,8 +1,9 @@
-"""Every `loratune ...` command in README.md's code blocks, read from the README text itself:
+"""Every `loratune ...` command in the code blocks of README.md and of the docs/*.md guides, read
+from the pages' text itself:
 parsed by the real command line and its config built and validated as the command would, without
 training or loading a model (`plan` and `models list` run for real: they are cheap). Placeholders
 (CONFIG.yaml, DIR, heldout.jsonl, ...) become tiny fixtures. A README command that stops working
-fails here, and so in CI."""
+fails here, and so in CI. Every docs page is linked from the README (the front door)."""
 
 import re
 import shlex
@@ -10,11 +11,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from loratune.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 
 
 def code_blocks(text: str) -> list[str]:
@@ -37,13 +40,33 @@ def readme_commands(text: str) -> list[str]:
 
 
 COMMANDS = readme_commands(README.read_text(encoding="utf-8"))
+DOC_COMMANDS = [(page.name, c) for page in DOCS
+                for c in readme_commands(page.read_text(encoding="utf-8"))]
 
 
-def test_the_readme_has_its_commands():
-    words = {c.split()[1] for c in COMMANDS}
+def test_the_readme_and_docs_have_their_commands():
+    words = {c.split()[1] for c in COMMANDS + [c for _, c in DOC_COMMANDS]}
     assert {"demo", "train", "chat", "generate", "eval", "plan", "serve", "ui", "merge",
             "export", "compare", "tune-rank"} <= words, words
     assert "loratune demo --quick" in COMMANDS
+
+
+def test_the_readme_is_a_front_door_linking_every_doc():
+    """Short (issue 25: under ~150 lines), and every docs/*.md page is one click away."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 150, len(text.splitlines())
+    unlinked = [p.name for p in DOCS if f"](docs/{p.name})" not in text]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
+
+
+def test_doc_links_point_at_pages_that_exist():
+    """A relative link in README.md or a docs page names a file of the tree."""
+    broken = []
+    for page in [README, *DOCS]:
+        for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", page.read_text("utf-8")):
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
 
 
 def test_quickstart_test_command_is_what_ci_runs():
@@ -71,6 +94,10 @@ def fixtures(tmp_path_factory):
     shutil.copytree(adapter, tmp / "adapters" / "adapter_zh")
     config = tmp / "CONFIG.yaml"
     shutil.copy(ROOT / "examples" / "demo.yaml", config)
+    # docs/scaling-out.md's run.yaml is a multi-GPU run: its step splits over 4 or 8 ranks
+    run = yaml.safe_load(config.read_text())
+    run["train"]["grad_accum"] = 8
+    (tmp / "run.yaml").write_text(yaml.safe_dump(run))
     data = tmp / "data.jsonl"
     data.write_text('{"instruction": "Say hi", "output": "hi"}\n')
     (tmp / "serve.yaml").write_text("port: 9000\n")
@@ -82,7 +109,9 @@ def fixtures(tmp_path_factory):
             "serve.yaml": tmp / "serve.yaml", "merged/": tmp / "merged",
             "folder/": tmp / "folder", "runs/": tmp / "runs",
             "model.gguf": tmp / "model.gguf", "runs/sft/adapter": adapter,
-            "runs/dpo/adapter": adapter, "output_dir=runs/sft": f"output_dir={tmp / 'sft'}"}
+            "runs/dpo/adapter": adapter, "output_dir=runs/sft": f"output_dir={tmp / 'sft'}",
+            "run.yaml": tmp / "run.yaml", "BASE": tmp / "base", "./adapters": tmp / "adapters",
+            "~/data": tmp}
 
 
 def substitute(command: str, fixtures: dict) -> list[str]:
@@ -135,4 +164,9 @@ def dry_run(argv: list[str]) -> None:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_command(command, fixtures, capsys):
+    dry_run(substitute(command, fixtures))
+
+
+@pytest.mark.parametrize("page,command", DOC_COMMANDS)
+def test_docs_command(page, command, fixtures, capsys):
     dry_run(substitute(command, fixtures))
