@@ -13,7 +13,7 @@ from loratune.data.encode import IGNORE, Example, encode_conversation
 from loratune.data.errors import DataError
 from loratune.data.formats import detect_format, iter_indexed, locate, to_messages
 from loratune.data.templates import resolve_template, template_note
-from loratune.data.tools import fit_tools, has_tools, tool_conversation
+from loratune.data.tools import fit_tools, has_tools, template_name, tool_conversation
 from loratune.data.text import document_ids, iter_documents, split_document
 
 
@@ -110,8 +110,8 @@ def build_examples(path: str | Path, tokenizer,
         stats.n_records += 1
         try:
             if tools or any(m["role"] == "tool" for m in messages):
-                named = cfg.template or f"{tokenizer.name_or_path or 'the tokenizer'}'s own"
-                messages, tools = fit_tools(messages, tools, template, named)
+                messages, tools = fit_tools(messages, tools, template,
+                                            template_name(tokenizer, cfg.template))
             messages, notes = fit_conversation(messages, tokenizer, template, cfg.think)
             for note in notes:
                 stats.notes[note] = stats.notes.get(note, 0) + 1
