@@ -154,8 +154,10 @@ def _sharegpt_turn(turn, i: int, calls: _Calls, where: str) -> dict:
     return {"role": SHAREGPT_ROLES[kind], "content": content}
 
 
-def tool_conversation(record: dict, fmt: str, where: str) -> tuple[list[dict], list[dict]]:
-    """(messages, tools) of a tool-use record in the `messages` or `sharegpt` format."""
+def tool_conversation(record: dict, fmt: str, where: str,
+                      answer_last: bool = True) -> tuple[list[dict], list[dict]]:
+    """(messages, tools) of a tool-use record in the `messages` or `sharegpt` format; a
+    prompt (answer_last=False, as a server gets) may end with a user turn or a tool result."""
     tools = read_tools(record.get("tools"), where)
     calls = _Calls({t["function"]["name"] for t in tools}, where)
     key, turn = ("messages", _openai_turn) if fmt == "messages" else \
@@ -166,7 +168,7 @@ def tool_conversation(record: dict, fmt: str, where: str) -> tuple[list[dict], l
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field '{key}' must be a non-empty list")
     messages = [turn(t, i, calls, where) for i, t in enumerate(turns)]
-    if messages[-1]["role"] != "assistant":
+    if answer_last and messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the conversation must end with an assistant turn, "
                         f"not '{messages[-1]['role']}'")
     return messages, tools
@@ -203,6 +205,11 @@ def _phi4(messages: list[dict], tools: list[dict]) -> list[dict]:
         elif m["role"] == "tool":
             m["role"] = "tool_response"
     return [{k: v for k, v in m.items() if k not in ("tool_call_id", "name")} for m in out]
+
+
+def template_name(tokenizer, configured: str | None = None) -> str:
+    """How an error names the chat template: data.template's name, else the tokenizer's own."""
+    return configured or f"{getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}'s own"
 
 
 def fit_tools(messages: list[dict], tools: list[dict], template: str,

@@ -10,6 +10,7 @@ from torch import nn
 from loratune import progress
 from loratune.data.conversation import fit_conversation
 from loratune.data.templates import resolve_template
+from loratune.data.tools import fit_tools, template_name
 from loratune.models.modules import eos_ids
 
 
@@ -18,16 +19,21 @@ class TemplateNote(UserWarning):
 
 
 
-def prompt_ids(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
+def prompt_ids(tokenizer, messages: list[dict], template: str | None = None,
+               tools: list[dict] | None = None) -> list[int]:
     """The prompt's token ids, with the generation prompt; a system message the template
     cannot render is folded into the first user turn, as training does (with a warning).
-    A tokenizer without a template gets the one training defaults to (resolve_template)."""
+    A tokenizer without a template gets the one training defaults to (resolve_template).
+    `tools`: declared tools, rendered as training renders them (data/tools.py)."""
     template = resolve_template(tokenizer, template)
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        messages, tools = fit_tools(messages, tools or [], template, template_name(tokenizer))
     messages, notes = fit_conversation(messages, tokenizer, template)
     for note in notes:
         warnings.warn(note, TemplateNote, stacklevel=2)
     out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True,
-                                        add_generation_prompt=True, return_dict=True)
+                                        add_generation_prompt=True, return_dict=True,
+                                        tools=tools)
     return list(out["input_ids"])
 
 

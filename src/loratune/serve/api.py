@@ -23,10 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loratune.config.commands import ServeConfig, UiConfig
+from loratune.data.errors import DataError
+from loratune.data.tools import tool_conversation
 from loratune.http_guard import HostPolicy, RequestGuard
 from loratune.serve.prometheus import Metrics
 from loratune.serve.router import LanguageRouter, last_user_text
 from loratune.serve.sampling import SEED_MAX, SEED_MIN
+from loratune.serve.tool_calls import PARSERS, parse_tool_calls, parser_for_template
 from loratune.serve.types import (BadAdapter, Event, GenerationRequest, SamplingParams,
                                   ServeError, UnknownAdapter)
 
@@ -133,17 +136,36 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_TextPart] | None = None
+    tool_calls: list | None = None
+    tool_call_id: str | None = None
 
     def plain(self) -> dict:
         content = self.content if isinstance(self.content, str) else \
             "".join(p.text for p in self.content or [])
         # Chat templates know "system"; "developer" is OpenAI's newer name for it.
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        out = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        out.update({k: v for k, v in (("tool_calls", self.tool_calls),
+                                      ("tool_call_id", self.tool_call_id)) if v})
+        return out
 
 
 class ChatBody(_Body):
     messages: list[_Message]
     tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tools_on(self) -> bool:
+        """Whether the answer may be tool calls (tools given, tool_choice not "none")."""
+        if isinstance(self.tool_choice, dict) or self.tool_choice == "required":
+            # Unconstrained sampling cannot promise a call; say so rather than pretend.
+            raise APIError(400, "tool_choice: 'required' and a named function are not supported "
+                           "(this server does not constrain decoding); use 'auto' or 'none'",
+                           param="tool_choice")
+        if self.tool_choice not in (None, "auto", "none"):
+            raise APIError(400, f"tool_choice: expected 'auto', 'none', 'required' or a named "
+                           f"function, got {self.tool_choice!r}", param="tool_choice")
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 class CompletionBody(_Body):
@@ -234,12 +256,25 @@ def chat_prompt_ids(tokenizer, body: ChatBody) -> list[int]:
 
     if not body.messages:
         raise APIError(400, "messages: must contain at least one message", param="messages")
-    if body.tools:
-        raise APIError(400, "tools: tool calls are not supported by this server", param="tools")
+    messages, tools = [m.plain() for m in body.messages], None
+    if body.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        messages, tools = request_tools(body, messages)
     try:
-        return prompt_ids(tokenizer, [m.plain() for m in body.messages])
+        return prompt_ids(tokenizer, messages, tools=tools if body.tools_on() else None)
+    except APIError:
+        raise
     except Exception as err:  # jinja raises plain exceptions for what a template refuses
         raise APIError(400, f"messages: the chat template refused them: {err}", param="messages")
+
+
+def request_tools(body: ChatBody, messages: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The request's messages and tools read as training reads them (data/tools.py): calls of
+    declared tools with JSON arguments, results answering a call; else a 400 naming it."""
+    try:
+        return tool_conversation({"tools": body.tools or [], "messages": messages}, "messages",
+                                 "request", answer_last=False)
+    except DataError as err:
+        raise APIError(400, str(err), param="messages") from None
 
 
 def completion_prompt_ids(tokenizer, body: CompletionBody) -> list[int]:
@@ -295,6 +330,19 @@ class _Call:
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.first_token_s: float | None = None
+        self.tools: tuple[str, set[str], bool] | None = None  # (parser, names, parallel)
+
+    def answer(self, text: str, finish: str) -> tuple[dict, str]:
+        """(message fields, finish_reason) of a whole chat answer: tool calls parsed out when
+        the request declared tools."""
+        if self.tools is None:
+            return {"content": text}, finish
+        parser, names, parallel = self.tools
+        content, calls = parse_tool_calls(text, parser, names)
+        if not calls:
+            return {"content": text}, finish
+        return {"content": content or None, "tool_calls": calls[:None if parallel else 1]}, \
+            "tool_calls"
 
     def choice(self, text: str | None, finish: str | None, delta: bool) -> dict:
         if self.kind != "chat":
@@ -347,11 +395,13 @@ class _State:
 def build_app(engine, api_key: str | None = None, request_timeout_s: float = 120,
               router: LanguageRouter | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, host: str = "127.0.0.1",
-              allowed_hosts: Iterable[str] = ()) -> FastAPI:
+              allowed_hosts: Iterable[str] = (), tool_parser: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (which the caller starts and stops), answering as a
     server bound to `host` (and the names in `allowed_hosts`): a web page the user visits
     can neither drive it (foreign Origin, non-JSON body) nor read it (DNS rebinding)."""
     state = _State(engine, api_key, request_timeout_s, router, max_body_bytes)
+    # tool_parser: how answers are read as tool calls; None: from the chat template
+    state.tool_parser = tool_parser
     app = FastAPI(title="loratune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.loratune = state
     # With a key, a wildcard bind may answer any Host: a page has no key to send.
@@ -501,17 +551,34 @@ async def generate(state: _State, request: Request, kind: str):
         for name in adapters:
             await asyncio.to_thread(check_adapter, state, name)
         state.engine.pool.check_weights(adapters)
+        tools = call_tools(state, body) if kind == "chat" else None
         handle = state.engine.submit(GenerationRequest(ids, adapters, params, state.timeout_s))
     except (APIError, ServeError) as err:
         err = err if isinstance(err, APIError) else from_serve_error(err)
         state.metrics.record(kind, model_label, err.status, time.perf_counter() - started)
         raise err from None
     call = _Call(kind, model, handle, len(ids), started, state.timeout_s)
+    call.tools = tools
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(stream(state, call, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await complete(state, call, request)
+
+
+def call_tools(state: _State, body: ChatBody) -> tuple[str, set[str], bool] | None:
+    """(parser, declared names, parallel calls allowed) when the answer may call tools."""
+    if not body.tools_on():
+        return None
+    from loratune.data.templates import resolve_template
+
+    parser = state.tool_parser or parser_for_template(resolve_template(state.engine.tokenizer,
+                                                                       None))
+    if parser is None:
+        raise APIError(400, "tools: the model's chat template shows no tool-call format; start "
+                       f"the server with --tool-parser ({', '.join(PARSERS)})", param="tools")
+    names = {(t.get("function") or {}).get("name") for t in body.tools if isinstance(t, dict)}
+    return parser, names, body.parallel_tool_calls is not False
 
 
 def prompt_and_model(state: _State, body: ChatBody | CompletionBody, kind: str
@@ -570,6 +637,9 @@ async def complete(state: _State, call: _Call, request: Request) -> JSONResponse
     state.metrics.record(call.kind, call.model, 200, seconds, usage["prompt_tokens"],
                          usage["completion_tokens"])
     choice = call.choice("".join(parts), last.finish_reason, delta=False)
+    if call.kind == "chat":
+        fields, choice["finish_reason"] = call.answer("".join(parts), last.finish_reason)
+        choice["message"] = {"role": "assistant", **fields}
     return JSONResponse(call.envelope([choice], chunk=False, usage=usage))
 
 
@@ -586,10 +656,13 @@ async def stream(state: _State, call: _Call, include_usage: bool) -> AsyncIterat
             first = call.choice(None, None, delta=True)
             first["delta"] = {"role": "assistant", "content": ""}
             yield _sse(call.envelope([first], chunk=True))
+        parts = []
         async for event in call.events():
             if event.finish_reason:
                 last = event
-            if event.text:
+            if event.text and call.tools is not None:
+                parts.append(event.text)  # a call is only known once its text is whole
+            elif event.text:
                 yield _sse(call.envelope([call.choice(event.text, None, delta=True)], chunk=True))
         err = _failure(last)
         if err is not None:
@@ -597,8 +670,11 @@ async def stream(state: _State, call: _Call, include_usage: bool) -> AsyncIterat
             yield _sse(err.body())
         else:
             status = 200
-            yield _sse(call.envelope([call.choice(None, last.finish_reason, delta=True)],
-                                     chunk=True))
+            finish = last.finish_reason
+            if call.tools is not None:
+                fields, finish = call.answer("".join(parts), finish)
+                yield _sse(call.envelope([tool_delta(call, fields)], chunk=True))
+            yield _sse(call.envelope([call.choice(None, finish, delta=True)], chunk=True))
             if include_usage:
                 yield _sse(call.envelope([], chunk=True, usage=_usage(last, call.prompt_len)))
         yield "data: [DONE]\n\n"
@@ -608,6 +684,18 @@ async def stream(state: _State, call: _Call, include_usage: bool) -> AsyncIterat
         state.metrics.record(call.kind, call.model, status, time.perf_counter() - call.started,
                              last.prompt_tokens if last else 0,
                              last.completion_tokens if last else 0, call.first_token_s)
+
+
+def tool_delta(call: _Call, fields: dict) -> dict:
+    """The chunk of a tools request's answer: its content, or its calls as OpenAI streams
+    them (each with its index, id, type, name and arguments)."""
+    choice = call.choice(None, None, delta=True)
+    if "tool_calls" not in fields:
+        choice["delta"] = {"content": fields["content"]}
+    else:
+        choice["delta"] = {"tool_calls": [dict(c, index=i)
+                                          for i, c in enumerate(fields["tool_calls"])]}
+    return choice
 
 
 # -- command line ---------------------------------------------------------------------------------
