@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loratune.serve.api import build_app
-from loratune.serve.tool_calls import parse_tool_calls, parser_for_template
+from loratune.data.tool_calls import parse_tool_calls, parser_for_template
 from loratune.serve.types import Event
 from test_serve_api import LOCAL, adapter_dir, engine, sse_events  # noqa: F401 (fixtures)
 

@@ -29,7 +29,7 @@ from loratune.http_guard import HostPolicy, RequestGuard
 from loratune.serve.prometheus import Metrics
 from loratune.serve.router import LanguageRouter, last_user_text
 from loratune.serve.sampling import SEED_MAX, SEED_MIN
-from loratune.serve.tool_calls import PARSERS, parse_tool_calls, parser_for_template
+from loratune.data.tool_calls import PARSERS, parse_tool_calls, parser_for_template
 from loratune.serve.types import (BadAdapter, Event, GenerationRequest, SamplingParams,
                                   ServeError, UnknownAdapter)
 
