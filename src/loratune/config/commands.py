@@ -26,6 +26,8 @@ def _comma_separated(v):
 
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+# data/tool_calls.PARSERS (config imports nothing above it; a test keeps the two equal)
+ToolParser = Literal["hermes", "llama3_json", "mistral", "phi4"]
 Weights = Annotated[list[float] | None, BeforeValidator(_comma_separated)]
 MODEL_FLAGS = {"--model": "model.name", "--device": "model.device", "--dtype": "model.dtype"}
 
@@ -105,6 +107,8 @@ class ServeConfig(CommandConfig):
     threads: int | None = Field(None, gt=0,
                                 description="torch threads (1 on a CPU shared with other jobs)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    tool_parser: ToolParser | None = Field(
+        None, description="how answers are read as tool calls (default: from the chat template)")
 
 
 # -- merge and export -----------------------------------------------------------------------------
@@ -201,7 +205,7 @@ class EvalCommandConfig(_WithAdapters):
         "precision)")}
 
     task: str = Field("exact", description="exact, mc, perplexity, generate, code, preference, "
-                      "or another registered task")
+                      "tools, or another registered task")
     adapter: list[str] = Field(default_factory=list, description="adapter folder (PEFT format); "
                                "repeat to score several side by side")
     data: str = Field(description="the task's data file (mc: a file or a folder of them)")
@@ -213,7 +217,7 @@ class EvalCommandConfig(_WithAdapters):
                         "column each")
     batch_size: int = Field(16, gt=0, description="prompts or options per forward")
     max_new_tokens: int | None = Field(None, gt=0, description="generated tokens per answer "
-                                       "(default: exact 32, generate 128, code 384)")
+                                       "(default: exact 32, generate 128, code 384, tools 256)")
     shots: int = Field(0, ge=0, description="(mc) solved examples before each question, from "
                        "--dev")
     dev: str | None = Field(None, description="(mc) file or folder of solved examples for "
@@ -234,6 +238,8 @@ class EvalCommandConfig(_WithAdapters):
     cpu_seconds: int = Field(5, gt=0, description="(code) CPU seconds per completion")
     memory_mb: int = Field(1024, gt=0, description="(code) address space per completion, MiB")
     workers: int = Field(2, gt=0, description="(code) completions run at once")
+    tool_parser: ToolParser | None = Field(
+        None, description="(tools) how answers are read as calls (default: from the template)")
     sandbox: Literal["bwrap", "none"] = Field(
         "bwrap", description="(code) bwrap: each completion under bubblewrap (namespaces, "
         "seccomp, a capped tmpfs; apt-get install bubblewrap); none: on this machine with only "

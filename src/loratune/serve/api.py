@@ -791,7 +791,7 @@ def run(cfg: ServeConfig) -> int:
               "port can use the model and load adapters")
     app = build_app(engine, api_key=api_key, request_timeout_s=cfg.request_timeout, router=router,
                     max_body_bytes=cfg.max_body_bytes, host=cfg.host,
-                    allowed_hosts=cfg.allowed_host)
+                    allowed_hosts=cfg.allowed_host, tool_parser=cfg.tool_parser)
     engine.start()
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
