@@ -27,9 +27,11 @@ def with_serving(monkeypatch, method, spec):
     monkeypatch.setitem(registry._RECORDS, method, dataclasses.replace(record, serving=spec))
 
 
-def test_a_dora_adapter_is_refused_with_its_records_reason(tmp_path):
+def test_a_refused_method_is_refused_with_its_records_reason(tmp_path, monkeypatch):
     folder, base = saved(tmp_path, use_dora=True)
-    with pytest.raises(BadAdapter, match=r"is dora: DoRA rescales each output row .* Merge it "
+    assert read_lora("d", folder, base).scales     # served (tests/serve/test_serve_methods.py)
+    with_serving(monkeypatch, "dora", ServingSpec(why_not="a reason of its own"))
+    with pytest.raises(BadAdapter, match=r"is dora: a reason of its own\. Merge it "
                                          r"into the base with `loratune merge`"):
         read_lora("d", folder, base)
 

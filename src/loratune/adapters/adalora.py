@@ -14,8 +14,9 @@ from torch import nn
 
 from loratune.adapters.host import AdapterHost, LayerAdapter
 from loratune.adapters.lora import low_rank_fields
-from loratune.adapters.peft_format import file_key
-from loratune.adapters.registry import FileSpec, MethodRecord, TrainingHooks, TrainingSpec, register
+from loratune.adapters.peft_format import PeftFolder, file_key
+from loratune.adapters.registry import (AdapterError, FileSpec, MethodRecord, ServingSpec,
+                                        TrainingHooks, TrainingSpec, register)
 from loratune.config import AdaLoraConfig
 
 
@@ -300,6 +301,23 @@ def before_load(model: nn.Module, name: str, raw: dict, weights: dict) -> None:
     apply_rank_pattern(model, name, raw.get("rank_pattern"), weights)
 
 
+def adalora_factors(adapter: PeftFolder) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, A∘E [r, in] and B·scaling/ranknum [out, r] in float32: AdaLoRA's update as
+    the LoRA product (the kept triplets only, as saved)."""
+    config = adapter.config
+    scale = (config.lora_alpha if config.lora_alpha > 0 else float(config.init_r)) / (
+        float(config.init_r) + 1e-5)
+    out = {}
+    for path, parts in adapter.modules().items():
+        missing = [k for k in ("lora_A", "lora_E", "lora_B") if k not in parts]
+        if missing:
+            raise AdapterError(f"{adapter.weights_path}: {file_key(path, missing[0])} is missing "
+                               "(an AdaLoRA layer has lora_A, lora_E and lora_B)")
+        a, e, b = (parts[k].float() for k in ("lora_A", "lora_E", "lora_B"))
+        out[path] = (a * e.view(-1, 1), b * scale)
+    return out
+
+
 register(MethodRecord(
     name="adalora", config_class=AdaLoraConfig, peft_type="ADALORA",
     files=FileSpec(("lora_A", "lora_B", "lora_E"), peft_fields=adalora_peft_fields,
@@ -308,4 +326,5 @@ register(MethodRecord(
     # Its allocator scores importance from each step's gradients and its orthogonality loss is
     # backpropagated outside the model's forward.
     training=TrainingSpec(hooks=AdaLoraHooks,
-                          why_single_process="its rank budget is a global per-step state")))
+                          why_single_process="its rank budget is a global per-step state"),
+    serving=ServingSpec(factors=adalora_factors)))

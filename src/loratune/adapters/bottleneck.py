@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from loratune.adapters.host import AdapterHost, adapter_dtype
-from loratune.adapters.registry import AdapterError, FileSpec, MergeSpec, MethodRecord, register
+from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, MethodRecord,
+                                        ServingSpec, register)
 from loratune.config import BottleneckConfig
 from loratune.models.modules import set_submodule
 
@@ -149,4 +150,6 @@ register(MethodRecord(
                    peft_fields=lambda model, name, config, compact: bottleneck_config(config)),
     attach=attach_bottleneck,
     merge=MergeSpec(why_not="a bottleneck adapter is a nonlinear extra block; no weight change "
-                            "equals it")))
+                            "equals it"),
+    serving=ServingSpec(why_not="the server does not yet run bottleneck blocks (a nonlinear "
+                                "block per layer, not a per-row LoRA product or scale) per row")))

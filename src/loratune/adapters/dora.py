@@ -14,9 +14,10 @@ from torch import nn
 
 from loratune.adapters.host import LayerAdapter
 from loratune.adapters.lora import LoraAdapter, lora_peft_fields
-from loratune.adapters.peft_format import LORA_KINDS
-from loratune.adapters.registry import (ExportSpec, FileSpec, MethodRecord, ServingSpec,
-                                        TrainingSpec, register)
+from loratune.adapters.lora_product import scaled_factors
+from loratune.adapters.peft_format import ANOTHER_BASE, LORA_KINDS, PeftFolder, file_key
+from loratune.adapters.registry import (AdapterError, ExportSpec, FileSpec, MethodRecord, RowForm,
+                                        ServingSpec, TrainingSpec, register)
 from loratune.config import LoraConfig
 
 
@@ -87,6 +88,42 @@ def new_dora(config: LoraConfig, path: str, in_features: int, out_features: int,
     return DoraAdapter(in_features, out_features, config, r, alpha, device, dtype)
 
 
+MAGNITUDE = "lora_magnitude_vector"
+
+
+def served_base(model: nn.Module, path: str, adapter: PeftFolder) -> nn.Module:
+    """The base layer at `path` of a served model (unwrapping the server's slot layer)."""
+    try:
+        layer = model.get_submodule(path)
+    except AttributeError:
+        raise AdapterError(f"{adapter.weights_path}: {file_key(path, MAGNITUDE)} has no place "
+                           f"in this model ({ANOTHER_BASE})") from None
+    return getattr(layer, "base_layer", layer)
+
+
+def dora_rows(adapter: PeftFolder, model: nn.Module) -> dict[str, RowForm]:
+    """Per layer, the LoRA factors and m/‖W + s·B·A‖ per output row, the norms computed once
+    here against the served base: the row's output is m/n·(W·x + s·B·A·x) + bias, as
+    merged_weight gives (the bias stays out of the scaling: out_shift = bias·(1 − m/n))."""
+    modules = adapter.modules()
+    forms = {}
+    for path, (a, b) in scaled_factors(adapter).items():
+        m = modules[path].get(MAGNITUDE)
+        if m is None:
+            raise AdapterError(f"{adapter.weights_path}: {file_key(path, MAGNITUDE)} is missing "
+                               "(a DoRA adapter has a magnitude vector for every LoRA pair)")
+        base = served_base(model, path, adapter)
+        w = base_weight(base).float()
+        if w.shape != (b.shape[0], a.shape[1]) or m.numel() != w.shape[0]:
+            raise AdapterError(f"{adapter.weights_path}: {path} has A {tuple(a.shape)}, B "
+                               f"{tuple(b.shape)} and {MAGNITUDE} {tuple(m.shape)}; this model's "
+                               f"layer is {tuple(w.shape)} ({ANOTHER_BASE})")
+        scale = m.float().flatten() / torch.linalg.vector_norm(w + b @ a, dim=1)
+        shift = None if base.bias is None else base.bias.detach().float() * (1 - scale)
+        forms[path] = RowForm(a, b, out_scale=scale, out_shift=shift)
+    return forms
+
+
 # PEFT writes DoRA as a LORA adapter with use_dora: true.
 register(MethodRecord(
     name="dora", config_class=LoraConfig, peft_type="LORA",
@@ -94,8 +131,10 @@ register(MethodRecord(
     make_layer=new_dora, has_rank=True,
     training=TrainingSpec(plan_note="estimated as LoRA of the same rank: its magnitude vectors "
                                     "and weight-norm work are not counted"),
-    # Its magnitude divides by the norm of each row of W + ΔW: no pair of factors holds that.
-    serving=ServingSpec(why_not="DoRA rescales each output row by a magnitude over the norm of "
-                                "W + B·A, which slot-stacked LoRA factors do not hold"),
+    # Served per row: the factors plus the magnitude over each row's norm of W + ΔW.
+    serving=ServingSpec(rows=dora_rows,
+                        why_no_composition="DoRA rescales each output row by its magnitude over "
+                                           "the norm of W + B·A, which does not add up across "
+                                           "adapters or scale with a weight"),
     export=ExportSpec(why_not="llama.cpp's adapter GGUF holds LoRA factors, and DoRA's per-row "
                               "magnitude is not one")))

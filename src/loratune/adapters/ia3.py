@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from loratune.adapters.host import LayerAdapter, adapted_layers, leaf_names
-from loratune.adapters.registry import AdapterError, FileSpec, MethodRecord, register
+from loratune.adapters.peft_format import PeftFolder
+from loratune.adapters.registry import (AdapterError, FileSpec, MethodRecord, RowForm,
+                                        ServingSpec, register)
 from loratune.config import IA3Config
 from loratune.models.modules import matches_target
 
@@ -121,7 +123,25 @@ def ia3_peft_fields(model: nn.Module, name: str, config: IA3Config, compact: boo
             "feedforward_modules": feedforward, "fan_in_fan_out": False}
 
 
+def ia3_rows(adapter: PeftFolder, model: nn.Module) -> dict[str, RowForm]:
+    """Per layer, the scale on its input (feedforward modules) or on its output."""
+    forms = {}
+    for path, parts in adapter.modules().items():
+        scale = parts.get("ia3_l")
+        if scale is None:
+            continue
+        scale = scale.float().flatten()
+        if matches_target(path, adapter.config.feedforward_modules):
+            forms[path] = RowForm(in_scale=scale)
+        else:
+            forms[path] = RowForm(out_scale=scale)
+    return forms
+
+
 register(MethodRecord(
     name="ia3", config_class=IA3Config, peft_type="IA3",
     files=FileSpec(("ia3_l",), peft_fields=ia3_peft_fields), make_layer=new_ia3,
-    check_targets=check_feedforward, slices_outputs=True))
+    check_targets=check_feedforward, slices_outputs=True,
+    serving=ServingSpec(rows=ia3_rows,
+                        why_no_composition="IA³ multiplies channels by its vectors; products of "
+                                           "scales are not the sum a composition is")))

@@ -20,8 +20,8 @@ from torch import nn
 from loratune.adapters.host import LayerAdapter
 from loratune.adapters.lora import checked_rank, lora_peft_fields
 from loratune.adapters.peft_format import lora_scale
-from loratune.adapters.registry import (FileSpec, MergeSpec, MethodRecord, TrainingHooks,
-                                        TrainingSpec, register)
+from loratune.adapters.registry import (FileSpec, MergeSpec, MethodRecord, ServingSpec,
+                                        TrainingHooks, TrainingSpec, register)
 from loratune.config import MoeLoraConfig
 
 NOT_MERGEABLE = ("MoE-LoRA cannot be merged: its update depends on each token's routing, so no "
@@ -131,4 +131,6 @@ register(MethodRecord(
         hooks=lambda model, config, name, total_steps: MoeLoraHooks(model),
         unused_parameters=True),  # top-k routing leaves some experts without a grad
     merge=MergeSpec(why_not="MoE-LoRA's update depends on each token's routing, so no single "
-                            "weight equals it")))
+                            "weight equals it"),
+    serving=ServingSpec(why_not="the server does not yet route tokens among experts per row "
+                                "(each token's own mix of LoRA experts is not one slot's factors)")))

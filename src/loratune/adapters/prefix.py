@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache
 from loratune.adapters.host import adapter_dtype
 from loratune.adapters.prompt import NO_PACKING, PEFT_COMMON, PromptHost, find_decoder, place_host
 from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, MethodRecord,
-                                        TrainingSpec, register)
+                                        ServingSpec, TrainingSpec, register)
 from loratune.config import PrefixConfig
 
 
@@ -175,4 +175,6 @@ register(MethodRecord(
                           virtual_tokens=lambda config: config.num_virtual_tokens,
                           why_no_resume=why_no_resume),
     merge=MergeSpec(why_not="prefix tuning adds key/value prefixes, not weights: there is "
-                            "nothing to fold in")))
+                            "nothing to fold in"),
+    serving=ServingSpec(why_not="the server's slot cache does not yet hold per-row prefix keys "
+                                "and values")))

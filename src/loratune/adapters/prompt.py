@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from loratune.adapters.host import AdapterHost, adapter_dtype
 from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, MethodRecord,
-                                        TrainingSpec, register)
+                                        ServingSpec, TrainingSpec, register)
 from loratune.config import PromptConfig
 from loratune.models.modules import CACHE_KEYWORDS, cache_keyword
 
@@ -223,4 +223,6 @@ register(MethodRecord(
     training=TrainingSpec(why_no_packing=NO_PACKING,
                           virtual_tokens=lambda config: config.num_virtual_tokens),
     merge=MergeSpec(why_not="prompt tuning adds virtual tokens, not weights: there is nothing "
-                            "to fold in")))
+                            "to fold in"),
+    serving=ServingSpec(why_not="the server does not yet put per-row virtual tokens in front of "
+                                "a prompt")))

@@ -92,15 +92,51 @@ NO_SERVING = "the server runs LoRA-product adapters side by side, and this one i
 NO_GGUF = "llama.cpp's adapter GGUF holds plain LoRA factors only"
 
 
+NO_COMPOSITION = ("a composition adds LoRA factors (A stacked, weight·B side by side), which "
+                  "is exact only for the LoRA family")
+
+
+@dataclass
+class RowForm:
+    """One layer of an adapter as the server applies it to the rows that use it:
+
+        y = out_scale ⊙ (base(in_scale ⊙ x) + (in_scale ⊙ x)·Aᵀ·(s·B)ᵀ) + out_shift
+
+    float32 tensors; a part left None is the identity (no factors, scales of 1, shift of 0).
+    LoRA sets a and b; DoRA also out_scale = m/‖W + s·B·A‖ and out_shift = bias·(1 − out_scale);
+    IA³ one of in_scale, out_scale."""
+
+    a: torch.Tensor | None = None           # [r, in]
+    b: torch.Tensor | None = None           # [out, r], the scale folded in
+    in_scale: torch.Tensor | None = None    # [in]
+    out_scale: torch.Tensor | None = None   # [out]
+    out_shift: torch.Tensor | None = None   # [out]
+
+    def scales(self) -> dict[str, torch.Tensor]:
+        """The per-channel parts that are set, by name."""
+        return {k: t for k in ("in_scale", "out_scale", "out_shift")
+                if (t := getattr(self, k)) is not None}
+
+
 @dataclass(frozen=True)
 class ServingSpec:
     """How the server runs the method for some rows of a mixed batch (serve/pool.py), or why not.
 
     `factors`: (PeftFolder) -> {module path: (A [r, in], scale·B [out, r])} in float32, the
-    LoRA product (adapters/lora_product.py) that the pool stacks into its slots."""
+    LoRA product (adapters/lora_product.py) that the pool stacks into its slots; such methods
+    also compose (`a:0.5+b:0.5`).
+    `rows`: (PeftFolder, model) -> {module path: RowForm}, for methods that need per-channel
+    scales too (computed once at load, against the served base's weights); they do not compose,
+    for `why_no_composition`."""
 
     factors: Callable | None = None
+    rows: Callable | None = None
     why_not: str = NO_SERVING
+    why_no_composition: str = NO_COMPOSITION
+
+    @property
+    def served(self) -> bool:
+        return self.factors is not None or self.rows is not None
 
 
 @dataclass(frozen=True)

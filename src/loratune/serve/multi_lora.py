@@ -13,6 +13,11 @@ The base matmul runs once for the whole batch. The LoRA part takes one of three 
 
 All three compute the same sum; zeroed columns add exact zeros. The products themselves are
 adapters/lora_product.py's (its backends); this module keeps the slots and picks the path.
+
+Methods that scale channels (DoRA's magnitude, IA³'s vectors: registry.RowForm) also fill
+per-slot vectors, gathered per row: y = out_scale·(base(in_scale·x) + LoRA) + out_shift. A slot
+without them holds ones and zeros, which change nothing exactly; a layer none of whose slots
+has them skips the step.
 """
 
 from __future__ import annotations
@@ -84,7 +89,13 @@ class MultiLoraLinear(nn.Module):
         # Buffers, not parameters: nothing here trains, and they follow .to(device).
         self.register_buffer("lora_A", None, persistent=False)
         self.register_buffer("lora_B", None, persistent=False)
+        # [slots, in], [slots, out], [slots, out]: RowForm's per-channel parts (None: no slot
+        # of this layer has any yet)
+        self.register_buffer("in_scale", None, persistent=False)
+        self.register_buffer("out_scale", None, persistent=False)
+        self.register_buffer("out_shift", None, persistent=False)
         self.filled: set[int] = set()           # slots holding a nonzero update here
+        self.scaled: set[int] = set()           # slots holding per-channel scales here
 
     def _grow(self, rank: int, device: torch.device) -> None:
         """Make room for rank `rank`, keeping the slots already filled."""
@@ -122,15 +133,35 @@ class MultiLoraLinear(nn.Module):
         if a.shape[1] != self.in_features or b_scaled.shape[0] != self.out_features:
             raise ValueError(f"LoRA shapes A {tuple(a.shape)}, B {tuple(b_scaled.shape)} do not fit "
                              f"a {self.in_features}→{self.out_features} layer")
-        # A 4-bit base layer keeps its weight in buffers, so look at both.
-        base = self.base_layer
-        device = next(t for t in [*base.parameters(), *base.buffers()]).device
-        self._grow(a.shape[0], device)
+        self._grow(a.shape[0], self._device())
         self.clear(slot)
         r = a.shape[0]
         self.lora_A[slot, :r] = a.to(self.lora_A.dtype)
         self.lora_B[:, slot, :r] = b_scaled.to(self.lora_B.dtype)
         self.filled.add(slot)
+
+    def _device(self) -> torch.device:
+        # A 4-bit base layer keeps its weight in buffers, so look at both.
+        base = self.base_layer
+        return next(t for t in [*base.parameters(), *base.buffers()]).device
+
+    @torch.no_grad()
+    def fill_scales(self, slot: int, in_scale: torch.Tensor | None = None,
+                    out_scale: torch.Tensor | None = None,
+                    out_shift: torch.Tensor | None = None) -> None:
+        """Put a RowForm's per-channel parts into `slot` (the others stay 1, 1 and 0)."""
+        if self.in_scale is None:
+            kw = {"device": self._device(), "dtype": slot_dtype(self.base_layer)}
+            self.in_scale = torch.ones(self.num_slots, self.in_features, **kw)
+            self.out_scale = torch.ones(self.num_slots, self.out_features, **kw)
+            self.out_shift = torch.zeros(self.num_slots, self.out_features, **kw)
+            self.row_slots.generation += 1
+        self.clear_scales(slot)
+        for table, t in ((self.in_scale, in_scale), (self.out_scale, out_scale),
+                         (self.out_shift, out_shift)):
+            if t is not None:
+                table[slot] = t.to(table.dtype)
+        self.scaled.add(slot)
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
@@ -138,8 +169,40 @@ class MultiLoraLinear(nn.Module):
             self.lora_A[slot].zero_()
             self.lora_B[:, slot].zero_()
             self.filled.discard(slot)
+        self.clear_scales(slot)
+
+    @torch.no_grad()
+    def clear_scales(self, slot: int) -> None:
+        if slot in self.scaled:
+            self.in_scale[slot] = 1
+            self.out_scale[slot] = 1
+            self.out_shift[slot] = 0
+            self.scaled.discard(slot)
+
+    def _row_scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Each row's (in_scale, out_scale, out_shift), broadcastable over [batch, tokens, ·];
+        None when no row of the batch needs them."""
+        slots = self.row_slots
+        if slots.rows is None or self.in_scale is None or not (self.scaled or slots.static):
+            return None
+        if slots.uniform is not None:
+            if slots.uniform not in self.scaled and not slots.static:
+                return None
+            return (self.in_scale[slots.uniform], self.out_scale[slots.uniform],
+                    self.out_shift[slots.uniform])
+        rows = slots.rows
+        return tuple(t.index_select(0, rows)[:, None, :]
+                     for t in (self.in_scale, self.out_scale, self.out_shift))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = self._row_scales()
+        if scales is None:
+            return self._lora_forward(x)
+        x = x * scales[0].to(x.dtype)
+        out = self._lora_forward(x)
+        return torch.addcmul(scales[2].to(out.dtype), out, scales[1].to(out.dtype))
+
+    def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         slots = self.row_slots
         rows = slots.rows

@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, LORA_KINDS, PeftFolder,
                                            file_key, read_adapter_config, read_peft_weights,
                                            split_key, weights_file)
-from loratune.adapters.registry import AdapterError, method_record
+from loratune.adapters.registry import AdapterError, MethodRecord, method_record
 from loratune.readers import CorruptFileError
 from loratune.serve.multi_lora import MultiLoraLinear, RowSlots, attach, detach, slot_dtype
 from loratune.serve.types import BadAdapter, ServeError, UnknownAdapter
@@ -32,16 +32,21 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 @dataclass
 class HostLora:
-    """One adapter as read from disk: per layer path, A [r, in] and scale·B [out, r] (CPU).
-    `max_weight`: the largest composition weight its B takes within the slots' bound."""
+    """One adapter as read from disk: per layer path, A [r, in] and scale·B [out, r] (CPU),
+    and the per-channel scales of methods that have them (RowForm's in_scale, out_scale,
+    out_shift by name). `max_weight`: the largest composition weight its B takes within the
+    slots' bound; `why_no_composition`: why it cannot be composed at all (None: it can)."""
 
     name: str
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
     max_weight: float = math.inf
+    scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    why_no_composition: str | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.layers.values())
+        return (sum(a.nbytes + b.nbytes for a, b in self.layers.values())
+                + sum(t.nbytes for parts in self.scales.values() for t in parts.values()))
 
 
 def entry_key(adapters: dict[str, float]) -> str:
@@ -95,10 +100,12 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
         record = method_record(config.method)
     except AdapterError as err:
         raise BadAdapter(f"adapter {name!r}: {err}") from None
-    if record.serving.factors is None:
+    if not record.serving.served:
+        instead = ("Merge it into the base with `loratune merge` and serve the merged model "
+                   "instead" if record.mergeable else f"It cannot be merged either "
+                   f"({record.merge.why_not}): run it with `loratune chat`")
         raise BadAdapter(f"adapter {name!r} ({folder}) is {config.method}: "
-                         f"{record.serving.why_not}. Merge it into the base with `loratune merge` "
-                         "and serve the merged model instead")
+                         f"{record.serving.why_not}. {instead}")
     if getattr(config, "bias", "none") != "none" or raw.get("modules_to_save"):
         raise BadAdapter(f"adapter {name!r} ({folder}) trains biases or whole modules "
                          "(bias / modules_to_save); those cannot be mixed per row. Merge it instead")
@@ -111,16 +118,46 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
         raise BadAdapter(f"{weights_path}: tensor {stray[0]} is not a {config.method} tensor "
                          f"(expected names ending in {', '.join(record.files.keys)})")
     try:
-        factors = record.serving.factors(PeftFolder(folder, config, raw, weights))
+        factors, scales = served_forms(record, PeftFolder(folder, config, raw, weights), model)
     except AdapterError as err:
         raise BadAdapter(str(err)) from None
     layers = {path: fitted(path, a, b, model, weights_path) for path, (a, b) in factors.items()}
+    what = f"adapter {name!r} ({weights_path})"
     for path, (a, b) in layers.items():
-        check_slot_values(f"adapter {name!r} ({weights_path})", path, a, b,
-                          slot_dtype(model.get_submodule(path)))
-    if not layers:
-        raise BadAdapter(f"{weights_path}: no LoRA tensors")
-    return HostLora(name, layers, max_weight(layers, model))
+        check_slot_values(what, path, a, b, slot_dtype(model.get_submodule(path)))
+    for path, parts in scales.items():
+        check_scales(what, path, parts, model)
+    if not layers and not scales:
+        raise BadAdapter(f"{weights_path}: no {config.method} tensors")
+    why = None if record.serving.factors else record.serving.why_no_composition
+    return HostLora(name, layers, max_weight(layers, model), scales, why)
+
+
+def served_forms(record: MethodRecord, adapter: PeftFolder, model: nn.Module
+                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict]]:
+    """The adapter as its record serves it: per layer LoRA factors, and per-channel scales."""
+    if record.serving.factors is not None:
+        return record.serving.factors(adapter), {}
+    forms = record.serving.rows(adapter, model)
+    factors = {p: (f.a, f.b) for p, f in forms.items() if f.a is not None}
+    return factors, {p: f.scales() for p, f in forms.items() if f.scales()}
+
+
+def check_scales(what: str, path: str, parts: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Refuse per-channel scales that do not fit the layer at `path` or would overflow its
+    dtype (BadAdapter, 422)."""
+    try:
+        layer = model.get_submodule(path)
+    except AttributeError:
+        raise BadAdapter(f"{what}: {path} has no place in this model ({ANOTHER_BASE})") from None
+    for kind, t in parts.items():
+        want = layer.in_features if kind == "in_scale" else layer.out_features
+        if t.shape != (want,):
+            raise BadAdapter(f"{what}: {path} {kind} has shape {tuple(t.shape)}; this model's "
+                             f"layer needs ({want},) ({ANOTHER_BASE})")
+        problem = value_problem(t, slot_dtype(layer))
+        if problem is not None:
+            raise BadAdapter(f"{what}: {path} {kind} {problem}")
 
 
 def fitted(path: str, a: torch.Tensor, b: torch.Tensor, model: nn.Module, weights_path: Path
@@ -151,7 +188,9 @@ def max_weight(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], model: nn.M
 
 
 def compose(parts: list[tuple[HostLora, float]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the stacked ranks of all parts (weight folded into B)."""
+    """Per layer, the stacked ranks of all parts (weight folded into B); the LoRA family only."""
+    if len(parts) > 1 or parts[0][1] != 1.0:
+        check_composable({lora.name: lora.why_no_composition for lora, _ in parts})
     out: dict[str, tuple[list, list]] = {}
     for lora, weight in parts:
         for path, (a, b) in lora.layers.items():
@@ -159,6 +198,14 @@ def compose(parts: list[tuple[HostLora, float]]) -> dict[str, tuple[torch.Tensor
             a_list.append(a)
             b_list.append(b * weight)
     return {p: (torch.cat(a, 0), torch.cat(b, 1)) for p, (a, b) in out.items()}
+
+
+def check_composable(reasons: dict[str, str | None]) -> None:
+    """Refuse a composition (or a weight other than 1) of an adapter that cannot take one."""
+    for name, why in reasons.items():
+        if why is not None:
+            raise ServeError(f"model: adapter {name!r} cannot be composed or weighted: {why}; "
+                             "serve it alone", param="model")
 
 
 class AdapterPool:
@@ -184,6 +231,7 @@ class AdapterPool:
         # Reads made by check() before a first use; that use takes them instead of reading again.
         self.checked: dict[str, HostLora] = {}
         self.max_weights: dict[str, float] = {}   # adapter -> HostLora.max_weight, once read
+        self.no_composition: dict[str, str] = {}  # adapter -> why it cannot compose, once read
         self.counts = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0, "load_seconds": 0.0,
                        "host_hits": 0}
         self.model: nn.Module | None = None
@@ -271,9 +319,10 @@ class AdapterPool:
         for path, (a, b) in layers.items():     # the weights times B, in the slots' dtype
             check_slot_values(f"model {key!r}", path, a, b,
                               slot_dtype(self.model.get_submodule(path)))
+        scales = parts[0][0].scales if len(parts) == 1 else {}
         with self.lock:
             slot = self.free.pop()
-            self._fill(slot, layers)
+            self._fill(slot, layers, scales)
             self.live[key] = slot
             self.members[key] = set(adapters)
             self.counts["loads"] += 1
@@ -282,8 +331,11 @@ class AdapterPool:
 
     def check_weights(self, adapters: dict[str, float]) -> None:
         """Refuse a composition weight that would take an adapter's values past the slots'
-        bound (a 400 before the request runs), for adapters read already; acquire checks
-        the composed tensors themselves."""
+        bound (a 400 before the request runs), or any composition of an adapter whose method
+        does not compose, for adapters read already; acquire checks the composed tensors."""
+        if len(adapters) > 1 or any(w != 1.0 for w in adapters.values()):
+            with self.lock:
+                check_composable({n: self.no_composition.get(n) for n in adapters})
         for name, weight in adapters.items():
             with self.lock:
                 limit = self.max_weights.get(name, math.inf)
@@ -325,7 +377,7 @@ class AdapterPool:
         lora = read_lora(name, self.folder(name), self.model)
         with self.lock:
             self.checked[name] = lora
-            self.max_weights[name] = lora.max_weight
+            self._remember(lora)
 
     def _host_lora(self, name: str) -> HostLora:
         with self.lock:
@@ -339,7 +391,7 @@ class AdapterPool:
         if lora is None:
             lora = read_lora(name, self.folder(name), self.model)
             with self.lock:
-                self.max_weights[name] = lora.max_weight
+                self._remember(lora)
         if self.host_adapters:
             with self.lock:
                 self.host[name] = lora
@@ -347,11 +399,21 @@ class AdapterPool:
                     self.host.popitem(last=False)
         return lora
 
-    def _fill(self, slot: int, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.layers = attach(self.model, list(layers), self.slots, self.max_adapters + 1,
+    def _remember(self, lora: HostLora) -> None:
+        self.max_weights[lora.name] = lora.max_weight
+        if lora.why_no_composition is None:
+            self.no_composition.pop(lora.name, None)
+        else:
+            self.no_composition[lora.name] = lora.why_no_composition
+
+    def _fill(self, slot: int, layers: dict[str, tuple[torch.Tensor, torch.Tensor]],
+              scales: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.layers = attach(self.model, [*layers, *scales], self.slots, self.max_adapters + 1,
                              self.lora_backend)
         for path, (a, b) in layers.items():
             self.layers[path].fill(slot, a, b)
+        for path, parts in scales.items():
+            self.layers[path].fill_scales(slot, **parts)
 
     def _clear(self, slot: int) -> None:
         for layer in self.layers.values():
@@ -371,6 +433,7 @@ class AdapterPool:
     def _drop_entries_with(self, name: str) -> bool:
         self.checked.pop(name, None)  # read from a folder that may no longer be the name's
         self.max_weights.pop(name, None)
+        self.no_composition.pop(name, None)
         keys = [k for k, names in self.members.items() if name in names]
         for key in keys:
             slot = self.live.pop(key)

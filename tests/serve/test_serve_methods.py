@@ -1,0 +1,183 @@
+"""Every servable method side by side in one mixed batch, unmerged, each row equal to that
+adapter's own model (AdaptedLinear with it active) — logits to 1e-5, greedy tokens exactly."""
+
+import contextlib
+
+import pytest
+import torch
+
+from loratune.adapters import (AdaptedLinear, add_adapter, delete_adapter, disable_adapters,
+                               method_names, method_record, save_adapter, set_active)
+from loratune.config import AdaLoraConfig, BottleneckConfig, IA3Config, LoraConfig
+from loratune.serve.engine import Engine
+from loratune.serve.pool import AdapterPool, read_lora
+from loratune.serve.types import BadAdapter, GenerationRequest, SamplingParams, ServeError
+from tiny import tiny_llama
+
+CONFIGS = {
+    "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "rslora": LoraConfig(r=8, lora_alpha=4, use_rslora=True,
+                         target_modules=["k_proj", "o_proj", "up_proj"]),
+    "adalora": AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8,
+                             target_modules=["q_proj", "gate_proj"]),
+    "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                       target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+    "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                     feedforward_modules=["down_proj"]),
+}
+PROMPTS = [[1, 5, 9, 20, 30], [7, 8], [100, 101, 102, 103, 104, 105, 106], [42]]
+NEW_TOKENS = 12
+
+
+def randomize(model, name, g):
+    """Move every trained tensor of adapter `name` off its init, so each changes the output."""
+    with torch.no_grad():
+        for mod in model.modules():
+            ad = mod.adapters[name] if isinstance(mod, AdaptedLinear) and name in mod.adapters \
+                else None
+            for key, p in ([] if ad is None else ad.named_parameters()):
+                noise = torch.randn(p.shape, generator=g)
+                if key in ("ia3_l", "lora_magnitude_vector"):
+                    p.mul_(1 + 0.3 * noise)           # scales near their starting point
+                else:
+                    p.copy_(noise * (0.3 if key != "lora_E" else 1.0))
+
+
+def greedy(model, prompt):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, smol_tokenizer):
+    """A tiny Llama with biases (DoRA's shift), one saved adapter per method, and references
+    from the unmerged training model with that adapter active."""
+    folder = tmp_path_factory.mktemp("methods")
+    model = tiny_llama(vocab=len(smol_tokenizer), bias=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():     # transformers starts biases at 0: DoRA's shift must show
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.3)
+    ids = torch.randint(0, 1000, (len(CONFIGS) + 1, 6), generator=g)
+    refs, logits = {}, {}
+    for name, config in CONFIGS.items():
+        add_adapter(model, config, name)
+        randomize(model, name, g)
+        save_adapter(model, folder / name, name)
+    for name in [None, *CONFIGS]:
+        ctx = disable_adapters(model) if name is None else contextlib.nullcontext()
+        if name:
+            set_active(model, [name])
+        with ctx, torch.no_grad():
+            refs.update({(name, j): greedy(model, p) for j, p in enumerate(PROMPTS)})
+            logits[name] = model(ids).logits
+    with torch.no_grad():
+        set_active(model, {"lora": 0.5, "rslora": 0.5, "adalora": 0.5})
+        logits["composed"] = model(ids[:1]).logits
+    for name in CONFIGS:
+        delete_adapter(model, name)
+    return model, folder, refs, logits, ids, smol_tokenizer
+
+
+def test_rslora_and_the_others_are_served_as_their_records_say(setup):
+    model, folder, *_ = setup
+    assert method_record("dora").serving.rows and method_record("ia3").serving.rows
+    assert method_record("adalora").serving.factors
+    ia3 = read_lora("ia3", folder / "ia3", model)
+    assert not ia3.layers and set(ia3.scales) == {f"model.layers.{i}.{m}" for i in (0, 1) for m in
+                                                  ("self_attn.k_proj", "self_attn.v_proj",
+                                                   "mlp.down_proj")}
+    assert set(ia3.scales["model.layers.0.mlp.down_proj"]) == {"in_scale"}
+    dora = read_lora("dora", folder / "dora", model)
+    assert set(dora.scales["model.layers.1.self_attn.o_proj"]) == {"out_scale", "out_shift"}
+    assert ia3.why_no_composition and dora.why_no_composition
+    assert read_lora("rslora", folder / "rslora", model).why_no_composition is None
+
+
+def test_one_mixed_forward_equals_each_adapters_own_model(setup):
+    """Base and every method in one batch (prefill, then a one-token decode step through the
+    all-slots path): each row equals the training model with that adapter alone."""
+    model, folder, _, logits, ids, _ = setup
+    pool = AdapterPool(folder, max_adapters=len(CONFIGS))
+    slots = pool.bind(model)
+    try:
+        rows = [0, *(pool.acquire({n: 1.0}) for n in CONFIGS)]
+        with torch.no_grad():
+            slots.set(rows, ids.device)
+            mixed = model(ids).logits
+            slots.set(rows[::-1], ids.device)
+            flipped = model(ids.flip(0)[:, :1]).logits
+        for i, name in enumerate([None, *CONFIGS]):
+            torch.testing.assert_close(mixed[i], logits[name][i], atol=1e-5, rtol=1e-5)
+            j = len(rows) - 1 - i       # the flipped batch's row of the same prompt
+            torch.testing.assert_close(flipped[j], logits[name][i, :1], atol=1e-5, rtol=1e-5)
+            if name is not None:        # each adapter does change its row
+                assert (logits[name][i] - logits[None][i]).abs().max() > 1e-3, name
+    finally:
+        slots.rows = None
+
+
+def test_every_method_in_one_batch_with_rows_joining_and_leaving(setup):
+    """Requests of every method and the base, of different lengths, some joining while others
+    run: each completion equals that adapter's own generate() token for token."""
+    model, folder, refs, *_, tok = setup
+    engine = Engine(model, tok, AdapterPool(folder, max_adapters=len(CONFIGS)), base_name="tiny",
+                    max_completion_tokens=64)
+    engine.eos = set()
+    names = [None, *CONFIGS]
+    try:
+        engine.start()
+        first = [((n, j), k, engine.submit(GenerationRequest(
+                    PROMPTS[j], {n: 1.0} if n else {}, SamplingParams(max_tokens=k))))
+                 for n, j, k in [(n, i % len(PROMPTS), 2 + 2 * i) for i, n in enumerate(names)]]
+        results = {0: first[0][2].result()}   # the shortest has left; the rest run on as these join
+        later = [((n, j), NEW_TOKENS, engine.submit(GenerationRequest(
+                    PROMPTS[j], {n: 1.0} if n else {}, SamplingParams(max_tokens=NEW_TOKENS))))
+                 for n in names[::-1] for j in (1, 3)]
+        for i, (key, k, handle) in enumerate(first + later):
+            result = results[i] if i in results else handle.result()
+            assert result.token_ids == refs[key][:k], key
+        stats = engine.stats()
+        assert stats["steps"] < sum(k for _, k, _ in first + later) / 2   # batched, not serial
+    finally:
+        engine.stop()
+
+
+def test_compositions_stay_in_the_lora_family(setup):
+    model, folder, _, logits, ids, tok = setup
+    pool = AdapterPool(folder)
+    slots = pool.bind(model)
+    engine = Engine(model, tok, pool, base_name="tiny")
+    for name in CONFIGS:
+        pool.check(name)
+    try:
+        slot = pool.acquire(engine.resolve("lora:0.5+rslora:0.5+adalora:0.5"))
+        with torch.no_grad():
+            slots.set([slot], ids.device)
+            torch.testing.assert_close(model(ids[:1]).logits, logits["composed"], atol=1e-5,
+                                       rtol=1e-5)
+            slots.rows = None
+        for model_field, who in [("dora:0.5+lora:0.5", "dora"), ("ia3:0.5", "ia3")]:
+            adapters = engine.resolve(model_field)
+            reason = method_record(who).serving.why_no_composition
+            with pytest.raises(ServeError, match=f"{who}.*cannot be composed.*{reason[:20]}"):
+                pool.check_weights(adapters)
+            with pytest.raises(ServeError, match="cannot be composed"):
+                pool.acquire(adapters)
+    finally:
+        slots.rows = None
+
+
+def test_unserved_methods_are_refused_with_their_own_reason(setup, tmp_path):
+    model, *_ = setup
+    refused = [n for n in method_names() if not method_record(n).serving.served]
+    assert {"bottleneck", "moe_lora", "prompt", "prefix"} <= set(refused)
+    other = tiny_llama(vocab=model.config.vocab_size, bias=True)
+    add_adapter(other, BottleneckConfig(bottleneck_size=4), "b")
+    folder = save_adapter(other, tmp_path / "b", "b")
+    reason = method_record("bottleneck").serving.why_not
+    with pytest.raises(BadAdapter, match=f"is bottleneck: {reason[:30]}.*cannot be merged "
+                                         r"either \(a bottleneck adapter .* `loratune chat`"):
+        read_lora("b", folder, model)
