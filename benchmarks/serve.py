@@ -10,10 +10,14 @@ layers), one run measures:
 (b) generation throughput of 32 concurrent requests over the 8 adapters (continuous batching)
     vs the same 32 requests one after another, and vs 32 concurrent requests on one adapter
     (the seed's "10 switched adapters vs one" cost);
-(c) adapter cold-load time and LRU behaviour with max_adapters=4 and 16 adapters in rotation.
+(c) adapter cold-load time and LRU behaviour with max_adapters=4 and 16 adapters in rotation;
+(d) generation throughput of concurrent requests over one adapter of each served method (LoRA,
+    rsLoRA, AdaLoRA, DoRA, IA³: per-row scales beside the LoRA slots) vs the same requests over
+    as many plain LoRA adapters (issue 25's goal: within 1.3x).
 
     python benchmarks/serve.py               # ~3 min on 2 cores
     python benchmarks/serve.py --quick       # smoke run: --requests 8 --tokens 8 --repeat 3
+    python benchmarks/serve.py --methods-only --requests 16 --tokens 16   # (d) alone
 """
 
 from __future__ import annotations
@@ -103,6 +107,36 @@ def forward_ratios(model, tok, folder: Path, names: list[str], seq: int, repeat:
     del theirs
 
 
+def write_method_adapters(model, folder: Path, rank: int) -> list[str]:
+    """One random adapter per served non-LoRA method (B, E, magnitudes and IA³ vectors moved
+    off their init so each does work); the model is left without adapters."""
+    from loratune.adapters import AdaptedLinear, add_adapter, delete_adapter, save_adapter
+    from loratune.config import AdaLoraConfig, IA3Config, LoraConfig
+
+    configs = {
+        "rslora": LoraConfig(r=rank, lora_alpha=rank, use_rslora=True, target_modules=TARGETS),
+        "adalora": AdaLoraConfig(init_r=rank, target_r=rank, lora_alpha=rank,
+                                 target_modules=TARGETS),
+        "dora": LoraConfig(r=rank, lora_alpha=2 * rank, use_dora=True, target_modules=TARGETS),
+        "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                         feedforward_modules=["down_proj"]),
+    }
+    for name, config in configs.items():
+        torch.manual_seed(len(name))
+        add_adapter(model, config, name)
+        with torch.no_grad():
+            for mod in model.modules():
+                if isinstance(mod, AdaptedLinear) and name in mod.adapters:
+                    for key, p in mod.adapters[name].named_parameters():
+                        if key in ("lora_B", "lora_E"):
+                            torch.nn.init.normal_(p, std=0.02)
+                        elif key in ("ia3_l", "lora_magnitude_vector"):
+                            p.mul_(1 + 0.02 * torch.randn_like(p))
+        save_adapter(model, folder / name, name)
+        delete_adapter(model, name)
+    return list(configs)
+
+
 def run_requests(engine, requests, concurrent: bool) -> tuple[float, int]:
     t0 = time.perf_counter()
     tokens = 0
@@ -154,6 +188,39 @@ def throughput(model, tok, folder: Path, names: list[str], n_requests: int, n_to
           f"adapters vs one: {(t_conc / t_one - 1) * 100:+.1f}% time (seed: ~14% for 10)")
 
 
+def methods_throughput(model, tok, folder: Path, loras: list[str], n_requests: int,
+                       n_tokens: int, repeat: int) -> None:
+    """(d): the same requests over [LoRA, rsLoRA, AdaLoRA, DoRA, IA³] and over five LoRAs."""
+    from loratune.serve.engine import Engine
+    from loratune.serve.pool import AdapterPool
+    from loratune.serve.types import GenerationRequest, SamplingParams
+
+    methods = [loras[0], *write_method_adapters(model, folder, 16)]
+    plain = loras[:len(methods)]
+    engine = Engine(model, tok, AdapterPool(folder, max_adapters=2 * len(methods)),
+                    base_name=MODEL, max_batch=n_requests).start()
+    engine.eos = set()
+    ids = tok("Write one sentence about the sea.")["input_ids"]
+
+    def reqs(names):
+        return [GenerationRequest(list(ids), {names[i % len(names)]: 1.0},
+                                  SamplingParams(max_tokens=n_tokens)) for i in range(n_requests)]
+
+    run_requests(engine, reqs(methods + plain), True)   # warm-up: every adapter loaded
+    times = {"lora": [], "methods": []}
+    for _ in range(repeat):   # interleaved, so drift in the machine's load hits both alike
+        for label, names in (("lora", plain), ("methods", methods)):
+            t, n = run_requests(engine, reqs(names), True)
+            times[label].append(n / t)
+    engine.stop()
+    lora_tps, mixed_tps = (statistics.median(times[k]) for k in ("lora", "methods"))
+    print(f"\n(d) mixed methods: {n_requests} concurrent requests × {n_tokens} tokens, median "
+          f"of {repeat}")
+    print(f"  {len(plain)} LoRA adapters:                 {lora_tps:9.1f} tokens/s")
+    print(f"  {', '.join(methods)}: {mixed_tps:9.1f} tokens/s")
+    print(f"  LoRA-only vs mixed-method throughput: {lora_tps / mixed_tps:.2f}x (goal ≤ 1.3x)")
+
+
 def lru(model, tok, folder: Path, names: list[str], capacity: int) -> None:
     from loratune.serve.engine import Engine
     from loratune.serve.pool import AdapterPool
@@ -198,6 +265,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: stable figures on a CPU shared with other jobs)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 8 requests x 8 tokens, 3 repeats")
+    ap.add_argument("--methods-only", action="store_true", help="run (d) alone")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.tokens, args.repeat = 8, 8, 3
@@ -211,9 +279,11 @@ def main() -> None:
         names = write_adapters(model, folder, max(args.adapters, args.rotation), args.rank)
         print(f"{MODEL}, {len(names)} random LoRA adapters r={args.rank} on {', '.join(TARGETS)}; "
               f"{torch.get_num_threads()} threads")
-        forward_ratios(model, tok, folder, names[:args.adapters], args.seq, args.repeat)
-        throughput(model, tok, folder, names[:args.adapters], args.requests, args.tokens)
-        lru(model, tok, folder, names[:args.rotation], args.pool)
+        if not args.methods_only:
+            forward_ratios(model, tok, folder, names[:args.adapters], args.seq, args.repeat)
+            throughput(model, tok, folder, names[:args.adapters], args.requests, args.tokens)
+            lru(model, tok, folder, names[:args.rotation], args.pool)
+        methods_throughput(model, tok, folder, names, args.requests, args.tokens, args.repeat)
 
 
 if __name__ == "__main__":
