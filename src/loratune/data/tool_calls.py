@@ -14,12 +14,10 @@ The engine decodes without special tokens, so Mistral's `[TOOL_CALLS]` and Phi-4
 from __future__ import annotations
 
 import json
-import re
 import uuid
 
 PARSERS = ("hermes", "llama3_json", "mistral", "phi4")
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-_PHI4 = re.compile(r"<\|tool_call\|>\s*(.*?)\s*<\|/tool_call\|>", re.DOTALL)
+TAGS = {"hermes": ("<tool_call>", "</tool_call>"), "phi4": ("<|tool_call|>", "<|/tool_call|>")}
 
 
 def parser_for_template(template: str | None) -> str | None:
@@ -35,7 +33,7 @@ def parser_for_template(template: str | None) -> str | None:
 def _loads(text: str):
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):   # "[[[[..." deep: talk, not a call
         return None
 
 
@@ -56,11 +54,25 @@ def _calls(objs: list, names: set[str]) -> list[dict] | None:
     return None if not calls or any(c is None for c in calls) else calls
 
 
+def _blocks(text: str, open_tag: str, close_tag: str) -> tuple[int, list[str]]:
+    """(where the first block starts, each block's inside) of `open_tag ... close_tag` blocks.
+    str.find, not a lazy regex: an answer of thousands of open tags and no close tag (a user
+    can ask for one) made the regex scan to the end from each tag, seconds of quadratic time."""
+    first, blocks, at = -1, [], 0
+    while (start := text.find(open_tag, at)) != -1:
+        end = text.find(close_tag, start + len(open_tag))
+        if end == -1:
+            break
+        first = start if first == -1 else first
+        blocks.append(text[start + len(open_tag):end].strip())
+        at = end + len(close_tag)
+    return first, blocks
+
+
 def parse_tool_calls(text: str, parser: str, names: set[str]) -> tuple[str, list[dict]]:
     """(content, tool_calls) of a generated answer; (text, []) when it makes no valid call."""
     if parser == "hermes" or parser == "phi4":
-        pattern = _HERMES if parser == "hermes" else _PHI4
-        blocks = pattern.findall(text)
+        first, blocks = _blocks(text, *TAGS[parser])
         objs = [_loads(b) for b in blocks]
         if parser == "phi4" and len(objs) == 1 and isinstance(objs[0], list):
             objs = objs[0]
@@ -68,8 +80,7 @@ def parse_tool_calls(text: str, parser: str, names: set[str]) -> tuple[str, list
             objs = _loads(text.strip())
             objs = objs if isinstance(objs, list) else None
         calls = _calls(objs or [], names) if blocks or objs else None
-        first = pattern.search(text)
-        content = text[:first.start()].strip() if first else ""
+        content = text[:first].strip() if blocks else ""
         return (content, calls) if calls else (text, [])
     if parser == "llama3_json":
         obj = _loads(text.removeprefix("<|python_tag|>").strip())

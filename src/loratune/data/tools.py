@@ -47,6 +47,9 @@ def _json(value, field: str, where: str):
     except json.JSONDecodeError as err:
         raise DataError(f"{where}: {field} is not valid JSON ({err.msg} at column "
                         f"{err.colno})") from None
+    except RecursionError:   # "[[[[..." 100k deep: a request or data row, not our stack
+        raise DataError(f"{where}: {field} nests arrays or objects too deeply to be read "
+                        "as JSON") from None
 
 
 def read_tools(value, where: str) -> list[dict]:
