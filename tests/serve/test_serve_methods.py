@@ -2,6 +2,7 @@
 adapter's own model (AdaptedLinear with it active) — logits to 1e-5, greedy tokens exactly."""
 
 import contextlib
+import shutil
 
 import pytest
 import torch
@@ -181,3 +182,22 @@ def test_unserved_methods_are_refused_with_their_own_reason(setup, tmp_path):
     with pytest.raises(BadAdapter, match=f"is bottleneck: {reason[:30]}.*cannot be merged "
                                          r"either \(a bottleneck adapter .* `loratune chat`"):
         read_lora("b", folder, model)
+
+
+@pytest.mark.parametrize("method, kind, value, said", [
+    ("ia3", "ia3_l", 1e30, "in_scale has values up to"),
+    ("dora", "lora_magnitude_vector", 1e30, "out_scale has values up to"),
+])
+def test_scales_past_the_dtypes_bound_are_refused(setup, tmp_path, method, kind, value, said):
+    """Per-channel scales are bounded like LoRA factors: a row cannot turn into inf or NaN."""
+    from safetensors.torch import load_file, save_file
+
+    model, folder, *_ = setup
+    bad = tmp_path / method
+    shutil.copytree(folder / method, bad)
+    weights = load_file(bad / "adapter_model.safetensors")
+    weights = {k: torch.full_like(v, value) if k.endswith(kind) and "down_proj" in k else v
+               for k, v in weights.items()}
+    save_file(weights, bad / "adapter_model.safetensors")
+    with pytest.raises(BadAdapter, match=rf"adapter 'bad'.*model\.layers\.0\.mlp\.down_proj {said}"):
+        read_lora("bad", bad, model)
