@@ -77,10 +77,23 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    train: str = Field("demo", description="data file, or 'demo' for the bundled demo set "
-                       "('demo-pairs': its preference pairs)", json_schema_extra=USER_PATH)
-    eval: str | None = Field(None, description="held-out file; 'demo' pairs with train: demo",
-                             json_schema_extra=USER_PATH)
+    train: str = Field("demo", description="data file, a glob of files, a Hugging Face "
+                       "save_to_disk folder, .arrow file or Hub id (online or cached), or 'demo' "
+                       "for the bundled demo set ('demo-pairs': its preference pairs)",
+                       json_schema_extra=USER_PATH)
+    eval: str | None = Field(None, description="held-out data, named as data.train is; 'demo' "
+                             "pairs with train: demo", json_schema_extra=USER_PATH)
+    split: str = Field("train", description="the split of data.train when it is a Hub id or a "
+                       "saved DatasetDict")
+    eval_split: str = Field("test", description="the split of data.eval when it is a Hub id or "
+                            "a saved DatasetDict")
+    columns: dict[str, str] = Field(default_factory=dict, description="dataset column -> our "
+                                    "field (instruction, input, output, messages, conversations, "
+                                    "prompt, chosen, rejected, text, ...), renamed as records "
+                                    "are read")
+    filter: str | None = Field(None, description="path/to/file.py:function called with each "
+                               "record (after data.columns); records it returns False for are "
+                               "left out")
     format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = Field(
         "auto", description="text: raw documents for continued pretraining (loss on every "
         "token; .txt files, records with data.text_column, or a folder of them)")

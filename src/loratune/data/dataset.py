@@ -11,7 +11,8 @@ from loratune.config import DataConfig
 from loratune.data.conversation import fit_conversation
 from loratune.data.encode import IGNORE, Example, encode_conversation
 from loratune.data.errors import DataError
-from loratune.data.formats import detect_format, iter_indexed, locate, to_messages
+from loratune.data.formats import detect_format, to_messages
+from loratune.data.hf_datasets import iter_records
 from loratune.data.templates import resolve_template, template_note
 from loratune.data.tools import fit_tools, has_tools, template_name, tool_conversation
 from loratune.data.text import document_ids, iter_documents, split_document
@@ -56,30 +57,32 @@ def _drop_reason(truncated: bool, cfg: DataConfig) -> str:
     return "with no answer tokens to learn"
 
 
-def _record_conversation(record: dict, fmt: str, index: int, path: str | Path,
+def _record_conversation(record: dict, fmt: str, where: str,
                          cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     """(messages, declared tools) of one record; tools is [] for a conversation without any."""
     if not has_tools(record):
-        return to_messages(record, fmt, index, path, cfg.system_prompt), []
-    messages, tools = tool_conversation(record, fmt, locate(path, index))
+        return to_messages(record, fmt, None, where, cfg.system_prompt), []
+    messages, tools = tool_conversation(record, fmt, where)
     if cfg.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
     return messages, tools
 
 
-def _conversations(path: str | Path, cfg: DataConfig,
-                   formats: set[str]) -> Iterator[tuple[int, list[dict], list[dict]]]:
-    """(record index, messages, tools) for every record, as the file is read (a bad record
-    stops the reading there); each record's format is added to `formats`."""
+def _conversations(path: str | Path, cfg: DataConfig, formats: set[str],
+                   left_out: dict[str, int] | None = None
+                   ) -> Iterator[tuple[str, list[dict], list[dict]]]:
+    """(where, messages, tools) for every record, as the data is read (a bad record stops the
+    reading there); each record's format is added to `formats`, data.filter's refusals counted
+    in `left_out`."""
     if cfg.format == "text":
         raise DataError(f"{path}: data.format: text holds documents, not conversations; "
                         "score it with `loratune eval --task perplexity`")
-    for index, record in iter_indexed(path):
+    for where, record in iter_records(str(path), cfg, left_out):
         fmt = cfg.format
         if fmt == "auto":
-            fmt = detect_format(record, locate(path, index))
+            fmt = detect_format(record, where)
         formats.add(fmt)
-        yield index, *_record_conversation(record, fmt, index, path, cfg)
+        yield where, *_record_conversation(record, fmt, where, cfg)
 
 
 def _format_name(formats: set[str]) -> str:
@@ -106,7 +109,7 @@ def build_examples(path: str | Path, tokenizer,
     template = resolve_template(tokenizer, cfg.template)
     stats = DataStats(template_note=template_note(tokenizer, cfg.template))
     examples, formats = [], set()
-    for index, messages, tools in _conversations(path, cfg, formats):
+    for where, messages, tools in _conversations(path, cfg, formats, stats.notes):
         stats.n_records += 1
         try:
             if tools or any(m["role"] == "tool" for m in messages):
@@ -118,7 +121,7 @@ def build_examples(path: str | Path, tokenizer,
             example, truncated = encode_conversation(messages, tokenizer, template, cfg.train_on,
                                                      cfg.max_length, cfg.overflow, tools)
         except DataError as err:
-            raise DataError(f"{locate(path, index)}: {err}") from None
+            raise DataError(f"{where}: {err}") from None
         if example is None:
             stats.n_dropped += 1
             reason = _drop_reason(truncated, cfg)
@@ -131,7 +134,7 @@ def build_examples(path: str | Path, tokenizer,
     stats.n_examples, stats.format = len(examples), _format_name(formats)
     if not examples:
         raise DataError(f"{path}: no usable examples: all {stats.n_records} records were "
-                        f"dropped ({stats.why_dropped()})")
+                        f"dropped ({stats.why_dropped()}){stats.noted()}")
     return examples, stats
 
 

@@ -25,7 +25,7 @@ import torch
 from loratune.config import DataConfig
 from loratune.data.encode import IGNORE, answer_spans
 from loratune.data.errors import DataError
-from loratune.data.formats import iter_indexed, locate
+from loratune.data.hf_datasets import iter_records
 from loratune.data.templates import resolve_template
 
 PAIR_KEYS = ("chosen", "rejected")
@@ -227,8 +227,7 @@ def build_preference_examples(path: str | Path, tokenizer, cfg: DataConfig,
     template = resolve_template(tokenizer, cfg.template)
     stats = PreferenceStats(format=kind)
     out = []
-    for index, record in iter_indexed(path):
-        where = locate(path, index)
+    for where, record in iter_records(str(path), cfg):
         stats.n_records += 1
         found = record_kind(record, where)
         if kind == "pairs" and found != "pairs":

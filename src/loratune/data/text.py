@@ -22,7 +22,8 @@ from pathlib import Path
 from loratune.config import DataConfig
 from loratune.data.encode import IGNORE, Example
 from loratune.data.errors import DataError
-from loratune.data.formats import READERS, iter_indexed, locate, read_text_file
+from loratune.data.formats import READERS, read_text_file
+from loratune.data.hf_datasets import glob_files, is_dataset_source, is_glob, iter_records
 from loratune.data.streaming import text_lines
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -46,9 +47,9 @@ def _blocks(path: Path) -> Iterator[tuple[str, str]]:
         yield f"{path}:{first}", "\n".join(lines)
 
 
-def _record_texts(path: Path, column: str) -> Iterator[tuple[str, str]]:
-    for index, record in iter_indexed(path):
-        where = locate(path, index)
+def _record_texts(path: Path, cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    column = cfg.text_column
+    for where, record in iter_records(str(path), cfg):
         value = record.get(column)
         if not isinstance(value, str):
             got = "nothing" if value is None else type(value).__name__
@@ -59,7 +60,7 @@ def _record_texts(path: Path, column: str) -> Iterator[tuple[str, str]]:
 
 def _file_documents(path: Path, cfg: DataConfig) -> Iterator[tuple[str, str]]:
     if path.suffix.lower() not in TEXT_SUFFIXES:
-        yield from _record_texts(path, cfg.text_column)
+        yield from _record_texts(path, cfg)
     elif not path.is_file():
         raise DataError(f"data file not found: {path}")
     elif cfg.documents == "file":
@@ -80,8 +81,13 @@ def _folder_files(folder: Path) -> list[Path]:
 
 def iter_documents(path: str | Path, cfg: DataConfig) -> Iterator[tuple[str, str]]:
     """(where, text) of every non-blank document of a file or folder, as they are read."""
-    path = Path(path)
-    files = _folder_files(path) if path.is_dir() else [path]
+    if is_glob(str(path)):
+        files = [Path(f) for f in glob_files(str(path))]
+    elif is_dataset_source(str(path)):  # a saved dataset, an .arrow file, a Hub id
+        files = [Path(path)]
+    else:
+        path = Path(path)
+        files = _folder_files(path) if path.is_dir() else [path]
     for file in files:
         for where, text in _file_documents(file, cfg):
             if text.strip():

@@ -22,6 +22,7 @@ from torch import nn
 from loratune import data as lt_data
 from loratune import progress as lt_progress
 from loratune.data.bundled import resolve_data_paths
+from loratune.data.hf_datasets import held_out_config
 from loratune.adapters import method_record, save_adapter, trainable_report
 from loratune.adapters.fused_lora import set_fused_lora
 from loratune.adapters.registry import TrainingHooks
@@ -245,7 +246,7 @@ def build_data(cfg: RunConfig, tokenizer, paths: DataPaths | None = None):
     train_ex, stats = lt_data.build_examples(train_path, tokenizer, cfg.data)
     eval_ex = []
     if eval_path:
-        eval_ex, _ = lt_data.build_examples(eval_path, tokenizer, cfg.data)
+        eval_ex, _ = lt_data.build_examples(eval_path, tokenizer, held_out_config(cfg.data))
     elif cfg.data.eval_fraction:
         train_ex, eval_ex = lt_data.split_heldout(train_ex, cfg.data.eval_fraction, cfg.train.seed)
     packing = cfg.data.packing

@@ -17,6 +17,7 @@ from torch import nn
 from loratune.adapters import AdapterError, add_adapter, load_adapter, mark_trainable, set_active
 from loratune.config import ConfigError, RunConfig
 from loratune.data.encode import IGNORE
+from loratune.data.hf_datasets import held_out_config
 from loratune.data.preference_pairs import build_preference_examples, preference_batches
 from loratune.train.preference_loss import (REF_ADAPTER, PreferenceLoss, Reference,
                                             needs_reference)
@@ -101,7 +102,8 @@ def build_preference_data(cfg: RunConfig, tokenizer, paths: tuple[str, str | Non
     train_ex, stats = build_preference_examples(train_path, tokenizer, cfg.data, kind)
     eval_ex = []
     if eval_path:
-        eval_ex, _ = build_preference_examples(eval_path, tokenizer, cfg.data, kind)
+        eval_ex, _ = build_preference_examples(eval_path, tokenizer, held_out_config(cfg.data),
+                                               kind)
     elif cfg.data.eval_fraction:
         train_ex, eval_ex = split_heldout(train_ex, cfg.data.eval_fraction, cfg.train.seed)
     return train_ex, eval_ex, stats
