@@ -1,5 +1,7 @@
 """The Host/Origin/content-type guard of serve and ui (loratune.http_guard), on a bare app."""
 
+import asyncio
+
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -68,3 +70,27 @@ def test_post_body_must_be_json(ctype):
     headers = {"content-type": ctype} if ctype else {}
     r = client().post("/act", content=b'{"a": 1}', headers=headers)
     assert r.status_code == 415
+
+
+def test_bracketed_host_with_trailing_junk_is_no_name_of_ours():
+    assert host_name("[::1]evil.com") == "" and host_name("[::1") == ""
+    assert host_name("[::1]:x") == "" and host_name("[::1]:8000") == "::1"
+    assert client().get("/read", headers={"host": "[::1]evil.com"}).status_code == 421
+
+
+@pytest.mark.parametrize("name,values", [("host", ["evil.com", "127.0.0.1:8000"]),
+                                         ("origin", ["http://evil.com", "http://127.0.0.1:8000"]),
+                                         ("content-type", ["text/plain", "application/json"])])
+def test_a_repeated_guarded_header_is_refused(name, values):
+    guard = RequestGuard(None, HostPolicy("127.0.0.1"), lambda status, msg: {"error": msg})
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"host", b"127.0.0.1:8000"), (b"content-length", b"2")]
+    headers = [h for h in headers if h[0] != name.encode()]
+    headers += [(name.encode(), v.encode()) for v in values]
+    scope = {"type": "http", "method": "POST", "headers": headers}
+    asyncio.run(guard(scope, None, send))
+    assert sent[0]["status"] == 400 and name in sent[1]["body"].decode()

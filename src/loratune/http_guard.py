@@ -30,8 +30,10 @@ WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
 def host_name(value: str) -> str:
     """The name in a Host header or netloc, lower-cased, without port or IPv6 brackets."""
     value = value.strip().lower()
-    if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value[1:]
+    if value.startswith("["):   # "[::1]:80"; "[::1]evil.com" or no "]" names nothing of ours
+        name, close, rest = value[1:].partition("]")
+        ok = close and (not rest or (rest[0] == ":" and rest[1:].isdigit()))
+        return name if ok else ""
     if value.count(":") == 1:
         value, _, port = value.partition(":")
         if not port.isdigit():   # "127.0.0.1:80.evil.com" names no port: not one of ours
@@ -95,6 +97,14 @@ def refusal(method: str, headers: dict[str, str], policy: HostPolicy,
     return None
 
 
+def _repeated(pairs: list[tuple[str, str]]) -> tuple[int, str] | None:
+    """A 400 when Host, Origin or Content-Type comes twice: the guard would judge one copy and
+    the app read the other (no browser sends two)."""
+    names = [k for k, _ in pairs if k in ("host", "origin", "content-type")]
+    twice = sorted({k for k in names if names.count(k) > 1})
+    return (400, f"header {twice[0]!r} given more than once") if twice else None
+
+
 class RequestGuard:
     """ASGI middleware applying `refusal` to every HTTP request; `body(status, message)` makes
     the JSON answer in the server's own error shape."""
@@ -105,11 +115,12 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers", [])}
+        pairs = [(k.decode("latin-1").lower(), v.decode("latin-1"))
+                 for k, v in scope.get("headers", [])]
+        headers = dict(pairs)
         has_body = (headers.get("content-length", "0").strip() not in ("", "0")
                     or "transfer-encoding" in headers)
-        refused = refusal(scope["method"], headers, self.policy, has_body)
+        refused = _repeated(pairs) or refusal(scope["method"], headers, self.policy, has_body)
         if refused is None:
             return await self.app(scope, receive, send)
         status, message = refused
