@@ -306,3 +306,22 @@ def test_resume_holds_the_folders_config_to_the_same_bounds(app, root):
         r = c.post("/api/runs/edited/resume")
         assert r.status_code == 422 and "output_dir" in r.json()["error"]
     assert not app.state.ui.launcher.children
+
+
+def test_a_reward_file_outside_the_offered_folders_is_refused(tmp_path):
+    from loratune.ui.confine import Confinement
+
+    data, away = tmp_path / "data", tmp_path / "away"
+    data.mkdir(), away.mkdir()
+    for folder in (data, away):
+        (folder / "r.py").write_text("def f(prompts, completions, **kw):\n    return [1.0]\n")
+    offered = Confinement.of(tmp_path / "runs", [data])
+
+    def grpo(function):
+        return RunConfig.model_validate({"train": {"objective": "grpo", "rl": {"rewards": [
+            {"function": "length", "target_length": 5}, {"function": function}]}}})
+
+    assert offered.refusal(grpo(f"{data}/r.py:f")) is None
+    assert offered.refusal(grpo(f"{away}/r.py:f"))[0] == "train.rl.rewards.1.function"
+    key, why = offered.refusal(grpo("os:system"))
+    assert key == "train.rl.rewards.1.function" and "module reward is refused" in why

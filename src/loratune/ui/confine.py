@@ -50,7 +50,21 @@ class Confinement:
             why = self._uri(value) if kind == "uri" else self._path(value)
             if why:
                 return key, why
+        for i, spec in enumerate(cfg.train.rl.rewards):
+            why = self._reward(spec.function)
+            if why:
+                return f"train.rl.rewards.{i}.function", why
         return None
+
+    def _reward(self, function: str) -> str | None:
+        """A GRPO reward runs user code in the run: a file under the offered folders, or none."""
+        where, sep, _ = function.rpartition(":")
+        if not sep:   # a built-in
+            return None
+        if where.endswith(".py"):
+            return self._path(where)
+        return (f"{function}: a module reward is refused from the dashboard (it imports code "
+                "from anywhere); give path/to/file.py:function in an offered folder")
 
     def _path(self, value: str) -> str | None:
         real = Path(os.path.realpath(Path(value).expanduser()))
