@@ -11,6 +11,7 @@ import pytest
 
 from loratune.config import DataConfig
 from loratune.data import DataError, build_examples, load_conversations, read_records
+from loratune.data.formats import read_indexed
 from loratune.data.preference_pairs import build_preference_examples
 from loratune.data.streaming import JsonStream, text_chunks
 
@@ -120,3 +121,12 @@ def test_json_array_errors_name_line_and_column(tmp_path, text, message, size):
     with pytest.raises(DataError) as err:
         _elements(path, size)
     assert str(err.value) == f"{path}{message}"
+
+
+@pytest.mark.parametrize("name,text", [("deep.json", "[" * 100_000),
+                                       ("deep.jsonl", '{"instruction": ' + "[" * 100_000 + "\n")])
+def test_json_nested_past_the_parser_is_a_data_error(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError, match=rf"{name}:1: malformed JSON: arrays or objects nested too"):
+        read_indexed(path)

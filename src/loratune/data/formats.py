@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from loratune.data.errors import DataError
-from loratune.data.streaming import JsonStream, not_utf8, text_chunks, text_lines
+from loratune.data.streaming import TOO_DEEP, JsonStream, not_utf8, text_chunks, text_lines
 
 FORMATS = ("alpaca", "messages", "sharegpt")
 LINE_BASED = (".jsonl", ".csv")
@@ -69,6 +69,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{n}: malformed JSON: {err.msg.removesuffix(' at')} at "
                             f"column {err.colno}") from None
+        except RecursionError:
+            raise DataError(f"{path}:{n}: malformed JSON: {TOO_DEEP}") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
         yield n, record

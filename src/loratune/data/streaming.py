@@ -19,6 +19,7 @@ CHUNK = 1 << 20  # bytes read at a time for .json files
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 _BLANK = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
+TOO_DEEP = "arrays or objects nested too deeply"
 
 
 def not_utf8(path: Path, line: int, offset: int, byte: int) -> DataError:
@@ -133,6 +134,8 @@ class JsonStream:
                 if self.eof or not _maybe_cut(err, len(self.text)):
                     raise self.error(err.msg, err.pos) from None
                 self.more()
+            except RecursionError:  # "[[[[..." 100k deep: json's C parser recurses per level
+                raise self.error(TOO_DEEP, self.pos) from None
 
     def expect_end(self) -> None:
         if self.next_char():
