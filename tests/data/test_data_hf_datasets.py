@@ -180,3 +180,20 @@ def test_train_on_a_saved_dataset_with_its_test_split(tmp_path, smol_tokenizer, 
     assert losses[-1] < losses[0] - 1.0
     assert any(line.startswith("data: 8 examples (alpaca)") and "held-out: 2" in line
                for line in lines)
+
+
+def test_dashboard_refuses_a_filter_file_outside_the_offered_folders(tmp_path):
+    """data.filter runs user code: from the dashboard its file must lie in an offered folder."""
+    from loratune.config import RunConfig
+    from loratune.ui.confine import Confinement
+
+    data, away = tmp_path / "data", tmp_path / "away"
+    offered = Confinement.of(tmp_path / "runs", [data])
+
+    def run(filter_ref):
+        return RunConfig.model_validate({"data": {"train": str(data / "t.jsonl"),
+                                                  "filter": filter_ref}})
+
+    assert offered.refusal(run(f"{data}/keep.py:short")) is None
+    key, why = offered.refusal(run(f"{away}/keep.py:short"))
+    assert key == "data.filter" and str(away) in why

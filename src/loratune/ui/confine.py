@@ -54,6 +54,10 @@ class Confinement:
             why = self._reward(spec.function)
             if why:
                 return f"train.rl.rewards.{i}.function", why
+        if cfg.data.filter:  # user code too: its file must lie in an offered folder
+            why = self._path(cfg.data.filter.rpartition(":")[0])
+            if why:
+                return "data.filter", why
         return None
 
     def _reward(self, function: str) -> str | None:
