@@ -188,6 +188,8 @@ def test_dashboard_refuses_a_filter_file_outside_the_offered_folders(tmp_path):
     from loratune.ui.confine import Confinement
 
     data, away = tmp_path / "data", tmp_path / "away"
+    data.mkdir()
+    (data / "t.jsonl").write_text('{"instruction": "a", "output": "b"}\n')  # launch wants it
     offered = Confinement.of(tmp_path / "runs", [data])
 
     def run(filter_ref):

@@ -325,3 +325,23 @@ def test_a_reward_file_outside_the_offered_folders_is_refused(tmp_path):
     assert offered.refusal(grpo(f"{away}/r.py:f"))[0] == "train.rl.rewards.1.function"
     key, why = offered.refusal(grpo("os:system"))
     assert key == "train.rl.rewards.1.function" and "module reward is refused" in why
+
+
+def test_globs_and_missing_data_paths_are_refused_from_the_dashboard(tmp_path):
+    """A `**` glob follows links out of the offered folder; a missing data path would be fetched
+    as a Hub dataset id. Both are refused at launch."""
+    from loratune.ui.confine import Confinement
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    offered = Confinement.of(tmp_path / "runs", [data])
+
+    def run(train):
+        return RunConfig.model_validate({"data": {"train": train}})
+
+    assert offered.refusal(run(str(data / "train.jsonl"))) is None
+    key, why = offered.refusal(run(f"{data}/**/*.jsonl"))
+    assert key == "data.train" and "glob is refused" in why
+    key, why = offered.refusal(run(f"{data}/owner/name"))
+    assert key == "data.train" and "Hub dataset id is refused" in why

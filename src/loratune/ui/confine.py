@@ -47,7 +47,7 @@ class Confinement:
         for key, kind, value in user_paths(cfg):
             if value is None or value in NAMED.get(key, ()):
                 continue
-            why = self._uri(value) if kind == "uri" else self._path(value)
+            why = self._uri(value) if kind == "uri" else self._local(key, value)
             if why:
                 return key, why
         for i, spec in enumerate(cfg.train.rl.rewards):
@@ -69,6 +69,17 @@ class Confinement:
             return self._path(where)
         return (f"{function}: a module reward is refused from the dashboard (it imports code "
                 "from anywhere); give path/to/file.py:function in an offered folder")
+
+    def _local(self, key: str, value: str) -> str | None:
+        """A path option: no glob (a `**` would follow links out of the folder) and, for data,
+        an existing file or folder (a missing one would be fetched as a Hub dataset id)."""
+        if any(c in value for c in "*?["):
+            return (f"{value}: a glob is refused from the dashboard (it can follow links out of "
+                    "the offered folders); name the files or their folder")
+        if key.startswith("data.") and not Path(value).expanduser().exists():
+            return (f"{value}: no such file or folder (a Hub dataset id is refused from the "
+                    "dashboard: save it to a folder with datasets' save_to_disk first)")
+        return self._path(value)
 
     def _path(self, value: str) -> str | None:
         real = Path(os.path.realpath(Path(value).expanduser()))
