@@ -66,3 +66,11 @@ def chat_template(tokenizer, template: str | None):
         yield tokenizer
     finally:
         tokenizer.chat_template = old
+
+
+def loss_grads(model, named: dict, ids) -> dict:
+    """Gradients of the LM loss on `ids`, by file key (`named`: file key -> parameter); the
+    PEFT-oracle tests compare these between our adapter and PEFT's."""
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {k: p.grad.clone() for k, p in named.items() if p.requires_grad}

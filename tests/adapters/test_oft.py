@@ -13,7 +13,7 @@ from loratune.adapters.inject import adapted_layers
 from loratune.adapters.io import adapter_tensors
 from loratune.adapters.oft import OftAdapter, cayley, nearest_divisor, skew
 from loratune.config import OFTConfig
-from tiny import tiny_llama
+from tiny import loss_grads, tiny_llama
 
 peft = pytest.importorskip("peft")
 IDS = torch.tensor([[3, 7, 11, 2, 64, 99, 5], [9, 8, 7, 6, 5, 4, 3]])
@@ -22,13 +22,6 @@ IDS = torch.tensor([[3, 7, 11, 2, 64, 99, 5], [9, 8, 7, 6, 5, 4, 3]])
 def logits(model):
     with torch.no_grad():
         return model(input_ids=IDS).logits
-
-
-def loss_grads(model, named) -> dict[str, torch.Tensor]:
-    """Gradients of the LM loss on IDS, by file key (`named`: file key -> parameter)."""
-    model.zero_grad()
-    model(input_ids=IDS, labels=IDS).loss.backward()
-    return {k: p.grad.clone() for k, p in named.items() if p.requires_grad}
 
 
 def peft_oft(seed=0, **options):
@@ -62,9 +55,10 @@ def test_logits_gradients_and_files_match_peft(tmp_path, case):
     torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=0)
     assert (logits(ours) - logits(tiny_llama())).abs().max() > 1e-3  # the adapter matters
 
-    mine = loss_grads(ours, adapter_tensors(ours, "default"))
+    mine = loss_grads(ours, adapter_tensors(ours, "default"), IDS)
     peft_grads = loss_grads(theirs, {n.replace(".default", ""): p
-                                     for n, p in theirs.named_parameters() if p.requires_grad})
+                                     for n, p in theirs.named_parameters() if p.requires_grad},
+                            IDS)
     assert set(mine) == set(peft_grads)
     for key, grad in peft_grads.items():
         torch.testing.assert_close(mine[key], grad, atol=1e-5, rtol=0)

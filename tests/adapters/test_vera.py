@@ -14,7 +14,7 @@ from loratune.adapters import (AdapterError, add_adapter, delete_adapter, load_a
 from loratune.adapters.inject import adapted_layers
 from loratune.adapters.io import adapter_tensors
 from loratune.config import VeraConfig
-from tiny import tiny_llama
+from tiny import loss_grads, tiny_llama
 
 peft = pytest.importorskip("peft")
 IDS = torch.tensor([[3, 7, 11, 2, 64, 99, 5], [9, 8, 7, 6, 5, 4, 3]])
@@ -25,13 +25,6 @@ TARGETS = ["q_proj", "v_proj", "down_proj", "up_proj"]
 def logits(model):
     with torch.no_grad():
         return model(input_ids=IDS).logits
-
-
-def loss_grads(model, named) -> dict[str, torch.Tensor]:
-    """Gradients of the LM loss on IDS, by file key (`named`: file key -> parameter)."""
-    model.zero_grad()
-    model(input_ids=IDS, labels=IDS).loss.backward()
-    return {k: p.grad.clone() for k, p in named.items() if p.requires_grad}
 
 
 def peft_vera(seed=0, **kw):
@@ -76,8 +69,8 @@ def test_logits_gradients_and_files_match_peft(tmp_path, options):
     assert isinstance(config, VeraConfig) and config.r == options.get("r", 8)
     torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=0)
 
-    mine = loss_grads(ours, adapter_tensors(ours, "default"))
-    peft_grads = loss_grads(theirs, peft_trainables(theirs))
+    mine = loss_grads(ours, adapter_tensors(ours, "default"), IDS)
+    peft_grads = loss_grads(theirs, peft_trainables(theirs), IDS)
     assert set(peft_grads) == set(mine) and len(mine) > 0  # the frozen projections have none
     for key, grad in peft_grads.items():
         torch.testing.assert_close(mine[key], grad, atol=1e-5, rtol=0)
