@@ -23,7 +23,14 @@ def render(tokenizer, messages: list[dict], template: str | None,
            generation_prompt: bool, tools: list[dict] | None = None) -> str:
     """The template's text for `messages` (no tokenization); `tools`: the declared tools."""
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=generation_prompt, tools=tools)
+                                         add_generation_prompt=generation_prompt,
+                                         tools=template_tools(tools))
+
+
+def template_tools(tools: list[dict] | None) -> list[dict] | None:
+    """What a template's `tools` gets: None when no tool is declared. Llama 3.1 and Mistral v0.3
+    test `tools is not none`, so an empty list would put their tool preamble into every prompt."""
+    return tools or None
 
 
 def strip_think(messages: list[dict]) -> list[dict]:

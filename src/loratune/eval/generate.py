@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from loratune import progress
-from loratune.data.conversation import fit_conversation
+from loratune.data.conversation import fit_conversation, template_tools
 from loratune.data.templates import resolve_template
 from loratune.data.tools import fit_tools, template_name
 from loratune.models.modules import eos_ids
@@ -33,7 +33,7 @@ def prompt_ids(tokenizer, messages: list[dict], template: str | None = None,
         warnings.warn(note, TemplateNote, stacklevel=2)
     out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True,
                                         add_generation_prompt=True, return_dict=True,
-                                        tools=tools)
+                                        tools=template_tools(tools))
     return list(out["input_ids"])
 
 
