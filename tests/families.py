@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from loratune.data import IGNORE
+
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
 
 # A small corpus the tokenizers' merges are learned from (any text still encodes: byte-level
@@ -320,3 +322,28 @@ def family_conversation(system: bool = True) -> list[dict]:
         {"role": "user", "content": "Repeat the word apple."},
         {"role": "assistant", "content": "apple apple apple"},
     ]
+
+
+def taught(tok, ex) -> list[str]:
+    """The decoded runs of an example's labelled tokens: what a masking test says is taught."""
+    runs, run = [], []
+    for token, label in zip(ex.input_ids, ex.labels):
+        if label != IGNORE:
+            run.append(token)
+        elif run:
+            runs.append(tok.decode(run))
+            run = []
+    return runs + ([tok.decode(run)] if run else [])
+
+
+def labels_over_spans(tok, text: str, ids: list[int], spans) -> list[int]:
+    """The labels a masking test expects: each token of `ids` (the tokenized `text`) overlapping
+    a character span [start, end) is labelled, the final eos too; nothing else."""
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    labels = [t if any(a < e and max(b, a + 1) > s for s, e in spans) else IGNORE
+              for t, (a, b) in zip(ids, offsets)]
+    if len(ids) > len(offsets):  # eos appended after the text
+        labels.append(tok.eos_token_id)
+    elif ids[-1] == tok.eos_token_id:
+        labels[-1] = tok.eos_token_id
+    return labels

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from families import FAMILY_SPECS, family_tokenizer  # noqa: E402
+from families import FAMILY_SPECS, family_tokenizer, labels_over_spans, taught  # noqa: E402
 
 from loratune.config import DataConfig  # noqa: E402
-from loratune.data import IGNORE, DataError, build_examples  # noqa: E402
+from loratune.data import DataError, build_examples  # noqa: E402
 from loratune.data.tools import tool_conversation  # noqa: E402
 
 TOOL_FAMILIES = ["llama3_1", "llama3_2", "qwen2_5", "qwen3", "mistral_v0_3", "phi4_mini"]
@@ -70,25 +70,7 @@ def expected_labels(tok, name, text, ids):
         end = text.index(fam.end_of_turn, start) + len(fam.end_of_turn)
         spans.append((start, end))
         at = end
-    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    labels = [t if any(a < e and max(b, a + 1) > s for s, e in spans) else IGNORE
-              for t, (a, b) in zip(ids, offsets)]
-    if len(ids) > len(offsets):
-        labels.append(tok.eos_token_id)
-    elif ids[-1] == tok.eos_token_id:
-        labels[-1] = tok.eos_token_id
-    return labels
-
-
-def taught(tok, ex) -> list[str]:
-    runs, run = [], []
-    for token, label in zip(ex.input_ids, ex.labels):
-        if label != IGNORE:
-            run.append(token)
-        elif run:
-            runs.append(tok.decode(run))
-            run = []
-    return runs + ([tok.decode(run)] if run else [])
+    return labels_over_spans(tok, text, ids, spans)
 
 
 @pytest.mark.parametrize("layout", ["openai", "sharegpt"])

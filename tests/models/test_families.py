@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from families import FAMILIES, FAMILY_SPECS, build_family, family_conversation
+from families import (FAMILIES, FAMILY_SPECS, build_family, family_conversation,
+                      labels_over_spans, taught)
 from loratune.adapters import AdapterError, add_adapter, load_adapter, save_adapter
 from loratune.config import (DataConfig, IA3Config, LoraConfig, ModelConfig, QuantConfig,
                              build_config)
-from loratune.data import IGNORE, DataError, build_examples, encode_conversation
+from loratune.data import DataError, build_examples, encode_conversation
 from loratune.data.conversation import FOLDED_NOTE, fit_conversation
 from loratune.eval.generate import TemplateNote, generate_chat, prompt_ids
 from loratune.export.merge import merge_folder, read_adapters
@@ -49,14 +50,7 @@ def expected_labels(tok, fam, text: str, ids: list[int]) -> list[int]:
         end = text.index(fam.end_of_turn, start) + len(fam.end_of_turn)
         spans.append((start, end))
         at = end
-    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    labels = [t if any(a < e and max(b, a + 1) > s for s, e in spans) else IGNORE
-              for t, (a, b) in zip(ids, offsets)]
-    if len(ids) > len(offsets):  # eos appended after the text
-        labels.append(tok.eos_token_id)
-    elif ids[-1] == tok.eos_token_id:
-        labels[-1] = tok.eos_token_id
-    return labels
+    return labels_over_spans(tok, text, ids, spans)
 
 
 def fit_and_encode(name, messages, think="keep"):
@@ -65,17 +59,6 @@ def fit_and_encode(name, messages, think="keep"):
     fitted, notes = fit_conversation(messages, tok, tok.chat_template, cfg.think)
     ex, _ = encode_conversation(fitted, tok, tok.chat_template, "answers", 512)
     return tok, fitted, notes, ex
-
-
-def taught(tok, ex) -> list[str]:
-    runs, run = [], []
-    for token, label in zip(ex.input_ids, ex.labels):
-        if label != IGNORE:
-            run.append(token)
-        elif run:
-            runs.append(tok.decode(run))
-            run = []
-    return runs + ([tok.decode(run)] if run else [])
 
 
 @pytest.mark.parametrize("system", [True, False], ids=["system", "no_system"])
