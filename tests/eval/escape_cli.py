@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from test_sandbox_escapes import ESCAPES, processes_with, reached  # noqa: E402
+from test_sandbox_escapes import ESCAPES, listening, processes_with, reached  # noqa: E402
 
 EXITS = {  # a program that exits inside the function before check() finished
     "sys_exit_in_function": "    import sys\n    sys.exit(0)\n",
@@ -91,12 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     outside.mkdir(parents=True, exist_ok=True)
     (outside / "victim.txt").write_text("keep")
     token = f"{random.randint(1000, 9999)}.{os.getpid()}"
-    with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        tcp.bind(("127.0.0.1", 0))
-        tcp.listen()
-        udp.bind(("127.0.0.1", tcp.getsockname()[1]))
-        tcp.setblocking(False)
-        udp.setblocking(False)
+    with listening() as (tcp, udp):
         data = work / "escapes.jsonl"
         data.write_text("".join(json.dumps(p) + "\n" for p in problems(
             outside / "victim.txt", outside / "new", token, tcp.getsockname()[1])))

@@ -4,6 +4,7 @@ process left behind, the evaluator alive. Each runs twice: as shipped (the audit
 first, the outcome says "refused") and with the audit hook taken out of the guard, so the OS
 boundary alone (bwrap, seccomp, the tmpfs cap) has to hold."""
 
+import contextlib
 import json
 import os
 import random
@@ -114,8 +115,9 @@ def guard(request, tmp_path):
     return path
 
 
-@pytest.fixture
-def listener():
+@contextlib.contextmanager
+def listening():
+    """A TCP and a UDP socket on one loopback port: an escape that reaches either is seen."""
     with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         tcp.bind(("127.0.0.1", 0))
         tcp.listen()
@@ -123,6 +125,12 @@ def listener():
         tcp.setblocking(False)
         udp.setblocking(False)
         yield tcp, udp
+
+
+@pytest.fixture
+def listener():
+    with listening() as sockets:
+        yield sockets
 
 
 def reached(listener) -> bool:
