@@ -121,12 +121,18 @@ class _Calls:
         return self.pending.pop(given)
 
 
+def _turn_kind(turn, key: str, allowed, field: str, where: str) -> str:
+    """The turn's role (`key`: OpenAI's "role", ShareGPT's "from"), one of `allowed`."""
+    if not isinstance(turn, dict) or turn.get(key) not in allowed:
+        got = turn.get(key) if isinstance(turn, dict) else type(turn).__name__
+        raise DataError(f"{where}: {field}.{key} is {got!r}; expected one of "
+                        f"{', '.join(allowed)}")
+    return turn[key]
+
+
 def _openai_turn(turn, i: int, calls: _Calls, where: str) -> dict:
-    if not isinstance(turn, dict) or turn.get("role") not in ROLES:
-        got = turn.get("role") if isinstance(turn, dict) else type(turn).__name__
-        raise DataError(f"{where}: messages[{i}].role is {got!r}; expected one of "
-                        f"{', '.join(ROLES)}")
-    field, role = f"messages[{i}]", turn["role"]
+    field = f"messages[{i}]"
+    role = _turn_kind(turn, "role", ROLES, field, where)
     message = {"role": role, "content": _content(turn.get("content"), f"{field}.content", where)}
     if role == "assistant" and turn.get("tool_calls"):
         raw = _json(turn["tool_calls"], f"{field}.tool_calls", where)
@@ -140,11 +146,8 @@ def _openai_turn(turn, i: int, calls: _Calls, where: str) -> dict:
 
 
 def _sharegpt_turn(turn, i: int, calls: _Calls, where: str) -> dict:
-    if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
-        got = turn.get("from") if isinstance(turn, dict) else type(turn).__name__
-        raise DataError(f"{where}: conversations[{i}].from is {got!r}; expected one of "
-                        f"{', '.join(SHAREGPT_ROLES)}")
-    field, kind = f"conversations[{i}]", turn["from"]
+    field = f"conversations[{i}]"
+    kind = _turn_kind(turn, "from", SHAREGPT_ROLES, field, where)
     if kind == "function_call":
         raw = _json(turn.get("value"), f"{field}.value", where)
         raw = raw if isinstance(raw, list) else [raw]
