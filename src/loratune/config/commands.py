@@ -65,7 +65,20 @@ def _is_section(annotation) -> bool:
 
 
 # -- serve ----------------------------------------------------------------------------------------
-class ServeConfig(CommandConfig):
+class _HttpAccess(CommandConfig):
+    """Who may reach a local HTTP server (serve, ui): one set of rules for both
+    (serve.api.startup_api_key, http_guard.HostPolicy)."""
+
+    api_key: str | None = Field(
+        None, description="require 'Authorization: Bearer KEY' (default: $LORATUNE_API_KEY)")
+    insecure_no_key: bool = Field(False,
+                                  description="allow a non-loopback --host without an API key")
+    allowed_host: list[str] = Field(
+        default_factory=list, description="another Host name the server answers (besides "
+        "loopback names and --host), e.g. a name it is reached by through a proxy; repeat")
+
+
+class ServeConfig(_HttpAccess):
     """`loratune serve`: an OpenAI-compatible HTTP server, one base and many adapters."""
 
     FLAGS: ClassVar = {**MODEL_FLAGS, "--quantize": (
@@ -92,13 +105,6 @@ class ServeConfig(CommandConfig):
         "is on CUDA and served from slots)")
     request_timeout: float = Field(120.0, gt=0,
                                    description="seconds per request, queue included (then 504)")
-    api_key: str | None = Field(
-        None, description="require 'Authorization: Bearer KEY' (default: $LORATUNE_API_KEY)")
-    insecure_no_key: bool = Field(False,
-                                  description="allow a non-loopback --host without an API key")
-    allowed_host: list[str] = Field(
-        default_factory=list, description="another Host name the server answers (besides "
-        "loopback names and --host), e.g. a name it is reached by through a proxy; repeat")
     # a 2048-token prompt is ~10 KB; 4 MiB leaves ample room
     max_body_bytes: int = Field(4 * 2**20, ge=1, description="larger request bodies get 413")
     route: str | None = Field(
@@ -292,7 +298,7 @@ class PlanConfig(CommandConfig):
 
 
 # -- ui -------------------------------------------------------------------------------------------
-class UiConfig(CommandConfig):
+class UiConfig(_HttpAccess):
     """`loratune ui`: a local web dashboard over a folder of runs (same key rules as serve)."""
 
     runs: str = Field("runs", description="folder of run folders (launched runs go here too)")
@@ -307,13 +313,6 @@ class UiConfig(CommandConfig):
         "for the chat page (stopped with the dashboard)")
     serve_model: str | None = Field(None, description="the base model that server loads "
                                     "(default: serve's default)")
-    api_key: str | None = Field(
-        None, description="require 'Authorization: Bearer KEY' (default: $LORATUNE_API_KEY)")
-    insecure_no_key: bool = Field(False,
-                                  description="allow a non-loopback --host without an API key")
-    allowed_host: list[str] = Field(
-        default_factory=list, description="another Host name the dashboard answers (besides "
-        "loopback names and --host), e.g. a name it is reached by through a proxy; repeat")
     data_root: list[str] = Field(
         default_factory=list, description="a folder runs launched from the dashboard may read "
         "data, models, init_from and DeepSpeed configs from (besides --runs); repeat (default: "
