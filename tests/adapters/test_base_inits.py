@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from loratune.adapters import (AdapterError, add_adapter, load_adapter, merge_and_unload,
-                               save_adapter)
+from loratune.adapters import (AdapterError, add_adapter, disable_adapters, load_adapter,
+                               merge_and_unload, save_adapter)
 from loratune.adapters.host import adapted_layers
 from loratune.adapters.loftq import nf4_round_trip
 from loratune.config import LoraConfig, QuantConfig
@@ -232,3 +232,44 @@ def test_loftq_equals_peft_loop_with_bitsandbytes_nf4(iters):
     ad = model[0].adapters["default"]
     torch.testing.assert_close(model[0].base_layer.weight, q, atol=1e-5, rtol=0)
     torch.testing.assert_close(ad.lora_B @ ad.lora_A, out["L"] @ out["R"], atol=1e-5, rtol=0)
+
+
+
+def pair_batch():
+    ids = torch.tensor([[3, 7, 11, 2, 64, 99], [3, 7, 11, 5, 40, 8]])  # chosen, rejected
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def dpo_reference_sums(model):
+    """The summed completion log-probs DPO's reference gives (adapters disabled)."""
+    from loratune.config import TrainConfig
+    from loratune.train.preference_loss import PreferenceLoss, Reference, completion_mask
+
+    batch = pair_batch()
+    loss = PreferenceLoss(TrainConfig(objective="dpo"), Reference())
+    with torch.no_grad():
+        return loss._reference_sums(model, batch, completion_mask(batch), 1024)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_2", "loftq"])
+def test_disabled_adapters_give_the_model_training_started_from(init):
+    """DPO's reference (and GRPO's, train.rl.beta > 0: the same disable_adapters) is the model
+    at step 0: for PiSSA/OLoRA the original base, not the residual W' left in the layer; for
+    LoftQ (the original W is not kept) its NF4 base plus the fitted error."""
+    torch.manual_seed(0)
+    model = ours(init)
+    start = logits(model)  # step 0, adapter on
+    if init != "loftq":
+        torch.testing.assert_close(start, logits(tiny_llama()), atol=1e-5, rtol=0)
+    want = dpo_reference_sums(tiny_llama())  # the plain base's (no adapter to disable)
+    if init == "loftq":  # the policy's own at step 0
+        from loratune.train.preference_loss import completion_mask, row_sums
+        with torch.no_grad():
+            want = row_sums(model, pair_batch(), completion_mask(pair_batch()), 1024)
+    perturb(model)  # trained: the policy moves, the reference must not
+    assert (logits(model) - start).abs().max() > 1e-2
+    with disable_adapters(model):
+        torch.testing.assert_close(logits(model), start, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dpo_reference_sums(model), want, atol=1e-5, rtol=0)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from loratune.adapters.lora_product import REFERENCE
 from loratune.adapters.registry import AdapterError
 
 # (W in fp32 [out, in], r, scale, config) -> (A [r, in], B [out, r], the new base weight)
@@ -100,6 +101,18 @@ def start_from_base(adapter: nn.Module, base: nn.Module) -> None:
     adapter.register_buffer("lora_A_init", adapter.lora_A.detach().clone(), persistent=False)
     adapter.register_buffer("lora_B_init", adapter.lora_B.detach().clone(), persistent=False)
     setattr(base, CHANGED_BY, name)
+
+
+def add_starting_update(adapter: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """out + s·x·A0ᵀ·B0ᵀ: with the adapters disabled (a DPO/GRPO reference, an eval's base) the
+    changed base W' gives back the model training started from, W' + s·B0·A0: for PiSSA and
+    OLoRA the original W, for LoftQ NF4 values plus the fitted error (the original W is not
+    kept: holding W − W' would cost a full-size matrix per layer)."""
+    a0 = getattr(adapter, "lora_A_init", None)
+    if a0 is None:
+        return out
+    return REFERENCE.expand_add(out, REFERENCE.shrink(x, a0), adapter.lora_B_init,
+                                adapter.scaling)
 
 
 def converts_on_save(adapter: nn.Module) -> bool:

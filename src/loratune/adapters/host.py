@@ -87,6 +87,12 @@ class LayerAdapter(nn.Module):
     def init_from_base(self, base: nn.Module) -> None:
         """Called once the adapter is placed on `base` (DoRA starts its magnitudes from it)."""
 
+    def undo_base_change(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """With the adapters disabled: `out`, the base layer's output on `x`, as the base gave
+        it before this adapter's init moved a part of its weight into the adapter (PiSSA,
+        OLoRA, LoftQ: adapters/base_inits.py); by default `out` unchanged."""
+        return out
+
     def fit_file(self, path: str, tensors: dict[str, torch.Tensor], raw: dict) -> None:
         """Reshape to a file's `tensors` (by kind) before they are copied in; `raw` is its
         adapter_config.json (AdaLoRA: a file may hold only the kept ranks)."""
@@ -169,6 +175,11 @@ class AdaptedLinear(AdapterHost):
                 if n in self.adapters and n not in self.merged]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:  # the base as it was before any adapter's init changed it
+            out = self.base_layer(x)
+            for ad in self.adapters.values():
+                out = ad.undo_base_change(out, x)
+            return out
         running = self.running()
         if self.fused and len(running) == 1:
             out = running[0][0].fused_forward(self.base_layer, x, running[0][1])

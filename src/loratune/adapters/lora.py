@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune.adapters.base_inits import (base_init, config_converts_on_save, converts_on_save,
-                                          niter, plain_lora_fields, plain_lora_tensors,
-                                          start_from_base)
+from loratune.adapters.base_inits import (add_starting_update, base_init,
+                                          config_converts_on_save, converts_on_save, niter,
+                                          plain_lora_fields, plain_lora_tensors, start_from_base)
 from loratune.adapters.fused_lora import fused_lora_forward
 from loratune.adapters.host import LayerAdapter, adapted_layers, leaf_names
 from loratune.adapters.lora_product import REFERENCE, product, scaled_factors
@@ -61,6 +61,9 @@ class LoraAdapter(LayerAdapter):
         (adapters/base_inits.py)."""
         if base_init(self.config.init_lora_weights) is not None:
             start_from_base(self, base)
+
+    def undo_base_change(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return add_starting_update(self, out, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
