@@ -112,6 +112,17 @@ class DataConfig(_Section):
         "train on them as the chat template renders them, or strip them from every answer")
     packing: bool | Literal["auto"] = "auto"
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share when no eval file")
+    # --- streaming (data/batch_stream.py) ---
+    streaming: bool | Literal["auto"] = Field(
+        "auto", description="read data.train a window of records at a time (encoded and packed "
+        "on the fly, memory flat in the file's size) instead of whole; needs train.max_steps "
+        "(epochs end when the data does). auto: stream when data.train is larger than "
+        "data.streaming_threshold_mb")
+    streaming_threshold_mb: float = Field(1024.0, gt=0, description="data.streaming: auto "
+                                          "streams data.train above this many MB on disk")
+    shuffle_buffer: int = Field(10000, gt=0, description="streaming: records read, shuffled and "
+                                "packed together (a window); a window holding the whole file "
+                                "gives the batches the in-memory path gives")
 
 
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo")

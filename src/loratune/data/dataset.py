@@ -101,50 +101,74 @@ def load_tool_conversations(path: str | Path, cfg: DataConfig) -> list[tuple[lis
     return [(messages, tools) for _, messages, tools in _conversations(path, cfg, set())]
 
 
-def build_examples(path: str | Path, tokenizer,
-                   cfg: DataConfig) -> tuple[list[Example], DataStats]:
-    """Tokenized, labelled examples of a data file, and counts of what happened to them."""
+def new_stats(tokenizer, cfg: DataConfig) -> DataStats:
+    """Empty counts for reading a file as `cfg` says (the template note of an SFT file)."""
     if cfg.format == "text":
-        return build_text_examples(path, tokenizer, cfg)
+        return DataStats(format="text")
+    return DataStats(template_note=template_note(tokenizer, cfg.template))
+
+
+def no_examples(path: str | Path, stats: DataStats, cfg: DataConfig) -> DataError:
+    """The error for a file that gave no example at all."""
+    if cfg.format == "text":
+        return DataError(f"{path}: no documents with text (data.format: text)")
+    return DataError(f"{path}: no usable examples: all {stats.n_records} records were "
+                     f"dropped ({stats.why_dropped()}){stats.noted()}")
+
+
+def iter_examples(path: str | Path, tokenizer, cfg: DataConfig, stats: DataStats,
+                  skip: int = 0) -> Iterator[list[Example]]:
+    """The examples of each record (a document with data.format: text) in file order, as the
+    file is read: [] for a dropped record. The first `skip` records are read but not encoded
+    (a resumed stream, data/batch_stream.py); `stats` counts the encoded ones."""
+    if cfg.format == "text":
+        yield from _text_examples(path, tokenizer, cfg, stats, skip)
+        return
     template = resolve_template(tokenizer, cfg.template)
-    stats = DataStats(template_note=template_note(tokenizer, cfg.template))
-    examples, formats = [], set()
-    for where, messages, tools in _conversations(path, cfg, formats, stats.notes):
-        stats.n_records += 1
-        try:
-            if tools or any(m["role"] == "tool" for m in messages):
-                messages, tools = fit_tools(messages, tools, template,
-                                            template_name(tokenizer, cfg.template))
-            messages, notes = fit_conversation(messages, tokenizer, template, cfg.think)
-            for note in notes:
-                stats.notes[note] = stats.notes.get(note, 0) + 1
-            example, truncated = encode_conversation(messages, tokenizer, template, cfg.train_on,
-                                                     cfg.max_length, cfg.overflow, tools)
-        except DataError as err:
-            raise DataError(f"{where}: {err}") from None
-        if example is None:
-            stats.n_dropped += 1
-            reason = _drop_reason(truncated, cfg)
-            stats.drop_reasons[reason] = stats.drop_reasons.get(reason, 0) + 1
+    formats: set[str] = set()
+    for n, (where, messages, tools) in enumerate(_conversations(path, cfg, formats,
+                                                                stats.notes)):
+        if n < skip:
             continue
-        stats.n_truncated += truncated
-        stats.n_tokens += len(example)
-        stats.n_label_tokens += sum(label != IGNORE for label in example.labels[1:])
-        examples.append(example)
-    stats.n_examples, stats.format = len(examples), _format_name(formats)
-    if not examples:
-        raise DataError(f"{path}: no usable examples: all {stats.n_records} records were "
-                        f"dropped ({stats.why_dropped()}){stats.noted()}")
-    return examples, stats
+        stats.n_records += 1
+        example = _encode_record(where, messages, tools, tokenizer, template, cfg, stats)
+        stats.format = _format_name(formats)
+        yield [] if example is None else [example]
 
 
-def build_text_examples(path: str | Path, tokenizer,
-                        cfg: DataConfig) -> tuple[list[Example], DataStats]:
+def _encode_record(where: str, messages: list[dict], tools: list[dict], tokenizer,
+                   template: str, cfg: DataConfig, stats: DataStats) -> Example | None:
+    """One conversation's example (None: dropped, counted in `stats` with why)."""
+    try:
+        if tools or any(m["role"] == "tool" for m in messages):
+            messages, tools = fit_tools(messages, tools, template,
+                                        template_name(tokenizer, cfg.template))
+        messages, notes = fit_conversation(messages, tokenizer, template, cfg.think)
+        for note in notes:
+            stats.notes[note] = stats.notes.get(note, 0) + 1
+        example, truncated = encode_conversation(messages, tokenizer, template, cfg.train_on,
+                                                 cfg.max_length, cfg.overflow, tools)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
+    if example is None:
+        stats.n_dropped += 1
+        reason = _drop_reason(truncated, cfg)
+        stats.drop_reasons[reason] = stats.drop_reasons.get(reason, 0) + 1
+        return None
+    stats.n_truncated += truncated
+    stats.n_tokens += len(example)
+    stats.n_label_tokens += sum(label != IGNORE for label in example.labels[1:])
+    return example
+
+
+def _text_examples(path: str | Path, tokenizer, cfg: DataConfig, stats: DataStats,
+                   skip: int) -> Iterator[list[Example]]:
     """`data.format: text`: every document of a file or folder as pieces of at most
     max_length tokens, every token labelled (data/text.py)."""
-    stats, examples = DataStats(format="text"), []
     split = f"split into pieces of data.max_length={cfg.max_length} (one token overlap)"
-    for where, text in iter_documents(path, cfg):
+    for n, (where, text) in enumerate(iter_documents(path, cfg)):
+        if n < skip:
+            continue
         stats.n_records += 1
         pieces = split_document(document_ids(text, tokenizer), cfg.max_length)
         if len(pieces) > 1:
@@ -152,10 +176,17 @@ def build_text_examples(path: str | Path, tokenizer,
         for piece in pieces:
             stats.n_tokens += len(piece)
             stats.n_label_tokens += len(piece) - 1
-        examples.extend(pieces)
+        yield pieces
+
+
+def build_examples(path: str | Path, tokenizer,
+                   cfg: DataConfig) -> tuple[list[Example], DataStats]:
+    """Tokenized, labelled examples of a data file, and counts of what happened to them."""
+    stats = new_stats(tokenizer, cfg)
+    examples = [ex for pieces in iter_examples(path, tokenizer, cfg, stats) for ex in pieces]
     stats.n_examples = len(examples)
     if not examples:
-        raise DataError(f"{path}: no documents with text (data.format: text)")
+        raise no_examples(path, stats, cfg)
     return examples, stats
 
 

@@ -104,11 +104,13 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> dict[str, t
 
 
 def epoch_rows(examples: list[Example], max_length: int, packing: bool, seed: int,
-               epoch: int) -> list[list[Example]]:
+               epoch: int, window: int = 0) -> list[list[Example]]:
     """The rows of one epoch in training order: a pure function of (examples, seed, epoch).
-    With packing the number of rows is the same for every epoch."""
+    With packing the number of rows is the same for every epoch. `window`: the index of a
+    streamed window of the epoch (data/batch_stream.py); window 0 is seeded as a whole epoch,
+    so a window holding the whole file gives the in-memory rows."""
     # A string seed is hashed with SHA-512: the same order in every process and Python run.
-    rng = random.Random(f"loratune-data:{seed}:{epoch}")
+    rng = random.Random(f"loratune-data:{seed}:{epoch}" + (f":{window}" if window else ""))
     if packing:
         rows = pack_examples(examples, max_length, seed=rng.randrange(2**32))
     else:
