@@ -273,3 +273,21 @@ def test_disabled_adapters_give_the_model_training_started_from(init):
     with disable_adapters(model):
         torch.testing.assert_close(logits(model), start, atol=1e-5, rtol=0)
     torch.testing.assert_close(dpo_reference_sums(model), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "loftq"])
+def test_streaming_merge_onto_the_original_base_is_the_trained_model(tmp_path, init):
+    """`loratune merge` reads the file and the ORIGINAL base folder (PEFT's convention after
+    path_initial_model_for_weight_conversion): the result is the model that was trained."""
+    from transformers import AutoModelForCausalLM
+
+    from loratune.export.merge import merge_folder, read_adapters
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = ours(init)
+    perturb(model)
+    want = logits(model)
+    save_adapter(model, tmp_path / "ad")
+    merge_folder(tmp_path / "base", read_adapters([tmp_path / "ad"], None), tmp_path / "out")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits(merged), want, atol=1e-5, rtol=0)

@@ -77,9 +77,10 @@ def read_adapters(folders: list[str | Path], weights: list[float] | None) -> lis
 
 
 def _build(adapter: AdapterFile, path: str, parts: dict, out_f: int, in_f: int, source: str,
-           shapes: dict[str, tuple[int, ...]]):
+           shapes: dict[str, tuple[int, ...]], base: torch.nn.Linear | None = None):
     """The adapter of the module at `path`, filled with its tensors from the file (`parts`);
-    `shapes`: the base's (out, in) of every module the file targets."""
+    `shapes`: the base's (out, in) of every module the file targets. `base`: the layer, whose
+    weight an init that changes the base (a LoftQ file) changes first, as loading does."""
     record = method_record(adapter.config.method)
     r = alpha = None
     if record.has_rank:  # the file's rank, and the module's alpha
@@ -87,6 +88,8 @@ def _build(adapter: AdapterFile, path: str, parts: dict, out_f: int, in_f: int, 
         r = a.shape[0] if a is not None else None
         alpha = adapter.alpha(path)
     ad = new_layer_adapter(adapter.config, path, in_f, out_f, r=r, alpha=alpha)
+    if base is not None:
+        ad.init_from_base(base)
     ad.fit_file(path, parts, adapter.raw)
     ad.fit_folder(adapter, shapes)
     live = ad.file_tensors()
@@ -100,6 +103,13 @@ def _build(adapter: AdapterFile, path: str, parts: dict, out_f: int, in_f: int, 
         with torch.no_grad():
             live[suffix].copy_(tensor)
     return ad
+
+
+def as_linear(w: torch.Tensor) -> torch.nn.Linear:
+    """A bias-free linear layer holding `w` (for an adapter's `init_from_base`)."""
+    layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    layer.weight = torch.nn.Parameter(w, requires_grad=False)
+    return layer
 
 
 def plan_shards(plan: list[tuple[str, torch.dtype, tuple]], limit: int) -> list[list]:
@@ -181,7 +191,9 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
         b = read(bias_name).float() if bias_name in index else None
         for a, m, s in zip(adapters, modules, shapes):
             if path in m:
-                ad = _build(a, path, m[path], w.shape[0], w.shape[1], str(base), s)
+                layer = as_linear(w)
+                ad = _build(a, path, m[path], w.shape[0], w.shape[1], str(base), s, layer)
+                w = layer.weight.detach()
                 with torch.no_grad():
                     w, b = ad.merge_into(w, b, a.weight)
         stats["merged"] += 1
