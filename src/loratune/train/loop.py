@@ -15,14 +15,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from loratune import data as lt_data
 from loratune import progress as lt_progress
+from loratune.data.batch_stream import streaming_reason
 from loratune.data.bundled import resolve_data_paths
 from loratune.data.hf_datasets import held_out_config
+from loratune.data.templates import store_template
 from loratune.adapters import method_record, save_adapter, trainable_report
 from loratune.adapters.fused_lora import set_fused_lora
 from loratune.adapters.registry import TrainingHooks
@@ -48,6 +51,7 @@ from loratune.train.run_folder import (RunFolderError, check_resume_state, check
                                        write_summary)
 from loratune.train.runtime import Forward, OneProcess, process_group
 from loratune.train.schedule import lr_factor
+from loratune.train.stream_data import StreamTrainData, setup_stream_data
 from loratune.train.status import (RunInterrupted, StopRequest, recorded_outcome,
                                    stop_on_signal, write_status)
 from loratune.train.trackers import check_trackers, open_trackers
@@ -117,6 +121,7 @@ class TrainData:
     pad_id: int
     eval_batches: list[dict]
     make_epoch: Callable[[int], list[dict]] | None = None  # preference data: its own batches
+    streaming: ClassVar[bool] = False  # read whole (train/stream_data.py streams)
     n_batches: int = field(init=False)  # micro-batches per epoch
     _epochs: dict[int, list[dict]] = field(default_factory=dict, init=False)  # the current one
 
@@ -128,6 +133,14 @@ class TrainData:
         accum = self.cfg.train.grad_accum
         # The data is one stream of epochs: a step may span the end of one and the next.
         return [self._batch(step * accum + k) for k in range(accum)]
+
+    def checkpoint_state(self) -> dict:
+        return {}  # the batches are a pure function of (seed, step)
+
+    def resume(self, state: dict, checkpoint: Path) -> None:
+        if "data_position" in state:
+            raise ValueError(f"{checkpoint} was written by a run that streamed data.train; "
+                             "resume with data.streaming: true")
 
     def _batch(self, index: int) -> dict:
         epoch, pos = divmod(index, self.n_batches)
@@ -152,7 +165,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     hooks: TrainingHooks
     objective: Objective
-    data: TrainData
+    data: TrainData | StreamTrainData
     metrics: MetricsLog
     total_steps: int
     start_step: int
@@ -201,6 +214,8 @@ def setup(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, model: nn.Modul
         setup_reference_cache(cfg, runtime, model, objective, data, out, log)
     forward, optimizer, state = setup_optimizer(cfg, runtime, model, checkpoint, log, objective)
     start_step, before = state.get("step", 0), Totals.before(state)
+    if checkpoint is not None:
+        data.resume(state, checkpoint)
     if runtime.is_main:
         write_config(out, cfg)
         write_status(out, "running", step=start_step, total_steps=total, **before.record())
@@ -249,18 +264,25 @@ def build_data(cfg: RunConfig, tokenizer, paths: DataPaths | None = None):
         eval_ex, _ = lt_data.build_examples(eval_path, tokenizer, held_out_config(cfg.data))
     elif cfg.data.eval_fraction:
         train_ex, eval_ex = lt_data.split_heldout(train_ex, cfg.data.eval_fraction, cfg.train.seed)
+    packing = packing_setting(cfg)
+    if packing == "auto":
+        packing = lt_data.should_pack(train_ex, cfg.data.max_length, cfg.train.batch_size)
+    return train_ex, eval_ex, stats, bool(packing)
+
+
+def packing_setting(cfg: RunConfig) -> bool | str:
+    """data.packing as the method and format allow: True, False, or "auto" (decided on the
+    examples)."""
     packing = cfg.data.packing
     why_not = method_record(cfg.adapter.method).training.why_no_packing
     if why_not is not None:
         if packing is True:
             raise ValueError(f"data.packing: true does not work with adapter.method: "
                              f"{cfg.adapter.method} ({why_not}); use auto/false")
-        packing = False
+        return False
     if packing == "auto" and cfg.data.format == "text":
-        packing = True  # documents and their pieces share rows: no padding, no cross-attention
-    if packing == "auto":
-        packing = lt_data.should_pack(train_ex, cfg.data.max_length, cfg.train.batch_size)
-    return train_ex, eval_ex, stats, bool(packing)
+        return True  # documents and their pieces share rows: no padding, no cross-attention
+    return packing
 
 
 def epoch_batches(cfg: RunConfig, examples, packing: bool, pad_id: int, epoch: int) -> list[dict]:
@@ -268,7 +290,11 @@ def epoch_batches(cfg: RunConfig, examples, packing: bool, pad_id: int, epoch: i
                            pad_id=pad_id, seed=cfg.train.seed, epoch=epoch)
 
 
-def setup_data(cfg: RunConfig, tokenizer, paths: DataPaths, log: Log) -> TrainData:
+def setup_data(cfg: RunConfig, tokenizer, paths: DataPaths,
+               log: Log) -> TrainData | StreamTrainData:
+    why = streaming_reason(cfg.data, paths[0])
+    if why:
+        return setup_stream_data(cfg, tokenizer, paths, why, packing_setting(cfg), log)
     if is_preference(cfg):
         return setup_preference_data(cfg, tokenizer, paths, log)
     train_ex, eval_ex, stats, packing = build_data(cfg, tokenizer, paths)
@@ -596,8 +622,10 @@ def _one_step(run: Run, step: int, progress: Progress, bar: lt_progress.Bar) -> 
     if stats.step % train_cfg.log_every == 0 or "eval_loss" in record:
         run.metrics.write(record)
     progress.history.append(record)
+    seen = {"tokens": f"{progress.totals.tokens:,}"} if run.data.streaming else {}
     bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
-                    tok_s=f"{stats.tokens / stats.seconds:.0f}", **preference_postfix(record))
+                    tok_s=f"{stats.tokens / stats.seconds:.0f}", **preference_postfix(record),
+                    **seen)
     bar.update(1)
     progress.mark_time(run.before)
     if train_cfg.save_every and stats.step % train_cfg.save_every == 0 \
@@ -635,7 +663,7 @@ def save_step_checkpoint(run: Run, step: int, totals: Totals) -> None:
         if run.runtime.is_main:
             ckpt = save_checkpoint(run.out / "checkpoints", step, run.model, optimizer,
                                    {**resume_state(run.cfg, run.total_steps),
-                                    "totals": totals.record()},
+                                    "totals": totals.record(), **run.data.checkpoint_state()},
                                    keep=run.cfg.train.save_total_limit)
             write_status(run.out, "running", step=step, total_steps=run.total_steps,
                          checkpoint=str(ckpt), **totals.record())
@@ -658,6 +686,7 @@ def save(run: Run, progress: Progress) -> TrainResult:
         if run.runtime.is_main:
             adapter_dir = save_adapter(run.model, adapter_dir, "default",
                                        base_model=run.cfg.model.name, overwrite=True)
+            store_template(adapter_dir, run.cfg.data.template)  # eval/serve prompt with it
     if run.runtime.is_main:
         plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
         write_summary(run.out, run_summary(run, progress))
