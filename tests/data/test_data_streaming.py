@@ -130,3 +130,26 @@ def test_json_nested_past_the_parser_is_a_data_error(tmp_path, name, text):
     path.write_text(text)
     with pytest.raises(DataError, match=rf"{name}:1: malformed JSON: arrays or objects nested too"):
         read_indexed(path)
+
+
+def _parquet_with_damaged_tail(path, n_groups: int = 40, rows: int = 2000):
+    """Row 1 misses its answer; the last row group's data pages are overwritten with junk (its
+    footer intact): read whole, the file fails on the junk instead of naming row 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = ["b"] * (n_groups * rows)
+    out[1] = None
+    table = pa.table({"instruction": ["a" * 200] * len(out), "output": out})
+    pq.write_table(table, path, row_group_size=rows, compression="none")
+    last = pq.ParquetFile(path).metadata.row_group(n_groups - 1).column(0)
+    with path.open("r+b") as f:
+        f.seek(last.data_page_offset)
+        f.write(b"\xff" * 64)
+    return path
+
+
+def test_parquet_bad_row_is_reported_before_later_row_groups_are_read(tmp_path):
+    path = _parquet_with_damaged_tail(tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=rf"{path}\[1\]: missing required field 'output'"):
+        load_conversations(path, DataConfig())

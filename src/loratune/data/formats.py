@@ -113,12 +113,20 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
         yield start, row
 
 
+PARQUET_BATCH = 1024  # rows decoded at a time: a bad record stops the reading in its batch
+
+
 def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
     import pyarrow.parquet as pq
 
-    # pyarrow's to_pylist gives plain lists and dicts for nested columns (pandas would give
-    # numpy arrays) and None for nulls.
-    yield from enumerate(pq.read_table(path).to_pylist())
+    # Batch by batch (row group by row group), not read_table: a 2 GB file is not read whole
+    # before its first record is used. pyarrow's to_pylist gives plain lists and dicts for
+    # nested columns (pandas would give numpy arrays) and None for nulls.
+    n = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH):
+        for record in batch.to_pylist():
+            yield n, record
+            n += 1
 
 
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
