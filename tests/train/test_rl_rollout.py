@@ -6,7 +6,9 @@ import torch
 
 from loratune.adapters import add_adapter
 from loratune.config import LoraConfig
+from loratune.serve.dynamic_batch import DynamicBatch
 from loratune.serve.types import SamplingParams
+from loratune.train import rl_rollout
 from loratune.train.rl_rollout import rollout
 from tiny import randomize_lora, tiny_llama
 
@@ -62,3 +64,34 @@ def test_sampling_is_seeded_per_step_and_row():
     assert a == rollout(model, PROMPTS * 2, set(), params, seed=3, step=4)
     assert a != rollout(model, PROMPTS * 2, set(), params, seed=3, step=5)
     assert a[0] != a[3]  # the same prompt twice in a group: different samples
+
+
+GROUPS = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3 + [PROMPTS[2]] * 2
+
+
+def test_a_group_prefills_its_prompt_once_and_each_row_is_its_own():
+    model = _model()
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    eos = {63}
+    got = rollout(model, GROUPS, eos, SamplingParams(max_tokens=5, temperature=0.0), 0, 0)
+    hook.remove()
+    assert seen[0] == (3, 6)             # 3 distinct prompts prefilled, not 8 rows
+    assert all(shape[1] == 1 for shape in seen[1:])
+    assert got == [_greedy_alone(model.eval(), p, 5, eos) for p in GROUPS]
+    sampled = rollout(model.train(), GROUPS, set(), SamplingParams(max_tokens=6,
+                                                                   temperature=1.0), 0, 0)
+    assert len({tuple(c) for c in sampled[:3]}) > 1   # one prompt, different samples
+
+
+def test_the_dynamic_cache_path_samples_the_same(monkeypatch):
+    model = _model()
+    params = SamplingParams(max_tokens=6, temperature=1.2, top_p=0.9)
+    first = rollout(model, GROUPS, set(), params, 0, 0)
+    eos = {first[0][2], first[4][0]}      # rows end at different steps and leave the batch
+    slots = rollout(model, GROUPS, eos, params, 5, 1)
+    monkeypatch.setattr(rl_rollout, "slot_cache_refusal", lambda model, columns: "test")
+    assert isinstance(rl_rollout.make_batch(model, 2, 10), DynamicBatch)
+    assert rollout(model, GROUPS, eos, params, 5, 1) == slots
+    assert any(len(c) < 6 for c in slots)

@@ -3,11 +3,13 @@
 The serving Engine owns a model it detaches into slot-stacked LoRA layers (serve/pool.py), so it
 cannot share the model being trained. Rollouts use the engine's own batch pieces instead: a
 SlotBatch (slot KV cache written in place; transformers' DynamicCache where the model cannot run
-on slots, as the engine decides) prefills every prompt together, then decodes all running rows
-one token per forward, finished rows leaving the batch. The adapter is the model's live one
-(no copy, no merge, no sync): every row runs it, so the batch's adapter-slot selector is a
-no-op here. Each row samples from its own generator seeded by (seed, step, row), so a step's
-completions depend only on the weights and the step: a resumed run samples the same ones.
+on slots, as the engine decides) prefills each distinct prompt once (a group's rows then copy
+its cache: fan_out), then decodes all running rows one token per forward, finished rows leaving
+the batch. The adapter is the model's live one (no copy, no merge, no sync): every row runs it,
+so the batch's adapter-slot selector is a no-op here. All rows' next tokens are one sampling op
+(train/rl_sampling.py) seeded per (seed, step, row, token), and the step reads them back to the
+host once; a step's completions depend only on the weights and the step, so a resumed run
+samples the same ones.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from loratune.eval.loglik import can_reuse_cache
 from loratune.models.modules import cache_keyword
 from loratune.serve.dynamic_batch import DynamicBatch
-from loratune.serve.sampling import next_token
 from loratune.serve.slot_batch import SlotBatch
 from loratune.serve.slot_cache import slot_cache_refusal
 from loratune.serve.types import SamplingParams
+from loratune.train.rl_sampling import sample_tokens, stream_key, uniforms
 
 
 class LiveAdapter:
@@ -49,20 +52,16 @@ class _Row:
     """What the batch reads of a running sequence."""
 
     request: _Prompt
-    generator: torch.Generator
     slot: int = 0
     tokens: list[int] = field(default_factory=list)
-    done: bool = False
-
-
-def row_seed(seed: int, step: int, row: int) -> int:
-    return (seed * 1_000_003 + step) * 65_537 + row
+    lead = None          # no adapter's virtual tokens: the live model's adapter runs itself
 
 
 def make_batch(model: nn.Module, rows: int, columns: int):
     key = cache_keyword(model.forward) or "past_key_values"
     device = next(model.parameters()).device
-    if slot_cache_refusal(model, columns) is None:
+    # prompt/prefix adapters hook the KV cache themselves and read only transformers' own
+    if can_reuse_cache(model) and slot_cache_refusal(model, columns) is None:
         return SlotBatch(model, key, LiveAdapter(), device, rows=rows, columns=columns)
     return DynamicBatch(model, key, LiveAdapter(), device)
 
@@ -74,22 +73,60 @@ def rollout(model: nn.Module, prompts: list[list[int]], eos: set[int], params: S
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
-        rows = [_Row(_Prompt(p), torch.Generator().manual_seed(row_seed(seed, step, i)))
-                for i, p in enumerate(prompts)]
-        batch = make_batch(model, len(rows), max(map(len, prompts)) + params.max_tokens + 1)
-        running = list(rows)
-        logits = batch.prefill(running)
-        while running:
-            for row, row_logits in zip(running, logits):
-                token = next_token(row_logits, params, row.generator)
-                row.tokens.append(token)
-                row.done = token in eos or len(row.tokens) >= params.max_tokens
-            keep = [i for i, r in enumerate(running) if not r.done]
-            if len(keep) < len(running):
-                order = batch.keep(keep)
-                running = [running[i] for i in order]
-            if running:
-                logits = batch.decode(running)
-        return [r.tokens for r in rows]
+        return _decode_all(model, prompts, eos, params, stream_key(seed, step))
     finally:
         model.train(was_training)
+
+
+def shared_prompts(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(the first row of each distinct prompt, each row's index among those distinct ones)."""
+    index: dict[tuple[int, ...], int] = {}
+    firsts, source = [], []
+    for i, p in enumerate(prompts):
+        if tuple(p) not in index:
+            index[tuple(p)] = len(firsts)
+            firsts.append(i)
+        source.append(index[tuple(p)])
+    return firsts, source
+
+
+def fan_out(batch, source: list[int]) -> None:
+    """Batch row i becomes a copy of prefilled row source[i]: the rows of a group share their
+    prompt's cache. Done on the batch's own cache: the engine has no such call (its rows are
+    distinct requests)."""
+    if isinstance(batch, SlotBatch):
+        columns = min(batch.longest, batch.cache.capacity)
+        batch.cache.move(source, list(range(len(source))), columns)
+        batch.size = len(source)
+        return
+    index = torch.tensor(source, device=batch.device)
+    batch.cache.batch_select_indices(index)
+    batch.mask = batch.mask.index_select(0, index)
+
+
+def _decode_all(model: nn.Module, prompts: list[list[int]], eos: set[int],
+                params: SamplingParams, key: int) -> list[list[int]]:
+    rows = [_Row(_Prompt(p)) for p in prompts]
+    batch = make_batch(model, len(rows), max(map(len, prompts)) + params.max_tokens + 1)
+    firsts, source = shared_prompts(prompts)
+    logits = batch.prefill([rows[i] for i in firsts])   # a group's prompt is prefilled once
+    fan_out(batch, source)
+    logits = logits[torch.tensor(source, device=logits.device)]
+    ids = torch.arange(len(rows), device=logits.device)        # each running row's own index
+    stops = torch.tensor(sorted(eos), dtype=torch.long, device=logits.device)
+    running = rows
+    for t in range(params.max_tokens):
+        tokens = sample_tokens(logits, params, uniforms(key, ids, t))
+        ended = torch.isin(tokens, stops)
+        picked, ended = tokens.tolist(), ended.tolist()       # the one sync of the step
+        for row, token in zip(running, picked):
+            row.tokens.append(token)
+        keep = [i for i, end in enumerate(ended) if not end]
+        if not keep or t + 1 == params.max_tokens:
+            break
+        if len(keep) < len(running):
+            order = batch.keep(keep)
+            running = [running[i] for i in order]
+            ids = ids[torch.tensor(order, device=ids.device)]
+        logits = batch.decode(running)
+    return [r.tokens for r in rows]
