@@ -158,3 +158,123 @@ def test_sharegpt_observation_without_a_call(tmp_path):
     record["conversations"].insert(2, {"from": "gpt", "value": "x"})
     with pytest.raises(DataError, match=r"tools\.jsonl:1: conversations\[1\] answers no call"):
         build_examples(write(tmp_path, record), family_tokenizer("qwen2_5"), DataConfig())
+
+
+# -- chatml_tools: the tools template shipped for chatml models whose own has none (SmolLM2) ----
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "tools"
+
+
+def chatml_tools_config(**over) -> DataConfig:
+    return DataConfig(template="chatml_tools", max_length=1024, **over)
+
+
+@pytest.mark.parametrize("layout", ["openai", "sharegpt"])
+def test_chatml_tools_masking_token_by_token(layout, tmp_path):
+    """data.template chatml_tools on a chatml tokenizer: the schemas in the system turn, the
+    call as Hermes <tool_call> JSON, taught with the answer; the result never."""
+    tok = family_tokenizer("qwen2_5")
+    record = openai_record() if layout == "openai" else sharegpt_record()
+    (ex,), _ = build_examples(write(tmp_path, record), tok, chatml_tools_config())
+    text = tok.decode(ex.input_ids, skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system\n# Tools\n") and "You are Qwen" not in text
+    assert ex.labels == expected_labels(tok, "qwen2_5", text, ex.input_ids)
+    runs = taught(tok, ex)
+    assert runs == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                    '</tool_call><|im_end|>', "apple apple apple<|im_end|>"]
+    assert f"<|im_start|>tool\n<tool_response>\n{RESULT}\n</tool_response><|im_end|>" in text
+
+
+def test_chatml_tools_parallel_results_and_a_second_user_turn(tmp_path):
+    """Two results in a row and a later user turn keep every prefix a prefix (Qwen2.5's own
+    template groups results, which a prefix ending at the first one would render unclosed)."""
+    record = openai_record(messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Paris and Rome?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"id": "a", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"id": "b", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "rain"},
+        {"role": "tool", "tool_call_id": "b", "content": "sun"},
+        {"role": "assistant", "content": "Rain, then sun."},
+        {"role": "user", "content": "Thanks!"},
+        {"role": "assistant", "content": "Any time."}])
+    tok = family_tokenizer("qwen2_5")
+    (ex,), _ = build_examples(write(tmp_path, record), tok, chatml_tools_config())
+    text = tok.decode(ex.input_ids, skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
+    assert ex.labels == expected_labels(tok, "qwen2_5", text, ex.input_ids)
+    runs = taught(tok, ex)
+    assert len(runs) == 3 and runs[0].startswith("Checking.\n<tool_call>") and \
+        runs[0].count("<tool_call>") == 2, runs
+    assert runs[1:] == ["Rain, then sun.<|im_end|>", "Any time.<|im_end|>"]
+
+
+def test_a_template_without_tools_is_refused_by_name(tmp_path):
+    """SmolLM2's own template is plain chatml: a tool conversation names the template."""
+    with pytest.raises(DataError, match=r"tools\.jsonl:1: the chat template \(chatml\) has no "
+                                        "tool support"):
+        build_examples(write(tmp_path, openai_record()), family_tokenizer("qwen2_5"),
+                       DataConfig(template="chatml"))
+
+
+def test_the_adapter_folder_carries_its_template(tmp_path):
+    from loratune.data.templates import TEMPLATE_FILE, TEMPLATES, adapters_template, store_template
+
+    tools, plain, other = tmp_path / "tools", tmp_path / "plain", tmp_path / "other"
+    for folder in (tools, plain, other):
+        folder.mkdir()
+    assert store_template(plain, None) is None and not (plain / TEMPLATE_FILE).exists()
+    store_template(tools, "chatml_tools")
+    store_template(other, "chatml")
+    text, note = adapters_template([tools, tools])
+    assert text == TEMPLATES["chatml_tools"] and "'chatml_tools'" in note
+    assert adapters_template([plain]) is None and adapters_template([]) is None
+    with pytest.raises(DataError, match=r"adapters \S+tools \(chat_template\.jinja: "
+                                        r"'chatml_tools'\) and \S+plain \(no chat_template"):
+        adapters_template([tools, plain])
+    with pytest.raises(DataError, match=r"other \(chat_template\.jinja: 'chatml'\) and \S+tools"):
+        adapters_template([other, tools])
+
+
+def _make_data():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tools_data", EXAMPLES / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _argument_values(path: Path) -> set[tuple]:
+    from loratune.data.dataset import load_tool_conversations
+
+    values = set()
+    for messages, _ in load_tool_conversations(path, DataConfig(train=str(path))):
+        for m in messages:
+            for c in m.get("tool_calls", []):
+                args = c["function"]["arguments"]
+                if "from" in args:   # a currency pair is one value
+                    args = dict(args, pair=(args.pop("from"), args.pop("to")))
+                values |= {(c["function"]["name"], k, v) for k, v in args.items()
+                           if k not in ("unit", "limit")}   # enums and small limits repeat
+    return values
+
+
+def test_bundled_tool_data_is_its_generator_output_and_reads(tmp_path):
+    """The committed examples/tools files are make_data.py's output (seeded); they read through
+    our readers into labelled examples; held-out argument values never appear in train."""
+    _make_data().write(tmp_path)
+    for name in ("train.jsonl", "heldout.jsonl"):
+        assert (tmp_path / name).read_bytes() == (EXAMPLES / name).read_bytes(), name
+    tok = family_tokenizer("qwen2_5")
+    examples, stats = build_examples(EXAMPLES / "heldout.jsonl", tok, chatml_tools_config())
+    assert stats.n_examples == 40 and stats.n_dropped == 0
+    messages = [json.loads(line)["messages"] for line in
+                (EXAMPLES / "heldout.jsonl").read_text().splitlines()]
+    calls = [len(m.get("tool_calls", [])) for ms in messages for m in ms
+             if m["role"] == "assistant"]
+    assert {0, 1, 2} <= set(calls) and calls.count(0) >= 10 and calls.count(2) >= 3
+    train, held = _argument_values(EXAMPLES / "train.jsonl"), \
+        _argument_values(EXAMPLES / "heldout.jsonl")
+    assert len(held) >= 30 and not train & held, sorted(train & held)[:5]
+    assert {k for _, k, _ in held} == {"city", "amount", "pair", "minutes", "label", "name"}

@@ -192,3 +192,34 @@ def test_cli_scores_base_and_adapter_side_by_side(tmp_path, smol_tokenizer, monk
         assert variant["metrics"] == {"accuracy": 0.6, "name_acc": 0.0, "args_exact": 0.0,
                                       "ast_match": 0.0, "no_call": 1.0}
     assert "| accuracy | 60.0% | 60.0% |" in (out / "eval-tools.md").read_text()
+
+
+def test_an_adapter_trained_with_a_template_is_scored_with_it(tmp_path, smol_tokenizer,
+                                                              monkeypatch):
+    """SmolLM2's own template has no tools; an adapter folder holding chat_template.jinja
+    (data.template chatml_tools) has base and adapter prompted with it and read by the hermes
+    parser chosen from it, with no flag."""
+    from loratune.adapters import add_adapter, save_adapter
+    from loratune.config import LoraConfig
+    from loratune.data.templates import store_template
+
+    monkeypatch.setattr(smol_tokenizer, "chat_template", smol_tokenizer.chat_template)
+    prompts = []
+
+    def generate(model, tokenizer, ids, max_new_tokens, batch_size):
+        prompts.extend(tokenizer.decode(p) for p in ids)
+        return ANSWERS[:len(ids)]
+
+    monkeypatch.setattr(task, "generate_from_ids", generate)
+    model = tiny_llama(vocab=len(smol_tokenizer))
+    add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"]), "trained")
+    store_template(save_adapter(model, tmp_path / "adapter", "trained"), "chatml_tools")
+    model = tiny_llama(vocab=len(smol_tokenizer))
+    cfg = EvalCommandConfig(task="tools", data=str(conversations(tmp_path / "t.jsonl")),
+                            adapter=[str(tmp_path / "adapter")])
+    run = run_eval(cfg, model, smol_tokenizer)
+    assert [v.label for v in run.variants] == ["base", "adapter"]
+    for variant in run.variants:
+        assert variant.result.metrics["accuracy"] == pytest.approx(3 / 5)
+    assert len(prompts) == 10 and all("<tools>" in p and "SmolLM" not in p for p in prompts)
+    assert "<|im_start|>tool\n<tool_response>\nsunny\n</tool_response>" in prompts[1]

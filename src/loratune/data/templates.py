@@ -8,7 +8,10 @@ added), which is what answer-only masking in `encode.py` relies on.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from loratune.data.errors import DataError
+from loratune.files import write_atomic_file
 
 TEMPLATES: dict[str, str] = {
     # <|im_start|>role\ncontent<|im_end|>\n  (Qwen, SmolLM, many others)
@@ -50,6 +53,34 @@ TEMPLATES: dict[str, str] = {
         "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + m['content'] | trim"
         " + '<end_of_turn>\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
+    # chatml with tools, in the Hermes layout Qwen2.5 uses: the schemas in the system turn,
+    # calls as <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call> after the content,
+    # each result its own `tool` turn in <tool_response> (one turn per result, not Qwen's
+    # grouping, so every prefix stays a prefix). For chatml models whose own template has no
+    # tools (SmolLM2); serve and eval read calls back with the hermes parser.
+    "chatml_tools": (
+        "{% if tools %}{{ '<|im_start|>system\n' }}{% if messages[0]['role'] == 'system' %}"
+        "{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+        "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
+        "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+        "{{ '\n</tools>\n\nFor each function call, return a json object with function name "
+        "and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": "
+        "<function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n' }}"
+        "{% elif messages[0]['role'] == 'system' %}"
+        "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}{% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'system' and loop.first %}"
+        "{% elif m['role'] == 'assistant' and m.get('tool_calls') %}{{ '<|im_start|>assistant' }}"
+        "{% if m['content'] %}{{ '\n' + m['content'] }}{% endif %}{% for c in m['tool_calls'] %}"
+        "{% set f = c['function'] if c['function'] is defined else c %}"
+        "{{ '\n<tool_call>\n{\"name\": \"' + f['name'] + '\", \"arguments\": ' + "
+        "(f['arguments'] | tojson) + '}\n</tool_call>' }}{% endfor %}{{ '<|im_end|>\n' }}"
+        "{% elif m['role'] == 'tool' %}{{ '<|im_start|>tool\n<tool_response>\n' + m['content'] "
+        "+ '\n</tool_response><|im_end|>\n' }}"
+        "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+        "{% endif %}"
     ),
 }
 
@@ -97,3 +128,53 @@ def resolve_template(tokenizer, name: str | None) -> str:
         return TEMPLATES[name]
     own = _own_template(tokenizer)
     return own if own is not None else TEMPLATES[default_template(tokenizer)[0]]
+
+
+# -- the template an adapter was trained with ---------------------------------------------------
+# A run with data.template writes the template's text beside adapter_config.json, under the name
+# transformers gives a tokenizer's own (and vLLM's --chat-template reads): eval and serve prompt
+# the adapter as it was trained, without a flag.
+TEMPLATE_FILE = "chat_template.jinja"
+
+
+def store_template(adapter_dir: str | Path, name: str | None) -> Path | None:
+    """Write data.template's text into the adapter folder (nothing when unset: the tokenizer's
+    own template, which every consumer already uses)."""
+    if name is None:
+        return None
+    text = TEMPLATES[name]
+    out = Path(adapter_dir) / TEMPLATE_FILE
+    write_atomic_file(out, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
+    return out
+
+
+def _stored(folder: str | Path) -> str | None:
+    path = Path(folder) / TEMPLATE_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def _named(text: str) -> str:
+    return next((f"'{n}'" for n, t in TEMPLATES.items() if t == text), "its own")
+
+
+def _which(folder: str, text: str | None) -> str:
+    return (f"{folder} ({TEMPLATE_FILE}: {_named(text)})" if text else
+            f"{folder} (no {TEMPLATE_FILE}: the tokenizer's own)")
+
+
+def adapters_template(folders) -> tuple[str, str] | None:
+    """(text, note) of the chat template the adapter folders were trained with, None when none
+    stores one; adapters trained with different templates (or one with the tokenizer's own)
+    cannot share one tokenizer: a DataError naming two of them."""
+    stored = {str(f): _stored(f) for f in folders}
+    if not any(stored.values()):
+        return None
+    first = next(iter(stored.items()))
+    other = next((item for item in stored.items() if item[1] != first[1]), None)
+    if other is not None:
+        raise DataError(f"adapters {_which(*first)} and {_which(*other)} were trained with "
+                        "different chat templates; use them in separate runs")
+    text = first[1]
+    return text, (f"chat template {_named(text)} from the adapters' {TEMPLATE_FILE} (the "
+                  "base is prompted with it too)")
+

@@ -7,10 +7,12 @@ differ by the adapter alone.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from loratune import progress
+from loratune.data.templates import adapters_template
 from loratune.eval.tasks import TaskData, TaskRecord, TaskResult, task_record
 
 
@@ -56,10 +58,14 @@ def run_eval(cfg, model=None, tokenizer=None) -> EvalRun:
 
     record = task_record(cfg.task)
     data = record.read(cfg)  # bad data fails here, before the model loads
+    stored = adapters_template(cfg.adapter)  # the template the adapters were trained with
     if model is None:
         from loratune.models import load_model
 
         model, tokenizer = load_model(cfg.model)
+    if stored is not None:
+        tokenizer.chat_template, note = stored
+        print(f"note: {note}", file=sys.stderr)
     names = {}
     for i, folder in enumerate(cfg.adapter):
         names[folder] = f"eval{i}"
