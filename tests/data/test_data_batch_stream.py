@@ -136,3 +136,15 @@ def test_streaming_is_chosen_by_size_or_by_the_setting(tmp_path):
     assert streaming_reason(DataConfig(streaming=False, streaming_threshold_mb=2),
                             str(path)) is None
     assert streaming_reason(DataConfig(streaming=True), "owner/name") == "data.streaming: true"
+
+
+@pytest.mark.parametrize("batch_size", [2, 13])  # 13 records: ends mid-batch / on a batch end
+def test_epoch_done_after_the_epochs_last_batch(sft_file, smol_tokenizer, batch_size):
+    cfg = DataConfig(train=str(sft_file), max_length=64, shuffle_buffer=4)
+    stream = _stream(sft_file, smol_tokenizer, cfg, False, batch_size=batch_size)
+    n = 0
+    while not stream.epoch_done():
+        n += len(stream.next_batch()["input_ids"])
+    assert n == len(WORDS) and stream.pos.epoch == 0
+    stream.next_batch()
+    assert stream.pos.epoch == 1

@@ -158,6 +158,12 @@ class BatchStream:
                 self._next_epoch()
         return collate(rows, self.pad_id, self.packing)
 
+    def epoch_done(self) -> bool:
+        """Whether the current epoch has no batch left (reads the next window to know)."""
+        while self.pos.used >= len(self._rows) and self._read:
+            self._next_window()
+        return self.pos.used >= len(self._rows)
+
     # ------------------------------------------------------------------------ position
 
     def position(self) -> dict:
