@@ -31,6 +31,7 @@ from loratune.serve.types import SamplingParams
 from loratune.train.checkpoint import (choose_checkpoint, list_checkpoints, load_checkpoint,
                                        save_checkpoint)
 from loratune.train.loop import TrainResult, load_base, seed_everything
+from loratune.train.method_hooks import method_hooks
 from loratune.train.metrics_log import MetricsLog, plot_loss
 from loratune.train.objectives import start_adapter
 from loratune.train.optim import build_optimizer, set_lr
@@ -60,6 +61,8 @@ def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, mo
     per_step = cfg.train.batch_size * cfg.train.grad_accum // cfg.train.rl.num_generations
     total = total_steps(cfg, len(train_rows), per_step)
     optimizer = build_optimizer(model, cfg.train)
+    # the method's own terms (MoE-LoRA, AdaLoRA), counted in optimizer updates
+    hooks = method_hooks(model, cfg.adapter, "default", total * cfg.train.rl.num_iterations)
     start = resume_from(cfg, out, model, optimizer, total, skip_corrupt, log) if resume else 0
     write_config(out, cfg)
     metrics = MetricsLog(out / "metrics.jsonl")
@@ -71,7 +74,8 @@ def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, mo
     for step in range(start, total):
         prompts = step_prompts(train_rows, per_step, cfg.train.seed, step)
         record, scored = grpo_step(model, tokenizer, prompts, rewards, cfg.train, eos, step,
-                                   optimizer, lambda k: set_lr(optimizer, schedule(cfg, total, k)))
+                                   optimizer, lambda k: set_lr(optimizer, schedule(cfg, total, k)),
+                                   hooks)
         record = {"step": step + 1, **record}
         if held_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
             record["eval_reward"] = heldout_reward(model, tokenizer, held_rows, rewards, cfg, eos)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loratune.adapters.registry import TrainingHooks
 from loratune.config import RlConfig, TrainConfig
 from loratune.serve.types import SamplingParams
 from loratune.train.rl_batch import (RolloutBatch, completion_logps, micro_batch_loss, pad_rows,
@@ -105,23 +106,31 @@ def add_old_and_ref(model: nn.Module, batch: RolloutBatch, rl: RlConfig, chunk: 
 
 
 def update(model: nn.Module, batch: RolloutBatch, cfg: TrainConfig, spec: LossSpec,
-           optimizer: torch.optim.Optimizer) -> tuple[float, dict[str, float]]:
-    """One optimizer step over `batch` in micro-batches of train.batch_size rows."""
+           optimizer: torch.optim.Optimizer, hooks: TrainingHooks = TrainingHooks(),
+           number: int = 1) -> tuple[float, dict[str, float]]:
+    """Optimizer step `number` (1-based, over the run) over `batch` in micro-batches of
+    train.batch_size rows, with the adapter method's own terms (MoE-LoRA's balance loss per
+    micro-batch, AdaLoRA's orthogonality loss and rank budget per step) as SFT has them."""
     size = cfg.batch_size
     micro = [batch.rows(slice(i, i + size)) for i in range(0, len(batch), size)]
     tokens = float(batch.completion_mask.sum())
     total, sums = 0.0, {"clip_low_sum": 0.0, "clip_high_sum": 0.0, "kl_sum": 0.0, "tokens": 0.0}
     for part in micro:
         loss, stats = micro_batch_loss(model, part, spec, cfg.rl.temperature, len(micro), tokens)
-        loss.backward()
+        extra = hooks.micro_loss()
+        (loss if extra is None else loss + extra / len(micro)).backward()
         total += float(loss.detach())
         for k, v in stats.items():
             sums[k] += float(v)
+    extra = hooks.step_loss()
+    if extra is not None:
+        extra.backward()
     norm = None
     if cfg.max_grad_norm:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
     optimizer.step()
+    hooks.after_step(number)
     optimizer.zero_grad(set_to_none=True)
     return total, {**sums, "grad_norm": norm}
 
@@ -163,8 +172,8 @@ def _num(x: torch.Tensor) -> float | None:
 
 
 def grpo_step(model: nn.Module, tokenizer, prompts: list[Prompt], rewards: list[Reward],
-              cfg: TrainConfig, eos: set[int], step: int, optimizer,
-              set_lr) -> tuple[dict, Scored]:
+              cfg: TrainConfig, eos: set[int], step: int, optimizer, set_lr,
+              hooks: TrainingHooks = TrainingHooks()) -> tuple[dict, Scored]:
     """Rollout, score, num_iterations updates; (metrics record, what was sampled)."""
     start = time.perf_counter()
     scored = sample_and_score(model, tokenizer, prompts, rewards, cfg, eos, step)
@@ -176,8 +185,9 @@ def grpo_step(model: nn.Module, tokenizer, prompts: list[Prompt], rewards: list[
         add_old_and_ref(model, batch, cfg.rl, cfg.batch_size)
         spec = loss_spec(cfg.rl)
         for it in range(cfg.rl.num_iterations):
-            set_lr(step * cfg.rl.num_iterations + it)
-            updates.append(update(model, batch, cfg, spec, optimizer))
+            number = step * cfg.rl.num_iterations + it
+            set_lr(number)
+            updates.append(update(model, batch, cfg, spec, optimizer, hooks, number + 1))
     else:  # every group flat: nothing to learn from this rollout
         updates.append((0.0, {"clip_low_sum": 0.0, "clip_high_sum": 0.0, "kl_sum": 0.0,
                               "tokens": 0.0, "grad_norm": None}))
