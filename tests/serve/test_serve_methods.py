@@ -7,9 +7,10 @@ import shutil
 import pytest
 import torch
 
-from loratune.adapters import (AdaptedLinear, add_adapter, delete_adapter, disable_adapters,
+from loratune.adapters import (AdapterHost, add_adapter, delete_adapter, disable_adapters,
                                method_names, method_record, save_adapter, set_active)
-from loratune.config import AdaLoraConfig, BottleneckConfig, IA3Config, LoraConfig
+from loratune.config import (AdaLoraConfig, BottleneckConfig, IA3Config, LoHaConfig, LoraConfig,
+                             MoeLoraConfig)
 from loratune.serve.engine import Engine
 from loratune.serve.pool import AdapterPool, read_lora
 from loratune.serve.types import BadAdapter, GenerationRequest, SamplingParams, ServeError
@@ -25,6 +26,10 @@ CONFIGS = {
                        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
     "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                      feedforward_modules=["down_proj"]),
+    "moe_lora": MoeLoraConfig(r=4, lora_alpha=8, num_experts=3, top_k=2,
+                              target_modules=["q_proj", "v_proj", "up_proj"]),
+    # last: its hosts wrap self_attn and mlp, around the other methods' layers
+    "bottleneck": BottleneckConfig(bottleneck_size=8, nonlinearity="gelu"),
 }
 PROMPTS = [[1, 5, 9, 20, 30], [7, 8], [100, 101, 102, 103, 104, 105, 106], [42]]
 NEW_TOKENS = 12
@@ -34,7 +39,7 @@ def randomize(model, name, g):
     """Move every trained tensor of adapter `name` off its init, so each changes the output."""
     with torch.no_grad():
         for mod in model.modules():
-            ad = mod.adapters[name] if isinstance(mod, AdaptedLinear) and name in mod.adapters \
+            ad = mod.adapters[name] if isinstance(mod, AdapterHost) and name in mod.adapters \
                 else None
             for key, p in ([] if ad is None else ad.named_parameters()):
                 noise = torch.randn(p.shape, generator=g)
@@ -95,16 +100,28 @@ def test_rslora_and_the_others_are_served_as_their_records_say(setup):
     assert set(dora.scales["model.layers.1.self_attn.o_proj"]) == {"out_scale", "out_shift"}
     assert ia3.why_no_composition and dora.why_no_composition
     assert read_lora("rslora", folder / "rslora", model).why_no_composition is None
+    bottleneck = read_lora("bottleneck", folder / "bottleneck", model)
+    assert not bottleneck.layers and not bottleneck.scales and bottleneck.why_no_composition
+    assert set(bottleneck.blocks) == {f"model.layers.{i}.{m}" for i in (0, 1)
+                                      for m in ("self_attn", "mlp")}
+    assert {b.reads for b in bottleneck.blocks.values()} == {"output"}
+    moe = read_lora("moe_lora", folder / "moe_lora", model)
+    assert set(moe.blocks) == {f"model.layers.{i}.{m}" for i in (0, 1) for m in
+                               ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")}
+    assert {b.reads for b in moe.blocks.values()} == {"input"} and moe.why_no_composition
 
 
-def test_one_mixed_forward_equals_each_adapters_own_model(setup):
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "as-recorded"])
+def test_one_mixed_forward_equals_each_adapters_own_model(setup, static):
     """Base and every method in one batch (prefill, then a one-token decode step through the
-    all-slots path): each row equals the training model with that adapter alone."""
+    all-slots path): each row equals the training model with that adapter alone. `static`:
+    as a CUDA graph records a step (no branch on which rows use which slot)."""
     model, folder, _, logits, ids, _ = setup
     pool = AdapterPool(folder, max_adapters=len(CONFIGS))
     slots = pool.bind(model)
     try:
         rows = [0, *(pool.acquire({n: 1.0}) for n in CONFIGS)]
+        slots.static = static
         with torch.no_grad():
             slots.set(rows, ids.device)
             mixed = model(ids).logits
@@ -116,6 +133,32 @@ def test_one_mixed_forward_equals_each_adapters_own_model(setup):
             torch.testing.assert_close(flipped[j], logits[name][i, :1], atol=1e-5, rtol=1e-5)
             if name is not None:        # each adapter does change its row
                 assert (logits[name][i] - logits[None][i]).abs().max() > 1e-3, name
+    finally:
+        slots.rows, slots.static = None, False
+
+
+def test_blocks_follow_their_slot_and_leave_with_the_pool(setup):
+    """A block added or dropped makes recorded steps be recorded again (generation); an
+    evicted block's slot serves the base; a model bound to a new pool keeps no old blocks."""
+    model, folder, _, logits, ids, _ = setup
+    pool = AdapterPool(folder, max_adapters=1)
+    slots = pool.bind(model)
+    try:
+        before = slots.generation
+        slot = pool.acquire({"bottleneck": 1.0})
+        assert slots.generation > before
+        pool.release(slot)
+        before = slots.generation
+        assert pool.acquire({"moe_lora": 1.0}) == slot       # bottleneck evicted from `slot`
+        assert slots.generation > before
+        with torch.no_grad():
+            slots.set([slot], ids.device)
+            torch.testing.assert_close(model(ids[:1]).logits, logits["moe_lora"][:1],
+                                       atol=1e-5, rtol=1e-5)
+        AdapterPool(folder).bind(model)        # the old pool's rows would still select slot
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids[:1]).logits, logits[None][:1],
+                                       atol=1e-5, rtol=1e-5)
     finally:
         slots.rows = None
 
@@ -132,7 +175,8 @@ def test_every_method_in_one_batch_with_rows_joining_and_leaving(setup):
         engine.start()
         first = [((n, j), k, engine.submit(GenerationRequest(
                     PROMPTS[j], {n: 1.0} if n else {}, SamplingParams(max_tokens=k))))
-                 for n, j, k in [(n, i % len(PROMPTS), 2 + 2 * i) for i, n in enumerate(names)]]
+                 for n, j, k in [(n, i % len(PROMPTS), 2 + i * (NEW_TOKENS - 2) // len(names))
+                                 for i, n in enumerate(names)]]
         results = {0: first[0][2].result()}   # the shortest has left; the rest run on as these join
         later = [((n, j), NEW_TOKENS, engine.submit(GenerationRequest(
                     PROMPTS[j], {n: 1.0} if n else {}, SamplingParams(max_tokens=NEW_TOKENS))))
@@ -160,7 +204,9 @@ def test_compositions_stay_in_the_lora_family(setup):
             torch.testing.assert_close(model(ids[:1]).logits, logits["composed"], atol=1e-5,
                                        rtol=1e-5)
             slots.rows = None
-        for model_field, who in [("dora:0.5+lora:0.5", "dora"), ("ia3:0.5", "ia3")]:
+        for model_field, who in [("dora:0.5+lora:0.5", "dora"), ("ia3:0.5", "ia3"),
+                                 ("moe_lora:0.5", "moe_lora"),
+                                 ("bottleneck:0.5+lora:0.5", "bottleneck")]:
             adapters = engine.resolve(model_field)
             reason = method_record(who).serving.why_no_composition
             with pytest.raises(ServeError, match=f"{who}.*cannot be composed.*{reason[:20]}"):
@@ -174,14 +220,13 @@ def test_compositions_stay_in_the_lora_family(setup):
 def test_unserved_methods_are_refused_with_their_own_reason(setup, tmp_path):
     model, *_ = setup
     refused = [n for n in method_names() if not method_record(n).serving.served]
-    assert {"bottleneck", "moe_lora", "prompt", "prefix"} <= set(refused)
+    assert "loha" in refused and not {"bottleneck", "moe_lora"} & set(refused)
     other = tiny_llama(vocab=model.config.vocab_size, bias=True)
-    add_adapter(other, BottleneckConfig(bottleneck_size=4), "b")
-    folder = save_adapter(other, tmp_path / "b", "b")
-    reason = method_record("bottleneck").serving.why_not
-    with pytest.raises(BadAdapter, match=f"is bottleneck: {reason[:30]}.*cannot be merged "
-                                         r"either \(a bottleneck adapter .* `loratune chat`"):
-        read_lora("b", folder, model)
+    add_adapter(other, LoHaConfig(r=2, target_modules=["q_proj"]), "h")
+    folder = save_adapter(other, tmp_path / "h", "h")
+    reason = method_record("loha").serving.why_not
+    with pytest.raises(BadAdapter, match=f"is loha: {reason[:30]}.*Merge it into the base"):
+        read_lora("h", folder, model)
 
 
 @pytest.mark.parametrize("method, kind, value, said", [

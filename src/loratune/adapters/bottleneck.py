@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from loratune.adapters.host import AdapterHost, adapter_dtype
-from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, MethodRecord,
+from loratune.adapters.peft_format import ANOTHER_BASE, PeftFolder, file_key
+from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, MethodRecord, RowBlock,
                                         ServingSpec, register)
 from loratune.config import BottleneckConfig
 from loratune.models.modules import set_submodule
@@ -143,6 +144,31 @@ def bottleneck_config(config: BottleneckConfig) -> dict:
             **config.model_dump(exclude={"method", "dtype"})}
 
 
+class ServedBottleneck(BottleneckAdapter):
+    """A block as the server runs it for the rows that use it (registry.RowBlock): the delta
+    alone, on the sublayer's output."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.delta(h)
+
+
+def bottleneck_blocks(adapter: PeftFolder, model: nn.Module) -> dict[str, RowBlock]:
+    """Per wrapped sublayer of a served model, the file's block in float32."""
+    config = adapter.config
+    places = set(bottleneck_paths(model, config.placement))
+    hidden = _hidden_placement(model)[0]
+    blocks = {}
+    for path, parts in adapter.modules().items():
+        if path not in places:
+            raise AdapterError(f"{adapter.weights_path}: {file_key(path, 'adapter_down.weight')} "
+                               f"is not at a {config.placement} sublayer of this model "
+                               f"({ANOTHER_BASE})")
+        block = ServedBottleneck(hidden, config, dtype=torch.float32)
+        adapter.copy_module(path, parts, block.file_tensors())
+        blocks[path] = RowBlock(block.eval(), reads="output")
+    return blocks
+
+
 register(MethodRecord(
     name="bottleneck", config_class=BottleneckConfig, peft_type=PEFT_TYPE,
     files=FileSpec(("adapter_down.weight", "adapter_down.bias", "adapter_up.weight",
@@ -151,5 +177,7 @@ register(MethodRecord(
     attach=attach_bottleneck,
     merge=MergeSpec(why_not="a bottleneck adapter is a nonlinear extra block; no weight change "
                             "equals it"),
-    serving=ServingSpec(why_not="the server does not yet run bottleneck blocks (a nonlinear "
-                                "block per layer, not a per-row LoRA product or scale) per row")))
+    # Served per row as a nonlinear block on each wrapped sublayer's output.
+    serving=ServingSpec(blocks=bottleneck_blocks,
+                        why_no_composition="a bottleneck block is nonlinear: a weighted sum of "
+                                           "blocks is not one block, nor a LoRA product")))

@@ -19,9 +19,9 @@ from torch import nn
 
 from loratune.adapters.host import LayerAdapter
 from loratune.adapters.lora import checked_rank, lora_peft_fields
-from loratune.adapters.peft_format import lora_scale
-from loratune.adapters.registry import (FileSpec, MergeSpec, MethodRecord, ServingSpec,
-                                        TrainingHooks, TrainingSpec, register)
+from loratune.adapters.peft_format import ANOTHER_BASE, PeftFolder, file_key, lora_scale
+from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, MethodRecord, RowBlock,
+                                        ServingSpec, TrainingHooks, TrainingSpec, register)
 from loratune.config import MoeLoraConfig
 
 NOT_MERGEABLE = ("MoE-LoRA cannot be merged: its update depends on each token's routing, so no "
@@ -80,13 +80,17 @@ class MoeLoraAdapter(LayerAdapter):
     def add_to(self, out: torch.Tensor, x: torch.Tensor, weight: float = 1.0,
                base: nn.Module | None = None, base_out: torch.Tensor | None = None
                ) -> torch.Tensor:
+        return out + self.update(x, weight).to(out.dtype)
+
+    def update(self, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """weight · scale · Σ_e gates_e · B_e A_e x, in the adapter's dtype."""
         x = x.to(self.lora_A.dtype)
         gates = self.gates(x).to(x.dtype)
         if self.config.lora_dropout and self.training:
             x = F.dropout(x, self.config.lora_dropout, training=True)
         h = torch.einsum("...i,eri->...er", x, self.lora_A) * gates.unsqueeze(-1)
         update = torch.einsum("...er,eor->...o", h, self.lora_B)
-        return out + (weight * self.scaling * update).to(out.dtype)
+        return weight * self.scaling * update
 
     def merge_into(self, w, bias, weight):
         raise ValueError(NOT_MERGEABLE)
@@ -123,6 +127,33 @@ def new_moe_lora(config: MoeLoraConfig, path: str, in_features: int, out_feature
     return MoeLoraAdapter(in_features, out_features, config, r, alpha, device, dtype)
 
 
+class ServedMoeLora(MoeLoraAdapter):
+    """The experts as the server runs them for the rows that use them (registry.RowBlock):
+    the update on the layer's input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.update(x)
+
+
+def moe_lora_blocks(adapter: PeftFolder, model: nn.Module) -> dict[str, RowBlock]:
+    """Per targeted linear layer of a served model, the file's experts and router in float32."""
+    blocks = {}
+    for path, parts in adapter.modules().items():
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            layer = None
+        if not hasattr(layer, "in_features"):
+            raise AdapterError(f"{adapter.weights_path}: {file_key(path, 'moe_lora_A')} has no "
+                               f"linear layer at {path} in this model ({ANOTHER_BASE})")
+        r = adapter.rank(path)
+        block = ServedMoeLora(layer.in_features, layer.out_features, adapter.config, r=r,
+                              alpha=adapter.alpha(path), dtype=torch.float32)
+        adapter.copy_module(path, parts, block.file_tensors())
+        blocks[path] = RowBlock(block.eval(), reads="input")
+    return blocks
+
+
 register(MethodRecord(
     name="moe_lora", config_class=MoeLoraConfig, peft_type="LORATUNE_MOE_LORA",
     files=FileSpec(("moe_lora_A", "moe_lora_B", "moe_router"), peft_fields=lora_peft_fields),
@@ -132,5 +163,8 @@ register(MethodRecord(
         unused_parameters=True),  # top-k routing leaves some experts without a grad
     merge=MergeSpec(why_not="MoE-LoRA's update depends on each token's routing, so no single "
                             "weight equals it"),
-    serving=ServingSpec(why_not="the server does not yet route tokens among experts per row "
-                                "(each token's own mix of LoRA experts is not one slot's factors)")))
+    # Served per row as a block on each layer's input: the router picks each token's experts.
+    serving=ServingSpec(blocks=moe_lora_blocks,
+                        why_no_composition="MoE-LoRA mixes its experts per token by its own "
+                                           "router; adding another adapter's factors to it is no "
+                                           "weighted sum of their outputs")))

@@ -206,6 +206,20 @@ class PeftFolder:
                 by_module.setdefault(found[0], {})[found[1]] = tensor
         return by_module
 
+    def copy_module(self, path: str, parts: dict[str, torch.Tensor],
+                    live: dict[str, torch.Tensor]) -> None:
+        """Copy `parts`, the file's tensors of the module at `path` (by kind, as `modules()`
+        gives them), into `live` (kind -> tensor, e.g. a served block's file_tensors()),
+        refusing a missing one or another shape."""
+        for kind, t in live.items():
+            got = parts.get(kind)
+            if got is None or got.shape != t.shape:
+                found = "is missing" if got is None else f"has shape {tuple(got.shape)}"
+                raise AdapterError(f"{self.weights_path}: {file_key(path, kind)} {found}; this "
+                                   f"model needs {tuple(t.shape)} ({ANOTHER_BASE})")
+            with torch.no_grad():
+                t.copy_(got)
+
     def lora_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """module path -> (A, B) of a LoRA file, in key order (B None where it is missing)."""
         a_kind, b_kind = LORA_KINDS

@@ -118,6 +118,19 @@ class RowForm:
                 if (t := getattr(self, k)) is not None}
 
 
+@dataclass
+class RowBlock:
+    """A nonlinear piece of an adapter at one module path, as the server runs it for the rows
+    that use it (serve/row_blocks.py): `module(t)` is the delta added to that module's output,
+    where t is the module's input (`reads="input"`: its first argument or `hidden_states=`) or
+    its output (`"output"`: the first element of a tuple). Float32 parameters; the module takes
+    t in the model's dtype and casts it itself. Bottleneck blocks read a sublayer's output,
+    MoE-LoRA's routed experts a linear layer's input."""
+
+    module: nn.Module
+    reads: str = "output"
+
+
 @dataclass(frozen=True)
 class ServingSpec:
     """How the server runs the method for some rows of a mixed batch (serve/pool.py), or why not.
@@ -127,16 +140,19 @@ class ServingSpec:
     also compose (`a:0.5+b:0.5`).
     `rows`: (PeftFolder, model) -> {module path: RowForm}, for methods that need per-channel
     scales too (computed once at load, against the served base's weights); they do not compose,
-    for `why_no_composition`."""
+    for `why_no_composition`.
+    `blocks`: (PeftFolder, model) -> {module path: RowBlock}, for methods nonlinear in x (no
+    product or scale equals them); they do not compose either."""
 
     factors: Callable | None = None
     rows: Callable | None = None
+    blocks: Callable | None = None
     why_not: str = NO_SERVING
     why_no_composition: str = NO_COMPOSITION
 
     @property
     def served(self) -> bool:
-        return self.factors is not None or self.rows is not None
+        return any(f is not None for f in (self.factors, self.rows, self.blocks))
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,15 @@ class RowSlots:
         self.rows, self.uniform = rows, uniform
         self.others = (rows[:, None] != torch.arange(self.num_slots, device=rows.device))[..., None]
         self._others_flat: dict[int, torch.Tensor] = {}
+        self._row_index: dict[int, torch.Tensor] = {}
+
+    def row_index(self, slot: int) -> torch.Tensor:
+        """The rows that use `slot` (made once per batch, shared by every layer; on a GPU the
+        first call per slot waits for the device)."""
+        index = self._row_index.get(slot)
+        if index is None:
+            index = self._row_index[slot] = (self.rows == slot).nonzero().flatten()
+        return index
 
     def others_flat(self, rank: int) -> torch.Tensor:
         """[batch, slots·rank] bool: the columns of slots row b does not use (made once per

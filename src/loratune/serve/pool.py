@@ -22,9 +22,10 @@ from torch import nn
 from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, LORA_KINDS, PeftFolder,
                                            file_key, read_adapter_config, read_peft_weights,
                                            split_key, weights_file)
-from loratune.adapters.registry import AdapterError, MethodRecord, method_record
+from loratune.adapters.registry import AdapterError, MethodRecord, RowBlock, method_record
 from loratune.readers import CorruptFileError
 from loratune.serve.multi_lora import MultiLoraLinear, RowSlots, attach, detach, slot_dtype
+from loratune.serve.row_blocks import RowBlocks, attach_blocks, detach_blocks
 from loratune.serve.types import BadAdapter, ServeError, UnknownAdapter
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -33,20 +34,24 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 @dataclass
 class HostLora:
     """One adapter as read from disk: per layer path, A [r, in] and scale·B [out, r] (CPU),
-    and the per-channel scales of methods that have them (RowForm's in_scale, out_scale,
-    out_shift by name). `max_weight`: the largest composition weight its B takes within the
-    slots' bound; `why_no_composition`: why it cannot be composed at all (None: it can)."""
+    the per-channel scales of methods that have them (RowForm's in_scale, out_scale,
+    out_shift by name) and the nonlinear blocks of methods served so (RowBlock). `max_weight`:
+    the largest composition weight its B takes within the slots' bound; `why_no_composition`:
+    why it cannot be composed at all (None: it can)."""
 
     name: str
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
     max_weight: float = math.inf
     scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     why_no_composition: str | None = None
+    blocks: dict[str, RowBlock] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         return (sum(a.nbytes + b.nbytes for a, b in self.layers.values())
-                + sum(t.nbytes for parts in self.scales.values() for t in parts.values()))
+                + sum(t.nbytes for parts in self.scales.values() for t in parts.values())
+                + sum(t.nbytes for b in self.blocks.values()
+                      for t in b.module.state_dict().values()))
 
 
 def entry_key(adapters: dict[str, float]) -> str:
@@ -118,7 +123,8 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
         raise BadAdapter(f"{weights_path}: tensor {stray[0]} is not a {config.method} tensor "
                          f"(expected names ending in {', '.join(record.files.keys)})")
     try:
-        factors, scales = served_forms(record, PeftFolder(folder, config, raw, weights), model)
+        factors, scales, blocks = served_forms(record, PeftFolder(folder, config, raw, weights),
+                                               model)
     except AdapterError as err:
         raise BadAdapter(str(err)) from None
     layers = {path: fitted(path, a, b, model, weights_path) for path, (a, b) in factors.items()}
@@ -127,20 +133,36 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
         check_slot_values(what, path, a, b, slot_dtype(model.get_submodule(path)))
     for path, parts in scales.items():
         check_scales(what, path, parts, model)
-    if not layers and not scales:
+    for path, block in blocks.items():
+        check_block(what, path, block)
+    if not layers and not scales and not blocks:
         raise BadAdapter(f"{weights_path}: no {config.method} tensors")
     why = None if record.serving.factors else record.serving.why_no_composition
-    return HostLora(name, layers, max_weight(layers, model), scales, why)
+    return HostLora(name, layers, max_weight(layers, model), scales, why, blocks)
 
 
 def served_forms(record: MethodRecord, adapter: PeftFolder, model: nn.Module
-                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict]]:
-    """The adapter as its record serves it: per layer LoRA factors, and per-channel scales."""
-    if record.serving.factors is not None:
-        return record.serving.factors(adapter), {}
-    forms = record.serving.rows(adapter, model)
+                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict],
+                            dict[str, RowBlock]]:
+    """The adapter as its record serves it: per layer LoRA factors, per-channel scales and
+    nonlinear blocks."""
+    serving = record.serving
+    if serving.factors is not None:
+        return serving.factors(adapter), {}, {}
+    if serving.blocks is not None:
+        return {}, {}, serving.blocks(adapter, model)
+    forms = serving.rows(adapter, model)
     factors = {p: (f.a, f.b) for p, f in forms.items() if f.a is not None}
-    return factors, {p: f.scales() for p, f in forms.items() if f.scales()}
+    return factors, {p: f.scales() for p, f in forms.items() if f.scales()}, {}
+
+
+def check_block(what: str, path: str, block: RowBlock) -> None:
+    """Refuse a block whose tensors are not finite or past float32's bound (BadAdapter, 422):
+    the method's own file has checked their shapes against the model."""
+    for name, t in block.module.state_dict().items():
+        problem = value_problem(t.float(), torch.float32)
+        if problem is not None:
+            raise BadAdapter(f"{what}: {path} {name} {problem}")
 
 
 def check_scales(what: str, path: str, parts: dict[str, torch.Tensor], model: nn.Module) -> None:
@@ -237,11 +259,14 @@ class AdapterPool:
         self.model: nn.Module | None = None
         self.slots = RowSlots(max_adapters + 1)
         self.layers: dict[str, MultiLoraLinear] = {}
+        self.row_blocks: dict[str, RowBlocks] = {}
 
     def bind(self, model: nn.Module) -> RowSlots:
         """Serve `model`: its linear layers get slot-stacked LoRA as adapters need them."""
+        detach_blocks(model)
         detach(model)
         self.model = model
+        self.row_blocks = {}
         return self.slots
 
     # -- what is known ------------------------------------------------------------------------
@@ -319,10 +344,11 @@ class AdapterPool:
         for path, (a, b) in layers.items():     # the weights times B, in the slots' dtype
             check_slot_values(f"model {key!r}", path, a, b,
                               slot_dtype(self.model.get_submodule(path)))
-        scales = parts[0][0].scales if len(parts) == 1 else {}
+        # A composition is LoRA factors only (compose refused any other).
+        scales, blocks = (parts[0][0].scales, parts[0][0].blocks) if len(parts) == 1 else ({}, {})
         with self.lock:
             slot = self.free.pop()
-            self._fill(slot, layers, scales)
+            self._fill(slot, layers, scales, blocks)
             self.live[key] = slot
             self.members[key] = set(adapters)
             self.counts["loads"] += 1
@@ -407,16 +433,19 @@ class AdapterPool:
             self.no_composition[lora.name] = lora.why_no_composition
 
     def _fill(self, slot: int, layers: dict[str, tuple[torch.Tensor, torch.Tensor]],
-              scales: dict[str, dict[str, torch.Tensor]]) -> None:
+              scales: dict[str, dict[str, torch.Tensor]], blocks: dict[str, RowBlock]) -> None:
         self.layers = attach(self.model, [*layers, *scales], self.slots, self.max_adapters + 1,
                              self.lora_backend)
         for path, (a, b) in layers.items():
             self.layers[path].fill(slot, a, b)
         for path, parts in scales.items():
             self.layers[path].fill_scales(slot, **parts)
+        self.row_blocks.update(attach_blocks(self.model, list(blocks), self.slots))
+        for path, block in blocks.items():
+            self.row_blocks[path].fill(slot, block)
 
     def _clear(self, slot: int) -> None:
-        for layer in self.layers.values():
+        for layer in [*self.layers.values(), *self.row_blocks.values()]:
             layer.clear(slot)
         self.free.append(slot)
 
