@@ -76,17 +76,18 @@ def _perturbed_logps(model, batch):
     return old
 
 
-def _trl_trainer(tmp_path, tok, theirs, loss, beta, mu, kl_correction=True):
+def _trl_trainer(tmp_path, tok, theirs, loss, beta, mu, kl_correction=True, accum=1):
     from trl import GRPOConfig, GRPOTrainer
 
     loss_type, level = TRL_LOSS[loss]
     low, high = EPS[loss]
     args = GRPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True,
-                      bf16=False, per_device_train_batch_size=len(REWARDS), num_generations=G,
+                      bf16=False, per_device_train_batch_size=len(REWARDS) // accum,
+                      num_generations=G,
                       max_completion_length=MAX_LEN, temperature=TEMPERATURE, beta=beta,
                       num_iterations=mu, loss_type=loss_type, importance_sampling_level=level,
                       epsilon=low, epsilon_high=high, scale_rewards="group",
-                      gradient_accumulation_steps=1, use_bias_correction_kl=kl_correction)
+                      gradient_accumulation_steps=accum, use_bias_correction_kl=kl_correction)
 
     def fixed_rewards(prompts, completions, **kw):  # TRL's reward signature
         return list(REWARDS)
@@ -104,14 +105,14 @@ def _trl_trainer(tmp_path, tok, theirs, loss, beta, mu, kl_correction=True):
     return trainer
 
 
-def _trl_inputs(trainer, tok, rows, completions):
+def _trl_inputs(trainer, tok, rows, completions, accum=1):
     text = tok.batch_decode(completions)
 
     def generate(prompts):
         return rows, completions, None, text, None, {}, None, None
 
     trainer._generate = generate
-    trainer.current_gradient_accumulation_steps = 1  # set by its training loop, not here
+    trainer.current_gradient_accumulation_steps = accum  # set by its training loop, not here
     return trainer._generate_and_score_completions([{"prompt": "p"} for _ in rows])
 
 

@@ -73,7 +73,7 @@ def reference_logps(model: nn.Module, batch: RolloutBatch, temperature: float) -
 
 
 def micro_batch_loss(model: nn.Module, batch: RolloutBatch, spec: LossSpec, temperature: float,
-                     accum: int, step_tokens: float) -> tuple[torch.Tensor, dict]:
+                     accum: float, step_tokens: float) -> tuple[torch.Tensor, dict]:
     """The policy loss of one micro-batch (its share of the step) and its stats."""
     logps = completion_logps(model, batch, temperature)
     return policy_loss(logps, batch.old_logps, batch.ref_logps, batch.advantages,

@@ -12,8 +12,11 @@ checks loss and adapter gradients against it):
 - normalisation: grpo/gspo average tokens per sequence then sequences; bnpo averages all
   tokens of the micro-batch; dr_grpo divides the token sum by rows x max_completion_length
   (no length bias); dapo divides by the completion tokens of the whole optimizer step.
-  grpo/bnpo/dr_grpo/gspo are also divided by the micro-batches per step, so gradient
-  accumulation sums to the step's mean as TRL's does.
+  grpo/bnpo/dr_grpo/gspo are also divided by `accum`, the step's rows over the micro-batch's
+  (the micro-batches per step when they are equal, TRL's gradient_accumulation_steps), so
+  accumulated micro-batches sum to the step's loss, also when the last is shorter (dynamic
+  sampling keeps any number of groups). bnpo stays a mean of per-micro-batch token means,
+  as TRL's (tests/train/test_rl_accum.py).
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def k3_kl(logps: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.exp(diff) - diff - 1
 
 
-def normalise(per_token: torch.Tensor, mask: torch.Tensor, spec: LossSpec, accum: int,
+def normalise(per_token: torch.Tensor, mask: torch.Tensor, spec: LossSpec, accum: float,
               step_tokens: float) -> torch.Tensor:
     """The micro-batch's share of the step loss (see the module docstring)."""
     masked = per_token * mask
@@ -129,7 +132,7 @@ def normalise(per_token: torch.Tensor, mask: torch.Tensor, spec: LossSpec, accum
 
 
 def policy_loss(logps: torch.Tensor, old: torch.Tensor | None, ref: torch.Tensor | None,
-                advantages: torch.Tensor, mask: torch.Tensor, spec: LossSpec, accum: int = 1,
+                advantages: torch.Tensor, mask: torch.Tensor, spec: LossSpec, accum: float = 1,
                 step_tokens: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, stats) of B completions: logps/old/ref (B, T) token log-probs (old None: the
     rollout's policy is this one, μ = 1), advantages (B,), mask (B, T) completion tokens.

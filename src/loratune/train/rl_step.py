@@ -116,7 +116,10 @@ def update(model: nn.Module, batch: RolloutBatch, cfg: TrainConfig, spec: LossSp
     tokens = float(batch.completion_mask.sum())
     total, sums = 0.0, {"clip_low_sum": 0.0, "clip_high_sum": 0.0, "kl_sum": 0.0, "tokens": 0.0}
     for part in micro:
-        loss, stats = micro_batch_loss(model, part, spec, cfg.rl.temperature, len(micro), tokens)
+        # the step's rows / this micro-batch's (= grad_accum when the parts are equal, as
+        # TRL's; a shorter last part, after dynamic sampling, weighs by its rows)
+        share = len(batch) / len(part)
+        loss, stats = micro_batch_loss(model, part, spec, cfg.rl.temperature, share, tokens)
         extra = hooks.micro_loss()
         (loss if extra is None else loss + extra / len(micro)).backward()
         total += float(loss.detach())
