@@ -24,11 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loratune.config.commands import ServeConfig, UiConfig
 from loratune.data.errors import DataError
+from loratune.data.templates import adapters_template
 from loratune.data.tools import tool_conversation
 from loratune.http_guard import HostPolicy, RequestGuard
 from loratune.serve.prometheus import Metrics
 from loratune.serve.router import LanguageRouter, last_user_text
 from loratune.serve.sampling import SEED_MAX, SEED_MIN
+from loratune.serve.tool_constraint import CallReader, force_call
 from loratune.data.tool_calls import PARSERS, parse_tool_calls, parser_for_template
 from loratune.serve.types import (BadAdapter, Event, GenerationRequest, SamplingParams,
                                   ServeError, UnknownAdapter)
@@ -157,15 +159,40 @@ class ChatBody(_Body):
 
     def tools_on(self) -> bool:
         """Whether the answer may be tool calls (tools given, tool_choice not "none")."""
-        if isinstance(self.tool_choice, dict) or self.tool_choice == "required":
-            # Unconstrained sampling cannot promise a call; say so rather than pretend.
-            raise APIError(400, "tool_choice: 'required' and a named function are not supported "
-                           "(this server does not constrain decoding); use 'auto' or 'none'",
-                           param="tool_choice")
-        if self.tool_choice not in (None, "auto", "none"):
-            raise APIError(400, f"tool_choice: expected 'auto', 'none', 'required' or a named "
-                           f"function, got {self.tool_choice!r}", param="tool_choice")
+        self.forced_names()          # a bad tool_choice is a 400 whatever else the body holds
         return bool(self.tools) and self.tool_choice != "none"
+
+    def forced_names(self) -> list[str] | None:
+        """The names a forced call may take: every declared tool for "required", the one a
+        named choice gives; None when the model is free ("auto", "none", unset)."""
+        choice = self.tool_choice
+        if choice in (None, "auto", "none"):
+            return None
+        declared = [(t.get("function") or {}).get("name") for t in self.tools or []
+                    if isinstance(t, dict)]
+        if choice == "required":
+            if not declared:
+                raise APIError(400, "tool_choice: 'required' needs tools to call",
+                               param="tool_choice")
+            return declared
+        name = named_choice(choice)
+        if name is None:
+            raise APIError(400, "tool_choice: expected 'auto', 'none', 'required' or "
+                           '{"type": "function", "function": {"name": ...}}, got '
+                           f"{choice!r}", param="tool_choice")
+        if name not in declared:
+            raise APIError(400, f"tool_choice: {name!r} is not a function in tools (declared: "
+                           f"{', '.join(map(str, declared)) or 'none'})", param="tool_choice")
+        return [name]
+
+
+def named_choice(choice) -> str | None:
+    """The function name of a {"type": "function", "function": {"name": ...}} tool_choice."""
+    if not (isinstance(choice, dict) and choice.get("type") == "function"
+            and isinstance(choice.get("function"), dict)):
+        return None
+    name = choice["function"].get("name")
+    return name if isinstance(name, str) else None
 
 
 class CompletionBody(_Body):
@@ -331,10 +358,16 @@ class _Call:
         self.created = int(time.time())
         self.first_token_s: float | None = None
         self.tools: tuple[str, set[str], bool] | None = None  # (parser, names, parallel)
+        self.reader: CallReader | None = None    # reads a forced call (tool_choice) back
 
-    def answer(self, text: str, finish: str) -> tuple[dict, str]:
+    def answer(self, text: str, finish: str, ids: list[int]) -> tuple[dict, str]:
         """(message fields, finish_reason) of a whole chat answer: tool calls parsed out when
-        the request declared tools."""
+        the request declared tools, or read back by the grammar that forced them."""
+        if self.reader is not None:
+            self.reader.feed(ids)
+            calls = self.reader.complete()
+            return ({"content": None, "tool_calls": calls}, "tool_calls") if calls else \
+                ({"content": text}, finish)
         if self.tools is None:
             return {"content": text}, finish
         parser, names, parallel = self.tools
@@ -552,13 +585,14 @@ async def generate(state: _State, request: Request, kind: str):
             await asyncio.to_thread(check_adapter, state, name)
         state.engine.pool.check_weights(adapters)
         tools = call_tools(state, body) if kind == "chat" else None
+        ids, reader = await asyncio.to_thread(force_tool_call, state, body, tools, params, ids)
         handle = state.engine.submit(GenerationRequest(ids, adapters, params, state.timeout_s))
     except (APIError, ServeError) as err:
         err = err if isinstance(err, APIError) else from_serve_error(err)
         state.metrics.record(kind, model_label, err.status, time.perf_counter() - started)
         raise err from None
     call = _Call(kind, model, handle, len(ids), started, state.timeout_s)
-    call.tools = tools
+    call.tools, call.reader = tools, reader
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(stream(state, call, include_usage), media_type="text/event-stream",
@@ -579,6 +613,23 @@ def call_tools(state: _State, body: ChatBody) -> tuple[str, set[str], bool] | No
                        f"the server with --tool-parser ({', '.join(PARSERS)})", param="tools")
     names = {(t.get("function") or {}).get("name") for t in body.tools if isinstance(t, dict)}
     return parser, names, body.parallel_tool_calls is not False
+
+
+def force_tool_call(state: _State, body: ChatBody, tools, params: SamplingParams, ids: list[int]
+                    ) -> tuple[list[int], CallReader | None]:
+    """For tool_choice "required" or a named function: the prompt with the family's call
+    opener after it, the grammar set on `params` (serve/tool_constraint.py) and the reader of
+    the answer; unchanged ids and None when the model is free to answer as it likes."""
+    names = body.forced_names() if tools is not None else None
+    if names is None:
+        return ids, None
+    parser, _, parallel = tools
+    engine = state.engine
+    suffix, params.constraint, reader = force_call(
+        engine.tokenizer, engine.eos, parser, names, parallel and len(names) > 1,
+        params.max_tokens)
+    params.stop = []        # a stop string would cut the call short of its closing
+    return ids + suffix, reader
 
 
 def prompt_and_model(state: _State, body: ChatBody | CompletionBody, kind: str
@@ -614,10 +665,12 @@ async def complete(state: _State, call: _Call, request: Request) -> JSONResponse
     """Collect the whole answer; a client that hangs up cancels its request."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, call.handle))
     parts: list[str] = []
+    ids: list[int] = []
     last: Event | None = None
     try:
         async for event in call.events():
             parts.append(event.text)
+            ids.extend(event.token_ids)
             last = event if event.finish_reason else last
     finally:
         client_gone = watcher.done() and not watcher.cancelled()
@@ -638,7 +691,7 @@ async def complete(state: _State, call: _Call, request: Request) -> JSONResponse
                          usage["completion_tokens"])
     choice = call.choice("".join(parts), last.finish_reason, delta=False)
     if call.kind == "chat":
-        fields, choice["finish_reason"] = call.answer("".join(parts), last.finish_reason)
+        fields, choice["finish_reason"] = call.answer("".join(parts), last.finish_reason, ids)
         choice["message"] = {"role": "assistant", **fields}
     return JSONResponse(call.envelope([choice], chunk=False, usage=usage))
 
@@ -654,13 +707,17 @@ async def stream(state: _State, call: _Call, include_usage: bool) -> AsyncIterat
     try:
         if call.kind == "chat":
             first = call.choice(None, None, delta=True)
-            first["delta"] = {"role": "assistant", "content": ""}
+            first["delta"] = {"role": "assistant", "content": None if call.reader else ""}
             yield _sse(call.envelope([first], chunk=True))
         parts = []
         async for event in call.events():
             if event.finish_reason:
                 last = event
-            if event.text and call.tools is not None:
+            if call.reader is not None:     # a forced call: streamed as its tokens come
+                deltas = call.reader.feed(event.token_ids)
+                if deltas:
+                    yield _sse(call.envelope([calls_delta(call, deltas)], chunk=True))
+            elif event.text and call.tools is not None:
                 parts.append(event.text)  # a call is only known once its text is whole
             elif event.text:
                 yield _sse(call.envelope([call.choice(event.text, None, delta=True)], chunk=True))
@@ -671,9 +728,12 @@ async def stream(state: _State, call: _Call, include_usage: bool) -> AsyncIterat
         else:
             status = 200
             finish = last.finish_reason
-            if call.tools is not None:
-                fields, finish = call.answer("".join(parts), finish)
-                yield _sse(call.envelope([tool_delta(call, fields)], chunk=True))
+            if call.reader is not None:
+                finish = "tool_calls" if call.reader.complete() else finish
+            elif call.tools is not None:
+                fields, finish = call.answer("".join(parts), finish, [])
+                for choice in tool_deltas(call, fields):
+                    yield _sse(call.envelope([choice], chunk=True))
             yield _sse(call.envelope([call.choice(None, finish, delta=True)], chunk=True))
             if include_usage:
                 yield _sse(call.envelope([], chunk=True, usage=_usage(last, call.prompt_len)))
@@ -686,15 +746,25 @@ async def stream(state: _State, call: _Call, include_usage: bool) -> AsyncIterat
                              last.completion_tokens if last else 0, call.first_token_s)
 
 
-def tool_delta(call: _Call, fields: dict) -> dict:
-    """The chunk of a tools request's answer: its content, or its calls as OpenAI streams
-    them (each with its index, id, type, name and arguments)."""
-    choice = call.choice(None, None, delta=True)
+def tool_deltas(call: _Call, fields: dict) -> list[dict]:
+    """The chunks of a tools request's whole answer: its content, or each call as OpenAI
+    streams one (index, id, type, name and empty arguments first, then the arguments)."""
     if "tool_calls" not in fields:
+        choice = call.choice(None, None, delta=True)
         choice["delta"] = {"content": fields["content"]}
-    else:
-        choice["delta"] = {"tool_calls": [dict(c, index=i)
-                                          for i, c in enumerate(fields["tool_calls"])]}
+        return [choice]
+    out = []
+    for i, c in enumerate(fields["tool_calls"]):
+        head = dict(c, index=i, function={"name": c["function"]["name"], "arguments": ""})
+        out += [calls_delta(call, [head]),
+                calls_delta(call, [{"index": i, "function": {"arguments":
+                                                              c["function"]["arguments"]}}])]
+    return out
+
+
+def calls_delta(call: _Call, entries: list[dict]) -> dict:
+    choice = call.choice(None, None, delta=True)
+    choice["delta"] = {"tool_calls": entries}
     return choice
 
 
@@ -776,6 +846,10 @@ def run(cfg: ServeConfig) -> int:
     model, tok = load_model(cfg.model)
     pool = AdapterPool(cfg.adapters, max_adapters=cfg.max_adapters,
                        host_adapters=cfg.host_adapters)
+    stored = adapters_template(pool.folder(n) for n in pool.names())
+    if stored is not None:   # adapters trained under data.template: prompts and tool parser
+        tok.chat_template, note = stored
+        print(f"note: {note}")
     engine = Engine(model, tok, pool, base_name=cfg.served_name or served_name(cfg.model.name),
                     max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                     max_prompt_tokens=cfg.max_prompt_tokens,
