@@ -140,7 +140,7 @@ def test_refusals_name_the_init(tmp_path):
     model = ours("olora")
     with pytest.raises(AdapterError, match=r"already changed by another adapter's 'olora'"):
         add_adapter(model, LoraConfig(init_lora_weights="pissa", target_modules=TARGETS), "b")
-    with pytest.raises(ValueError, match=r"'olora' changes the base weight.*not dora"):
+    with pytest.raises(ValueError, match=r"'olora' is for method lora only, not dora"):
         LoraConfig(method="dora", init_lora_weights="olora")
 
 

@@ -7,7 +7,7 @@ order below is the order commands list them in.
 # isort: off
 from loratune.adapters import lora, dora, ia3, adalora, prompt, prefix, moe_lora, bottleneck
 from loratune.adapters import loha, lokr
-from loratune.adapters import loftq  # registers init_lora_weights: loftq
+from loratune.adapters import loftq, eva  # register init_lora_weights: loftq, eva
 from loratune.adapters import vera, oft
 # isort: on
 from loratune.adapters.host import AdaptedLinear, AdapterHost, LayerAdapter, SavedModule

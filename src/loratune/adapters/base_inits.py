@@ -19,34 +19,83 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from loratune.adapters.lora_product import REFERENCE
-from loratune.adapters.registry import AdapterError
+from loratune.adapters.registry import AdapterError, TrainingHooks
 
 # (W in fp32 [out, in], r, scale, config) -> (A [r, in], B [out, r], the new base weight)
 BaseInit = Callable[[torch.Tensor, int, float, object], tuple[torch.Tensor, torch.Tensor,
                                                                torch.Tensor]]
-_INITS: dict[str, BaseInit] = {}
-_KEEPS_BASE_ON_SAVE: set[str] = set()  # inits whose files apply to the changed base (LoftQ)
 CHANGED_BY = "loratune_base_init"  # attribute a changed base layer carries: the init's name
 
 
-def register_base_init(name: str, init: BaseInit, converts_on_save: bool = True) -> None:
-    """`converts_on_save=False`: W − W' is not s·B0·A0, so a file cannot be rewritten for the
-    unchanged base; it keeps the init's name and loading reruns the init (as PEFT does)."""
-    _INITS[name] = init
-    if not converts_on_save:
-        _KEEPS_BASE_ON_SAVE.add(name)
+@dataclass(frozen=True)
+class InitSpec:
+    """Everything outside an init's own file that `init_lora_weights: <name>` changes: LoRA's
+    record (adapters/lora.py) asks these for its files, its training hooks and its loading."""
+
+    name: str
+    # Runs on the base weight when the adapter is placed (PiSSA, OLoRA, LoftQ); such an init
+    # also runs again when a file that still names it is loaded, as in PEFT.
+    from_base: BaseInit | None = None
+    # False: W − W' is not s·B0·A0, so a file cannot be rewritten for the unchanged base; it
+    # keeps the init's name (LoftQ).
+    converts_on_save: bool = True
+    # (model, adapter name, config) -> its own adapter_config.json fields; `unused_fields`: what
+    # PEFT writes for them when another init runs (LoftQ: loftq_config {}, EVA: eva_config null).
+    peft_fields: Callable[[nn.Module, str, object], dict] | None = None
+    unused_fields: dict = field(default_factory=dict)
+    # (model, config, name, total_steps) -> TrainingHooks: an init fitted to the run's own
+    # training batches before the first step (EVA: hooks.before_training).
+    hooks: Callable | None = None
 
 
-def base_init(name) -> BaseInit | None:
-    """The init `init_lora_weights: name` runs on the base weight; None for True/gaussian."""
+_INITS: dict[str, InitSpec] = {}
+
+
+def register_init(spec: InitSpec) -> None:
+    _INITS[spec.name] = spec
+
+
+def init_spec(name) -> InitSpec | None:
+    """What `init_lora_weights: name` is; None for True/gaussian (the layer's own reset)."""
     if isinstance(name, str) and name.startswith("pissa_niter_"):
         return _INITS["pissa"]
     return _INITS.get(name) if isinstance(name, str) else None
+
+
+def base_init(name) -> BaseInit | None:
+    """The init `init_lora_weights: name` runs on the base weight; None when it runs none."""
+    spec = init_spec(name)
+    return spec.from_base if spec else None
+
+
+def init_on_load(name):
+    """init_lora_weights as a loaded file's config keeps it: an init that changed the base
+    reruns on load (the file's A, B apply to the changed base); any other only mattered before
+    training (EVA, CorDA, ...), so True."""
+    return name if name in (None, True, "gaussian") or base_init(name) is not None else True
+
+
+def init_peft_fields(model: nn.Module, name: str, config) -> dict:
+    """The inits' adapter_config.json fields: each one's unused value, then the running one's."""
+    fields = {k: v for spec in _INITS.values() for k, v in spec.unused_fields.items()}
+    spec = init_spec(config.init_lora_weights)
+    if spec is not None and spec.peft_fields is not None:
+        fields.update(spec.peft_fields(model, name, config))
+    return fields
+
+
+def init_hooks(model: nn.Module, config, name: str, total_steps: int) -> TrainingHooks:
+    """The training hooks of the adapter's init (EVA fits itself to the first batches)."""
+    spec = init_spec(config.init_lora_weights)
+    if spec is None or spec.hooks is None:
+        return TrainingHooks()
+    return spec.hooks(model, config, name, total_steps)
 
 
 def niter(name: str) -> int | None:
@@ -75,8 +124,8 @@ def olora(w: torch.Tensor, r: int, scale: float, config) -> tuple[torch.Tensor, 
     return a, b, w - scale * (b @ a)
 
 
-register_base_init("pissa", pissa)
-register_base_init("olora", olora)
+register_init(InitSpec("pissa", from_base=pissa))
+register_init(InitSpec("olora", from_base=olora))
 
 
 def start_from_base(adapter: nn.Module, base: nn.Module) -> None:
@@ -117,13 +166,13 @@ def add_starting_update(adapter: nn.Module, out: torch.Tensor, x: torch.Tensor) 
 
 def converts_on_save(adapter: nn.Module) -> bool:
     """Whether the adapter's file is rewritten as a plain LoRA for the unchanged base."""
-    name = adapter.config.init_lora_weights
-    return getattr(adapter, "lora_A_init", None) is not None and name not in _KEEPS_BASE_ON_SAVE
+    return getattr(adapter, "lora_A_init", None) is not None and config_converts_on_save(
+        adapter.config)
 
 
 def config_converts_on_save(config) -> bool:
-    name = config.init_lora_weights
-    return base_init(name) is not None and name not in _KEEPS_BASE_ON_SAVE
+    spec = init_spec(config.init_lora_weights)
+    return spec is not None and spec.from_base is not None and spec.converts_on_save
 
 
 def plain_lora_tensors(adapter: nn.Module) -> dict[str, torch.Tensor]:

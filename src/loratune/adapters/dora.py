@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.adapters.host import LayerAdapter
-from loratune.adapters.lora import LoraAdapter, lora_peft_fields
+from loratune.adapters.lora import LoraAdapter, lora_file_fields
 from loratune.adapters.lora_product import scaled_factors
 from loratune.adapters.peft_format import ANOTHER_BASE, LORA_KINDS, PeftFolder, file_key
 from loratune.adapters.registry import (AdapterError, ExportSpec, FileSpec, MethodRecord, RowForm,
@@ -127,7 +127,7 @@ def dora_rows(adapter: PeftFolder, model: nn.Module) -> dict[str, RowForm]:
 # PEFT writes DoRA as a LORA adapter with use_dora: true.
 register(MethodRecord(
     name="dora", config_class=LoraConfig, peft_type="LORA",
-    files=FileSpec((*LORA_KINDS, "lora_magnitude_vector"), peft_fields=lora_peft_fields),
+    files=FileSpec((*LORA_KINDS, "lora_magnitude_vector"), peft_fields=lora_file_fields),
     make_layer=new_dora, has_rank=True,
     training=TrainingSpec(plan_note="estimated as LoRA of the same rank: its magnitude vectors "
                                     "and weight-norm work are not counted"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from loratune.adapters.base_inits import register_base_init
+from loratune.adapters.base_inits import InitSpec, register_init
 from loratune.quant.nf4 import dequantize_4bit, quantize_4bit
 
 BLOCKSIZE = 64  # bitsandbytes' default, which PEFT's loftq_init uses
@@ -50,4 +50,7 @@ def loftq(w: torch.Tensor, r: int, scale: float, config) -> tuple[torch.Tensor, 
     return right / root, left / root, q
 
 
-register_base_init("loftq", loftq, converts_on_save=False)
+register_init(InitSpec(
+    "loftq", from_base=loftq, converts_on_save=False,
+    peft_fields=lambda model, name, config: {"loftq_config": config.loftq_config.model_dump()},
+    unused_fields={"loftq_config": {}}))

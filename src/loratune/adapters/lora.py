@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.adapters.base_inits import (add_starting_update, base_init,
-                                          config_converts_on_save, converts_on_save, niter,
+                                          config_converts_on_save, converts_on_save, init_hooks,
+                                          init_on_load, init_peft_fields, niter,
                                           plain_lora_fields, plain_lora_tensors, start_from_base)
 from loratune.adapters.fused_lora import fused_lora_forward
 from loratune.adapters.host import LayerAdapter, adapted_layers, leaf_names
@@ -123,23 +124,33 @@ def low_rank_fields(model: nn.Module, name: str, config: AdapterConfig) -> dict:
 
 def lora_peft_fields(model: nn.Module, name: str, config: AdapterConfig,
                      compact: bool = True) -> dict:
-    """The low-rank fields plus r and the per-module ranks/alphas that differ from it."""
+    """The low-rank fields plus r and the per-module ranks/alphas that differ from it (MoE-LoRA
+    writes these; LoRA and DoRA `lora_file_fields`)."""
     layers = [(p, l.adapters[name]) for p, l in adapted_layers(model) if name in l.adapters]
     fields = {**low_rank_fields(model, name, config), "r": config.r, "use_dora": config.use_dora,
               "rank_pattern": {canonical_path(p): a.r for p, a in layers if a.r != config.r},
               "alpha_pattern": {canonical_path(p): a.alpha for p, a in layers
                                 if a.alpha != config.lora_alpha}}
-    loftq = getattr(config, "loftq_config", None)   # LoRA's option; MoE-LoRA shares this writer
-    fields["loftq_config"] = loftq.model_dump() if loftq else {}
+    return fields
+
+
+def lora_file_fields(model: nn.Module, name: str, config: LoraConfig,
+                     compact: bool = True) -> dict:
+    """LoRA's and DoRA's: those plus what the init writes (loftq_config, eva_config: its
+    InitSpec); after PiSSA/OLoRA, those of the plain LoRA the file holds."""
+    fields = {**lora_peft_fields(model, name, config, compact),
+              **init_peft_fields(model, name, config)}
     if compact and config_converts_on_save(config):
         fields = plain_lora_fields(fields, config.use_rslora)
     return fields
 
 
 def loaded_options(values: dict) -> dict:
-    """A PEFT folder saved right after a randomized PiSSA init (pissa_niter_K, not converted)
-    applies to a residual base that cannot be rebuilt: refused (pissa and olora are rebuilt)."""
-    init = values.get("init_lora_weights")
+    """The init a file names reruns only when it changed the base (`init_on_load`). A PEFT
+    folder saved right after a randomized PiSSA init (pissa_niter_K, not converted) applies to
+    a residual base that cannot be rebuilt: refused (pissa and olora are rebuilt)."""
+    init = init_on_load(values.get("init_lora_weights", True))
+    values = {**values, "init_lora_weights": init}
     if isinstance(init, str) and niter(init) is not None:
         raise AdapterError(
             f"init_lora_weights is {init!r}: the adapter applies to a base from which a "
@@ -151,6 +162,6 @@ def loaded_options(values: dict) -> dict:
 
 register(MethodRecord(
     name="lora", config_class=LoraConfig, peft_type="LORA",
-    files=FileSpec(LORA_KINDS, peft_fields=lora_peft_fields, loaded_options=loaded_options),
-    make_layer=new_lora, has_rank=True, training=TrainingSpec(plan_note=None),
+    files=FileSpec(LORA_KINDS, peft_fields=lora_file_fields, loaded_options=loaded_options),
+    make_layer=new_lora, has_rank=True, training=TrainingSpec(hooks=init_hooks, plan_note=None),
     serving=ServingSpec(factors=scaled_factors), export=ExportSpec(gguf_factors=scaled_factors)))

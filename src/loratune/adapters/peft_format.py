@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from loratune.adapters.registry import (AdapterError, method_names, method_record, peft_types,
                                         records_of_peft_type)
-from loratune.config import BASE_INITS, AdapterConfig
+from loratune.config import AdapterConfig
 from loratune.files import write_atomic_dir
 from loratune.readers import CorruptFileError, check_finite, read_safetensors
 
@@ -163,11 +163,6 @@ def read_adapter_config(folder: str | Path) -> tuple[AdapterConfig, dict]:
     values = {k: v for k, v in raw.items() if k in fields and v is not None}
     if isinstance(values.get("target_modules"), list) and values["target_modules"] == []:
         raise AdapterError(f"{path}: target_modules is empty")
-    init = values.get("init_lora_weights")
-    # Inits that changed the base (PiSSA, OLoRA, LoftQ) run again on load, as in PEFT
-    # (adapters/base_inits.py); the others only matter before training.
-    if init not in (None, True, "gaussian", *BASE_INITS) and not str(init).startswith("pissa"):
-        values.pop("init_lora_weights")
     if record.files.loaded_options is not None:
         try:
             values = record.files.loaded_options(values)

@@ -8,7 +8,7 @@ elsewhere (a plugin, a test) registers itself the same way. This module imports 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,10 @@ class TrainingHooks:
     MoE-LoRA returns its routers' balance loss from `micro_loss`; AdaLoRA adds its orthogonality
     loss in `step_loss` and reallocates its rank budget in `after_step`.
     """
+
+    def before_training(self, batches: Iterator[dict]) -> None:
+        """Called once before the optimizer is built, with the run's training micro-batches in
+        order (endless): an init fitted to the data (EVA) may reshape the adapter here."""
 
     def micro_loss(self) -> torch.Tensor | None:
         """Loss terms the last forward left behind, added to each micro-batch before backward."""

@@ -82,9 +82,28 @@ class LoftQOptions(_Section):
     loftq_iter: int = Field(1, gt=0, description="alternations of NF4 quantization and SVD")
 
 
+class EvaOptions(_Section):
+    """EVA (init_lora_weights: eva), named as PEFT's eva_config (EvaConfig)."""
+
+    rho: float = Field(2.0, ge=1.0, description="a layer may get up to rho·r ranks when the "
+                       "budget (r per layer) is redistributed; 1.0: every layer keeps r")
+    tau: float = Field(0.99, ge=0.0, le=1.0, description="a layer's SVD stops once every "
+                       "component it needs is this cosine-similar to the batch before's")
+    use_label_mask: bool = Field(True, description="use only the positions whose label is not "
+                                 "label_mask_value (the trained tokens)")
+    label_mask_value: int = Field(-100, description="the label of positions left out")
+    whiten: bool = Field(False, description="divide each component by the square root of its "
+                         "singular value")
+    adjust_scaling_factors: bool = Field(
+        True, description="scale each layer's alpha with its new rank (alpha·r_new/r), so "
+        "every layer keeps the scale alpha/r")
+
+
 # Inits that move a rank-r part of the base weight into the adapter (the base keeps the rest);
 # pissa_niter_K (a randomized SVD with K subspace iterations) too.
 BASE_INITS = ("pissa", "olora", "loftq")
+# Inits whose options sit in a field of their own (PEFT's names), None when another init runs.
+INIT_OPTIONS = {"loftq": ("loftq_config", LoftQOptions), "eva": ("eva_config", EvaOptions)}
 
 
 class LoraConfig(_LowRankFields):
@@ -94,27 +113,32 @@ class LoraConfig(_LowRankFields):
         "lora", description="dora: weight-decomposed LoRA (a trained magnitude per output row)")
     r: int = Field(8, gt=0, description="rank of the update B·A")
     use_dora: bool = Field(False, description="PEFT's name for method: dora")
-    init_lora_weights: Literal[True, "gaussian", "pissa", "olora", "loftq"] | Annotated[
+    init_lora_weights: Literal[True, "gaussian", "pissa", "olora", "loftq", "eva"] | Annotated[
         str, StringConstraints(pattern=r"^pissa_niter_[1-9][0-9]*$")] = Field(
         True, description="True: A kaiming-uniform, B = 0; 'gaussian': A ~ N(0, 1/r), B = 0; "
         "'pissa': A, B from W's r principal singular directions, the base keeps the residual "
         "('pissa_niter_K': by a randomized SVD with K iterations); 'olora': from W's QR "
         "factorization; 'loftq': the base becomes NF4(W - s·B·A), B·A fitted to the "
-        "quantization error. Saved files are plain LoRAs of rank 2r for the unchanged base")
+        "quantization error; 'eva': A from the SVD of each layer's inputs over the first "
+        "training batches, ranks redistributed across layers (eva_config), B = 0. PiSSA and "
+        "OLoRA files are saved as plain LoRAs of rank 2r for the unchanged base")
     loftq_config: LoftQOptions | None = Field(None, description="LoftQ's options (with "
                                               "init_lora_weights: loftq)")
+    eva_config: EvaOptions | None = Field(None, description="EVA's options (with "
+                                          "init_lora_weights: eva)")
 
     @model_validator(mode="after")
-    def _base_init_fits(self):
-        if self.init_lora_weights == "loftq" and self.loftq_config is None:
-            self.loftq_config = LoftQOptions()
-        elif self.init_lora_weights != "loftq" and self.loftq_config is not None:
-            self.loftq_config = None  # PEFT writes {} when unused and ignores it
-        changes_base = self.init_lora_weights in BASE_INITS or str(
+    def _init_options_fit(self):
+        for init, (field, options) in INIT_OPTIONS.items():
+            if self.init_lora_weights == init and getattr(self, field) is None:
+                setattr(self, field, options())
+            elif self.init_lora_weights != init and getattr(self, field) is not None:
+                setattr(self, field, None)  # PEFT writes {}/null when unused and ignores it
+        data_or_base = self.init_lora_weights in (*BASE_INITS, "eva") or str(
             self.init_lora_weights).startswith("pissa")
-        if changes_base and self.method != "lora":
-            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} changes the base "
-                             f"weight and is for method lora only, not {self.method}")
+        if data_or_base and self.method != "lora":
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is for method lora "
+                             f"only, not {self.method}")
         return self
 
     @model_validator(mode="after")

@@ -207,7 +207,7 @@ def setup(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, model: nn.Modul
     if cfg.train.gradient_checkpointing:
         set_checkpointing(model, True)
     total = total_steps(cfg, data.n_batches)
-    hooks = method_hooks(model, cfg.adapter, "default", total)
+    hooks = method_hooks(model, cfg.adapter, "default", total, data)
     checkpoint = resume_checkpoint(cfg, opts, runtime, out, log)
     if is_preference(cfg) and cfg.train.preference.reference == "cached":
         # Before the runtime wraps the model: FSDP's sharded parameters run only in its forward.
