@@ -67,6 +67,7 @@ def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, mo
     write_config(out, cfg)
     metrics = MetricsLog(out / "metrics.jsonl")
     metrics.truncate_after(start)
+    MetricsLog(out / "completions.jsonl").truncate_after(start)  # a killed step's samples too
     log(f"grpo: {len(train_rows)} prompts, {per_step} per step x {cfg.train.rl.num_generations} "
         f"completions, {total} steps, loss {cfg.train.rl.loss}")
     eos = eos_ids(model, tokenizer)

@@ -26,6 +26,7 @@ from loratune.serve.slot_batch import SlotBatch
 from loratune.serve.slot_cache import slot_cache_refusal
 from loratune.serve.types import SamplingParams
 from loratune.train.rl_sampling import sample_tokens, stream_key, uniforms
+from loratune.train.stop_points import stop_point
 
 
 class LiveAdapter:
@@ -121,6 +122,7 @@ def _decode_all(model: nn.Module, prompts: list[list[int]], eos: set[int],
         picked, ended = tokens.tolist(), ended.tolist()       # the one sync of the step
         for row, token in zip(running, picked):
             row.tokens.append(token)
+        stop_point("rollout")   # a test's kill -9 lands here (train/stop_points.py)
         keep = [i for i, end in enumerate(ended) if not end]
         if not keep or t + 1 == params.max_tokens:
             break

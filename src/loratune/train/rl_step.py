@@ -22,6 +22,7 @@ from loratune.train.rl_batch import (RolloutBatch, completion_logps, micro_batch
 from loratune.train.rl_loss import (LossSpec, group_advantages, nanstd, overlong_penalty,
                                     summed_rewards, zero_variance_groups)
 from loratune.train.rl_rewards import Reward, score, text_of
+from loratune.train.stop_points import begin_step, stop_point
 from loratune.train.rl_rollout import rollout
 
 
@@ -122,6 +123,7 @@ def update(model: nn.Module, batch: RolloutBatch, cfg: TrainConfig, spec: LossSp
         loss, stats = micro_batch_loss(model, part, spec, cfg.rl.temperature, share, tokens)
         extra = hooks.micro_loss()
         (loss if extra is None else loss + extra / len(micro)).backward()
+        stop_point("update")    # a test's kill -9 lands here (train/stop_points.py)
         total += float(loss.detach())
         for k, v in stats.items():
             sums[k] += float(v)
@@ -178,6 +180,7 @@ def grpo_step(model: nn.Module, tokenizer, prompts: list[Prompt], rewards: list[
               cfg: TrainConfig, eos: set[int], step: int, optimizer, set_lr,
               hooks: TrainingHooks = TrainingHooks()) -> tuple[dict, Scored]:
     """Rollout, score, num_iterations updates; (metrics record, what was sampled)."""
+    begin_step(step + 1)
     start = time.perf_counter()
     scored = sample_and_score(model, tokenizer, prompts, rewards, cfg, eos, step)
     rollout_s = time.perf_counter() - start
