@@ -246,3 +246,25 @@ def test_scales_past_the_dtypes_bound_are_refused(setup, tmp_path, method, kind,
     save_file(weights, bad / "adapter_model.safetensors")
     with pytest.raises(BadAdapter, match=rf"adapter 'bad'.*model\.layers\.0\.mlp\.down_proj {said}"):
         read_lora("bad", bad, model)
+
+
+@pytest.mark.parametrize("method, key, change, said", [
+    ("moe_lora", "layers.1.mlp.up_proj.moe_router", lambda t: torch.full_like(t, 1e30),
+     r"model\.layers\.1\.mlp\.up_proj moe_router has values up to 1e\+30"),
+    ("bottleneck", "layers.0.mlp.adapter_up.bias", lambda t: torch.full_like(t, -3e19),
+     r"model\.layers\.0\.mlp adapter_up\.bias has values up to 3e\+19"),
+    ("bottleneck", "layers.1.self_attn.adapter_down.weight", lambda t: t[:, :-1],
+     r"model\.layers\.1\.self_attn\.adapter_down\.weight has shape \(8, 31\); this model "
+     r"needs \(8, 32\)"),
+])
+def test_bad_blocks_are_refused_naming_the_tensor(setup, tmp_path, method, key, change, said):
+    from safetensors.torch import load_file, save_file
+
+    model, folder, *_ = setup
+    bad = tmp_path / method
+    shutil.copytree(folder / method, bad)
+    weights = load_file(bad / "adapter_model.safetensors")
+    weights = {k: change(v).contiguous() if k.endswith(key) else v for k, v in weights.items()}
+    save_file(weights, bad / "adapter_model.safetensors")
+    with pytest.raises(BadAdapter, match=said):
+        read_lora("bad", bad, model)

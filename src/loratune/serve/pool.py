@@ -157,9 +157,12 @@ def served_forms(record: MethodRecord, adapter: PeftFolder, model: nn.Module
 
 
 def check_block(what: str, path: str, block: RowBlock) -> None:
-    """Refuse a block whose tensors are not finite or past float32's bound (BadAdapter, 422):
-    the method's own file has checked their shapes against the model."""
-    for name, t in block.module.state_dict().items():
+    """Refuse a block whose tensors are not finite or past float32's bound (BadAdapter, 422),
+    named as the file names them where the block says (file_tensors); the method's own file
+    has checked their shapes against the model."""
+    module = block.module
+    named = module.file_tensors() if hasattr(module, "file_tensors") else module.state_dict()
+    for name, t in named.items():
         problem = value_problem(t.float(), torch.float32)
         if problem is not None:
             raise BadAdapter(f"{what}: {path} {name} {problem}")
