@@ -40,16 +40,14 @@ from loratune.train.rl_rollout import rollout
 from loratune.train.rl_step import Prompt, grpo_step, sample_lines
 from loratune.train.run_folder import (check_resume_state, prepare_run_dir, resume_state,
                                        write_config, write_summary)
-from loratune.train.distributed import DistInfo
+from loratune.train.distributed import DistInfo, check_objective
 from loratune.train.schedule import lr_factor
 
 
 def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=None,
                tokenizer=None, quiet: bool = False, skip_corrupt: bool = False) -> TrainResult:
     log = (lambda *a: None) if quiet else print
-    if DistInfo.from_env().world_size > 1:
-        raise ConfigError("train.objective grpo runs in one process for now (rollouts per rank "
-                          "are not written yet); launch without torchrun / --nproc")
+    check_objective("grpo", DistInfo.from_env().world_size)   # under a hand-started torchrun
     rewards = load_rewards(cfg.train.rl.rewards)          # a bad reference fails before loading
     out = Path(cfg.output_dir)
     prepare_run_dir(out, resume, overwrite)

@@ -62,6 +62,16 @@ class DistInfo:
                    int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def check_objective(objective: str, world_size: int) -> None:
+    """GRPO trains in one process: refused before torchrun starts any worker (and by the recipe
+    under a torchrun started by hand)."""
+    if objective == "grpo" and world_size > 1:
+        raise DistributedError(
+            f"train.objective grpo runs in one process, not {world_size}: rollouts per rank "
+            "(whole groups per rank, gradients summed over ranks) are not written yet; launch "
+            "loratune train without --nproc / torchrun")
+
+
 def check_world_size(grad_accum: int, batch_size: int, world_size: int) -> None:
     """Each rank must run the same number of micro-batches per optimizer step."""
     if grad_accum % world_size == 0:
