@@ -1,9 +1,10 @@
 """GRPO with every adapter method in the registry, and with a 4-bit (QLoRA) base.
 
-Each run is the recipe's own: one step of two updates on a tiny Llama, beta > 0 (the reference is the model
-with its adapter switched off) and mu = 2 (old-policy log-probs), rollouts on the engine's
-batch. Asserted: the adapter moved; with the adapter off the model is the base again (the
-reference the KL is taken against); the step's KL is positive after the first update.
+Each run is the recipe's own: one step of two updates on a tiny Llama, beta > 0 (the
+reference is the model with its adapter switched off) and mu = 2 (old-policy log-probs),
+rollouts on the engine's batch. Asserted: the adapter moved; with the adapter off the model is
+the base again (the reference the KL is taken against); the KL is positive after the first
+update. No method is refused: each trains under GRPO.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from tiny import tiny_llama
 # method -> (adapter options, lr): the SFT test's, plus the LoRA family
 OPTIONS = {"lora": ({"r": 4, "lora_alpha": 8}, 5e-2), "dora": ({"r": 4, "lora_alpha": 8}, 5e-2),
            **{m: (options, lr) for m, (options, lr, _) in SFT_OPTIONS.items()},
-           # AdaLoRA's schedule fits the two updates of these runs: the budget is at target after them
-                  "adalora": ({"init_r": 6, "target_r": 3, "tinit": 0, "tfinal": 1, "deltaT": 1,
+           # AdaLoRA's schedule fits the two updates of a run: at target_r after them
+           "adalora": ({"init_r": 6, "target_r": 3, "tinit": 0, "tfinal": 1, "deltaT": 1,
                         "lora_alpha": 8}, 5e-2)}
 IDS = torch.tensor([[5, 900, 17, 4000, 31, 77, 1200]])
 REWARD_FILE = '''
