@@ -19,8 +19,10 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from loratune.adapters.host import adapter_dtype
-from loratune.adapters.prompt import NO_PACKING, PEFT_COMMON, PromptHost, find_decoder, place_host
-from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, MethodRecord,
+from loratune.adapters.peft_format import PeftFolder
+from loratune.adapters.prompt import (NO_LEAD_COMPOSITION, NO_PACKING, PEFT_COMMON, PromptHost,
+                                      find_decoder, place_host)
+from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, MethodRecord, RowLead,
                                         ServingSpec, TrainingSpec, register)
 from loratune.config import PrefixConfig
 
@@ -83,10 +85,17 @@ class PrefixEncoder(nn.Module):
 
     def key_values(self, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
         """Per layer (keys, values), each [batch, kv_heads, num_virtual_tokens, head_dim]."""
-        n = self.config.num_virtual_tokens
-        kv = self.prefixes().to(dtype).view(n, self.layers * 2, self.kv_heads, self.head_dim)
-        kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)
-        return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.layers)]
+        per_layer = split_prefixes(self.prefixes().to(dtype), self.layers, self.kv_heads,
+                                   self.head_dim)
+        return [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in per_layer]
+
+
+def split_prefixes(table: torch.Tensor, layers: int, kv_heads: int, head_dim: int
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's table [n, layers * 2 * kv_dim] -> per layer (keys, values) [1, kv_heads, n,
+    head_dim] (per token: layer 0 keys, layer 0 values, layer 1 keys, ...)."""
+    kv = table.view(table.shape[0], layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)
+    return [(kv[2 * i][None], kv[2 * i + 1][None]) for i in range(layers)]
 
 
 class PrefixHost(PromptHost):
@@ -166,6 +175,19 @@ def why_no_resume(config: PrefixConfig) -> str | None:
     return None
 
 
+def prefix_lead(adapter: PeftFolder, model: nn.Module) -> RowLead:
+    """The file's prefixes as per-layer keys and values for the served model's KV cache."""
+    d = model_dims(model)
+    table = adapter.tensors.get("prompt_embeddings")
+    want = (adapter.config.num_virtual_tokens, d["layers"] * 2 * d["kv_heads"] * d["head_dim"])
+    if table is None or tuple(table.shape) != want:
+        got = "no prompt_embeddings" if table is None else f"shape {tuple(table.shape)}"
+        raise AdapterError(f"{adapter.weights_path}: prompt_embeddings has {got}; this model "
+                           f"needs {want} (num_virtual_tokens, layers * 2 * kv_heads * head_dim)")
+    per_layer = split_prefixes(table.float(), d["layers"], d["kv_heads"], d["head_dim"])
+    return RowLead(key_values=[(k[0], v[0]) for k, v in per_layer])
+
+
 register(MethodRecord(
     name="prefix", config_class=PrefixConfig, peft_type="PREFIX_TUNING",
     files=FileSpec(("prompt_embeddings",),
@@ -176,5 +198,4 @@ register(MethodRecord(
                           why_no_resume=why_no_resume),
     merge=MergeSpec(why_not="prefix tuning adds key/value prefixes, not weights: there is "
                             "nothing to fold in"),
-    serving=ServingSpec(why_not="the server's slot cache does not yet hold per-row prefix keys "
-                                "and values")))
+    serving=ServingSpec(lead=prefix_lead, why_no_composition=NO_LEAD_COMPOSITION)))

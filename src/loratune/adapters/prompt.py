@@ -17,7 +17,8 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from loratune.adapters.host import AdapterHost, adapter_dtype
-from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, MethodRecord,
+from loratune.adapters.peft_format import PeftFolder
+from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, MethodRecord, RowLead,
                                         ServingSpec, TrainingSpec, register)
 from loratune.config import PromptConfig
 from loratune.models.modules import CACHE_KEYWORDS, cache_keyword
@@ -214,6 +215,23 @@ def loaded_options(values: dict) -> dict:
 # Samples packed into one row cannot share the virtual tokens in front of it (prefix tuning too).
 NO_PACKING = "virtual tokens lead each row"
 
+# Serving: the virtual tokens of one adapter lead its rows; two adapters' cannot be summed.
+NO_LEAD_COMPOSITION = ("virtual tokens go in front of a row's prompt; two adapters' tokens "
+                       "cannot be added or weighted")
+
+
+def prompt_lead(adapter: PeftFolder, model: nn.Module) -> RowLead:
+    """The file's virtual token embeddings, checked against the served model's embeddings."""
+    table = adapter.tensors.get("prompt_embeddings")
+    want = (adapter.config.num_virtual_tokens, find_decoder(model).get_input_embeddings()
+            .weight.shape[1])
+    if table is None or tuple(table.shape) != want:
+        got = "no prompt_embeddings" if table is None else f"shape {tuple(table.shape)}"
+        raise AdapterError(f"{adapter.weights_path}: prompt_embeddings has {got}; this model "
+                           f"needs {want} (num_virtual_tokens, hidden size)")
+    return RowLead(embeds=table.float())
+
+
 register(MethodRecord(
     name="prompt", config_class=PromptConfig, peft_type="PROMPT_TUNING",
     files=FileSpec(("prompt_embeddings",),
@@ -224,5 +242,4 @@ register(MethodRecord(
                           virtual_tokens=lambda config: config.num_virtual_tokens),
     merge=MergeSpec(why_not="prompt tuning adds virtual tokens, not weights: there is nothing "
                             "to fold in"),
-    serving=ServingSpec(why_not="the server does not yet put per-row virtual tokens in front of "
-                                "a prompt")))
+    serving=ServingSpec(lead=prompt_lead, why_no_composition=NO_LEAD_COMPOSITION)))

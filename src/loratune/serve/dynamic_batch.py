@@ -13,6 +13,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from loratune.serve.multi_lora import RowSlots
+from loratune.serve.prefill_rows import prefill_rows, row_columns
 
 
 class DynamicBatch:
@@ -25,20 +26,17 @@ class DynamicBatch:
         self.mask: torch.Tensor | None = None     # [rows, cached columns]; 0 = left padding
 
     def prefill(self, seqs: list) -> torch.Tensor:
-        """One forward over the new prompts (left-padded, each row with its adapter); their
-        cache joins the batch's. Returns the last prompt token's logits per new row."""
-        width = max(len(s.request.prompt_ids) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for i, seq in enumerate(seqs):
-            n = len(seq.request.prompt_ids)
-            ids[i, width - n:] = torch.tensor(seq.request.prompt_ids, device=self.device)
-            mask[i, width - n:] = 1
-        # Positions count real tokens only, so a padded row sees what it would see alone.
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        """One forward over the new prompts (left-padded, each row with its adapter and after
+        its virtual tokens: prefill_rows.py); their cache joins the batch's. Returns the last
+        prompt token's logits per new row."""
+        rows = prefill_rows(self.model, seqs, self.device)
+        cache, mask = DynamicCache(), rows.real.long()
+        if rows.prefix_columns:
+            mask = torch.cat([prefix_cache(cache, rows.prefixes, rows.prefix_columns), mask], 1)
         self.row_slots.set([s.slot for s in seqs], self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+        inputs = {"input_ids": rows.ids} if rows.embeds is None else \
+            {"inputs_embeds": rows.embeds}
+        out = self.model(**inputs, attention_mask=mask, position_ids=rows.pos,
                          **{self.cache_key: cache}, use_cache=True, logits_to_keep=1)
         self._join(cache, mask)
         return out.logits[:, -1]
@@ -46,8 +44,7 @@ class DynamicBatch:
     def decode(self, seqs: list) -> torch.Tensor:
         """One token for every running row; the logits of each."""
         last = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
-        pos = torch.tensor([[len(s.request.prompt_ids) + len(s.tokens) - 1] for s in seqs],
-                           device=self.device)
+        pos = torch.tensor([[row_columns(s) - 1] for s in seqs], device=self.device)
         mask = torch.cat([self.mask, self.mask.new_ones(len(seqs), 1)], dim=1)
         self.row_slots.set([s.slot for s in seqs], self.device)
         out = self.model(input_ids=last, attention_mask=mask, position_ids=pos,
@@ -85,6 +82,24 @@ class DynamicBatch:
             old.values = torch.cat([left_pad(old.values, width), left_pad(new.values, width)], 0)
         self.mask = torch.cat([left_pad(self.mask, width, dim=1),
                                left_pad(new_mask, width, dim=1)], 0)
+
+
+def prefix_cache(cache: DynamicCache, prefixes: list, width: int) -> torch.Tensor:
+    """Put each row's prefix keys and values (prefix tuning) into `cache`, right-aligned in
+    `width` columns; returns their 2D mask [rows, width] (rows without one: all padding)."""
+    have = next(kv for kv in prefixes if kv)
+    mask = torch.zeros(len(prefixes), width, dtype=torch.long, device=have[0][0].device)
+    for layer in range(len(have)):
+        heads, _, dim = have[layer][0].shape
+        keys, values = (have[layer][0].new_zeros(len(prefixes), heads, width, dim)
+                        for _ in range(2))
+        for i, kv in enumerate(prefixes):
+            if kv:
+                n = kv[layer][0].shape[-2]
+                keys[i, :, width - n:], values[i, :, width - n:] = kv[layer]
+                mask[i, width - n:] = 1
+        cache.update(keys, values, layer)
+    return mask
 
 
 def left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

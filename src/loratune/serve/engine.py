@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from loratune.adapters.registry import RowLead
 from loratune.models.modules import cache_keyword, eos_ids
 from loratune.serve.dynamic_batch import DynamicBatch
 from loratune.serve.pool import AdapterPool, entry_key
+from loratune.serve.prefill_rows import lead_tokens, row_columns
 from loratune.serve.sampling import check_seed, find_stop, held_back, new_generator, next_token
 from loratune.serve.slot_batch import SlotBatch
 from loratune.serve.slot_cache import slot_cache_refusal
@@ -109,6 +111,7 @@ class Sequence:
     in_batch: bool = False           # holds a row of the running batch
     final: Event | None = None       # the last event, held back until the row is retired
     poisoned: bool = False           # its logits went non-finite: reset what it used
+    lead: RowLead | None = None      # its adapter's virtual tokens before the prompt (pool.lead)
 
 
 class Engine:
@@ -206,6 +209,9 @@ class Engine:
         self._check(request)
         for name in request.adapters:
             self._known(name)
+        if len(request.adapters) == 1:      # known once read (the API reads it first)
+            name = next(iter(request.adapters))
+            self._check_row(request, self.pool.lead_tokens.get(name, 0), name)
         return self._enqueue(request)
 
     def _enqueue(self, request: GenerationRequest) -> Handle:
@@ -274,6 +280,16 @@ class Engine:
         if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= vocab:
             raise ServeError(f"prompt token ids must be in [0, {vocab})")
 
+    def _check_row(self, request: GenerationRequest, virtual: int, name: str | None) -> None:
+        """A row holds the adapter's virtual tokens, the prompt and max_tokens: within the
+        longest row this server keeps (columns()), or a 400 that says so."""
+        n, k = len(request.prompt_ids), request.params.max_tokens
+        if virtual and virtual + n + k > self.columns():
+            raise ServeError(f"adapter {name!r} puts {virtual} virtual tokens before the prompt: "
+                             f"with the prompt ({n} tokens) and max_tokens ({k}) that is "
+                             f"{virtual + n + k}, more than the {self.columns()} tokens a row "
+                             "may hold here (the context, or max prompt plus completion tokens)")
+
     # -- the engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -321,8 +337,6 @@ class Engine:
                     self.queue.popleft()
                 self._finish(seq, "cancelled" if seq.handle.cancelled.is_set() else "timeout")
                 continue
-            if joining and len(seq.request.prompt_ids) > budget:
-                break      # the next step takes it: one prefill stays within its token budget
             try:
                 ready = self._prepare(seq)
             except Exception as err:  # this request's own failure (an unreadable adapter file,
@@ -332,9 +346,13 @@ class Engine:
                 continue
             if not ready:
                 break      # every adapter slot is in use by running rows: wait for one to end
+            tokens = row_columns(seq)     # the prompt and its adapter's virtual tokens
+            if joining and tokens > budget:
+                self.pool.release(seq.slot)
+                break      # the next step takes it: one prefill stays within its token budget
             with self.cond:
                 self.queue.popleft()
-            budget -= len(seq.request.prompt_ids)
+            budget -= tokens
             joining.append(seq)
         if not joining:
             return
@@ -356,6 +374,8 @@ class Engine:
         if slot is None:
             return False
         try:
+            seq.lead = self.pool.lead(slot)
+            self._check_row(seq.request, lead_tokens(seq.lead), seq.key)
             seq.generator = new_generator(seq.request.params)
         except Exception:
             self.pool.release(slot)

@@ -22,7 +22,8 @@ from torch import nn
 from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, LORA_KINDS, PeftFolder,
                                            file_key, read_adapter_config, read_peft_weights,
                                            split_key, weights_file)
-from loratune.adapters.registry import AdapterError, MethodRecord, RowBlock, method_record
+from loratune.adapters.registry import (AdapterError, MethodRecord, RowBlock, RowLead,
+                                        method_record)
 from loratune.readers import CorruptFileError
 from loratune.serve.multi_lora import MultiLoraLinear, RowSlots, attach, detach, slot_dtype
 from loratune.serve.row_blocks import RowBlocks, attach_blocks, detach_blocks
@@ -45,13 +46,15 @@ class HostLora:
     scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     why_no_composition: str | None = None
     blocks: dict[str, RowBlock] = field(default_factory=dict)
+    lead: RowLead | None = None     # prompt learning's virtual tokens (ServingSpec.lead)
 
     @property
     def nbytes(self) -> int:
         return (sum(a.nbytes + b.nbytes for a, b in self.layers.values())
                 + sum(t.nbytes for parts in self.scales.values() for t in parts.values())
                 + sum(t.nbytes for b in self.blocks.values()
-                      for t in b.module.state_dict().values()))
+                      for t in b.module.state_dict().values())
+                + sum(t.nbytes for t in (self.lead.tensors() if self.lead else [])))
 
 
 def entry_key(adapters: dict[str, float]) -> str:
@@ -118,10 +121,13 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
         weights = read_peft_weights(folder, config, raw).tensors
     except CorruptFileError as err:
         raise BadAdapter(f"adapter {name!r}: {err}") from None
-    stray = sorted(k for k in weights if split_key(k, record.files.keys) is None)
+    stray = sorted(k for k in weights  # prompt learning's keys are whole names
+                   if k not in record.files.keys and split_key(k, record.files.keys) is None)
     if stray:
         raise BadAdapter(f"{weights_path}: tensor {stray[0]} is not a {config.method} tensor "
                          f"(expected names ending in {', '.join(record.files.keys)})")
+    if record.serving.lead is not None:
+        return read_lead(name, record, PeftFolder(folder, config, raw, weights), model)
     try:
         factors, scales, blocks = served_forms(record, PeftFolder(folder, config, raw, weights),
                                                model)
@@ -233,6 +239,23 @@ def check_composable(reasons: dict[str, str | None]) -> None:
                              "serve it alone", param="model")
 
 
+def read_lead(name: str, record: MethodRecord, adapter: PeftFolder, model: nn.Module
+              ) -> HostLora:
+    """A prompt-learning adapter as its record serves it (ServingSpec.lead): virtual tokens
+    before each row's prompt, bounded like slot values in the dtype they are used in."""
+    try:
+        lead = record.serving.lead(adapter, model)
+    except AdapterError as err:
+        raise BadAdapter(str(err)) from None
+    dtype = model.get_input_embeddings().weight.dtype
+    for t in lead.tensors():
+        problem = value_problem(t, dtype)
+        if problem is not None:
+            raise BadAdapter(f"adapter {name!r} ({adapter.weights_path}): prompt_embeddings "
+                             f"{problem}")
+    return HostLora(name, {}, why_no_composition=record.serving.why_no_composition, lead=lead)
+
+
 class AdapterPool:
     """Known adapters (folders under `adapter_dir`, or registered), `max_adapters` of them live."""
 
@@ -257,6 +280,8 @@ class AdapterPool:
         self.checked: dict[str, HostLora] = {}
         self.max_weights: dict[str, float] = {}   # adapter -> HostLora.max_weight, once read
         self.no_composition: dict[str, str] = {}  # adapter -> why it cannot compose, once read
+        self.lead_tokens: dict[str, int] = {}     # adapter -> its virtual tokens, once read
+        self.leads: dict[int, RowLead] = {}       # slot -> its virtual tokens (on the device)
         self.counts = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0, "load_seconds": 0.0,
                        "host_hits": 0}
         self.model: nn.Module | None = None
@@ -352,6 +377,7 @@ class AdapterPool:
         with self.lock:
             slot = self.free.pop()
             self._fill(slot, layers, scales, blocks)
+            self._fill_lead(slot, parts[0][0].lead if len(parts) == 1 else None)
             self.live[key] = slot
             self.members[key] = set(adapters)
             self.counts["loads"] += 1
@@ -430,6 +456,7 @@ class AdapterPool:
 
     def _remember(self, lora: HostLora) -> None:
         self.max_weights[lora.name] = lora.max_weight
+        self.lead_tokens[lora.name] = lora.lead.tokens if lora.lead else 0
         if lora.why_no_composition is None:
             self.no_composition.pop(lora.name, None)
         else:
@@ -447,7 +474,19 @@ class AdapterPool:
         for path, block in blocks.items():
             self.row_blocks[path].fill(slot, block)
 
+    def _fill_lead(self, slot: int, lead: RowLead | None) -> None:
+        """Keep `slot`'s virtual tokens where and as the model runs them (pool lock held)."""
+        if lead is not None:
+            weight = self.model.get_input_embeddings().weight
+            self.leads[slot] = lead.to(weight.device, weight.dtype)
+
+    def lead(self, slot: int) -> RowLead | None:
+        """The virtual tokens before the prompt of rows on `slot` (None: none)."""
+        with self.lock:
+            return self.leads.get(slot)
+
     def _clear(self, slot: int) -> None:
+        self.leads.pop(slot, None)
         for layer in [*self.layers.values(), *self.row_blocks.values()]:
             layer.clear(slot)
         self.free.append(slot)
@@ -465,6 +504,7 @@ class AdapterPool:
     def _drop_entries_with(self, name: str) -> bool:
         self.checked.pop(name, None)  # read from a folder that may no longer be the name's
         self.max_weights.pop(name, None)
+        self.lead_tokens.pop(name, None)
         self.no_composition.pop(name, None)
         keys = [k for k, names in self.members.items() if name in names]
         for key in keys:

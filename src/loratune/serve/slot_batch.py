@@ -17,6 +17,7 @@ from torch import nn
 
 from loratune.serve.decode_graphs import DecodeGraphs, GraphError, cuda_capture, eager_capture
 from loratune.serve.multi_lora import RowSlots
+from loratune.serve.prefill_rows import prefill_rows, row_columns
 from loratune.serve.slot_cache import SlotCache, bucket
 
 
@@ -41,40 +42,37 @@ class SlotBatch:
 
     # -- prefill ---------------------------------------------------------------------------------
     def prefill(self, seqs: list) -> torch.Tensor:
-        """One forward over the new prompts, left-padded, written to rows size.. of the cache.
-        Returns the last prompt token's logits per new row."""
-        n, width = len(seqs), max(len(s.request.prompt_ids) for s in seqs)
+        """One forward over the new prompts, left-padded, written to rows size.. of the cache
+        (each after its adapter's virtual tokens: prefill_rows.py). Returns the last prompt
+        token's logits per new row."""
+        n = len(seqs)
         if self.size + n > self.cache.rows:
             raise RuntimeError(f"{self.size + n} rows do not fit a batch of {self.cache.rows}")
-        self.cache.reserve(width)
-        ids = torch.zeros(n, width, dtype=torch.long)
-        real = torch.zeros(n, width, dtype=torch.bool)
-        for i, seq in enumerate(seqs):
-            p = seq.request.prompt_ids
-            ids[i, width - len(p):] = torch.tensor(p)
-            real[i, width - len(p):] = True
-        ids, real = ids.to(self.device), real.to(self.device)
-        # Positions count real tokens only, so a padded row sees what it would see alone.
-        pos = (real.long().cumsum(1) - 1).clamp(min=0)
-        columns = torch.where(real, pos, self.cache.trash)
-        q = torch.arange(width, device=self.device)
-        # Causal among real tokens; a padding query sees itself only (no empty softmax row).
-        visible = (real[:, None, :] & (q[None, None, :] <= q[None, :, None])) | torch.eye(
-            width, dtype=torch.bool, device=self.device)
+        rows = prefill_rows(self.model, seqs, self.device)
+        longest = max(rows.lengths)
+        self.cache.reserve(longest)
+        columns = torch.where(rows.real, rows.pos, self.cache.trash)
+        # Attention reads the rows' cache columns (a prefix is there before the prompt): a
+        # token sees its row's columns up to its own; a padding query sees column 0 only (no
+        # empty softmax row; every row has a token or a prefix there).
+        cols = torch.arange(longest, device=self.device)
+        visible = torch.where(rows.real[..., None], cols <= rows.pos[..., None], cols == 0)
         self.row_slots.set([s.slot for s in seqs], self.device)
-        self.cache.prefill(self.size, columns)
-        out = self.model(input_ids=ids, attention_mask=self._mask(visible[:, None]),
-                         position_ids=pos, **{self.cache_key: self.cache}, use_cache=True,
+        self.cache.prefill(self.size, columns, rows.prefixes, longest)
+        inputs = {"input_ids": rows.ids} if rows.embeds is None else \
+            {"inputs_embeds": rows.embeds}
+        out = self.model(**inputs, attention_mask=self._mask(visible[:, None]),
+                         position_ids=rows.pos, **{self.cache_key: self.cache}, use_cache=True,
                          logits_to_keep=1)
         self.size += n
-        self.longest = max(self.longest, width)
+        self.longest = max(self.longest, longest)
         return out.logits[:, -1]
 
     # -- decode ----------------------------------------------------------------------------------
     def decode(self, seqs: list) -> torch.Tensor:
         """One token for each running row (seqs[i] is row i); the logits of each."""
         ids = [s.tokens[-1] for s in seqs]
-        pos = [len(s.request.prompt_ids) + len(s.tokens) - 1 for s in seqs]
+        pos = [row_columns(s) - 1 for s in seqs]
         slots = [s.slot for s in seqs]
         need = max(pos) + 1
         self.cache.reserve(need)

@@ -74,7 +74,8 @@ class SlotCache(Cache):
         self._mode = ""
         self._index: torch.Tensor | None = None   # where the next update writes
         self._first = 0                          # prefill: the first row written
-        self._width = 0                          # decode: columns attended to
+        self._width: int | None = 0              # columns attended to (prefill: None = new)
+        self._prefixes: list = []                # prefill: (row, per-layer K, V) to write
 
     @property
     def trash(self) -> int:
@@ -100,9 +101,12 @@ class SlotCache(Cache):
         self.capacity = new
         self.generation += 1
 
-    def prefill(self, first: int, columns: torch.Tensor) -> None:
+    def prefill(self, first: int, columns: torch.Tensor, prefixes: list | None = None,
+                width: int | None = None) -> None:
         """The next forward is a prefill of rows first.. ; token t of row b goes to column
-        columns[b, t] (the trash column for padding). Attention sees the new tokens only.
+        columns[b, t] (the trash column for padding). `prefixes[b]`: per layer (keys, values)
+        [1 or kv_heads.., n, head_dim] written to columns 0..n-1 of row b (prefix tuning), or
+        None. Attention sees the rows' first `width` columns (None: the new tokens only).
 
         The rows are zeroed first: a decode step reads columns past a row's own length under
         a mask, and a mask does not hide what a previous request left there if it is NaN or
@@ -112,6 +116,8 @@ class SlotCache(Cache):
         for t in (*self.keys, *self.values):
             t[rows].zero_()
         self._mode, self._first, self._index = "prefill", first, columns
+        self._prefixes = [(first + b, kv) for b, kv in enumerate(prefixes or []) if kv]
+        self._width = width
 
     def decode(self, positions: torch.Tensor, width: int) -> None:
         """The next forward is one token per row 0..B-1, written at column positions[b];
@@ -144,7 +150,13 @@ class SlotCache(Cache):
             rows = slice(self._first, self._first + n)
             keys[rows].scatter_(2, index, key_states)
             values[rows].scatter_(2, index, value_states)
-            return key_states, value_states
+            for row, kv in self._prefixes:
+                k, v = kv[layer_idx]
+                keys[row, :, :k.shape[-2]] = k
+                values[row, :, :v.shape[-2]] = v
+            if self._width is None:
+                return key_states, value_states
+            return keys[rows, :, :self._width], values[rows, :, :self._width]
         if self._mode != "decode":
             raise RuntimeError("SlotCache.update before prefill() or decode()")
         index = self._index[:, None, None, None].expand(n, heads, 1, dim)
