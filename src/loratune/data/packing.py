@@ -13,6 +13,7 @@ run at step k sees exactly the batches the interrupted run would have.
 from __future__ import annotations
 
 import random
+from array import array
 
 import torch
 
@@ -66,6 +67,13 @@ def pack_examples(examples: list[Example], max_length: int, seed: int = 0) -> li
     return [[examples[i] for i in b] for b in _first_fit(sizes, order, max_length)]
 
 
+def _long_tensor(values: list[int]) -> torch.Tensor:
+    """torch.tensor(values) without its per-element cost (a fifth of streamed data's time): a
+    typed array's buffer, viewed (the caller copies it into the batch)."""
+    return torch.frombuffer(array("q", values), dtype=torch.long) if values else \
+        torch.zeros(0, dtype=torch.long)
+
+
 def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
     """Tensors for rows of examples, right-padded to the longest row.
 
@@ -89,8 +97,8 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> dict[str, t
         at = 0
         for ex in row:
             end = at + len(ex)
-            input_ids[r, at:end] = torch.tensor(ex.input_ids)
-            labels[r, at:end] = torch.tensor(ex.labels)
+            input_ids[r, at:end] = _long_tensor(ex.input_ids)
+            labels[r, at:end] = _long_tensor(ex.labels)
             labels[r, at] = IGNORE
             position_ids[r, at:end] = torch.arange(len(ex))
             attention_mask[r, at:end] = 1
