@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from loratune.adapters.host import LayerAdapter, leaf_names
-from loratune.adapters.registry import AdapterError, FileSpec, MethodRecord, register
+from loratune.adapters.registry import (AdapterError, FileSpec, MethodRecord, TrainingSpec,
+                                        register)
 from loratune.config import OFTConfig
 
 # The PEFT release whose OFT this file follows: the Neumann series changed in 0.18, and PEFT
@@ -192,8 +193,21 @@ def warn_old_series(model: nn.Module, name: str, raw: dict, weights: dict) -> No
                       stacklevel=2)
 
 
+PLAN_BLOCK = 32  # the block width the planner assumes when a config gives r blocks instead
+
+
+def plan_rank(config: OFTConfig) -> int:
+    """The LoRA rank that trains as many values as OFT on a square layer of width d: OFT trains
+    b(b−1)/2 per block, d/b blocks (one with block_share); LoRA of rank R trains 2·R·d."""
+    b = config.oft_block_size or PLAN_BLOCK
+    return 1 if config.block_share else max(1, math.ceil((b - 1) / 4))
+
+
 register(MethodRecord(
     name="oft", config_class=OFTConfig, peft_type="OFT",
     files=FileSpec(("oft_R.weight",), peft_fields=oft_peft_fields, loaded_options=loaded_options,
                    before_load=warn_old_series),
-    make_layer=new_oft))
+    make_layer=new_oft,
+    training=TrainingSpec(plan_rank=plan_rank, plan_note=(
+        "estimated as LoRA of rank ⌈(b−1)/4⌉, which trains as many values as OFT's blocks of "
+        f"width b on a square layer (with r blocks given, b is taken as {PLAN_BLOCK})"))))

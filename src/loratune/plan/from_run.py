@@ -34,8 +34,7 @@ def run_settings(run: RunConfig) -> dict:
                           "low-rank methods (lora, dora, adalora, moe_lora)")
     out = {"model": run.model.name, "method": "qlora" if quant else "lora",
            "batch": run.train.batch_size, "seq": run.data.max_length,
-           # MoE-LoRA's experts hold as many weights as one LoRA of their summed rank
-           "rank": adapter.r * getattr(adapter, "num_experts", 1),
+           "rank": planned_rank(adapter),
            "dtype": PLAN_DTYPES[quant.compute_dtype if quant else run.model.dtype],
            "optimizer": run.train.optimizer, "checkpointing": run.train.gradient_checkpointing,
            "loss_chunk": run.train.loss_chunk, "device": run.model.device,
@@ -44,6 +43,17 @@ def run_settings(run: RunConfig) -> dict:
     if quant:
         out.update(blocksize=quant.blocksize, double_quant=quant.double_quant)
     return out
+
+
+def planned_rank(adapter) -> int:
+    """The LoRA rank the method counts as: its record's plan_rank (OFT's r counts blocks), else
+    r (MoE-LoRA's experts hold as many weights as one LoRA of their summed rank)."""
+    from loratune.adapters import method_record  # imported for every method's registration
+
+    plan_rank = method_record(adapter.method).training.plan_rank
+    if plan_rank is not None:
+        return plan_rank(adapter)
+    return adapter.r * getattr(adapter, "num_experts", 1)
 
 
 def plan_for_run(run: RunConfig, options: PlanConfig, source: str = "the training config"
