@@ -137,6 +137,34 @@ class RowBlock:
     reads: str = "output"
 
 
+@dataclass
+class RowLead:
+    """What a prompt-learning adapter puts before each row's prompt, as the server runs it:
+    `embeds` [n, hidden], virtual token embeddings that go through the model in front of the
+    prompt (prompt tuning), or `key_values`, per layer (keys, values) [kv_heads, n, head_dim]
+    that the row's attention sees in its KV cache before the prompt (prefix tuning). Either
+    way the row's positions start after the n virtual tokens, as in the method's own
+    generate(). Float32 as read; the pool casts it to the model's device and dtype."""
+
+    embeds: torch.Tensor | None = None
+    key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def tokens(self) -> int:
+        """The virtual tokens: columns of the row's KV cache before its prompt."""
+        return (self.embeds if self.embeds is not None else self.key_values[0][0]).shape[-2]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.embeds] if self.embeds is not None else [t for kv in self.key_values
+                                                              for t in kv]
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> RowLead:
+        if self.embeds is not None:
+            return RowLead(embeds=self.embeds.to(device, dtype))
+        return RowLead(key_values=[(k.to(device, dtype), v.to(device, dtype))
+                                   for k, v in self.key_values])
+
+
 @dataclass(frozen=True)
 class ServingSpec:
     """How the server runs the method for some rows of a mixed batch (serve/pool.py), or why not.
@@ -148,17 +176,20 @@ class ServingSpec:
     scales too (computed once at load, against the served base's weights); they do not compose,
     for `why_no_composition`.
     `blocks`: (PeftFolder, model) -> {module path: RowBlock}, for methods nonlinear in x (no
-    product or scale equals them); they do not compose either."""
+    product or scale equals them); they do not compose either.
+    `lead`: (PeftFolder, model) -> RowLead, for prompt-learning methods (virtual tokens before
+    each row's prompt, in its KV cache); they do not compose either."""
 
     factors: Callable | None = None
     rows: Callable | None = None
     blocks: Callable | None = None
+    lead: Callable | None = None
     why_not: str = NO_SERVING
     why_no_composition: str = NO_COMPOSITION
 
     @property
     def served(self) -> bool:
-        return any(f is not None for f in (self.factors, self.rows, self.blocks))
+        return any(f is not None for f in (self.factors, self.rows, self.blocks, self.lead))
 
 
 @dataclass(frozen=True)
