@@ -10,6 +10,7 @@ Resume is exact: a checkpoint holds the adapter, the optimizer and the step; a s
 and samples depend only on (seed, step), so a resumed run repeats what the killed one would
 have done. Written to the run folder: metrics.jsonl (one record per step), completions.jsonl
 (sampled completions with their rewards), checkpoints/, adapter/, run_summary.json, loss.png.
+With held-out prompts, step 0 of metrics.jsonl is their score before training.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, mo
     log(f"grpo: {len(train_rows)} prompts, {per_step} per step x {cfg.train.rl.num_generations} "
         f"completions, {total} steps, loss {cfg.train.rl.loss}")
     eos = eos_ids(model, tokenizer)
+    if held_rows and start == 0:  # the held-out score before any update: the run's baseline
+        metrics.write({"step": 0, "eval_reward": heldout_reward(model, tokenizer, held_rows,
+                                                                rewards, cfg, eos)})
     began, history = time.perf_counter(), []
     for step in range(start, total):
         prompts = step_prompts(train_rows, per_step, cfg.train.seed, step)
@@ -82,7 +86,8 @@ def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, mo
         history.append(record)
         append_samples(out, sample_lines(scored, [text_prompt(p) for p in prompts
                                                   for _ in range(cfg.train.rl.num_generations)],
-                                         step + 1, cfg.train.rl.samples_logged))
+                                         step + 1, cfg.train.rl.samples_logged,
+                                         [r.name for r in rewards]))
         log(progress_line(record, total))
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             save_checkpoint(out / "checkpoints", step + 1, model, optimizer,
@@ -207,8 +212,10 @@ def finish(cfg: RunConfig, out: Path, model, tokenizer, held_rows, rewards, eos,
     final = history[-1]["loss"] if history else float("nan")
     summary = {"objective": "grpo", "loss": cfg.train.rl.loss, "steps": total,
                "seconds": round(seconds, 2), "final_loss": final}
-    if held_rows:
-        summary["eval_reward"] = heldout_reward(model, tokenizer, held_rows, rewards, cfg, eos)
+    if held_rows:  # the last step's held-out score when it has one (same weights)
+        last = history[-1] if history else {}
+        summary["eval_reward"] = last["eval_reward"] if "eval_reward" in last else \
+            heldout_reward(model, tokenizer, held_rows, rewards, cfg, eos)
     write_summary(out, summary)
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     return TrainResult(out, adapter_dir, total, final, summary.get("eval_reward"), seconds,

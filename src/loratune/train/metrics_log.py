@@ -48,8 +48,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
-    """The loss curve; preference runs get a second panel with the reward margin and the
-    preference accuracy (training and held-out)."""
+    """The loss curve; preference runs get a panel with the reward margin and the preference
+    accuracy (training and held-out), GRPO runs one with the mean reward per function and the
+    held-out reward."""
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -60,32 +61,53 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    prefs = {key: [(r["step"], r[key]) for r in records if key in r] for key in PREFERENCE_CURVES}
-    prefs = {key: points for key, points in prefs.items() if points}
-    fig, axes = plt.subplots(1, 2 if prefs else 1, figsize=(11 if prefs else 6, 3.5), dpi=100,
+    panels = [p for p in (preference_panel(records), reward_panel(records)) if p[1]]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6 + 5 * len(panels), 3.5), dpi=100,
                              squeeze=False)
     ax = axes[0][0]
     ax.plot(*zip(*train), label="train loss", lw=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="held-out loss", lw=1.2)
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if prefs:
-        right = axes[0][1]
-        for key, points in prefs.items():
-            right.plot(*zip(*points), "o-" if key.startswith("eval_") else "-",
-                       label=PREFERENCE_CURVES[key], lw=1.2)
-        right.set_xlabel("optimizer step")
-        right.grid(alpha=0.3)
-        right.legend()
+    _finish_axes(ax)
+    for right, (ylabel, curves) in zip(axes[0][1:], panels):
+        for label, (points, held_out) in curves.items():
+            right.plot(*zip(*points), "o-" if held_out else "-", label=label, lw=1.2)
+        right.set_ylabel(ylabel)
+        _finish_axes(right)
     fig.tight_layout()
     try:
         write_atomic_file(out_png, lambda tmp: fig.savefig(tmp, format="png"), overwrite=True)
     finally:
         plt.close(fig)
     return out_png
+
+
+def _finish_axes(ax) -> None:
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def _points(records: list[dict], key: str) -> list[tuple]:
+    return [(r["step"], r[key]) for r in records if r.get(key) is not None]
+
+
+def preference_panel(records: list[dict]) -> tuple[str, dict]:
+    curves = {label: (_points(records, key), key.startswith("eval_"))
+              for key, label in PREFERENCE_CURVES.items()}
+    return "", {label: c for label, c in curves.items() if c[0]}
+
+
+def reward_panel(records: list[dict]) -> tuple[str, dict]:
+    """GRPO: reward/<function>/mean per step (metrics keys carry the function's name) and the
+    held-out reward (eval_reward, step 0 = before training)."""
+    names = dict.fromkeys(k[len("reward/"):-len("/mean")] for r in records for k in r
+                          if k.startswith("reward/") and k.endswith("/mean"))
+    curves = {name: (_points(records, f"reward/{name}/mean"), False) for name in names}
+    if names:
+        curves["held-out reward"] = (_points(records, "eval_reward"), True)
+    return "reward (mean per function)", {label: c for label, c in curves.items() if c[0]}
 
 
 PREFERENCE_CURVES = {"margin": "reward margin", "accuracy": "preference accuracy",

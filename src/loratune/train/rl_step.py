@@ -201,11 +201,13 @@ def grpo_step(model: nn.Module, tokenizer, prompts: list[Prompt], rewards: list[
     return step_metrics(scored, rewards, updates, len(keep), seconds), scored
 
 
-def sample_lines(scored: Scored, prompts_text: list[str], step: int, n: int) -> list[dict]:
-    """The first n completions with their rewards, for completions.jsonl / the dashboard."""
+def sample_lines(scored: Scored, prompts_text: list[str], step: int, n: int,
+                 names: list[str]) -> list[dict]:
+    """The first n completions with their rewards (by function name), for completions.jsonl /
+    the dashboard."""
     return [{"step": step, "prompt": prompts_text[i], "completion": scored.texts[i],
              "reward": _num(scored.rewards[i]),
-             "rewards": [_num(v) for v in scored.per_func[i]],
+             "rewards": {name: _num(v) for name, v in zip(names, scored.per_func[i])},
              "advantage": float(scored.batch.advantages[i])}
             for i in range(min(n, len(scored.texts)))]
 

@@ -34,7 +34,7 @@ from loratune.http_guard import HostPolicy, RequestGuard
 from loratune.serve.api import startup_api_key, is_loopback, key_matches
 from loratune.ui.confine import Confinement
 from loratune.ui.launcher import LaunchError, Launcher, field_errors, validate_launch
-from loratune.ui.run_files import MetricsTail, RunFileError, inside
+from loratune.ui.run_files import MetricsTail, RunFileError, inside, read_completions
 from loratune.ui.runs import (RunNotFound, RunTable, find_reports, run_detail, run_path,
                               run_state)
 
@@ -143,6 +143,10 @@ def add_routes(app: FastAPI, state: UiState) -> None:
     async def loss_png(name: str):
         file = inside(run_path(root, name), "loss.png")   # a link out of the run: refused
         return FileResponse(file) if file else error(404, f"run {name} has no loss.png")
+
+    @app.get("/api/runs/{name:path}/completions", dependencies=guarded)
+    async def completions(name: str):   # GRPO's sampled completions with their rewards
+        return await asyncio.to_thread(read_completions, run_path(root, name))
 
     @app.post("/api/runs/{name:path}/stop", dependencies=acting)
     async def stop(name: str):

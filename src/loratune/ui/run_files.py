@@ -239,3 +239,68 @@ class MetricsTail:
     def _bad(self, reason: str) -> None:
         if self.problem is None:
             self.problem = f"line {self.lines}: {reason}"
+
+
+# -- completions.jsonl (GRPO: sampled completions and their rewards, a few per step) -------------
+COMPLETIONS = "completions.jsonl"
+COMPLETIONS_TAIL = 256 * 2**10   # bytes read from the end: the latest steps' samples
+MAX_SAMPLES = 40                 # samples shown (the latest)
+MAX_TEXT = 2000                  # characters kept of a prompt or completion
+MAX_REWARDS = 32                 # reward functions per sample
+
+
+def read_completions(folder: Path) -> dict:
+    """{"samples": the latest valid records (oldest first), "problem": the first bad line or
+    None}. Only the file's last COMPLETIONS_TAIL bytes are read, however large it grows."""
+    file = inside(folder, COMPLETIONS)
+    if file is None:
+        return {"samples": [], "problem": None}
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        f.seek(max(0, size - COMPLETIONS_TAIL))
+        data = f.read(COMPLETIONS_TAIL)
+    lines = data.split(b"\n")[:-1]    # the last piece is "" or a line still being written
+    if size > COMPLETIONS_TAIL and lines:
+        lines = lines[1:]             # the first was cut by the tail's start
+    samples, problem = [], None
+    for line in lines:
+        try:
+            if line.strip():
+                samples.append(completion_record(line))
+        except ValueError as err:
+            problem = problem or f"{COMPLETIONS}: {err} (line skipped)"
+    return {"samples": samples[-MAX_SAMPLES:], "problem": problem}
+
+
+def completion_record(line: bytes) -> dict:
+    """One completions line as the run page shows it: step, prompt, completion (text, cut to
+    MAX_TEXT), reward and advantage (numbers or null), rewards {function name: number or
+    null}. Anything else in the line is dropped."""
+    try:
+        rec = json.loads(line)
+    except ValueError as err:
+        raise ValueError(f"not JSON ({err})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {short(rec)}")
+    try:
+        if whole(rec, "step", COMPLETIONS) is None:
+            raise ValueError("no 'step'")
+        out = {"step": rec["step"]}
+        for key in ("prompt", "completion"):
+            out[key] = (text(rec, key, COMPLETIONS) or "")[:MAX_TEXT]
+        for key in ("reward", "advantage"):
+            out[key] = finite(number(rec, key, COMPLETIONS))
+        out["rewards"] = reward_values(section(rec, "rewards", COMPLETIONS))
+    except RunFileError as err:
+        raise ValueError(err.reason) from None
+    return out
+
+
+def reward_values(rewards: dict) -> dict:
+    if len(rewards) > MAX_REWARDS:
+        raise RunFileError(COMPLETIONS, f"rewards: more than {MAX_REWARDS} functions")
+    return {name[:100]: finite(number(rewards, name, COMPLETIONS)) for name in rewards}
+
+
+def finite(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None

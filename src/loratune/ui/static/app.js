@@ -166,6 +166,8 @@ async function pageRun(name) {
   const tps = new LineChart(charts, {title: "tokens / s"});
   const evl = new LineChart(charts, {title: "held-out loss"});
   loss.el.id = "chart-loss"; lr.el.id = "chart-lr"; tps.el.id = "chart-tps"; evl.el.id = "chart-eval";
+  const rewards = new RewardCurves(charts);
+  const completions = new CompletionTable(name);
   const ad = d.adapter;
   const facts = h("div", {class: "row"},
     h("div", {class: "card"}, h("b", {}, "adapter"), h("br"),
@@ -192,7 +194,7 @@ async function pageRun(name) {
   setPage(
     h("h2", {}, "Run ", h("span", {id: "run-name"}, name), " ", stateBox),
     h("p", {}, stopBtn, " ", resumeBtn, " ", msg),
-    facts, h("h3", {}, "Curves"), charts, samples, evals,
+    facts, h("h3", {}, "Curves"), charts, samples, completions.box, evals,
     h("h3", {}, "Config"), h("pre", {id: "config"}, d.config),
     d.log ? h("div", {}, h("h3", {}, "Console (last lines)"), h("pre", {id: "log"}, d.log)) : null);
   function showButtons(state) {
@@ -208,11 +210,15 @@ async function pageRun(name) {
         if (rec.eval_loss !== undefined) { loss.add("held-out", rec.step, rec.eval_loss); evl.add("held-out", rec.step, rec.eval_loss); }
         if (rec.lr !== undefined) lr.add("lr", rec.step, rec.lr);
         if (rec.tokens_per_s !== undefined) tps.add("tokens/s", rec.step, rec.tokens_per_s);
+        rewards.add(rec);
       }
       [loss, lr, tps, evl].forEach(c => c.render());
+      rewards.render();
+      completions.refresh();
       document.getElementById("run-steps").textContent = `${last} / ${d.total_steps || "?"} steps`;
     } else if (event === "reset") {
       [loss, lr, tps, evl].forEach(c => c.clear());
+      rewards.clear();
     } else if (event === "state") {
       stateBox.replaceChildren(stateTag(data));
       showButtons(data);
@@ -221,6 +227,53 @@ async function pageRun(name) {
     }
   });
   cleanup.push(stop);
+}
+
+// GRPO runs: the mean reward per function (metrics keys reward/<name>/mean) and the held-out
+// reward (eval_reward; step 0 is before training), in a chart made on the first such record.
+class RewardCurves {
+  constructor(container) { this.container = container; this.chart = null; }
+  add(rec) {
+    const names = Object.keys(rec).filter(k => /^reward\/.+\/mean$/.test(k));
+    if (!this.chart && !names.length && rec.eval_reward === undefined) return;
+    if (!this.chart) {
+      this.chart = new LineChart(this.container, {title: "reward (mean per function)"});
+      this.chart.el.id = "chart-reward";
+    }
+    for (const k of names) this.chart.add(k.slice(7, -5), rec.step, rec[k]);
+    if (rec.eval_reward !== undefined) this.chart.add("held-out", rec.step, rec.eval_reward);
+  }
+  render() { if (this.chart) this.chart.render(); }
+  clear() { if (this.chart) this.chart.clear(); }
+}
+
+// GRPO runs: the latest sampled completions with their rewards (completions.jsonl, read by the
+// server from its tail), fetched again at most every 2 s while metrics arrive.
+class CompletionTable {
+  constructor(name) {
+    this.name = name; this.last = 0;
+    this.box = h("div", {id: "completions-box", hidden: true});
+    this.refresh();
+  }
+  async refresh() {
+    const now = Date.now();
+    if (now - this.last < 2000) return;
+    this.last = now;
+    const r = await api(`/api/runs/${this.name}/completions`);
+    if (!r.ok || !r.data.samples.length) return;
+    const samples = r.data.samples.slice().reverse();        // the latest step first
+    const names = [...new Set(samples.flatMap(s => Object.keys(s.rewards)))];
+    this.box.replaceChildren(h("h3", {}, "Sampled completions (latest steps)"),
+      r.data.problem ? h("p", {class: "muted"}, r.data.problem) : null,
+      h("table", {id: "completions"},
+        h("tr", {}, ["step", "prompt", "completion", "reward", ...names, "advantage"]
+          .map(c => h("th", {}, c))),
+        samples.map(s => h("tr", {}, h("td", {class: "num"}, s.step), h("td", {}, s.prompt),
+          h("td", {}, h("pre", {}, s.completion)), h("td", {class: "num"}, num(s.reward, 3)),
+          names.map(n => h("td", {class: "num"}, num(s.rewards[n], 3))),
+          h("td", {class: "num"}, num(s.advantage, 2))))));
+    this.box.hidden = false;
+  }
 }
 
 // ---------------------------------------------------------------- compare
