@@ -3,11 +3,13 @@ streaming, and `datasets.map` + TRL's `pack_dataset` (best-fit decreasing), with
 
 The corpus is a .jsonl of {"text": ...} documents (a block of distinct documents repeated to
 the size asked for), written in a temporary folder under /tmp and deleted at the end. Each
-pipeline runs in its own process (peak RSS = its ru_maxrss), with the SmolLM2 tokenizer and
-rows of --max-length tokens; every document ends with EOS in all three.
+pipeline runs in its own process (peak RSS = its ru_maxrss, imports included), with the
+SmolLM2 tokenizer and rows of --max-length tokens; every document ends with EOS in all three.
+The seconds count the work alone: imports and the tokenizer's loading come before the clock.
 
-- loratune in memory: build_examples (data.format: text) then pack_examples (first-fit
-  decreasing over the whole file), as `loratune train` does with data.streaming: false;
+- loratune in memory: build_examples (data.format: text), then one epoch's batches (first-fit
+  decreasing over the whole file, collated into tensors), as `loratune train` does with
+  data.streaming: false;
 - loratune streaming: a BatchStream over one epoch (windows of data.shuffle_buffer documents
   packed, collated into batch tensors), as data.streaming: true trains;
 - datasets + TRL: load_dataset("json") into an Arrow cache, map(tokenize, batched) and
@@ -50,42 +52,54 @@ def _tokenizer():
     return load_tokenizer("smollm2-135m-instruct")
 
 
-def run_memory(path: str, max_length: int, tmp: str) -> int:
+# Each pipeline: imports and the tokenizer first (not timed), then a function doing the work.
+
+def run_memory(path: str, max_length: int, tmp: str):
     from loratune.config import DataConfig
-    from loratune.data import build_examples, pack_examples
+    from loratune.data import batches, build_examples
 
-    examples, _ = build_examples(path, _tokenizer(),
-                                 DataConfig(format="text", max_length=max_length))
-    rows = pack_examples(examples, max_length)
-    return sum(len(ex) for row in rows for ex in row)
+    tok = _tokenizer()
+
+    def work() -> int:
+        examples, stats = build_examples(path, tok,
+                                         DataConfig(format="text", max_length=max_length))
+        # One epoch's collated batches, as training keeps them.
+        batches(examples, 8, max_length, True, tok.pad_token_id, seed=0, epoch=0)
+        return stats.n_tokens
+    return work
 
 
-def run_streaming(path: str, max_length: int, tmp: str) -> int:
+def run_streaming(path: str, max_length: int, tmp: str):
     from loratune.config import DataConfig
     from loratune.data.batch_stream import BatchStream
 
     tok = _tokenizer()
-    cfg = DataConfig(format="text", max_length=max_length, streaming=True)
-    stream = BatchStream(path, tok, cfg, 8, True, tok.pad_token_id, 0)
-    while not stream.epoch_done():
-        stream.next_batch()  # collated tensors, as training takes them
-    return stream.stats.n_tokens
+
+    def work() -> int:
+        cfg = DataConfig(format="text", max_length=max_length, streaming=True)
+        stream = BatchStream(path, tok, cfg, 8, True, tok.pad_token_id, 0)
+        while not stream.epoch_done():
+            stream.next_batch()  # collated tensors, as training takes them
+        return stream.stats.n_tokens
+    return work
 
 
-def run_trl(path: str, max_length: int, tmp: str) -> int:
+def run_trl(path: str, max_length: int, tmp: str):
     from datasets import load_dataset
     from trl import pack_dataset
 
     tok = _tokenizer()
     eos = tok.eos_token_id
-    ds = load_dataset("json", data_files=path, split="train", cache_dir=tmp)
 
     def tokenize(batch):
         return {"input_ids": [ids + [eos] for ids in tok(batch["text"])["input_ids"]]}
 
-    ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names)
-    packed = pack_dataset(ds, seq_length=max_length, strategy="bfd")
-    return sum(sum(lengths) for lengths in packed["seq_lengths"])
+    def work() -> int:
+        ds = load_dataset("json", data_files=path, split="train", cache_dir=tmp)
+        ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names)
+        packed = pack_dataset(ds, seq_length=max_length, strategy="bfd")
+        return sum(sum(lengths) for lengths in packed["seq_lengths"])
+    return work
 
 
 RUNNERS = {"loratune-memory": run_memory, "loratune-streaming": run_streaming,
@@ -95,8 +109,9 @@ RUNNERS = {"loratune-memory": run_memory, "loratune-streaming": run_streaming,
 def child(name: str, path: str, max_length: int, tmp: str) -> None:
     import resource
 
+    work = RUNNERS[name](path, max_length, tmp)
     t0 = time.perf_counter()
-    tokens = RUNNERS[name](path, max_length, tmp)
+    tokens = work()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"tokens": tokens, "seconds": round(seconds, 2),
