@@ -12,8 +12,9 @@ layers), one run measures:
     (the seed's "10 switched adapters vs one" cost);
 (c) adapter cold-load time and LRU behaviour with max_adapters=4 and 16 adapters in rotation;
 (d) generation throughput of concurrent requests over one adapter of each served method (LoRA,
-    rsLoRA, AdaLoRA, DoRA, IA³: per-row scales beside the LoRA slots) vs the same requests over
-    as many plain LoRA adapters (issue 25's goal: within 1.3x).
+    rsLoRA, AdaLoRA, DoRA, IA³: per-row scales beside the LoRA slots; MoE-LoRA (4 experts, top 2)
+    and Houlsby bottleneck blocks (size 64): nonlinear blocks run on their own rows) vs the same
+    requests over as many plain LoRA adapters (issue 25's goal: within 1.3x).
 
     python benchmarks/serve.py               # ~3 min on 2 cores
     python benchmarks/serve.py --quick       # smoke run: --requests 8 --tokens 8 --repeat 3
@@ -108,10 +109,11 @@ def forward_ratios(model, tok, folder: Path, names: list[str], seq: int, repeat:
 
 
 def write_method_adapters(model, folder: Path, rank: int) -> list[str]:
-    """One random adapter per served non-LoRA method (B, E, magnitudes and IA³ vectors moved
-    off their init so each does work); the model is left without adapters."""
-    from loratune.adapters import AdaptedLinear, add_adapter, delete_adapter, save_adapter
-    from loratune.config import AdaLoraConfig, IA3Config, LoraConfig
+    """One random adapter per served non-LoRA method (B, E, up-projections, magnitudes and IA³
+    vectors moved off their init so each does work); the model is left without adapters."""
+    from loratune.adapters import AdapterHost, add_adapter, delete_adapter, save_adapter
+    from loratune.config import (AdaLoraConfig, BottleneckConfig, IA3Config, LoraConfig,
+                                 MoeLoraConfig)
 
     configs = {
         "rslora": LoraConfig(r=rank, lora_alpha=rank, use_rslora=True, target_modules=TARGETS),
@@ -120,15 +122,18 @@ def write_method_adapters(model, folder: Path, rank: int) -> list[str]:
         "dora": LoraConfig(r=rank, lora_alpha=2 * rank, use_dora=True, target_modules=TARGETS),
         "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                          feedforward_modules=["down_proj"]),
+        "moe_lora": MoeLoraConfig(r=rank, lora_alpha=2 * rank, num_experts=4, top_k=2,
+                                  target_modules=TARGETS),
+        "bottleneck": BottleneckConfig(bottleneck_size=64),
     }
     for name, config in configs.items():
         torch.manual_seed(len(name))
         add_adapter(model, config, name)
         with torch.no_grad():
             for mod in model.modules():
-                if isinstance(mod, AdaptedLinear) and name in mod.adapters:
+                if isinstance(mod, AdapterHost) and name in mod.adapters:
                     for key, p in mod.adapters[name].named_parameters():
-                        if key in ("lora_B", "lora_E"):
+                        if key in ("lora_B", "lora_E") or key.startswith("adapter_up"):
                             torch.nn.init.normal_(p, std=0.02)
                         elif key in ("ia3_l", "lora_magnitude_vector"):
                             p.mul_(1 + 0.02 * torch.randn_like(p))
@@ -190,7 +195,8 @@ def throughput(model, tok, folder: Path, names: list[str], n_requests: int, n_to
 
 def methods_throughput(model, tok, folder: Path, loras: list[str], n_requests: int,
                        n_tokens: int, repeat: int) -> None:
-    """(d): the same requests over [LoRA, rsLoRA, AdaLoRA, DoRA, IA³] and over five LoRAs."""
+    """(d): the same requests over [LoRA, rsLoRA, AdaLoRA, DoRA, IA³, MoE-LoRA, bottleneck]
+    and over as many LoRAs."""
     from loratune.serve.engine import Engine
     from loratune.serve.pool import AdapterPool
     from loratune.serve.types import GenerationRequest, SamplingParams
