@@ -222,3 +222,29 @@ def test_bad_virtual_tokens_are_refused_naming_the_file(setup, tmp_path, name, c
               bad / "adapter_model.safetensors")
     with pytest.raises(BadAdapter, match=f"adapter_model.safetensors.*{said}"):
         read_lora("bad", bad, model)
+
+
+def test_the_api_answers_400_when_the_virtual_tokens_do_not_fit(setup):
+    """Over HTTP the adapter is read before the request is queued, so the 400 comes up front;
+    the same prompt with fewer max_tokens is answered with the adapter's own tokens."""
+    from fastapi.testclient import TestClient
+
+    from loratune.serve.api import build_app
+
+    model, folder, refs, tok = setup
+    engine = Engine(model, tok, AdapterPool(folder, max_adapters=2), base_name="tiny",
+                    max_prompt_tokens=8, max_completion_tokens=8)
+    engine.eos = set()
+    body = {"model": "prefix_mlp", "prompt": PROMPTS[2], "temperature": 0, "max_tokens": 8}
+    try:
+        with TestClient(build_app(engine.start()), base_url="http://127.0.0.1:8000") as client:
+            resp = client.post("/v1/completions", json=body)
+            assert resp.status_code == 400, resp.text
+            assert "adapter 'prefix_mlp' puts 5 virtual tokens" in resp.json()["error"]["message"]
+            assert not engine.queue and not engine.counts["prefills"]
+            resp = client.post("/v1/completions", json={**body, "max_tokens": 4})
+            assert resp.status_code == 200, resp.text
+    finally:
+        engine.stop()
+    assert resp.json()["choices"][0]["text"] == tok.decode(refs[("prefix_mlp", 2)][:4],
+                                                           skip_special_tokens=True)
