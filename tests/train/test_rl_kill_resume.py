@@ -136,12 +136,14 @@ def test_kill_9_mid_rollout_and_mid_update_then_resume(tmp_path, tiny_folder):
         configs[name] = tmp_path / f"{name}.yaml"
         configs[name].write_text(json.dumps(_cfg_dict(tmp_path, name, str(tiny_folder))))
     whole = _train(configs["whole"])
-    cut = {name: _train(configs[name], stop_at=f"{name}:{step}", marker=tmp_path / name)
+    cut = {name: _train(configs[name], stop_at=f"{name}:{step}",
+                        marker=tmp_path / f"{name}.held")
            for name, step in (("rollout", 3), ("update", 4))}
     for name, proc in cut.items():
-        _kill_when_held(proc, tmp_path / name)
+        _kill_when_held(proc, tmp_path / f"{name}.held")
         assert not (tmp_path / name / "adapter").exists()
-        assert [p.name for p in (tmp_path / name / "checkpoints").iterdir()] == ["step-2"]
+        saved = (tmp_path / name / "checkpoints").iterdir()
+        assert [int(p.name.split("-")[1]) for p in saved] == [2]   # killed after checkpoint 2
     resumed = [_train(configs[name], "--resume") for name in cut]
     for proc in [whole, *resumed]:
         out = proc.communicate(timeout=600)[0]
