@@ -28,7 +28,7 @@ LEADS = {
 OTHERS = ["lora", "dora", "ia3"]
 PROMPTS = [[1, 5, 9, 20, 30], [7, 8], [100, 101, 102, 103, 104, 105, 106], [42]]
 NEW_TOKENS = 10
-LOOPS = ["slots", "graph-steps", "dynamic"]
+LOOPS = ["slots", "slots-sdpa", "graph-steps", "dynamic"]
 
 
 def greedy(model, prompt):
@@ -76,8 +76,10 @@ def setup(tmp_path_factory, smol_tokenizer):
 
 def engine_on(setup, loop, **kw):
     """An engine on the `loop` under test; "graph-steps" is slots with the CUDA-graph runner's
-    padded static decode steps, replayed eagerly (the graph path's CPU check)."""
+    padded static decode steps, replayed eagerly (the graph path's CPU check); "slots-sdpa"
+    gives sdpa the boolean masks (the caller puts eager back)."""
     model, folder, _, tok = setup
+    model.set_attn_implementation("sdpa" if loop == "slots-sdpa" else "eager")
     engine = Engine(model, tok, AdapterPool(folder, max_adapters=4), base_name="tiny",
                     max_completion_tokens=64, kv_cache="dynamic" if loop == "dynamic" else "slots",
                     **kw)
@@ -114,6 +116,15 @@ def test_prompt_and_prefix_rows_beside_the_others_equal_their_own_generate(setup
     prefix with it) and others join mid-run; every reply equals that adapter's own generate()."""
     refs = setup[2]
     engine = engine_on(setup, loop, max_batch=4)
+    try:
+        request_all_and_check(engine, refs)
+    finally:
+        setup[0].set_attn_implementation("eager")
+    for name in [*OTHERS, *LEADS]:                  # each adapter changes every reply
+        assert all(refs[(name, j)] != refs[(None, j)] for j in range(len(PROMPTS))), name
+
+
+def request_all_and_check(engine, refs):
     names = ["prompt", None, "prefix", "dora", "prefix_mlp", "lora", "ia3", "prompt", "prefix"]
     plan = [(name, i % len(PROMPTS), 2 + (3 * i) % (NEW_TOKENS - 1))
             for i, name in enumerate(names)]
@@ -125,8 +136,6 @@ def test_prompt_and_prefix_rows_beside_the_others_equal_their_own_generate(setup
     for key, k, handle in handles:
         assert handle.result().token_ids == refs[key][:k], key
     assert engine.counts["prefills"] >= 3          # rows joined a running batch
-    for name in [*OTHERS, *LEADS]:                  # each adapter changes every reply
-        assert all(refs[(name, j)] != refs[(None, j)] for j in range(len(PROMPTS))), name
 
 
 def test_a_prefix_row_moved_into_a_hole_keeps_its_prefix(setup):
