@@ -69,10 +69,15 @@ def default_text(field) -> str:
 
 
 def section_of(annotation: Any) -> type[BaseModel] | None:
-    """The section class a field holds (`X` or `X | None`), else None."""
+    """The section class a field holds (`X`, `X | None`, `list[X]`, `str | list[X]`), else
+    None."""
     for cls in (annotation, *getattr(annotation, "__args__", ())):
         if isinstance(cls, type) and issubclass(cls, BaseModel):
             return cls
+        if cls is not annotation and getattr(cls, "__args__", None):
+            inner = section_of(cls)  # a list of sections inside a union
+            if inner is not None:
+                return inner
     return None
 
 

@@ -345,3 +345,26 @@ def test_globs_and_missing_data_paths_are_refused_from_the_dashboard(tmp_path):
     assert key == "data.train" and "glob is refused" in why
     key, why = offered.refusal(run(f"{data}/owner/name"))
     assert key == "data.train" and "Hub dataset id is refused" in why
+
+
+def test_every_source_of_a_mixture_is_held_to_the_offered_folders(tmp_path):
+    """data.train / data.eval as lists of sources: each source's path is checked, by index."""
+    from loratune.ui.confine import Confinement
+
+    data, away = tmp_path / "data", tmp_path / "away"
+    for folder in (data, away):
+        folder.mkdir()
+        (folder / "t.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    offered = Confinement.of(tmp_path / "runs", [data])
+
+    def run(**data_cfg):
+        return RunConfig.model_validate({"data": data_cfg})
+
+    inside = [{"path": str(data / "t.jsonl"), "weight": 1}, {"path": "demo", "weight": 1}]
+    assert offered.refusal(run(train=inside, eval=[str(data / "t.jsonl")])) is None
+    key, why = offered.refusal(run(train=[str(data / "t.jsonl"), str(away / "t.jsonl")]))
+    assert key == "data.train.1.path" and "outside the folders" in why
+    key, _ = offered.refusal(run(eval=[str(data / "t.jsonl"), f"{away}/t.jsonl"]))
+    assert key == "data.eval.1.path"
+    key, why = offered.refusal(run(train=[f"{data}/*.jsonl"]))
+    assert key == "data.train.0.path" and "glob is refused" in why

@@ -18,6 +18,7 @@ from loratune.config.methods import (AdaLoraConfig, adapter_config_from, adapter
                                      MoeLoraConfig, OFTConfig, PrefixConfig, PromptConfig,
                                      VeraConfig)
 from loratune.config.run import (BLOCK_RANGE, build_config, check_blocksize, DataConfig,
+                                 DataSource,
                                  DEFAULT_BETA, DEFAULT_EPSILON, DEFAULT_MODEL, EvalConfig,
                                  load_config, ModelConfig, OBJECTIVES, PREFERENCE_OPTIONS,
                                  PreferenceConfig, QuantConfig, RewardSpec, RL_LOSSES, RlConfig,
@@ -26,6 +27,7 @@ from loratune.config.run import (BLOCK_RANGE, build_config, check_blocksize, Dat
 __all__ = ["AdaLoraConfig", "adapter_config_from", "adapter_options", "AdapterConfig",
            "add_adapter_options", "apply_overrides", "BASE_INITS", "BLOCK_RANGE",
            "BottleneckConfig", "build_config", "check_blocksize", "ConfigError", "DataConfig",
+           "DataSource",
            "DEFAULT_BETA", "DEFAULT_EPSILON", "DEFAULT_MODEL", "EvalConfig",
            "forget_adapter_options", "IA3Config", "load_config", "LoftQOptions", "LoHaConfig",
            "LoKrConfig", "LoraConfig", "ModelConfig", "MoeLoraConfig", "OBJECTIVES", "OFTConfig",

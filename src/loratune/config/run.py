@@ -76,13 +76,58 @@ class ModelConfig(_Section):
     quantization: QuantConfig | None = Field(None, description="set for QLoRA (4-bit base)")
 
 
+class DataSource(_Section):
+    """One source of a mixture (data.train or data.eval as a list; data/mixture.py)."""
+
+    path: str = Field(description="named as data.train is (file, glob, dataset folder, Hub id, "
+                      "demo)", json_schema_extra=USER_PATH)
+    name: str | None = Field(None, description="the source's name in logs and per-source eval "
+                             "losses (default: its path)")
+    weight: float | None = Field(None, gt=0, description="data.train: sampling probability "
+                                 "(weights are normalised; give one on every source or none)")
+    epochs: float | None = Field(None, gt=0, description="data.train: passes over this source "
+                                 "per epoch of the mixture (0.5: a seeded half; default 1)")
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        if self.weight is not None and self.epochs is not None:
+            raise ValueError(f"source {self.path}: give weight or epochs, not both")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
+
+
+def _check_sources(field: str, sources: list[DataSource], held_out: bool) -> None:
+    """A mixture's sources: some, named apart, and weighted all or none."""
+    if not sources:
+        raise ValueError(f"data.{field}: an empty list; give a path or at least one source")
+    labels = [s.label for s in sources]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise ValueError(f"data.{field}: sources named alike ({', '.join(twice)}); give each "
+                         "a distinct name:")
+    weighted = [s.weight is not None for s in sources]
+    if held_out and any(s.weight is not None or s.epochs is not None for s in sources):
+        raise ValueError("data.eval: weight/epochs apply to data.train only; every held-out "
+                         "source is scored whole")
+    if any(weighted) and not all(weighted):
+        raise ValueError(f"data.{field}: weights on some sources only "
+                         f"({', '.join(s.label for s in sources if s.weight is None)} have "
+                         "none); give every source a weight or none")
+
+
 class DataConfig(_Section):
-    train: str = Field("demo", description="data file, a glob of files, a Hugging Face "
-                       "save_to_disk folder, .arrow file or Hub id (online or cached), or 'demo' "
-                       "for the bundled demo set ('demo-pairs': its preference pairs)",
-                       json_schema_extra=USER_PATH)
-    eval: str | None = Field(None, description="held-out data, named as data.train is; 'demo' "
-                             "pairs with train: demo", json_schema_extra=USER_PATH)
+    train: str | list[DataSource] = Field(
+        "demo", description="data file, a glob of files, a Hugging Face save_to_disk folder, "
+        ".arrow file or Hub id (online or cached), or 'demo' for the bundled demo set "
+        "('demo-pairs': its preference pairs); or a mixture: a list of sources {path, weight "
+        "| epochs, name}", json_schema_extra=USER_PATH)
+    eval: str | list[DataSource] | None = Field(
+        None, description="held-out data, named as data.train is; 'demo' pairs with train: "
+        "demo; a list of sources {path, name}: a held-out loss per source",
+        json_schema_extra=USER_PATH)
     split: str = Field("train", description="the split of data.train when it is a Hub id or a "
                        "saved DatasetDict")
     eval_split: str = Field("test", description="the split of data.eval when it is a Hub id or "
@@ -123,6 +168,22 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(10000, gt=0, description="streaming: records read, shuffled and "
                                 "packed together (a window); a window holding the whole file "
                                 "gives the batches the in-memory path gives")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _plain_sources(cls, value):
+        """A list item may be a bare path: the source {path: it}."""
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _mixtures(self):
+        if isinstance(self.train, list):
+            _check_sources("train", self.train, held_out=False)
+        if isinstance(self.eval, list):
+            _check_sources("eval", self.eval, held_out=True)
+        return self
 
 
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo")

@@ -37,14 +37,21 @@ def bundled_path(name: str, held_out: bool = False) -> Path:
     return DEMO_DIR / BUNDLED[name][int(held_out)]
 
 
-def resolve_data_paths(cfg: RunConfig) -> tuple[str, str | None]:
-    """(training file, held-out file or None) of a run config, the bundled names (`demo`,
-    `demo-pairs`) resolved to their files; a bundled training set brings its held-out set."""
+def resolve_data_paths(cfg: RunConfig) -> tuple[str | list, str | list | None]:
+    """(training data, held-out data or None) of a run config, the bundled names (`demo`,
+    `demo-pairs`) resolved to their files; a bundled training set brings its held-out set. A
+    mixture (a list of sources, data/mixture.py) stays a list, each source's path resolved."""
     name = cfg.data.train
-    train = str(bundled_path(name)) if name in BUNDLED else name
+    train = _resolved(name, held_out=False)
     held = cfg.data.eval
-    if held in BUNDLED:
-        held = str(bundled_path(held, held_out=True))
-    elif held is None and name in BUNDLED:
+    if held is not None:
+        held = _resolved(held, held_out=True)
+    elif isinstance(name, str) and name in BUNDLED:
         held = str(bundled_path(name, held_out=True))
     return train, held
+
+
+def _resolved(spec, held_out: bool):
+    if isinstance(spec, list):
+        return [s.model_copy(update={"path": _resolved(s.path, held_out)}) for s in spec]
+    return str(bundled_path(spec, held_out)) if spec in BUNDLED else spec

@@ -161,8 +161,11 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (),
     t0 = time.perf_counter()
     cfg = demo_config(output_dir, overrides)
     say_start(budget_s, overrides)
-    model, tok = load_model(cfg.model)
     paths = resolve_data_paths(cfg)
+    if any(isinstance(p, list) for p in paths):  # refused before the model loads
+        raise ValueError("the demo job plans its steps on one data.train file and scores one "
+                         "data.eval file; a list of sources (a mixture) is for `loratune train`")
+    model, tok = load_model(cfg.model)
     heldout = paths[1]
     convs = load_conversations(heldout, cfg.data)
     langs = [r.get("lang", "all") for r in read_records(heldout)]

@@ -144,6 +144,7 @@ def train_and_score(cfg_path: str, result_path: str, task: dict | None = None) -
     """Worker: train one config, score it on its held-out set (and `task`), write the row."""
     from loratune.config import load_config
     from loratune.data import load_conversations
+    from loratune.data.mixture import as_sources
     from loratune.demo import resolve_data_paths
     from loratune.eval.heldout import exact_match_eval
     from loratune.models import load_model
@@ -158,8 +159,9 @@ def train_and_score(cfg_path: str, result_path: str, task: dict | None = None) -
     summary = json.loads((result.output_dir / "run_summary.json").read_text())
     heldout = paths[1]
     score = None
-    if heldout:
-        convs = load_conversations(heldout, cfg.data)[: cfg.eval.limit]
+    if heldout:  # a list of held-out sources: scored together, one after another
+        convs = [c for source in as_sources(heldout)
+                 for c in load_conversations(source.path, cfg.data)][: cfg.eval.limit]
         score = exact_match_eval(model, tok, convs, cfg.eval.max_new_tokens,
                                  cfg.eval.batch_size).accuracy
     trainable = summary["trainable_params"]

@@ -27,6 +27,7 @@ from loratune.adapters import save_adapter
 from loratune.config import ConfigError, RunConfig
 from loratune.data.bundled import resolve_data_paths
 from loratune.data.formats import read_indexed
+from loratune.data.mixture import as_sources, mixture_line, read_sources
 from loratune.models.modules import eos_ids
 from loratune.serve.types import SamplingParams
 from loratune.train.checkpoint import (choose_checkpoint, list_checkpoints, load_checkpoint,
@@ -56,7 +57,7 @@ def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, mo
     model, tokenizer = load_base(cfg, DistInfo.from_env(), model, tokenizer)
     start_adapter(cfg, model, tokenizer)
     model.train()
-    train_rows, held_rows = read_prompts(cfg, tokenizer)
+    train_rows, held_rows = read_prompts(cfg, tokenizer, log)
     per_step = cfg.train.batch_size * cfg.train.grad_accum // cfg.train.rl.num_generations
     total = total_steps(cfg, len(train_rows), per_step)
     optimizer = build_optimizer(model, cfg.train)
@@ -99,12 +100,19 @@ def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, mo
 # ---------------------------------------------------------------------------------- data
 
 
-def read_prompts(cfg: RunConfig, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
-    """(training prompts, held-out prompts): data.eval, else a data.eval_fraction split."""
+def read_prompts(cfg: RunConfig, tokenizer,
+                 log=lambda *a: None) -> tuple[list[Prompt], list[Prompt]]:
+    """(training prompts, held-out prompts): data.eval, else a data.eval_fraction split; a list
+    of sources is mixed (data/mixture.py), held-out sources are read whole, one after another."""
     train_path, held_path = resolve_data_paths(cfg)
-    rows = [encode_prompt(r, f"{train_path}:{n}", tokenizer) for n, r in read_indexed(train_path)]
-    held = [encode_prompt(r, f"{held_path}:{n}", tokenizer)
-            for n, r in read_indexed(held_path)] if held_path else []
+
+    def prompts(path: str) -> list[Prompt]:
+        return [encode_prompt(r, f"{path}:{n}", tokenizer) for n, r in read_indexed(path)]
+
+    rows, record = read_sources(train_path, cfg.train.seed, prompts, lambda p: len(p.ids))
+    if record:
+        log(mixture_line(record))
+    held = [p for s in as_sources(held_path) for p in prompts(s.path)] if held_path else []
     if not held and cfg.data.eval_fraction:
         order = list(range(len(rows)))
         random.Random(cfg.train.seed).shuffle(order)

@@ -25,6 +25,8 @@ from loratune import progress as lt_progress
 from loratune.data.batch_stream import streaming_reason
 from loratune.data.bundled import resolve_data_paths
 from loratune.data.hf_datasets import held_out_config
+from loratune.data.mixture import (as_sources, build_held_out, build_mixture, is_mixture,
+                                   mixture_line)
 from loratune.data.templates import store_template
 from loratune.adapters import method_record, save_adapter, trainable_report
 from loratune.adapters.fused_lora import set_fused_lora
@@ -121,6 +123,8 @@ class TrainData:
     pad_id: int
     eval_batches: list[dict]
     make_epoch: Callable[[int], list[dict]] | None = None  # preference data: its own batches
+    eval_sources: dict[str, list[dict]] = field(default_factory=dict)  # data.eval as a list
+    mixture: dict | None = None  # data.train as a list: the shares realised (data/mixture.py)
     streaming: ClassVar[bool] = False  # read whole (train/stream_data.py streams)
     n_batches: int = field(init=False)  # micro-batches per epoch
     _epochs: dict[int, list[dict]] = field(default_factory=dict, init=False)  # the current one
@@ -224,6 +228,9 @@ def setup(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, model: nn.Modul
     metrics = open_metrics(out, runtime, opts.resume, start_step)
     if runtime.is_main:
         metrics.trackers = open_trackers(cfg, out)
+        if start_step == 0 and getattr(data, "mixture", None):  # the shares, once per run
+            metrics.write({"step": 0, **{f"mixture_share/{name}": s["share"]
+                                         for name, s in data.mixture["sources"].items()}})
     return Run(cfg, runtime, model, forward, optimizer, hooks, objective, data, metrics, total,
                start_step, quiet, before)
 
@@ -292,6 +299,8 @@ def epoch_batches(cfg: RunConfig, examples, packing: bool, pad_id: int, epoch: i
 
 def setup_data(cfg: RunConfig, tokenizer, paths: DataPaths,
                log: Log) -> TrainData | StreamTrainData:
+    if is_mixture(paths[0]) or is_mixture(paths[1]):
+        return setup_mixture_data(cfg, tokenizer, paths, log)
     why = streaming_reason(cfg.data, paths[0])
     if why:
         return setup_stream_data(cfg, tokenizer, paths, why, packing_setting(cfg), log)
@@ -306,6 +315,43 @@ def setup_data(cfg: RunConfig, tokenizer, paths: DataPaths,
     pad_id = tokenizer.pad_token_id
     eval_batches = epoch_batches(cfg, eval_ex, packing, pad_id, 0) if eval_ex else []
     return TrainData(cfg, train_ex, packing, pad_id, eval_batches)
+
+
+def setup_mixture_data(cfg: RunConfig, tokenizer, paths: DataPaths, log: Log) -> TrainData:
+    """data.train and/or data.eval as lists of sources: the mixture drawn once from train.seed
+    (so resume rebuilds the same one), held-out batches per source."""
+    refuse_mixture(cfg)
+    train_ex, stats, record = build_mixture(as_sources(paths[0]), tokenizer, cfg.data,
+                                            cfg.train.seed)
+    held = build_held_out(as_sources(paths[1]), tokenizer, held_out_config(cfg.data)) \
+        if paths[1] else {}
+    packing = packing_setting(cfg)
+    if packing == "auto":
+        packing = lt_data.should_pack(train_ex, cfg.data.max_length, cfg.train.batch_size)
+    log(f"data: {stats.n_examples} examples ({stats.format}), {stats.n_truncated} truncated, "
+        f"{stats.dropped()}; packing={'on' if packing else 'off'}; "
+        f"held-out: {sum(map(len, held.values()))}{stats.noted()}")
+    if is_mixture(paths[0]):
+        log(mixture_line(record))
+    pad_id = tokenizer.pad_token_id
+    sources = {name: epoch_batches(cfg, ex, bool(packing), pad_id, 0) for name, ex in held.items()}
+    return TrainData(cfg, train_ex, bool(packing), pad_id,
+                     [b for batches in sources.values() for b in batches],
+                     eval_sources=sources if is_mixture(paths[1]) else {},
+                     mixture=record if is_mixture(paths[0]) else None)
+
+
+def refuse_mixture(cfg: RunConfig) -> None:
+    """What a mixture cannot be read with, by name."""
+    if cfg.data.streaming is True:
+        raise ValueError("data.train/data.eval as a list of sources is read whole; "
+                         "data.streaming: true streams one source (set it to false or auto)")
+    if is_preference(cfg):
+        raise ValueError(f"train.objective {cfg.train.objective} reads one data.train file of "
+                         "pairs; a list of sources (a mixture) is for SFT and text data")
+    if is_mixture(cfg.data.train) and cfg.data.eval_fraction and cfg.data.eval is None:
+        raise ValueError("data.eval_fraction with a mixture would hold out examples the "
+                         "mixture may repeat; give held-out data per source as data.eval")
 
 
 def setup_preference_data(cfg: RunConfig, tokenizer, paths: DataPaths, log: Log) -> TrainData:
@@ -526,6 +572,14 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None) -> 
 def evaluate_loss(model: nn.Module, forward: Forward, batches: list[dict],
                   runtime: OneProcess, show: bool = True) -> float | None:
     """Held-out loss per label token; the runtime decides which batches each rank runs."""
+    total, count = held_out_sums(model, forward, batches, runtime, show)
+    return total / count if count else None
+
+
+@torch.no_grad()
+def held_out_sums(model: nn.Module, forward: Forward, batches: list[dict],
+                  runtime: OneProcess, show: bool = True) -> tuple[float, int]:
+    """(summed held-out loss, label tokens) over every rank."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -539,7 +593,21 @@ def evaluate_loss(model: nn.Module, forward: Forward, batches: list[dict],
             bar.update(1)
     model.train(was_training)
     total, count = runtime.sum_eval([total, count])
-    return total / count if count else None
+    return total, int(count)
+
+
+def held_out_losses(run: Run) -> tuple[float | None, dict[str, float]]:
+    """The held-out loss, and with data.eval as a list each source's as eval_loss/NAME (the
+    overall loss then weighs every label token alike, as one file would)."""
+    sources = getattr(run.data, "eval_sources", None)
+    if not sources:
+        return evaluate_loss(run.model, run.forward, run.data.eval_batches, run.runtime,
+                             not run.quiet), {}
+    sums = {name: held_out_sums(run.model, run.forward, batches, run.runtime, not run.quiet)
+            for name, batches in sources.items()}
+    total, count = (sum(part) for part in zip(*sums.values()))
+    return (total / count if count else None,
+            {f"eval_loss/{name}": round(t / n, 6) for name, (t, n) in sums.items() if n})
 
 
 # ---------------------------------------------------------------------------------- train
@@ -579,6 +647,7 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     loss: float = float("nan")
     eval_loss: float | None = None
+    eval_by_source: dict[str, float] = field(default_factory=dict)  # eval_loss/NAME -> loss
     started: float = field(default_factory=time.perf_counter)  # this part's first step
 
     @classmethod
@@ -615,9 +684,9 @@ def _one_step(run: Run, step: int, progress: Progress, bar: lt_progress.Bar) -> 
     record.update(run.objective.take_metrics(run.runtime.sum))
     every = train_cfg.eval_every
     if run.data.eval_batches and every and stats.step % every == 0:
-        progress.eval_loss = evaluate_loss(run.model, run.forward, run.data.eval_batches,
-                                           run.runtime, not run.quiet)
+        progress.eval_loss, progress.eval_by_source = held_out_losses(run)
         record["eval_loss"] = round(progress.eval_loss, 6)
+        record.update(progress.eval_by_source)
         record.update(run.objective.take_metrics(run.runtime.sum_eval, "eval_"))
     if stats.step % train_cfg.log_every == 0 or "eval_loss" in record:
         run.metrics.write(record)
@@ -674,9 +743,9 @@ def save(run: Run, progress: Progress) -> TrainResult:
     """The final held-out loss, the adapter, the loss curve, and run_summary.json last (its
     presence marks the run finished)."""
     if run.data.eval_batches:
-        progress.eval_loss = evaluate_loss(run.model, run.forward, run.data.eval_batches,
-                                           run.runtime, not run.quiet)
+        progress.eval_loss, progress.eval_by_source = held_out_losses(run)
         run.metrics.write({"step": run.total_steps, "eval_loss": round(progress.eval_loss, 6),
+                           **progress.eval_by_source,
                            **run.objective.take_metrics(run.runtime.sum_eval, "eval_")})
     if run.cfg.train.gradient_checkpointing:
         set_checkpointing(run.model, False)
@@ -711,7 +780,17 @@ def run_summary(run: Run, progress: Progress) -> dict:
             "all_params": n_all, "method": run.cfg.adapter.method,
             "objective": run.cfg.train.objective,
             "seconds_per_step": round(totals.seconds / max(run.total_steps, 1), 4),
-            "peak_rss_mib": peak_rss_mib(), **run.hooks.summary(), **run.runtime.summary()}
+            "peak_rss_mib": peak_rss_mib(), **run.hooks.summary(), **run.runtime.summary(),
+            **mixture_summary(run, progress)}
+
+
+def mixture_summary(run: Run, progress: Progress) -> dict:
+    """A mixture's realised shares and the held-out loss per source, when there are any."""
+    out = {"mixture": run.data.mixture} if getattr(run.data, "mixture", None) else {}
+    if progress.eval_by_source:
+        out["eval_loss_by_source"] = {k.partition("/")[2]: v
+                                      for k, v in progress.eval_by_source.items()}
+    return out
 
 
 def peak_rss_mib() -> float:

@@ -45,7 +45,7 @@ class Confinement:
     def refusal(self, cfg: RunConfig) -> tuple[str, str] | None:
         """(dotted option, why) for the first user path of `cfg` out of bounds, else None."""
         for key, kind, value in user_paths(cfg):
-            if value is None or value in NAMED.get(key, ()):
+            if value is None or value in NAMED.get(_option(key), ()):
                 continue
             why = self._uri(value) if kind == "uri" else self._local(key, value)
             if why:
@@ -113,4 +113,19 @@ def user_paths(cfg: RunConfig):
             kind = (field.json_schema_extra or {}).get("user_path") \
                 if isinstance(field.json_schema_extra, dict) else None
             if kind:
-                yield f"{name}.{key}", kind, getattr(section, key)
+                yield from _values(f"{name}.{key}", kind, getattr(section, key))
+
+
+def _values(key: str, kind: str, value):
+    """A list of sources (data.train/data.eval as a mixture): each source's path, as
+    data.train.0.path; other values as they are."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield f"{key}.{i}.path", kind, item.path
+    else:
+        yield key, kind, value
+
+
+def _option(key: str) -> str:
+    """data.train.0.path -> data.train: a source may name a bundled set as the option may."""
+    return ".".join(key.split(".")[:2])
