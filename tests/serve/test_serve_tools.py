@@ -94,9 +94,13 @@ def test_stream_sends_calls_as_deltas(scripted):
     assert events[-1] == "[DONE]"
     deltas = [e["choices"][0]["delta"] for e in events[1:-1]]
     calls = [c for d in deltas for c in d.get("tool_calls", [])]
-    assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather"),
-                                                                    (1, "get_weather")]
-    assert all(c["id"] and c["type"] == "function" for c in calls)
+    # as OpenAI streams them: id, type, name and "" first, then the arguments by index
+    assert [(c["index"], c["function"]) for c in calls if "id" in c] == [
+        (0, {"name": "get_weather", "arguments": ""}), (1, {"name": "get_weather",
+                                                            "arguments": ""})]
+    assert all(c["id"] and c["type"] == "function" for c in calls if "id" in c)
+    assert [(c["index"], json.loads(c["function"]["arguments"])) for c in calls
+            if "id" not in c] == [(0, {"city": "Paris"}), (1, {"city": "Rome"})]
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
 
 
@@ -113,9 +117,11 @@ def test_round_trip_call_result_answer_is_accepted(scripted):
 
 
 @pytest.mark.parametrize("body,words", [
-    ({"tool_choice": "required"}, "'required' and a named function are not supported"),
-    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-     "not supported"),
+    ({"tool_choice": "required", "tools": None}, "'required' needs tools to call"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "'nope' is not a function in tools (declared: get_weather)"),
+    ({"tool_choice": {"type": "function", "name": "get_weather"}}, "expected 'auto', 'none'"),
+    ({"tool_choice": "sometimes"}, "expected 'auto', 'none', 'required' or"),
     ({"messages": ASK + [{"role": "tool", "tool_call_id": "x", "content": "1"}]},
      "answers no call"),
     ({"messages": ASK + [{"role": "assistant", "tool_calls": [

@@ -26,7 +26,7 @@ from loratune.models.modules import cache_keyword, eos_ids
 from loratune.serve.dynamic_batch import DynamicBatch
 from loratune.serve.pool import AdapterPool, entry_key
 from loratune.serve.prefill_rows import lead_tokens, row_columns
-from loratune.serve.sampling import check_seed, find_stop, held_back, new_generator, next_token
+from loratune.serve.sampling import check_seed, find_stop, held_back, new_generator, pick_token
 from loratune.serve.slot_batch import SlotBatch
 from loratune.serve.slot_cache import slot_cache_refusal
 from loratune.serve.types import (Event, GenerationRequest, NonFiniteOutput, QueueFull,
@@ -403,9 +403,7 @@ class Engine:
                 if codes[i] < 0:
                     raise self._non_finite(seq)
                 params = seq.request.params
-                token = codes[i] if params.temperature <= 0 else next_token(
-                    logits[i], params, seq.generator)
-                self._append(seq, token)
+                self._append(seq, pick_token(logits[i], params, seq.generator, codes[i]))
             except Exception as err:
                 self._fail(seq, err)
 

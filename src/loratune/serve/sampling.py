@@ -36,6 +36,12 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     """One token from a [vocab] row of logits."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))
+    # Sampling on the CPU keeps one generator type for every device.
+    return int(torch.multinomial(sampling_probs(logits, params).cpu(), 1, generator=generator))
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled token is drawn from: temperature, then top-k, then top-p."""
     # In float64 and shifted so the largest score is 0 before dividing: a tiny temperature
     # (1e-300, 0 in float32) then gives 0 and -inf, not NaN, which multinomial refuses.
     logits = logits.double()
@@ -50,8 +56,17 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         drop = torch.cumsum(sorted_p, 0) - sorted_p >= params.top_p
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    # Sampling on the CPU keeps one generator type for every device.
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return probs
+
+
+def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+               greedy: int) -> int:
+    """A row's next token: `greedy` (its argmax, computed for the whole batch at once) or a
+    draw, unless the request carries a constraint (a forced tool call: tool_constraint.py),
+    which then chooses among the tokens it allows."""
+    if params.constraint is not None:
+        return params.constraint.choose(logits, params, generator)
+    return greedy if params.temperature <= 0 else next_token(logits, params, generator)
 
 
 def find_stop(text: str, stops: list[str], start: int) -> int | None:

@@ -48,6 +48,9 @@ class SamplingParams:
     top_k: int = 0                    # 0 = off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # Chooses the token itself when set (a forced tool call: serve/tool_constraint.py); per
+    # request and stateful, so never shared between requests.
+    constraint: object | None = None
 
 
 @dataclass
