@@ -55,12 +55,13 @@ def write(tmp_path, *records) -> Path:
     return path
 
 
-def expected_labels(tok, name, text, ids):
+def expected_labels(tok, name, text, ids, at=0):
     """Labels from the rendered text alone: from each assistant header (or the end of tool
-    results, for Mistral) through the next end-of-turn token, and the final eos."""
+    results, for Mistral) after character `at` through the next end-of-turn token, and the
+    final eos."""
     fam = FAMILY_SPECS[name]
     heads = [fam.assistant_header] + ([AFTER_RESULTS[name]] if name in AFTER_RESULTS else [])
-    spans, at = [], 0
+    spans = []
     while True:
         found = [(h, text.find(h, at)) for h in heads if text.find(h, at) >= 0]
         if not found:
@@ -91,6 +92,55 @@ def test_tool_call_masking_token_by_token(name, layout, tmp_path):
     assert "get_weather" in runs[0] and '"Paris"' in runs[0], runs
     assert "apple apple apple" + FAMILY_SPECS[name].end_of_turn in runs[1], runs
     assert not any(RESULT in r or "France?" in r for r in runs), runs
+
+
+def _second_turn() -> list[dict]:
+    return [{"role": "user", "content": "And in Rome?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c2", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+            {"role": "tool", "tool_call_id": "c2", "content": "sun 7 stone"},
+            {"role": "assistant", "content": "pear pear"}]
+
+
+def test_mistral_several_user_turns_with_tools_become_one_example_per_turn(tmp_path):
+    """Mistral v0.3 declares [AVAILABLE_TOOLS] before the last user turn only: each user turn
+    is its own example, rendered as a conversation ending there (tools right before that
+    turn), taught on that turn's replies only; a note says how many examples it became."""
+    tok = family_tokenizer("mistral_v0_3")
+    record = openai_record()
+    record["messages"] = [{"role": "system", "content": "Be brief."}] + record["messages"] + \
+        _second_turn()
+    (one, two), stats = build_examples(write(tmp_path, record), tok, DataConfig(max_length=1024))
+    assert stats.n_records == 1 and stats.n_examples == 2
+    assert "split into 2 examples, one per user turn" in stats.noted(), stats.noted()
+    runs = []
+    for ex, question in ((one, "What is"), (two, "And in")):
+        text = tok.decode(ex.input_ids, skip_special_tokens=False)
+        # the tools once, right before the example's own (last) user turn
+        assert text.count("[AVAILABLE_TOOLS]") == 1, text
+        assert text.index("[/AVAILABLE_TOOLS]") + len("[/AVAILABLE_TOOLS]") == \
+            text.rindex("[INST]") < text.index(question), text
+        asked = text.index(question)
+        assert ex.labels == expected_labels(tok, "mistral_v0_3", text, ex.input_ids, asked)
+        runs.append(taught(tok, ex))
+    assert len(runs[0]) == 2 and '"Paris"' in runs[0][0] and runs[0][1] == "apple apple apple</s>"
+    assert len(runs[1]) == 2 and '"Rome"' in runs[1][0] and runs[1][1] == "pear pear</s>", runs
+    assert not any("stone" in r or "apple" in r for r in runs[1]), runs
+    two_text = tok.decode(two.input_ids, skip_special_tokens=False)
+    # the second example holds the first turn as context (the system prompt folded into it)
+    assert two_text.startswith("<s>[INST] Be brief.\n\nWhat is the capital of France?[/INST]"
+                               "[TOOL_CALLS]"), two_text
+
+
+def test_one_user_turn_or_a_prefix_template_stays_one_example(tmp_path):
+    """Only a template that moves the tools needs the split: Qwen2.5 keeps both turns in one
+    example, taught on every reply."""
+    record = openai_record()
+    record["messages"] += _second_turn()
+    (ex,), stats = build_examples(write(tmp_path, record), family_tokenizer("qwen2_5"),
+                                  DataConfig(max_length=1024))
+    assert len(taught(family_tokenizer("qwen2_5"), ex)) == 4 and "split" not in stats.noted()
 
 
 def test_openai_and_sharegpt_layouts_read_the_same():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from loratune.config import DataConfig
 from loratune.data.conversation import fit_conversation
-from loratune.data.encode import IGNORE, Example, encode_conversation
+from loratune.data.encode import IGNORE, Encoded, Example, encode_conversation, user_turn_pieces
 from loratune.data.errors import DataError
 from loratune.data.formats import detect_format, to_messages
 from loratune.data.hf_datasets import iter_records
@@ -131,14 +131,15 @@ def iter_examples(path: str | Path, tokenizer, cfg: DataConfig, stats: DataStats
         if n < skip:
             continue
         stats.n_records += 1
-        example = _encode_record(where, messages, tools, tokenizer, template, cfg, stats)
+        examples = _encode_record(where, messages, tools, tokenizer, template, cfg, stats)
         stats.format = _format_name(formats)
-        yield [] if example is None else [example]
+        yield examples
 
 
 def _encode_record(where: str, messages: list[dict], tools: list[dict], tokenizer,
-                   template: str, cfg: DataConfig, stats: DataStats) -> Example | None:
-    """One conversation's example (None: dropped, counted in `stats` with why)."""
+                   template: str, cfg: DataConfig, stats: DataStats) -> list[Example]:
+    """One conversation's examples ([]: dropped, counted in `stats` with why); more than one
+    where the template needs a tool conversation split by user turn."""
     try:
         if tools or any(m["role"] == "tool" for m in messages):
             messages, tools = fit_tools(messages, tools, template,
@@ -146,19 +147,35 @@ def _encode_record(where: str, messages: list[dict], tools: list[dict], tokenize
         messages, notes = fit_conversation(messages, tokenizer, template, cfg.think)
         for note in notes:
             stats.notes[note] = stats.notes.get(note, 0) + 1
-        example, truncated = encode_conversation(messages, tokenizer, template, cfg.train_on,
-                                                 cfg.max_length, cfg.overflow, tools)
+        encoded = _encode_pieces(messages, tools, tokenizer, template, cfg, stats)
     except DataError as err:
         raise DataError(f"{where}: {err}") from None
-    if example is None:
+    examples = [ex for ex, _ in encoded if ex is not None]
+    if not examples:
         stats.n_dropped += 1
-        reason = _drop_reason(truncated, cfg)
+        reason = _drop_reason(any(cut for _, cut in encoded), cfg)
         stats.drop_reasons[reason] = stats.drop_reasons.get(reason, 0) + 1
-        return None
-    stats.n_truncated += truncated
-    stats.n_tokens += len(example)
-    stats.n_label_tokens += sum(label != IGNORE for label in example.labels[1:])
-    return example
+        return []
+    stats.n_truncated += any(cut for ex, cut in encoded if ex is not None)
+    for example in examples:
+        stats.n_tokens += len(example)
+        stats.n_label_tokens += sum(label != IGNORE for label in example.labels[1:])
+    return examples
+
+
+def _encode_pieces(messages: list[dict], tools: list[dict], tokenizer, template: str,
+                   cfg: DataConfig, stats: DataStats) -> list[Encoded]:
+    """The conversation encoded whole, or one piece per user turn where the template declares
+    tools before the last user turn only (encode.user_turn_pieces), noted with how many."""
+    pieces = [(messages, 0)]
+    if cfg.train_on == "answers":
+        pieces = user_turn_pieces(messages, tokenizer, template, tools)
+    if len(pieces) > 1:
+        note = (f"split into {len(pieces)} examples, one per user turn (the chat template "
+                "declares the tools before the last user turn only)")
+        stats.notes[note] = stats.notes.get(note, 0) + 1
+    return [encode_conversation(piece, tokenizer, template, cfg.train_on, cfg.max_length,
+                                cfg.overflow, tools, first) for piece, first in pieces]
 
 
 def _text_examples(path: str | Path, tokenizer, cfg: DataConfig, stats: DataStats,

@@ -124,16 +124,18 @@ def _with_end_marker(full: str, end: int, ends: list[str]) -> int:
 
 
 def answer_spans(messages: list[dict], tokenizer, template: str,
-                 tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+                 tools: list[dict] | None = None,
+                 first: int = 0) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span [start, end) of every assistant turn
-    (tool calls included), end-of-turn marker included; `tools`: the declared tools."""
+    from message `first` on (tool calls included), end-of-turn marker included; `tools`: the
+    declared tools."""
     full = _render_or_refuse(tokenizer, messages, template, tools)
     ends = _end_tokens(tokenizer)
     spans = []
     for i, message in enumerate(messages):
         # An assistant turn that opens the conversation answers nothing (and templates cannot
-        # render an empty prefix): it stays context.
-        if message["role"] != "assistant" or i == 0:
+        # render an empty prefix): it stays context, as turns before `first` do.
+        if message["role"] != "assistant" or i == 0 or i < first:
             continue
         before = render(tokenizer, messages[:i], template, True, tools)
         if not full.startswith(before):
@@ -149,6 +151,24 @@ def answer_spans(messages: list[dict], tokenizer, template: str,
     return full, spans
 
 
+def user_turn_pieces(messages: list[dict], tokenizer, template: str,
+                     tools: list[dict] | None) -> list[tuple[list[dict], int]]:
+    """[(messages, first)]: the conversation whole (first 0), or, where the template declares
+    the tools before the last user turn only (Mistral v0.3's [AVAILABLE_TOOLS]), one piece per
+    user turn: the conversation up to the next user turn, to be taught from that turn on
+    (`first`). Each piece renders as a conversation ending there does, so no answer is taught
+    with the tools declared after its question."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not tools or len(users) < 2:
+        return [(messages, 0)]
+    full = _render_or_refuse(tokenizer, messages, template, tools)
+    if full.startswith(render(tokenizer, messages[:users[0] + 1], template, True, tools)):
+        return [(messages, 0)]
+    ends = users[1:] + [len(messages)]
+    return [(messages[:end], start) for start, end in zip(users, ends)
+            if any(m["role"] == "assistant" for m in messages[start:end])]
+
+
 def _label_answers(ids: list[int], offsets: list[tuple[int, int]],
                    spans: list[tuple[int, int]]) -> list[int]:
     labels = []
@@ -162,21 +182,24 @@ def _label_answers(ids: list[int], offsets: list[tuple[int, int]],
 
 def encode_conversation(messages: list[dict], tokenizer, template: str,
                         train_on: str = "answers", max_length: int = 2048,
-                        overflow: str = "truncate", tools: list[dict] | None = None) -> Encoded:
+                        overflow: str = "truncate", tools: list[dict] | None = None,
+                        first: int = 0) -> Encoded:
     """Tokenize one conversation (ending with an assistant turn) into an Example.
 
     train_on="answers" labels every assistant turn with its end marker; "all" labels every
     token. If the rendered text does not end with the tokenizer's eos, eos is appended with a
     label. Longer than max_length: keep the first max_length tokens ("truncate") or drop.
     Dropped (example None): overflow="drop", or no labelled token left after truncation.
-    `tools`: the tools a tool-use conversation declares (passed to the template).
+    `tools`: the tools a tool-use conversation declares (passed to the template); `first`:
+    assistant turns before this message are context, not taught (a piece of
+    `user_turn_pieces`).
     """
     if train_on not in TRAIN_ON:
         raise DataError(f"data.train_on is '{train_on}'; expected one of {', '.join(TRAIN_ON)}")
     if overflow not in OVERFLOW:
         raise DataError(f"data.overflow is '{overflow}'; expected one of {', '.join(OVERFLOW)}")
     if train_on == "answers":
-        text, spans = answer_spans(messages, tokenizer, template, tools)
+        text, spans = answer_spans(messages, tokenizer, template, tools, first)
     else:
         text, spans = _render_or_refuse(tokenizer, messages, template, tools), []
     try:
