@@ -196,8 +196,18 @@ def _special_ids(writer, folder: Path, data: dict, vocab: dict[str, int]) -> Non
     jinja = folder / "chat_template.jinja"
     if template is None and jinja.is_file():
         template = jinja.read_text(encoding="utf-8")
+    named = _named_templates(folder)
+    if named and isinstance(template, str):   # llama.cpp reads tokenizer.chat_template.<name>
+        template = [{"name": "default", "template": template}, *named]
     if template:
         writer.add_chat_template(template)
+
+
+def _named_templates(folder: Path) -> list[dict]:
+    """transformers' additional_chat_templates/<name>.jinja (a model's tool_use template)."""
+    extra = folder / "additional_chat_templates"
+    return [{"name": p.stem, "template": p.read_text(encoding="utf-8")}
+            for p in sorted(extra.glob("*.jinja"))] if extra.is_dir() else []
 
 
 def _end_of_turn(folder: Path, eos: int | None) -> int | None:
