@@ -22,10 +22,17 @@ def _quiet_transformers() -> None:
 
 
 def _load(model_config, adapters: list[str]):
+    """Model and tokenizer with the adapters active; the tokenizer prompts with the template
+    the adapters were trained with (their chat_template.jinja), as eval and serve do."""
     from loratune.adapters import load_adapter, set_active
+    from loratune.data.templates import adapters_template
     from loratune.models import load_model
 
+    stored = adapters_template(adapters)  # adapters of different templates fail before loading
     model, tok = load_model(model_config)
+    if stored is not None:
+        tok.chat_template, note = stored
+        print(f"note: {note}", file=sys.stderr)
     names = []
     for i, folder in enumerate(adapters):
         name = f"a{i}" if len(adapters) > 1 else "default"
