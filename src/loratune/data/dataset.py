@@ -69,15 +69,17 @@ def _record_conversation(record: dict, fmt: str, where: str,
 
 
 def _conversations(path: str | Path, cfg: DataConfig, formats: set[str],
-                   left_out: dict[str, int] | None = None
+                   left_out: dict[str, int] | None = None, skip: int = 0
                    ) -> Iterator[tuple[str, list[dict], list[dict]]]:
     """(where, messages, tools) for every record, as the data is read (a bad record stops the
     reading there); each record's format is added to `formats`, data.filter's refusals counted
-    in `left_out`."""
+    in `left_out`. The first `skip` records (after data.filter) are read, not converted."""
     if cfg.format == "text":
         raise DataError(f"{path}: data.format: text holds documents, not conversations; "
                         "score it with `loratune eval --task perplexity`")
-    for where, record in iter_records(str(path), cfg, left_out):
+    for n, (where, record) in enumerate(iter_records(str(path), cfg, left_out)):
+        if n < skip:
+            continue
         fmt = cfg.format
         if fmt == "auto":
             fmt = detect_format(record, where)
@@ -126,10 +128,7 @@ def iter_examples(path: str | Path, tokenizer, cfg: DataConfig, stats: DataStats
         return
     template = resolve_template(tokenizer, cfg.template)
     formats: set[str] = set()
-    for n, (where, messages, tools) in enumerate(_conversations(path, cfg, formats,
-                                                                stats.notes)):
-        if n < skip:
-            continue
+    for where, messages, tools in _conversations(path, cfg, formats, stats.notes, skip):
         stats.n_records += 1
         examples = _encode_record(where, messages, tools, tokenizer, template, cfg, stats)
         stats.format = _format_name(formats)

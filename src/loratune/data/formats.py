@@ -30,7 +30,7 @@ def locate(source: str | Path | None, index: int | None) -> str:
         return "record" if index is None else f"record {index}"
     if index is None:
         return str(source)
-    if Path(source).suffix.lower() in LINE_BASED:
+    if str(source).lower().endswith(LINE_BASED):  # not Path(): called once per record
         return f"{source}:{index}"
     return f"{source}[{index}]"
 
