@@ -26,7 +26,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "loratune"
 LAYERS: list[tuple[str, ...]] = [
     ("config", "flags",                       # typed configs (and their command-line flags),
      "files", "readers", "progress",          # atomic writes, checked reads, progress lines,
-     "http_guard"),                           # what local HTTP servers accept from browsers
+     "http_guard",                            # what local HTTP servers accept from browsers,
+     "user_code"),                            # user functions a config names (file.py:fn)
     ("quant",),                               # the 4-bit format, Linear4bit, 8-bit AdamW
     ("models", "data"),                       # base models (4-bit ones too), data sets
     ("adapters",),                            # methods, injection, the PEFT format

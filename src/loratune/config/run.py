@@ -136,9 +136,13 @@ class DataConfig(_Section):
                                     "field (instruction, input, output, messages, conversations, "
                                     "prompt, chosen, rejected, text, ...), renamed as records "
                                     "are read")
-    filter: str | None = Field(None, description="path/to/file.py:function called with each "
-                               "record (after data.columns); records it returns False for are "
-                               "left out")
+    filter: str | None = Field(
+        None, description="records to keep (after data.columns): path/to/file.py:function "
+        "called with each record, or an expression on its columns such as `len(output) > 10 "
+        "and lang == \"en\"` (and/or/not, comparisons, in, + - / // % and * on numbers, "
+        "indexing; calls of len str int float bool abs min max round lower upper strip "
+        "startswith endswith words; no attribute access: lower(x), not x.lower()); records it "
+        "gives False for are left out")
     format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = Field(
         "auto", description="text: raw documents for continued pretraining (loss on every "
         "token; .txt files, records with data.text_column, or a folder of them)")

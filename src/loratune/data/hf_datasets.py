@@ -1,6 +1,6 @@
 """Records as people keep them: data files, globs of them, Hugging Face `datasets` folders and
 Hub ids, with dataset columns renamed to ours (`data.columns`) and a record filter
-(`data.filter`).
+(`data.filter`: data/record_filter.py).
 
 What a `data.train` / `data.eval` string names, in this order:
 - a glob (`shards/*.parquet`): every matching file, in path order;
@@ -18,7 +18,6 @@ Every record comes with where it is, for errors: `file.jsonl:12`, `ds (split tes
 from __future__ import annotations
 
 import glob
-import importlib.util
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 from loratune.config import DataConfig
 from loratune.data.errors import DataError
 from loratune.data.formats import iter_indexed, locate
+from loratune.data.record_filter import load_filter
 
 GLOB_CHARS = re.compile(r"[*?\[]")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
@@ -153,25 +153,11 @@ def _renamed(record: dict, columns: dict[str, str], where: str, check: bool) -> 
     return out
 
 
-def load_filter(ref: str) -> Callable[[dict], bool]:
-    """`path/to/file.py:function`: called with each record (our column names) -> keep it?"""
-    file, sep, name = ref.rpartition(":")
-    if not sep or not file.endswith(".py") or not name:
-        raise DataError(f"data.filter is {ref!r}; expected path/to/file.py:function")
-    if not Path(file).is_file():
-        raise DataError(f"data.filter: {file} not found (relative paths start from the working "
-                        f"directory {Path.cwd()})")
-    spec = importlib.util.spec_from_file_location(f"loratune_filter_{Path(file).stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise DataError(f"data.filter: {file} has no function {name!r}")
-    return fn
-
-
 def _kept(keep: Callable[[dict], bool], record: dict, where: str, ref: str) -> bool:
-    verdict = keep(record)
+    try:
+        verdict = keep(record)
+    except DataError as err:  # an expression's error: which record it met
+        raise DataError(f"{where}: {err}") from None
     if not isinstance(verdict, bool):
         raise DataError(f"{where}: data.filter {ref} returned {type(verdict).__name__}; "
                         "expected True (keep) or False (leave out)")

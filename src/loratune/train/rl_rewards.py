@@ -15,8 +15,6 @@ sample; the run's last checkpoint is untouched.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import re
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from pathlib import Path
 import torch
 
 from loratune.config import RewardSpec
+from loratune.user_code import load_function
 
 RewardFn = Callable[..., list]
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
@@ -162,28 +161,7 @@ def user_function(ref: str) -> RewardFn:
     if not sep or not where or not attr:
         raise RewardError(f"reward {ref!r}: expected a built-in (exact_match, regex, numeric, "
                           "code, length), path/to/file.py:function or module:function")
-    try:
-        module = _load_file(where) if where.endswith(".py") else importlib.import_module(where)
-    except RewardError:
-        raise
-    except Exception as err:
-        raise RewardError(f"reward {ref!r}: importing {where} failed: {type(err).__name__}: "
-                          f"{err}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise RewardError(f"reward {ref!r}: {where} has no function {attr!r}")
-    return fn
-
-
-def _load_file(path: str):
-    file = Path(path)
-    if not file.is_file():
-        raise RewardError(f"reward file {path}: not found (relative paths start from the "
-                          f"working directory {Path.cwd()})")
-    spec = importlib.util.spec_from_file_location(f"loratune_reward_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_function(ref, "reward", RewardError)
 
 
 def load_rewards(specs: list[RewardSpec]) -> list[Reward]:

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from loratune.config import RunConfig
 from loratune.data.bundled import BUNDLED
+from loratune.data.record_filter import FUNCTION_REF
 from loratune.models.load import EMBEDDED
 
 # Values of a user-path option that name something the package ships, not a file.
@@ -54,8 +55,9 @@ class Confinement:
             why = self._reward(spec.function)
             if why:
                 return f"train.rl.rewards.{i}.function", why
-        if cfg.data.filter:  # user code too: its file must lie in an offered folder
-            why = self._path(cfg.data.filter.rpartition(":")[0])
+        if cfg.data.filter and FUNCTION_REF.fullmatch(cfg.data.filter.strip()):
+            # user code too: its file must lie in an offered folder (an expression runs no code)
+            why = self._path(cfg.data.filter.strip().rpartition(":")[0])
             if why:
                 return "data.filter", why
         return None
