@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from loratune.adapters import disable_adapters
+from loratune.adapters.io import adapter_tensors
 from loratune.adapters.registry import method_names
 from loratune.config import build_config
 from loratune.config.run import QuantConfig
@@ -109,3 +110,22 @@ def test_method_hooks_run_under_grpo(tmp_path, smol_tokenizer, monkeypatch):
     monkeypatch.setattr(MoeLoraHooks, "micro_loss", lambda self: calls.append(1) or real(self))
     _run(tmp_path / "moe", smol_tokenizer, "moe_lora")
     assert len(calls) == 2 * 2  # two micro-batches in each of two updates
+
+
+def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(tmp_path, smol_tokenizer):
+    """train.gradient_checkpointing under GRPO: each decoder layer runs again in backward
+    (layer 0's MLP called once more per micro-batch), and the adapter comes out the same."""
+    adapters, calls = [], []
+    for on in (False, True):
+        cfg = _cfg(tmp_path / str(on), "lora", *OPTIONS["lora"])
+        cfg.train.gradient_checkpointing = on
+        model = tiny_llama(vocab=len(smol_tokenizer))
+        seen = []
+        model.model.layers[0].mlp.register_forward_pre_hook(
+            lambda *a: seen.append(1) if torch.is_grad_enabled() else None)
+        recipe.train_grpo(cfg, model=model, tokenizer=smol_tokenizer, quiet=True)
+        adapters.append(adapter_tensors(model, "default"))
+        calls.append(len(seen))
+    assert calls == [2 * 2, 2 * 2 * 2]  # two updates of two micro-batches; then recomputed
+    for k in adapters[0]:
+        torch.testing.assert_close(adapters[1][k], adapters[0][k], atol=1e-6, rtol=0, msg=k)

@@ -32,7 +32,7 @@ from loratune.models.modules import eos_ids
 from loratune.serve.types import SamplingParams
 from loratune.train.checkpoint import (choose_checkpoint, list_checkpoints, load_checkpoint,
                                        save_checkpoint)
-from loratune.train.loop import TrainResult, load_base, seed_everything
+from loratune.train.loop import TrainResult, load_base, seed_everything, set_checkpointing
 from loratune.train.method_hooks import method_hooks
 from loratune.train.metrics_log import MetricsLog, plot_loss
 from loratune.train.objectives import start_adapter
@@ -56,6 +56,7 @@ def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, mo
     seed_everything(cfg.train.seed)
     model, tokenizer = load_base(cfg, DistInfo.from_env(), model, tokenizer)
     start_adapter(cfg, model, tokenizer)
+    set_checkpointing(model, cfg.train.gradient_checkpointing)  # the update recomputes layers
     model.train()
     train_rows, held_rows = read_prompts(cfg, tokenizer, log)
     per_step = cfg.train.batch_size * cfg.train.grad_accum // cfg.train.rl.num_generations
