@@ -148,3 +148,25 @@ def test_epoch_done_after_the_epochs_last_batch(sft_file, smol_tokenizer, batch_
     assert n == len(WORDS) and stream.pos.epoch == 0
     stream.next_batch()
     assert stream.pos.epoch == 1
+
+
+def test_memory_holds_one_window_not_two(tmp_path, smol_tokenizer):
+    """Reading window k+1 must not keep window k's rows alive (peak ~ one window)."""
+    import tracemalloc
+
+    path = tmp_path / "big.txt"
+    path.write_text("\n\n".join(" ".join(WORDS[i % 13:] * 6) for i in range(600)) + "\n")
+    cfg = DataConfig(train=str(path), format="text", max_length=128, shuffle_buffer=200)
+    tracemalloc.start()
+    try:
+        stream = _stream(path, smol_tokenizer, cfg, True, batch_size=4)
+        one_window = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        while not stream.epoch_done():
+            stream.next_batch()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert stream.pos.window == 3  # windows 0-2 read, the 4th found the file's end
+    assert peak < 1.5 * one_window, f"peak {peak / 2**20:.1f} MB, one window " \
+        f"{one_window / 2**20:.1f} MB"
