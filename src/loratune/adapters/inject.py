@@ -20,6 +20,7 @@ from loratune.adapters.host import (AdaptedLinear, AdapterHost, SavedModule, ada
 from loratune.adapters.peft_format import pattern_value
 from loratune.adapters.registry import AdapterError, method_record
 from loratune.config import AdapterConfig
+from loratune.config.methods import trains_layer_biases
 from loratune.models.fused import FUSED, fused_layers, named_parts
 from loratune.quant.linear4bit import Linear4bit
 from loratune.models.modules import (
@@ -215,7 +216,8 @@ def mark_trainable(model: nn.Module, name: str) -> None:
     for _, host in hosts(model):
         if name in host.adapters:
             host.adapters[name].requires_grad_(True)
-            if bias == "lora_only" and isinstance(host, AdaptedLinear) and host.bias is not None:
+            if trains_layer_biases(config) and isinstance(host, AdaptedLinear) \
+                    and host.bias is not None:
                 host.base_layer.bias.requires_grad_(True)
     if bias == "all":
         for pname, param in model.named_parameters():

@@ -15,11 +15,13 @@ from torch import nn
 
 from loratune.adapters.host import hosts, saved_modules
 from loratune.adapters.inject import add_adapter, adapter_config, delete_adapter
-from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, PREFIX, WEIGHTS_NAME,
-                                           canonical_path, file_key, read_adapter_config,
-                                           read_peft_weights, write_peft_folder)
+from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, LAYER_BIAS, PREFIX,
+                                           WEIGHTS_NAME, canonical_path, file_key,
+                                           read_adapter_config, read_peft_weights,
+                                           write_peft_folder)
 from loratune.adapters.registry import AdapterError, method_names, method_record
 from loratune.config import AdapterConfig
+from loratune.config.methods import trains_layer_biases
 
 
 def _bias_key(param_name: str) -> str:
@@ -40,8 +42,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default",
         if name in host.adapters:
             saved = host.saved_tensors if compact else host.file_tensors
             state.update(saved(name, canonical_path(path)))
-            if bias == "lora_only" and getattr(host, "bias", None) is not None:
-                state[file_key(canonical_path(path), "bias")] = host.bias
+            if trains_layer_biases(config) and getattr(host, "bias", None) is not None:
+                state[file_key(canonical_path(path), LAYER_BIAS)] = host.bias
     if bias == "all":
         for pname, param in model.named_parameters():
             if pname.endswith(".bias") and ".copies." not in pname:

@@ -32,6 +32,8 @@ from loratune.readers import CorruptFileError, check_finite, read_safetensors
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# The file key ending of an adapted layer's trained bias (bias: lora_only, vera_only, ...).
+LAYER_BIAS = "base_layer.bias"
 # A LoRA module's tensors: A [r, in] and B [out, r].
 LORA_KINDS = ("lora_A.weight", "lora_B.weight")
 # Keys or shapes that do not fit the loaded model nearly always mean the adapter was trained on
@@ -267,7 +269,11 @@ def check_ranks(adapter: PeftFolder) -> None:
 def read_peft_weights(folder: str | Path, config: AdapterConfig, raw: dict) -> PeftFolder:
     """The folder with its tensors, once they are known to fit its config (read_adapter_config):
     the one reader merge, training (init_from) and the server go through."""
-    adapter = PeftFolder(Path(folder), config, raw, read_adapter_weights(folder))
+    # An adapted layer's trained bias (bias: *_only) as PEFT 0.21 writes it, by its base layer;
+    # read by the layer's own path, as earlier PEFT and `bias: all` name it.
+    tensors = {k.replace(f".{LAYER_BIAS}", ".bias"): t
+               for k, t in read_adapter_weights(folder).items()}
+    adapter = PeftFolder(Path(folder), config, raw, tensors)
     check_ranks(adapter)
     return adapter
 

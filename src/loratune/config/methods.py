@@ -44,6 +44,12 @@ class AdapterConfig(_Section):
         add_adapter_options(cls)
 
 
+def trains_layer_biases(config: AdapterConfig) -> bool:
+    """bias: <method>_only (lora_only, vera_only, oft_only): the biases of the adapted layers
+    train and are saved with the adapter (PEFT's rule: any value ending in _only)."""
+    return str(getattr(config, "bias", "none")).endswith("_only")
+
+
 def add_adapter_options(cls: type[AdapterConfig]) -> None:
     for name in cls.method_names():
         _ADAPTER_OPTIONS[name] = cls
@@ -310,7 +316,9 @@ class VeraConfig(AdapterConfig):
     vera_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     d_initial: float = Field(0.1, description="starting value of every d (b starts at 0, so a "
                              "fresh adapter changes nothing)")
-    bias: Literal["none", "all"] = "none"
+    bias: Literal["none", "all", "vera_only"] = Field(
+        "none", description="biases trained (and saved) with the adapter: all, or vera_only "
+        "(those of the adapted layers)")
     init_weights: bool = Field(True, description="True: d = d_initial, b = 0; False: b = 1, "
                                "d ~ N(0, 1) (the adapter changes the output from the start)")
     modules_to_save: list[str] = Field(default_factory=list, description="fully trained modules")
@@ -330,7 +338,9 @@ class OFTConfig(AdapterConfig):
                                   "this fraction of a layer's blocks is left unturned")
     target_modules: list[str] | str = Field(
         "all-linear", description="module names, one regex string, or 'all-linear' (not lm_head)")
-    bias: Literal["none", "all"] = "none"
+    bias: Literal["none", "all", "oft_only"] = Field(
+        "none", description="biases trained (and saved) with the adapter: all, or oft_only "
+        "(those of the adapted layers)")
     init_weights: bool = Field(True, description="True: every block starts as the identity; "
                                "False: random generators (std 0.1)")
     coft: bool = Field(False, description="constrained OFT: before each use a block's generator "
