@@ -78,7 +78,9 @@ class StreamPosition:
     @classmethod
     def from_record(cls, record: dict, where: str) -> StreamPosition:
         values = {k: record.get(k) for k in asdict(cls())}
-        bad = [k for k, v in values.items() if not isinstance(v, int) or v < 0]
+        # bool is an int to Python, but `true` in the JSON is no count of records or rows
+        bad = [k for k, v in values.items()
+               if not isinstance(v, int) or isinstance(v, bool) or v < 0]
         if bad:
             raise DataError(f"{where}: data position field {', '.join(bad)} is not a "
                             "non-negative integer; the checkpoint is damaged")
@@ -111,14 +113,24 @@ class BatchStream:
             packing = should_pack(examples, self.cfg.max_length, self.batch_size)
         self.packing = bool(packing)
         self._pack(examples)
+        if not self._read and pos.start and not self._has_record(pos.start - 1):
+            raise DataError(f"{self.spec}: the data position (epoch {pos.epoch}, record "
+                            f"{pos.start}) is past the file, which holds fewer records: the "
+                            "data file changed since the checkpoint, or the checkpoint is damaged")
         if pos.used > len(self._rows):
             raise DataError(f"{self.spec}: the data position (epoch {pos.epoch}, window "
                             f"{pos.window}, row {pos.used}) is past the window's "
                             f"{len(self._rows)} rows: the data file changed since the checkpoint")
         self.pos.used = pos.used
 
+    def _has_record(self, index: int) -> bool:
+        """Whether the file holds a record `index` (0-based): an empty window at `start` is the
+        end of the file only when record start-1 exists (epoch_done() stops there)."""
+        later = iter_examples(self.spec, self.tokenizer, self.cfg,
+                              new_stats(self.tokenizer, self.cfg), skip=index)
+        return next(later, None) is not None
+
     def _window_examples(self) -> list[Example]:
-        self._rows = []  # the last window's rows go before the next is read: one in memory
         examples, self._read = [], 0
         for pieces in islice(self._records, self.cfg.shuffle_buffer):
             self._read += 1
