@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from loratune.data.formats import detect_format, to_messages
 from loratune.data.hf_datasets import iter_records
 from loratune.data.templates import resolve_template, template_note
 from loratune.data.tools import fit_tools, has_tools, template_name, tool_conversation
-from loratune.data.text import document_ids, iter_documents, split_document
+from loratune.data.text import documents_ids, iter_documents, split_document
 
 
 @dataclass
@@ -177,22 +178,29 @@ def _encode_pieces(messages: list[dict], tools: list[dict], tokenizer, template:
                                 cfg.overflow, tools, first) for piece, first in pieces]
 
 
+TEXT_BATCH = 64  # documents per tokenizer call (data.format: text)
+
+
 def _text_examples(path: str | Path, tokenizer, cfg: DataConfig, stats: DataStats,
                    skip: int) -> Iterator[list[Example]]:
     """`data.format: text`: every document of a file or folder as pieces of at most
-    max_length tokens, every token labelled (data/text.py)."""
-    split = f"split into pieces of data.max_length={cfg.max_length} (one token overlap)"
-    for n, (where, text) in enumerate(iter_documents(path, cfg)):
-        if n < skip:
-            continue
-        stats.n_records += 1
-        pieces = split_document(document_ids(text, tokenizer), cfg.max_length)
-        if len(pieces) > 1:
-            stats.notes[split] = stats.notes.get(split, 0) + 1
-        for piece in pieces:
-            stats.n_tokens += len(piece)
-            stats.n_label_tokens += len(piece) - 1
-        yield pieces
+    max_length tokens, every token labelled (data/text.py); tokenized TEXT_BATCH at a time."""
+    documents = islice(iter_documents(path, cfg), skip, None)
+    while chunk := [text for _, text in islice(documents, TEXT_BATCH)]:
+        for ids in documents_ids(chunk, tokenizer):
+            yield _document_pieces(ids, cfg, stats)
+
+
+def _document_pieces(ids: list[int], cfg: DataConfig, stats: DataStats) -> list[Example]:
+    stats.n_records += 1
+    pieces = split_document(ids, cfg.max_length)
+    if len(pieces) > 1:
+        split = f"split into pieces of data.max_length={cfg.max_length} (one token overlap)"
+        stats.notes[split] = stats.notes.get(split, 0) + 1
+    for piece in pieces:
+        stats.n_tokens += len(piece)
+        stats.n_label_tokens += len(piece) - 1
+    return pieces
 
 
 def build_examples(path: str | Path, tokenizer,
