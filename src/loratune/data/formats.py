@@ -20,6 +20,7 @@ from loratune.data.streaming import TOO_DEEP, JsonStream, not_utf8, text_chunks,
 FORMATS = ("alpaca", "messages", "sharegpt")
 LINE_BASED = (".jsonl", ".csv")
 ROLES = ("system", "user", "assistant")
+IMAGE_PARTS = ("image", "image_url")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant"}
 
@@ -199,6 +200,10 @@ def _text(value, field: str, where: str, required: bool = True) -> str:
                                        for p in value):
         # OpenAI content parts: [{"type": "text", "text": "..."}, ...]
         return "".join(_text(p.get("text"), f"{field}.text", where) for p in value)
+    if isinstance(value, list) and any(isinstance(p, dict) and p.get("type") in IMAGE_PARTS
+                                       for p in value):
+        raise DataError(f"{where}: field '{field}' holds an image part; images need a "
+                        "vision-language model (data/images.py, models/vision.py)")
     raise DataError(f"{where}: field '{field}' must be text, got {type(value).__name__}")
 
 
