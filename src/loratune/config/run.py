@@ -173,6 +173,31 @@ class DataConfig(_Section):
                                 "packed together (a window); a window holding the whole file "
                                 "gives the batches the in-memory path gives")
 
+    # --- new tokens (data/new_tokens.py) ---
+    add_tokens: list[str] = Field(
+        default_factory=list, description="tokens added to the tokenizer (domain words, "
+        "markers); the embeddings grow by a row each (the mean of the existing rows, or see "
+        "data.new_token_init), trained through adapter.modules_to_save: [embed_tokens, lm_head] "
+        "and saved with the tokenizer in the adapter folder")
+    add_special_tokens: list[str] = Field(
+        default_factory=list, description="as data.add_tokens, added as special tokens (never "
+        "split; dropped by decoding with skip_special_tokens)")
+    new_token_init: dict[str, str] = Field(
+        default_factory=dict, description="new token -> text: its rows start as the mean of "
+        "that text's token embeddings (default: the mean of all rows)")
+
+    @model_validator(mode="after")
+    def _new_tokens(self):
+        new = [*self.add_tokens, *self.add_special_tokens]
+        twice = sorted({t for t in new if new.count(t) > 1 or not t})
+        if twice:
+            raise ValueError(f"data.add_tokens/add_special_tokens: {twice} given twice or empty")
+        stray = [t for t in self.new_token_init if t not in new]
+        if stray:
+            raise ValueError(f"data.new_token_init: {stray} not in data.add_tokens or "
+                             "data.add_special_tokens")
+        return self
+
     @field_validator("train", "eval", mode="before")
     @classmethod
     def _plain_sources(cls, value):

@@ -27,6 +27,7 @@ from loratune.data.bundled import resolve_data_paths
 from loratune.data.hf_datasets import held_out_config
 from loratune.data.mixture import (as_sources, build_held_out, build_mixture, is_mixture,
                                    mixture_line)
+from loratune.data.new_tokens import add_new_tokens, check_trainable, save_tokenizer, wanted
 from loratune.data.templates import store_template
 from loratune.adapters import method_record, save_adapter, trainable_report
 from loratune.adapters.fused_lora import set_fused_lora
@@ -176,6 +177,7 @@ class Run:
     quiet: bool
     before: Totals  # what the earlier parts of a resumed run did (zeros on a fresh start)
     stop: StopRequest = field(default_factory=StopRequest)  # SIGINT/SIGTERM: stop at a step
+    tokenizer: object = None  # saved with the adapter when data.add_tokens grew it
 
     @property
     def out(self) -> Path:
@@ -193,6 +195,9 @@ def setup(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, model: nn.Modul
     quiet = opts.quiet or not runtime.is_main  # rank 0 alone prints, logs and writes files
     log: Log = _silent if quiet else print
     objective = training_objective(cfg)
+    if wanted(cfg.data):  # before the data is encoded: texts may hold the new tokens
+        add_new_tokens(model, tokenizer, cfg.data)
+        check_trainable(getattr(cfg.adapter, "modules_to_save", None) or [], model)
     data = setup_data(cfg, tokenizer, paths, log)
     note = use_packed_attention(model, cfg.model.packed_attention, runtime.device, data.packing)
     if note:
@@ -232,7 +237,7 @@ def setup(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, model: nn.Modul
             metrics.write({"step": 0, **{f"mixture_share/{name}": s["share"]
                                          for name, s in data.mixture["sources"].items()}})
     return Run(cfg, runtime, model, forward, optimizer, hooks, objective, data, metrics, total,
-               start_step, quiet, before)
+               start_step, quiet, before, tokenizer=tokenizer)
 
 
 def seed_everything(seed: int) -> None:
@@ -756,6 +761,8 @@ def save(run: Run, progress: Progress) -> TrainResult:
             adapter_dir = save_adapter(run.model, adapter_dir, "default",
                                        base_model=run.cfg.model.name, overwrite=True)
             store_template(adapter_dir, run.cfg.data.template)  # eval/serve prompt with it
+            if wanted(run.cfg.data):
+                save_tokenizer(run.tokenizer, adapter_dir, run.cfg.data)
     if run.runtime.is_main:
         plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
         write_summary(run.out, run_summary(run, progress))
