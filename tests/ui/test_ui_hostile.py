@@ -87,6 +87,11 @@ BAD_FILES = {
     "loop-metrics": ({"metrics.jsonl": ("link", "metrics.jsonl")}, "metrics.jsonl: a broken link"),
     "config-to-passwd": ({"config.yaml": ("link", "/etc/passwd")},
                          "config.yaml: a link out of the run folder"),
+    # json.loads raises RecursionError (not ValueError) past ~1000 levels: was a 500
+    "metrics-deep": ({"metrics.jsonl": "[" * 5000 + "\n"},
+                     "metrics.jsonl: line 1: not JSON (nested deeper than"),
+    "summary-deep": ({"run_summary.json": '{"a": ' * 5000},
+                     "run_summary.json: not JSON (nested deeper than"),
 }
 
 

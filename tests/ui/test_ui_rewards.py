@@ -61,6 +61,16 @@ def test_completions_api_keeps_good_lines_and_names_the_first_bad_one(client):
     assert got["problem"].startswith("completions.jsonl: not JSON")
 
 
+def test_a_deeply_nested_completions_line_is_one_bad_line_not_a_500(root, client):
+    deep = "[" * 5000   # json.loads raises RecursionError past ~1000 levels
+    (root / "grpo" / "completions.jsonl").write_text(
+        deep + "\n" + json.dumps(sample(4, 0)) + "\n")
+    r = client.get("/api/runs/grpo/completions")
+    assert r.status_code == 200
+    assert [s["step"] for s in r.json()["samples"]] == [4]
+    assert r.json()["problem"].startswith("completions.jsonl: not JSON (nested deeper than")
+
+
 def test_completions_are_read_from_a_bounded_tail(root, client, monkeypatch):
     monkeypatch.setattr(run_files, "COMPLETIONS_TAIL", 4096)
     path = root / "grpo" / "completions.jsonl"

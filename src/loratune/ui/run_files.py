@@ -84,12 +84,21 @@ def read_text(folder: Path, name: str) -> str | None:
         raise RunFileError(name, f"not UTF-8 text (byte {err.start})") from None
 
 
+def parse_json(data: bytes | str):
+    """json.loads, with too deep a nesting a ValueError like any other bad JSON (json raises
+    RecursionError there, which no reader of a run file expects: a 500 for the whole run)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested deeper than Python's recursion limit") from None
+
+
 def read_json_object(folder: Path, name: str) -> dict | None:
     data = read_bytes(folder, name)
     if data is None:
         return None
     try:
-        value = json.loads(data)
+        value = parse_json(data)
     except ValueError as err:   # UnicodeDecodeError included
         raise RunFileError(name, f"not JSON ({err})") from None
     if not isinstance(value, dict):
@@ -170,7 +179,7 @@ def metric_record(line: bytes) -> dict:
     """One metrics line as a record: a JSON object, `step` a whole number, every other value a
     number (or null; NaN and infinities become null, which JSON readers accept)."""
     try:
-        rec = json.loads(line)
+        rec = parse_json(line)
     except ValueError as err:
         raise ValueError(f"not JSON ({err})") from None
     if not isinstance(rec, dict):
@@ -277,7 +286,7 @@ def completion_record(line: bytes) -> dict:
     MAX_TEXT), reward and advantage (numbers or null), rewards {function name: number or
     null}. Anything else in the line is dropped."""
     try:
-        rec = json.loads(line)
+        rec = parse_json(line)
     except ValueError as err:
         raise ValueError(f"not JSON ({err})") from None
     if not isinstance(rec, dict):
