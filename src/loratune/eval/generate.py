@@ -20,12 +20,14 @@ class TemplateNote(UserWarning):
 
 
 def prompt_ids(tokenizer, messages: list[dict], template: str | None = None,
-               tools: list[dict] | None = None) -> list[int]:
+               tools: list[dict] | None = None, template_text: str | None = None) -> list[int]:
     """The prompt's token ids, with the generation prompt; a system message the template
     cannot render is folded into the first user turn, as training does (with a warning).
     A tokenizer without a template gets the one training defaults to (resolve_template).
-    `tools`: declared tools, rendered as training renders them (data/tools.py)."""
-    template = resolve_template(tokenizer, template)
+    `tools`: declared tools, rendered as training renders them (data/tools.py).
+    `template_text`: a template's text, over `template` (a name): an adapter's stored one,
+    which a server shares no tokenizer attribute for (serve/api.py)."""
+    template = template_text or resolve_template(tokenizer, template)
     if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
         messages, tools = fit_tools(messages, tools or [], template, template_name(tokenizer))
     messages, notes = fit_conversation(messages, tokenizer, template)

@@ -277,8 +277,9 @@ def check_text(data: Any) -> None:
 
 
 # -- prompts --------------------------------------------------------------------------------------
-def chat_prompt_ids(tokenizer, body: ChatBody) -> list[int]:
-    """Messages → token ids with the tokenizer's chat template (as eval/generate.py does)."""
+def chat_prompt_ids(tokenizer, body: ChatBody, template: str | None = None) -> list[int]:
+    """Messages → token ids with the chat template (as eval/generate.py does): `template`'s
+    text (the served adapters' stored one), else the tokenizer's own."""
     from loratune.eval.generate import prompt_ids
 
     if not body.messages:
@@ -287,7 +288,8 @@ def chat_prompt_ids(tokenizer, body: ChatBody) -> list[int]:
     if body.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         messages, tools = request_tools(body, messages)
     try:
-        return prompt_ids(tokenizer, messages, tools=tools if body.tools_on() else None)
+        return prompt_ids(tokenizer, messages, tools=tools if body.tools_on() else None,
+                          template_text=template)
     except APIError:
         raise
     except Exception as err:  # jinja raises plain exceptions for what a template refuses
@@ -578,13 +580,13 @@ async def generate(state: _State, request: Request, kind: str):
         params = body.sampling()
         # Templating and tokenizing a long prompt takes a while: on a worker thread, so /health
         # and the other requests' streams go on meanwhile.
-        ids, model = await asyncio.to_thread(prompt_and_model, state, body, kind)
+        ids, model, template = await asyncio.to_thread(prompt_and_model, state, body, kind)
         adapters = resolve_servable(state, model)
         model_label = model
         for name in adapters:
             await asyncio.to_thread(check_adapter, state, name)
         state.engine.pool.check_weights(adapters)
-        tools = call_tools(state, body) if kind == "chat" else None
+        tools = call_tools(state, body, template) if kind == "chat" else None
         ids, reader = await asyncio.to_thread(force_tool_call, state, body, tools, params, ids)
         handle = state.engine.submit(GenerationRequest(ids, adapters, params, state.timeout_s))
     except (APIError, ServeError) as err:
@@ -600,14 +602,16 @@ async def generate(state: _State, request: Request, kind: str):
     return await complete(state, call, request)
 
 
-def call_tools(state: _State, body: ChatBody) -> tuple[str, set[str], bool] | None:
-    """(parser, declared names, parallel calls allowed) when the answer may call tools."""
+def call_tools(state: _State, body: ChatBody, template: str | None = None
+               ) -> tuple[str, set[str], bool] | None:
+    """(parser, declared names, parallel calls allowed) when the answer may call tools; the
+    parser read from `template` (the served adapters' stored one), else the tokenizer's own."""
     if not body.tools_on():
         return None
     from loratune.data.templates import resolve_template
 
-    parser = state.tool_parser or parser_for_template(resolve_template(state.engine.tokenizer,
-                                                                       None))
+    parser = state.tool_parser or parser_for_template(
+        template or resolve_template(state.engine.tokenizer, None))
     if parser is None:
         raise APIError(400, "tools: the model's chat template shows no tool-call format; start "
                        f"the server with --tool-parser ({', '.join(PARSERS)})", param="tools")
@@ -633,17 +637,30 @@ def force_tool_call(state: _State, body: ChatBody, tools, params: SamplingParams
 
 
 def prompt_and_model(state: _State, body: ChatBody | CompletionBody, kind: str
-                     ) -> tuple[list[int], str]:
-    """The prompt's token ids and the model field after routing "auto" (on a worker thread)."""
+                     ) -> tuple[list[int], str, str | None]:
+    """The prompt's token ids, the model field after routing "auto", and the chat template
+    its adapters were trained with (None: the tokenizer's own), on a worker thread."""
     tok = state.engine.tokenizer
     if kind == "chat":
-        ids = chat_prompt_ids(tok, body)
-        route_text = last_user_text([m.plain() for m in body.messages])
-    else:
-        ids = completion_prompt_ids(tok, body)
-        route_text = body.prompt if isinstance(body.prompt, str) else \
-            (body.prompt[0] if body.prompt and isinstance(body.prompt[0], str) else "")
-    return ids, resolve_model_field(state, body.model, route_text)
+        model = resolve_model_field(state, body.model,
+                                    last_user_text([m.plain() for m in body.messages]))
+        template = served_template(state, model)
+        return chat_prompt_ids(tok, body, template), model, template
+    route_text = body.prompt if isinstance(body.prompt, str) else \
+        (body.prompt[0] if body.prompt and isinstance(body.prompt[0], str) else "")
+    return completion_prompt_ids(tok, body), resolve_model_field(state, body.model,
+                                                                 route_text), None
+
+
+def served_template(state: _State, model: str) -> str | None:
+    """The chat template `model`'s adapters were trained with (data.template, stored in each
+    folder); None for the base and adapters without one. Each adapter brings its own, so rows
+    of different adapters in one batch are each prompted as trained; a composition of
+    adapters trained with different templates has no one prompt: a 400 naming two."""
+    try:
+        return state.engine.pool.chat_template(resolve_servable(state, model))
+    except DataError as err:
+        raise APIError(400, f"model '{model}': {err}", param="model") from None
 
 
 def resolve_model_field(state: _State, model: str, route_text: str) -> str:
@@ -846,10 +863,10 @@ def run(cfg: ServeConfig) -> int:
     model, tok = load_model(cfg.model)
     pool = AdapterPool(cfg.adapters, max_adapters=cfg.max_adapters,
                        host_adapters=cfg.host_adapters)
-    stored = adapters_template(pool.folder(n) for n in pool.names())
-    if stored is not None:   # adapters trained under data.template: prompts and tool parser
-        tok.chat_template, note = stored
-        print(f"note: {note}")
+    for name in pool.names():   # each adapter is prompted with its stored template, per request
+        stored = adapters_template([pool.folder(name)])
+        if stored is not None:
+            print(f"note: adapter {name}: {stored[1].split(' (')[0]}")
     engine = Engine(model, tok, pool, base_name=cfg.served_name or served_name(cfg.model.name),
                     max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                     max_prompt_tokens=cfg.max_prompt_tokens,

@@ -24,6 +24,7 @@ from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, LORA_KINDS
                                            split_key, weights_file)
 from loratune.adapters.registry import (AdapterError, MethodRecord, RowBlock, RowLead,
                                         method_record)
+from loratune.data.templates import adapters_template
 from loratune.readers import CorruptFileError
 from loratune.serve.multi_lora import MultiLoraLinear, RowSlots, attach, detach, slot_dtype
 from loratune.serve.row_blocks import RowBlocks, attach_blocks, detach_blocks
@@ -314,6 +315,13 @@ class AdapterPool:
         if self.adapter_dir is not None and (self.adapter_dir / name / CONFIG_NAME).is_file():
             return self.adapter_dir / name
         raise UnknownAdapter(name, self.names())
+
+    def chat_template(self, names) -> str | None:
+        """The chat template the adapters `names` were trained with (their folders'
+        chat_template.jinja, read at each use so an adapter loaded later brings its own);
+        None: the tokenizer's own. Adapters of different templates: a DataError naming two."""
+        stored = adapters_template(self.folder(name) for name in names)
+        return None if stored is None else stored[0]
 
     def register(self, name: str, path: str | Path) -> None:
         """Make `path` known as `name`; with an adapter directory, only folders inside it."""
