@@ -34,7 +34,7 @@ def test_image_part_path_relative_to_data_file(tmp_path):
         {"type": "image", "image": "img/a.png"}, {"type": "text", "text": "Colour?"}]}, _answer()]}
     messages, images = vision_messages(record, tmp_path / "d.jsonl", 1)
     assert messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Colour?"}]
-    assert messages[1]["content"] == [{"type": "text", "text": "red"}]
+    assert messages[1]["content"] == "red"  # no image: plain text, as text templates expect
     assert [im.size for im in images] == [(4, 3)]
     assert images[0].getpixel((0, 0)) == (255, 0, 0)
 

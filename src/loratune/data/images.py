@@ -6,8 +6,9 @@ A record gives its images one of two ways, not both:
   `{"type": "image_url", "image_url": {"url": "path or data:image/...;base64,..."}}`;
 - LLaMA-Factory's layout: `<image>` markers in the text and an `images` column listing the files
   in marker order (messages or sharegpt turns).
-Either way the result is the same: each turn's content a list of `{"type": "image"}` and
-`{"type": "text", "text": ...}` parts (what VLM chat templates render), and the images in order.
+Either way the result is the same: a turn with images has as content a list of
+`{"type": "image"}` and `{"type": "text", "text": ...}` parts (what VLM chat templates render), a
+turn without is plain text; and the images come in order.
 
 Paths are relative to the data file's folder. Nothing is fetched from the network: a remote URL
 is refused by name (`data.allow_remote_images`). The pixel count is read from the file's header
@@ -66,13 +67,21 @@ def vision_messages(record: dict, source: str | Path | None = None, index: int |
                             f"{turn.get(role_key) if isinstance(turn, dict) else turn!r}; "
                             f"expected one of {', '.join(roles)}")
         parts, turn_refs = _parts(turn.get(text_key), f"{field}.{text_key}", where.record)
-        messages.append({"role": roles[turn[role_key]], "content": parts})
+        messages.append({"role": roles[turn[role_key]], "content": _plain(parts)})
         refs.extend(turn_refs)
     refs = _match_column(refs, column, where.record)
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where.record}: the conversation must end with an assistant turn, "
                         f"not '{messages[-1]['role']}'")
     return messages, [load_image(ref, field, where, rules) for field, ref in refs]
+
+
+def _plain(parts: list[dict]) -> list[dict] | str:
+    """A turn without images as plain text: answer-only labelling marks the end of an answer
+    by appending to its text, and every VLM template renders a string content as is."""
+    if any(p["type"] == "image" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
 
 
 def _layout(record: dict, where: str) -> tuple[str, str, str, dict]:
