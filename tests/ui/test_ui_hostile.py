@@ -373,3 +373,10 @@ def test_every_source_of_a_mixture_is_held_to_the_offered_folders(tmp_path):
     assert key == "data.eval.1.path"
     key, why = offered.refusal(run(train=[f"{data}/*.jsonl"]))
     assert key == "data.train.0.path" and "glob is refused" in why
+
+
+def test_a_deeply_nested_compare_report_is_skipped_not_a_500(app, root):
+    (root / "good" / "compare.json").write_text("[" * 5000)   # RecursionError in json.loads
+    with page_client(app) as c:
+        r = c.get("/api/reports")
+    assert r.status_code == 200 and r.json()["reports"] == []

@@ -9,7 +9,6 @@ the runs folder).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import stat
@@ -18,8 +17,8 @@ from pathlib import Path
 
 from loratune.train.run_folder import DONE_FILE
 from loratune.ui.run_files import (METRICS, MetricsTail, RunFileError, inside, number,
-                                   read_bytes, read_json_object, read_run_status, read_text,
-                                   read_yaml_mapping, section, text, whole)
+                                   parse_json, read_bytes, read_json_object, read_run_status,
+                                   read_text, read_yaml_mapping, section, text, whole)
 
 REPORTS = ("compare.json", "tune_rank.json")   # what recipes/compare.py writes
 CONFIG = "config.yaml"
@@ -308,7 +307,7 @@ def find_reports(root: Path) -> list[dict]:
 def _report_rows(folder: Path, name: str) -> list[dict]:
     data = read_bytes(folder, name)
     try:
-        rows = json.loads(data) if data is not None else None
+        rows = parse_json(data) if data is not None else None
     except ValueError as err:
         raise RunFileError(name, f"not JSON ({err})") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
