@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from loratune.config import DataConfig
 from loratune.data.errors import DataError
 
 NEW_TOKENS_FILE = "new_tokens.json"  # beside the adapter: the tokens it adds, their ids
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def wanted(cfg: DataConfig) -> list[str]:
@@ -104,3 +107,10 @@ def new_tokens_of(folder: str | Path) -> dict | None:
     """An adapter folder's NEW_TOKENS_FILE ({tokens, ids, vocab_size}), or None."""
     path = Path(folder) / NEW_TOKENS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def copy_tokenizer(adapter_dir: str | Path, out: Path) -> None:
+    """The adapter folder's tokenizer files over those in `out` (a model folder being written)."""
+    for name in TOKENIZER_FILES:
+        if (Path(adapter_dir) / name).is_file():
+            shutil.copy2(Path(adapter_dir) / name, out / name)

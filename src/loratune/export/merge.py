@@ -23,6 +23,7 @@ from loratune.adapters.peft_format import (ANOTHER_BASE, PeftFolder, module_path
                                            read_adapter_config, read_peft_weights)
 from loratune.adapters.registry import AdapterError, method_record
 from loratune.export.safetensors_io import StreamWriter, read_index, read_tensor
+from loratune.data.new_tokens import copy_tokenizer, new_tokens_of
 from loratune.files import check_output_path, write_atomic_dir
 from loratune.models.device import DTYPES
 
@@ -174,6 +175,7 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
                 if module_path(k) in index}
     merged_paths = _all_paths(modules)
     stats = {"merged": 0}
+    grown = grown_vocabulary(adapters, config)  # new tokens: rows, vocab_size and tokenizer
 
     def out_type(entry) -> torch.dtype:
         return out_dtype if out_dtype is not None and entry.dtype.is_floating_point else entry.dtype
@@ -218,7 +220,8 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
             non_finite.append((name, tensor.dtype))
         return tensor
 
-    plan = [(name, out_type(e), e.shape) for name, e in index.items()]
+    plan = [(name, out_type(e), tuple(replaced[name].shape) if name in replaced else e.shape)
+            for name, e in index.items()]
 
     def fill(tmp: Path) -> None:
         shards = plan_shards(plan, parse_size(shard_size))
@@ -227,10 +230,29 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
             raise _non_finite_error(out, non_finite)
         stats["shards"] = len(shards)
         _copy_side_files(base, tmp, config, dtype)
+        if grown is not None:
+            copy_tokenizer(grown, tmp)
 
     write_atomic_dir(out, fill, overwrite=overwrite, marker="config.json")
     return MergeReport(out, stats["merged"], len(replaced), stats["shards"],
                        time.perf_counter() - t0)
+
+
+def grown_vocabulary(adapters: list[AdapterFile], config: dict) -> Path | None:
+    """The adapter folder whose tokenizer the merged model takes when the adapters add tokens
+    (data.add_tokens; its grown rows replace the base's as modules_to_save do), `config`'s
+    vocab_size raised to match; adapters adding different tokens are refused by name."""
+    records = [(a.folder, new_tokens_of(a.folder)) for a in adapters]
+    grown = [(folder, r) for folder, r in records if r is not None]
+    if not grown:
+        return None
+    if len(grown) < len(records) or any(r != grown[0][1] for _, r in grown):
+        names = ", ".join(f"{folder} ({', '.join(r['tokens']) if r else 'none'})"
+                          for folder, r in records)
+        raise AdapterError(f"the adapters add different new tokens ({names}); a merged model "
+                           "has one vocabulary: merge them one at a time")
+    config["vocab_size"] = max(config.get("vocab_size", 0), grown[0][1]["vocab_size"])
+    return Path(grown[0][0])
 
 
 def _non_finite_error(out: Path, bad: list[tuple[str, torch.dtype]]) -> AdapterError:
