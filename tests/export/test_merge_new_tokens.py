@@ -59,3 +59,29 @@ def test_adapters_adding_different_tokens_are_refused(tmp_path, base_dir):
     with pytest.raises(AdapterError, match="the adapters add different new tokens .*<rx>.*<dx>"):
         merge_folder(base_dir, read_adapters([a.adapter_dir, b.adapter_dir], None),
                      tmp_path / "m")
+
+
+def test_merged_gguf_has_the_new_tokens_and_rows(tmp_path, base_dir):
+    gguf = pytest.importorskip("gguf")
+    from loratune.export.gguf_file import write_gguf
+
+    result, model, tok = _train(tmp_path, "run", ["<rx>", "<|dose|>"])
+    merged = merge_folder(base_dir, read_adapters([result.adapter_dir], None),
+                          tmp_path / "merged").out
+    out = write_gguf(merged, tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(str(out))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == len(tok) and tokens[len(tok) - 2:] == ["<rx>", "<|dose|>"]
+    (embd,) = [t for t in reader.tensors if t.name == "token_embd.weight"]
+    rows = torch.from_numpy(embd.data.copy()).reshape(-1, model.config.hidden_size)
+    torch.testing.assert_close(rows[-2:], model.get_input_embeddings().weight[-2:].detach())
+
+
+def test_adapter_gguf_refuses_new_tokens_by_name(tmp_path, base_dir):
+    from loratune.export.gguf_arch import GGUFExportError
+    from loratune.export.gguf_file import write_lora_gguf
+
+    result, _, _ = _train(tmp_path, "run", ["<rx>"])
+    with pytest.raises(GGUFExportError, match=r"adds tokens \(<rx>\), which llama.cpp's adapter "
+                       "file cannot carry.*export gguf --adapter DIR"):
+        write_lora_gguf(result.adapter_dir, base_dir, tmp_path / "a.gguf")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loratune.data.new_tokens import new_tokens_of
 from loratune.export.gguf_arch import (GGUFExportError, Family, family_of, gguf_arch_name,
                                        rope_permute, tensor_name_map, write_metadata)
 from loratune.export.kquants import QK_K, quantize_q4_k, quantize_q6_k
@@ -187,6 +188,13 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
         raise GGUFExportError(f"{adapter_dir}: a {cfg.method} adapter cannot be written as "
                               f"llama.cpp's adapter file ({export.why_not}); merge it instead "
                               "(export gguf --adapter DIR)")
+    grown = new_tokens_of(adapter_dir)
+    if grown:
+        added = ", ".join(grown["tokens"])
+        raise GGUFExportError(f"{adapter_dir}: the adapter adds tokens ({added}), which "
+                              "llama.cpp's adapter file cannot carry (it holds no "
+                              "vocabulary); merge it instead (export gguf --adapter DIR): the "
+                              "merged GGUF has the grown embeddings and the adapter's tokenizer")
     config = json.loads((base_folder / "config.json").read_text())
     _, family = family_of(config, str(base_folder / "config.json"))
     arch = gguf_arch_name(family)
