@@ -1,4 +1,6 @@
-"""LoRA initialisations that move a rank-r part of the base weight into the adapter.
+"""LoRA initialisations: the record of each (`InitSpec`, registered by the init's own file:
+this one for PiSSA and OLoRA, loftq.py, eva.py), and those that move a rank-r part of the base
+weight into the adapter.
 
     W = W' + s·B0·A0      (s = the adapter's scale; the model's output is unchanged at step 0)
 
@@ -77,7 +79,15 @@ def base_init(name) -> BaseInit | None:
 def init_on_load(name):
     """init_lora_weights as a loaded file's config keeps it: an init that changed the base
     reruns on load (the file's A, B apply to the changed base); any other only mattered before
-    training (EVA, CorDA, ...), so True."""
+    training (EVA, CorDA, ...), so True. A PEFT folder saved right after a randomized PiSSA
+    init (pissa_niter_K, not converted) applies to a residual base that cannot be rebuilt:
+    refused (pissa and olora are rebuilt)."""
+    if isinstance(name, str) and niter(name) is not None:
+        raise AdapterError(
+            f"init_lora_weights is {name!r}: the adapter applies to a base from which a "
+            "randomized SVD removed a part, which cannot be rebuilt. Save it from PEFT with "
+            "save_pretrained(path_initial_model_for_weight_conversion=...) (a plain LoRA), or "
+            "train it here: loratune saves such adapters converted")
     return name if name in (None, True, "gaussian") or base_init(name) is not None else True
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from loratune.adapters.base_inits import (add_starting_update, base_init,
                                           config_converts_on_save, converts_on_save, init_hooks,
-                                          init_on_load, init_peft_fields, niter,
-                                          plain_lora_fields, plain_lora_tensors, start_from_base)
+                                          init_on_load, init_peft_fields, plain_lora_fields,
+                                          plain_lora_tensors, start_from_base)
 from loratune.adapters.fused_lora import fused_lora_forward
 from loratune.adapters.host import LayerAdapter, adapted_layers, leaf_names
 from loratune.adapters.lora_product import REFERENCE, product, scaled_factors
@@ -146,18 +146,8 @@ def lora_file_fields(model: nn.Module, name: str, config: LoraConfig,
 
 
 def loaded_options(values: dict) -> dict:
-    """The init a file names reruns only when it changed the base (`init_on_load`). A PEFT
-    folder saved right after a randomized PiSSA init (pissa_niter_K, not converted) applies to
-    a residual base that cannot be rebuilt: refused (pissa and olora are rebuilt)."""
-    init = init_on_load(values.get("init_lora_weights", True))
-    values = {**values, "init_lora_weights": init}
-    if isinstance(init, str) and niter(init) is not None:
-        raise AdapterError(
-            f"init_lora_weights is {init!r}: the adapter applies to a base from which a "
-            "randomized SVD removed a part, which cannot be rebuilt. Save it from PEFT with "
-            "save_pretrained(path_initial_model_for_weight_conversion=...) (a plain LoRA), or "
-            "train it here: loratune saves such adapters converted")
-    return values
+    """The init a file names, as loading keeps it (adapters/base_inits.py `init_on_load`)."""
+    return {**values, "init_lora_weights": init_on_load(values.get("init_lora_weights", True))}
 
 
 register(MethodRecord(
