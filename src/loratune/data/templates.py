@@ -148,9 +148,42 @@ def store_template(adapter_dir: str | Path, name: str | None) -> Path | None:
     return out
 
 
+# The bundled templates and the families' own are a few KB (the longest, with tools, ~15 KB); a
+# file far past that is no template, and serve reads it at every request.
+MAX_TEMPLATE_BYTES = 1 << 20
+
+
 def _stored(folder: str | Path) -> str | None:
+    """The folder's chat_template.jinja (from whoever made the adapter: maybe a download), or a
+    DataError naming it when it is huge, not UTF-8 or not Jinja."""
     path = Path(folder) / TEMPLATE_FILE
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    if size > MAX_TEMPLATE_BYTES:
+        raise DataError(f"{path}: {size} bytes, more than the {MAX_TEMPLATE_BYTES} a chat "
+                        "template may have")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    problem = _syntax_problem(text)
+    if problem is not None:
+        raise DataError(f"{path}: {problem}")
+    return text
+
+
+def _syntax_problem(text: str) -> str | None:
+    """Why `text` is no Jinja template, or None. Compiled by transformers' own (cached) function:
+    its sandbox and extensions ({% generation %}, {% break %}), the parse rendering will use."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(text)
+    except TemplateSyntaxError as err:
+        return f"line {err.lineno}: not a Jinja template ({err.message})"
+    return None
 
 
 def _named(text: str) -> str:
