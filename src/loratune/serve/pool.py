@@ -24,6 +24,7 @@ from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, LORA_KINDS
                                            split_key, weights_file)
 from loratune.adapters.registry import (AdapterError, MethodRecord, RowBlock, RowLead,
                                         method_record)
+from loratune.data.new_tokens import new_tokens_of
 from loratune.data.templates import adapters_template
 from loratune.readers import CorruptFileError
 from loratune.serve.multi_lora import MultiLoraLinear, RowSlots, attach, detach, slot_dtype
@@ -100,6 +101,20 @@ def check_name(name: str) -> str:
     return name
 
 
+def refuse_new_tokens(name: str, folder: Path, model: nn.Module) -> None:
+    """An adapter that adds tokens (data.add_tokens) has another vocabulary than the served
+    base: its rows cannot share a batch with the others', and its grown embedding replaces the
+    whole matrix. Its merged model (which carries its tokenizer) is what serves it."""
+    grown = new_tokens_of(folder)
+    if grown:
+        rows = model.get_input_embeddings().weight.shape[0]
+        raise BadAdapter(f"adapter {name!r} ({folder}) adds tokens "
+                         f"({', '.join(grown['tokens'])}; vocabulary {grown['vocab_size']}, "
+                         f"the served base has {rows} rows): adapters of different "
+                         "vocabularies cannot share a batch. Merge it (`loratune merge`, which "
+                         "writes its tokenizer too) and serve the merged model")
+
+
 def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
     """Read and check an adapter folder against `model`, as the LoRA factors its method's record
     serves it by (ServingSpec.factors); every error names the file and tensor."""
@@ -115,6 +130,7 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
                    f"({record.merge.why_not}): run it with `loratune chat`")
         raise BadAdapter(f"adapter {name!r} ({folder}) is {config.method}: "
                          f"{record.serving.why_not}. {instead}")
+    refuse_new_tokens(name, folder, model)
     if getattr(config, "bias", "none") != "none" or raw.get("modules_to_save"):
         raise BadAdapter(f"adapter {name!r} ({folder}) trains biases or whole modules "
                          "(bias / modules_to_save); those cannot be mixed per row. Merge it instead")
