@@ -3,13 +3,19 @@
 Ollama renders a model's TEMPLATE with Go's text/template. To know which template reproduces
 a model's Jinja chat template, the Modelfile writer renders candidates here on sample
 conversations and compares. Supported: `{{- x -}}` whitespace trimming, `if` / `else if` /
-`else` / `end`, `range $i, $m := pipe`, `$x := pipe` and `$x = pipe`, fields (`.Role`,
-`$.System`, `$m.Content`), string and integer literals, parentheses and the functions `eq`,
-`ne`, `and`, `or`, `not`, `len`, `slice`. Anything else is a ValueError naming it.
+`else` / `end`, `range pipe` and `range [$i,] $v := pipe`, `$x := pipe` and `$x = pipe`, fields
+(`.Role`, `$.System`, `$m.Content`), string and integer literals, parentheses and the functions
+`eq`, `ne`, `and`, `or`, `not`, `len`, `slice` and Ollama's `json`. Anything else is a ValueError
+naming it.
+
+Data is dicts. A field `.Name` reads the key `Name`, else `name`: Ollama's structs (api.Tool,
+api.ToolCall) marshal under their lower-case JSON names, so a tool kept in its JSON form is both
+what `json` writes and what `.Function.Name` reads.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 _ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
@@ -60,7 +66,7 @@ def _parse(items: list[tuple[str, str]], i: int, stop: tuple[str, ...]):
             nodes.append(("if", branches))
             i += 1
         elif word == "range":
-            m = re.fullmatch(r"range\s+(?:(\$\w+)\s*,\s*)?(\$\w+)\s*:=\s*(.+)", body)
+            m = re.fullmatch(r"range\s+(?:(?:(\$\w+)\s*,\s*)?(\$\w+)\s*:=\s*)?(.+)", body)
             if not m:
                 raise ValueError(f"unsupported range: {{{{{body}}}}}")
             inner, i, _ = _parse(items, i + 1, ("end",))
@@ -84,7 +90,7 @@ def _truthy(v) -> bool:
 
 def _field(obj, name: str):
     if isinstance(obj, dict):
-        return obj.get(name)
+        return obj[name] if name in obj else obj.get(name[:1].lower() + name[1:])
     raise ValueError(f"no field {name} on {type(obj).__name__}")
 
 
@@ -148,8 +154,7 @@ class _Eval:
                 if m:
                     self.vars[m.group(1)] = self.pipe(_tokens(m.group(3)), dot)
                 else:
-                    value = self.pipe(_tokens(body), dot)
-                    out.append("" if value is None else str(value))
+                    out.append(_print(self.pipe(_tokens(body), dot)))
             elif kind == "if":
                 for cond, inner in node[1]:
                     if cond == "true" or _truthy(self.pipe(_tokens(cond), dot)):
@@ -160,8 +165,22 @@ class _Eval:
                 for i, item in enumerate(self.pipe(_tokens(expr), dot) or []):
                     if index_var:
                         self.vars[index_var] = i
-                    self.vars[item_var] = item
+                    if item_var:
+                        self.vars[item_var] = item
                     self.run(inner, item, out)
+
+
+def _print(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def go_json(value) -> str:
+    """Ollama's `json` (Go's json.Marshal): compact, and <, >, & escaped as Go does for HTML.
+    Keys in the order the value holds them: Ollama's data builder puts them in Go's order."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 _FUNCS = {
@@ -172,6 +191,7 @@ _FUNCS = {
     "not": lambda x: not _truthy(x),
     "len": len,
     "slice": lambda x, *ix: x[ix[0]:ix[1]] if len(ix) == 2 else x[ix[0]:] if ix else x,
+    "json": go_json,
 }
 
 
