@@ -1,0 +1,143 @@
+"""Vision-language models: load a local folder, encode (messages, images) the way the family's
+processor does, with answer-only labels, and compute the loss.
+
+The families' transformers processors (Qwen2_5_VLProcessor, SmolVLMProcessor) insist on a
+video processor, which needs torchvision; the image processors have a Pillow backend that does
+not. So a processor here is the tokenizer (with the family's chat template) plus the image
+processor, and `encode_vision` does what the transformers processor does for images: render the
+chat template, then widen each image placeholder to the image's number of tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loratune.data.encode import IGNORE, encode_conversation
+from loratune.data.errors import DataError
+from loratune.readers import check_safetensors
+
+_LINEAR_LEAVES = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+
+
+@dataclass(frozen=True)
+class VisionFamily:
+    """Where a family keeps its parts (module paths) and how its images become tokens."""
+
+    model_type: str
+    image_token: str              # the placeholder the chat template writes once per image
+    language: str                 # module path of the language model
+    vision: str                   # module path of the vision tower
+    projector: str                # module path of the vision-to-text projector
+
+    def language_targets(self) -> str:
+        """adapter.target_modules for the language model's linear layers only (the default):
+        a full-match regex, so the vision tower's and projector's layers are never chosen."""
+        return rf"{re.escape(self.language)}\..*\.({_LINEAR_LEAVES})"
+
+
+FAMILIES = {
+    "qwen2_5_vl": VisionFamily("qwen2_5_vl", "<|image_pad|>", "model.language_model",
+                               "model.visual", "model.visual.merger"),
+}
+
+
+@dataclass
+class VisionExample:
+    """One encoded conversation: ids and labels as text examples have, plus the image tensors
+    the model takes (for Qwen2.5-VL: pixel_values and image_grid_thw)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    image_inputs: dict
+
+
+def vision_family(config) -> VisionFamily:
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is None:
+        raise ValueError(f"model_type '{getattr(config, 'model_type', None)}' is not a supported "
+                         f"vision-language family; expected one of {', '.join(FAMILIES)}")
+    return family
+
+
+def load_vision_model(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, image processor) from a local Hugging Face folder; safetensors only,
+    nothing fetched."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    folder = Path(folder)
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (pickle checkpoints are "
+                                "not loaded)")
+    for path in weights:
+        check_safetensors(path)
+    model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True,
+                                                        dtype=dtype, use_safetensors=True)
+    vision_family(model.config)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    images = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    return model.eval(), tokenizer, images
+
+
+def encode_vision(messages: list[dict], images: list, tokenizer, image_processor,
+                  family: VisionFamily, max_length: int = 2048,
+                  template: str | None = None) -> VisionExample | None:
+    """Answer-only labels over the chat template's text, each image placeholder widened to its
+    image's token count and never labelled; None when longer than max_length (an image cannot
+    be cut in half, so such a conversation is dropped, not truncated)."""
+    template = template or tokenizer.chat_template
+    enc = encode_conversation(messages, tokenizer, template, max_length=1 << 30).example
+    if enc is None:
+        return None
+    image_id = tokenizer.convert_tokens_to_ids(family.image_token)
+    inputs = dict(image_processor(images=images, return_tensors="pt")) if images else {}
+    counts = _tokens_per_image(inputs, image_processor)
+    if enc.input_ids.count(image_id) != len(counts):
+        raise DataError(f"the chat template wrote {enc.input_ids.count(image_id)} "
+                        f"{family.image_token} for {len(counts)} image(s); expected one each")
+    ids, labels = _widen(enc.input_ids, enc.labels, image_id, counts)
+    if len(ids) > max_length:
+        return None
+    return VisionExample(ids, labels, inputs)
+
+
+def _tokens_per_image(inputs: dict, image_processor) -> list[int]:
+    """Qwen2-VL's count: the image's patch grid (t*h*w) over merge_size**2 merged patches."""
+    grid = inputs.get("image_grid_thw")
+    if grid is None:
+        return []
+    merge = image_processor.merge_size ** 2
+    return [int(g.prod()) // merge for g in grid]
+
+
+def _widen(ids: list[int], labels: list[int], image_id: int,
+           counts: list[int]) -> tuple[list[int], list[int]]:
+    out_ids, out_labels, k = [], [], 0
+    for tok, label in zip(ids, labels):
+        if tok == image_id:
+            out_ids += [image_id] * counts[k]
+            out_labels += [IGNORE] * counts[k]
+            k += 1
+        else:
+            out_ids.append(tok)
+            out_labels.append(label)
+    return out_ids, out_labels
+
+
+def vision_loss(model, example: VisionExample) -> torch.Tensor:
+    """The mean next-token loss of one example (batch of one: images differ in token count)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([example.input_ids], device=device)
+    labels = torch.tensor([example.labels], device=device)
+    extra = {k: v.to(device) for k, v in example.image_inputs.items()}
+    return model(input_ids=ids, labels=labels, **extra).loss
+
+
+def vision_logits(model, example: VisionExample) -> torch.Tensor:
+    device = next(model.parameters()).device
+    extra = {k: v.to(device) for k, v in example.image_inputs.items()}
+    return model(input_ids=torch.tensor([example.input_ids], device=device), **extra).logits
