@@ -65,7 +65,7 @@ def test_trained_rows_load_in_peft_with_equal_logits(tmp_path, tok):
     theirs_tok = AutoTokenizer.from_pretrained(folder)
     rx, dose = theirs_tok.convert_tokens_to_ids(["<rx>", "<|dose|>"])
     assert new_tokens_of(folder) == {"tokens": ["<rx>", "<|dose|>"], "ids": [rx, dose],
-                                     "vocab_size": len(start) + 2}
+                                     "special": ["<|dose|>"], "vocab_size": len(start) + 2}
     base = tiny_llama(vocab=len(start))   # the same random base, as PEFT users would load it
     base.resize_token_embeddings(len(theirs_tok), mean_resizing=False)
     theirs = peft.PeftModel.from_pretrained(base, folder).eval()
@@ -85,3 +85,24 @@ def test_trained_rows_load_in_peft_with_equal_logits(tmp_path, tok):
 def test_new_tokens_need_the_embeddings_trained(tmp_path, tok):
     with pytest.raises(DataError, match=r"add \['embed_tokens', 'lm_head'\] to it"):
         train(_cfg(tmp_path, []), model=tiny_llama(vocab=len(tok)), tokenizer=tok, quiet=True)
+
+
+def test_our_loader_grows_the_base_and_tokenizer(tmp_path, tok):
+    from loratune.adapters.io import load_adapter
+
+    model = tiny_llama(vocab=len(tok))
+    result = train(_cfg(tmp_path, ["embed_tokens", "lm_head"]), model=model, tokenizer=tok,
+                   quiet=True)
+    fresh_tok = load_tokenizer("smollm2-135m-instruct")
+    fresh = tiny_llama(vocab=len(fresh_tok))
+    load_adapter(fresh, result.adapter_dir, tokenizer=fresh_tok)
+    assert fresh_tok.convert_tokens_to_ids(["<rx>", "<|dose|>"]) == [len(fresh_tok) - 2,
+                                                                     len(fresh_tok) - 1]
+    ids = torch.tensor([fresh_tok("<rx> aspirin <|dose|> 2")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(input_ids=ids).logits,
+                                   model.eval()(input_ids=ids).logits, atol=1e-5, rtol=0)
+    other = load_tokenizer("smollm2-135m-instruct")
+    other.add_tokens(["<zz>"])   # a tokenizer where <rx> would get another id
+    with pytest.raises(DataError, match=r"new_tokens.json: its tokens .* this tokenizer gives"):
+        load_adapter(tiny_llama(vocab=len(other)), result.adapter_dir, tokenizer=other)

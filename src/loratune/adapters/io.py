@@ -22,6 +22,7 @@ from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, LAYER_BIAS
 from loratune.adapters.registry import AdapterError, method_names, method_record
 from loratune.config import AdapterConfig
 from loratune.config.methods import trains_layer_biases
+from loratune.data.new_tokens import grow_for_adapter
 
 
 def _bias_key(param_name: str) -> str:
@@ -155,6 +156,7 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str = "default",
     if record.has_rank:
         patterns = {"rank_pattern": raw.get("rank_pattern") or {},
                     "alpha_pattern": raw.get("alpha_pattern") or {}}
+    grow_for_adapter(model, tokenizer, folder)  # data.add_tokens: the rows its file holds
     add_adapter(model, config, name, tokenizer=tokenizer, **patterns)
     try:
         if record.files.before_load is not None:

@@ -97,7 +97,7 @@ def save_tokenizer(tokenizer, adapter_dir: str | Path, cfg: DataConfig) -> None:
     with tempfile.TemporaryDirectory(dir=adapter_dir, prefix=".tokenizer-") as tmp:
         tokenizer.save_pretrained(tmp)
         record = {"tokens": wanted(cfg), "ids": tokenizer.convert_tokens_to_ids(wanted(cfg)),
-                  "vocab_size": len(tokenizer)}
+                  "special": list(cfg.add_special_tokens), "vocab_size": len(tokenizer)}
         (Path(tmp) / NEW_TOKENS_FILE).write_text(json.dumps(record, indent=1) + "\n")
         for item in Path(tmp).iterdir():
             os.replace(item, adapter_dir / item.name)
@@ -114,3 +114,24 @@ def copy_tokenizer(adapter_dir: str | Path, out: Path) -> None:
     for name in TOKENIZER_FILES:
         if (Path(adapter_dir) / name).is_file():
             shutil.copy2(Path(adapter_dir) / name, out / name)
+
+
+def grow_for_adapter(model, tokenizer, folder: str | Path) -> None:
+    """Before an adapter that adds tokens loads: the model's embeddings grown to its vocabulary
+    (its saved matrices then fill them) and its tokens added to `tokenizer` with the same ids;
+    a tokenizer that gives other ids (another base's) is refused by name."""
+    record = new_tokens_of(folder)
+    if record is None:
+        return
+    if tokenizer is not None:
+        special = set(record.get("special", []))
+        fresh = [t for t in record["tokens"] if t not in tokenizer.get_vocab()]
+        tokenizer.add_tokens([t for t in fresh if t not in special])
+        tokenizer.add_tokens([t for t in fresh if t in special], special_tokens=True)
+        ids = tokenizer.convert_tokens_to_ids(record["tokens"])
+        if ids != record["ids"]:
+            raise DataError(f"{folder}/{NEW_TOKENS_FILE}: its tokens {record['tokens']} had ids "
+                            f"{record['ids']}; this tokenizer gives {ids} (another base's "
+                            "tokenizer?): load the tokenizer saved in the adapter folder")
+    if model.get_input_embeddings().weight.shape[0] < record["vocab_size"]:
+        model.resize_token_embeddings(record["vocab_size"], mean_resizing=False)
