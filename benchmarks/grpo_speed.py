@@ -87,6 +87,10 @@ def run_loratune(model, tok, args) -> list[tuple[float, float]]:
                           "max_completion_length": args.length,
                           "rewards": [{"function": "numeric", "column": "answer"}]})
     opt = build_optimizer(model, cfg)
+    if args.checkpointing:
+        from loratune.train.loop import set_checkpointing
+
+        set_checkpointing(model, True)   # what train.gradient_checkpointing sets
     prompts = [encode_prompt(r, f"{DATA}:{i}", tok) for i, r in enumerate(rows(args.prompts,
                                                                             args.steps + 1))]
     rewards = [Reward("numeric", answer_reward(), 1.0)]
@@ -117,7 +121,9 @@ def run_trl(model, tok, args, tmp: str) -> list[tuple[float, float]]:
                      lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=10**6,
                      save_strategy="no", max_steps=args.steps + 1, use_vllm=False,
                      shuffle_dataset=False, dataloader_num_workers=0, seed=0,
-                     generation_kwargs={"min_new_tokens": args.length})
+                     generation_kwargs={"min_new_tokens": args.length},
+                     gradient_checkpointing=args.checkpointing,
+                     gradient_checkpointing_kwargs={"use_reentrant": False})
     data = datasets.Dataset.from_list(rows(args.prompts, args.steps + 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -171,7 +177,7 @@ def run_worker(args) -> Result:
 def spawn(worker: str, args) -> Result:
     cmd = [sys.executable, __file__, "--worker", worker, "--prompts", str(args.prompts),
            "--group", str(args.group), "--length", str(args.length), "--steps", str(args.steps),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + ["--checkpointing"] * args.checkpointing
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -188,6 +194,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per side (1: a shared machine's spinning OpenMP "
                         "threads cost more than they give)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing in the update, both sides")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 prompt x 4 x 8, 1 step")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -198,7 +206,8 @@ def main() -> None:
         args.prompts, args.group, args.length, args.steps = 1, 4, 8, 1
     print(f"torch {torch.__version__}, {args.threads} thread(s) per side; model {MODEL} fp32; "
           f"LoRA r=16 q/k/v/o; {args.prompts} prompts x {args.group} completions x "
-          f"{args.length} tokens per step; {args.steps} measured steps after 1 warm-up")
+          f"{args.length} tokens per step; {args.steps} measured steps after 1 warm-up"
+          f"{'; activation checkpointing' if args.checkpointing else ''}")
     results = [spawn(w, args) for w in ("trl", "loratune")]
     base = results[0]
     print(f"{'config':<10}{'s/step':>9}{'rollout s':>11}{'update s':>10}{'tok/s':>8}"
