@@ -26,3 +26,17 @@ def test_grpo_reads_a_mixture_of_prompt_files(tmp_path, smol_tokenizer):
     assert len(rows) == 4 + 6 and len(held_rows) == 3 + 2
     assert [r.columns.get("answer") for r in rows].count("metal") == 3   # b three times over
     assert lines and lines[0].startswith("mixture (seed 42): ")
+
+
+def test_grpo_refuses_new_tokens_by_name(tmp_path):
+    import pytest
+
+    from loratune.config import ConfigError
+    from loratune.recipes.grpo import train_grpo
+
+    cfg = build_config({"output_dir": str(tmp_path / "g"), "data": {"add_tokens": ["<rx>"]},
+                        "train": {"objective": "grpo", "rl": {"rewards": [
+                            {"function": "exact_match"}]}}})
+    with pytest.raises(ConfigError, match="train.objective grpo does not grow the vocabulary"):
+        train_grpo(cfg, quiet=True)
+    assert not (tmp_path / "g").exists()   # refused before the run folder or model

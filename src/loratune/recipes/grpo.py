@@ -28,6 +28,7 @@ from loratune.config import ConfigError, RunConfig
 from loratune.data.bundled import resolve_data_paths
 from loratune.data.formats import read_indexed
 from loratune.data.mixture import as_sources, mixture_line, read_sources
+from loratune.data.new_tokens import wanted
 from loratune.models.modules import eos_ids
 from loratune.serve.types import SamplingParams
 from loratune.train.checkpoint import (choose_checkpoint, list_checkpoints, load_checkpoint,
@@ -51,6 +52,10 @@ def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, mo
     log = (lambda *a: None) if quiet else print
     check_objective("grpo", DistInfo.from_env().world_size)   # under a hand-started torchrun
     rewards = load_rewards(cfg.train.rl.rewards)          # a bad reference fails before loading
+    if wanted(cfg.data):
+        raise ConfigError("data.add_tokens/add_special_tokens: train.objective grpo does not "
+                          "grow the vocabulary; add the tokens in an SFT run first and start "
+                          "GRPO from its merged model")
     out = Path(cfg.output_dir)
     prepare_run_dir(out, resume, overwrite)
     seed_everything(cfg.train.seed)
