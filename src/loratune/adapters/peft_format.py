@@ -138,16 +138,29 @@ def read_adapter_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _config_object(path: Path) -> dict:
+    """adapter_config.json's object; an AdapterError naming the file for anything else (a
+    downloaded file may hold any bytes: json raises RecursionError on deep nesting)."""
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise AdapterError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{path}: not valid JSON: {err}") from None
+    except RecursionError:
+        raise AdapterError(f"{path}: not valid JSON: nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got a {type(raw).__name__}")
+    return raw
+
+
 def read_adapter_config(folder: str | Path) -> tuple[AdapterConfig, dict]:
     """Parse adapter_config.json into the method's config (+ the raw dict); unknown keys warned."""
     folder = Path(folder)
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{folder}: no {CONFIG_NAME} (is this an adapter folder?)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{path}: not valid JSON: {err}") from None
+    raw = _config_object(path)
     peft_type = raw.get("peft_type")
     records = records_of_peft_type(peft_type) if isinstance(peft_type, str) else []
     if not records:
