@@ -81,3 +81,6 @@ def read_json(path: str | Path) -> object:
     except json.JSONDecodeError as err:
         raise CorruptFileError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column "
                                f"{err.colno}); the file is truncated or damaged") from None
+    except RecursionError:   # json's answer to "[[[[..." past the interpreter's limit
+        raise CorruptFileError(f"{path}: not valid JSON (nested too deeply); the file is "
+                               "truncated or damaged") from None
