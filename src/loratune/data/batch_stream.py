@@ -131,6 +131,7 @@ class BatchStream:
         return next(later, None) is not None
 
     def _window_examples(self) -> list[Example]:
+        self._rows = []  # the last window's rows go before the next is read: one in memory
         examples, self._read = [], 0
         for pieces in islice(self._records, self.cfg.shuffle_buffer):
             self._read += 1
