@@ -157,3 +157,22 @@ def test_jsonl_file_round_trip(tmp_path):
                                                     _answer()], "images": ["a.png"]}) + "\n")
     [(n, record)] = list(iter_indexed(path))
     assert n == 2 and len(vision_messages(record, path, n)[1]) == 1
+
+
+def test_config_fields_set_the_rules(tmp_path):
+    """data.image_max_pixels reaches the check; data.allow_remote_images: true is refused by name
+    (not supported yet)."""
+    from pydantic import ValidationError
+
+    from loratune.config.run import DataConfig
+    from loratune.data.images import image_rules
+
+    _png(tmp_path / "big.png", (40, 30))
+    record = {"messages": [{"role": "user", "content": [{"type": "image", "image": "big.png"}]},
+                           _answer()]}
+    rules = image_rules(DataConfig(image_max_pixels=1000))
+    with pytest.raises(DataError, match="40x30 is too large"):
+        vision_messages(record, tmp_path / "d.jsonl", 1, rules)
+    assert image_rules(DataConfig()).max_pixels == 4096 * 4096
+    with pytest.raises(ValidationError, match="allow_remote_images"):
+        DataConfig(allow_remote_images=True)

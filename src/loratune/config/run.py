@@ -161,6 +161,13 @@ class DataConfig(_Section):
         "train on them as the chat template renders them, or strip them from every answer")
     packing: bool | Literal["auto"] = "auto"
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share when no eval file")
+    # --- images (data/images.py; vision-language models) ---
+    image_max_pixels: int = Field(
+        4096 * 4096, gt=0, description="images larger than this many pixels (width x height, "
+        "read from the file's header before decoding) are refused, naming file, line and image")
+    allow_remote_images: Literal[False] = Field(
+        False, description="fetch http(s) image URLs: not supported yet; records naming one "
+        "are refused (images are local paths relative to the data file, or data: URLs)")
     # --- streaming (data/batch_stream.py) ---
     streaming: bool | Literal["auto"] = Field(
         "auto", description="read data.train a window of records at a time (encoded and packed "

@@ -28,7 +28,7 @@ from loratune.data.errors import DataError
 from loratune.data.formats import ROLES, SHAREGPT_ROLES, locate
 
 IMAGE_MARKER = "<image>"
-DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_PIXELS = 4096 * 4096  # DataConfig.image_max_pixels' default
 _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.IGNORECASE)
 
@@ -39,6 +39,11 @@ class ImageRules:
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     allow_remote: bool = False
+
+
+def image_rules(data) -> ImageRules:
+    """The rules a `data:` config section sets (DataConfig.image_max_pixels, ...)."""
+    return ImageRules(max_pixels=data.image_max_pixels, allow_remote=data.allow_remote_images)
 
 
 @dataclass
