@@ -24,6 +24,7 @@ from loratune.adapters.peft_format import (ANOTHER_BASE, PeftFolder, module_path
 from loratune.adapters.registry import AdapterError, method_record
 from loratune.export.safetensors_io import StreamWriter, read_index, read_tensor
 from loratune.data.new_tokens import copy_tokenizer, new_tokens_of
+from loratune.data.templates import TEMPLATE_FILE, adapters_template
 from loratune.files import check_output_path, write_atomic_dir
 from loratune.models.device import DTYPES
 
@@ -176,6 +177,8 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
     merged_paths = _all_paths(modules)
     stats = {"merged": 0}
     grown = grown_vocabulary(adapters, config)  # new tokens: rows, vocab_size and tokenizer
+    # refused before the slow part: adapters trained with different chat templates
+    stored = adapters_template([a.folder for a in adapters])
 
     def out_type(entry) -> torch.dtype:
         return out_dtype if out_dtype is not None and entry.dtype.is_floating_point else entry.dtype
@@ -232,6 +235,8 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
         _copy_side_files(base, tmp, config, dtype)
         if grown is not None:
             copy_tokenizer(grown, tmp)
+        if stored is not None:
+            write_chat_template(tmp, stored[0])
 
     write_atomic_dir(out, fill, overwrite=overwrite, marker="config.json")
     return MergeReport(out, stats["merged"], len(replaced), stats["shards"],
@@ -253,6 +258,29 @@ def grown_vocabulary(adapters: list[AdapterFile], config: dict) -> Path | None:
                            "has one vocabulary: merge them one at a time")
     config["vocab_size"] = max(config.get("vocab_size", 0), grown[0][1]["vocab_size"])
     return Path(grown[0][0])
+
+
+def write_chat_template(folder: Path, text: str) -> None:
+    """`text` as the folder's one chat template (the adapters were trained with it): in
+    chat_template.jinja, where transformers 5 reads it first and saves it, and taken out of
+    tokenizer_config.json, so that no reader (llama.cpp's converter, an older transformers)
+    finds the base's there instead."""
+    (folder / TEMPLATE_FILE).write_text(text, encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if data.pop("chat_template", None) is not None:
+            config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+                              encoding="utf-8")
+
+
+def side_files_with_template(base: Path, out: Path, text: str) -> Path:
+    """`base`'s files other than weights (config, tokenizer, generation config) in a new folder
+    `out`, with `text` as its chat template: the tokenizer an adapter's Modelfile describes."""
+    out.mkdir()
+    _copy_side_files(base, out, json.loads((base / "config.json").read_text()), None)
+    write_chat_template(out, text)
+    return out
 
 
 def _non_finite_error(out: Path, bad: list[tuple[str, torch.dtype]]) -> AdapterError:

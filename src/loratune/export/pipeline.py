@@ -84,8 +84,28 @@ def _adapter_gguf(cfg, base: Path) -> Path:
     out = write_lora_gguf(Path(cfg.adapter[0]), base, Path(cfg.out), cfg.type
                           if cfg.type in ("f32", "f16") else "f32", cfg.overwrite)
     if cfg.modelfile:
-        _write_modelfile(out, base, cfg.overwrite, base_ref=ollama_base(cfg.model, base))
+        with _adapter_tokenizer(base, Path(cfg.adapter[0])) as folder:
+            _write_modelfile(out, folder, cfg.overwrite, base_ref=ollama_base(cfg.model, base))
     return out
+
+
+@contextmanager
+def _adapter_tokenizer(base: Path, adapter: Path):
+    """The folder whose tokenizer the adapter's Modelfile describes: the base's, with the chat
+    template the adapter was trained with (its chat_template.jinja) where it stores one; the
+    adapter GGUF holds no tokenizer, so Ollama prompts it through the Modelfile's TEMPLATE."""
+    from loratune.data.templates import adapters_template
+    from loratune.export.merge import side_files_with_template
+
+    stored = adapters_template([adapter])
+    if stored is None:
+        yield base
+        return
+    work = Path(tempfile.mkdtemp(prefix="loratune-template-"))
+    try:
+        yield side_files_with_template(base, work / "tokenizer", stored[0])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _merged_gguf(cfg, base: Path) -> Path:
