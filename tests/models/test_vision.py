@@ -2,6 +2,7 @@
 tokens never labelled), LoRA on the language model only, train, save, reload, merge."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -129,6 +130,15 @@ def test_train_save_reload_merge(qwen_folder, tmp_path):
         merged = merge_and_unload(fresh)
         for ex, want in zip(examples, trained):
             torch.testing.assert_close(vision_logits(merged, ex), want, rtol=1e-4, atol=1e-4)
+    # The merged model saves as a plain folder that loads as the same architecture.
+    merged.save_pretrained(tmp_path / "merged")
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(qwen_folder / name, tmp_path / "merged" / name)
+    again, _, _ = load_vision_model(tmp_path / "merged")
+    assert type(again).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    with torch.no_grad():
+        torch.testing.assert_close(vision_logits(again, examples[0]), trained[0], rtol=1e-4,
+                                   atol=1e-4)
 
 
 def test_loader_refuses_folder_without_safetensors(tmp_path):
