@@ -19,7 +19,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from loratune.adapters.host import adapter_dtype
-from loratune.adapters.peft_format import PeftFolder
+from loratune.adapters.peft_format import CONFIG_NAME, PeftFolder
 from loratune.adapters.prompt import (NO_LEAD_COMPOSITION, NO_PACKING, PEFT_COMMON, PromptHost,
                                       find_decoder, place_host)
 from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, MethodRecord, RowLead,
@@ -175,8 +175,28 @@ def why_no_resume(config: PrefixConfig) -> str | None:
     return None
 
 
+def check_file_dims(raw: dict, model: nn.Module, where: str) -> None:
+    """The model the file was saved for, as its adapter_config.json says (PEFT's fields), must
+    be this one: another model whose layers x kv heads x head_dim give the same width would
+    pass the table's shape and get its keys and values split across the wrong layers."""
+    d = model_dims(model)
+    fields = {"num_layers": (d["layers"], "layers"),
+              "num_attention_heads": (d["kv_heads"], "key/value heads"),
+              "token_dim": (d["kv_heads"] * d["head_dim"], "as the width of a layer's keys")}
+    for field, (ours, what) in fields.items():
+        theirs = raw.get(field)
+        if theirs is not None and theirs != ours:
+            raise AdapterError(f"{where}: {field} is {theirs!r}; this model has {ours} ({what}): "
+                               "the prefix was trained for another model")
+
+
+def before_load(model: nn.Module, name: str, raw: dict, tensors: dict) -> None:
+    check_file_dims(raw, model, CONFIG_NAME)
+
+
 def prefix_lead(adapter: PeftFolder, model: nn.Module) -> RowLead:
     """The file's prefixes as per-layer keys and values for the served model's KV cache."""
+    check_file_dims(adapter.raw, model, str(adapter.folder / CONFIG_NAME))
     d = model_dims(model)
     table = adapter.tensors.get("prompt_embeddings")
     want = (adapter.config.num_virtual_tokens, d["layers"] * 2 * d["kv_heads"] * d["head_dim"])
@@ -191,7 +211,8 @@ def prefix_lead(adapter: PeftFolder, model: nn.Module) -> RowLead:
 register(MethodRecord(
     name="prefix", config_class=PrefixConfig, peft_type="PREFIX_TUNING",
     files=FileSpec(("prompt_embeddings",),
-                   peft_fields=lambda model, name, config, compact: peft_config(model, config)),
+                   peft_fields=lambda model, name, config, compact: peft_config(model, config),
+                   before_load=before_load),
     attach=attach_prefix,
     training=TrainingSpec(why_no_packing=NO_PACKING,
                           virtual_tokens=lambda config: config.num_virtual_tokens,
