@@ -33,3 +33,26 @@ def test_a_grpo_loss_png_is_wider_than_a_plain_one(tmp_path):
     plain = [{"step": r["step"], "loss": r["loss"]} for r in GRPO if "loss" in r]
     plot_loss(_write(tmp_path / "plain.jsonl", plain), tmp_path / "plain.png")
     assert Image.open(tmp_path / "grpo.png").size[0] > Image.open(tmp_path / "plain.png").size[0]
+
+
+def test_resume_truncation_drops_a_line_the_kill_cut_short(tmp_path):
+    """kill -9 during a long completions.jsonl write leaves a last line without its end: the
+    resume drops it with the other records past the checkpoint (was a JSONDecodeError, and no
+    resume); a bad line before it is not the log's to judge and stays."""
+    from loratune.train.metrics_log import MetricsLog
+
+    path = tmp_path / "completions.jsonl"
+    lines = [json.dumps({"step": 1}), "not json", json.dumps({"step": 2}),
+             json.dumps({"step": 3}), '{"step": 3, "completion": "cut sh']
+    path.write_text("\n".join(lines))
+    MetricsLog(path).truncate_after(2)
+    assert path.read_text() == "\n".join(lines[:3]) + "\n"
+
+
+def test_the_loss_plot_skips_a_line_that_is_no_record(tmp_path):
+    """The plot runs after the adapter is saved and before the run is marked finished: a bad
+    line in metrics.jsonl (kept by the resume above) must not fail a finished run."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\nnot json\n[1]\n"
+                    + json.dumps({"step": 2, "loss": 1.5}) + "\n")
+    assert plot_loss(path, tmp_path / "loss.png") is not None

@@ -34,17 +34,39 @@ class MetricsLog:
         """On resume, drop records past the checkpoint so the log has no duplicate steps."""
         if not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            lines.pop()   # a write the kill cut short: a record past the checkpoint, half of it
+        keep = [line for line in lines if line.strip() and _step(line, step) <= step]
         text = "".join(line + "\n" for line in keep)
         write_atomic_file(self.path, lambda tmp: tmp.write_text(text), overwrite=True)
+
+
+def _step(line: str, default: int) -> int:
+    """The step of one log line; `default` (kept) for a line that is no JSON object with one:
+    not this log's to delete."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return default
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, (int, float)) else default
 
 
 def read_metrics(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except (ValueError, RecursionError):   # a damaged line: the plot shows the others
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
