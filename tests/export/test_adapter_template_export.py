@@ -86,3 +86,37 @@ def test_gguf_and_modelfile_carry_the_adapters_tools_template(base, tools_adapte
                    for k in gguf.GGUFReader(str(tmp_path / "lora.gguf")).fields)
     lines = (tmp_path / "lora.Modelfile").read_text().splitlines()
     assert "ADAPTER ./lora.gguf" in lines and any("range .Tools" in x for x in lines)
+
+
+def _gguf_template(folder, out) -> str:
+    gguf = pytest.importorskip("gguf")
+    from loratune.export.gguf_file import write_gguf
+
+    path = write_gguf(folder, out, "f32", tokenizer_pre="smollm")
+    return gguf.GGUFReader(str(path)).fields["tokenizer.chat_template"].contents()
+
+
+def _copy(base, folder):
+    folder.mkdir()
+    for item in base.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    return folder
+
+
+def test_gguf_takes_chat_template_jinja_first_as_transformers_does(base, tmp_path):
+    folder = _copy(base, tmp_path / "both")  # a stale template left in tokenizer_config.json
+    (folder / "chat_template.jinja").write_text(TEMPLATES["chatml_tools"])
+    assert AutoTokenizer.from_pretrained(folder).chat_template == TEMPLATES["chatml_tools"]
+    assert _gguf_template(folder, tmp_path / "m.gguf") == TEMPLATES["chatml_tools"]
+
+
+def test_merge_of_a_gguf_base_keeps_the_adapters_template_over_the_source_gguf(base, tmp_path):
+    # a folder converted from a GGUF copies that GGUF's tokenizer (its SOURCE note); merged with
+    # an adapter, its own chat template is the adapter's and must win over the source's
+    source = tmp_path / "source.gguf"
+    original = _gguf_template(base, source)
+    folder = _copy(base, tmp_path / "merged")
+    (folder / "SOURCE").write_text(f"converted from {source}\n")
+    assert _gguf_template(folder, tmp_path / "same.gguf") == original
+    (folder / "chat_template.jinja").write_text(TEMPLATES["chatml_tools"])
+    assert _gguf_template(folder, tmp_path / "m.gguf") == TEMPLATES["chatml_tools"]

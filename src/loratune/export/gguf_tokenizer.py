@@ -34,13 +34,18 @@ def source_gguf(folder: Path) -> Path | None:
     return None
 
 
-def _copy_fields(writer, source: Path) -> None:
+def _copy_fields(writer, source: Path, template: str | None = None) -> None:
+    """The source GGUF's tokenizer keys; `template` (the folder's own chat template: an adapter's,
+    after a merge) replaces the source's templates where it differs from its default one."""
     import gguf
 
     reader = gguf.GGUFReader(str(source))
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
+    fields = {k: f for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    own = fields.get("tokenizer.chat_template")
+    if template is not None and (own is None or own.contents() != template):
+        fields = {k: f for k, f in fields.items() if not k.startswith("tokenizer.chat_template")}
+        writer.add_chat_template(template)
+    for key, field in fields.items():
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
@@ -192,15 +197,24 @@ def _special_ids(writer, folder: Path, data: dict, vocab: dict[str, int]) -> Non
     eot = _end_of_turn(folder, token_id(cfg.get("eos_token")))
     if eot is not None:
         writer.add_eot_token_id(eot)
-    template = cfg.get("chat_template")
-    jinja = folder / "chat_template.jinja"
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
+    template = folder_template(folder, cfg)
     named = _named_templates(folder)
     if named and isinstance(template, str):   # llama.cpp reads tokenizer.chat_template.<name>
         template = [{"name": "default", "template": template}, *named]
     if template:
         writer.add_chat_template(template)
+
+
+def folder_template(folder: Path, cfg: dict | None = None) -> str | list | None:
+    """The folder's chat template as transformers 5 reads it: chat_template.jinja first (a
+    merge writes the adapter's there), else tokenizer_config.json's `chat_template`."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    if cfg is None:
+        path = folder / "tokenizer_config.json"
+        cfg = json.loads(path.read_text()) if path.is_file() else {}
+    return cfg.get("chat_template")
 
 
 def _named_templates(folder: Path) -> list[dict]:
@@ -226,7 +240,8 @@ def add_tokenizer(writer, folder: Path, vocab_size: int, source: Path | None = N
     'copied' from a source GGUF)."""
     source = source or source_gguf(folder)
     if source is not None and pre is None:
-        _copy_fields(writer, source)
+        own = folder_template(folder)
+        _copy_fields(writer, source, own if isinstance(own, str) else None)
         return "copied"
     path = folder / "tokenizer.json"
     if not path.is_file():
