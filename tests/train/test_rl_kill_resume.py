@@ -150,3 +150,21 @@ def test_kill_9_mid_rollout_and_mid_update_then_resume(tmp_path, tiny_folder):
         assert proc.returncode == 0, out
     for name in cut:
         _assert_same_run(tmp_path / name, tmp_path / "whole")
+
+
+def test_a_method_that_cannot_resume_is_refused(tmp_path, smol_tokenizer):
+    """Prefix tuning with prefix_projection checkpoints the computed prefixes, not the MLP
+    (its record's why_no_resume): --resume says so, as SFT does, instead of going on."""
+    from loratune.train import RunFolderError
+
+    spec = _cfg_dict(tmp_path, "prefix")
+    spec["adapter"] = {"method": "prefix", "num_virtual_tokens": 4, "prefix_projection": True}
+    spec["train"].update(max_steps=1, save_every=1)
+    cfg = build_config(spec)
+    recipe.train_grpo(cfg, model=tiny_llama(vocab=len(smol_tokenizer)), tokenizer=smol_tokenizer,
+                      quiet=True)
+    (tmp_path / "prefix" / "run_summary.json").unlink()  # as if killed after its checkpoint
+    with pytest.raises(RunFolderError, match="resume is not supported for adapter.method: "
+                                             "prefix.*prefix_projection"):
+        recipe.train_grpo(cfg, model=tiny_llama(vocab=len(smol_tokenizer)),
+                          tokenizer=smol_tokenizer, quiet=True, resume=True)

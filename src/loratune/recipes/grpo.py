@@ -33,7 +33,8 @@ from loratune.models.modules import eos_ids
 from loratune.serve.types import SamplingParams
 from loratune.train.checkpoint import (choose_checkpoint, list_checkpoints, load_checkpoint,
                                        save_checkpoint)
-from loratune.train.loop import TrainResult, load_base, seed_everything, set_checkpointing
+from loratune.train.loop import (TrainResult, check_method_resumes, load_base, seed_everything,
+                                 set_checkpointing)
 from loratune.train.method_hooks import method_hooks
 from loratune.train.metrics_log import MetricsLog, plot_loss
 from loratune.train.objectives import start_adapter
@@ -180,6 +181,7 @@ def resume_from(cfg: RunConfig, out: Path, model, optimizer, total: int, skip_co
         log("resume: no checkpoint yet, starting at step 0")
         return 0
     path = choose_checkpoint(ckpts, skip_corrupt, log)
+    check_method_resumes(cfg)
     meta = load_checkpoint(path, model, optimizer)
     check_resume_state(meta, cfg, path)
     log(f"resumed from {path.name}")

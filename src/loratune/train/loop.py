@@ -437,12 +437,17 @@ def resume_checkpoint(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, out
     # The newest readable one: newer ones are corrupt, skipped only on request.
     chosen = choose_checkpoint(ckpts, opts.skip_corrupt, log) if ckpts else None
     if chosen is not None:
-        why_not = method_record(cfg.adapter.method).training.why_no_resume
-        why = why_not(cfg.adapter) if why_not else None
-        if why:
-            raise RunFolderError(f"resume is not supported for adapter.method: "
-                                 f"{cfg.adapter.method} ({why}); start over with --overwrite")
+        check_method_resumes(cfg)
     return runtime.agree_on_checkpoint(chosen, root)
+
+
+def check_method_resumes(cfg: RunConfig) -> None:
+    """Refuse to resume a method whose checkpoints cannot restore it (its record says why)."""
+    why_not = method_record(cfg.adapter.method).training.why_no_resume
+    why = why_not(cfg.adapter) if why_not else None
+    if why:
+        raise RunFolderError(f"resume is not supported for adapter.method: "
+                             f"{cfg.adapter.method} ({why}); start over with --overwrite")
 
 
 class _DeferredOptimizerState:
