@@ -21,10 +21,10 @@ def test_a_template_that_is_not_utf8_is_named(tmp_path):
         adapters_template([folder])
 
 
-def test_a_huge_template_is_refused_without_reading_it(tmp_path):
+def test_a_huge_template_is_refused_reading_no_further(tmp_path):
     folder = _adapter(tmp_path, b"x" * (MAX_TEMPLATE_BYTES + 1))
-    with pytest.raises(DataError, match=rf"{TEMPLATE_FILE}: {MAX_TEMPLATE_BYTES + 1} bytes, "
-                                        rf"more than the {MAX_TEMPLATE_BYTES} a chat template"):
+    with pytest.raises(DataError, match=rf"{TEMPLATE_FILE}: more than the {MAX_TEMPLATE_BYTES} "
+                                        "bytes a chat template may have"):
         adapters_template([folder])
 
 
@@ -46,3 +46,28 @@ def test_transformers_tags_are_jinja_here_too(tmp_path):
             "{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% break %}{% endif %}"
             "{% endfor %}")
     assert adapters_template([_adapter(tmp_path, text.encode())])[0] == text
+
+
+@pytest.mark.parametrize("target", ["/proc/self/environ", "outside"])
+def test_a_link_out_of_the_adapter_folder_is_not_followed(tmp_path, target):
+    """Else the server's environment (API keys) or any file it can read would lead every
+    prompt of that adapter."""
+    if target == "outside":
+        target = tmp_path / "secret.txt"
+        target.write_text("HF_TOKEN=hf_secret")
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    (folder / TEMPLATE_FILE).symlink_to(target)
+    with pytest.raises(DataError, match=rf"{TEMPLATE_FILE}: a link out of the adapter folder"):
+        adapters_template([folder])
+
+
+def test_a_hugging_face_snapshot_links_into_its_blobs(tmp_path):
+    """The hub cache keeps files in blobs/ and links snapshots/REV/NAME to them: still read."""
+    repo = tmp_path / "models--someone--adapter"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "1234abcd").write_text(TEMPLATES["chatml"])
+    snapshot = repo / "snapshots" / "rev1"
+    snapshot.mkdir(parents=True)
+    (snapshot / TEMPLATE_FILE).symlink_to("../../blobs/1234abcd")
+    assert adapters_template([snapshot])[0] == TEMPLATES["chatml"]

@@ -159,18 +159,32 @@ def _stored(folder: str | Path) -> str | None:
     path = Path(folder) / TEMPLATE_FILE
     if not path.is_file():
         return None
-    size = path.stat().st_size
-    if size > MAX_TEMPLATE_BYTES:
-        raise DataError(f"{path}: {size} bytes, more than the {MAX_TEMPLATE_BYTES} a chat "
-                        "template may have")
+    data = _template_bytes(path, Path(folder))
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
     problem = _syntax_problem(text)
     if problem is not None:
         raise DataError(f"{path}: {problem}")
     return text
+
+
+def _template_bytes(path: Path, folder: Path) -> bytes:
+    """The file's bytes, read only inside the adapter folder (or, for a Hugging Face cache
+    snapshot, its repo's blobs, where the snapshot's links point): a link to /etc or
+    /proc/self/environ would otherwise put the server's files into every prompt. At most
+    MAX_TEMPLATE_BYTES are read, whatever the size stat gives (/proc says 0)."""
+    real, home = path.resolve(), folder.resolve()
+    roots = [home, home.parent.parent] if home.parent.name == "snapshots" else [home]
+    if not any(real.is_relative_to(root) for root in roots):
+        raise DataError(f"{path}: a link out of the adapter folder (to {real}), not followed")
+    with open(real, "rb") as f:
+        data = f.read(MAX_TEMPLATE_BYTES + 1)
+    if len(data) > MAX_TEMPLATE_BYTES:
+        raise DataError(f"{path}: more than the {MAX_TEMPLATE_BYTES} bytes a chat template may "
+                        "have")
+    return data
 
 
 def _syntax_problem(text: str) -> str | None:
