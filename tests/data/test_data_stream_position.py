@@ -28,7 +28,7 @@ def setup(tmp_path, smol_tokenizer):
 def test_a_position_past_the_files_records_is_refused(setup):
     saved = setup().position()
     with pytest.raises(DataError, match=r"record 50\) is past the file, which holds fewer records"):
-        setup().restore({**saved, "window": 16, "start": 50, "used": 0}, "ckpt/state.json")
+        setup().restore({**saved, "window": 17, "start": 50, "used": 0}, "ckpt/state.json")
 
 
 def test_a_position_at_the_files_end_still_resumes(setup):
@@ -48,3 +48,13 @@ def test_a_boolean_field_is_not_an_integer(setup, field):
     saved = setup().position()
     with pytest.raises(DataError, match=f"field {field} is not a non-negative integer"):
         setup().restore({**saved, field: True}, "ckpt/state.json")
+
+
+@pytest.mark.parametrize("window, start", [(1, 2), (0, 3), (5, 3)])
+def test_a_window_that_does_not_start_at_its_record_is_refused(setup, window, start):
+    """shuffle_buffer 3: window 1 starts at record 3; (1, 2) would read records 2-4 seeded as
+    window 1: an order no run had."""
+    saved = setup().position()
+    with pytest.raises(DataError, match=rf"window {window} cannot start at record {start} "
+                                        r"\(windows of data.shuffle_buffer=3 records\)"):
+        setup().restore({**saved, "window": window, "start": start, "used": 0}, "ckpt")

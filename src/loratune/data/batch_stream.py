@@ -113,6 +113,7 @@ class BatchStream:
             packing = should_pack(examples, self.cfg.max_length, self.batch_size)
         self.packing = bool(packing)
         self._pack(examples)
+        self._check_window(pos)
         if not self._read and pos.start and not self._has_record(pos.start - 1):
             raise DataError(f"{self.spec}: the data position (epoch {pos.epoch}, record "
                             f"{pos.start}) is past the file, which holds fewer records: the "
@@ -122,6 +123,16 @@ class BatchStream:
                             f"{pos.window}, row {pos.used}) is past the window's "
                             f"{len(self._rows)} rows: the data file changed since the checkpoint")
         self.pos.used = pos.used
+
+    def _check_window(self, pos: StreamPosition) -> None:
+        """Window w starts at record w·shuffle_buffer (the file's end: earlier, in an empty
+        window); another window would seed another order, silently."""
+        size = self.cfg.shuffle_buffer
+        at_end = not self._read and (pos.window - 1) * size < pos.start < pos.window * size
+        if pos.start != pos.window * size and not at_end:
+            raise DataError(f"{self.spec}: the data position's window {pos.window} cannot start "
+                            f"at record {pos.start} (windows of data.shuffle_buffer={size} "
+                            "records): the checkpoint is damaged")
 
     def _has_record(self, index: int) -> bool:
         """Whether the file holds a record `index` (0-based): an empty window at `start` is the
