@@ -8,13 +8,14 @@ silently ignored setting.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SerializeAsAny, field_validator, model_validator
+from pydantic import Field, ValidationError, SerializeAsAny, field_validator, model_validator
 
 from loratune.config.base import (USER_PATH, USER_URI, _Section, apply_overrides, read_yaml,
                                   validate_config)
-from loratune.config.methods import AdapterConfig, LoraConfig, adapter_config_from
+from loratune.config.methods import (AdapterConfig, LoraConfig, adapter_config_from,
+                                     adapter_options)
 
 
 BLOCK_RANGE = (32, 4096)  # the 4-bit block sizes bitsandbytes' layout allows
@@ -406,6 +407,127 @@ class EvalConfig(_Section):
     limit: int | None = Field(None, gt=0, description="evaluate only the first N held-out items")
 
 
+# --- search (recipes/search.py: `loratune search`) ---
+TARGET_SETS = ("attention", "mlp", "all-linear")
+RUN_SECTIONS = ("model", "adapter", "data", "train", "eval")
+
+
+class SearchRange(_Section):
+    """A numeric range of a searched value: ints when low and high are ints (and step unset)."""
+
+    low: int | float
+    high: int | float
+    log: bool = Field(False, description="sample on a log scale (learning rates)")
+    step: int | float | None = Field(None, gt=0, description="grid step within the range")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low {self.low} must be below high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0, got {self.low}")
+        return self
+
+
+Searched = list[Any] | SearchRange  # a list: choices; a mapping: a range
+
+
+def _as_range(v):
+    """A mapping becomes a SearchRange here, so a bad one gets its own errors, not the union's."""
+    if not isinstance(v, dict):
+        return v
+    try:
+        return SearchRange.model_validate(v)
+    except ValidationError as err:
+        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'range'}: {e['msg']}"
+                                   for e in err.errors())) from None
+
+
+class SearchSpace(_Section):
+    """What `loratune search` varies: each key a list of choices or a {low, high} range."""
+
+    method: list[str] | None = Field(None, description="adapter methods to try (registry names)")
+    r: Searched | None = Field(None, description="LoRA rank (methods that have r)")
+    lora_alpha: Searched | None = None
+    targets: list[str | list[str]] | None = Field(
+        None, description="target sets: attention, mlp, all-linear, or a list of module names")
+    lr: Searched | None = Field(None, description="train.lr; a range is sampled "
+                                             "on a log scale")
+    dropout: Searched | None = Field(None, description="adapter.lora_dropout")
+    quantization: list[bool] | None = Field(None, description="[false, true]: QLoRA or not "
+                                            "(true uses model.quantization, else its defaults)")
+    fields: dict[str, Searched] = Field(
+        default_factory=dict, description="any config field by dotted path, e.g. "
+        "train.warmup_ratio: {low: 0, high: 0.1}")
+
+    @field_validator("r", "lora_alpha", "lr", "dropout", mode="before")
+    @classmethod
+    def _range(cls, v):
+        return _as_range(v)
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _ranges(cls, v):
+        return {k: _as_range(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    @field_validator("method", "r", "lora_alpha", "targets", "lr", "dropout", "quantization")
+    @classmethod
+    def _not_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list of choices: give at least one, or leave it out")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _known_methods(cls, v):
+        known = adapter_options()
+        unknown = [m for m in v or [] if m not in known]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}: expected {', '.join(known)}")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _target_sets(cls, v):
+        bad = [t for t in v or [] if isinstance(t, str) and t not in TARGET_SETS]
+        if bad:
+            raise ValueError(f"unknown target set(s) {bad}: expected {', '.join(TARGET_SETS)} "
+                             "or a list of module names")
+        return v
+
+    @field_validator("fields")
+    @classmethod
+    def _paths(cls, v):
+        for path in v:
+            head = path.split(".")[0]
+            if head not in RUN_SECTIONS or "." not in path:
+                raise ValueError(f"{path!r}: expected a dotted path into "
+                                 f"{'/'.join(RUN_SECTIONS)}, e.g. train.warmup_ratio")
+        return v
+
+
+class SearchConfig(_Section):
+    """`loratune search`: an Optuna study over `space`, every trial checked by the planner."""
+
+    space: SearchSpace = Field(default_factory=SearchSpace)
+    objective: Literal["eval_loss"] = Field("eval_loss", description="held-out loss (needs "
+                                            "data.eval, data.eval_fraction or train: demo)")
+    direction: Literal["minimize", "maximize"] = "minimize"
+    memory_gib: float | None = Field(None, gt=0, description="planned peak memory limit: "
+                                     "trials the planner puts above it are pruned, never run")
+    trials: int = Field(20, gt=0, description="finished trials (complete or pruned) the study "
+                        "holds when done; a rerun continues up to it")
+    time: float | None = Field(None, gt=0, description="seconds this invocation may spend")
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="stops trials whose intermediate held-out loss (train.eval_every) "
+        "is weak")
+    seed: int | None = Field(None, description="sampler seed (default: train.seed)")
+    storage: str | None = Field(None, description="Optuna storage URL (default: sqlite:///"
+                                "<output_dir>/study.db)", json_schema_extra=USER_URI)
+    study_name: str = "search"
+
+
 class RunConfig(_Section):
     output_dir: str = "runs/demo"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -414,6 +536,8 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    search: SearchConfig | None = Field(None, description="`loratune search` only: the "
+                                        "space, objective and budget of the study")
 
     @field_validator("adapter", mode="wrap")
     @classmethod
