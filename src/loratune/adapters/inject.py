@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -17,8 +18,11 @@ from torch import nn
 
 from loratune.adapters.host import (AdaptedLinear, AdapterHost, SavedModule, adapted_layers,
                                     adapter_dtype, hosts, module_dtype, saved_modules)
+from loratune.adapters.expert_lora import (ExpertHost, all_linear_note, expert_targets,
+                                           group_targets)
 from loratune.adapters.peft_format import pattern_value
 from loratune.adapters.registry import AdapterError, method_record
+from loratune.adapters.vlm_targets import resolve_shortcuts
 from loratune.config import AdapterConfig
 from loratune.config.methods import trains_layer_biases
 from loratune.models.fused import FUSED, fused_layers, named_parts
@@ -83,6 +87,8 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
     if name in adapter_names(model):
         raise AdapterError(f"adapter '{name}' already exists; delete it first")
     record = method_record(config.method)
+    # language / vision / projector become module paths: the stored config names real modules
+    config = resolve_shortcuts(model, config, _plain_linear_names(model))
     model.requires_grad_(False)
     if record.layer_level:
         targets = _add_layer_adapters(model, config, name, rank_pattern or {}, alpha_pattern or {})
@@ -111,7 +117,10 @@ def _add_layer_adapters(model: nn.Module, config: AdapterConfig, name: str,
                         rank_pattern: dict, alpha_pattern: dict) -> list[str]:
     candidates = _plain_linear_names(model)
     targets = select_targets(model, config.target_modules, candidates)
+    targets += [p for p in group_targets(model, config.target_modules, candidates)
+                if p not in targets]
     record = method_record(config.method)
+    experts = _add_expert_adapters(model, config, name, rank_pattern, alpha_pattern)
     # Names of parts of a fused layer (Phi-3's k_proj inside qkv_proj) select its rows, or are
     # refused: never dropped silently.
     try:
@@ -122,6 +131,8 @@ def _add_layer_adapters(model: nn.Module, config: AdapterConfig, name: str,
     if parts and not record.slices_outputs:
         raise AdapterError(_fused_refusal(model, config, parts))
     targets += sorted(parts)
+    if not targets and experts:
+        return experts
     if not targets:
         raise AdapterError(
             f"target_modules={config.target_modules!r} matches no linear layer. "
@@ -147,7 +158,33 @@ def _add_layer_adapters(model: nn.Module, config: AdapterConfig, name: str,
             fused = fused_layers(model, [path])[path]
             ad.restrict_outputs([i for part in parts[path] for i in fused[part]], parts[path])
         layer.adapters[name] = ad
-    return targets
+    return targets + experts
+
+
+def _add_expert_adapters(model: nn.Module, config: AdapterConfig, name: str,
+                         rank_pattern: dict, alpha_pattern: dict) -> list[str]:
+    """Per-expert adapters on the fused experts modules target_modules names ('experts'); with
+    all-linear, one line says such modules exist and are left out (never silently)."""
+    if config.target_modules in ("all-linear", ["all-linear"]):
+        note = all_linear_note(model)
+        if note:
+            warnings.warn(note, stacklevel=4)
+    paths = expert_targets(model, config.target_modules)
+    record = method_record(config.method)
+    if paths and record.make_experts is None:
+        raise AdapterError(f"target_modules names the routed experts ({paths[0]}), held as "
+                           f"fused 3-D parameters; {config.method} cannot adapt them (lora can)")
+    for path in paths:
+        host = model.get_submodule(path)
+        if not isinstance(host, ExpertHost):
+            host = ExpertHost(host)
+            set_submodule(model, path, host)
+        weight = host.base_layer.gate_up_proj
+        host.adapters[name] = record.make_experts(
+            config, path, host.base_layer, r=int(pattern_value(path, rank_pattern, config.r)),
+            alpha=pattern_value(path, alpha_pattern, config.lora_alpha), device=weight.device,
+            dtype=adapter_dtype(config, weight.dtype))
+    return paths
 
 
 def _fused_refusal(model: nn.Module, config: AdapterConfig, parts: dict[str, list[str]]) -> str:
@@ -239,7 +276,7 @@ def set_active(model: nn.Module, names: str | list[str] | dict[str, float]) -> N
     if missing:
         raise AdapterError(f"unknown adapter(s) {missing}; have: {known or 'none'}")
     for mod in _switchable(model):
-        if isinstance(mod, AdaptedLinear) and mod.merged and mod.merged != names:
+        if isinstance(mod, (AdaptedLinear, ExpertHost)) and mod.merged and mod.merged != names:
             raise AdapterError("unmerge before changing the active adapters")
         mod.active = {n: float(w) for n, w in names.items() if n in _members(mod)}
 
@@ -254,7 +291,7 @@ def active_adapters(model: nn.Module) -> dict[str, float]:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Run the plain base model inside the block (merged weights are unmerged meanwhile)."""
-    merged = {n: w for _, l in adapted_layers(model) for n, w in l.merged.items()}
+    merged = {n: w for _, l in _merging_hosts(model) for n, w in l.merged.items()}
     unmerge(model)
     mods = list(_switchable(model))
     previous = [m.disabled for m in mods]
@@ -273,7 +310,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name`; hosts left with no adapter give back the module they wrapped."""
     if name not in adapter_names(model):
         raise AdapterError(f"no adapter named '{name}' (have: {adapter_names(model) or 'none'})")
-    for path, layer in adapted_layers(model):
+    for path, layer in _merging_hosts(model):
         if name in layer.merged:
             raise AdapterError(f"adapter '{name}' is merged in {path}; unmerge first")
     switchable = {id(m) for m in _switchable(model)}
@@ -309,13 +346,18 @@ def check_mergeable(model: nn.Module, names: dict[str, float] | None = None) -> 
 def merge(model: nn.Module, names: dict[str, float] | None = None) -> None:
     """Fold the active (or given) adapters into the base weights: zero extra inference cost."""
     check_mergeable(model, names)
-    for _, layer in adapted_layers(model):
+    for _, layer in _merging_hosts(model):
         layer.merge(names)
 
 
 def unmerge(model: nn.Module) -> None:
-    for _, layer in adapted_layers(model):
+    for _, layer in _merging_hosts(model):
         layer.unmerge()
+
+
+def _merging_hosts(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear | ExpertHost]]:
+    """Hosts that fold adapters into their base: linear layers and fused experts."""
+    return ((p, h) for p, h in hosts(model) if isinstance(h, (AdaptedLinear, ExpertHost)))
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

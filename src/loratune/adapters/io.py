@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loratune.adapters.expert_lora import expert_peft_fields
 from loratune.adapters.host import hosts, saved_modules
 from loratune.adapters.inject import add_adapter, adapter_config, delete_adapter
 from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, LAYER_BIAS, PREFIX,
@@ -76,6 +77,7 @@ def config_dict(model: nn.Module, name: str, base_model: str | None = None,
     fields = config.model_dump(exclude={"method", "use_dora", "dtype"})
     if record.files.peft_fields is not None:
         fields.update(record.files.peft_fields(model, name, config, compact))
+    fields = expert_peft_fields(model, name, fields)
     fields.update(peft_type=record.peft_type, task_type="CAUSAL_LM",
                   base_model_name_or_path=base_model, inference_mode=True, revision=None)
     fields["modules_to_save"] = list(getattr(config, "modules_to_save", []) or []) or None

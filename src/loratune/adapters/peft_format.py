@@ -42,6 +42,8 @@ ANOTHER_BASE = "adapter for another base model?"
 # Where the rank sits in the tensors of methods with one (the registry's has_rank): LoRA's
 # A [r, in] and B [out, r] (DoRA's too), MoE-LoRA's A [experts, r, in] and B [experts, out, r].
 RANK_AXES = {"lora_A.weight": 0, "lora_B.weight": 1, "moe_lora_A": 1, "moe_lora_B": 2}
+# target_parameters of LoRA on fused experts (adapters/expert_lora.py), the only ones we read.
+EXPERT_TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 # Keys PEFT writes that carry no meaning for a plain LoRA here; read and dropped quietly.
 _PEFT_ONLY = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
@@ -176,6 +178,7 @@ def read_adapter_config(folder: str | Path) -> tuple[AdapterConfig, dict]:
     if unknown:
         warnings.warn(f"{path}: ignoring unknown keys {unknown}", stacklevel=2)
     values = {k: v for k, v in raw.items() if k in fields and v is not None}
+    values = _with_expert_targets(values, raw, path)
     if isinstance(values.get("target_modules"), list) and values["target_modules"] == []:
         raise AdapterError(f"{path}: target_modules is empty")
     if record.files.loaded_options is not None:
@@ -187,6 +190,28 @@ def read_adapter_config(folder: str | Path) -> tuple[AdapterConfig, dict]:
         return cls(**values), raw
     except Exception as err:  # pydantic's message names the field
         raise AdapterError(f"{path}: {err}") from None
+
+
+def _with_expert_targets(values: dict, raw: dict, path: Path) -> dict:
+    """PEFT's target_parameters for fused experts become 'experts' in target_modules (how
+    loratune names them); any other parameter target is refused, never dropped."""
+    params = raw.get("target_parameters")
+    if not params:
+        return values
+    if not isinstance(params, list) or sorted(params) != sorted(EXPERT_TARGETS):
+        raise AdapterError(f"{path}: target_parameters is {params!r}; loratune reads LoRA on "
+                           f"fused experts as exactly {EXPERT_TARGETS}")
+    modules = values.get("target_modules") or []
+    if isinstance(modules, str):
+        raise AdapterError(f"{path}: target_modules is a regex ({modules!r}) beside "
+                           "target_parameters; expected a list of module names")
+    return {**values, "target_modules": [*modules, "experts"]}
+
+
+def _expert_rank_ok(adapter: "PeftFolder", path: str, size: int, want: int) -> bool:
+    """A fused-experts tensor holds r rows per expert (PEFT's ParamWrapper: A [E·r, in])."""
+    leaf = path.removesuffix(".base_layer").rsplit(".", 1)[-1]
+    return bool(adapter.raw.get("target_parameters")) and leaf == "experts" and size % want == 0
 
 
 @dataclass
@@ -270,6 +295,8 @@ def check_ranks(adapter: PeftFolder) -> None:
         for kind, tensor in parts.items():
             axis = RANK_AXES.get(kind) if kind in record.files.keys else None
             if axis is None or tensor.dim() <= axis or tensor.shape[axis] == want:
+                continue
+            if _expert_rank_ok(adapter, path, tensor.shape[axis], want):
                 continue
             source = adapter.rank_source(path)
             raise AdapterMismatch(

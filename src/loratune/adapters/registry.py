@@ -229,6 +229,10 @@ class MethodRecord:
     # a target_modules list names (IA³ scales only Phi-3's k/v rows of qkv_proj). Without it,
     # naming such a part is refused.
     slices_outputs: bool = False
+    # (config, path, experts module, *, r, alpha, device, dtype) -> the adapter on routed experts
+    # held as fused 3-D parameters ('experts' in target_modules; adapters/expert_lora.py).
+    # None: the method cannot adapt them, and naming 'experts' is refused.
+    make_experts: Callable[..., nn.Module] | None = None
     training: TrainingSpec = TrainingSpec()
     merge: MergeSpec = MergeSpec()
     serving: ServingSpec = ServingSpec()

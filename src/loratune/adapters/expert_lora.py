@@ -1,0 +1,245 @@
+"""LoRA on routed experts held as fused 3-D parameters (transformers 5's Qwen3-MoE, Mixtral, OLMoE).
+
+Those models keep every expert of a layer in one module (`mlp.experts`) with
+`gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`: no linear layer exists per expert, so
+`all-linear` never sees them. `ExpertHost` takes the experts module's place and runs the same
+per-expert loop as transformers' eager forward, adding, for the rows routed to expert e,
+x·A_eᵀ·B_eᵀ·s to that expert's projection; the model is never unfused.
+
+The tensors are kept in PEFT 0.21's `target_parameters` layout (ParamWrapper), so a file is a
+plain copy: per parameter `lora_A.weight [E·r, in]` (expert-major: row e·r+k is A_e[k]) and
+`lora_B.weight [out, r·E]` (rank-major: column k·E+e is B_e[:, k]). PEFT nests one wrapper per
+parameter, the first parameter of the module innermost, so `gate_up_proj`'s tensors sit under
+`experts.base_layer.` and `down_proj`'s under `experts.`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loratune.adapters.host import AdapterHost
+from loratune.adapters.peft_format import EXPERT_TARGETS, file_key, lora_scale
+from loratune.adapters.registry import AdapterError
+
+# The parameters adapted, in the experts module's own order (PEFT's nesting follows it).
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+_KINDS = {"gate_up_proj": ("base_layer.lora_A.weight", "base_layer.lora_B.weight"),
+          "down_proj": ("lora_A.weight", "lora_B.weight")}
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """Experts stored as [E, out, in] parameters with the eager gate/up/down math we rerun
+    (GPT-OSS's transposed, biased experts are not: `unsupported_experts` names them)."""
+    params = [getattr(module, p, None) for p in EXPERT_PARAMS]
+    return (all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in params)
+            and not getattr(module, "is_transposed", False)
+            and getattr(module, "gate_up_proj_bias", None) is None)
+
+
+def expert_module_paths(model: nn.Module) -> list[str]:
+    return [p for p, m in model.named_modules() if is_fused_experts(m)]
+
+
+def unsupported_experts(model: nn.Module) -> list[str]:
+    """Paths of 3-D expert modules of another layout (transposed or biased): refused by name."""
+    return [p for p, m in model.named_modules() if not is_fused_experts(m)
+            and not isinstance(m, ExpertHost)
+            and isinstance(getattr(m, "gate_up_proj", None), nn.Parameter)
+            and getattr(m, "gate_up_proj").dim() == 3]
+
+
+def all_linear_note(model: nn.Module) -> str | None:
+    """The one line `all-linear` owes a model with fused experts; None when it has none."""
+    paths = expert_module_paths(model) + unsupported_experts(model)
+    if not paths:
+        return None
+    return (f"all-linear: {len(paths)} routed-expert modules (e.g. {paths[0]}) hold their experts "
+            f"as fused 3-D parameters ({', '.join(EXPERT_PARAMS)}), which are not linear layers "
+            "and are not included; add 'experts' to adapter.target_modules to adapt them")
+
+
+def _named(target, name: str) -> bool:
+    return isinstance(target, list) and name in target
+
+
+def expert_targets(model: nn.Module, target: list[str] | str) -> list[str]:
+    """Paths of the fused experts modules `target` names: 'experts' in a list, or a regex that
+    matches their path. Experts of a layout we do not rerun are refused by name, not skipped."""
+    odd = [p for p in unsupported_experts(model) if _matches(p, target)]
+    if odd:
+        kind = type(model.get_submodule(odd[0])).__name__
+        raise AdapterError(f"target_modules names {odd[0]} ({kind}), whose experts are stored "
+                           "transposed or with biases; LoRA on them is not supported yet")
+    return [p for p in expert_module_paths(model) if _matches(p, target)]
+
+
+def _matches(path: str, target) -> bool:
+    if isinstance(target, str):
+        return target != "all-linear" and re.fullmatch(target, path) is not None
+    return any(path == t or path.endswith("." + t) for t in target)
+
+
+def group_targets(model: nn.Module, target, candidates: list[str]) -> list[str]:
+    """Linear layers picked by the MoE group names of a target_modules list: 'shared_experts'
+    (every linear inside a shared-expert MLP) and 'router' (the experts' router, when it is a
+    linear layer; a router held as a bare weight is refused, pointing at modules_to_save)."""
+    picked = []
+    if _named(target, "shared_experts"):
+        picked += [c for c in candidates if re.search(r"\.shared_experts?\.", c)]
+    if _named(target, "router"):
+        for path in _router_paths(model):
+            if path not in candidates:
+                kind = type(model.get_submodule(path)).__name__
+                raise AdapterError(
+                    f"target_modules names 'router', and the router {path} is a {kind}, not a "
+                    "linear layer: LoRA cannot adapt it. Train it whole with "
+                    f"adapter.modules_to_save: ['{path.rsplit('.', 1)[-1]}'] instead")
+            picked.append(path)
+    return picked
+
+
+def _router_paths(model: nn.Module) -> list[str]:
+    """The router beside each experts module (`gate` in Qwen3-MoE/Mixtral/OLMoE, or `router`)."""
+    paths = []
+    for path in expert_module_paths(model) + unsupported_experts(model):
+        parent = path.rpartition(".")[0]
+        for leaf in ("gate", "router"):
+            full = f"{parent}.{leaf}" if parent else leaf
+            if _has_module(model, full):
+                paths.append(full)
+    return paths
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+class ExpertLora(nn.Module):
+    """One adapter's per-expert A/B for both fused parameters, in PEFT's file layout."""
+
+    def __init__(self, experts: nn.Module, config, r: int, alpha: float, device=None,
+                 dtype=None):
+        super().__init__()
+        if config.lora_dropout:
+            # x·A·B cannot be factored out of a dropout on x; PEFT refuses it too
+            raise AdapterError(f"adapter.lora_dropout={config.lora_dropout}: LoRA on fused "
+                               "experts ('experts' in target_modules) needs lora_dropout 0")
+        self.config, self.r, self.alpha = config, r, alpha
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.scaling = lora_scale(alpha, r, config.use_rslora)
+        kw = {"device": device, "dtype": dtype}
+        for name in EXPERT_PARAMS:
+            n_exp, out_f, in_f = getattr(experts, name).shape
+            a = nn.Parameter(torch.empty(n_exp * r, in_f, **kw))
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT's lora_A (an nn.Linear)
+            self.register_parameter(f"{name}_A", a)
+            self.register_parameter(f"{name}_B", nn.Parameter(torch.zeros(out_f, r * n_exp, **kw)))
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [E, r, in] and B [E, out, r] of parameter `name` (views of the live tensors)."""
+        a, b = getattr(self, f"{name}_A"), getattr(self, f"{name}_B")
+        return (a.view(self.num_experts, self.r, a.shape[-1]),
+                b.view(b.shape[0], self.r, self.num_experts).permute(2, 0, 1))
+
+    def update(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x·A_eᵀ·B_eᵀ·s for the rows `x` routed to `expert`, in the adapter's dtype."""
+        a, b = self.factors(name)
+        return (x.to(a.dtype) @ a[expert].T) @ b[expert].T * self.scaling
+
+    def delta(self, name: str) -> torch.Tensor:
+        """s·B_e·A_e for every expert, [E, out, in] in fp32 (what merge adds)."""
+        a, b = self.factors(name)
+        return torch.bmm(b.float(), a.float()) * self.scaling
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (a_kind, b_kind) in _KINDS.items():
+            out[a_kind], out[b_kind] = getattr(self, f"{name}_A"), getattr(self, f"{name}_B")
+        return out
+
+
+class ExpertHost(AdapterHost):
+    """Stands where the experts module was; calls it as is with no adapter running, else runs
+    its math (transformers' eager loop over hit experts) with the running adapters added."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.merged: dict[str, float] = {}
+
+    def running(self) -> list[tuple[ExpertLora, float]]:
+        if self.disabled:
+            return []
+        return [(self.adapters[n], w) for n, w in self.active.items()
+                if n in self.adapters and n not in self.merged]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        running = self.running()
+        if not running:
+            return self.base_layer(hidden_states, top_k_index, top_k_weights)
+        base, out = self.base_layer, torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = F.one_hot(top_k_index, num_classes=base.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert in hit[:, 0].tolist():
+            if expert == base.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(mask[expert])
+            y = self._project("gate_up_proj", expert, hidden_states[token_idx], running)
+            gate, up = y.chunk(2, dim=-1)
+            y = self._project("down_proj", expert, base.act_fn(gate) * up, running)
+            y = y * top_k_weights[token_idx, top_k_pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+    def _project(self, name: str, expert: int, x: torch.Tensor, running) -> torch.Tensor:
+        y = F.linear(x, getattr(self.base_layer, name)[expert])
+        for ad, weight in running:
+            y = y + (ad.update(name, expert, x) * weight).to(y.dtype)
+        return y
+
+    def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
+        return {file_key(path, k): t for k, t in self.adapters[name].file_tensors().items()}
+
+    def _rewrite(self, name: str, weight: float, sign: float) -> None:
+        with torch.no_grad():
+            for pname in EXPERT_PARAMS:
+                param = getattr(self.base_layer, pname)
+                new = param.float() + sign * weight * self.adapters[name].delta(pname)
+                param.copy_(new.to(param.dtype))
+
+    def merge(self, names: dict[str, float] | None = None) -> None:
+        for name, weight in (self.active if names is None else names).items():
+            if name in self.adapters and name not in self.merged:
+                self._rewrite(name, weight, 1.0)
+                self.merged[name] = weight
+
+    def unmerge(self) -> None:
+        for name, weight in reversed(list(self.merged.items())):
+            self._rewrite(name, weight, -1.0)
+            del self.merged[name]
+
+
+def expert_peft_fields(model: nn.Module, name: str, fields: dict) -> dict:
+    """adapter_config.json with PEFT's target_parameters when adapter `name` sits on fused
+    experts (PEFT accepts target_modules null beside them)."""
+    if not any(isinstance(h, ExpertHost) and name in h.adapters for h in model.modules()):
+        return fields
+    return {**fields, "target_parameters": list(EXPERT_TARGETS),
+            "target_modules": fields.get("target_modules") or None}
+
+
+def new_expert_lora(config, path: str, experts: nn.Module, *, r: int, alpha: float,
+                    device=None, dtype=None) -> ExpertLora:
+    """LoRA's `make_experts`: the per-expert adapter for the fused experts module at `path`."""
+    if r < 1:
+        raise AdapterError(f"r={r} for {path}: the rank must be greater than 0")
+    return ExpertLora(experts, config, r, alpha, device, dtype)
