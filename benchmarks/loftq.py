@@ -62,7 +62,8 @@ def run(arm: str, steps: int, args) -> dict:
         })
         result = train(cfg, model=model, tokenizer=tokenizer, quiet=True)
     evals = {h["step"]: h["eval_loss"] for h in result.history if "eval_loss" in h}
-    return {"arm": arm, "eval_loss_by_step": evals, "train_loss": result.final_loss}
+    return {"arm": arm, "eval_loss_by_step": {**evals, steps: result.eval_loss},
+            "train_loss": result.final_loss}
 
 
 def main() -> None:
