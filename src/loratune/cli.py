@@ -53,7 +53,7 @@ def cmd_train(args) -> int:
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from loratune.train.distributed import check_objective, check_world_size, launch
 
-        check_objective(cfg.train.objective, args.nproc)
+        check_objective(cfg.train.objective, cfg.train.parallel, args.nproc)
         check_world_size(cfg.train.grad_accum, cfg.train.batch_size, args.nproc)
         argv = [args.config, *args.overrides]
         argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite

@@ -11,6 +11,10 @@ and samples depend only on (seed, step), so a resumed run repeats what the kille
 have done. Written to the run folder: metrics.jsonl (one record per step), completions.jsonl
 (sampled completions with their rewards), checkpoints/, adapter/, run_summary.json, loss.png.
 With held-out prompts, step 0 of metrics.jsonl is their score before training.
+
+Under torchrun (train.parallel ddp) rank r takes the step's micro-batches k % world == r, whole
+groups, and rolls them out on its own copy of the model (train/rl_step.py gathers rewards and
+sums gradients); rank 0 alone evaluates, logs and writes files.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from loratune.models.modules import eos_ids
 from loratune.serve.types import SamplingParams
 from loratune.train.checkpoint import (choose_checkpoint, list_checkpoints, load_checkpoint,
                                        save_checkpoint)
-from loratune.train.loop import (TrainResult, check_method_resumes, load_base, seed_everything,
-                                 set_checkpointing)
+from loratune.train.loop import (TrainResult, check_method_resumes, device_of, load_base,
+                                 seed_everything, set_checkpointing)
 from loratune.train.method_hooks import method_hooks
 from loratune.train.metrics_log import MetricsLog, plot_loss
 from loratune.train.objectives import start_adapter
@@ -44,24 +48,39 @@ from loratune.train.rl_rollout import rollout
 from loratune.train.rl_step import Prompt, grpo_step, sample_lines
 from loratune.train.run_folder import (check_resume_state, prepare_run_dir, resume_state,
                                        write_config, write_summary)
-from loratune.train.distributed import DistInfo, check_objective
+from loratune.train.distributed import (DistInfo, RankShare, check_objective,
+                                        check_parallel_options)
+from loratune.train.runtime import OneProcess, process_group
 from loratune.train.schedule import lr_factor
 
 
 def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, model=None,
                tokenizer=None, quiet: bool = False, skip_corrupt: bool = False) -> TrainResult:
-    log = (lambda *a: None) if quiet else print
-    check_objective("grpo", DistInfo.from_env().world_size)   # under a hand-started torchrun
+    info = DistInfo.from_env()
+    check_objective("grpo", cfg.train.parallel, info.world_size)  # a hand-started torchrun
+    mode = check_parallel_options(cfg.train, cfg.adapter.method, info)
     rewards = load_rewards(cfg.train.rl.rewards)          # a bad reference fails before loading
     if wanted(cfg.data):
         raise ConfigError("data.add_tokens/add_special_tokens: train.objective grpo does not "
                           "grow the vocabulary; add the tokens in an SFT run first and start "
                           "GRPO from its merged model")
-    out = Path(cfg.output_dir)
-    prepare_run_dir(out, resume, overwrite)
     seed_everything(cfg.train.seed)
-    model, tokenizer = load_base(cfg, DistInfo.from_env(), model, tokenizer)
+    model, tokenizer = load_base(cfg, info, model, tokenizer)
+    with process_group(info, mode, device_of(model), cfg.train.dist_timeout) as runtime:
+        return run_grpo(cfg, runtime, model, tokenizer, rewards, resume, overwrite,
+                        quiet or not runtime.is_main, skip_corrupt)
+
+
+def run_grpo(cfg: RunConfig, runtime: OneProcess, model, tokenizer, rewards, resume: bool,
+             overwrite: bool, quiet: bool, skip_corrupt: bool) -> TrainResult:
+    log, main = (lambda *a: None) if quiet else print, runtime.is_main
+    share = RankShare(runtime.info, runtime.device)
+    out = Path(cfg.output_dir)
+    if main:
+        prepare_run_dir(out, resume, overwrite)
+    runtime.barrier()
     start_adapter(cfg, model, tokenizer)
+    share.broadcast([p for p in model.parameters() if p.requires_grad])  # one adapter for all
     set_checkpointing(model, cfg.train.gradient_checkpointing)  # the update recomputes layers
     model.train()
     train_rows, held_rows = read_prompts(cfg, tokenizer, log)
@@ -70,39 +89,56 @@ def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, mo
     optimizer = build_optimizer(model, cfg.train)
     # the method's own terms (MoE-LoRA, AdaLoRA), counted in optimizer updates
     hooks = method_hooks(model, cfg.adapter, "default", total * cfg.train.rl.num_iterations)
-    start = resume_from(cfg, out, model, optimizer, total, skip_corrupt, log) if resume else 0
-    write_config(out, cfg)
-    metrics = MetricsLog(out / "metrics.jsonl")
-    metrics.truncate_after(start)
-    MetricsLog(out / "completions.jsonl").truncate_after(start)  # a killed step's samples too
+    start = resume_from(cfg, out, model, optimizer, total, skip_corrupt, log,
+                        runtime) if resume else 0
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
+    if main:
+        write_config(out, cfg)
+        metrics.truncate_after(start)
+        MetricsLog(out / "completions.jsonl").truncate_after(start)  # a killed step's samples
     log(f"grpo: {len(train_rows)} prompts, {per_step} per step x {cfg.train.rl.num_generations} "
         f"completions, {total} steps, loss {cfg.train.rl.loss}")
     eos = eos_ids(model, tokenizer)
+    held_rows = held_rows if main else []   # rank 0 alone scores the held-out prompts
     if held_rows and start == 0:  # the held-out score before any update: the run's baseline
         metrics.write({"step": 0, "eval_reward": heldout_reward(model, tokenizer, held_rows,
                                                                 rewards, cfg, eos)})
     began, history = time.perf_counter(), []
     for step in range(start, total):
-        prompts = step_prompts(train_rows, per_step, cfg.train.seed, step)
+        prompts = rank_prompts(step_prompts(train_rows, per_step, cfg.train.seed, step),
+                               cfg, runtime)
         record, scored = grpo_step(model, tokenizer, prompts, rewards, cfg.train, eos, step,
                                    optimizer, lambda k: set_lr(optimizer, schedule(cfg, total, k)),
-                                   hooks)
+                                   hooks, share)
         record = {"step": step + 1, **record}
         if held_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
             record["eval_reward"] = heldout_reward(model, tokenizer, held_rows, rewards, cfg, eos)
         metrics.write(record)
         history.append(record)
-        append_samples(out, sample_lines(scored, [text_prompt(p) for p in prompts
-                                                  for _ in range(cfg.train.rl.num_generations)],
-                                         step + 1, cfg.train.rl.samples_logged,
-                                         [r.name for r in rewards]))
+        if main:
+            texts = [text_prompt(p) for p in prompts for _ in range(cfg.train.rl.num_generations)]
+            append_samples(out, sample_lines(scored, texts, step + 1,
+                                             cfg.train.rl.samples_logged,
+                                             [r.name for r in rewards]))
         log(progress_line(record, total))
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            save_checkpoint(out / "checkpoints", step + 1, model, optimizer,
-                            resume_state(cfg, total), keep=cfg.train.save_total_limit)
-    return finish(cfg, out, model, tokenizer, held_rows, rewards, eos, total, history,
-                  time.perf_counter() - began)
+            if main:
+                save_checkpoint(out / "checkpoints", step + 1, model, optimizer,
+                                resume_state(cfg, total), keep=cfg.train.save_total_limit)
+            runtime.barrier()
+    seconds = time.perf_counter() - began
+    result = finish(cfg, out, model, tokenizer, held_rows, rewards, eos, total, history,
+                    seconds) if main else None
+    runtime.barrier()   # the adapter is written before any rank returns
+    final = history[-1]["loss"] if history else float("nan")
+    return result or TrainResult(out, out / "adapter", total, final, None, seconds, 0, 0, history)
 
+
+def rank_prompts(prompts: list[Prompt], cfg: RunConfig, runtime: OneProcess) -> list[Prompt]:
+    """This rank's prompts of the step: its micro-batches (whole groups), in order."""
+    per_micro = cfg.train.batch_size // cfg.train.rl.num_generations
+    return [p for k in runtime.micro_batches(cfg.train.grad_accum)
+            for p in prompts[k * per_micro:(k + 1) * per_micro]]
 
 # ---------------------------------------------------------------------------------- data
 
@@ -175,12 +211,13 @@ def schedule(cfg: RunConfig, total: int, update: int) -> float:
 
 
 def resume_from(cfg: RunConfig, out: Path, model, optimizer, total: int, skip_corrupt: bool,
-                log) -> int:
+                log, runtime: OneProcess) -> int:
     ckpts = list_checkpoints(out / "checkpoints")
-    if not ckpts:
+    chosen = choose_checkpoint(ckpts, skip_corrupt, log) if ckpts else None
+    path = runtime.agree_on_checkpoint(chosen, out / "checkpoints")  # rank 0's, on every rank
+    if path is None:
         log("resume: no checkpoint yet, starting at step 0")
         return 0
-    path = choose_checkpoint(ckpts, skip_corrupt, log)
     check_method_resumes(cfg)
     meta = load_checkpoint(path, model, optimizer)
     check_resume_state(meta, cfg, path)

@@ -62,14 +62,13 @@ class DistInfo:
                    int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def check_objective(objective: str, world_size: int) -> None:
-    """GRPO trains in one process: refused before torchrun starts any worker (and by the recipe
-    under a torchrun started by hand)."""
-    if objective == "grpo" and world_size > 1:
+def check_objective(objective: str, parallel: str, world_size: int) -> None:
+    """GRPO rolls out on each rank's whole model: DDP only (FSDP shards the weights the rollout
+    reads outside FSDP's forward). Refused before torchrun starts any worker."""
+    if objective == "grpo" and world_size > 1 and parallel != "ddp":
         raise DistributedError(
-            f"train.objective grpo runs in one process, not {world_size}: rollouts per rank "
-            "(whole groups per rank, gradients summed over ranks) are not written yet; launch "
-            "loratune train without --nproc / torchrun")
+            f"train.parallel {parallel} with train.objective grpo on {world_size} processes: "
+            "rollouts run the whole model on every rank; use train.parallel: ddp")
 
 
 def check_world_size(grad_accum: int, batch_size: int, world_size: int) -> None:
@@ -180,6 +179,56 @@ def _sum_allreduce(group, bucket):
     """DDP comm hook: all-reduce SUM (DDP's default divides by the world size)."""
     fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
+
+
+@dataclass(frozen=True)
+class RankShare:
+    """What a GRPO step needs from the other ranks; on one process every call is the identity.
+
+    Each rank holds as many rollout rows (whole groups), so row tensors gather rank by rank.
+    Gradients are summed, as wrap_ddp's hook does: the step's normalisers are global."""
+
+    info: DistInfo = DistInfo()
+    device: torch.device = torch.device("cpu")
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of `t`, rank 0's first (NCCL needs them on the device)."""
+        if not self.info.enabled:
+            return t
+        local = t.to(self.device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.info.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).to(t.device)
+
+    def mine(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's block of a tensor `gather` built."""
+        n = t.size(0) // self.info.world_size
+        return t[self.info.rank * n:(self.info.rank + 1) * n]
+
+    def sum(self, values: list[float]) -> list[float]:
+        if not self.info.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def sum_gradients(self, params: list[torch.Tensor]) -> None:
+        """One all-reduce of every gradient (a rank with no rows this step adds zeros)."""
+        if not self.info.enabled or not params:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+
+    def broadcast(self, params: list[torch.Tensor]) -> None:
+        """Rank 0's values on every rank (the adapter every rank starts from)."""
+        if self.info.enabled:
+            for p in params:
+                dist.broadcast(p.data, src=0)
 
 
 def wrap_ddp(model: nn.Module, chunk: int, device: torch.device,

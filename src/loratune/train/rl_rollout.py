@@ -69,12 +69,13 @@ def make_batch(model: nn.Module, rows: int, columns: int):
 
 @torch.no_grad()
 def rollout(model: nn.Module, prompts: list[list[int]], eos: set[int], params: SamplingParams,
-            seed: int, step: int) -> list[list[int]]:
-    """One completion per prompt (token ids, the ending EOS included when it came)."""
+            seed: int, step: int, row_ids: list[int] | None = None) -> list[list[int]]:
+    """One completion per prompt (token ids, the ending EOS included when it came); row i
+    samples as row `row_ids[i]` of the step (default i: under torchrun, its global row)."""
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
-        return _decode_all(model, prompts, eos, params, stream_key(seed, step))
+        return _decode_all(model, prompts, eos, params, stream_key(seed, step), row_ids)
     finally:
         model.train(was_training)
 
@@ -106,14 +107,16 @@ def fan_out(batch, source: list[int]) -> None:
 
 
 def _decode_all(model: nn.Module, prompts: list[list[int]], eos: set[int],
-                params: SamplingParams, key: int) -> list[list[int]]:
+                params: SamplingParams, key: int,
+                row_ids: list[int] | None = None) -> list[list[int]]:
     rows = [_Row(_Prompt(p)) for p in prompts]
     batch = make_batch(model, len(rows), max(map(len, prompts)) + params.max_tokens + 1)
     firsts, source = shared_prompts(prompts)
     logits = batch.prefill([rows[i] for i in firsts])   # a group's prompt is prefilled once
     fan_out(batch, source)
     logits = logits[torch.tensor(source, device=logits.device)]
-    ids = torch.arange(len(rows), device=logits.device)        # each running row's own index
+    ids = torch.tensor(row_ids if row_ids is not None else range(len(rows)),
+                       dtype=torch.long, device=logits.device)  # each running row's own index
     stops = torch.tensor(sorted(eos), dtype=torch.long, device=logits.device)
     running = rows
     for t in range(params.max_tokens):
