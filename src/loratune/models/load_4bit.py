@@ -8,6 +8,7 @@ Peak memory is the final 4-bit model plus one full-precision tensor.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from loratune.config import QuantConfig
 from loratune.models.device import DTYPES
 from loratune.models.modules import set_submodule
+from loratune.models.moe_experts import PROJECTIONS, QuantizedExperts, is_fused_experts
 from loratune.models.quantize import prepare_for_kbit_training, unquantized_dtype
 from loratune.models.shapes import LLAMA_SHAPES
 from loratune.quant.io import STATE_KEY, quantized_linear
@@ -45,12 +47,62 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         module._parameters[name] = nn.Parameter(value, requires_grad=False)
 
 
+# Checkpoints (transformers' save_pretrained too) store routed experts one matrix per expert,
+# under their pre-transformers-5 names; the model holds them fused (experts.gate_up_proj =
+# [gate | up] rows per expert, experts.down_proj). Mixtral's block is `mlp`, once
+# `block_sparse_moe`, and its w1/w3/w2 are gate/up/down.
+_EXPERT_KEY = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+_EXPERT_PART = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_LEGACY_NAMES = ((".block_sparse_moe.", ".mlp."),)
+
+
+def _current_name(key: str) -> str:
+    for old, new in _LEGACY_NAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def _experts_shell(model: nn.Module, path: str, cfg: QuantConfig) -> QuantizedExperts:
+    """The QuantizedExperts at `path`, put in place of the (meta) fused experts on first use."""
+    module = model.get_submodule(path)
+    if is_fused_experts(module):
+        module = QuantizedExperts(module, DTYPES[cfg.compute_dtype])
+        set_submodule(model, path, module)
+    if not isinstance(module, QuantizedExperts):
+        raise ValueError(f"{path}: the checkpoint has routed-expert tensors but the model has a "
+                         f"{type(module).__name__} there")
+    return module
+
+
+def _place_expert(model: nn.Module, match: re.Match, tensor: torch.Tensor, pending: dict,
+                  cfg: QuantConfig) -> None:
+    """Quantize one expert's matrix of a per-expert checkpoint; gate and up wait for each
+    other (an expert's gate_up_proj is their rows stacked)."""
+    path, expert, part = match[1], int(match[2]), _EXPERT_PART.get(match[3], match[3])
+    shell = _experts_shell(model, path, cfg)
+    if part == "down_proj":
+        weight = tensor
+    else:
+        halves = pending.setdefault((path, expert), {})
+        halves[part] = tensor
+        if len(halves) < 2:
+            return
+        halves = pending.pop((path, expert))
+        weight = torch.cat([halves["gate_proj"], halves["up_proj"]])
+    projection = "down_proj" if part == "down_proj" else "gate_up_proj"
+    shell.put(projection, expert, weight, cfg.blocksize, cfg.type, cfg.double_quant, cfg.kernel)
+
+
 def _place(model: nn.Module, key: str, tensor: torch.Tensor, skip: set[str], cfg: QuantConfig,
            dtype: torch.dtype) -> None:
-    """Quantize a linear weight as it arrives; store anything else in `dtype`."""
+    """Quantize a linear weight (or fused experts) as it arrives; store anything else in
+    `dtype`."""
     path, _, name = key.rpartition(".")
     module = model.get_submodule(path)
-    if isinstance(module, nn.Linear) and name == "weight" and path not in skip:
+    if name in PROJECTIONS and (is_fused_experts(module) or isinstance(module, QuantizedExperts)):
+        _experts_shell(model, path, cfg).load(name, tensor, cfg.blocksize, cfg.type,
+                                              cfg.double_quant, cfg.kernel)
+    elif isinstance(module, nn.Linear) and name == "weight" and path not in skip:
         bias = module.bias if module.bias is not None and not module.bias.is_meta else None
         q = quantize_4bit(tensor, cfg.blocksize, cfg.type, cfg.double_quant)
         layer = Linear4bit(q, bias, DTYPES[cfg.compute_dtype], cfg.kernel)
@@ -99,6 +151,8 @@ def _finish(model: nn.Module, config, dtype: torch.dtype) -> nn.Module:
     _compute_buffers(model)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if t.is_meta]
+    left += [f"{path}.{p}" for path, m in model.named_modules()
+             if isinstance(m, QuantizedExperts) for p in m.missing()]
     if left:
         raise ValueError(f"checkpoint has no tensor for {left[0]} ({len(left)} missing)")
     prepare_for_kbit_training(model, dtype)
@@ -133,14 +187,17 @@ def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype | No
             return where[key].get_tensor(key) if key in where else None
 
         packed = {k.split(".weight." + STATE_KEY)[0] for k in where if STATE_KEY in k}
+        pending: dict = {}  # an expert's gate or up matrix waiting for the other
         for key in where:
             base, sep, _ = key.partition(".weight.")
             if sep and base in packed:
                 continue  # absmax, quant maps, quant_state: read with their weight
             if key.endswith(".weight") and key[:-7] in packed:
                 _place_packed(model, key[:-7], read, cfg)
+            elif match := _EXPERT_KEY.fullmatch(_current_name(key)):
+                _place_expert(model, match, read(key), pending, cfg)
             else:
-                _place(model, key, read(key), skip, cfg, dtype)
+                _place(model, _current_name(key), read(key), skip, cfg, dtype)
     return _finish(model, config, dtype)
 
 

@@ -1,0 +1,137 @@
+"""Routed experts of a mixture-of-experts layer, held in 4 bits, one NF4 matrix per expert.
+
+transformers 5 stores a layer's routed experts as fused 3-D parameters (`gate_up_proj`
+[experts, 2*inter, hidden], `down_proj` [experts, hidden, inter]; GPT-OSS transposed, with
+biases and interleaved gate/up columns). `QuantizedExperts` replaces such a module: each
+expert's matrix becomes a `Linear4bit` stored as [out, in], so its blocks run along the input
+dim, and the forward dequantizes only the experts the router picked, with the same math as
+transformers' experts forward. The router and norms are not touched (they stay in the
+compute dtype with the rest of what is not quantized).
+
+Per-expert adapters add their term in `project`: every module in `self.adapters` with a
+`delta(projection, expert, x)` method returns what it adds to that expert's output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loratune.quant.linear4bit import Linear4bit
+from loratune.quant.nf4 import quantize_4bit
+
+PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers experts module: 3-D gate_up_proj and down_proj parameters."""
+    return all(isinstance(getattr(module, n, None), torch.Tensor)
+               and getattr(module, n).dim() == 3 for n in PROJECTIONS)
+
+
+class QuantizedExperts(nn.Module):
+    """Frozen routed experts in 4 bits; `forward(hidden, top_k_index, top_k_weights)` as the
+    experts module it replaces."""
+
+    def __init__(self, experts: nn.Module, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        name = type(experts).__name__
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.transposed = bool(getattr(experts, "is_transposed", False))
+        self.concatenated = bool(getattr(experts, "is_concatenated", True))
+        if self.concatenated:
+            self.act_fn = experts.act_fn
+        elif hasattr(experts, "alpha") and hasattr(experts, "limit"):  # GPT-OSS's clamped SwiGLU
+            self.alpha, self.limit = experts.alpha, experts.limit
+        else:
+            raise ValueError(f"{name}: interleaved gate/up experts without GPT-OSS's "
+                             f"alpha/limit gate; loratune does not know its activation")
+        self.compute_dtype = compute_dtype
+        self.gate_up_proj, self.down_proj = nn.ModuleList(), nn.ModuleList()
+        self._slots: dict[str, dict[int, Linear4bit]] = {}  # experts quantized so far (loader)
+        for p in PROJECTIONS:  # biases keep their names (and stay meta until the loader fills them)
+            bias = getattr(experts, p + "_bias", None)
+            if bias is not None:
+                self.register_parameter(p + "_bias", nn.Parameter(bias.data, requires_grad=False))
+        self.adapters = nn.ModuleDict()  # per-expert adapters: modules with .delta(...)
+
+    def load(self, projection: str, weight: torch.Tensor, blocksize: int = 64,
+             quant_type: str = "nf4", double_quant: bool = True, kernel: str = "auto") -> None:
+        """Quantize the fused [experts, ...] tensor of `projection`, one expert at a time."""
+        if weight.dim() != 3 or weight.shape[0] != self.num_experts:
+            raise ValueError(f"{projection}: expected a [{self.num_experts}, ., .] tensor of "
+                             f"routed experts, got {tuple(weight.shape)}")
+        for expert, w in enumerate(weight):
+            self.put(projection, expert, w, blocksize, quant_type, double_quant, kernel)
+
+    def put(self, projection: str, expert: int, weight: torch.Tensor, blocksize: int = 64,
+            quant_type: str = "nf4", double_quant: bool = True, kernel: str = "auto") -> None:
+        """Quantize one expert's matrix (as transformers stores it in the fused tensor); the
+        loader calls this as a checkpoint's per-expert tensors arrive, in any order."""
+        if projection not in PROJECTIONS or not 0 <= expert < self.num_experts:
+            raise ValueError(f"{projection}.{expert}: expected gate_up_proj or down_proj of "
+                             f"an expert in 0..{self.num_experts - 1}")
+        q = quantize_4bit(weight.t() if self.transposed else weight, blocksize, quant_type,
+                          double_quant)
+        slots = self._slots.setdefault(projection, {})
+        slots[expert] = Linear4bit(q, None, self.compute_dtype, kernel)
+        if len(slots) == self.num_experts:
+            getattr(self, projection).extend(slots[e] for e in range(self.num_experts))
+            del self._slots[projection]
+
+    def missing(self) -> list[str]:
+        return [p for p in PROJECTIONS if len(getattr(self, p)) != self.num_experts]
+
+    def quantized_bytes(self) -> int:
+        return sum(m.quantized().nbytes() for p in PROJECTIONS for m in getattr(self, p))
+
+    def dequantized(self, projection: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The fused tensor in the layout transformers stores it in (for checks and merges)."""
+        mats = [m.dequantize(dtype) for m in getattr(self, projection)]
+        return torch.stack([w.t() for w in mats] if self.transposed else mats)
+
+    def glu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.concatenated:
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.act_fn(gate) * up
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def project(self, projection: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's projection: dequantized base, its bias, then each adapter's term."""
+        y = getattr(self, projection)[expert](x)
+        bias = getattr(self, projection + "_bias", None)
+        if bias is not None:
+            y = y + bias[expert].to(y.dtype)
+        for adapter in self.adapters.values():
+            y = y + adapter.delta(projection, expert, x).to(y.dtype)
+        return y
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        # only the experts some token was routed to; an index == num_experts is transformers'
+        # "no expert" slot (expert parallelism) and is skipped as it skips it
+        for expert in top_k_index.unique().tolist():
+            if expert >= self.num_experts:
+                continue
+            token, slot = torch.where(top_k_index == expert)
+            h = self.glu(self.project("gate_up_proj", expert, hidden_states[token]))
+            y = self.project("down_proj", expert, h) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def quantize_experts(experts: nn.Module, blocksize: int = 64, quant_type: str = "nf4",
+                     double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
+                     kernel: str = "auto") -> QuantizedExperts:
+    """A loaded experts module's 4-bit replacement (biases copied in the compute dtype)."""
+    q = QuantizedExperts(experts, compute_dtype)
+    for p in PROJECTIONS:
+        q.load(p, getattr(experts, p).data, blocksize, quant_type, double_quant, kernel)
+        bias = getattr(q, p + "_bias", None)
+        if bias is not None:
+            bias.data = bias.data.to(compute_dtype)
+    return q
