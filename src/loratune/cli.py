@@ -244,6 +244,24 @@ def cmd_tune_rank(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    import shlex
+
+    from loratune.recipes.search import run_search
+
+    try:
+        out = run_search(args.config, args.overrides, quiet=args.quiet)
+    except KeyboardInterrupt:
+        again = shlex.join(["loratune", "search", args.config, *args.overrides])
+        print(f"loratune search: interrupted; finished trials stay in the study.\n"
+              f"to continue: {again}", file=sys.stderr)
+        return 130
+    print((out / "report.md").read_text(encoding="utf-8"), end="")
+    print(f"\nwritten: {out}/report.md, report.json" +
+          (", best.yaml" if (out / "best.yaml").is_file() else "") + f" (study: {out}/study.db)")
+    return 0
+
+
 def cmd_merge(args) -> int:
     from loratune.config.commands import MergeConfig
     from loratune.export.pipeline import write_merged
@@ -411,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", default="4,8,16,32,64")
     p.add_argument("--out", default="runs/tune-rank")
     p.set_defaults(func=cmd_tune_rank)
+
+    p = _command(sub, "search", help="Optuna search of method, rank, targets, lr ... under the "
+                 "planner's memory budget (the config's search section)")
+    p.add_argument("config", help="YAML run config with a search section")
+    add_overrides(p, "a key of the config, e.g. search.trials=10")
+    p.set_defaults(func=cmd_search)
 
     p = _command(sub, "merge", help="merge adapters into the base; write a Hugging Face folder")
     add_config_flags(p, MergeConfig)
