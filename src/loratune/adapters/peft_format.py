@@ -255,6 +255,26 @@ class PeftFolder:
             with torch.no_grad():
                 t.copy_(got)
 
+    def expert_modules(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Fused-experts module path -> {kind: tensor} of a file with target_parameters, the
+        kinds as ExpertLora.file_tensors() names them (PEFT nests gate_up_proj's pair under
+        `experts.base_layer.`, down_proj's under `experts.`); {} for any other file."""
+        if not self.raw.get("target_parameters"):
+            return {}
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for path, parts in self.modules().items():
+            experts = path.removesuffix(".base_layer")
+            if experts.rsplit(".", 1)[-1] == "experts":
+                lead = "base_layer." if path != experts else ""
+                out.setdefault(experts, {}).update({lead + k: t for k, t in parts.items()})
+        return out
+
+    def layer_modules(self) -> dict[str, dict[str, torch.Tensor]]:
+        """modules() without the fused experts' tensors: the linear layers the file adapts."""
+        experts = self.expert_modules()
+        return {p: parts for p, parts in self.modules().items()
+                if p.removesuffix(".base_layer") not in experts}
+
     def lora_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """module path -> (A, B) of a LoRA file, in key order (B None where it is missing)."""
         a_kind, b_kind = LORA_KINDS

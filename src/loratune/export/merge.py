@@ -22,6 +22,7 @@ from loratune.adapters.inject import new_layer_adapter
 from loratune.adapters.peft_format import (ANOTHER_BASE, PeftFolder, module_path,
                                            read_adapter_config, read_peft_weights)
 from loratune.adapters.registry import AdapterError, method_record
+from loratune.export.merge_experts import ExpertMerge
 from loratune.export.safetensors_io import StreamWriter, read_index, read_tensor
 from loratune.data.new_tokens import copy_tokenizer, new_tokens_of
 from loratune.data.templates import TEMPLATE_FILE, adapters_template
@@ -164,7 +165,7 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
                          "checkpoint (or export it with `loratune export hf` first)")
     out_dtype = DTYPES[dtype] if dtype else None
     index = read_index(base)
-    modules = [a.modules() for a in adapters]
+    modules = [a.layer_modules() for a in adapters]
     for a, mods in zip(adapters, modules):
         missing = [p for p in mods if f"{p}.weight" not in index]
         if missing:
@@ -175,6 +176,7 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
     replaced = {module_path(k): t for a in adapters for k, t in a.tensors.items()
                 if module_path(k) in index}
     merged_paths = _all_paths(modules)
+    experts = ExpertMerge(adapters, list(index), str(base))  # adapters on fused experts
     stats = {"merged": 0}
     grown = grown_vocabulary(adapters, config)  # new tokens: rows, vocab_size and tokenizer
     # refused before the slow part: adapters trained with different chat templates
@@ -212,6 +214,8 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
             if name not in stash:
                 merge_module(path)
             return stash.pop(name)
+        if experts.owns(name):
+            return experts.merge(name, read(name)).to(out_type(index[name]))
         return read(name).to(out_type(index[name]))
 
     non_finite: list[tuple[str, torch.dtype]] = []
@@ -239,7 +243,7 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
             write_chat_template(tmp, stored[0])
 
     write_atomic_dir(out, fill, overwrite=overwrite, marker="config.json")
-    return MergeReport(out, stats["merged"], len(replaced), stats["shards"],
+    return MergeReport(out, stats["merged"] + len(experts.paths), len(replaced), stats["shards"],
                        time.perf_counter() - t0)
 
 

@@ -1,0 +1,103 @@
+"""The streamed merge's part for adapters on fused experts (adapters/expert_lora.py).
+
+Each expert's update s·B_e·A_e is added to its slice of the base: a checkpoint that stores the
+experts fused (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`) gets every
+expert at once; one that stores them one matrix per expert, as transformers' save_pretrained
+writes them (`experts.<e>.gate_proj/up_proj/down_proj.weight`, Mixtral's
+`block_sparse_moe.experts.<e>.w1/w3/w2.weight`), gets expert e's rows of the fused update.
+The update is computed by the method's own experts adapter (`make_experts`, its `delta`).
+"""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import torch
+
+from loratune.adapters.peft_format import ANOTHER_BASE, PeftFolder
+from loratune.adapters.registry import AdapterError, method_record
+
+_PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+_FUSED = re.compile(r"(.+\.experts)\.(gate_up_proj|down_proj)")
+# Per-expert matrix -> (fused parameter, which half of its rows: 0 gate, 1 up, None all)
+_PARTS = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0),
+          "up_proj": ("gate_up_proj", 1), "w3": ("gate_up_proj", 1),
+          "down_proj": ("down_proj", None), "w2": ("down_proj", None)}
+_LEGACY_BLOCK = (".block_sparse_moe.", ".mlp.")  # Mixtral's block before transformers 5
+
+
+def expert_slot(name: str) -> tuple[str, str, int | None, int | None] | None:
+    """(experts module path as the model names it, fused parameter, expert or None when the
+    tensor holds all of them, row half or None) of a checkpoint tensor; None for any other."""
+    m = _FUSED.fullmatch(name)
+    if m:
+        return m[1], m[2], None, None
+    m = _PER_EXPERT.fullmatch(name)
+    if m is None:
+        return None
+    param, half = _PARTS[m[3]]
+    return m[1].replace(*_LEGACY_BLOCK), param, int(m[2]), half
+
+
+class ExpertMerge:
+    """Folds the adapters' fused-experts updates into checkpoint tensors as they stream by; the
+    updates of one experts module are kept while its tensors pass (about one layer)."""
+
+    def __init__(self, adapters: list, names: list[str], base: str):
+        self.adapters = [(a, a.expert_modules()) for a in adapters]
+        self.base, self.cache = base, {}
+        found = {s[0] for n in names if (s := expert_slot(n)) is not None}
+        for a, parts in self.adapters:
+            missing = sorted(set(parts) - found)
+            if missing:
+                raise AdapterError(f"{a.folder}: adapts the fused experts {missing[0]}, which "
+                                   f"{base} does not have ({ANOTHER_BASE})")
+        self.paths = {p for _, parts in self.adapters for p in parts}
+
+    def owns(self, name: str) -> bool:
+        slot = expert_slot(name)
+        return slot is not None and slot[0] in self.paths
+
+    def merge(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (checkpoint tensor `name`) with every adapter's update on it, in float32."""
+        path, param, expert, half = expert_slot(name)
+        out = tensor.float()
+        for delta in self._deltas(path):
+            d = delta[param] if expert is None else delta[param][expert]
+            if half is not None:
+                d = d.chunk(2, dim=-2)[half]
+            if d.shape != out.shape:
+                raise AdapterError(f"{self.base}: {name} has shape {tuple(out.shape)}, but the "
+                                   f"adapter's update of {path}.{param} gives "
+                                   f"{tuple(d.shape)} ({ANOTHER_BASE})")
+            out = out + d
+        return out
+
+    def _deltas(self, path: str) -> list[dict[str, torch.Tensor]]:
+        if path not in self.cache:
+            self.cache = {path: [expert_deltas(a, path, parts[path]) for a, parts in
+                                 self.adapters if path in parts]}
+        return self.cache[path]
+
+
+def expert_deltas(adapter: PeftFolder, path: str, parts: dict) -> dict[str, torch.Tensor]:
+    """{fused parameter: weight·s·B_e·A_e [E, out, in]} of one adapter's experts at `path`,
+    from the file's tensors (`parts`, by ExpertLora's kinds) in the method's own adapter."""
+    record = method_record(adapter.config.method)
+    if record.make_experts is None:
+        raise AdapterError(f"{adapter.folder}: {adapter.config.method} holds tensors of the "
+                           f"fused experts {path}, which it cannot adapt")
+    r, shapes = adapter.rank(path), {}
+    for param, lead in (("gate_up_proj", "base_layer."), ("down_proj", "")):
+        a, b = parts.get(lead + "lora_A.weight"), parts.get(lead + "lora_B.weight")
+        if a is None or b is None:
+            raise AdapterError(f"{adapter.weights_path}: {path} lacks the lora_A/lora_B pair "
+                               f"of {param} (keys under {path}.{lead or ''})")
+        shapes[param] = torch.empty(a.shape[0] // r, b.shape[0], a.shape[1], device="meta")
+    ad = record.make_experts(adapter.config, path, SimpleNamespace(**shapes), r=r,
+                             alpha=adapter.alpha(path))
+    adapter.copy_module(path, parts, ad.file_tensors())
+    weight = getattr(adapter, "weight", 1.0)
+    with torch.no_grad():
+        return {param: ad.delta(param) * weight for param in shapes}
