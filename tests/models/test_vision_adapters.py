@@ -98,3 +98,29 @@ def test_lora_on_vision_trains_only_the_vision_side_and_peft_loads_it(qwen_folde
         for ex, want in zip(colours, trained):
             got = vision_logits(peft_model.base_model.model, ex)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def _options(method):
+    extra = {"adalora": {"total_step": 4}, "oft": {"oft_block_size": 8},
+             "vera": {"r": 4}}.get(method, {})
+    return adapter_options()[method](method=method, target_modules="vision", **extra)
+
+
+@pytest.mark.parametrize("method", LINEAR_METHODS)
+def test_every_linear_method_trains_on_the_vision_side(method, qwen_folder, colours, tmp_path):
+    model, _, _ = load_vision_model(qwen_folder)
+    blocks = _linears(model, "model.visual.blocks")
+    with torch.no_grad():
+        base = vision_logits(model, colours[0])
+    assert sorted(add_adapter(model, _options(method))) == blocks
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("model.visual.blocks.") for n in trainable)
+    train_vision(model, colours, steps=3, lr=1e-2, batch=2)
+    with torch.no_grad():
+        trained = vision_logits(model, colours[0])
+    assert (trained - base).abs().max() > 1e-4  # the vision side's update reaches the logits
+    save_adapter(model, tmp_path / "adapter")
+    fresh, _, _ = load_vision_model(qwen_folder)
+    load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(vision_logits(fresh, colours[0]), trained, rtol=0, atol=1e-5)
