@@ -215,3 +215,33 @@ def test_token_table_spells_tokens_as_the_tokenizer_decodes_them(engine):
     assert b"".join(bytes(table[i]) for i in ids).decode() == tok.decode(ids)
     assert all(table[i] == (EOS,) for i in engine.eos) and table[len(tok) + 5] is None
     assert all(table[i] is None for i in tok.all_special_ids if i not in engine.eos)
+
+
+def test_each_step_tries_few_tokens_when_logits_favour_words(smol_tokenizer, monkeypatch):
+    """Logits favouring words (` the`, `ing`...) near max_tokens: each step used to try tens of
+    thousands of tokens in Python (first byte taken, refused later or over budget); now the
+    candidates are cut to (nearly) the valid ones before any is tried."""
+    import torch
+
+    from loratune.serve import tool_constraint
+
+    eos = {smol_tokenizer.eos_token_id}
+    table = token_symbols(smol_tokenizer, eos)
+    logits = torch.tensor([5.0 + 0.1 * len(s) if s and s != (EOS,) and
+                           all(chr(b).isalpha() or b == 32 for b in s) else 0.0
+                           for s in table.syms])
+    tries, per_step = [0], []
+    fits = tool_constraint.ToolConstraint.fits
+    monkeypatch.setattr(tool_constraint.ToolConstraint, "fits",
+                        lambda self, t: tries.__setitem__(0, tries[0] + 1) or fits(self, t))
+    for temperature in (0.0, 1.0):
+        _, con, reader = force_call(smol_tokenizer, eos, "hermes", NAMES, True, 45)
+        params = SamplingParams(max_tokens=45, temperature=temperature, seed=0)
+        generator, ids = torch.Generator().manual_seed(0), []
+        while not ids or table[ids[-1]] != (EOS,):
+            tries[0] = 0
+            ids.append(con.choose(logits, params, generator))
+            per_step.append(tries[0])
+        reader.feed(ids[:-1])          # the engine keeps the end token out of the answer
+        assert len(ids) <= 45 and reader.complete(), ids
+    assert max(per_step) <= 8, per_step

@@ -8,8 +8,9 @@ for Hermes) ends the prompt; from there every token of the row must keep the ans
 with parallel calls, the next call's opener and another call). The grammar runs on the bytes
 of each token (`token_symbols`), so a token that spans a structural character is judged whole.
 
-Per step, only tokens whose first byte the grammar takes are scored (TokenTable.mask); a row's
-token is then its best-scored token the grammar accepts whole (greedy), or a draw from its own
+Per step, only tokens whose first byte the grammar takes are scored (TokenTable.mask), and only
+candidates are tried whole (ToolConstraint.candidates: outside a string exactly the valid tokens,
+so a step tries a handful, not thousands, whatever the logits favour); a row's token is then its best-scored token the grammar accepts whole (greedy), or a draw from its own
 distribution (temperature, top-k, top-p) restricted to the tokens the grammar accepts. A token
 is valid only if what the call still needs, counted in bytes, fits in the tokens max_tokens
 leaves, so a forced call always closes. Only the constrained row's choice goes through here:
@@ -21,11 +22,12 @@ from __future__ import annotations
 import codecs
 import json
 import uuid
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import torch
 
-from loratune.serve.json_bytes import START, WS, JsonObject
+from loratune.serve.json_bytes import ESCAPE, HEX4, START, STRING, WS, JsonObject
 from loratune.serve.sampling import sampling_probs
 from loratune.serve.types import ServeError
 
@@ -161,8 +163,9 @@ def _piece_bytes(piece: str, byte_level: bool) -> bytes:
 
 class TokenTable:
     """Each token id's symbols (`syms`: its bytes; (EOS,) for the engine's end tokens; None for
-    other special tokens, which a forced call never writes), and the ids by first symbol, so
-    a step tries only tokens whose first byte the grammar takes."""
+    other special tokens, which a forced call never writes), the ids by first symbol, and the
+    tokens' bytes in sorted order (a trie without nodes: the tokens below a prefix are one
+    slice), so a step outside a string walks only the byte paths the grammar takes."""
 
     def __init__(self, syms: list[tuple[int, ...] | None]):
         self.syms = syms
@@ -171,6 +174,13 @@ class TokenTable:
             if s:
                 firsts.setdefault(s[0], []).append(i)
         self.by_first = {sym: torch.tensor(ids) for sym, ids in firsts.items()}
+        spelled = sorted((bytes(s), i) for i, s in enumerate(syms) if s and s != (EOS,))
+        self.spelled = [s for s, _ in spelled]
+        self.spelled_ids = [i for _, i in spelled]
+        self.eos_ids = [i for i, s in enumerate(syms) if s == (EOS,)]
+        # no '"' nor '\\': inside a string such a token cannot shorten what the call needs
+        self.quiet = torch.tensor([bool(s) and s != (EOS,) and 34 not in s and 92 not in s
+                                   for s in syms], dtype=torch.bool)
 
     def __getitem__(self, token: int) -> tuple[int, ...] | None:
         return self.syms[token] if 0 <= token < len(self.syms) else None
@@ -178,10 +188,38 @@ class TokenTable:
     def mask(self, state: CallState, size: int) -> torch.Tensor:
         """[size] bools: the tokens whose first symbol `state` takes."""
         mask = torch.zeros(size, dtype=torch.bool)
-        for sym, ids in self.by_first.items():
-            if state.copy().feed(sym):
-                mask[ids[ids < size]] = True
+        taken = [ids for sym, ids in self.by_first.items() if state.copy().feed(sym)]
+        if taken:
+            ids = torch.cat(taken)
+            mask[ids[ids < size]] = True
         return mask
+
+    def walk(self, state: CallState, budget: int, size: int) -> torch.Tensor:
+        """[size] bools: exactly the tokens `state` takes whole leaving need() <= budget. The
+        cost is the byte paths the grammar takes: small outside a string, where few bytes
+        continue; inside one almost every path does (use mask() there)."""
+        found = [i for i in self.eos_ids if state.copy().feed(EOS) and budget >= 0]
+        self._walk(state, budget, 0, len(self.spelled), 0, found)
+        mask = torch.zeros(size, dtype=torch.bool)
+        ids = torch.tensor(found, dtype=torch.long)
+        mask[ids[ids < size]] = True
+        return mask
+
+    def _walk(self, state: CallState, budget: int, lo: int, hi: int, depth: int,
+              found: list[int]) -> None:
+        spelled = self.spelled
+        while lo < hi and len(spelled[lo]) == depth:      # a prefix sorts before its longer kin
+            if state.need() <= budget:
+                found.append(self.spelled_ids[lo])
+            lo += 1
+        while lo < hi:
+            byte = spelled[lo][depth]
+            end = hi if byte == 255 else \
+                bisect_left(spelled, spelled[lo][:depth] + bytes([byte + 1]), lo, hi)
+            after = state.copy()
+            if after.feed(byte):
+                self._walk(after, budget, lo, end, depth + 1, found)
+            lo = end
 
 
 _TABLES: dict[int, tuple[object, frozenset, TokenTable]] = {}
@@ -233,21 +271,37 @@ class ToolConstraint:
     def choose(self, logits: torch.Tensor, params, generator) -> int:
         allowed = self.table.mask(self.state, logits.numel()).to(logits.device)
         logits = logits.masked_fill(~allowed, float("-inf"))
+        hopeless = ~self.candidates(logits.numel())
         found = None
         if params.temperature > 0:
             # Exponential race: ordering tokens by log p - log E (E ~ Exp(1)) is a draw
             # without replacement, so the first valid one is a draw from p restricted to
-            # the valid tokens; one random vector per step.
+            # the valid tokens; one random vector per step. p is over `allowed` (as the
+            # request's top-k/top-p see it); `hopeless` tokens only leave the race.
             probs = sampling_probs(logits, params).cpu()
             noise = torch.empty_like(probs).exponential_(generator=generator)
-            found = self._first_valid(probs.log() - noise.log())
-        found = found or self._first_valid(logits)     # greedy, or no valid token drawn
+            found = self._first_valid((probs.log() - noise.log()).masked_fill(hopeless, -1e30))
+        found = found or self._first_valid(logits.cpu().masked_fill(hopeless, float("-inf")))
         if found is None:
             raise ServeError("tool_choice: no token of the vocabulary continues the forced "
                              "tool call within max_tokens", param="tool_choice")
         token, self.state = found
         self.left -= 1
         return token
+
+    def candidates(self, size: int) -> torch.Tensor:
+        """[size] bools: the tokens worth trying whole (fits) this step, a superset of the
+        valid ones. Each try is Python work on the engine thread, so: outside a string the
+        table's walk gives exactly the valid tokens; inside one, when the budget is tight
+        (need == tokens left), a token without '"' or '\\' keeps need() as it is (or adds
+        owed UTF-8 bytes), so it cannot fit."""
+        state, budget = self.state, self.left - 1
+        if state.seg != 1 or state.json.mode not in (STRING, ESCAPE, HEX4):
+            return self.table.walk(state, budget, size)
+        mask = self.table.mask(state, size)
+        if state.json.mode == STRING and not state.json.cont and state.need() > budget:
+            mask &= ~self.table.quiet[:size]
+        return mask
 
     def _first_valid(self, scores: torch.Tensor) -> tuple[int, CallState] | None:
         """The highest-scored valid token (-inf: never): candidates in order, a few at a time."""
