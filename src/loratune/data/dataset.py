@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +14,7 @@ from loratune.data.encode import IGNORE, Encoded, Example, encode_conversation, 
 from loratune.data.errors import DataError
 from loratune.data.formats import detect_format, to_messages
 from loratune.data.hf_datasets import iter_records
+from loratune.data.images import image_rules, vision_messages
 from loratune.data.templates import resolve_template, template_note
 from loratune.data.tools import fit_tools, has_tools, template_name, tool_conversation
 from loratune.data.text import documents_ids, iter_documents, split_document
@@ -212,6 +213,46 @@ def build_examples(path: str | Path, tokenizer,
     if not examples:
         raise no_examples(path, stats, cfg)
     return examples, stats
+
+
+def build_image_examples(path: str | Path, cfg: DataConfig,
+                         encode: Callable) -> tuple[list[Example], DataStats]:
+    """The image conversations of a data file (data/images.py reads their images) as examples
+    made by `encode(messages, images)`, the vision model's encoder (models/vision.py; data/ does
+    not import models/): None from it drops the record (longer than data.max_length)."""
+    if cfg.format not in ("auto", "messages", "sharegpt"):
+        raise DataError(f"{path}: data.format: {cfg.format} with a vision-language model; image "
+                        "data is read as messages or sharegpt (use auto)")
+    stats, rules, examples = DataStats(format="messages with images"), image_rules(cfg), []
+    for where, record in iter_records(str(path), cfg, stats.notes):
+        stats.n_records += 1
+        messages, images = vision_messages(record, *_source_index(where), rules)
+        try:
+            example = encode(messages, images)
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
+        if example is None:
+            stats.n_dropped += 1
+            reason = f"longer than data.max_length={cfg.max_length} (images are not cut)"
+            stats.drop_reasons[reason] = stats.drop_reasons.get(reason, 0) + 1
+            continue
+        examples.append(example)
+        stats.n_tokens += len(example)
+        stats.n_label_tokens += sum(label != IGNORE for label in example.labels[1:])
+    stats.n_examples = len(examples)
+    if not examples:
+        raise no_examples(path, stats, cfg)
+    return examples, stats
+
+
+def _source_index(where: str) -> tuple[str, int | None]:
+    """('file.jsonl', 12) from iter_records' 'file.jsonl:12' (or 'file.json[3]'): the file
+    relative image paths are read from, and the record named in image errors."""
+    if where.endswith("]") and "[" in where:
+        source, _, index = where[:-1].rpartition("[")
+    else:
+        source, _, index = where.rpartition(":")
+    return (source, int(index)) if source and index.isdigit() else (where, None)
 
 
 def split_heldout(items: list, fraction: float, seed: int) -> tuple[list, list]:

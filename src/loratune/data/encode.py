@@ -13,7 +13,7 @@ The tokenizer's eos ends every example, labelled (appended when the template doe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from loratune.data.conversation import render
@@ -39,6 +39,15 @@ class Example:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+@dataclass
+class ImageExample(Example):
+    """An example of a vision-language model: its tokens (each image's placeholder widened to
+    the image's token count, never labelled) and the image tensors its processor made
+    (Qwen2.5-VL: pixel_values, image_grid_thw). Rows of these are padded, never packed."""
+
+    image_inputs: dict = field(default_factory=dict)
 
 
 class Encoded(NamedTuple):

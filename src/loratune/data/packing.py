@@ -17,7 +17,7 @@ from array import array
 
 import torch
 
-from loratune.data.encode import IGNORE, Example
+from loratune.data.encode import IGNORE, Example, ImageExample
 from loratune.data.errors import DataError
 
 PAD_SHARE_TO_PACK = 0.2  # packing: auto packs when padding would exceed this share of tokens
@@ -111,6 +111,36 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> dict[str, t
     return batch
 
 
+def collate_images(rows: list[list[ImageExample]], pad_id: int) -> dict[str, torch.Tensor]:
+    """An image batch: one example per row, right-padded with attention_mask and no
+    position_ids (Qwen2.5-VL computes its 3-D rotary positions from the ids, the image grids
+    and the mask); each image tensor the rows' tensors joined along the image axis."""
+    if any(len(row) != 1 for row in rows):
+        raise ValueError("image examples are never packed: one example per row")
+    batch = collate(rows, pad_id, packed=False)
+    del batch["position_ids"]
+    examples = [row[0] for row in rows]
+    for key in sorted({k for ex in examples for k in ex.image_inputs}):
+        batch[key] = _join_images([ex.image_inputs.get(key) for ex in examples], key)
+    return batch
+
+
+def _join_images(tensors: list, key: str) -> torch.Tensor:
+    """Flat per-image tensors (pixel_values of patches, image_grid_thw) concatenated; batched
+    ones (Idefics3's (1, images, C, H, W)) padded with all-zero images, which the model drops,
+    to the most images in a row."""
+    present = [t for t in tensors if t is not None]
+    if present[0].dim() < 4:
+        return torch.cat(present)
+    most = max(t.shape[1] for t in present)
+    shape = present[0].shape[2:]
+    padded = [torch.zeros((1, most, *shape), dtype=present[0].dtype) for _ in tensors]
+    for out, t in zip(padded, tensors):
+        if t is not None:
+            out[:, :t.shape[1]] = t
+    return torch.cat(padded)
+
+
 def epoch_rows(examples: list[Example], max_length: int, packing: bool, seed: int,
                epoch: int, window: int = 0) -> list[list[Example]]:
     """The rows of one epoch in training order: a pure function of (examples, seed, epoch).
@@ -131,6 +161,9 @@ def batches(examples: list[Example], batch_size: int, max_length: int, packing: 
             pad_id: int, seed: int, epoch: int) -> list[dict[str, torch.Tensor]]:
     """All micro-batches of one epoch (the last may be smaller), deterministic in (seed, epoch)."""
     rows = epoch_rows(examples, max_length, packing, seed, epoch)
+    if examples and isinstance(examples[0], ImageExample):
+        return [collate_images(rows[i:i + batch_size], pad_id)
+                for i in range(0, len(rows), batch_size)]
     return [collate(rows[i:i + batch_size], pad_id, packing)
             for i in range(0, len(rows), batch_size)]
 

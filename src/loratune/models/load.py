@@ -20,6 +20,8 @@ from loratune.config import ModelConfig
 from loratune.files import write_atomic_dir
 from loratune.models.device import resolve_dtype
 from loratune.models.gguf_config import gguf_config
+from loratune.models.vision import (ImageEncoder, load_vision_model, vision_family,
+                                    vision_model_type)
 from loratune.quant.kernels import choose_kernel
 from loratune.readers import CorruptFileError, check_safetensors
 
@@ -232,9 +234,27 @@ def load_model(cfg: ModelConfig | str):
     if cfg.quantization is not None:  # an impossible kernel fails before anything is read
         choose_kernel(cfg.quantization.kernel, cfg.device)
     folder, gguf = resolve_model(cfg.name)  # an embedded model's first use converts it
+    if gguf is None and vision_model_type(folder):
+        return _load_vision(cfg, folder, dtype)
     with progress.stage(f"loading {cfg.name}"):
         model = _read_model(cfg, folder, gguf, dtype)
     return model, load_tokenizer(cfg.name)
+
+
+def _load_vision(cfg: ModelConfig, folder: Path, dtype: torch.dtype):
+    """A vision-language folder: (model, tokenizer), the family's image encoder on the
+    tokenizer as `image_encoder` (what the data path encodes images with)."""
+    if cfg.quantization is not None:
+        raise ValueError(f"model.quantization: {folder} is a vision-language model; 4-bit "
+                         "loading of its language model is not supported yet")
+    with progress.stage(f"loading {cfg.name}"):
+        model, tokenizer, images = load_vision_model(folder, dtype)
+    model.to(torch.device(cfg.device))
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.image_encoder = ImageEncoder(images, vision_family(model.config))
+    return model, tokenizer
 
 
 def _read_model(cfg: ModelConfig, folder: Path, gguf: str | None, dtype: torch.dtype):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from loratune.data.encode import IGNORE, encode_conversation
+from loratune.data.encode import ImageExample as VisionExample
 from loratune.data.errors import DataError
 from loratune.readers import check_safetensors
 
@@ -45,14 +46,18 @@ FAMILIES = {
 }
 
 
-@dataclass
-class VisionExample:
-    """One encoded conversation: ids and labels as text examples have, plus the image tensors
-    the model takes (for Qwen2.5-VL: pixel_values and image_grid_thw)."""
+@dataclass(frozen=True)
+class ImageEncoder:
+    """What `loratune train` encodes image data with: the family's image processor and parts,
+    kept on the tokenizer as `image_encoder` by models/load.py (data/ calls it, not imports it)."""
 
-    input_ids: list[int]
-    labels: list[int]
-    image_inputs: dict
+    image_processor: object
+    family: VisionFamily
+
+    def __call__(self, tokenizer, messages: list[dict], images: list,
+                 max_length: int) -> VisionExample | None:
+        return encode_vision(messages, images, tokenizer, self.image_processor, self.family,
+                             max_length)
 
 
 def vision_family(config) -> VisionFamily:
@@ -61,6 +66,26 @@ def vision_family(config) -> VisionFamily:
         raise ValueError(f"model_type '{getattr(config, 'model_type', None)}' is not a supported "
                          f"vision-language family; expected one of {', '.join(FAMILIES)}")
     return family
+
+
+def vision_model_type(folder: str | Path) -> str | None:
+    """The model_type of a vision-language model folder (its config.json has a vision_config),
+    refused by name when no family here reads it; None for a text model."""
+    import json
+
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the text loader names what is wrong with it
+    if not isinstance(config, dict) or "vision_config" not in config:
+        return None
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{path}: model_type '{model_type}' (architectures "
+                         f"{config.get('architectures')}) is a vision-language model no family "
+                         f"here reads; expected one of {', '.join(FAMILIES)}")
+    return model_type
 
 
 def load_vision_model(folder: str | Path, dtype: torch.dtype = torch.float32):

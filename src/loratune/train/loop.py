@@ -13,6 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -24,6 +25,7 @@ from loratune import data as lt_data
 from loratune import progress as lt_progress
 from loratune.data.batch_stream import streaming_reason
 from loratune.data.bundled import resolve_data_paths
+from loratune.data.dataset import build_image_examples
 from loratune.data.hf_datasets import held_out_config
 from loratune.data.mixture import (as_sources, build_held_out, build_mixture, is_mixture,
                                    mixture_line)
@@ -270,16 +272,43 @@ def device_of(model: nn.Module) -> torch.device:
 def build_data(cfg: RunConfig, tokenizer, paths: DataPaths | None = None):
     """(training examples, held-out examples, stats, packing on) from the files."""
     train_path, eval_path = paths or resolve_data_paths(cfg)
-    train_ex, stats = lt_data.build_examples(train_path, tokenizer, cfg.data)
+    train_ex, stats = read_examples(train_path, tokenizer, cfg.data)
     eval_ex = []
     if eval_path:
-        eval_ex, _ = lt_data.build_examples(eval_path, tokenizer, held_out_config(cfg.data))
+        eval_ex, _ = read_examples(eval_path, tokenizer, held_out_config(cfg.data))
     elif cfg.data.eval_fraction:
         train_ex, eval_ex = lt_data.split_heldout(train_ex, cfg.data.eval_fraction, cfg.train.seed)
     packing = packing_setting(cfg)
+    if getattr(tokenizer, "image_encoder", None) is not None:
+        packing = False  # refuse_for_images refused `true`
     if packing == "auto":
         packing = lt_data.should_pack(train_ex, cfg.data.max_length, cfg.train.batch_size)
     return train_ex, eval_ex, stats, bool(packing)
+
+
+def read_examples(path, tokenizer, data_cfg):
+    """A data file's examples: image conversations where the model is a vision-language one
+    (its tokenizer carries the image encoder, models/load.py), else text."""
+    encoder = getattr(tokenizer, "image_encoder", None)
+    if encoder is None:
+        return lt_data.build_examples(path, tokenizer, data_cfg)
+    encode = partial(encoder, tokenizer, max_length=data_cfg.max_length)
+    return build_image_examples(path, data_cfg, encode)
+
+
+def refuse_for_images(cfg: RunConfig, tokenizer, paths: DataPaths) -> None:
+    """What image data does not do yet, refused by name before anything is encoded."""
+    if getattr(tokenizer, "image_encoder", None) is None:
+        return
+    if cfg.data.packing is True:
+        raise ValueError("data.packing: true with a vision-language model: image examples are "
+                         "padded one per row, never packed; use auto/false")
+    if is_mixture(paths[0]) or is_mixture(paths[1]) or streaming_reason(cfg.data, paths[0]):
+        raise ValueError("data.train/data.eval: a list of sources or streamed data with a "
+                         "vision-language model is not supported; name one file")
+    if is_preference(cfg):
+        raise ValueError(f"train.objective: {cfg.train.objective} with a vision-language "
+                         "model is not supported; use sft")
 
 
 def packing_setting(cfg: RunConfig) -> bool | str:
@@ -304,6 +333,7 @@ def epoch_batches(cfg: RunConfig, examples, packing: bool, pad_id: int, epoch: i
 
 def setup_data(cfg: RunConfig, tokenizer, paths: DataPaths,
                log: Log) -> TrainData | StreamTrainData:
+    refuse_for_images(cfg, tokenizer, paths)
     if is_mixture(paths[0]) or is_mixture(paths[1]):
         return setup_mixture_data(cfg, tokenizer, paths, log)
     why = streaming_reason(cfg.data, paths[0])
