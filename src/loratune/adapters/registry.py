@@ -96,6 +96,12 @@ class MergeSpec:
 # What a consumer says when a method declares no per-row serving or GGUF-adapter path.
 NO_SERVING = "the server runs LoRA-product adapters side by side, and this one is not one"
 NO_GGUF = "llama.cpp's adapter GGUF holds plain LoRA factors only"
+# ... and what it says of an adapter on fused experts (adapters/expert_lora.py) it cannot run.
+NO_EXPERT_SERVING = ("the server's slots hold one A/B pair per linear layer, and fused experts "
+                     "take a pair per expert inside the experts' own loop")
+NO_EXPERT_GGUF = ("loratune writes one 2-D lora_a/lora_b pair per linear layer; llama.cpp reads "
+                  "per-expert 3-D pairs on ffn_*_exps (applied through mul_mat_id), which loratune "
+                  "does not write yet")
 
 
 NO_COMPOSITION = ("a composition adds LoRA factors (A stacked, weight·B side by side), which "
@@ -186,6 +192,7 @@ class ServingSpec:
     lead: Callable | None = None
     why_not: str = NO_SERVING
     why_no_composition: str = NO_COMPOSITION
+    why_no_experts: str = NO_EXPERT_SERVING   # an adapter on fused experts
 
     @property
     def served(self) -> bool:
@@ -200,6 +207,7 @@ class ExportSpec:
 
     gguf_factors: Callable | None = None
     why_not: str = NO_GGUF
+    why_no_experts: str = NO_EXPERT_GGUF   # an adapter on fused experts
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
     import gguf
 
     from loratune.adapters import method_record
-    from loratune.adapters.peft_format import (PeftFolder, lora_scale, read_adapter_config,
+    from loratune.adapters.peft_format import (lora_scale, read_adapter_config,
                                                read_peft_weights)
 
     cfg, raw = read_adapter_config(adapter_dir)
@@ -188,6 +188,14 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
         raise GGUFExportError(f"{adapter_dir}: a {cfg.method} adapter cannot be written as "
                               f"llama.cpp's adapter file ({export.why_not}); merge it instead "
                               "(export gguf --adapter DIR)")
+    # The one reader that checks the config's ranks against the tensors' shapes.
+    adapter = read_peft_weights(Path(adapter_dir), cfg, raw)
+    experts = list(adapter.expert_modules())
+    if experts:
+        raise GGUFExportError(f"{adapter_dir}: the adapter adapts the fused experts "
+                              f"{experts[0]} ({len(experts)} such modules), which llama.cpp's "
+                              f"adapter file cannot carry here ({export.why_no_experts}); merge "
+                              "it instead (export gguf --adapter DIR)")
     grown = new_tokens_of(adapter_dir)
     if grown:
         added = ", ".join(grown["tokens"])
@@ -199,9 +207,7 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
     _, family = family_of(config, str(base_folder / "config.json"))
     arch = gguf_arch_name(family)
     names = tensor_name_map(family, config["num_hidden_layers"])
-    # The one reader that checks the config's ranks against the tensors' shapes.
-    weights = read_peft_weights(Path(adapter_dir), cfg, raw).tensors
-    factors = export.gguf_factors(PeftFolder(Path(adapter_dir), cfg, raw, weights))
+    factors = export.gguf_factors(adapter)
     # llama.cpp scales every layer by alpha / (that layer's rank): the factors carry PEFT's
     # per-layer scale in B (rank/alpha patterns, rsLoRA), so r / alpha undoes llama.cpp's.
     alpha = lora_scale(cfg.lora_alpha, cfg.r, cfg.use_rslora) * cfg.r

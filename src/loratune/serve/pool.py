@@ -143,6 +143,11 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
     if stray:
         raise BadAdapter(f"{weights_path}: tensor {stray[0]} is not a {config.method} tensor "
                          f"(expected names ending in {', '.join(record.files.keys)})")
+    experts = list(PeftFolder(folder, config, raw, weights).expert_modules())
+    if experts:
+        raise BadAdapter(f"adapter {name!r} ({folder}) adapts the fused experts {experts[0]}: "
+                         f"{record.serving.why_no_experts}. Merge it into the base with "
+                         "`loratune merge` and serve the merged model instead")
     if record.serving.lead is not None:
         return read_lead(name, record, PeftFolder(folder, config, raw, weights), model)
     try:
