@@ -47,3 +47,26 @@ def test_fused_checkpoint_gets_every_experts_update_at_once(tmp_path):
         key = f"model.layers.1.mlp.experts.{param}"
         want = state[key] + 0.5 * host.adapters["default"].delta(param).detach()
         torch.testing.assert_close(out[key], want, atol=1e-6, rtol=0)
+
+
+def test_server_refuses_an_experts_adapter_with_the_records_reason(tmp_path):
+    from loratune.serve.pool import read_lora
+    from loratune.serve.types import BadAdapter
+
+    _adapted("qwen3_moe", tmp_path)
+    why = method_record("lora").serving.why_no_experts
+    with pytest.raises(BadAdapter, match=r"adapts the fused experts model.layers.0.mlp.experts: "
+                                         + why.replace("(", r"\(").replace(")", r"\)")):
+        read_lora("moe", tmp_path / "a", tiny_moe("qwen3_moe"))
+
+
+def test_gguf_adapter_export_refuses_an_experts_adapter_with_the_records_reason(tmp_path):
+    from loratune.export.gguf_file import GGUFExportError, write_lora_gguf
+
+    _adapted("qwen3_moe", tmp_path)
+    why = method_record("lora").export.why_no_experts
+    with pytest.raises(GGUFExportError, match="fused experts model.layers.0.mlp.experts .2 such"):
+        write_lora_gguf(tmp_path / "a", tmp_path / "base", tmp_path / "a.gguf")
+    with pytest.raises(GGUFExportError) as err:
+        write_lora_gguf(tmp_path / "a", tmp_path / "base", tmp_path / "a.gguf")
+    assert why in str(err.value) and not (tmp_path / "a.gguf").exists()
