@@ -9,13 +9,15 @@ import torch
 from test_vision import _colour_task
 from vision_models import tiny_qwen2_5_vl
 
-from loratune.adapters import add_adapter, load_adapter, save_adapter
+from loratune.adapters import add_adapter, load_adapter, merge_and_unload, save_adapter
 from loratune.adapters.registry import AdapterError, method_names, method_record
 from loratune.adapters.vlm_targets import model_parts
-from loratune.config.methods import adapter_options
-from loratune.config.methods import LoraConfig
+from loratune.config import QuantConfig
+from loratune.config.methods import LoraConfig, adapter_options
 from loratune.models.vision import FAMILIES, load_vision_model, vision_logits
-from loratune.recipes.vision import encode_records, train_vision
+from loratune.models.vlm_quant import dequantize_linears, quantize_language_model
+from loratune.quant.linear4bit import Linear4bit
+from loratune.recipes.vision import encode_records, setup_adapter, train_vision
 
 QWEN = FAMILIES["qwen2_5_vl"]
 LINEAR_METHODS = [m for m in method_names() if method_record(m).layer_level]
@@ -124,3 +126,35 @@ def test_every_linear_method_trains_on_the_vision_side(method, qwen_folder, colo
     load_adapter(fresh, tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(vision_logits(fresh, colours[0]), trained, rtol=0, atol=1e-5)
+
+
+def _qlora_model(folder, cfg):
+    model, _, _ = load_vision_model(folder)
+    return model, quantize_language_model(model, cfg)
+
+
+def test_qlora_language_model_in_4_bits_vision_in_compute_dtype(qwen_folder, colours, tmp_path):
+    cfg = QuantConfig(compute_dtype="float32")
+    model, quantized = _qlora_model(qwen_folder, cfg)
+    assert sorted(quantized) == _linears(load_vision_model(qwen_folder)[0], QWEN.language)
+    four_bit = {n for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    assert four_bit == set(quantized) and len(four_bit) == 14
+    vision = [m for n, m in model.named_modules()
+              if n.startswith(QWEN.vision + ".") and isinstance(m, torch.nn.Linear)]
+    assert len(vision) == 12 and all(m.weight.dtype == torch.float32 for m in vision)
+    setup_adapter(model, LoraConfig(target_modules="language", r=8, lora_alpha=16))
+    losses = train_vision(model, colours, steps=24, lr=2e-2, batch=4)
+    assert losses[-1] < 0.5 * losses[0], losses
+    with torch.no_grad():
+        trained = [vision_logits(model, ex) for ex in colours]
+    save_adapter(model, tmp_path / "adapter")
+
+    fresh, _ = _qlora_model(qwen_folder, cfg)
+    load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        for ex, want in zip(colours, trained):  # the same 4-bit codes: equal to fp32 rounding
+            torch.testing.assert_close(vision_logits(fresh, ex), want, rtol=0, atol=1e-5)
+        merged = merge_and_unload(dequantize_linears(fresh))
+        assert not any(isinstance(m, Linear4bit) for m in merged.modules())
+        for ex, want in zip(colours, trained):  # merged into the dequantized NF4 weights
+            torch.testing.assert_close(vision_logits(merged, ex), want, rtol=1e-4, atol=1e-4)
