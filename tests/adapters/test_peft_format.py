@@ -105,3 +105,23 @@ def test_rank_pattern_that_disagrees_with_the_tensors_is_refused_by_every_reader
         f"adapter_model.safetensors holds {key} of shape (2, 32), rank 2; the config and the "
         "tensors disagree (the update is scaled by lora_alpha / r, so a wrong r changes it): "
         "fix r or rank_pattern"))
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("loftq_config", {"loftq_bits": 4, "loftq_iter": 1000000}, "loftq_iter"),
+    ("init_lora_weights", "pissa_niter_1000000000", "init_lora_weights"),
+    ("init_lora_weights", "pissa_niter_2.5", "init_lora_weights"),
+])
+def test_a_files_costly_init_options_are_bounded(tmp_path, field, value, expected):
+    """A downloaded adapter_config naming a million LoftQ alternations (NF4 + SVD per layer at
+    load) or a huge / non-integer PiSSA niter is refused, naming the file and the field."""
+    import json
+
+    from loratune.adapters.peft_format import AdapterError, read_adapter_config
+
+    init = "loftq" if field == "loftq_config" else value
+    (tmp_path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+        "init_lora_weights": init, field: value}))
+    with pytest.raises(AdapterError, match=rf"(?s)adapter_config.json.*{expected}"):
+        read_adapter_config(tmp_path)

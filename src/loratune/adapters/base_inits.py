@@ -109,8 +109,15 @@ def init_hooks(model: nn.Module, config, name: str, total_steps: int) -> Trainin
 
 
 def niter(name: str) -> int | None:
-    """K of pissa_niter_K; None for the exact SVD."""
-    return int(name.rsplit("_", 1)[1]) if name.startswith("pissa_niter_") else None
+    """K of pissa_niter_K; None for the exact SVD. A ValueError naming the field when K is not
+    an integer 1-99 (the config's bound: a file may reach here before the config class)."""
+    if not name.startswith("pissa_niter_"):
+        return None
+    k = name.removeprefix("pissa_niter_")
+    if not (k.isdecimal() and k.isascii() and 1 <= int(k) <= 99):
+        raise ValueError(f"init_lora_weights: {name!r} is not pissa_niter_K with K an "
+                         "integer 1-99")
+    return int(k)
 
 
 def pissa(w: torch.Tensor, r: int, scale: float, config) -> tuple[torch.Tensor, ...]:

@@ -85,7 +85,9 @@ class LoftQOptions(_Section):
     """LoftQ (init_lora_weights: loftq), named as PEFT's loftq_config."""
 
     loftq_bits: Literal[4] = Field(4, description="bits of the quantized residual base (NF4)")
-    loftq_iter: int = Field(1, gt=0, description="alternations of NF4 quantization and SVD")
+    loftq_iter: int = Field(1, gt=0, le=16, description="alternations of NF4 quantization and "
+                            "SVD, each per layer at load too (PEFT uses 1-5; at most 16, so a "
+                            "downloaded adapter_config cannot make loading run for hours)")
 
 
 class EvaOptions(_Section):
@@ -120,10 +122,10 @@ class LoraConfig(_LowRankFields):
     r: int = Field(8, gt=0, description="rank of the update B·A")
     use_dora: bool = Field(False, description="PEFT's name for method: dora")
     init_lora_weights: Literal[True, "gaussian", "pissa", "olora", "loftq", "eva"] | Annotated[
-        str, StringConstraints(pattern=r"^pissa_niter_[1-9][0-9]*$")] = Field(
+        str, StringConstraints(pattern=r"^pissa_niter_[1-9][0-9]?$")] = Field(
         True, description="True: A kaiming-uniform, B = 0; 'gaussian': A ~ N(0, 1/r), B = 0; "
         "'pissa': A, B from W's r principal singular directions, the base keeps the residual "
-        "('pissa_niter_K': by a randomized SVD with K iterations); 'olora': from W's QR "
+        "('pissa_niter_K': by a randomized SVD with K iterations, K an integer 1-99); 'olora': from W's QR "
         "factorization; 'loftq': the base becomes NF4(W - s·B·A), B·A fitted to the "
         "quantization error; 'eva': A from the SVD of each layer's inputs over the first "
         "training batches, ranks redistributed across layers (eva_config), B = 0. PiSSA and "
