@@ -108,14 +108,16 @@ def trainable_params(shape: ModelShape, s: Setup) -> int:
 def _weights(shape: ModelShape, s: Setup) -> tuple[int, int]:
     if s.method != "qlora":
         return shape.params * BYTES[s.dtype], 0
-    blocks = -(-shape.linear_params // s.blocksize)
+    quantized = shape.linear_params + shape.expert_params  # routed experts: 2 matrices each
+    matrices = (shape.linears_per_layer + 2 * shape.experts) * shape.layers
+    blocks = -(-quantized // s.blocksize)
     if s.double_quant:  # one 8-bit code per block, one fp32 scale per 256 codes, offsets
-        stats = blocks + 4 * -(-blocks // 256) + 4 * shape.linears_per_layer * shape.layers
+        stats = blocks + 4 * -(-blocks // 256) + 4 * matrices
     else:
         stats = 4 * blocks
-    # Embeddings, norms and lm_head stay unquantized, in the compute dtype (quantization.
-    # unquantized_dtype's default).
-    return shape.linear_params // 2 + BYTES[s.dtype] * shape.other_params, stats
+    # Embeddings, norms, routers and lm_head stay unquantized, in the compute dtype
+    # (quantization.unquantized_dtype's default).
+    return quantized // 2 + BYTES[s.dtype] * shape.other_params, stats
 
 
 def _optimizer(shape: ModelShape, s: Setup) -> int:
@@ -127,7 +129,10 @@ def _optimizer(shape: ModelShape, s: Setup) -> int:
 
 
 def _activations(shape: ModelShape, s: Setup) -> int:
-    h, i, kv, r = shape.hidden, shape.intermediate, shape.kv_dim, s.rank
+    h, kv, r = shape.hidden, shape.kv_dim, s.rank
+    # an MoE layer keeps each of a token's k experts' MLP activations, and the router's logits
+    i = shape.experts_per_token * shape.expert_intermediate + shape.experts \
+        if shape.experts else shape.intermediate
     per_layer = 6 * h + 2 * kv + 4 * i + 2 * shape.heads
     if s.method != "full":
         per_layer += shape.linears_per_layer * r
@@ -153,7 +158,8 @@ def _temporaries(shape: ModelShape, s: Setup) -> int:
     if s.method != "qlora":
         return 0
     # forward dequantizes one weight at a time; backward holds one more for the input grad
-    largest = max(a * b for a, b in shape.linear_shapes())
+    largest = max([a * b for a, b in shape.linear_shapes()]
+                  + [2 * shape.hidden * shape.expert_intermediate])
     return 2 * largest * BYTES[s.dtype]
 
 

@@ -10,10 +10,17 @@ from loratune.models.shapes import LLAMA_SHAPES
 
 # model_type -> what its decoder layer holds beyond the Llama layout. The planner counts
 # these decoders exactly (tested against the real models); any other model_type is refused.
-KNOWN = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+KNOWN = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+         "qwen3_moe", "mixtral", "olmoe")
 _NORMS_PER_LAYER = {"gemma2": 4, "gemma3_text": 4}  # + pre/post feed-forward norms
-_QK_NORM = ("qwen3", "gemma3_text")                 # RMSNorm(head_dim) on queries and keys
+_QK_NORM = ("qwen3", "gemma3_text", "qwen3_moe")                 # RMSNorm(head_dim) on queries and keys
 _FUSED = ("phi3",)                                  # qkv_proj and gate_up_proj
+# Mixture-of-experts decoders: every layer's MLP is a router ([experts, hidden], no bias) and
+# routed SwiGLU experts: model_type -> the config key of one expert's intermediate size. The
+# expert count is num_experts or num_local_experts (files and transformers 5 differ).
+_MOE = {"qwen3_moe": "moe_intermediate_size", "mixtral": "intermediate_size",
+        "olmoe": "intermediate_size"}
+_FULL_QK_NORM = ("olmoe",)                          # RMSNorm over all of q and of k
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,10 @@ class ModelShape:
     norms_per_layer: int = 2
     qk_norm: bool = False
     fused: bool = False              # q/k/v and gate/up as one layer each (Phi-3)
+    qk_norm_full: bool = False       # q/k norms over q_dim/kv_dim, not head_dim (OLMoE)
+    experts: int = 0                 # routed experts per layer (0: a dense MLP)
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -47,11 +58,28 @@ class ModelShape:
         return self.kv_heads * self.head_dim
 
     def linear_shapes(self) -> list[tuple[int, int]]:
-        """(in, out) of one decoder layer's linear layers."""
+        """(in, out) of one decoder layer's linear layers (nn.Linear: not the routed experts)."""
         h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
         if self.fused:
             return [(h, q + 2 * kv), (q, h), (h, 2 * i), (i, h)]
-        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+        attention = [(h, q), (h, kv), (h, kv), (q, h)]
+        return attention if self.experts else attention + [(h, i), (h, i), (i, h)]
+
+    @property
+    def expert_size(self) -> int:
+        """Weights of one routed expert (gate, up, down)."""
+        return 3 * self.hidden * self.expert_intermediate
+
+    @property
+    def expert_params(self) -> int:
+        """Every layer's routed experts (held as fused 3-D tensors, quantized per expert)."""
+        return self.layers * self.experts * self.expert_size
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token runs through: all but the routed experts it is not sent to."""
+        return self.params - self.layers * (self.experts - self.experts_per_token) \
+            * self.expert_size
 
     @property
     def linears_per_layer(self) -> int:
@@ -65,7 +93,9 @@ class ModelShape:
     def other_params(self) -> int:
         """Embeddings, the output layer (unless tied), norms and biases."""
         emb = self.vocab * self.hidden
-        norms = self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+        qk = self.q_dim + self.kv_dim if self.qk_norm_full else 2 * self.head_dim
+        norms = self.norms_per_layer * self.hidden + (qk if self.qk_norm else 0) \
+            + self.experts * self.hidden  # the router
         biases = ((self.q_dim + 2 * self.kv_dim) * self.qkv_bias + self.hidden * self.o_bias
                   + (2 * self.intermediate + self.hidden) * self.mlp_bias)
         return emb * (1 if self.tie_embeddings else 2) + self.layers * (norms + biases) \
@@ -73,7 +103,7 @@ class ModelShape:
 
     @property
     def params(self) -> int:
-        return self.linear_params + self.other_params
+        return self.linear_params + self.expert_params + self.other_params
 
     def lora_params(self, rank: int) -> int:
         return self.layers * sum(rank * (a + b) for a, b in self.linear_shapes())
@@ -92,6 +122,15 @@ class ModelShape:
             raise ValueError(f"{name}: config has no {', '.join(missing)} (the planner knows "
                              f"Llama-style decoders)")
         heads = get("num_attention_heads")
+        experts, per_token, expert_i = (
+            (get("num_experts") or get("num_local_experts"), get("num_experts_per_tok"),
+             get(_MOE[kind])) if kind in _MOE else (0, 0, 0))
+        if not all(isinstance(v, int) for v in (experts, per_token, expert_i)):
+            raise ValueError(f"{name}: a {kind} config needs num_experts (or num_local_experts), "
+                             f"num_experts_per_tok and {_MOE[kind]}")
+        if kind == "qwen3_moe" and (get("mlp_only_layers") or get("decoder_sparse_step", 1) != 1):
+            raise ValueError(f"{name}: mlp_only_layers / decoder_sparse_step (dense layers among "
+                             f"the MoE ones) are not counted by the planner")
         attention_bias = bool(get("attention_bias", False))
         return cls(name=name, hidden=get("hidden_size"), intermediate=get("intermediate_size"),
                    layers=get("num_hidden_layers"), heads=heads,
@@ -102,8 +141,10 @@ class ModelShape:
                    qkv_bias=attention_bias or kind == "qwen2",
                    o_bias=attention_bias and kind not in ("qwen2",),
                    mlp_bias=bool(get("mlp_bias", False)),
-                   norms_per_layer=_NORMS_PER_LAYER.get(kind, 2), qk_norm=kind in _QK_NORM,
-                   fused=kind in _FUSED)
+                   norms_per_layer=_NORMS_PER_LAYER.get(kind, 2),
+                   qk_norm=kind in _QK_NORM + _FULL_QK_NORM, fused=kind in _FUSED,
+                   qk_norm_full=kind in _FULL_QK_NORM, experts=experts,
+                   experts_per_token=per_token, expert_intermediate=expert_i)
 
 
 PRESETS: dict[str, ModelShape] = {
