@@ -104,13 +104,26 @@ def _answer_end(messages: list[dict], i: int, tokenizer, template: str, full: st
                 tools: list[dict] | None = None) -> int:
     """Where assistant turn i's text ends in `full` (before its end-of-turn token)."""
     marked = [dict(m) for m in messages]
-    marked[i]["content"] = f"{messages[i]['content']}{_MARK}"
+    marked[i]["content"] = _marked_content(messages[i]["content"])
     text = render(tokenizer, marked, template, False, tools)
     at = text.find(_MARK)
     after = text[at + len(_MARK):]
     if at < 0 or _MARK in after or not full.endswith(after):
         raise _not_prefix(i, "its answer text is not rendered as given")
     return len(full) - len(after)
+
+
+def _marked_content(content):
+    """The answer's content with the marker after its text: appended to a string, or, for
+    content parts (templates that read every turn as parts, as Idefics3's), to the last text
+    part (a text part of its own when the last part is not text)."""
+    if isinstance(content, str):
+        return f"{content}{_MARK}"
+    parts = [dict(p) for p in content]
+    if parts and parts[-1].get("type") == "text":
+        parts[-1]["text"] = f"{parts[-1]['text']}{_MARK}"
+        return parts
+    return parts + [{"type": "text", "text": _MARK}]
 
 
 def _end_tokens(tokenizer) -> list[str]:

@@ -11,7 +11,8 @@ chat template, then widen each image placeholder to the image's number of tokens
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +34,11 @@ class VisionFamily:
     language: str                 # module path of the language model
     vision: str                   # module path of the vision tower
     projector: str                # module path of the vision-to-text projector
+    # Families whose images are not a repeated placeholder (Idefics3's tiles and tags) encode
+    # with their own function; image_seq_len (tokens per tile) is read from the model config.
+    encode: Callable | None = None
+    seq_len_of: Callable | None = None
+    image_seq_len: int = 0
 
     def language_targets(self) -> str:
         """adapter.target_modules for the language model's linear layers only (the default):
@@ -40,10 +46,6 @@ class VisionFamily:
         return rf"{re.escape(self.language)}\..*\.({_LINEAR_LEAVES})"
 
 
-FAMILIES = {
-    "qwen2_5_vl": VisionFamily("qwen2_5_vl", "<|image_pad|>", "model.language_model",
-                               "model.visual", "model.visual.merger"),
-}
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ def vision_family(config) -> VisionFamily:
     if family is None:
         raise ValueError(f"model_type '{getattr(config, 'model_type', None)}' is not a supported "
                          f"vision-language family; expected one of {', '.join(FAMILIES)}")
+    if family.seq_len_of is not None:
+        family = replace(family, image_seq_len=family.seq_len_of(config))
     return family
 
 
@@ -114,6 +118,9 @@ def encode_vision(messages: list[dict], images: list, tokenizer, image_processor
     """Answer-only labels over the chat template's text, each image placeholder widened to its
     image's token count and never labelled; None when longer than max_length (an image cannot
     be cut in half, so such a conversation is dropped, not truncated)."""
+    if family.encode is not None:
+        return family.encode(messages, images, tokenizer, image_processor, family, max_length,
+                             template)
     template = template or tokenizer.chat_template
     enc = encode_conversation(messages, tokenizer, template, max_length=1 << 30).example
     if enc is None:
@@ -141,16 +148,79 @@ def _tokens_per_image(inputs: dict, image_processor) -> list[int]:
 
 def _widen(ids: list[int], labels: list[int], image_id: int,
            counts: list[int]) -> tuple[list[int], list[int]]:
+    return _splice(ids, labels, image_id, [[image_id] * n for n in counts])
+
+
+def idefics3_image_seq_len(config) -> int:
+    """Tokens per image tile: the tile's patches after the connector's pixel shuffle
+    (Idefics3Processor's image_seq_len)."""
+    vision = config.vision_config
+    return int((vision.image_size // vision.patch_size) ** 2 / config.scale_factor ** 2)
+
+
+def encode_idefics3(messages: list[dict], images: list, tokenizer, image_processor,
+                    family: VisionFamily, max_length: int = 2048,
+                    template: str | None = None) -> VisionExample | None:
+    """Idefics3 / SmolVLM: its template reads every turn's content as parts, and each <image>
+    becomes the processor's text for the image's tiles (row/col tags, a global image), each
+    tile image_seq_len <image> tokens; none of it labelled."""
+    template = template or tokenizer.chat_template
+    parts = [dict(m, content=_as_parts(m["content"])) for m in messages]
+    enc = encode_conversation(parts, tokenizer, template, max_length=1 << 30).example
+    if enc is None:
+        return None
+    inputs = dict(image_processor(images=[images], return_row_col_info=True,
+                                  return_tensors="pt")) if images else {}
+    tiles = list(zip(inputs.pop("rows", [[]])[0], inputs.pop("cols", [[]])[0]))
+    image_id = tokenizer.convert_tokens_to_ids(family.image_token)
+    if enc.input_ids.count(image_id) != len(tiles):
+        raise DataError(f"the chat template wrote {enc.input_ids.count(image_id)} "
+                        f"{family.image_token} for {len(tiles)} image(s); expected one each")
+    expansions = [tokenizer(_idefics3_image_text(r, c, family.image_seq_len),
+                            add_special_tokens=False)["input_ids"] for r, c in tiles]
+    ids, labels = _splice(enc.input_ids, enc.labels, image_id, expansions)
+    if len(ids) > max_length:
+        return None
+    return VisionExample(ids, labels, inputs)
+
+
+def _as_parts(content) -> list[dict]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+def _idefics3_image_text(rows: int, cols: int, seq_len: int) -> str:
+    """Idefics3Processor.replace_image_token's text for one image of rows x cols tiles."""
+    tile = "<image>" * seq_len
+    whole = f"<fake_token_around_image><global-img>{tile}<fake_token_around_image>"
+    if rows == 0 and cols == 0:
+        return whole
+    grid = "".join("".join(f"<fake_token_around_image><row_{r + 1}_col_{c + 1}>{tile}"
+                           for c in range(cols)) + "\n" for r in range(rows))
+    return f"{grid}\n{whole}"
+
+
+def _splice(ids: list[int], labels: list[int], image_id: int,
+            expansions: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Each image token replaced by its image's expansion, unlabelled."""
     out_ids, out_labels, k = [], [], 0
     for tok, label in zip(ids, labels):
         if tok == image_id:
-            out_ids += [image_id] * counts[k]
-            out_labels += [IGNORE] * counts[k]
+            out_ids += expansions[k]
+            out_labels += [IGNORE] * len(expansions[k])
             k += 1
         else:
             out_ids.append(tok)
             out_labels.append(label)
     return out_ids, out_labels
+
+
+FAMILIES = {
+    "qwen2_5_vl": VisionFamily("qwen2_5_vl", "<|image_pad|>", "model.language_model",
+                               "model.visual", "model.visual.merger"),
+    "idefics3": VisionFamily("idefics3", "<image>", "model.text_model", "model.vision_model",
+                             "model.connector", encode=encode_idefics3,
+                             seq_len_of=idefics3_image_seq_len),
+}
 
 
 def vision_loss(model, example: VisionExample) -> torch.Tensor:
