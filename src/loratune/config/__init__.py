@@ -13,10 +13,10 @@ from loratune.config.base import (apply_overrides, ConfigError, parse_override, 
                                   USER_PATH, USER_URI, validate_config)
 from loratune.config.methods import (AdaLoraConfig, adapter_config_from, adapter_options,
                                      AdapterConfig, add_adapter_options, BASE_INITS,
-                                     BottleneckConfig, forget_adapter_options, IA3Config,
-                                     LoftQOptions, LoHaConfig, LoKrConfig, LoraConfig,
+                                     BottleneckConfig, EvaOptions, forget_adapter_options,
+                                     IA3Config, INIT_OPTIONS, LoftQOptions, LoHaConfig, LoKrConfig, LoraConfig,
                                      MoeLoraConfig, OFTConfig, PrefixConfig, PromptConfig,
-                                     VeraConfig)
+                                     trains_layer_biases, VeraConfig)
 from loratune.config.run import (BLOCK_RANGE, build_config, check_blocksize, DataConfig,
                                  DataSource,
                                  DEFAULT_BETA, DEFAULT_EPSILON, DEFAULT_MODEL, EvalConfig,
@@ -29,7 +29,7 @@ from loratune.config.run import (RUN_SECTIONS, SearchConfig, SearchRange, Search
 __all__ = ["RUN_SECTIONS", "SearchConfig", "SearchRange", "SearchSpace", "TARGET_SETS",
            "AdaLoraConfig", "adapter_config_from", "adapter_options", "AdapterConfig",
            "add_adapter_options", "apply_overrides", "BASE_INITS", "BLOCK_RANGE",
-           "BottleneckConfig", "build_config", "check_blocksize", "ConfigError", "DataConfig",
+           "BottleneckConfig", "build_config", "EvaOptions", "INIT_OPTIONS", "trains_layer_biases", "check_blocksize", "ConfigError", "DataConfig",
            "DataSource",
            "DEFAULT_BETA", "DEFAULT_EPSILON", "DEFAULT_MODEL", "EvalConfig",
            "forget_adapter_options", "IA3Config", "load_config", "LoftQOptions", "LoHaConfig",
