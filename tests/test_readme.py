@@ -152,6 +152,10 @@ def dry_run(argv: list[str]) -> None:
         load_settings(args.config, args.overrides)
         if name == "compare" and args.lr:
             parse_method_values(args.lr, args.methods.split(","), "--lr")
+    elif name == "search":
+        from loratune.recipes.search import search_settings
+
+        search_settings(args.config, args.overrides)
     elif name in ("plan", "models"):
         assert main(argv) == 0
     else:
