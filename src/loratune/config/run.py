@@ -517,7 +517,8 @@ class SearchConfig(_Section):
                                      "trials the planner puts above it are pruned, never run")
     trials: int = Field(20, gt=0, description="finished trials (complete or pruned) the study "
                         "holds when done; a rerun continues up to it")
-    time: float | None = Field(None, gt=0, description="seconds this invocation may spend")
+    time: float | None = Field(None, gt=0, description="seconds after which this invocation "
+                                 "starts no new trial (a running one finishes)")
     sampler: Literal["tpe", "random"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = Field(
         "median", description="stops trials whose intermediate held-out loss (train.eval_every) "
