@@ -262,6 +262,36 @@ class RankAllocator:
         self.last = pattern
         return pattern if changed else None
 
+    def state(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """The averages, each module's kept mask, and whether the final allocation was made."""
+        out = {f"{kind}.{path}.{key}": t for kind, ema in (("ema_ipt", self.ema_ipt),
+                                                           ("ema_unc", self.ema_unc))
+               for (path, key), t in ema.items()}
+        out.update({f"kept.{path}": ad.kept for path, ad in adalora_modules(model, name)})
+        out["final"] = torch.tensor(self.final is not None)
+        out["last"] = torch.tensor(self.last is not None)
+        return out
+
+    def load_state(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
+                   where) -> None:
+        mods = dict(adalora_modules(model, name))
+        if "final" not in tensors or set(mods) != {k[5:] for k in tensors if
+                                                   k.startswith("kept.")}:
+            raise AdapterError(f"{where}: expected AdaLoRA's rank allocator state (hooks.kept.* "
+                               f"for the {len(mods)} modules of adapter '{name}', hooks.final)")
+        for path, ad in mods.items():
+            ad.set_kept(tensors[f"kept.{path}"].to(device=ad.kept.device, dtype=torch.bool))
+        device = next(iter(mods.values())).kept.device
+        for kind, ema in (("ema_ipt", self.ema_ipt), ("ema_unc", self.ema_unc)):
+            ema.clear()
+            for key, t in tensors.items():
+                if key.startswith(f"{kind}."):
+                    path, part = key[len(kind) + 1:].rsplit(".", 1)
+                    ema[path, part] = t.to(device)
+        pattern = _pattern(list(mods.items()))
+        self.final = pattern if bool(tensors["final"]) else None
+        self.last = pattern if bool(tensors.get("last", tensors["final"])) else None
+
 
 class AdaLoraHooks(TrainingHooks):
     """The orthogonality loss once per step, then the rank budget after each optimizer step."""
@@ -279,6 +309,12 @@ class AdaLoraHooks(TrainingHooks):
 
     def after_step(self, step: int) -> None:
         self.allocator.update_and_allocate(self.model, self.name, step)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.allocator.state(self.model, self.name)
+
+    def load_state(self, tensors: dict[str, torch.Tensor], where) -> None:
+        self.allocator.load_state(self.model, self.name, tensors, where)
 
     def summary(self) -> dict:
         ranks = final_ranks(self.model, self.name)

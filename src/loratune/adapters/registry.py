@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,6 +47,13 @@ class TrainingHooks:
     def summary(self) -> dict:
         """Extra entries for run_summary.json."""
         return {}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint holds so that a resumed run continues the hooks exactly."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], where: Path) -> None:
+        """Restore `state()` as read from checkpoint file `where`."""
 
 
 @dataclass(frozen=True)

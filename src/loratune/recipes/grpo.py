@@ -46,8 +46,8 @@ from loratune.train.optim import build_optimizer, set_lr
 from loratune.train.rl_rewards import load_rewards, score
 from loratune.train.rl_rollout import rollout
 from loratune.train.rl_step import Prompt, grpo_step, sample_lines
-from loratune.train.run_folder import (check_resume_state, prepare_run_dir, resume_state,
-                                       write_config, write_summary)
+from loratune.train.run_folder import (check_resume_state, check_run_dir, prepare_run_dir,
+                                       resume_state, write_config, write_summary)
 from loratune.train.distributed import (DistInfo, RankShare, check_objective,
                                         check_parallel_options)
 from loratune.train.runtime import OneProcess, process_group
@@ -64,6 +64,12 @@ def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, mo
         raise ConfigError("data.add_tokens/add_special_tokens: train.objective grpo does not "
                           "grow the vocabulary; add the tokens in an SFT run first and start "
                           "GRPO from its merged model")
+    if getattr(cfg.adapter, "init_lora_weights", None) == "eva":
+        raise ConfigError("adapter.init_lora_weights: eva is fitted to SFT batches' activations; "
+                          "train.objective grpo has only prompts (a few tokens each, too few "
+                          "for its SVDs to settle): use another init, or start GRPO from an "
+                          "SFT run's EVA adapter")
+    check_run_dir(Path(cfg.output_dir), resume, overwrite)  # fail before the slow setup
     seed_everything(cfg.train.seed)
     model, tokenizer = load_base(cfg, info, model, tokenizer)
     with process_group(info, mode, device_of(model), cfg.train.dist_timeout) as runtime:
@@ -79,17 +85,12 @@ def run_grpo(cfg: RunConfig, runtime: OneProcess, model, tokenizer, rewards, res
     if main:
         prepare_run_dir(out, resume, overwrite)
     runtime.barrier()
-    start_adapter(cfg, model, tokenizer)
-    share.broadcast([p for p in model.parameters() if p.requires_grad])  # one adapter for all
-    set_checkpointing(model, cfg.train.gradient_checkpointing)  # the update recomputes layers
-    model.train()
     train_rows, held_rows = read_prompts(cfg, tokenizer, log)
     per_step = cfg.train.batch_size * cfg.train.grad_accum // cfg.train.rl.num_generations
     total = total_steps(cfg, len(train_rows), per_step)
+    hooks = setup_adapter(cfg, model, tokenizer, total, share)
     optimizer = build_optimizer(model, cfg.train)
-    # the method's own terms (MoE-LoRA, AdaLoRA), counted in optimizer updates
-    hooks = method_hooks(model, cfg.adapter, "default", total * cfg.train.rl.num_iterations)
-    start = resume_from(cfg, out, model, optimizer, total, skip_corrupt, log,
+    start = resume_from(cfg, out, model, optimizer, hooks, total, skip_corrupt, log,
                         runtime) if resume else 0
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
     if main:
@@ -124,7 +125,8 @@ def run_grpo(cfg: RunConfig, runtime: OneProcess, model, tokenizer, rewards, res
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             if main:
                 save_checkpoint(out / "checkpoints", step + 1, model, optimizer,
-                                resume_state(cfg, total), keep=cfg.train.save_total_limit)
+                                resume_state(cfg, total), keep=cfg.train.save_total_limit,
+                                hooks=hooks)
             runtime.barrier()
     seconds = time.perf_counter() - began
     result = finish(cfg, out, model, tokenizer, held_rows, rewards, eos, total, history,
@@ -132,6 +134,17 @@ def run_grpo(cfg: RunConfig, runtime: OneProcess, model, tokenizer, rewards, res
     runtime.barrier()   # the adapter is written before any rank returns
     final = history[-1]["loss"] if history else float("nan")
     return result or TrainResult(out, out / "adapter", total, final, None, seconds, 0, 0, history)
+
+
+def setup_adapter(cfg: RunConfig, model, tokenizer, total: int, share: RankShare):
+    """Add the adapter and its method's hooks (MoE-LoRA, AdaLoRA: counted in optimizer
+    updates), before the optimizer exists; returns the hooks."""
+    start_adapter(cfg, model, tokenizer)
+    hooks = method_hooks(model, cfg.adapter, "default", total * cfg.train.rl.num_iterations)
+    share.broadcast([p for p in model.parameters() if p.requires_grad])  # one adapter for all
+    set_checkpointing(model, cfg.train.gradient_checkpointing)  # the update recomputes layers
+    model.train()
+    return hooks
 
 
 def rank_prompts(prompts: list[Prompt], cfg: RunConfig, runtime: OneProcess) -> list[Prompt]:
@@ -210,8 +223,8 @@ def schedule(cfg: RunConfig, total: int, update: int) -> float:
 # ------------------------------------------------------------------------- resume, eval
 
 
-def resume_from(cfg: RunConfig, out: Path, model, optimizer, total: int, skip_corrupt: bool,
-                log, runtime: OneProcess) -> int:
+def resume_from(cfg: RunConfig, out: Path, model, optimizer, hooks, total: int,
+                skip_corrupt: bool, log, runtime: OneProcess) -> int:
     ckpts = list_checkpoints(out / "checkpoints")
     chosen = choose_checkpoint(ckpts, skip_corrupt, log) if ckpts else None
     path = runtime.agree_on_checkpoint(chosen, out / "checkpoints")  # rank 0's, on every rank
@@ -219,7 +232,7 @@ def resume_from(cfg: RunConfig, out: Path, model, optimizer, total: int, skip_co
         log("resume: no checkpoint yet, starting at step 0")
         return 0
     check_method_resumes(cfg)
-    meta = load_checkpoint(path, model, optimizer)
+    meta = load_checkpoint(path, model, optimizer, hooks=hooks)  # AdaLoRA's averages too
     check_resume_state(meta, cfg, path)
     log(f"resumed from {path.name}")
     return int(meta["step"])

@@ -22,6 +22,7 @@ from loratune.files import remove_dir, write_atomic_dir
 from loratune.readers import CorruptFileError, check_safetensors, read_json, read_safetensors
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+HOOKS = "hooks."   # trainer_state.safetensors: the method hooks' tensors (TrainingHooks.state)
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -65,10 +66,14 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, state: dict,
-                    adapter: str = "default", keep: int | None = None) -> Path:
-    """Write checkpoints/step-NNNNNNNN atomically, then prune to the newest `keep`."""
+                    adapter: str = "default", keep: int | None = None, hooks=None) -> Path:
+    """Write checkpoints/step-NNNNNNNN atomically, then prune to the newest `keep`. `hooks`
+    (the method's TrainingHooks): their state (AdaLoRA's importance averages) goes along."""
     tensors, meta = optimizer_to_flat(optimizer)
     tensors.update(rng_tensors())
+    if hooks is not None:
+        tensors.update({f"{HOOKS}{k}": v.detach().cpu().contiguous()
+                        for k, v in hooks.state().items()})
     out = ckpt_root / f"step-{step:08d}"
 
     def fill(tmp: Path) -> None:
@@ -141,8 +146,10 @@ def choose_checkpoint(ckpts: list[Path], skip_corrupt: bool, log=print) -> Path:
     return good
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, adapter: str = "default") -> dict:
-    """Restore adapter weights, optimizer state and RNG; returns the saved trainer state."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer, adapter: str = "default",
+                    hooks=None) -> dict:
+    """Restore adapter weights, optimizer state, RNG and, given `hooks`, their state; returns
+    the saved trainer state."""
     weights = read_adapter_weights(path / "adapter")
     try:
         copy_adapter_weights(model, adapter, weights, path)
@@ -153,4 +160,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, adapter: str = "def
     optimizer_from_flat(optimizer, {k: v for k, v in tensors.items() if k.startswith("state.")},
                         meta.pop("optimizer"))
     restore_rng(tensors)
+    if hooks is not None:
+        hooks.load_state({k[len(HOOKS):]: v for k, v in tensors.items() if k.startswith(HOOKS)},
+                         path / "trainer_state.safetensors")
     return meta
