@@ -124,3 +124,29 @@ def test_a_stopped_study_resumes_without_rerunning_finished_trials(tmp_path, tin
     assert best.search is None and best.output_dir == str(out / "best")
     report = json.loads((out / "report.json").read_text())
     assert best.train.lr == report["trials"][report["best_trial"]]["params"]["lr"]
+
+
+def test_a_trial_the_pruner_stops_has_its_process_killed(tmp_path):
+    """watch(): an intermediate held-out loss the pruner rejects kills the trial's process and
+    records why; the last step's loss, written twice, is reported once."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 0.5}, {"step": 2, "eval_loss": 0.5}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1.0))
+    trial = study.ask()
+    ok = subprocess.Popen([sys.executable, "-c", "pass"])
+    ok.wait()
+    search_recipe.watch(trial, ok, metrics)  # 0.5 passes the threshold: no pruning
+    assert trial.storage.get_trial(trial._trial_id).intermediate_values == {2: 0.5}
+    with metrics.open("a") as f:
+        f.write(json.dumps({"step": 4, "eval_loss": 7.25}) + "\n")
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with pytest.raises(optuna.TrialPruned):
+        search_recipe.watch(trial, slow, metrics)
+    assert slow.returncode is not None and slow.returncode < 0  # killed, not finished
+    assert trial.user_attrs["pruned_why"] == "held-out loss 7.2500 at step 4 (pruner)"
