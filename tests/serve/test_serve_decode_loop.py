@@ -6,9 +6,8 @@ import torch
 from loratune.serve.engine import Engine
 from loratune.serve.multi_lora import MultiLoraLinear
 from loratune.serve.pool import AdapterPool
-from loratune.serve.slot_batch import SlotBatch
 from loratune.serve.slot_cache import SlotCache
-from test_serve_engine import PROMPTS, request, served_setup
+from test_serve_engine import PROMPTS, engine_for_loop, request, served_setup
 
 LOOPS = ["slots", "graph-steps", "dynamic"]
 
@@ -20,18 +19,8 @@ def setup(tmp_path_factory, smol_tokenizer):
 
 
 def loop_engine(setup, loop, **kw):
-    """An engine (not started: the test drives its steps) on the `loop` under test;
-    "graph-steps" is slots with the CUDA-graph runner's padded static steps, replayed eagerly."""
     model, tok, folder, _ = setup
-    engine = Engine(model, tok, AdapterPool(folder, max_adapters=3), base_name="tiny",
-                    max_completion_tokens=64, kv_cache="dynamic" if loop == "dynamic" else "slots",
-                    **kw)
-    engine.eos = set()
-    if loop == "graph-steps":
-        engine.batch = SlotBatch(model, engine.cache_key, engine.row_slots, engine.device,
-                                 rows=engine.max_batch, columns=engine.columns(), graphs="eager",
-                                 lock=engine.pool.lock)
-    return engine
+    return engine_for_loop(model, tok, AdapterPool(folder, max_adapters=3), loop, **kw)
 
 
 @pytest.mark.parametrize("loop", LOOPS)

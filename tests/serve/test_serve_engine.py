@@ -12,6 +12,7 @@ from loratune.config import LoraConfig, QuantConfig
 from loratune.serve.engine import Engine
 from loratune.serve.multi_lora import MultiLoraLinear
 from loratune.serve.pool import AdapterPool
+from loratune.serve.slot_batch import SlotBatch
 from loratune.serve.types import (BadAdapter, GenerationRequest, QueueFull, SamplingParams,
                                   ServeError, UnknownAdapter)
 from tiny import tiny_llama
@@ -70,6 +71,20 @@ def new_engine(setup, max_adapters=3, **kw):
                     max_completion_tokens=64, **kw)
     engine.eos = set()   # random weights: run every request to max_tokens
     return engine.start()
+
+
+def engine_for_loop(model, tok, pool, loop, **kw):
+    """An engine (not started: the test drives its steps) on the batch `loop` under test:
+    "dynamic", "slots", or "graph-steps" (slots with the CUDA-graph runner's padded static
+    steps, replayed eagerly: the graph path's CPU check)."""
+    engine = Engine(model, tok, pool, base_name="tiny", max_completion_tokens=64,
+                    kv_cache="dynamic" if loop == "dynamic" else "slots", **kw)
+    engine.eos = set()   # random weights: run every request to max_tokens
+    if loop == "graph-steps":
+        engine.batch = SlotBatch(model, engine.cache_key, engine.row_slots, engine.device,
+                                 rows=engine.max_batch, columns=engine.columns(), graphs="eager",
+                                 lock=engine.pool.lock)
+    return engine
 
 
 def request(prompt, adapters=None, **params):

@@ -13,8 +13,8 @@ from loratune.adapters import (add_adapter, delete_adapter, disable_adapters, me
 from loratune.config import PrefixConfig, PromptConfig
 from loratune.serve.engine import Engine
 from loratune.serve.pool import AdapterPool, read_lora
-from loratune.serve.slot_batch import SlotBatch
 from loratune.serve.types import BadAdapter, GenerationRequest, SamplingParams, ServeError
+from test_serve_engine import engine_for_loop
 from test_serve_methods import CONFIGS, randomize
 from tiny import tiny_llama
 
@@ -75,20 +75,11 @@ def setup(tmp_path_factory, smol_tokenizer):
 
 
 def engine_on(setup, loop, **kw):
-    """An engine on the `loop` under test; "graph-steps" is slots with the CUDA-graph runner's
-    padded static decode steps, replayed eagerly (the graph path's CPU check); "slots-sdpa"
-    gives sdpa the boolean masks (the caller puts eager back)."""
+    """An engine on the `loop` under test (test_serve_engine's loops); "slots-sdpa" is slots
+    with sdpa given the boolean masks (the caller puts eager back)."""
     model, folder, _, tok = setup
     model.set_attn_implementation("sdpa" if loop == "slots-sdpa" else "eager")
-    engine = Engine(model, tok, AdapterPool(folder, max_adapters=4), base_name="tiny",
-                    max_completion_tokens=64, kv_cache="dynamic" if loop == "dynamic" else "slots",
-                    **kw)
-    engine.eos = set()
-    if loop == "graph-steps":
-        engine.batch = SlotBatch(model, engine.cache_key, engine.row_slots, engine.device,
-                                 rows=engine.max_batch, columns=engine.columns(), graphs="eager",
-                                 lock=engine.pool.lock)
-    return engine
+    return engine_for_loop(model, tok, AdapterPool(folder, max_adapters=4), loop, **kw)
 
 
 def request(prompt, name, k):
