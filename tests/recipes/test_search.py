@@ -150,3 +150,38 @@ def test_a_trial_the_pruner_stops_has_its_process_killed(tmp_path):
         search_recipe.watch(trial, slow, metrics)
     assert slow.returncode is not None and slow.returncode < 0  # killed, not finished
     assert trial.user_attrs["pruned_why"] == "held-out loss 7.2500 at step 4 (pruner)"
+
+
+def test_a_trial_process_ends_when_the_search_is_killed(tmp_path):
+    """kill -9 of the search: its trial process (here a stand-in that calls exit_with_parent,
+    as train_worker does) ends too instead of training on as an orphan."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import os, time; from loratune.recipes.search import "
+                  "exit_with_parent; exit_with_parent(0.1); open({str(pid_file)!r}, 'w').write("
+                  "str(os.getpid())); time.sleep(60)"])
+time.sleep(60)
+"""])
+    deadline = time.time() + 30
+    while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    def gone() -> bool:  # exited (a zombie until init reaps it) or reaped
+        stat = f"/proc/{child}/stat"
+        return not os.path.exists(stat) or open(stat).read().split()[2] == "Z"
+
+    deadline = time.time() + 10
+    while time.time() < deadline and not gone():
+        time.sleep(0.1)
+    if not gone():
+        os.kill(child, signal.SIGKILL)
+    assert gone()

@@ -215,8 +215,25 @@ def objective(trial, base: dict, search: SearchConfig, out: Path) -> float:
     return row["eval_loss"]
 
 
+def exit_with_parent(every_s: float = 2.0) -> None:
+    """End this process when the search that started it is gone (kill -9 included): an
+    orphaned trial would train on unseen while the resumed study starts another."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def check() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=check, daemon=True).start()
+
+
 def train_worker(cfg_path: str, result_path: str) -> None:
     """Child process: train one trial's config, write its row."""
+    exit_with_parent()
     from loratune.config import load_config
     from loratune.data.bundled import resolve_data_paths
     from loratune.models import load_model
