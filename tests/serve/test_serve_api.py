@@ -4,6 +4,7 @@ Greedy answers through HTTP must be exactly the engine's own answers for the sam
 every documented error must come back with its status and OpenAI's error shape.
 """
 
+import contextlib
 import json
 import re
 import socket
@@ -33,6 +34,40 @@ EN = [{"role": "user", "content": "Explain low-rank adaptation in one sentence."
 SLOW = {"seconds": 0.0}   # per-forward delay, so a client can hang up mid-generation
 LOCAL = "http://127.0.0.1:8000"   # the Host a client on this machine sends (the guard checks it)
 JSON = {"content-type": "application/json"}   # raw bodies: the guard wants a JSON type
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread (modules that decode on a shared CPU use it): two threads make every
+    small op of the decode loop wait for the other (50 ms instead of 2 for a vocabulary-wide
+    mask)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """`app` served by uvicorn on a free local port in a thread; yields its base URL and stops
+    it on exit."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def _save_lora(tok, folder, name, seed):
@@ -352,24 +387,9 @@ def test_auto_routes_chinese_to_the_zh_adapter(client, engine, smol_tokenizer):
 # -- a real server: the official client, disconnects ----------------------------------------------
 @pytest.fixture(scope="module")
 def server_url(engine):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     router = LanguageRouter.parse("zh=adapter_zh,en=adapter_en")
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, router=router), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    assert not thread.is_alive()
+    with live_server(build_app(engine, router=router)) as url:
+        yield url
 
 
 def test_official_openai_client(server_url, engine, smol_tokenizer):

@@ -14,8 +14,9 @@ from loratune.serve.json_bytes import JsonObject
 from loratune.serve.tool_constraint import (EOS, FORMATS, CallReader, CallSpec, CallState,
                                             TokenTable, force_call, token_symbols)
 from loratune.serve.types import GenerationRequest, SamplingParams
-from test_serve_api import EN, adapter_dir, engine  # noqa: F401 (fixtures)
+from test_serve_api import EN, adapter_dir, engine, one_thread  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # the engine tests decode on a shared CPU
 PIECES = ['{', '}', '[', ']', '"a"', '"é"', ':', ',', ' ', '\n', '1', '-', '0', '.', 'e', '+',
           'true', 'nul', 'null', '"\\n"', '"\\u00e9"', '"\\x"', '"\t"', '"日本"', '5']
 
@@ -129,18 +130,6 @@ def test_grammar_refuses_undeclared_names_a_second_call_when_not_parallel_and_ea
 
 
 # -- on the engine ------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a CPU shared with other jobs, two threads make every small op of
-    the decode loop wait for the other (50 ms instead of 2 for a vocabulary-wide mask)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def forced(engine, parser, names, params, parallel=True, model="adapter_en"):
     tok = engine.tokenizer
     suffix, constraint, reader = force_call(tok, engine.eos, parser, names, parallel,

@@ -6,9 +6,6 @@ the call (the grammar of tool_constraint.py), so the loop call -> tool result ->
 deterministically, for the base and two adapters in one batch."""
 
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 from loratune.serve.api import build_app
 from loratune.serve.engine import Engine
 from loratune.serve.pool import AdapterPool
-from test_serve_api import BASE, adapter_dir  # noqa: F401 (fixture)
+from test_serve_api import BASE, adapter_dir, live_server, one_thread  # noqa: F401 (fixtures)
 from tiny import tiny_llama
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -27,18 +24,7 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 MODELS = [BASE, "adapter_en", "fin"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a CPU shared with other jobs, two threads make every small op of
-    the decode loop wait for the other (50 ms instead of 2 for a vocabulary-wide mask)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -59,22 +45,9 @@ def tools_engine(adapter_dir):
 @pytest.fixture(scope="module")
 def client(tools_engine):
     import openai
-    import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(tools_engine), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with live_server(build_app(tools_engine)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
 def ask(client, model, messages, stream=False, **extra):
