@@ -175,15 +175,21 @@ def read_run_status(folder: Path) -> dict | None:
 METRICS = "metrics.jsonl"
 
 
-def metric_record(line: bytes) -> dict:
-    """One metrics line as a record: a JSON object, `step` a whole number, every other value a
-    number (or null; NaN and infinities become null, which JSON readers accept)."""
+def json_object_line(line: bytes) -> dict:
+    """One line of a .jsonl run file as a JSON object; ValueError saying what it is instead."""
     try:
         rec = parse_json(line)
     except ValueError as err:
         raise ValueError(f"not JSON ({err})") from None
     if not isinstance(rec, dict):
         raise ValueError(f"expected a JSON object, got {short(rec)}")
+    return rec
+
+
+def metric_record(line: bytes) -> dict:
+    """One metrics line as a record: a JSON object, `step` a whole number, every other value a
+    number (or null; NaN and infinities become null, which JSON readers accept)."""
+    rec = json_object_line(line)
     if "step" not in rec:
         raise ValueError("no 'step'")
     try:
@@ -285,12 +291,7 @@ def completion_record(line: bytes) -> dict:
     """One completions line as the run page shows it: step, prompt, completion (text, cut to
     MAX_TEXT), reward and advantage (numbers or null), rewards {function name: number or
     null}. Anything else in the line is dropped."""
-    try:
-        rec = parse_json(line)
-    except ValueError as err:
-        raise ValueError(f"not JSON ({err})") from None
-    if not isinstance(rec, dict):
-        raise ValueError(f"expected a JSON object, got {short(rec)}")
+    rec = json_object_line(line)
     try:
         if whole(rec, "step", COMPLETIONS) is None:
             raise ValueError("no 'step'")
