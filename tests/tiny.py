@@ -74,3 +74,30 @@ def loss_grads(model, named: dict, ids) -> dict:
     model.zero_grad()
     model(input_ids=ids, labels=ids).loss.backward()
     return {k: p.grad.clone() for k, p in named.items() if p.requires_grad}
+
+
+def train_tiny(tmp_path, data_file, tokenizer, adapter: dict):
+    """A 12-step run of `adapter` (the config's adapter section) on a tiny Llama over
+    conftest's `data_file`, checked to learn (the last two losses' mean below the first two's
+    by 0.1) and to save an adapter that, loaded on a fresh base, gives the trained model's
+    logits. Returns (the trained model, train()'s result)."""
+    from loratune.adapters import load_adapter
+    from loratune.config import build_config
+    from loratune.train import train
+
+    cfg = build_config({
+        "output_dir": str(tmp_path / "run"), "adapter": adapter,
+        "data": {"train": str(data_file), "max_length": 64},
+        "train": {"max_steps": 12, "batch_size": 4, "lr": 2e-2, "warmup_ratio": 0.0},
+    })
+    model = tiny_llama(vocab=len(tokenizer))
+    result = train(cfg, model=model, tokenizer=tokenizer, quiet=True)
+    losses = [h["loss"] for h in result.history]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1, losses
+    ids = torch.tensor([[5, 900, 17, 4000, 31]])
+    fresh = tiny_llama(vocab=len(tokenizer))  # the unchanged base
+    load_adapter(fresh, result.adapter_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)
+    return model, result
