@@ -17,14 +17,12 @@ import torch
 
 from loratune.adapters.peft_format import ANOTHER_BASE, PeftFolder
 from loratune.adapters.registry import AdapterError, method_record
+from loratune.models.moe_experts import per_expert_key
 
-_PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
 _FUSED = re.compile(r"(.+\.experts)\.(gate_up_proj|down_proj)")
 # Per-expert matrix -> (fused parameter, which half of its rows: 0 gate, 1 up, None all)
-_PARTS = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0),
-          "up_proj": ("gate_up_proj", 1), "w3": ("gate_up_proj", 1),
-          "down_proj": ("down_proj", None), "w2": ("down_proj", None)}
-_LEGACY_BLOCK = (".block_sparse_moe.", ".mlp.")  # Mixtral's block before transformers 5
+_PARTS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+          "down_proj": ("down_proj", None)}
 
 
 def expert_slot(name: str) -> tuple[str, str, int | None, int | None] | None:
@@ -33,11 +31,12 @@ def expert_slot(name: str) -> tuple[str, str, int | None, int | None] | None:
     m = _FUSED.fullmatch(name)
     if m:
         return m[1], m[2], None, None
-    m = _PER_EXPERT.fullmatch(name)
-    if m is None:
+    key = per_expert_key(name)
+    if key is None:
         return None
-    param, half = _PARTS[m[3]]
-    return m[1].replace(*_LEGACY_BLOCK), param, int(m[2]), half
+    path, expert, part = key
+    param, half = _PARTS[part]
+    return path, param, expert, half
 
 
 class ExpertMerge:

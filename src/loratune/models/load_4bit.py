@@ -8,7 +8,6 @@ Peak memory is the final 4-bit model plus one full-precision tensor.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -17,7 +16,8 @@ from torch import nn
 from loratune.config import QuantConfig
 from loratune.models.device import DTYPES
 from loratune.models.modules import set_submodule
-from loratune.models.moe_experts import PROJECTIONS, QuantizedExperts, is_fused_experts
+from loratune.models.moe_experts import (PROJECTIONS, QuantizedExperts, current_name,
+                                         is_fused_experts, per_expert_key)
 from loratune.models.quantize import prepare_for_kbit_training, unquantized_dtype
 from loratune.models.shapes import LLAMA_SHAPES
 from loratune.quant.io import STATE_KEY, quantized_linear
@@ -47,21 +47,6 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         module._parameters[name] = nn.Parameter(value, requires_grad=False)
 
 
-# Checkpoints (transformers' save_pretrained too) store routed experts one matrix per expert,
-# under their pre-transformers-5 names; the model holds them fused (experts.gate_up_proj =
-# [gate | up] rows per expert, experts.down_proj). Mixtral's block is `mlp`, once
-# `block_sparse_moe`, and its w1/w3/w2 are gate/up/down.
-_EXPERT_KEY = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
-_EXPERT_PART = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_LEGACY_NAMES = ((".block_sparse_moe.", ".mlp."),)
-
-
-def _current_name(key: str) -> str:
-    for old, new in _LEGACY_NAMES:
-        key = key.replace(old, new)
-    return key
-
-
 def _experts_shell(model: nn.Module, path: str, cfg: QuantConfig) -> QuantizedExperts:
     """The QuantizedExperts at `path`, put in place of the (meta) fused experts on first use."""
     module = model.get_submodule(path)
@@ -74,11 +59,11 @@ def _experts_shell(model: nn.Module, path: str, cfg: QuantConfig) -> QuantizedEx
     return module
 
 
-def _place_expert(model: nn.Module, match: re.Match, tensor: torch.Tensor, pending: dict,
-                  cfg: QuantConfig) -> None:
-    """Quantize one expert's matrix of a per-expert checkpoint; gate and up wait for each
-    other (an expert's gate_up_proj is their rows stacked)."""
-    path, expert, part = match[1], int(match[2]), _EXPERT_PART.get(match[3], match[3])
+def _place_expert(model: nn.Module, expert_key: tuple[str, int, str], tensor: torch.Tensor,
+                  pending: dict, cfg: QuantConfig) -> None:
+    """Quantize one expert's matrix of a per-expert checkpoint (`expert_key`: per_expert_key's);
+    gate and up wait for each other (an expert's gate_up_proj is their rows stacked)."""
+    path, expert, part = expert_key
     shell = _experts_shell(model, path, cfg)
     if part == "down_proj":
         weight = tensor
@@ -194,10 +179,10 @@ def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype | No
                 continue  # absmax, quant maps, quant_state: read with their weight
             if key.endswith(".weight") and key[:-7] in packed:
                 _place_packed(model, key[:-7], read, cfg)
-            elif match := _EXPERT_KEY.fullmatch(_current_name(key)):
-                _place_expert(model, match, read(key), pending, cfg)
+            elif (expert_key := per_expert_key(key)) is not None:
+                _place_expert(model, expert_key, read(key), pending, cfg)
             else:
-                _place(model, _current_name(key), read(key), skip, cfg, dtype)
+                _place(model, current_name(key), read(key), skip, cfg, dtype)
     return _finish(model, config, dtype)
 
 

@@ -14,6 +14,8 @@ Per-expert adapters add their term in `project`: every module in `self.adapters`
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -21,6 +23,30 @@ from loratune.quant.linear4bit import Linear4bit
 from loratune.quant.nf4 import quantize_4bit
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+# Checkpoints (transformers' save_pretrained too) store routed experts one matrix per expert,
+# under their pre-transformers-5 names; the model holds them fused (experts.gate_up_proj =
+# [gate | up] rows per expert, experts.down_proj). Mixtral's block is `mlp`, once
+# `block_sparse_moe`, and its w1/w3/w2 are gate/up/down.
+_PER_EXPERT_KEY = re.compile(
+    r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+_PART_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_LEGACY_NAMES = ((".block_sparse_moe.", ".mlp."),)
+
+
+def current_name(key: str) -> str:
+    """A checkpoint key under transformers 5's module names (Mixtral's block_sparse_moe: mlp)."""
+    for old, new in _LEGACY_NAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def per_expert_key(key: str) -> tuple[str, int, str] | None:
+    """(experts module path under current names, expert, "gate_proj" / "up_proj" / "down_proj")
+    of one expert's matrix in a per-expert checkpoint; None for any other key."""
+    m = _PER_EXPERT_KEY.fullmatch(current_name(key))
+    return None if m is None else (m[1], int(m[2]), _PART_NAMES.get(m[3], m[3]))
 
 
 def is_fused_experts(module: nn.Module) -> bool:
