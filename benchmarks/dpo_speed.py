@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -30,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from process_memory import peak_rss_gib, rss_now_gib
+from process_memory import peak_rss_gib, rss_now_gib, worker_result
 
 MODEL = "smollm2-135m-instruct"
 BETA = 0.1
@@ -151,10 +150,7 @@ def run_worker(args) -> Result:
 def spawn(worker: str, args) -> Result:
     cmd = [sys.executable, __file__, "--worker", worker, "--batch", str(args.batch), "--steps",
            str(args.steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"worker {worker} failed:\n{proc.stderr[-3000:]}")
-    return Result(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    return Result(**worker_result(cmd, worker))
 
 
 def main() -> None:

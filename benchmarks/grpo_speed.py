@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from process_memory import peak_rss_gib
+from process_memory import peak_rss_gib, worker_result
 
 MODEL = "smollm2-135m-instruct"
 DATA = Path(__file__).resolve().parents[1] / "examples" / "grpo_arithmetic" / "train.jsonl"
@@ -179,10 +178,7 @@ def spawn(worker: str, args) -> Result:
            "--group", str(args.group), "--length", str(args.length), "--steps", str(args.steps),
            "--threads", str(args.threads)] + ["--checkpointing"] * args.checkpointing
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.exit(f"worker {worker} failed:\n{proc.stderr[-3000:]}")
-    return Result(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    return Result(**worker_result(cmd, worker, env))
 
 
 def main() -> None:
