@@ -30,7 +30,8 @@ def test_a_field_path_the_run_config_lacks_fails_before_any_trial(tmp_path, data
     config = tmp_path / "s.yaml"
     config.write_text(json.dumps({"data": {"train": str(data_file), "eval": str(data_file)},
                                   "search": {"space": {"fields": {"train.lrr": [1e-3]}}}}))
-    with pytest.raises(ConfigError, match=r"(?s)search.space.fields.train.lrr.*unknown key 'train.lrr'"):
+    with pytest.raises(ConfigError,
+                       match=r"(?s)search.space.fields.train.lrr.*unknown key 'train.lrr'"):
         search_recipe.search_settings(str(config), [])
     config.write_text(json.dumps({"data": {"train": str(data_file)}, "search": {}}))
     with pytest.raises(ConfigError, match="eval_loss needs held-out data: set data.eval"):
