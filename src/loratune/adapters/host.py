@@ -290,11 +290,14 @@ def leaf_names(model: nn.Module, name: str, target: list[str] | str) -> list[str
     layers adapter `name` sits on."""
     if isinstance(target, str) and target != "all-linear":
         return target  # a regex keeps its exact meaning
-    paths = sorted(p for p, l in adapted_layers(model) if name in l.adapters)
+    # Paths as the plain model has them (PEFT loads onto it): a host's base_layer step dropped,
+    # e.g. a LoRA inside a bottleneck host on the mlp.
+    paths = sorted(p.replace(".base_layer", "") for p, l in adapted_layers(model)
+                   if name in l.adapters)
     leaves = {p.rsplit(".", 1)[-1] for p in paths}
     # A leaf name takes every module so named: when the adapter sits on only some (a vision
     # tower's gate_proj, not the language model's), the file names the layers' paths.
-    inside = (".base_layer", ".adapters.", ".copies.", ".original")
-    named = [n for n, _ in model.named_modules()
-             if n.rsplit(".", 1)[-1] in leaves and not any(s in n for s in inside)]
-    return sorted(leaves) if len(named) == len(paths) else paths
+    inside = (".adapters.", ".copies.", ".original")
+    named = {n.replace(".base_layer", "") for n, _ in model.named_modules()
+             if n.rsplit(".", 1)[-1] in leaves and not any(s in n for s in inside)}
+    return sorted(leaves) if named == set(paths) else paths
