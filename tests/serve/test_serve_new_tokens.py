@@ -13,16 +13,21 @@ from loratune.train import train
 from tiny import tiny_llama
 
 
-def test_pool_refuses_an_adapter_with_new_tokens(tmp_path):
-    tok = load_tokenizer("smollm2-135m-instruct")
+def rx_config(tmp_path, train: dict):
+    """A run that adds the token <rx> and teaches it on four records, in tmp_path."""
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps({"instruction": f"say {w}", "output": f"<rx> {w}"}) + "\n"
                             for w in ["a", "b", "c", "d"]))
-    cfg = build_config({
+    return build_config({
         "output_dir": str(tmp_path / "run"),
         "adapter": {"r": 4, "lora_alpha": 8, "modules_to_save": ["embed_tokens", "lm_head"]},
         "data": {"train": str(path), "max_length": 96, "add_tokens": ["<rx>"]},
-        "train": {"max_steps": 1, "batch_size": 2, "warmup_ratio": 0.0}})
+        "train": train})
+
+
+def test_pool_refuses_an_adapter_with_new_tokens(tmp_path):
+    tok = load_tokenizer("smollm2-135m-instruct")
+    cfg = rx_config(tmp_path, {"max_steps": 1, "batch_size": 2, "warmup_ratio": 0.0})
     base_rows = len(tok)
     result = train(cfg, model=tiny_llama(vocab=len(tok)), tokenizer=tok, quiet=True)
     served = tiny_llama(vocab=base_rows)
@@ -48,14 +53,7 @@ def test_serving_the_merged_model_keeps_the_new_tokens(tmp_path, monkeypatch):
     base = tmp_path / "base"
     tiny_llama(vocab=len(tok)).save_pretrained(base)
     tok.save_pretrained(base)
-    path = tmp_path / "t.jsonl"
-    path.write_text("".join(json.dumps({"instruction": f"say {w}", "output": f"<rx> {w}"}) + "\n"
-                            for w in ["a", "b", "c", "d"]))
-    cfg = build_config({
-        "output_dir": str(tmp_path / "run"),
-        "adapter": {"r": 4, "lora_alpha": 8, "modules_to_save": ["embed_tokens", "lm_head"]},
-        "data": {"train": str(path), "max_length": 96, "add_tokens": ["<rx>"]},
-        "train": {"max_steps": 3, "batch_size": 2, "lr": 1e-2, "warmup_ratio": 0.0}})
+    cfg = rx_config(tmp_path, {"max_steps": 3, "batch_size": 2, "lr": 1e-2, "warmup_ratio": 0.0})
     model = tiny_llama(vocab=len(tok))
     result = train(cfg, model=model, tokenizer=tok, quiet=True)
     model.eval()
