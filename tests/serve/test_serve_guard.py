@@ -39,7 +39,8 @@ def engine(tmp_path_factory, smol_tokenizer):
 
 def client(engine, at="127.0.0.1:8000", **app_kw) -> TestClient:
     """A client sending `Host: at` to the app build_app(engine, **app_kw) makes."""
-    return TestClient(build_app(engine, **app_kw), base_url=f"http://{at}",
+    # Host as a header, not in base_url: starlette's TestClient (1.3) cannot parse "[::1]:8000".
+    return TestClient(build_app(engine, **app_kw), headers={"Host": at},
                       raise_server_exceptions=False)
 
 
