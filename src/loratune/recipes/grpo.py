@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from loratune.adapters import save_adapter
+from loratune.adapters.base_inits import init_spec
 from loratune.config import ConfigError, RunConfig
 from loratune.data.bundled import resolve_data_paths
 from loratune.data.formats import read_indexed
@@ -64,11 +65,12 @@ def train_grpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, mo
         raise ConfigError("data.add_tokens/add_special_tokens: train.objective grpo does not "
                           "grow the vocabulary; add the tokens in an SFT run first and start "
                           "GRPO from its merged model")
-    if getattr(cfg.adapter, "init_lora_weights", None) == "eva":
-        raise ConfigError("adapter.init_lora_weights: eva is fitted to SFT batches' activations; "
-                          "train.objective grpo has only prompts (a few tokens each, too few "
-                          "for its SVDs to settle): use another init, or start GRPO from an "
-                          "SFT run's EVA adapter")
+    init = init_spec(getattr(cfg.adapter, "init_lora_weights", None))
+    if init is not None and init.hooks is not None:    # fitted to the run's own batches (EVA)
+        raise ConfigError(f"adapter.init_lora_weights: {init.name} is fitted to SFT batches' "
+                          "activations; train.objective grpo has only prompts (a few tokens "
+                          "each, too few for its fit to settle): use another init, or start "
+                          f"GRPO from an SFT run's {init.name} adapter")
     check_run_dir(Path(cfg.output_dir), resume, overwrite)  # fail before the slow setup
     seed_everything(cfg.train.seed)
     model, tokenizer = load_base(cfg, info, model, tokenizer)
