@@ -42,3 +42,19 @@ def test_a_separate_tool_use_template_is_written_under_its_name(tmp_path):
                       {"default": "{{ messages[0]['content'] }}", "tool_use": tool_use})
     assert fields["tokenizer.chat_template"] == "{{ messages[0]['content'] }}"
     assert fields["tokenizer.chat_template.tool_use"] == tool_use
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "additional_chat_templates/tool_use.jinja"])
+def test_a_template_linked_out_of_the_folder_is_not_written_into_the_gguf(tmp_path, where):
+    """A downloaded folder whose template is a link to a file outside it (a key, /etc/...) would
+    put that file into a GGUF the user then shares: refused, naming the link."""
+    from loratune.data.errors import DataError
+    from loratune.export.gguf_tokenizer import _named_templates, folder_template
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("API_KEY=hunter2")
+    folder = tmp_path / "model"
+    (folder / where).parent.mkdir(parents=True)
+    (folder / where).symlink_to(secret)
+    with pytest.raises(DataError, match="link out of the adapter folder"):
+        folder_template(folder, {}) if where == "chat_template.jinja" else _named_templates(folder)

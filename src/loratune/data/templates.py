@@ -159,15 +159,19 @@ def _stored(folder: str | Path) -> str | None:
     path = Path(folder) / TEMPLATE_FILE
     if not path.is_file():
         return None
-    data = _template_bytes(path, Path(folder))
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    text = read_template_file(path, Path(folder))
     problem = _syntax_problem(text)
     if problem is not None:
         raise DataError(f"{path}: {problem}")
     return text
+
+
+def read_template_file(path: Path, folder: Path) -> str:
+    """A template file's text, read as `_template_bytes` allows; DataError when not UTF-8."""
+    try:
+        return _template_bytes(path, folder).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
 
 
 def _template_bytes(path: Path, folder: Path) -> bytes:

@@ -17,6 +17,8 @@ import json
 import re
 from pathlib import Path
 
+from loratune.data.templates import read_template_file
+
 # gguf.TokenType values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -209,8 +211,8 @@ def folder_template(folder: Path, cfg: dict | None = None) -> str | list | None:
     """The folder's chat template as transformers 5 reads it: chat_template.jinja first (a
     merge writes the adapter's there), else tokenizer_config.json's `chat_template`."""
     jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+    if jinja.is_file():   # a downloaded folder's link to /etc would land in the shared GGUF
+        return read_template_file(jinja, folder)
     if cfg is None:
         path = folder / "tokenizer_config.json"
         cfg = json.loads(path.read_text()) if path.is_file() else {}
@@ -220,7 +222,7 @@ def folder_template(folder: Path, cfg: dict | None = None) -> str | list | None:
 def _named_templates(folder: Path) -> list[dict]:
     """transformers' additional_chat_templates/<name>.jinja (a model's tool_use template)."""
     extra = folder / "additional_chat_templates"
-    return [{"name": p.stem, "template": p.read_text(encoding="utf-8")}
+    return [{"name": p.stem, "template": read_template_file(p, folder)}
             for p in sorted(extra.glob("*.jinja"))] if extra.is_dir() else []
 
 
