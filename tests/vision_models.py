@@ -72,3 +72,107 @@ def tiny_idefics3(folder, seed=0):
     Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
                               do_image_splitting=True).save_pretrained(folder)
     return folder
+
+
+# --- Gemma 3 (vision), SmolVLM, Qwen3-VL (brief VA) ---
+
+GEMMA3_IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                       "image_token": "<image_soft_token>"}
+
+
+def tiny_gemma3(folder, seed=0):
+    """Gemma 3 with its SigLIP tower at a tiny size: 32-pixel images, patch 8 (16 patches)
+    average-pooled to mm_tokens_per_image=4 soft tokens; the Gemma 3 tokenizer kind and chat
+    template (<start_of_image> where an image goes) plus <image_soft_token>, named as the real
+    tokenizer names them (boi/eoi/image token); Gemma3's image processor (no pan and scan,
+    mean/std 0.5) resizing to 32x32 as the real one does to 896x896."""
+    from families import family_config
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tok = family_tokenizer("gemma3")
+    tok.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    tok._set_model_specific_special_tokens(special_tokens=GEMMA3_IMAGE_TOKENS)
+    tok.chat_template = (TEMPLATES / "gemma3.jinja").read_text()
+    text = family_config("gemma3", len(tok), tok).to_dict()
+    text.update(initializer_range=0.3)  # wide: see tiny_qwen2_5_vl
+    ids = tok.convert_tokens_to_ids
+    cfg = Gemma3Config(
+        text_config=text,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"),
+        initializer_range=0.3)
+    torch.manual_seed(seed)
+    Gemma3ForConditionalGeneration(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
+                            image_std=[0.5] * 3, do_pan_and_scan=False).save_pretrained(folder)
+    return folder
+
+
+def tiny_smolvlm(folder, seed=0):
+    """SmolVLM (model_type smolvlm, its own config, model and image processor classes) at the
+    tiny Idefics3 shape: SmolVLM shares Idefics3's image text (tiles, row/col tags, global
+    image) and its chat template is the one tiny_idefics3 uses."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    tok = family_tokenizer("qwen2_5")
+    tok.add_special_tokens({"additional_special_tokens": IDEFICS3_TOKENS})
+    tok.eos_token = "<end_of_utterance>"
+    tok.chat_template = (TEMPLATES / "idefics3.jinja").read_text()
+    cfg = SmolVLMConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=1024,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         initializer_range=0.3),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2,
+        pad_token_id=tok.pad_token_id, initializer_range=0.3)
+    torch.manual_seed(seed)
+    SmolVLMForConditionalGeneration(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                             do_image_splitting=True).save_pretrained(folder)
+    return folder
+
+
+def tiny_qwen3_vl(folder, seed=0):
+    """Qwen3-VL at a tiny size: its config class (patch 16, merge 2, a deepstack merger after
+    vision block 0), the Qwen tokenizer kind with the Qwen3-VL chat template, and Qwen3-VL's
+    image processor settings (Qwen2-VL's processor with patch 16, mean/std 0.5) limited to
+    64x64 pixels: 4x4 patches, 4 tokens an image."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    tok = family_tokenizer("qwen2_5")
+    tok.chat_template = (TEMPLATES / "qwen3_vl.jinja").read_text()
+    ids = tok.convert_tokens_to_ids
+    cfg = Qwen3VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=32, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0]),
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, max_position_embeddings=512,
+                         eos_token_id=ids("<|im_end|>"), bos_token_id=None,
+                         pad_token_id=ids("<|endoftext|>"), initializer_range=0.3,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                          "mrope_section": [2, 1, 1],
+                                          "mrope_interleaved": True}),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        initializer_range=0.3)  # wide: see tiny_qwen2_5_vl
+    torch.manual_seed(seed)
+    Qwen3VLForConditionalGeneration(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2,
+                             image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                             min_pixels=32 * 32, max_pixels=64 * 64).save_pretrained(folder)
+    return folder

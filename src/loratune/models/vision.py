@@ -39,6 +39,10 @@ class VisionFamily:
     encode: Callable | None = None
     seq_len_of: Callable | None = None
     image_seq_len: int = 0
+    # The per-token modality input the model reads (1 at image tokens), as the family's
+    # processor returns it: Qwen3-VL's mm_token_type_ids (its 3-D rotary positions need them),
+    # Gemma 3's token_type_ids (bidirectional attention within an image); "" for none.
+    token_types: str = ""
 
     def language_targets(self) -> str:
         """adapter.target_modules for the language model's linear layers only (the default):
@@ -134,7 +138,15 @@ def encode_vision(messages: list[dict], images: list, tokenizer, image_processor
     ids, labels = _widen(enc.input_ids, enc.labels, image_id, counts)
     if len(ids) > max_length:
         return None
-    return VisionExample(ids, labels, inputs)
+    return VisionExample(ids, labels, _with_token_types(inputs, family, ids, image_id))
+
+
+def _with_token_types(inputs: dict, family: VisionFamily, ids: list[int],
+                      image_id: int) -> dict:
+    """inputs plus the family's per-token modality row (1 where ids holds image_id)."""
+    if inputs and family.token_types:
+        inputs[family.token_types] = torch.tensor([[int(t == image_id) for t in ids]])
+    return inputs
 
 
 def _tokens_per_image(inputs: dict, image_processor) -> list[int]:
@@ -199,6 +211,40 @@ def _idefics3_image_text(rows: int, cols: int, seq_len: int) -> str:
     return f"{grid}\n{whole}"
 
 
+def gemma3_image_seq_len(config) -> int:
+    return int(config.mm_tokens_per_image)
+
+
+def encode_gemma3(messages: list[dict], images: list, tokenizer, image_processor,
+                  family: VisionFamily, max_length: int = 2048,
+                  template: str | None = None) -> VisionExample | None:
+    """Gemma 3: each <start_of_image> the template writes becomes Gemma3Processor's
+    "\n\n<start_of_image>" + mm_tokens_per_image <image_soft_token> + "<end_of_image>\n\n",
+    none of it labelled; token_type_ids mark the soft tokens (1), as the processor returns
+    them (family.token_types), so each image attends to itself both ways."""
+    template = template or tokenizer.chat_template
+    parts = [dict(m, content=_as_parts(m["content"])) for m in messages]
+    enc = encode_conversation(parts, tokenizer, template, max_length=1 << 30).example
+    if enc is None:
+        return None
+    boi = tokenizer.convert_tokens_to_ids(family.image_token)
+    if enc.input_ids.count(boi) != len(images):
+        raise DataError(f"the chat template wrote {enc.input_ids.count(boi)} "
+                        f"{family.image_token} for {len(images)} image(s); expected one each")
+    soft = "<image_soft_token>" * family.image_seq_len
+    text = f"\n\n{family.image_token}{soft}<end_of_image>\n\n"
+    expansion = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids, labels = _splice(enc.input_ids, enc.labels, boi, [expansion] * len(images))
+    if len(ids) > max_length:
+        return None
+    inputs = dict(image_processor(images=images, return_tensors="pt")) if images else {}
+    if int(inputs.pop("num_crops", torch.zeros(1)).sum()):
+        raise DataError("do_pan_and_scan in the Gemma 3 image processor's settings: its crops "
+                        "are not encoded here; set it false in preprocessor_config.json")
+    soft_id = tokenizer.convert_tokens_to_ids("<image_soft_token>")
+    return VisionExample(ids, labels, _with_token_types(inputs, family, ids, soft_id))
+
+
 def _splice(ids: list[int], labels: list[int], image_id: int,
             expansions: list[list[int]]) -> tuple[list[int], list[int]]:
     """Each image token replaced by its image's expansion, unlabelled."""
@@ -220,6 +266,20 @@ FAMILIES = {
     "idefics3": VisionFamily("idefics3", "<image>", "model.text_model", "model.vision_model",
                              "model.connector", encode=encode_idefics3,
                              seq_len_of=idefics3_image_seq_len),
+    # SmolVLM: Idefics3's architecture under its own classes; the same image text.
+    "smolvlm": VisionFamily("smolvlm", "<image>", "model.text_model", "model.vision_model",
+                            "model.connector", encode=encode_idefics3,
+                            seq_len_of=idefics3_image_seq_len),
+    "gemma3": VisionFamily("gemma3", "<start_of_image>", "model.language_model",
+                           "model.vision_tower", "model.multi_modal_projector",
+                           encode=encode_gemma3, seq_len_of=gemma3_image_seq_len,
+                           token_types="token_type_ids"),
+    # Qwen3-VL: Qwen2.5-VL's placeholder (grid t*h*w / merge**2 tokens an image). Its deepstack
+    # mergers (model.visual.deepstack_merger_list) feed vision-block features into early text
+    # layers; they sit under `vision`, the final merger is the projector.
+    "qwen3_vl": VisionFamily("qwen3_vl", "<|image_pad|>", "model.language_model",
+                             "model.visual", "model.visual.merger",
+                             token_types="mm_token_type_ids"),
 }
 
 
