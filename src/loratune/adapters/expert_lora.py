@@ -3,8 +3,9 @@
 Those models keep every expert of a layer in one module (`mlp.experts`) with
 `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`: no linear layer exists per expert, so
 `all-linear` never sees them. `ExpertHost` takes the experts module's place and runs the same
-per-expert loop as transformers' eager forward, adding, for the rows routed to expert e,
-x·A_eᵀ·B_eᵀ·s to that expert's projection; the model is never unfused.
+math as transformers' experts forward with tokens grouped per expert
+(models/grouped_experts.py), adding, for the rows routed to expert e, x·A_eᵀ·B_eᵀ·s to that
+expert's projection in the same grouping; the model is never unfused.
 
 The tensors are kept in PEFT 0.21's `target_parameters` layout (ParamWrapper), so a file is a
 plain copy: per parameter `lora_A.weight [E·r, in]` (expert-major: row e·r+k is A_e[k]) and
@@ -19,12 +20,13 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loratune.adapters.host import AdapterHost
 from loratune.adapters.peft_format import EXPERT_TARGETS, file_key, lora_scale
 from loratune.adapters.registry import AdapterError
+from loratune.models.grouped_experts import (LowRank, add_low_rank, experts_forward, gated,
+                                             grouped_linear)
 
 # The parameters adapted, in the experts module's own order (PEFT's nesting follows it).
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -150,10 +152,10 @@ class ExpertLora(nn.Module):
         return (a.view(self.num_experts, self.r, a.shape[-1]),
                 b.view(b.shape[0], self.r, self.num_experts).permute(2, 0, 1))
 
-    def update(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """x·A_eᵀ·B_eᵀ·s for the rows `x` routed to `expert`, in the adapter's dtype."""
+    def low_rank(self, name: str, weight: float = 1.0) -> LowRank:
+        """Parameter `name`'s per-expert term, as the grouped experts forward adds it."""
         a, b = self.factors(name)
-        return (x.to(a.dtype) @ a[expert].T) @ b[expert].T * self.scaling
+        return LowRank(a, b, self.scaling * weight)
 
     def delta(self, name: str) -> torch.Tensor:
         """s·B_e·A_e for every expert, [E, out, in] in fp32 (what merge adds)."""
@@ -169,11 +171,13 @@ class ExpertLora(nn.Module):
 
 class ExpertHost(AdapterHost):
     """Stands where the experts module was; calls it as is with no adapter running, else runs
-    its math (transformers' eager loop over hit experts) with the running adapters added."""
+    its math with the running adapters added, tokens grouped per expert
+    (models/grouped_experts.py)."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.merged: dict[str, float] = {}
+        self.grouping = "auto"  # models/grouped_experts.py BACKENDS
 
     def running(self) -> list[tuple[ExpertLora, float]]:
         if self.disabled:
@@ -185,26 +189,14 @@ class ExpertHost(AdapterHost):
         running = self.running()
         if not running:
             return self.base_layer(hidden_states, top_k_index, top_k_weights)
-        base, out = self.base_layer, torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            mask = F.one_hot(top_k_index, num_classes=base.num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert in hit[:, 0].tolist():
-            if expert == base.num_experts:
-                continue
-            top_k_pos, token_idx = torch.where(mask[expert])
-            y = self._project("gate_up_proj", expert, hidden_states[token_idx], running)
-            gate, up = y.chunk(2, dim=-1)
-            y = self._project("down_proj", expert, base.act_fn(gate) * up, running)
-            y = y * top_k_weights[token_idx, top_k_pos, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+        base = self.base_layer
 
-    def _project(self, name: str, expert: int, x: torch.Tensor, running) -> torch.Tensor:
-        y = F.linear(x, getattr(self.base_layer, name)[expert])
-        for ad, weight in running:
-            y = y + (ad.update(name, expert, x) * weight).to(y.dtype)
-        return y
+        def project(name: str, x: torch.Tensor, groups) -> torch.Tensor:
+            y = grouped_linear(x, getattr(base, name), groups, self.grouping)
+            terms = [ad.low_rank(name, weight) for ad, weight in running]
+            return add_low_rank(y, x, terms, groups, self.grouping)
+        return experts_forward(hidden_states, top_k_index, top_k_weights, base.num_experts,
+                               project, gated(base.act_fn))
 
     def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
         return {file_key(path, k): t for k, t in self.adapters[name].file_tensors().items()}

@@ -4,12 +4,15 @@ transformers 5 stores a layer's routed experts as fused 3-D parameters (`gate_up
 [experts, 2*inter, hidden], `down_proj` [experts, hidden, inter]; GPT-OSS transposed, with
 biases and interleaved gate/up columns). `QuantizedExperts` replaces such a module: each
 expert's matrix becomes a `Linear4bit` stored as [out, in], so its blocks run along the input
-dim, and the forward dequantizes only the experts the router picked, with the same math as
-transformers' experts forward. The router and norms are not touched (they stay in the
-compute dtype with the rest of what is not quantized).
+dim, and the forward (tokens grouped per expert, models/grouped_experts.py) dequantizes only
+the experts the router picked, with the same math as transformers' experts forward. The
+router and norms are not touched (they stay in the compute dtype with the rest of what is not
+quantized).
 
-Per-expert adapters add their term in `project`: every module in `self.adapters` with a
-`delta(projection, expert, x)` method returns what it adds to that expert's output.
+Per-expert adapters add their term in `project`: a module in `self.adapters` with a
+`low_rank(projection)` method (a `LowRank`: A [E, r, in], B [E, out, r], scale) joins the
+grouped matmuls; one with `delta(projection, expert, x)` returns what it adds to that expert's
+rows, called once per active expert.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import re
 import torch
 from torch import nn
 
+from loratune.models.grouped_experts import Groups, add_low_rank, experts_forward
 from loratune.quant.linear4bit import Linear4bit
 from loratune.quant.nf4 import quantize_4bit
 
@@ -79,7 +83,8 @@ class QuantizedExperts(nn.Module):
             bias = getattr(experts, p + "_bias", None)
             if bias is not None:
                 self.register_parameter(p + "_bias", nn.Parameter(bias.data, requires_grad=False))
-        self.adapters = nn.ModuleDict()  # per-expert adapters: modules with .delta(...)
+        self.adapters = nn.ModuleDict()  # per-expert adapters: .low_rank(...) or .delta(...)
+        self.grouping = "auto"  # models/grouped_experts.py BACKENDS
 
     def load(self, projection: str, weight: torch.Tensor, blocksize: int = 64,
              quant_type: str = "nf4", double_quant: bool = True, kernel: str = "auto") -> None:
@@ -125,29 +130,34 @@ class QuantizedExperts(nn.Module):
         up = up.clamp(min=-self.limit, max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
-    def project(self, projection: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """One expert's projection: dequantized base, its bias, then each adapter's term."""
-        y = getattr(self, projection)[expert](x)
+    def project(self, projection: str, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        """Sorted rows' projection: each active expert's 4-bit matrix on its contiguous rows
+        (experts no token was routed to are never dequantized), its bias, then the adapters'
+        terms in the same grouping."""
+        layers = getattr(self, projection)
+        y = torch.cat([layers[ex](x[s:e]) for ex, s, e in groups.spans]) if groups.spans \
+            else x.new_zeros(0, layers[0].out_features)
         bias = getattr(self, projection + "_bias", None)
         if bias is not None:
-            y = y + bias[expert].to(y.dtype)
-        for adapter in self.adapters.values():
-            y = y + adapter.delta(projection, expert, x).to(y.dtype)
+            y = y + bias[groups.expert].to(y.dtype)
+        return self._adapted(projection, y, x, groups)
+
+    def _adapted(self, projection: str, y: torch.Tensor, x: torch.Tensor,
+                 groups: Groups) -> torch.Tensor:
+        # adapters exposing low_rank(...) join the grouped matmuls; others add delta per expert
+        ads = list(self.adapters.values())
+        terms = [a.low_rank(projection) for a in ads if hasattr(a, "low_rank")]
+        y = add_low_rank(y, x, terms, groups, self.grouping)
+        for adapter in (a for a in ads if not hasattr(a, "low_rank")) if groups.spans else ():
+            y = y + torch.cat([adapter.delta(projection, ex, x[s:e])
+                               for ex, s, e in groups.spans]).to(y.dtype)
         return y
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
-        # only the experts some token was routed to; an index == num_experts is transformers'
-        # "no expert" slot (expert parallelism) and is skipped as it skips it
-        for expert in top_k_index.unique().tolist():
-            if expert >= self.num_experts:
-                continue
-            token, slot = torch.where(top_k_index == expert)
-            h = self.glu(self.project("gate_up_proj", expert, hidden_states[token]))
-            y = self.project("down_proj", expert, h) * top_k_weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        return out
+        # an index == num_experts is transformers' "no expert" slot: group_tokens drops it
+        return experts_forward(hidden_states, top_k_index, top_k_weights, self.num_experts,
+                               self.project, self.glu)
 
 
 def quantize_experts(experts: nn.Module, blocksize: int = 64, quant_type: str = "nf4",
