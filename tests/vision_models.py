@@ -176,3 +176,110 @@ def tiny_qwen3_vl(folder, seed=0):
                              image_mean=[0.5] * 3, image_std=[0.5] * 3,
                              min_pixels=32 * 32, max_pixels=64 * 64).save_pretrained(folder)
     return folder
+
+
+# --- LLaVA-1.5, LLaVA-NeXT, Llama 3.2 Vision / mllama (brief VB) ---
+
+# CLIP ViT-L/14 at 336 pixels, the tower of both LLaVAs, at 28 pixels: 2x2 patches of 14.
+_CLIP_TINY = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14,
+                  projection_dim=32)
+
+
+def _llava_tokenizer(template: str):
+    """The Llama-2 / Mistral SentencePiece kind (<s> prepended by the tokenizer, </s>) plus the
+    <image> and <pad> tokens the llava-hf checkpoints add; the family's chat template."""
+    tok = family_tokenizer("mistral_v0_3")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"], "pad_token": "<pad>"})
+    tok.chat_template = (TEMPLATES / template).read_text()
+    return tok
+
+
+def _llava_text(tok):
+    return dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=1024, eos_token_id=tok.eos_token_id,
+                bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                initializer_range=0.3)  # wide: see tiny_qwen2_5_vl
+
+
+def tiny_llava(folder, seed=0):
+    """LLaVA-1.5 (llava-hf/llava-1.5-7b-hf's settings) at a tiny size: CLIP tower, the
+    penultimate layer's patch features without CLS ("default"), a two-layer GELU projector,
+    4 <image> tokens an image; CLIP's image processor (resize the short side, centre crop
+    to the tower's 28 pixels) and llava-1.5's chat template (USER: / ASSISTANT:)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = _llava_tokenizer("llava.jinja")
+    cfg = LlavaConfig(vision_config=dict(_CLIP_TINY), text_config=_llava_text(tok),
+                      image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=4,
+                      vision_feature_select_strategy="default", vision_feature_layer=-2,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 28},
+                          crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+    return folder
+
+
+# llava-v1.6's pinpoints ([336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]) over 12.
+LLAVA_NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+
+
+def tiny_llava_next(folder, seed=0):
+    """LLaVA-NeXT (llava-hf/llava-v1.6-mistral-7b-hf's settings) at a tiny size: an image is
+    resized into the best-fitting pinpoint grid of 28-pixel tiles plus a base tile, its
+    features unpadded to the image's aspect ratio with an image_newline per row, so the
+    <image> count follows the image's size; Mistral's tokenizer kind and the 1.6 template."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
+
+    tok = _llava_tokenizer("llava_next.jinja")
+    cfg = LlavaNextConfig(vision_config=dict(_CLIP_TINY), text_config=_llava_text(tok),
+                          image_token_index=tok.convert_tokens_to_ids("<image>"),
+                          image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, image_seq_length=4,
+                          vision_feature_select_strategy="default", vision_feature_layer=-2,
+                          pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    LlavaNextForConditionalGeneration(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                               image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+                               do_pad=True).save_pretrained(folder)
+    return folder
+
+
+def tiny_mllama(folder, seed=0):
+    """Llama 3.2 Vision (mllama) at a tiny size: images enter through a cross-attention layer
+    (text layer 1 of 2), not through placeholder tokens; its tiled vision encoder (28-pixel
+    tiles, up to 4 tiles an image, aspect-ratio embeddings, a global encoder); the Llama 3
+    tokenizer kind plus <|image|>, and Llama-3.2-11B-Vision-Instruct's chat template."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    tok = family_tokenizer("llama3_2")
+    tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+    tok.chat_template = (TEMPLATES / "mllama.jinja").read_text()
+    ids = tok.convert_tokens_to_ids
+    cfg = MllamaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_global_layers=1, attention_heads=2, image_size=28, patch_size=14,
+                           max_num_tiles=4, intermediate_layers_indices=[0],
+                           vision_output_dim=64),
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         cross_attention_layers=[1], max_position_embeddings=1024,
+                         bos_token_id=tok.bos_token_id, eos_token_id=ids("<|eot_id|>"),
+                         pad_token_id=ids("<|finetune_right_pad_id|>"), initializer_range=0.3,
+                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+        image_token_index=ids("<|image|>"))
+    torch.manual_seed(seed)
+    MllamaForConditionalGeneration(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    MllamaImageProcessorPil(size={"height": 28, "width": 28},
+                            max_image_tiles=4).save_pretrained(folder)
+    return folder

@@ -10,6 +10,7 @@ chat template, then widen each image placeholder to the image's number of tokens
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -260,6 +261,120 @@ def _splice(ids: list[int], labels: list[int], image_id: int,
     return out_ids, out_labels
 
 
+# --- LLaVA-1.5, LLaVA-NeXT, Llama 3.2 Vision (mllama) ---
+
+def llava_image_seq_len(config) -> int:
+    """Tokens per image tile: the CLIP tower's patches, plus its CLS feature unless the
+    "default" feature selection drops it (LlavaProcessor's count with one additional token)."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + int(config.vision_feature_select_strategy == "full")
+
+
+def llava_next_image_seq_len(config) -> int:
+    """Tokens of LLaVA-NeXT's base tile; the per-image count (`_llava_next_tokens`) reads the
+    patches a side from it, so only "default" (the released checkpoints', CLS dropped) is read."""
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError(f"LLaVA-NeXT vision_feature_select_strategy "
+                         f"'{config.vision_feature_select_strategy}': only 'default' is read here")
+    return llava_image_seq_len(config)
+
+
+def encode_llava(messages: list[dict], images: list, tokenizer, image_processor,
+                 family: VisionFamily, max_length: int = 2048,
+                 template: str | None = None) -> VisionExample | None:
+    """LLaVA-1.5: each <image> widened to image_seq_len tokens (the tile's CLIP patches)."""
+    return _encode_widened(messages, images, tokenizer, image_processor, family, max_length,
+                           template, lambda inputs: [family.image_seq_len] * len(images))
+
+
+def encode_llava_next(messages: list[dict], images: list, tokenizer, image_processor,
+                      family: VisionFamily, max_length: int = 2048,
+                      template: str | None = None) -> VisionExample | None:
+    """LLaVA-NeXT: each <image> widened to its image's count, which follows the image's size
+    (the pinpoint grid it is tiled into, unpadded to its aspect ratio, a newline a row)."""
+    def counts(inputs: dict) -> list[int]:
+        tile = inputs["pixel_values"].shape[-1]
+        return [_llava_next_tokens(int(h), int(w), tile, math.isqrt(family.image_seq_len),
+                                   image_processor.image_grid_pinpoints)
+                for h, w in inputs["image_sizes"]]
+    return _encode_widened(messages, images, tokenizer, image_processor, family, max_length,
+                           template, counts)
+
+
+def _llava_next_tokens(height: int, width: int, tile: int, side: int,
+                       pinpoints: list[list[int]]) -> int:
+    """LlavaNextProcessor._get_number_of_features for one image of height x width pixels
+    (tiles of `tile` pixels, `side` x `side` features each), less the CLS "default" drops."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    best_h, best_w = select_best_resolution([height, width], pinpoints)
+    rows, cols = side * (best_h // tile), side * (best_w // tile)
+    if width / height > cols / rows:  # wider than the grid: padding rows are cut
+        rows -= 2 * ((rows - int(round(height * (cols / width), 7))) // 2)
+    else:
+        cols -= 2 * ((cols - int(round(width * (rows / height), 7))) // 2)
+    return rows * cols + rows + side * side
+
+
+def _encode_widened(messages: list[dict], images: list, tokenizer, image_processor,
+                    family: VisionFamily, max_length: int, template: str | None,
+                    counts: Callable) -> VisionExample | None:
+    """The LLaVAs: their templates read every turn's content as parts; each image placeholder
+    widened to counts(image inputs)[i] tokens, never labelled; the tokenizer's leading special
+    tokens (<s>) put first, as the processor's tokenizer call adds them and the templates do
+    not write them."""
+    template = template or tokenizer.chat_template
+    parts = [dict(m, content=_as_parts(m["content"])) for m in messages]
+    enc = encode_conversation(parts, tokenizer, template, max_length=1 << 30).example
+    if enc is None:
+        return None
+    inputs = dict(image_processor(images=images, return_tensors="pt")) if images else {}
+    image_id = tokenizer.convert_tokens_to_ids(family.image_token)
+    n = _check_placeholders(enc.input_ids, image_id, len(images), family)
+    ids, labels = _widen(enc.input_ids, enc.labels, image_id, counts(inputs) if n else [])
+    lead = tokenizer("", add_special_tokens=True)["input_ids"]
+    if ids[:len(lead)] != lead:
+        ids, labels = lead + ids, [IGNORE] * len(lead) + labels
+    if len(ids) > max_length:
+        return None
+    return VisionExample(ids, labels, inputs)
+
+
+def _check_placeholders(ids: list[int], image_id: int, images: int, family: VisionFamily) -> int:
+    if ids.count(image_id) != images:
+        raise DataError(f"the chat template wrote {ids.count(image_id)} {family.image_token} for "
+                        f"{images} image(s); expected one each")
+    return images
+
+
+def encode_mllama(messages: list[dict], images: list, tokenizer, image_processor,
+                  family: VisionFamily, max_length: int = 2048,
+                  template: str | None = None) -> VisionExample | None:
+    """Llama 3.2 Vision: an image stays one <|image|> token (never labelled: it is in a user
+    turn); its tiles reach the text through cross-attention layers, and cross_attention_mask
+    says which tokens see which image's tiles: the tokens from its <|image|> on, up to the
+    next image (MllamaProcessor's rule; consecutive images are seen together)."""
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
+
+    template = template or tokenizer.chat_template
+    enc = encode_conversation(messages, tokenizer, template, max_length=1 << 30).example
+    if enc is None or len(enc.input_ids) > max_length:
+        return None
+    image_id = tokenizer.convert_tokens_to_ids(family.image_token)
+    _check_placeholders(enc.input_ids, image_id, len(images), family)
+    if not images:
+        return VisionExample(enc.input_ids, enc.labels, {})
+    inputs = dict(image_processor(images=[images], return_tensors="pt"))
+    tiles = inputs.pop("num_tiles")
+    spans = [get_cross_attention_token_mask(enc.input_ids, image_id)]
+    mask = convert_sparse_cross_attention_mask_to_dense(
+        spans, tiles, image_processor.max_image_tiles, len(enc.input_ids))
+    inputs["cross_attention_mask"] = torch.from_numpy(mask)
+    return VisionExample(enc.input_ids, enc.labels, inputs)
+
+
 FAMILIES = {
     "qwen2_5_vl": VisionFamily("qwen2_5_vl", "<|image_pad|>", "model.language_model",
                                "model.visual", "model.visual.merger"),
@@ -280,6 +395,16 @@ FAMILIES = {
     "qwen3_vl": VisionFamily("qwen3_vl", "<|image_pad|>", "model.language_model",
                              "model.visual", "model.visual.merger",
                              token_types="mm_token_type_ids"),
+    "llava": VisionFamily("llava", "<image>", "model.language_model", "model.vision_tower",
+                          "model.multi_modal_projector", encode=encode_llava,
+                          seq_len_of=llava_image_seq_len),
+    "llava_next": VisionFamily("llava_next", "<image>", "model.language_model",
+                               "model.vision_tower", "model.multi_modal_projector",
+                               encode=encode_llava_next, seq_len_of=llava_next_image_seq_len),
+    # Llama 3.2 Vision: no placeholder widening; its text layers include cross-attention ones
+    # (q/k/v/o_proj too: they are language-model linears, adapted and quantized as such).
+    "mllama": VisionFamily("mllama", "<|image|>", "model.language_model", "model.vision_model",
+                           "model.multi_modal_projector", encode=encode_mllama),
 }
 
 

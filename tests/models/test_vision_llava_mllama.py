@@ -1,0 +1,213 @@
+"""LLaVA-1.5, LLaVA-NeXT and Llama 3.2 Vision (mllama) built from their config classes: encoded
+as their transformers processors do (token for token, the same image tensors), image tokens
+never labelled, then train, save, reload, merge and QLoRA (language model in 4 bits)."""
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from vision_models import tiny_llava, tiny_llava_next, tiny_mllama
+
+from loratune.adapters import load_adapter, merge_and_unload, save_adapter
+from loratune.config import QuantConfig
+from loratune.config.methods import LoraConfig
+from loratune.data.encode import IGNORE
+from loratune.data.errors import DataError
+from loratune.models.vision import encode_vision, load_vision_model, vision_family, vision_logits
+from loratune.models.vlm_quant import dequantize_linears, quantize_language_model
+from loratune.quant.linear4bit import Linear4bit
+from loratune.recipes.vision import setup_adapter, train_vision
+
+BUILDERS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "mllama": tiny_mllama}
+ARCHITECTURES = {"llava": "LlavaForConditionalGeneration",
+                 "llava_next": "LlavaNextForConditionalGeneration",
+                 "mllama": "MllamaForConditionalGeneration"}
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
+           "yellow": (255, 255, 0)}
+WIDE, TALL = Image.new("RGB", (60, 24), (255, 0, 0)), Image.new("RGB", (20, 50), (0, 0, 255))
+
+
+def _ask(image_parts: int, question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}] * image_parts
+             + [{"type": "text", "text": question}]},
+            {"role": "assistant", "content": answer}]
+
+
+ONE = _ask(1, "Colour?", "red")
+TWO = _ask(2, "Compare", "red, blue") + [
+    {"role": "user", "content": "Which is first?"}, {"role": "assistant", "content": "red"}]
+CASES = [(ONE, [WIDE], ["red"]), (TWO, [WIDE, TALL], ["red, blue", "red"])]
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def family(request, tmp_path_factory):
+    """(name, folder) of one tiny model."""
+    folder = BUILDERS[request.param](tmp_path_factory.mktemp(request.param))
+    return request.param, folder
+
+
+@pytest.fixture(scope="module")
+def loaded(family):
+    model, tokenizer, images = load_vision_model(family[1])
+    return model, tokenizer, images, vision_family(model.config)
+
+
+def _encode(loaded, messages, images):
+    _, tokenizer, processor, fam = loaded
+    return encode_vision(messages, images, tokenizer, processor, fam)
+
+
+def _parts(messages):
+    return [dict(m, content=[{"type": "text", "text": m["content"]}]
+                 if isinstance(m["content"], str) else m["content"]) for m in messages]
+
+
+def _processor(name, tokenizer, image_processor):
+    """The family's transformers processor with its published settings (processor_config.json
+    of llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf)."""
+    from transformers import LlavaNextProcessor, LlavaProcessor, MllamaProcessor
+
+    if name == "mllama":
+        return MllamaProcessor(image_processor, tokenizer)
+    cls = LlavaProcessor if name == "llava" else LlavaNextProcessor
+    return cls(image_processor, tokenizer, patch_size=14, vision_feature_select_strategy="default",
+               num_additional_image_tokens=1)
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_encoding_equals_the_family_processor(family, loaded, case):
+    name = family[0]
+    _, tokenizer, image_processor, _ = loaded
+    messages, images, _ = CASES[case]
+    text = tokenizer.apply_chat_template(_parts(messages), tokenize=False)
+    # mllama's template writes <|begin_of_text|> itself; the LLaVA templates leave <s> to the
+    # tokenizer, as the llava-hf model cards call their processors.
+    extra = {"add_special_tokens": False} if name == "mllama" else {}
+    want = _processor(name, tokenizer, image_processor)(
+        text=text, images=[images] if name == "mllama" else images, return_tensors="pt", **extra)
+    got = _encode(loaded, messages, images)
+    ids = want["input_ids"][0].tolist()
+    if not text.rstrip().endswith(tokenizer.eos_token):  # llava-1.5 ends answers with a space
+        ids.append(tokenizer.eos_token_id)  # the encoder's labelled eos: the model learns to stop
+    assert got.input_ids == ids
+    assert set(got.image_inputs) == set(want) - {"input_ids", "attention_mask"}
+    for key, tensor in got.image_inputs.items():
+        if key == "cross_attention_mask":  # one row longer where the eos was appended
+            tensor = tensor[:, :want[key].shape[1]]
+        torch.testing.assert_close(tensor, want[key], rtol=0, atol=0, check_dtype=False)
+
+
+def test_llava_next_image_tokens_follow_the_image_size(family, loaded):
+    if family[0] != "llava_next":
+        pytest.skip("LLaVA-NeXT's count; LLaVA-1.5's is fixed, mllama's is one token")
+    _, tokenizer, _, fam = loaded
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    counts = [_encode(loaded, ONE, [image]).input_ids.count(image_id)
+              for image in (WIDE, TALL, Image.new("RGB", (28, 28)))]
+    assert len(set(counts)) == 3 and min(counts) > fam.image_seq_len, counts
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_only_the_answers_are_labelled(loaded, case):
+    model, tokenizer, _, fam = loaded
+    messages, images, answers = CASES[case]
+    ex = _encode(loaded, messages, images)
+    image_id = tokenizer.convert_tokens_to_ids(fam.image_token)
+    assert ex.input_ids.count(image_id) >= len(images)
+    taught = {t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE}
+    assert image_id not in taught
+    runs, run = [], []
+    for tok, label in zip(ex.input_ids, ex.labels):
+        if label != IGNORE:
+            run.append(tok)
+        elif run:
+            runs.append(run)
+            run = []
+    runs += [run] if run else []
+    decoded = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in runs]
+    # llava-1.5's template ends an answer with a space, not an end-of-turn token: its last
+    # answer is followed by the encoder's eos (labelled), the space between them is not.
+    assert [d for d in decoded if d] == answers
+    ends = {tokenizer.eos_token_id, model.config.get_text_config().eos_token_id}
+    last = max(i for i, label in enumerate(ex.labels) if label != IGNORE)
+    assert ex.input_ids[last] in ends  # the model learns to stop
+
+
+def test_too_many_images_for_the_placeholders_is_refused(loaded):
+    with pytest.raises(DataError, match=r"wrote 1 .* for 2 image\(s\)"):
+        _encode(loaded, ONE, [WIDE, TALL])
+
+
+def _colours(loaded):
+    return [_encode(loaded, _ask(1, "Colour?", name), [Image.new("RGB", (28, 28), rgb)])
+            for name, rgb in COLOURS.items()]
+
+
+def _reloaded_equal(folder, adapter, examples, want, prepare=None):
+    fresh, _, _ = load_vision_model(folder)
+    if prepare is not None:
+        prepare(fresh)
+    load_adapter(fresh, adapter)
+    with torch.no_grad():
+        for ex, logits in zip(examples, want):
+            torch.testing.assert_close(vision_logits(fresh, ex), logits, rtol=0, atol=1e-5)
+    return fresh
+
+
+def test_train_save_reload_merge(family, loaded, tmp_path):
+    name, folder = family
+    examples = _colours(loaded)
+    model, _, _ = load_vision_model(folder)
+    fam = vision_family(model.config)
+    targets = setup_adapter(model, LoraConfig(target_modules=fam.language_targets(), r=8,
+                                              lora_alpha=16))
+    assert targets and all(t.startswith(fam.language + ".") for t in targets)
+    losses = train_vision(model, examples, steps=16, lr=2e-2, batch=4)
+    assert losses[-1] < 0.5 * losses[0], losses
+    with torch.no_grad():
+        trained = [vision_logits(model, ex) for ex in examples]
+    save_adapter(model, tmp_path / "adapter")
+    fresh = _reloaded_equal(folder, tmp_path / "adapter", examples, trained)
+    with torch.no_grad():
+        merged = merge_and_unload(fresh)
+        for ex, want in zip(examples, trained):
+            torch.testing.assert_close(vision_logits(merged, ex), want, rtol=1e-4, atol=1e-4)
+    # The merged model saves as a folder transformers loads as the same architecture.
+    merged.save_pretrained(tmp_path / "merged")
+    for side in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(folder / side, tmp_path / "merged" / side)
+    again, _, _ = load_vision_model(tmp_path / "merged")
+    assert type(again).__name__ == ARCHITECTURES[name]
+    with torch.no_grad():
+        torch.testing.assert_close(vision_logits(again, examples[0]), trained[0], rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_qlora_language_model_in_4_bits_vision_in_compute_dtype(family, loaded, tmp_path):
+    _, folder = family
+    examples = _colours(loaded)
+    cfg = QuantConfig(compute_dtype="float32")
+    model, _, _ = load_vision_model(folder)
+    fam = vision_family(model.config)
+    language = sorted(n for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and n.startswith(fam.language + "."))
+    quantized = quantize_language_model(model, cfg)
+    assert sorted(quantized) == language
+    assert {n for n, m in model.named_modules() if isinstance(m, Linear4bit)} == set(language)
+    vision = [m for n, m in model.named_modules()
+              if n.startswith(fam.vision + ".") and isinstance(m, torch.nn.Linear)]
+    assert vision and all(m.weight.dtype == torch.float32 for m in vision)
+    setup_adapter(model, LoraConfig(target_modules="language", r=8, lora_alpha=16))
+    losses = train_vision(model, examples, steps=16, lr=2e-2, batch=4)
+    assert losses[-1] < 0.5 * losses[0], losses
+    with torch.no_grad():
+        trained = [vision_logits(model, ex) for ex in examples]
+    save_adapter(model, tmp_path / "adapter")
+    fresh = _reloaded_equal(folder, tmp_path / "adapter", examples, trained,
+                            prepare=lambda m: quantize_language_model(m, cfg))
+    with torch.no_grad():
+        merged = merge_and_unload(dequantize_linears(fresh))
+        assert not any(isinstance(m, Linear4bit) for m in merged.modules())
+        for ex, want in zip(examples, trained):
+            torch.testing.assert_close(vision_logits(merged, ex), want, rtol=1e-4, atol=1e-4)
