@@ -14,7 +14,8 @@ from PIL import Image
 from vision_models import tiny_gemma3, tiny_qwen3_vl, tiny_smolvlm
 
 from loratune.adapters import load_adapter, merge_and_unload, save_adapter
-from loratune.adapters.vlm_targets import model_parts, resolve_target_shortcuts
+from loratune.adapters.vlm_targets import (model_parts, resolve_saved_shortcuts,
+                                           resolve_target_shortcuts)
 from loratune.cli import main
 from loratune.config import QuantConfig
 from loratune.config.methods import LoraConfig
@@ -84,7 +85,7 @@ def test_encoding_equals_the_family_processor(family, case):
     # Training encodes end each answer with eos where the template does not (Gemma's
     # <end_of_turn>\n is followed by <eos>, as the text families are trained).
     assert got.input_ids[len(want_ids):] in ([], [tokenizer.eos_token_id])
-    assert got.image_inputs.keys() <= set(want.keys())
+    assert set(got.image_inputs) == set(want.keys()) - {"input_ids", "attention_mask"}
     for key, value in got.image_inputs.items():
         if key.endswith("token_type_ids"):  # per token: the processor's ids (and the eos after)
             value = value[:, :len(want_ids)]
@@ -115,3 +116,135 @@ def _reference(name, folder, text, images):
     ids = tok(text.replace("<|placeholder|>", "<|image_pad|>"), return_tensors="pt")["input_ids"]
     types = (ids == tok.convert_tokens_to_ids("<|image_pad|>")).long()
     return {"input_ids": ids, "mm_token_type_ids": types, **inputs}
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_only_the_answers_are_labelled(family, case):
+    name, folder = family
+    model, tokenizer, image_processor = load_vision_model(folder)
+    ex = encode_vision(*CASES[case], tokenizer, image_processor, vision_family(model.config))
+    tags = set(tokenizer.convert_tokens_to_ids(IMAGE_TAGS[name]))
+    assert tags <= set(ex.input_ids)  # the image is there ...
+    taught = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE]
+    assert not tags & set(taught)     # ... and never labelled
+    want = ["red"] if case == 0 else ["red, blue", "red"]
+    assert _answer_runs(tokenizer, ex) == want
+
+
+def _answer_runs(tokenizer, ex):
+    """The labelled spans decoded, each without the turn's end tokens."""
+    ends = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(
+        ["<end_of_turn>", "<|im_end|>", "<end_of_utterance>"])}
+    runs, run = [], []
+    for tok, label in [*zip(ex.input_ids, ex.labels), (None, IGNORE)]:
+        if label != IGNORE and tok not in ends:
+            run.append(tok)
+        elif run:
+            runs.append(tokenizer.decode(run).strip())
+            run = []
+    return runs
+
+
+def test_train_save_reload_merge(family, tmp_path):
+    name, folder = family
+    model, tokenizer, _ = load_vision_model(folder)
+    examples = _colour_examples(folder)
+    setup_adapter(model, LoraConfig(target_modules="language", r=8, lora_alpha=16))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    language = FAMILIES[name].language + "."
+    assert trainable and all(n.startswith(language) and "lora_" in n for n in trainable)
+    losses = train_vision(model, examples, steps=12, lr=2e-2, batch=4)
+    assert losses[-1] < 0.5 * losses[0], losses
+    with torch.no_grad():
+        trained = [vision_logits(model, ex) for ex in examples]
+    save_adapter(model, tmp_path / "adapter")
+
+    fresh, _, _ = load_vision_model(folder)
+    load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        for ex, want in zip(examples, trained):
+            torch.testing.assert_close(vision_logits(fresh, ex), want, rtol=0, atol=1e-5)
+        merged = merge_and_unload(fresh)
+    merged.save_pretrained(tmp_path / "merged")
+    for extra in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                  "preprocessor_config.json"):
+        shutil.copy(folder / extra, tmp_path / "merged" / extra)
+    again, _, _ = load_vision_model(tmp_path / "merged")
+    assert type(again).__name__ == CLASSES[name]
+    assert not any("lora_" in k for k in again.state_dict())
+    with torch.no_grad():
+        for ex, want in zip(examples, trained):
+            torch.testing.assert_close(vision_logits(again, ex), want, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_language_model_in_nf4_vision_in_compute_dtype(family):
+    name, folder = family
+    model, _, _ = load_vision_model(folder)
+    parts = FAMILIES[name]
+    quantized = quantize_language_model(model, QuantConfig(compute_dtype="bfloat16"))
+    four_bit = sorted(n for n, m in model.named_modules() if isinstance(m, Linear4bit))
+    assert four_bit == sorted(quantized) and len(four_bit) == 2 * 7  # q k v o gate up down
+    assert all(n.startswith(parts.language + ".") for n in four_bit)
+    outside = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.startswith((parts.vision + ".", parts.projector + "."))]
+    assert outside and all(m.weight.dtype == torch.bfloat16 for m in outside)
+    setup_adapter(model, LoraConfig(target_modules="language", r=8, lora_alpha=16))
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    losses = train_vision(model, _colour_examples(folder)[:2], steps=2, lr=2e-2)
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    moved = [n for n, p in model.named_parameters()
+             if p.requires_grad and not torch.equal(p.detach(), lora[n])]
+    assert moved and all(n.startswith(parts.language + ".") for n in moved)
+
+
+def test_part_shortcuts_resolve(family):
+    name, folder = family
+    model, _, _ = load_vision_model(folder)
+    parts = FAMILIES[name]
+    assert model_parts(model) == {"language": parts.language, "vision": parts.vision,
+                                  "projector": parts.projector}
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    found = {part: resolve_target_shortcuts(model, [part], linears)
+             for part in ("language", "vision", "projector")}
+    for part, names in found.items():
+        assert all(n.startswith(model_parts(model)[part] + ".") for n in names), part
+    assert found["vision"] and not set(found["vision"]) & set(found["projector"])
+    assert len(found["language"]) == 2 * 7
+    # Gemma 3's projector is a bare weight matrix and a norm, no nn.Linear: it is trained
+    # whole, through modules_to_save, where the shortcut names it too.
+    assert bool(found["projector"]) == (name != "gemma3")
+    assert resolve_saved_shortcuts(model, ["projector"]) == [parts.projector]
+
+
+def test_cli_trains_on_a_data_file_with_images(family, tmp_path):
+    name, folder = family
+    for colour, rgb in COLOURS.items():
+        _image(rgb).save(tmp_path / f"{colour}.png")
+    rows = [{"messages": [{"role": "user", "content": "<image>Colour?"},
+                          {"role": "assistant", "content": colour}], "images": [f"{colour}.png"]}
+            for colour in COLOURS]
+    rows.append({"messages": [{"role": "user", "content": [
+        {"type": "image", "image": "red.png"}, {"type": "image", "image": "blue.png"},
+        {"type": "text", "text": "Colours?"}]}, {"role": "assistant", "content": "red blue"}]})
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "run"), "model": {"name": str(folder)},
+        "adapter": {"r": 4, "lora_alpha": 8, "target_modules": ["language"]},
+        "data": {"train": str(tmp_path / "d.jsonl")},
+        "train": {"max_steps": 3, "batch_size": 3, "lr": 2e-2, "warmup_ratio": 0.0}}))
+    assert main(["train", str(config)]) == 0
+    from safetensors.torch import load_file
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    trained = [k for k, v in adapter.items() if "lora_B" in k and float(v.abs().sum()) > 0]
+    assert trained and all(FAMILIES[name].language in k for k in trained)
+
+
+def test_an_unknown_vision_model_type_is_refused_listing_the_families(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"],
+        "vision_config": {}}))
+    with pytest.raises(ValueError, match="paligemma") as refused:
+        vision_model_type(tmp_path)
+    for name in BUILDERS:
+        assert name in str(refused.value)

@@ -121,16 +121,32 @@ def collate_images(rows: list[list[ImageExample]], pad_id: int) -> dict[str, tor
     del batch["position_ids"]
     examples = [row[0] for row in rows]
     for key in sorted({k for ex in examples for k in ex.image_inputs}):
-        batch[key] = _join_images([ex.image_inputs.get(key) for ex in examples], key)
+        tensors = [ex.image_inputs.get(key) for ex in examples]
+        batch[key] = (_pad_token_rows(tensors, batch["input_ids"].shape[1])
+                      if key in PER_TOKEN_INPUTS else _join_images(tensors, key))
     return batch
 
 
+# Image inputs with one value a token (Gemma 3's token_type_ids, Qwen3-VL's mm_token_type_ids:
+# 1 at image tokens): right-padded with 0 (text) like input_ids, a row for each example.
+PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
+
+
+def _pad_token_rows(tensors: list, width: int) -> torch.Tensor:
+    out = torch.zeros((len(tensors), width), dtype=torch.long)
+    for r, t in enumerate(tensors):
+        if t is not None:
+            out[r, :t.shape[-1]] = t[0]
+    return out
+
+
 def _join_images(tensors: list, key: str) -> torch.Tensor:
-    """Flat per-image tensors (pixel_values of patches, image_grid_thw) concatenated; batched
-    ones (Idefics3's (1, images, C, H, W)) padded with all-zero images, which the model drops,
-    to the most images in a row."""
+    """Flat per-image tensors (pixel_values of patches or of whole images, image_grid_thw)
+    concatenated; batched ones (Idefics3's (1, images, C, H, W) and (1, images, H, W) mask)
+    padded with all-zero images, which the model drops, to the most images in a row."""
     present = [t for t in tensors if t is not None]
-    if present[0].dim() < 4:
+    # 4-dim pixel_values are whole images stacked (Gemma 3, LLaVA: (images, C, H, W)).
+    if present[0].dim() < 4 or (present[0].dim() == 4 and key == "pixel_values"):
         return torch.cat(present)
     most = max(t.shape[1] for t in present)
     shape = present[0].shape[2:]
