@@ -285,3 +285,37 @@ def test_continued_pretraining_on_text(tmp_path, smol_tokenizer):
     embed = saved["base_model.model.model.embed_tokens.weight"]
     assert torch.equal(embed, saved["base_model.model.lm_head.weight"])
     assert not torch.equal(embed, model.model.embed_tokens.original.weight)
+
+
+def test_adalora_resume_continues_exactly(tmp_path, data_file, smol_tokenizer):
+    """AdaLoRA's rank allocator (importance EMAs, masks) lives outside the adapter weights:
+    an SFT resume restores it from the checkpoint, so the resumed run prunes as the unbroken
+    one does and ends with the same adapter."""
+    def cfg(name, **kw):
+        c = build_config({
+            "output_dir": str(tmp_path / name),
+            "adapter": {"method": "adalora", "init_r": 8, "target_r": 2, "tinit": 1,
+                        "tfinal": 1, "deltaT": 1, "lora_alpha": 8},
+            "data": {"train": str(data_file), "max_length": 64},
+            "train": {"max_steps": 10, "batch_size": 4, "lr": 2e-2, "warmup_ratio": 0.0, **kw}})
+        return c
+
+    full, _ = _run(cfg("full"), smol_tokenizer)
+    cut = cfg("cut", save_every=4)
+    _run(cut, smol_tokenizer)
+    out = tmp_path / "cut"
+    (out / "run_summary.json").unlink()
+    import shutil
+
+    shutil.rmtree(out / "adapter")
+    shutil.rmtree(out / "checkpoints" / "step-00000008")   # back to step 4, mid-schedule
+    state = load_file(str(out / "checkpoints" / "step-00000004" / "trainer_state.safetensors"))
+    assert "hooks.final" in state and any(k.startswith("hooks.ema_ipt.") for k in state)
+    resumed, _ = _run(cut, smol_tokenizer, resume=True)
+    assert [h["step"] for h in resumed.history] == list(range(5, 11))
+    assert [h["loss"] for h in resumed.history] == pytest.approx(
+        [h["loss"] for h in full.history[4:]], rel=1e-5)
+    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)

@@ -223,7 +223,8 @@ def setup(cfg: RunConfig, opts: RunOptions, runtime: OneProcess, model: nn.Modul
     if is_preference(cfg) and cfg.train.preference.reference == "cached":
         # Before the runtime wraps the model: FSDP's sharded parameters run only in its forward.
         setup_reference_cache(cfg, runtime, model, objective, data, out, log)
-    forward, optimizer, state = setup_optimizer(cfg, runtime, model, checkpoint, log, objective)
+    forward, optimizer, state = setup_optimizer(cfg, runtime, model, checkpoint, log, objective,
+                                                hooks)
     start_step, before = state.get("step", 0), Totals.before(state)
     if checkpoint is not None:
         data.resume(state, checkpoint)
@@ -491,14 +492,14 @@ class _DeferredOptimizerState:
 
 
 def setup_optimizer(cfg: RunConfig, runtime: OneProcess, model: nn.Module,
-                    checkpoint: Path | None, log: Log,
-                    objective: Objective) -> tuple[Forward, torch.optim.Optimizer, dict]:
-    """Resume into the plain model, wrap it for the runtime, then build the optimizer (FSDP
-    replaces the parameters by shards, which the optimizer must hold); the checkpoint's
-    trainer state ({} on a fresh start)."""
+                    checkpoint: Path | None, log: Log, objective: Objective,
+                    hooks=None) -> tuple[Forward, torch.optim.Optimizer, dict]:
+    """Resume into the plain model (and the method's hooks: AdaLoRA's rank allocator), wrap it
+    for the runtime, then build the optimizer (FSDP replaces the parameters by shards, which
+    the optimizer must hold); the checkpoint's trainer state ({} on a fresh start)."""
     state, deferred = {}, _DeferredOptimizerState()
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, deferred)
+        state = load_checkpoint(checkpoint, model, deferred, hooks=hooks)
         check_resume_state(state, cfg, checkpoint)
         log(f"resumed from {checkpoint} at step {state['step']}")
     forward = runtime.wrap_model(model, cfg, objective if is_preference(cfg) else None)
@@ -773,7 +774,7 @@ def save_step_checkpoint(run: Run, step: int, totals: Totals) -> None:
             ckpt = save_checkpoint(run.out / "checkpoints", step, run.model, optimizer,
                                    {**resume_state(run.cfg, run.total_steps),
                                     "totals": totals.record(), **run.data.checkpoint_state()},
-                                   keep=run.cfg.train.save_total_limit)
+                                   keep=run.cfg.train.save_total_limit, hooks=run.hooks)
             write_status(run.out, "running", step=step, total_steps=run.total_steps,
                          checkpoint=str(ckpt), **totals.record())
     run.runtime.barrier()
