@@ -1,5 +1,6 @@
 """Adapters on fused experts through the other consumers: the streamed merge (per-expert and
-fused checkpoints), the server and `export gguf --lora` (refused through the method's record)."""
+fused checkpoints) and the server (refused through the method's record). `export gguf
+--adapter-only` writes them as llama.cpp's 3-D pairs: tests/export/test_gguf_moe.py."""
 
 import pytest
 import torch
@@ -58,15 +59,3 @@ def test_server_refuses_an_experts_adapter_with_the_records_reason(tmp_path):
     with pytest.raises(BadAdapter, match=r"adapts the fused experts model.layers.0.mlp.experts: "
                                          + why.replace("(", r"\(").replace(")", r"\)")):
         read_lora("moe", tmp_path / "a", tiny_moe("qwen3_moe"))
-
-
-def test_gguf_adapter_export_refuses_an_experts_adapter_with_the_records_reason(tmp_path):
-    from loratune.export.gguf_file import GGUFExportError, write_lora_gguf
-
-    _adapted("qwen3_moe", tmp_path)
-    why = method_record("lora").export.why_no_experts
-    with pytest.raises(GGUFExportError, match="fused experts model.layers.0.mlp.experts .2 such"):
-        write_lora_gguf(tmp_path / "a", tmp_path / "base", tmp_path / "a.gguf")
-    with pytest.raises(GGUFExportError) as err:
-        write_lora_gguf(tmp_path / "a", tmp_path / "base", tmp_path / "a.gguf")
-    assert why in str(err.value) and not (tmp_path / "a.gguf").exists()

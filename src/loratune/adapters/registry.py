@@ -107,9 +107,6 @@ NO_GGUF = "llama.cpp's adapter GGUF holds plain LoRA factors only"
 # ... and what it says of an adapter on fused experts (adapters/expert_lora.py) it cannot run.
 NO_EXPERT_SERVING = ("the server's slots hold one A/B pair per linear layer, and fused experts "
                      "take a pair per expert inside the experts' own loop")
-NO_EXPERT_GGUF = ("loratune writes one 2-D lora_a/lora_b pair per linear layer; llama.cpp reads "
-                  "per-expert 3-D pairs on ffn_*_exps (applied through mul_mat_id), which loratune "
-                  "does not write yet")
 
 
 NO_COMPOSITION = ("a composition adds LoRA factors (A stacked, weight·B side by side), which "
@@ -211,11 +208,12 @@ class ServingSpec:
 class ExportSpec:
     """What `export gguf --lora` can write as llama.cpp's adapter file; otherwise merge first.
 
-    `gguf_factors`: as ServingSpec.factors, the pairs llama.cpp multiplies as x·Aᵀ·Bᵀ."""
+    `gguf_factors`: as ServingSpec.factors, the pairs llama.cpp multiplies as x·Aᵀ·Bᵀ. An
+    adapter on fused experts is written through the method's `make_experts` adapter (its
+    per-expert `factors`) as llama.cpp's 3-D pairs (export/gguf_file.py)."""
 
     gguf_factors: Callable | None = None
     why_not: str = NO_GGUF
-    why_no_experts: str = NO_EXPERT_GGUF   # an adapter on fused experts
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,11 @@ its MODEL_TENSORS / TensorNameMap for the architecture); this module holds the r
   the stored value, transformers by 1 + w);
 - the metadata keys: sizes, head_dim (key/value length), RoPE base and scaling (llama3 as a
   `rope_freqs` tensor, yarn, linear, Phi-3's longrope factors), Gemma's soft-capping and
-  sliding-window layers, Phi-3's partial rotary and original context.
+  sliding-window layers, Phi-3's partial rotary and original context;
+- for mixture-of-experts families (Qwen3-MoE, Mixtral as `llama`, OLMoE): the expert count,
+  top-k and per-expert width, and the routing choices llama.cpp's graph hard-codes per
+  architecture (top-k weights renormalized or not, every layer sparse), checked against
+  config.json. The experts themselves are stacked [experts, out, in] by gguf_file.
 Gemma's embedding scale (× √hidden) and Qwen2's q/k/v biases need no key: llama.cpp's gemma
 graphs scale by √n_embd themselves, and biases are tensors with their own names.
 Anything llama.cpp would compute differently (an unknown RoPE type, a Gemma query scale other
@@ -35,6 +39,9 @@ class Family:
     interleaved_rope: bool = False   # llama.cpp rotates adjacent pairs: permute Q/K rows
     norm_offset: float = 0.0         # added to every `*norm.weight` (Gemma's 1 + w)
     keys: Callable | None = None     # family-specific metadata: keys(writer, config, hf)
+    # mixture of experts: whether llama.cpp renormalizes the top-k routing weights for this
+    # architecture (a constant in its graph, not a key); None for a dense family
+    norm_topk: bool | None = None
 
 
 def rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -114,6 +121,63 @@ def _phi3_keys(writer, config: dict, hf) -> None:
     writer.add_sliding_window(int(getattr(hf, "sliding_window", None) or 0))
 
 
+def _refuse_if(cond: bool, field: str, why: str) -> None:
+    if cond:
+        raise GGUFExportError(f"config.json: {field}; {why}, so the exported model would "
+                              "compute differently")
+
+
+def _qwen3moe_keys(writer, config: dict, hf) -> None:
+    _refuse_if(bool(hf.mlp_only_layers) or hf.decoder_sparse_step != 1,
+               f"mlp_only_layers={hf.mlp_only_layers}, decoder_sparse_step="
+               f"{hf.decoder_sparse_step}", "llama.cpp's qwen3moe makes every layer sparse")
+    _refuse_if(bool(getattr(hf, "use_sliding_window", False)), "use_sliding_window=true",
+               "llama.cpp's qwen3moe has no sliding window")
+
+
+def _mixtral_keys(writer, config: dict, hf) -> None:
+    _refuse_if(getattr(hf, "sliding_window", None) is not None,
+               f"sliding_window={hf.sliding_window}", "llama.cpp's llama has no sliding window")
+
+
+def _olmoe_keys(writer, config: dict, hf) -> None:
+    kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    _refuse_if(kv != hf.num_attention_heads, f"num_key_value_heads={kv}",
+               "llama.cpp's olmoe sizes attn_k_norm as n_embd (no grouped-query attention)")
+    _refuse_if(getattr(hf, "clip_qkv", None) is not None, f"clip_qkv={hf.clip_qkv}",
+               "llama.cpp's olmoe does not clamp q/k/v")
+    _refuse_if(bool(hf.tie_word_embeddings), "tie_word_embeddings=true",
+               "llama.cpp's olmoe requires its own output tensor")
+
+
+def _experts_keys(writer, family: Family, hf) -> None:
+    """Expert count, top-k and per-expert width; the top-k renormalization llama.cpp fixes."""
+    count = getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None)
+    writer.add_expert_count(int(count))
+    writer.add_expert_used_count(int(hf.num_experts_per_tok))
+    width = getattr(hf, "moe_intermediate_size", None) or hf.intermediate_size
+    writer.add_expert_feed_forward_length(int(width))
+    norm = getattr(hf, "norm_topk_prob", True)  # Mixtral always renormalizes
+    _refuse_if(bool(norm) != family.norm_topk, f"norm_topk_prob={str(norm).lower()}",
+               f"llama.cpp's {gguf_arch_name(family)} "
+               f"{'renormalizes' if family.norm_topk else 'does not renormalize'} the top-k "
+               "routing weights")
+
+
+# Mixture-of-experts architectures gguf-py names but loratune does not write yet, and why.
+NOT_WRITTEN = {
+    "GptOssForCausalLM": "its experts are stored transposed with interleaved gate/up columns "
+                         "and biases, and attention sinks and the clamped SwiGLU need llama.cpp's "
+                         "gpt-oss keys, which loratune does not write yet",
+    "DeepseekV2ForCausalLM": "multi-head latent attention (kv_b_proj split into attn_k_b / "
+                             "attn_v_b) and grouped routing need llama.cpp's deepseek2 keys, "
+                             "which loratune does not write yet",
+    "DeepseekV3ForCausalLM": "multi-head latent attention (kv_b_proj split into attn_k_b / "
+                             "attn_v_b), sigmoid routing with a selection bias and grouped "
+                             "routing need llama.cpp's deepseek2 keys, which loratune does not "
+                             "write yet",
+}
+
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family("LLAMA", interleaved_rope=True),
     "MistralForCausalLM": Family("LLAMA", interleaved_rope=True),
@@ -122,17 +186,28 @@ FAMILIES: dict[str, Family] = {
     "Gemma2ForCausalLM": Family("GEMMA2", norm_offset=1.0, keys=_gemma2_keys),
     "Gemma3ForCausalLM": Family("GEMMA3", norm_offset=1.0, keys=_gemma3_keys),
     "Phi3ForCausalLM": Family("PHI3", keys=_phi3_keys),
+    "Qwen3MoeForCausalLM": Family("QWEN3MOE", keys=_qwen3moe_keys, norm_topk=True),
+    "MixtralForCausalLM": Family("LLAMA", interleaved_rope=True, keys=_mixtral_keys,
+                                 norm_topk=True),
+    "OlmoeForCausalLM": Family("OLMOE", keys=_olmoe_keys, norm_topk=False),
 }
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-               "phi3": "Phi3ForCausalLM"}
+               "phi3": "Phi3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+               "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",
+               "gpt_oss": "GptOssForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+               "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 def family_of(config: dict, where: str) -> tuple[str, Family]:
     """(HF architecture, Family) of a config.json, or an error naming the supported ones."""
     arch = (config.get("architectures") or [MODEL_TYPES.get(config.get("model_type"),
                                                             config.get("model_type"))])[0]
+    if arch in NOT_WRITTEN:
+        raise GGUFExportError(f"{where}: architecture {arch} is not supported for GGUF export: "
+                              f"{NOT_WRITTEN[arch]}; export it as a Hugging Face folder "
+                              "(export hf) instead")
     if arch not in FAMILIES:
         raise GGUFExportError(f"{where}: architecture {arch} is not supported for GGUF export; "
                               f"supported: {', '.join(FAMILIES)}")
@@ -227,4 +302,6 @@ def write_metadata(writer, family: Family, config: dict, name: str,
     writer.add_file_type(file_type)
     if family.keys is not None:
         family.keys(writer, config, hf)
+    if family.norm_topk is not None:
+        _experts_keys(writer, family, hf)
     return _rope_scaling(writer, family, hf)

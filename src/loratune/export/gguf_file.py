@@ -1,9 +1,13 @@
 """GGUF export for llama.cpp, with the `gguf` package as the writer.
 
-Every family in gguf_arch.FAMILIES (Llama 3.x, Mistral, Qwen2.5, Qwen3, Gemma 2/3, Phi-3):
-tensor names from gguf's own name map for the architecture, weights transformed and metadata
-written as gguf_arch says, the tokenizer copied from the model's source GGUF when there is one
-(the embedded models) or built from tokenizer.json (gguf_tokenizer).
+Every family in gguf_arch.FAMILIES (Llama 3.x, Mistral, Qwen2.5, Qwen3, Gemma 2/3, Phi-3,
+Qwen3-MoE, Mixtral, OLMoE): tensor names from gguf's own name map for the architecture,
+weights transformed and metadata written as gguf_arch says, the tokenizer copied from the
+model's source GGUF when there is one (the embedded models) or built from tokenizer.json
+(gguf_tokenizer). Routed experts, one
+matrix per expert in the checkpoint (or fused [E, 2I, H] / [E, H, I]), are written as llama.cpp
+reads them: one [experts, out, in] tensor per projection (ffn_gate_exps, ffn_up_exps,
+ffn_down_exps), under the names gguf's map gives the merged `experts.gate_proj` & co.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from loratune.export.gguf_arch import (GGUFExportError, Family, family_of, gguf_
                                        rope_permute, tensor_name_map, write_metadata)
 from loratune.export.kquants import QK_K, quantize_q4_k, quantize_q6_k
 from loratune.files import check_output_path, publish_file, temp_file_for
+from loratune.models.moe_experts import current_name, per_expert_key
 from loratune.readers import check_safetensors, open_safetensors
 
 __all__ = ["GGUFExportError", "rope_permute", "write_gguf", "write_lora_gguf", "TYPES"]
@@ -51,10 +56,11 @@ def _transform(family: Family, hf: str, t: torch.Tensor, config: dict) -> torch.
 
 def _q4_k_m_type(name: str, n_layers: int) -> str:
     """llama.cpp's Q4_K_M mix: 6-bit for the output layer and for attn_v / ffn_down in the
-    first and last eighth of the layers and every third layer between; 4-bit elsewhere."""
+    first and last eighth of the layers and every third layer between (ffn_down_exps as
+    ffn_down); 4-bit elsewhere."""
     if name == "output.weight":
         return "q6_k"
-    m = re.match(r"blk\.(\d+)\.(attn_v|ffn_down)\.", name)
+    m = re.match(r"blk\.(\d+)\.(attn_v|ffn_down|ffn_down_exps)\.", name)
     if m:
         i, eighth = int(m.group(1)), n_layers // 8
         if i < eighth or i >= 7 * n_layers // 8 or (i - eighth) % 3 == 2:
@@ -63,8 +69,16 @@ def _q4_k_m_type(name: str, n_layers: int) -> str:
 
 
 def _encode(t: torch.Tensor, kind: str):
-    """(array, raw GGML type or None) for one 2-D weight; k-quants fall back as llama.cpp does
-    when a row is not a multiple of 256 (Q4_K → Q5_0, Q6_K → Q8_0)."""
+    """(array, raw GGML type or None) for one weight, 2-D or stacked experts [E, out, in];
+    k-quants fall back as llama.cpp does when a row is not a multiple of 256 (Q4_K → Q5_0,
+    Q6_K → Q8_0)."""
+    array, raw = _encode_rows(t.reshape(-1, t.shape[-1]) if t.dim() > 2 else t, kind)
+    if t.dim() > 2:  # quantized bytes per row, back under the experts' leading dims
+        array = array.reshape(*t.shape[:-1], array.shape[-1])
+    return array, raw
+
+
+def _encode_rows(t: torch.Tensor, kind: str):
     import gguf
     from gguf import GGMLQuantizationType as Q
 
@@ -136,6 +150,40 @@ def _weights(folder: Path, config: dict):
                     yield hf, f.get_tensor(hf)
 
 
+def _stacked_experts(weights, n_experts: int | None):
+    """The checkpoint's tensors with routed experts as llama.cpp stores them: one expert's
+    matrices (`experts.<e>.gate_proj`, Mixtral's `w1`) gathered until every expert of the layer
+    arrived, then yielded once as `<experts>.gate_proj` [E, out, in]; a fused `gate_up_proj`
+    [E, 2I, H] split into its gate and up halves."""
+    pending: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for hf, t in weights:
+        key = per_expert_key(hf)
+        name = current_name(hf)
+        if key is not None:
+            path, expert, part = key
+            got = pending.setdefault((path, part), {})
+            got[expert] = t
+            if len(got) == n_experts:
+                yield f"{path}.{part}.weight", torch.stack([got[e] for e in range(n_experts)])
+                del pending[(path, part)]
+        elif name.endswith(".experts.gate_up_proj") and t.dim() == 3:
+            gate, up = t.chunk(2, dim=1)
+            yield name.replace("gate_up_proj", "gate_proj.weight"), gate
+            yield name.replace("gate_up_proj", "up_proj.weight"), up
+        elif name.endswith(".experts.down_proj") and t.dim() == 3:
+            yield name + ".weight", t
+        else:
+            yield hf, t
+    if pending:
+        (path, part), got = next(iter(pending.items()))
+        raise GGUFExportError(f"{path}.{part}: the checkpoint holds experts {sorted(got)} of "
+                              f"{n_experts} (num_experts in config.json)")
+
+
+def _n_experts(config: dict) -> int | None:
+    return config.get("num_experts") or config.get("num_local_experts")
+
+
 def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source: Path | None = None,
                tokenizer_pre: str | None = None, overwrite: bool = False) -> Path:
     """Write the model in safetensors `folder` as one GGUF file (temp name, then rename)."""
@@ -156,7 +204,7 @@ def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source:
         extra = write_metadata(writer, family, config, folder.name, FILE_TYPES[out_type])
         add_tokenizer(writer, folder, config["vocab_size"], tokenizer_source, tokenizer_pre)
         tied = bool(config.get("tie_word_embeddings", False))
-        for hf, t in _weights(folder, config):
+        for hf, t in _stacked_experts(_weights(folder, config), _n_experts(config)):
             name = gguf_name(names, hf, arch)
             t = _transform(family, hf, t, config)
             # the tied embedding is also the output layer: quantized as llama.cpp quantizes that
@@ -171,11 +219,32 @@ def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source:
     return out
 
 
+def _expert_factors(adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{`<experts>.gate_proj` / `up_proj` / `down_proj`: (A [E, r, in], s·B [E, out, r])} of an
+    adapter on fused experts: llama.cpp applies a 3-D pair on ffn_*_exps per routed expert
+    (build_lora_mm_id: mul_mat_id with A, then B, scaled by alpha / B's ne[0], the rank).
+    gate and up share the experts' A; their B are the two halves of gate_up_proj's rows."""
+    from loratune.export.merge_experts import experts_adapter
+
+    out = {}
+    for path, parts in adapter.expert_modules().items():
+        ad = experts_adapter(adapter, path, parts)
+        with torch.no_grad():
+            a, b = (t.detach().float() for t in ad.factors("gate_up_proj"))
+            gate, up = (b * ad.scaling).chunk(2, dim=1)
+            out[f"{path}.gate_proj"], out[f"{path}.up_proj"] = (a, gate), (a, up)
+            a, b = (t.detach().float() for t in ad.factors("down_proj"))
+            out[f"{path}.down_proj"] = (a, b * ad.scaling)
+    return out
+
+
 def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: str = "f32",
                     overwrite: bool = False) -> Path:
     """A LoRA adapter as llama.cpp's adapter GGUF (`llama-cli --lora FILE`): `<tensor>.lora_a`
-    [r, in] and `.lora_b` [out, r] per layer, under the base's architecture (llama.cpp refuses
-    an adapter of another one), B's rows permuted like the base's Q/K rows where it permutes."""
+    [r, in] and `.lora_b` [out, r] per layer, [experts, r, in] / [experts, out, r] per routed
+    experts' projection (ffn_gate_exps, ffn_up_exps, ffn_down_exps), under the base's
+    architecture (llama.cpp refuses an adapter of another one), B's rows permuted like the
+    base's Q/K rows where it permutes."""
     import gguf
 
     from loratune.adapters import method_record
@@ -190,12 +259,6 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
                               "(export gguf --adapter DIR)")
     # The one reader that checks the config's ranks against the tensors' shapes.
     adapter = read_peft_weights(Path(adapter_dir), cfg, raw)
-    experts = list(adapter.expert_modules())
-    if experts:
-        raise GGUFExportError(f"{adapter_dir}: the adapter adapts the fused experts "
-                              f"{experts[0]} ({len(experts)} such modules), which llama.cpp's "
-                              f"adapter file cannot carry here ({export.why_no_experts}); merge "
-                              "it instead (export gguf --adapter DIR)")
     grown = new_tokens_of(adapter_dir)
     if grown:
         added = ", ".join(grown["tokens"])
@@ -207,7 +270,10 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
     _, family = family_of(config, str(base_folder / "config.json"))
     arch = gguf_arch_name(family)
     names = tensor_name_map(family, config["num_hidden_layers"])
-    factors = export.gguf_factors(adapter)
+    experts = adapter.expert_modules()  # their 2-D view in the file is not llama.cpp's pair
+    factors = {path: f for path, f in export.gguf_factors(adapter).items()
+               if path.removesuffix(".base_layer") not in experts}
+    factors.update(_expert_factors(adapter))
     # llama.cpp scales every layer by alpha / (that layer's rank): the factors carry PEFT's
     # per-layer scale in B (rank/alpha patterns, rsLoRA), so r / alpha undoes llama.cpp's.
     alpha = lora_scale(cfg.lora_alpha, cfg.r, cfg.use_rslora) * cfg.r
@@ -219,7 +285,7 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
         writer.add_string("adapter.type", "lora")
         writer.add_float32("adapter.lora.alpha", float(alpha))
         for path, (a, b) in factors.items():
-            b = _transform(family, f"{path}.weight", b * (a.shape[0] / alpha), config)
+            b = _transform(family, f"{path}.weight", b * (a.shape[-2] / alpha), config)
             name = gguf_name(names, f"{path}.weight", arch)
             writer.add_tensor(f"{name}.lora_a", a.numpy().astype(dtype))
             writer.add_tensor(f"{name}.lora_b", b.numpy().astype(dtype))

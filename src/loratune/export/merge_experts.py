@@ -19,6 +19,7 @@ from loratune.adapters.peft_format import ANOTHER_BASE, PeftFolder
 from loratune.adapters.registry import AdapterError, method_record
 from loratune.models.moe_experts import per_expert_key
 
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # as ExpertLora adapts them, in its order
 _FUSED = re.compile(r"(.+\.experts)\.(gate_up_proj|down_proj)")
 # Per-expert matrix -> (fused parameter, which half of its rows: 0 gate, 1 up, None all)
 _PARTS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
@@ -83,12 +84,21 @@ class ExpertMerge:
 def expert_deltas(adapter: PeftFolder, path: str, parts: dict) -> dict[str, torch.Tensor]:
     """{fused parameter: weight·s·B_e·A_e [E, out, in]} of one adapter's experts at `path`,
     from the file's tensors (`parts`, by ExpertLora's kinds) in the method's own adapter."""
+    ad = experts_adapter(adapter, path, parts)
+    weight = getattr(adapter, "weight", 1.0)
+    with torch.no_grad():
+        return {param: ad.delta(param) * weight for param in EXPERT_PARAMS}
+
+
+def experts_adapter(adapter: PeftFolder, path: str, parts: dict):
+    """The method's own experts adapter at `path` (its `delta`, `factors`, `scaling`), holding
+    the file's tensors (`parts`, by ExpertLora's kinds)."""
     record = method_record(adapter.config.method)
     if record.make_experts is None:
         raise AdapterError(f"{adapter.folder}: {adapter.config.method} holds tensors of the "
                            f"fused experts {path}, which it cannot adapt")
     r, shapes = adapter.rank(path), {}
-    for param, lead in (("gate_up_proj", "base_layer."), ("down_proj", "")):
+    for param, lead in zip(EXPERT_PARAMS, ("base_layer.", "")):
         a, b = parts.get(lead + "lora_A.weight"), parts.get(lead + "lora_B.weight")
         if a is None or b is None:
             raise AdapterError(f"{adapter.weights_path}: {path} lacks the lora_A/lora_B pair "
@@ -97,6 +107,4 @@ def expert_deltas(adapter: PeftFolder, path: str, parts: dict) -> dict[str, torc
     ad = record.make_experts(adapter.config, path, SimpleNamespace(**shapes), r=r,
                              alpha=adapter.alpha(path))
     adapter.copy_module(path, parts, ad.file_tensors())
-    weight = getattr(adapter, "weight", 1.0)
-    with torch.no_grad():
-        return {param: ad.delta(param) * weight for param in shapes}
+    return ad

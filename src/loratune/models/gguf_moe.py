@@ -1,0 +1,154 @@
+"""Mixture-of-experts GGUF files (llama.cpp's qwen3moe, llama with experts, olmoe) read into
+transformers' model classes by loratune itself.
+
+transformers' GGUF reader cannot do it: it has no olmoe, reads a `llama` file with experts as a
+dense Llama whose MLPs stay randomly initialised (a warning, not an error), and drops
+qwen3moe's per-expert width. Here the config comes from the file's keys (the inverse of
+export/gguf_arch.py), each model parameter from the tensor gguf's own name map gives it, the
+routed experts from the stacked [experts, out, in] tensors (gate and up joined into
+transformers' fused `gate_up_proj`), and llama's interleaved Q/K rows put back. A setting the
+file cannot say exactly (RoPE scaling, partial rotary) or a tensor left over or missing is
+refused by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loratune.models.gguf_config import GGUFLoadError
+
+# llama.cpp architecture -> (transformers model_type, its expert-count field, top-k renormalized:
+# the constant each llama.cpp graph uses)
+ARCHS = {"qwen3moe": ("qwen3_moe", "num_experts", True),
+         "llama": ("mixtral", "num_local_experts", True),
+         "olmoe": ("olmoe", "num_experts", False)}
+
+
+def is_moe_gguf(path: Path) -> bool:
+    """A file whose architecture keys name routed experts (expert_count > 0)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    arch = fields["general.architecture"].contents()
+    count = fields.get(f"{arch}.expert_count")
+    return bool(count is not None and count.contents())
+
+
+def _refuse(path: Path, key: str, why: str) -> GGUFLoadError:
+    return GGUFLoadError(f"{path}: {key}: {why}; loratune reads mixture-of-experts GGUF files "
+                         f"of the architectures {', '.join(ARCHS)} without it")
+
+
+def moe_config(path: Path, meta: dict, tensors: set[str]):
+    """transformers' config of the model in MoE GGUF `path` (metadata `meta`)."""
+    from transformers import AutoConfig
+
+    arch = meta["general.architecture"]
+    if arch not in ARCHS:
+        raise _refuse(path, f"general.architecture={arch}", "not a known MoE architecture")
+    model_type, count_field, norm_topk = ARCHS[arch]
+
+    def get(key: str, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    head_dim = get("attention.key_length") or hidden // heads
+    if get("rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in tensors:
+        raise _refuse(path, f"{arch}.rope.scaling", "RoPE scaling is not read")
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise _refuse(path, f"{arch}.rope.dimension_count", "partial rotary is not read")
+    fields = dict(
+        vocab_size=get("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        hidden_size=hidden, num_hidden_layers=get("block_count"), num_attention_heads=heads,
+        num_key_value_heads=get("attention.head_count_kv", heads), head_dim=head_dim,
+        max_position_embeddings=get("context_length"), rms_norm_eps=get(
+            "attention.layer_norm_rms_epsilon"), intermediate_size=get("feed_forward_length"),
+        rope_parameters={"rope_type": "default", "rope_theta": get("rope.freq_base", 10000.0)},
+        num_experts_per_tok=get("expert_used_count"), tie_word_embeddings=(
+            "output.weight" not in tensors), **{count_field: get("expert_count")},
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+    if model_type == "qwen3_moe":
+        fields["moe_intermediate_size"] = get("expert_feed_forward_length")
+    if model_type != "mixtral":  # Mixtral has no switch: it always renormalizes
+        fields["norm_topk_prob"] = norm_topk
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's interleaved Q/K rows back to transformers' [first halves | second halves]
+    (the inverse of export.gguf_arch.rope_permute)."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2)
+            .reshape(w.shape))
+
+
+def _values(t) -> torch.Tensor:
+    from gguf import dequantize
+
+    x = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    return torch.from_numpy(x.reshape([int(n) for n in reversed(t.shape.tolist())]).copy())
+
+
+class _Tensors:
+    """The file's tensors by gguf name, each read once; llama's Q/K rows put back."""
+
+    def __init__(self, path: Path, reader, config, arch: str):
+        import gguf
+
+        self.path, self.arch, self.config = path, arch, config
+        self.by_name = {t.name: t for t in reader.tensors}
+        self.used: set[str] = set()
+        self.names = gguf.get_tensor_name_map(
+            next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
+            config.num_hidden_layers)
+
+    def get(self, hf: str) -> torch.Tensor:
+        name = self.names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if name is None or name not in self.by_name:
+            raise GGUFLoadError(f"{self.path}: no tensor for {hf} (expected "
+                                f"{name or 'a name in ' + self.arch + ' architecture'})")
+        self.used.add(name)
+        t = _values(self.by_name[name])
+        if self.arch == "llama" and hf.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = self.config.num_attention_heads
+            t = _unpermute(t, heads if "q_proj" in hf else self.config.num_key_value_heads)
+        return t
+
+    def parameter(self, key: str) -> torch.Tensor:
+        """transformers' parameter `key`; fused experts from the stacked projections."""
+        if key.endswith(".experts.gate_up_proj"):
+            path = key.removesuffix(".gate_up_proj")
+            return torch.cat([self.get(f"{path}.gate_proj.weight"),
+                              self.get(f"{path}.up_proj.weight")], dim=1)
+        if key.endswith(".experts.down_proj"):
+            return self.get(f"{key}.weight")
+        return self.get(key)
+
+
+def read_moe_gguf(path: Path, dtype: torch.dtype, attention: str | None = None):
+    """The model in MoE GGUF `path`, in `dtype`, every parameter from the file."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    reader = GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    config = moe_config(path, meta, {t.name for t in reader.tensors})
+    if attention is not None:
+        config._attn_implementation = attention
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = _Tensors(path, reader, config, meta["general.architecture"])
+    tied = config.tie_word_embeddings
+    state = {k: tensors.parameter(k).to(dtype) for k in model.state_dict()
+             if not (tied and k == "lm_head.weight")}
+    left = sorted(set(tensors.by_name) - tensors.used)
+    if left:
+        raise GGUFLoadError(f"{path}: tensor {left[0]} ({len(left)} in all) has no parameter "
+                            f"in transformers' {config.model_type}")
+    model.load_state_dict(state, strict=not tied)
+    return model
