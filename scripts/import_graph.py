@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("adapters",),                            # methods, injection, the PEFT format
     ("train", "eval", "export", "serve", "plan"),
     ("recipes", "demo",                       # jobs and experiments built from the above,
+     "federated",                             # Flower server/client apps over train's steps,
      "ui"),                                   # the dashboard over their run folders
     ("cli", "__main__"),
 ]

@@ -152,6 +152,11 @@ def dry_run(argv: list[str]) -> None:
         load_settings(args.config, args.overrides)
         if name == "compare" and args.lr:
             parse_method_values(args.lr, args.methods.split(","), "--lr")
+    elif name == "federate":
+        from loratune.config import load_config
+        from loratune.recipes.federate import check_federated
+
+        check_federated(load_config(args.config, args.overrides))
     elif name == "search":
         from loratune.recipes.search import search_settings
 

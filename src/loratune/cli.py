@@ -262,6 +262,26 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_federate(args) -> int:
+    import shlex
+
+    from loratune.config import load_config
+    from loratune.recipes.federate import run_federate
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        adapter = run_federate(cfg, resume=args.resume, overwrite=args.overwrite,
+                               quiet=args.quiet)
+    except KeyboardInterrupt:
+        again = shlex.join(["loratune", "federate", args.config, *args.overrides, "--resume"])
+        print(f"loratune federate: interrupted; finished rounds are in {cfg.output_dir}/global."
+              f"\nto resume: {again}", file=sys.stderr)
+        return 130
+    print(f"global adapter saved to {adapter} ({cfg.federated.rounds} rounds, "
+          f"{cfg.federated.clients} clients; per round: {cfg.output_dir}/rounds.jsonl)")
+    return 0
+
+
 def cmd_merge(args) -> int:
     from loratune.config.commands import MergeConfig
     from loratune.export.pipeline import write_merged
@@ -435,6 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config with a search section")
     add_overrides(p, "a key of the config, e.g. search.trials=10")
     p.set_defaults(func=cmd_search)
+
+    p = _command(sub, "federate", help="federated fine-tuning: simulated Flower clients train "
+                 "the adapter on their share of the data, a server aggregates (federated: section)")
+    p.add_argument("config", help="YAML run config with a federated section")
+    add_overrides(p, "a key of the config, e.g. federated.rounds=5")
+    p.add_argument("--resume", action="store_true", help="continue after the last round saved")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a used output_dir (the old run is kept as a backup)")
+    p.set_defaults(func=cmd_federate)
 
     p = _command(sub, "merge", help="merge adapters into the base; write a Hugging Face folder")
     add_config_flags(p, MergeConfig)

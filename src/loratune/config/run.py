@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, SerializeAsAny, field_validator, mo
 
 from loratune.config.base import (USER_PATH, USER_URI, _Section, apply_overrides, read_yaml,
                                   validate_config)
+from loratune.config.federated import FederatedConfig
 from loratune.config.methods import (AdapterConfig, LoraConfig, adapter_config_from,
                                      adapter_options)
 
@@ -539,6 +540,8 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     search: SearchConfig | None = Field(None, description="`loratune search` only: the "
                                         "space, objective and budget of the study")
+    federated: FederatedConfig | None = Field(None, description="`loratune federate` only: "
+                                              "clients, rounds, partition and aggregation")
 
     @field_validator("adapter", mode="wrap")
     @classmethod

@@ -1,0 +1,65 @@
+"""What the server checks in each client update before it counts: the base it was trained on,
+the round it answers, its keys and shapes, finite values, a positive example count. A failed
+check refuses that client's update (by its id, with the reason); the round goes on without it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loratune.federated.aggregate import is_lora_a, is_lora_b
+
+
+@dataclass
+class Expected:
+    """What a valid update of round `round` looks like."""
+
+    round: int
+    fingerprint: str
+    shapes: dict[str, tuple[int, ...]]  # file key -> shape, of the keys clients must send
+    free_rank: bool = False  # svd: a client's LoRA rank may differ from the global one
+
+
+def refusal(expected: Expected, rnd: int, fingerprint: str, examples: float,
+            state: dict[str, torch.Tensor]) -> str | None:
+    """Why this update is refused, or None when it counts."""
+    if fingerprint != expected.fingerprint:
+        return (f"base fingerprint {fingerprint[:12]} differs from the server's "
+                f"{expected.fingerprint[:12]} (another base model or config)")
+    if rnd != expected.round:
+        return f"stale round {rnd} (the server is at round {expected.round})"
+    if not examples > 0:
+        return f"num-examples {examples}: expected a positive count"
+    return key_refusal(expected, state) or value_refusal(state)
+
+
+def key_refusal(expected: Expected, state: dict[str, torch.Tensor]) -> str | None:
+    missing = [k for k in expected.shapes if k not in state]
+    if missing:
+        return f"tensor {missing[0]} missing ({len(missing)} missing)"
+    extra = [k for k in state if k not in expected.shapes]
+    if extra:
+        return f"tensor {extra[0]} unexpected ({len(extra)} unexpected)"
+    for key, tensor in state.items():
+        want, got = expected.shapes[key], tuple(tensor.shape)
+        if got != want and not (expected.free_rank and rank_only(key, got, want)):
+            return f"tensor {key} has shape {got}, expected {want}"
+    return None
+
+
+def rank_only(key: str, got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """A LoRA factor that differs from the global one in its rank dimension only."""
+    if len(got) != 2 or len(want) != 2:
+        return False
+    if is_lora_a(key):
+        return got[1] == want[1]
+    return is_lora_b(key) and got[0] == want[0]
+
+
+def value_refusal(state: dict[str, torch.Tensor]) -> str | None:
+    for key, tensor in state.items():
+        bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+        if bad:
+            return f"tensor {key} has {bad} non-finite values (NaN/inf)"
+    return None

@@ -1,0 +1,173 @@
+"""The server's rounds on a Flower Grid: sample clients, send the global adapter, check every
+reply, aggregate the accepted ones, checkpoint, log the round (rounds.jsonl).
+
+Clients are known by their partition id (the node's `partition-id`), not by Flower's node ids,
+which change with every start: the sample of round r is a function of (seed, r), so a resumed
+run asks the same clients as the uninterrupted one, and updates are aggregated in id order.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from loratune.adapters.io import config_dict
+from loratune.config import RunConfig
+from loratune.data.templates import store_template
+from loratune.adapters.peft_format import write_peft_folder
+from loratune.federated import checkpoint as ckpt
+from loratune.federated.aggregate import ClientUpdate, aggregate, exchanged_keys
+from loratune.federated.base import AdaptedBase
+from loratune.federated.checks import Expected, refusal
+
+
+class FederationError(RuntimeError):
+    """A round that cannot complete (too few accepted updates, clients that never joined)."""
+
+
+@dataclass
+class Federation:
+    """Everything both apps need: the run config, its folder, each client's training file."""
+
+    cfg: RunConfig
+    out: Path
+    client_files: list[str]
+    resume: bool = False
+    log: object = print
+
+
+@dataclass
+class RoundReplies:
+    accepted: dict[int, ClientUpdate] = field(default_factory=dict)  # partition id -> update
+    refused: dict[int, str] = field(default_factory=dict)  # partition id -> why
+    failed: dict[int, str] = field(default_factory=dict)  # the client's error
+    losses: dict[int, float] = field(default_factory=dict)
+    bytes_up: int = 0
+
+
+def serve_rounds(grid: Grid, fed: Federation, base: AdaptedBase) -> dict[str, torch.Tensor]:
+    """Every round from the first (or after the last checkpoint on resume) to the last; the
+    final global adapter, also written to <output_dir>/adapter."""
+    start, state = 0, dict(base.init)
+    if fed.resume:
+        start, state = ckpt.last_round(fed.out)
+        fed.log(f"federate: resuming after round {start}")
+    records = ckpt.read_rounds(fed.out, start)
+    nodes = partitions(grid, fed)
+    for rnd in range(start + 1, fed.cfg.federated.rounds + 1):
+        state, record = one_round(grid, fed, base, nodes, rnd, state)
+        ckpt.save_round(fed.out, rnd, state, adapter_config(fed, base))
+        records.append(record)
+        ckpt.write_rounds(fed.out, records)
+        fed.log(round_line(record, fed.cfg.federated.rounds))
+    folder = write_peft_folder(fed.out / "adapter", state, adapter_config(fed, base),
+                               overwrite=True)
+    store_template(folder, fed.cfg.data.template)
+    return state
+
+
+def adapter_config(fed: Federation, base: AdaptedBase) -> dict:
+    return config_dict(base.model, "default", base_model=fed.cfg.model.name)
+
+
+def partitions(grid: Grid, fed: Federation) -> dict[int, int]:
+    """Partition id -> node id of every client, once all federated.clients have joined."""
+    want, deadline = fed.cfg.federated.clients, time.monotonic() + fed.cfg.federated.round_timeout
+    while len(nodes := list(grid.get_node_ids())) < want:
+        if time.monotonic() > deadline:
+            raise FederationError(f"{len(nodes)} of federated.clients={want} clients joined "
+                                  f"within round_timeout ({fed.cfg.federated.round_timeout} s)")
+        time.sleep(0.2)
+    asks = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+                    message_type=MessageType.QUERY) for n in nodes]
+    found = {}
+    for reply in grid.send_and_receive(asks, timeout=fed.cfg.federated.round_timeout):
+        if not reply.has_error():
+            found[int(reply.content["config"]["partition-id"])] = reply.metadata.src_node_id
+    return found
+
+
+def sample(ids: list[int], k: int, seed: int, rnd: int) -> list[int]:
+    return sorted(random.Random(f"{seed}:{rnd}").sample(sorted(ids), min(k, len(ids))))
+
+
+def one_round(grid: Grid, fed: Federation, base: AdaptedBase, nodes: dict[int, int], rnd: int,
+              state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    t0, f = time.perf_counter(), fed.cfg.federated
+    chosen = sample(list(nodes), f.per_round(), seed_of(fed.cfg), rnd)
+    sent = ArrayRecord({k: state[k] for k in exchanged_keys(f.aggregation, list(state))})
+    asks = [Message(RecordDict({"arrays": sent, "config": ConfigRecord({"round": rnd})}),
+                    dst_node_id=nodes[p], message_type=MessageType.TRAIN) for p in chosen]
+    by_node = {n: p for p, n in nodes.items()}
+    expected = Expected(rnd, base.fingerprint, {k: tuple(state[k].shape) for k in sent},
+                        free_rank=f.aggregation == "svd")
+    replies = RoundReplies()
+    for reply in grid.send_and_receive(asks, timeout=f.round_timeout):
+        read_reply(reply, by_node.get(reply.metadata.src_node_id, -1), expected, replies)
+    dropped = [p for p in chosen if p not in {**replies.accepted, **replies.refused,
+                                             **replies.failed}]
+    if len(replies.accepted) < f.min_clients:
+        raise FederationError(f"round {rnd}: {len(replies.accepted)} accepted updates, "
+                              f"federated.min_clients={f.min_clients} (refused: "
+                              f"{replies.refused or 'none'}; failed: {replies.failed or 'none'}; "
+                              f"no reply: {dropped or 'none'})")
+    updates = [replies.accepted[p] for p in sorted(replies.accepted)]
+    state = aggregate(f.aggregation, updates, state, scales=base.scales(),
+                      rank=getattr(fed.cfg.adapter, "r", None))
+    return state, round_record(rnd, chosen, replies, dropped, sent.count_bytes() * len(asks),
+                               time.perf_counter() - t0)
+
+
+def seed_of(cfg: RunConfig) -> int:
+    return cfg.federated.seed if cfg.federated.seed is not None else cfg.train.seed
+
+
+def read_reply(reply: Message, pid: int, expected: Expected, replies: RoundReplies) -> None:
+    """Sort one reply into accepted, refused or failed."""
+    if reply.has_error():
+        replies.failed[pid] = str(reply.error.reason)[-300:]
+        return
+    content = reply.content
+    arrays = content["arrays"]
+    replies.bytes_up += arrays.count_bytes()
+    metrics, config = content["metrics"], content["config"]
+    update = arrays.to_torch_state_dict()
+    why = refusal(expected, int(metrics["round"]), str(config["fingerprint"]),
+                  float(metrics["num-examples"]), update)
+    if why:
+        replies.refused[pid] = why
+        return
+    replies.accepted[pid] = ClientUpdate(update, float(metrics["num-examples"]))
+    replies.losses[pid] = float(metrics["loss"])
+
+
+def round_record(rnd: int, chosen: list[int], replies: RoundReplies, dropped: list[int],
+                 bytes_down: int, seconds: float) -> dict:
+    """The round's line in rounds.jsonl (client ids are partition ids)."""
+    n = sum(u.weight for u in replies.accepted.values())
+    loss = sum(replies.losses[p] * replies.accepted[p].weight for p in replies.accepted) / n
+    return {"round": rnd, "clients": chosen, "accepted": sorted(replies.accepted),
+            "refused": {str(p): why for p, why in sorted(replies.refused.items())},
+            "failed": {str(p): why for p, why in sorted(replies.failed.items())},
+            "no_reply": dropped, "train_loss": round(loss, 6),
+            "client_loss": {str(p): round(v, 6) for p, v in sorted(replies.losses.items())},
+            "bytes_down": bytes_down, "bytes_up": replies.bytes_up,
+            "seconds": round(seconds, 3)}
+
+
+def round_line(record: dict, rounds: int) -> str:
+    line = (f"round {record['round']}/{rounds}: {len(record['accepted'])}/"
+            f"{len(record['clients'])} clients, train loss {record['train_loss']:.4f}, "
+            f"sent {record['bytes_down'] / 1e6:.3f} MB down, {record['bytes_up'] / 1e6:.3f} MB up")
+    for kind in ("refused", "failed"):
+        for pid, why in record[kind].items():
+            line += f"\n  client {pid} {kind}: {why}"
+    if record["no_reply"]:
+        line += f"\n  no reply from clients {record['no_reply']} (round_timeout)"
+    return line

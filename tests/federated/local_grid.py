@@ -1,0 +1,38 @@
+"""A Flower Grid that runs the ClientApp in this process, node after node: the server's rounds
+and checks tested without Ray's start-up (the Ray simulation has its own test)."""
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+
+class LocalGrid:
+    """Nodes 101, 102, ... with partition ids 0, 1, ...; `stop_at_round`: raise
+    KeyboardInterrupt when the server sends that round (a stopped run)."""
+
+    def __init__(self, app, clients: int, stop_at_round: int | None = None):
+        # What a ServerApp process has set when it builds messages (Flower's run and task ids).
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.app = app
+        self.contexts = {101 + i: Context(run_id=1, node_id=101 + i,
+                                          node_config={"partition-id": i,
+                                                       "num-partitions": clients},
+                                          state=RecordDict(), run_config={})
+                         for i in range(clients)}
+        self.stop_at_round = stop_at_round
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            config = msg.content["config"] if msg.has_content() else {}
+            if self.stop_at_round is not None and config.get("round") == self.stop_at_round:
+                raise KeyboardInterrupt
+            self.sent.append(msg)
+            try:
+                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as err:  # as Flower does: the client's error becomes its reply
+                replies.append(Message(Error(code=0, reason=repr(err)), reply_to=msg))
+        return replies
