@@ -115,6 +115,14 @@ class ServeConfig(_HttpAccess):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     tool_parser: ToolParser | None = Field(
         None, description="how answers are read as tool calls (default: from the chat template)")
+    image_root: str | None = Field(
+        None, description="folder that image parts' paths are read under (resolved, links "
+        "included: a path leading outside is refused); none: images only as data: URLs")
+    allow_remote_images: bool = Field(
+        False, description="fetch image parts' http(s) URLs (refused when off)")
+    image_max_pixels: int = Field(
+        4096 * 4096, gt=0, description="image parts larger than this many pixels (width x "
+        "height, read from the header before decoding) are refused with a 400")
 
 
 # -- merge and export -----------------------------------------------------------------------------

@@ -193,5 +193,12 @@ def load_image(ref: str, field: str, where: _Where, rules: ImageRules):
         raise DataError(f"{name}: not a readable image ({err})") from None
 
 
+def read_image(ref: str, field: str, record: str, rules: ImageRules,
+               folder: Path = Path(".")):
+    """One image as load_image reads it (a path under `folder` or a data: URL, same checks),
+    errors naming `record: field` (serve/image_prompt.py: a request's content part)."""
+    return load_image(ref, field, _Where(record, folder), rules)
+
+
 def _short(ref: str) -> str:
     return ref if len(ref) <= 60 else ref[:40] + "..."

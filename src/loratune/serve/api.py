@@ -27,6 +27,7 @@ from loratune.data.errors import DataError
 from loratune.data.templates import adapters_template
 from loratune.data.tools import tool_conversation
 from loratune.http_guard import HostPolicy, RequestGuard
+from loratune.serve.image_prompt import ImageError, ImagePrompt, ImageSource, request_images
 from loratune.serve.prometheus import Metrics
 from loratune.serve.router import LanguageRouter, last_user_text
 from loratune.serve.sampling import SEED_MAX, SEED_MIN
@@ -134,16 +135,29 @@ class _TextPart(BaseModel):
     text: str
 
 
+class _ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    url: str = Field(min_length=1)
+
+
+class _ImagePart(BaseModel):
+    """OpenAI's image part: a data: URL, a path under --image-root, or (allowed) http(s)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["image_url"]
+    image_url: _ImageUrl
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[_TextPart] | None = None
+    content: str | list[_TextPart | _ImagePart] | None = None
     tool_calls: list | None = None
     tool_call_id: str | None = None
 
     def plain(self) -> dict:
         content = self.content if isinstance(self.content, str) else \
-            "".join(p.text for p in self.content or [])
+            "".join(p.text for p in self.content or [] if p.type == "text")
         # Chat templates know "system"; "developer" is OpenAI's newer name for it.
         out = {"role": "system" if self.role == "developer" else self.role, "content": content}
         out.update({k: v for k, v in (("tool_calls", self.tool_calls),
@@ -420,9 +434,11 @@ class _Call:
 # -- the app --------------------------------------------------------------------------------------
 class _State:
     def __init__(self, engine, api_key: str | None, timeout_s: float,
-                 router: LanguageRouter | None, max_body_bytes: int):
+                 router: LanguageRouter | None, max_body_bytes: int,
+                 images: ImageSource | None = None):
         self.engine, self.api_key, self.timeout_s, self.router = engine, api_key, timeout_s, router
         self.max_body_bytes = max_body_bytes
+        self.images = images or ImageSource()       # where image parts may be read from
         self.metrics = Metrics()
         self.checked: dict[str, tuple[Path, float]] = {}   # adapter -> (folder, mtime) read fine
 
@@ -430,11 +446,13 @@ class _State:
 def build_app(engine, api_key: str | None = None, request_timeout_s: float = 120,
               router: LanguageRouter | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, host: str = "127.0.0.1",
-              allowed_hosts: Iterable[str] = (), tool_parser: str | None = None) -> FastAPI:
+              allowed_hosts: Iterable[str] = (), tool_parser: str | None = None,
+              images: ImageSource | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (which the caller starts and stops), answering as a
     server bound to `host` (and the names in `allowed_hosts`): a web page the user visits
-    can neither drive it (foreign Origin, non-JSON body) nor read it (DNS rebinding)."""
-    state = _State(engine, api_key, request_timeout_s, router, max_body_bytes)
+    can neither drive it (foreign Origin, non-JSON body) nor read it (DNS rebinding).
+    `images`: where image parts may be read from (default: data: URLs only)."""
+    state = _State(engine, api_key, request_timeout_s, router, max_body_bytes, images)
     # tool_parser: how answers are read as tool calls; None: from the chat template
     state.tool_parser = tool_parser
     app = FastAPI(title="loratune", docs_url=None, redoc_url=None, openapi_url=None)
@@ -580,7 +598,8 @@ async def generate(state: _State, request: Request, kind: str):
         params = body.sampling()
         # Templating and tokenizing a long prompt takes a while: on a worker thread, so /health
         # and the other requests' streams go on meanwhile.
-        ids, model, template = await asyncio.to_thread(prompt_and_model, state, body, kind)
+        ids, model, template, images = await asyncio.to_thread(prompt_and_model, state, body,
+                                                               kind)
         adapters = resolve_servable(state, model)
         model_label = model
         for name in adapters:
@@ -588,7 +607,9 @@ async def generate(state: _State, request: Request, kind: str):
         state.engine.pool.check_weights(adapters)
         tools = call_tools(state, body, template) if kind == "chat" else None
         ids, reader = await asyncio.to_thread(force_tool_call, state, body, tools, params, ids)
-        handle = state.engine.submit(GenerationRequest(ids, adapters, params, state.timeout_s))
+        pixels = {"images": images.images, "image_inputs": images.inputs} if images else {}
+        handle = state.engine.submit(GenerationRequest(ids, adapters, params, state.timeout_s,
+                                                       **pixels))
     except (APIError, ServeError) as err:
         err = err if isinstance(err, APIError) else from_serve_error(err)
         state.metrics.record(kind, model_label, err.status, time.perf_counter() - started)
@@ -637,19 +658,38 @@ def force_tool_call(state: _State, body: ChatBody, tools, params: SamplingParams
 
 
 def prompt_and_model(state: _State, body: ChatBody | CompletionBody, kind: str
-                     ) -> tuple[list[int], str, str | None]:
-    """The prompt's token ids, the model field after routing "auto", and the chat template
-    its adapters were trained with (None: the tokenizer's own), on a worker thread."""
+                     ) -> tuple[list[int], str, str | None, ImagePrompt | None]:
+    """The prompt's token ids, the model field after routing "auto", the chat template its
+    adapters were trained with (None: the tokenizer's own) and the prompt's images (None:
+    it has none), on a worker thread."""
     tok = state.engine.tokenizer
     if kind == "chat":
         model = resolve_model_field(state, body.model,
                                     last_user_text([m.plain() for m in body.messages]))
         template = served_template(state, model)
-        return chat_prompt_ids(tok, body, template), model, template
+        images = chat_images(state, body, template)
+        if images is not None:
+            return images.ids, model, template, images
+        return chat_prompt_ids(tok, body, template), model, template, None
     route_text = body.prompt if isinstance(body.prompt, str) else \
         (body.prompt[0] if body.prompt and isinstance(body.prompt[0], str) else "")
     return completion_prompt_ids(tok, body), resolve_model_field(state, body.model,
-                                                                 route_text), None
+                                                                 route_text), None, None
+
+
+def chat_images(state: _State, body: ChatBody, template: str | None) -> ImagePrompt | None:
+    """The prompt of a chat request with image parts (serve/image_prompt.py); None without.
+    A part that cannot be used is a 400 naming it (messages[i].content[j])."""
+    messages = [m.model_dump() for m in body.messages]
+    try:
+        prompt = request_images(messages, state.engine.tokenizer, state.images,
+                                state.engine.base_name, template)
+    except ImageError as err:
+        raise APIError(400, str(err), param=err.field) from None
+    if prompt is not None and body.tools:
+        raise APIError(400, "tools: requests with image parts are served without tools",
+                       param="tools")
+    return prompt
 
 
 def served_template(state: _State, model: str) -> str | None:
@@ -843,7 +883,18 @@ def check_startup(cfg: ServeConfig) -> str | None:
     if folder is not None and not (folder.strip() and Path(folder).expanduser().is_dir()):
         raise ValueError(f"--adapters {folder}: no such folder (expected a folder with one "
                          "sub-folder per PEFT LoRA adapter)")
+    root = cfg.image_root
+    if root is not None and not (root.strip() and Path(root).expanduser().is_dir()):
+        raise ValueError(f"--image-root {root}: no such folder (expected the folder image "
+                         "parts' paths are read under)")
     return key
+
+
+def image_source(cfg: ServeConfig) -> ImageSource:
+    """Where `serve`'s image parts may come from (--image-root, --allow-remote-images)."""
+    root = Path(cfg.image_root).expanduser() if cfg.image_root else None
+    return ImageSource(root=root, allow_remote=cfg.allow_remote_images,
+                       max_pixels=cfg.image_max_pixels)
 
 
 def run(cfg: ServeConfig) -> int:
@@ -882,7 +933,8 @@ def run(cfg: ServeConfig) -> int:
               "port can use the model and load adapters")
     app = build_app(engine, api_key=api_key, request_timeout_s=cfg.request_timeout, router=router,
                     max_body_bytes=cfg.max_body_bytes, host=cfg.host,
-                    allowed_hosts=cfg.allowed_host, tool_parser=cfg.tool_parser)
+                    allowed_hosts=cfg.allowed_host, tool_parser=cfg.tool_parser,
+                    images=image_source(cfg))
     engine.start()
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from loratune.serve.image_rows import ImageRows
 from loratune.serve.multi_lora import RowSlots
 from loratune.serve.prefill_rows import prefill_rows, row_columns
 
@@ -20,8 +21,9 @@ class DynamicBatch:
     """Running rows over a DynamicCache, left-padded to a common length."""
 
     def __init__(self, model: nn.Module, cache_key: str, row_slots: RowSlots,
-                 device: torch.device):
+                 device: torch.device, images: ImageRows | None = None):
         self.model, self.cache_key, self.row_slots, self.device = model, cache_key, row_slots, device
+        self.images = images              # the vision side of a VLM (image_rows.py)
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None     # [rows, cached columns]; 0 = left padding
 
@@ -29,14 +31,14 @@ class DynamicBatch:
         """One forward over the new prompts (left-padded, each row with its adapter and after
         its virtual tokens: prefill_rows.py); their cache joins the batch's. Returns the last
         prompt token's logits per new row."""
-        rows = prefill_rows(self.model, seqs, self.device)
+        rows = prefill_rows(self.model, seqs, self.device, self.images)
         cache, mask = DynamicCache(), rows.real.long()
         if rows.prefix_columns:
             mask = torch.cat([prefix_cache(cache, rows.prefixes, rows.prefix_columns), mask], 1)
         self.row_slots.set([s.slot for s in seqs], self.device)
         inputs = {"input_ids": rows.ids} if rows.embeds is None else \
             {"inputs_embeds": rows.embeds}
-        out = self.model(**inputs, attention_mask=mask, position_ids=rows.pos,
+        out = self.model(**inputs, attention_mask=mask, position_ids=rows.position_ids,
                          **{self.cache_key: cache}, use_cache=True, logits_to_keep=1)
         self._join(cache, mask)
         return out.logits[:, -1]
@@ -44,7 +46,9 @@ class DynamicBatch:
     def decode(self, seqs: list) -> torch.Tensor:
         """One token for every running row; the logits of each."""
         last = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
-        pos = torch.tensor([[row_columns(s) - 1] for s in seqs], device=self.device)
+        # a row's position is its column plus its shift (multimodal RoPE after an image)
+        pos = torch.tensor([[row_columns(s) - 1 + s.position_shift] for s in seqs],
+                           device=self.device)
         mask = torch.cat([self.mask, self.mask.new_ones(len(seqs), 1)], dim=1)
         self.row_slots.set([s.slot for s in seqs], self.device)
         out = self.model(input_ids=last, attention_mask=mask, position_ids=pos,

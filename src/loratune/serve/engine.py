@@ -24,6 +24,7 @@ from torch import nn
 from loratune.adapters.registry import RowLead
 from loratune.models.modules import cache_keyword, eos_ids
 from loratune.serve.dynamic_batch import DynamicBatch
+from loratune.serve.image_rows import ImageRows, SeenImages, is_vision_model
 from loratune.serve.pool import AdapterPool, entry_key
 from loratune.serve.prefill_rows import lead_tokens, row_columns
 from loratune.serve.sampling import check_seed, find_stop, held_back, new_generator, pick_token
@@ -112,6 +113,8 @@ class Sequence:
     final: Event | None = None       # the last event, held back until the row is retired
     poisoned: bool = False           # its logits went non-finite: reset what it used
     lead: RowLead | None = None      # its adapter's virtual tokens before the prompt (pool.lead)
+    seen: SeenImages | None = None   # its images through the vision tower, until its prefill
+    position_shift: int = 0          # its positions minus its columns (multimodal RoPE)
 
 
 class Engine:
@@ -139,6 +142,7 @@ class Engine:
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         self.row_slots = pool.bind(model)
+        self.images = ImageRows(model, self.row_slots) if is_vision_model(model) else None
         self.eos = eos_ids(model, tokenizer)
         self.queue: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -175,12 +179,13 @@ class Engine:
             raise ValueError("cuda_graphs needs the model on a CUDA device and kv_cache 'slots' "
                              f"(the model is on {self.device}, kv_cache is {self.kv_cache!r})")
         if self.kv_cache == "dynamic":
-            return DynamicBatch(self.model, self.cache_key, self.row_slots, self.device)
+            return DynamicBatch(self.model, self.cache_key, self.row_slots, self.device,
+                                self.images)
         graphs = "cuda" if (on_cuda if cuda_graphs is None else cuda_graphs) else None
         return SlotBatch(self.model, self.cache_key, self.row_slots, self.device,
                          rows=self.max_batch, columns=self.columns(),
                          preallocate=on_cuda if preallocate is None else preallocate,
-                         graphs=graphs, lock=self.pool.lock)
+                         graphs=graphs, lock=self.pool.lock, images=self.images)
 
     # -- the public side -----------------------------------------------------------------------
     def resolve(self, model_field: str) -> dict[str, float]:
@@ -261,9 +266,12 @@ class Engine:
         p, n = request.params, len(request.prompt_ids)
         if n == 0:
             raise ServeError("the prompt is empty")
+        if request.images and self.images is None:
+            raise ServeError(f"model {self.base_name!r} is a text model: it takes no image "
+                             "parts", param="messages")
         if n > self.max_prompt_tokens:
-            raise ServeError(f"the prompt has {n} tokens; this server takes at most "
-                             f"{self.max_prompt_tokens}")
+            raise ServeError(f"the prompt has {n} tokens{self._image_share(request)}; this server "
+                             f"takes at most {self.max_prompt_tokens} (--max-prompt-tokens)")
         if not 1 <= p.max_tokens <= self.max_completion_tokens:
             raise ServeError(f"max_tokens must be between 1 and {self.max_completion_tokens}, "
                              f"got {p.max_tokens}")
@@ -279,6 +287,13 @@ class Engine:
         vocab = self.model.get_input_embeddings().num_embeddings
         if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= vocab:
             raise ServeError(f"prompt token ids must be in [0, {vocab})")
+
+    def _image_share(self, request: GenerationRequest) -> str:
+        """" (M of them image tokens, for K images)": images count toward the prompt."""
+        if not request.images or self.images is None:
+            return ""
+        tokens = request.prompt_ids.count(self.images.image_id)
+        return f" ({tokens} of them image tokens, for its {request.images} image(s))"
 
     def _check_row(self, request: GenerationRequest, virtual: int, name: str | None) -> None:
         """A row holds the adapter's virtual tokens, the prompt and max_tokens: within the
@@ -352,6 +367,8 @@ class Engine:
                 break      # the next step takes it: one prefill stays within its token budget
             with self.cond:
                 self.queue.popleft()
+            if not self._see(seq):
+                continue   # its images failed: it alone ended, nothing of it is in the batch
             budget -= tokens
             joining.append(seq)
         if not joining:
@@ -376,6 +393,7 @@ class Engine:
         try:
             seq.lead = self.pool.lead(slot)
             self._check_row(seq.request, lead_tokens(seq.lead), seq.key)
+            check_images_lead(seq.request, lead_tokens(seq.lead), seq.key)
             seq.generator = new_generator(seq.request.params)
         except Exception:
             self.pool.release(slot)
@@ -383,9 +401,31 @@ class Engine:
         seq.slot = slot
         return True
 
+    def _see(self, seq: Sequence) -> bool:
+        """Run the vision tower on the request's images (image_rows.py); False when that
+        failed: the request ends, its slot is freed and an adapter that overflowed is read
+        again on its next use, as a row whose logits overflow (see _retire)."""
+        if not seq.request.images:
+            return True
+        try:
+            seq.seen = self.images.see(seq.request.prompt_ids, seq.request.image_inputs,
+                                       seq.slot, bool(seq.request.adapters), self.device)
+        except Exception as err:
+            self.pool.release(seq.slot)
+            if isinstance(err, NonFiniteOutput):
+                self.pool.drop_entry(seq.key)
+            self._fail(seq, err)
+            return False
+        seq.position_shift = seq.seen.shift
+        return True
+
     def _prefill(self, seqs: list[Sequence]) -> None:
         """One forward over the new prompts (each row with its adapter); they join the batch."""
-        logits = self.batch.prefill(seqs)
+        try:
+            logits = self.batch.prefill(seqs)
+        finally:
+            for seq in seqs:
+                seq.seen = None       # the features are in the cache now (or failed)
         self.counts["prefills"] += 1
         self.running.extend(seqs)
         for seq in seqs:
@@ -516,6 +556,15 @@ class Engine:
 
     def _reset_batch(self) -> None:
         self.batch.reset()
+
+
+def check_images_lead(request: GenerationRequest, virtual: int, name: str) -> None:
+    """Images and an adapter's virtual tokens (prompt or prefix tuning) in one row are not
+    served: the image positions (multimodal RoPE) are computed for the prompt alone."""
+    if request.images and virtual:
+        raise ServeError(f"adapter {name!r} puts {virtual} virtual tokens before the prompt; "
+                         "requests with images are served with LoRA-kind adapters only",
+                         param="model")
 
 
 # Compositions are folded into B in float32 (pool.compose): a weight beyond its range is inf.

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from loratune.adapters.registry import RowLead
+from loratune.serve.image_rows import ImageRows
 
 
 def lead_tokens(lead: RowLead | None) -> int:
@@ -35,6 +36,12 @@ class PrefillRows:
     embeds: torch.Tensor | None        # [rows, width, hidden] when a row has virtual embeddings
     prefixes: list[list[tuple[torch.Tensor, torch.Tensor]] | None]  # per row: per layer K, V
     lengths: list[int]                 # per row: columns used after the prefill
+    positions: torch.Tensor | None = None  # the model's position ids when not `pos`: [3, rows,
+    #                                        width] multimodal RoPE of rows with images
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return self.pos if self.positions is None else self.positions
 
     @property
     def prefix_columns(self) -> int:
@@ -42,8 +49,10 @@ class PrefillRows:
         return max((kv[0][0].shape[-2] for kv in self.prefixes if kv), default=0)
 
 
-def prefill_rows(model: nn.Module, seqs: list, device: torch.device) -> PrefillRows:
-    """The inputs of one forward over the new rows `seqs` (each with `.lead` and a prompt)."""
+def prefill_rows(model: nn.Module, seqs: list, device: torch.device,
+                 images: ImageRows | None = None) -> PrefillRows:
+    """The inputs of one forward over the new rows `seqs` (each with `.lead` and a prompt);
+    `images` puts the image features of rows that have them in place (image_rows.py)."""
     leads = [s.lead for s in seqs]
     virtual = [lead.tokens if lead is not None and lead.embeds is not None else 0
                for lead in leads]
@@ -60,8 +69,12 @@ def prefill_rows(model: nn.Module, seqs: list, device: torch.device) -> PrefillR
     # Positions count the row's own tokens only, so a padded row sees what it would see alone;
     # they start after its prefix (as the prefix's own generate() shifts them).
     pos = (real.long().cumsum(1) - 1).clamp(min=0) + start[:, None]
-    return PrefillRows(ids, real, pos, virtual_inputs(model, ids, leads, virtual, prompts),
-                       prefixes, [lead_tokens(lead) + len(p) for lead, p in zip(leads, prompts)])
+    embeds, positions = virtual_inputs(model, ids, leads, virtual, prompts), None
+    if images is not None:
+        embeds, positions = images.prefill_inputs(ids, embeds, pos, seqs)
+    return PrefillRows(ids, real, pos, embeds, prefixes,
+                       [lead_tokens(lead) + len(p) for lead, p in zip(leads, prompts)],
+                       None if positions is pos else positions)
 
 
 def virtual_inputs(model: nn.Module, ids: torch.Tensor, leads: list, virtual: list[int],

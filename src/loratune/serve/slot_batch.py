@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from loratune.serve.decode_graphs import DecodeGraphs, GraphError, cuda_capture, eager_capture
+from loratune.serve.image_rows import ImageRows
 from loratune.serve.multi_lora import RowSlots
 from loratune.serve.prefill_rows import prefill_rows, row_columns
 from loratune.serve.slot_cache import SlotCache, bucket
@@ -26,10 +27,13 @@ class SlotBatch:
 
     def __init__(self, model: nn.Module, cache_key: str, row_slots: RowSlots,
                  device: torch.device, rows: int, columns: int, preallocate: bool = False,
-                 graphs: str | None = None, lock: threading.RLock | None = None):
+                 graphs: str | None = None, lock: threading.RLock | None = None,
+                 images: ImageRows | None = None):
         """`graphs`: None (eager steps), "cuda" (CUDA graphs) or "eager" (the graph runner's
-        padding and buffers with plain reruns: a CPU check of that path)."""
+        padding and buffers with plain reruns: a CPU check of that path). `images`: the vision
+        side of a vision-language model (image_rows.py)."""
         self.model, self.cache_key, self.row_slots, self.device = model, cache_key, row_slots, device
+        self.images = images
         self.cache = SlotCache(rows, columns, preallocate)
         self.size = 0                 # running rows: 0 .. size-1
         self.longest = 0              # the most columns any running row has used
@@ -48,7 +52,7 @@ class SlotBatch:
         n = len(seqs)
         if self.size + n > self.cache.rows:
             raise RuntimeError(f"{self.size + n} rows do not fit a batch of {self.cache.rows}")
-        rows = prefill_rows(self.model, seqs, self.device)
+        rows = prefill_rows(self.model, seqs, self.device, self.images)
         longest = max(rows.lengths)
         self.cache.reserve(longest)
         columns = torch.where(rows.real, rows.pos, self.cache.trash)
@@ -62,8 +66,8 @@ class SlotBatch:
         inputs = {"input_ids": rows.ids} if rows.embeds is None else \
             {"inputs_embeds": rows.embeds}
         out = self.model(**inputs, attention_mask=self._mask(visible[:, None]),
-                         position_ids=rows.pos, **{self.cache_key: self.cache}, use_cache=True,
-                         logits_to_keep=1)
+                         position_ids=rows.position_ids, **{self.cache_key: self.cache},
+                         use_cache=True, logits_to_keep=1)
         self.size += n
         self.longest = max(self.longest, longest)
         return out.logits[:, -1]
@@ -74,9 +78,16 @@ class SlotBatch:
         ids = [s.tokens[-1] for s in seqs]
         pos = [row_columns(s) - 1 for s in seqs]
         slots = [s.slot for s in seqs]
+        shifts = [s.position_shift for s in seqs]
         need = max(pos) + 1
         self.cache.reserve(need)
         self.longest = max(self.longest, need)
+        if any(shifts):
+            # Rows after an image under multimodal RoPE (image_rows.py) are at positions other
+            # than their columns; the recorded steps take columns only, so this step is eager.
+            host = torch.tensor([ids, pos, slots, shifts]).to(self.device)
+            self.row_slots.use(host[2], slots[0] if len(set(slots)) == 1 else None)
+            return self._forward(host[0, :, None], host[1], need, host[3])
         if self.graphs is not None:
             # A recorded step has fixed shapes: attend to a power-of-two bucket of columns.
             width = bucket(need, self.cache.capacity)
@@ -90,13 +101,16 @@ class SlotBatch:
         self.row_slots.use(dev[2], slots[0] if len(set(slots)) == 1 else None)
         return self._forward(dev[0, :, None], dev[1], need)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
-        """The decode forward on device tensors: ids [B, 1], positions [B]."""
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, width: int,
+                 shift: torch.Tensor | None = None) -> torch.Tensor:
+        """The decode forward on device tensors: ids [B, 1], columns [B], and each row's
+        position minus its column (None: none differ)."""
         cols = torch.arange(width, device=pos.device)
         visible = cols[None, :] <= pos[:, None]                       # [B, width]
         self.cache.decode(pos, width)
+        positions = pos if shift is None else pos + shift
         out = self.model(input_ids=ids, attention_mask=self._mask(visible[:, None, None]),
-                         position_ids=pos[:, None], **{self.cache_key: self.cache},
+                         position_ids=positions[:, None], **{self.cache_key: self.cache},
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 

@@ -65,6 +65,10 @@ class GenerationRequest:
     adapters: dict[str, float] = field(default_factory=dict)
     params: SamplingParams = field(default_factory=SamplingParams)
     timeout_s: float | None = None
+    # A vision-language model's images: how many, and the family's pixel inputs (tensors, as
+    # models/vision.encode_vision makes them); each image's tokens are in prompt_ids already.
+    images: int = 0
+    image_inputs: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,166 @@
+"""A chat request's image parts: read, checked and encoded as the model's family encodes them.
+
+OpenAI's `{"type": "image_url", "image_url": {"url": ...}}` parts name an image three ways:
+- a `data:image/...;base64,` URL (the image in the request);
+- a path, read only under the server's `--image-root` (resolved, links included: a path or a
+  link that leads outside is refused), and refused when no root was given;
+- an http(s) URL, fetched only with `--allow-remote-images` (at most `max_bytes`).
+Each is read by data/images.py (the training data's reader: the same pixel limit checked from
+the header before decoding, the same errors) and every error names the part
+(`messages[i].content[j]`) and what was expected.
+
+The prompt is what training saw before an answer: models/vision.encode_vision's encoding of
+the conversation with an empty assistant turn, cut before that turn's first labelled token (the
+chat template's generation prompt); so each image is widened exactly as in training (Qwen2-VL's
+merged patches, Idefics3's tiles) and the family's pixel inputs come with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from loratune.data.encode import IGNORE
+from loratune.data.errors import DataError
+from loratune.data.images import DEFAULT_MAX_PIXELS, ImageRules, read_image
+from loratune.models.vision import encode_vision
+
+_HTTP = re.compile(r"^https?://", re.IGNORECASE)
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where a server may read images from, and how large they may be."""
+
+    root: Path | None = None        # --image-root; None: image paths are refused
+    allow_remote: bool = False      # --allow-remote-images
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = 20 * 2**20     # a fetched image's largest size
+    fetch_timeout_s: float = 10.0
+
+    def rules(self) -> ImageRules:
+        return ImageRules(max_pixels=self.max_pixels)
+
+
+class ImageError(ValueError):
+    """A request's image part that cannot be used; `field` names the part."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class ImagePrompt:
+    """A prompt with images: its token ids (each image widened) and the family's inputs."""
+
+    ids: list[int]
+    images: int
+    inputs: dict
+
+
+def read_part_image(url: str, field: str, source: ImageSource):
+    """The RGB image a part's url names, checked as training data's images are."""
+    if url.startswith("data:"):
+        ref = url
+    elif _HTTP.match(url):
+        ref = fetch(url, field, source)
+    elif _SCHEME.match(url) and not url.lower().startswith("file:"):
+        raise ImageError(field, f"{field}.image_url.url: scheme {url.split(':')[0]!r} is not "
+                         "read; expected a data:image/...;base64 URL, a path under "
+                         "--image-root or (with --allow-remote-images) an http(s) URL")
+    else:
+        ref = str(confined(url.removeprefix("file://"), field, source.root))
+    try:
+        return read_image(ref, field, "request", source.rules())
+    except DataError as err:
+        raise ImageError(field, str(err)) from None
+
+
+def confined(path: str, field: str, root: Path | None) -> Path:
+    """`path` (relative to `root`, or absolute) resolved, links included; refused unless it
+    lies under `root`."""
+    if root is None:
+        raise ImageError(field, f"{field}.image_url.url: image paths are read only under "
+                         "--image-root, and this server has none; expected a data:image/..."
+                         ";base64 URL")
+    base = Path(os.path.realpath(root))
+    real = Path(os.path.realpath(base / Path(path).expanduser()))
+    if not real.is_relative_to(base):
+        raise ImageError(field, f"{field}.image_url.url: {path} resolves to {real}, outside "
+                         f"--image-root {base}; expected a path under it")
+    return real
+
+
+def fetch(url: str, field: str, source: ImageSource) -> str:
+    """An http(s) image as a data: URL (read by the same checks), at most max_bytes."""
+    if not source.allow_remote:
+        raise ImageError(field, f"{field}.image_url.url: remote image URLs are not fetched by "
+                         "this server (start it with --allow-remote-images); expected a "
+                         "data:image/...;base64 URL or a path under --image-root")
+    try:
+        with urllib.request.urlopen(url, timeout=source.fetch_timeout_s) as response:
+            data = response.read(source.max_bytes + 1)
+    except OSError as err:
+        raise ImageError(field, f"{field}.image_url.url: fetching {url} failed: {err}") from None
+    if len(data) > source.max_bytes:
+        raise ImageError(field, f"{field}.image_url.url: {url} is larger than "
+                         f"{source.max_bytes} bytes; expected a smaller image")
+    return "data:image/unknown;base64," + base64.b64encode(data).decode("ascii")
+
+
+def image_prompt(tokenizer, messages: list[dict], images: list,
+                 template: str | None = None) -> ImagePrompt:
+    """The generation prompt of `messages` (image parts as {"type": "image"}) with `images`
+    encoded by the tokenizer's family encoder (models/load.py puts it on the tokenizer)."""
+    encoder = tokenizer.image_encoder
+    answer = [*messages, {"role": "assistant", "content": ""}]
+    example = encode_vision(answer, images, tokenizer, encoder.image_processor, encoder.family,
+                            max_length=1 << 30, template=template)
+    cut = next(i for i, label in enumerate(example.labels) if label != IGNORE)
+    return ImagePrompt(example.input_ids[:cut], len(images), example.image_inputs)
+
+
+def image_refs(messages: list[dict]) -> list[tuple[str, str]]:
+    """(field, url) of every image_url part, in order: `messages[i].content[j]`."""
+    return [(f"messages[{i}].content[{j}]", part["image_url"]["url"])
+            for i, m in enumerate(messages) if isinstance(m.get("content"), list)
+            for j, part in enumerate(m["content"]) if part.get("type") == "image_url"]
+
+
+def vision_turns(messages: list[dict]) -> list[dict]:
+    """The turns as VLM chat templates read them: a turn with images as text and image parts,
+    one without as plain text (as data/images.py gives training's turns)."""
+    turns = []
+    for m in messages:
+        content = m.get("content")
+        role = "system" if m["role"] == "developer" else m["role"]
+        if isinstance(content, list) and any(p["type"] == "image_url" for p in content):
+            content = [{"type": "image"} if p["type"] == "image_url" else
+                       {"type": "text", "text": p["text"]} for p in content]
+        elif isinstance(content, list):
+            content = "".join(p["text"] for p in content)
+        turns.append({"role": role, "content": content or ""})
+    return turns
+
+
+def request_images(messages: list[dict], tokenizer, source: ImageSource, model: str,
+                   template: str | None = None) -> ImagePrompt | None:
+    """The prompt of a chat request with image parts (None: it has none); an ImageError names
+    the part at fault: a text model's, or an image that cannot be read."""
+    refs = image_refs(messages)
+    if not refs:
+        return None
+    if getattr(tokenizer, "image_encoder", None) is None:
+        raise ImageError(refs[0][0], f"{refs[0][0]}: model {model!r} is a text model; it takes "
+                         "no image parts (serve a vision-language model folder for images)")
+    images = [read_part_image(url, field, source) for field, url in refs]
+    try:
+        return image_prompt(tokenizer, vision_turns(messages), images, template)
+    except DataError as err:
+        raise ImageError("messages", f"messages: {err}") from None
