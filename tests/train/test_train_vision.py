@@ -126,8 +126,8 @@ def test_an_unknown_vision_family_is_refused_by_name(tmp_path, qwen_folder):
     folder = tmp_path / "other"
     shutil.copytree(qwen_folder, folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="llava", architectures=["LlavaForConditionalGeneration"])
+    config.update(model_type="paligemma", architectures=["PaliGemmaForConditionalGeneration"])
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"config.json: model_type 'llava' .*Llava.* expected "
-                                         r"one of qwen2_5_vl"):
+    with pytest.raises(ValueError, match=r"config.json: model_type 'paligemma' .*PaliGemma.* "
+                                         r"expected one of qwen2_5_vl"):
         load_model(str(folder))

@@ -342,11 +342,13 @@ def linear_weight_names(config: dict) -> set[str]:
             if isinstance(m, nn.Linear) and n not in skip}
 
 
-def nf4_round_trip(config: dict, quant) -> callable:
-    """A `transform` giving each quantized linear the values the QLoRA adapter trained against."""
+def nf4_round_trip(config: dict, quant, names: set[str] | None = None) -> callable:
+    """A `transform` giving each quantized linear the values the QLoRA adapter trained against;
+    `names`: the weights QLoRA quantized, when not every linear but the output layer (a
+    vision-language model's: its language model's, export/vlm_merge.py)."""
     from loratune.quant.nf4 import dequantize_4bit, quantize_4bit
 
-    names = linear_weight_names(config)
+    names = linear_weight_names(config) if names is None else names
 
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if name not in names:

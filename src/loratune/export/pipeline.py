@@ -39,14 +39,18 @@ def write_merged(cfg, adapter_dirs: list[str] = (), weights: list[float] | None 
     `check` the merged model's logits are compared with base + adapter."""
     from loratune.config import QuantConfig
     from loratune.export.merge import merge_folder, nf4_round_trip, read_adapters
+    from loratune.export.vlm_merge import vision_checkpoint
 
     check_output_path(cfg.out, existing_paths(cfg.model, *adapter_dirs))  # a gguf model file
     adapters = read_adapters(list(adapter_dirs), weights)
     with _base(cfg.model) as base:
+        vision = vision_checkpoint(base)  # a VLM's adapters renamed to its checkpoint's names
+        adapters = adapters if vision is None else [vision.rename_adapter(a) for a in adapters]
         transform = None
         if qlora:
             config = json.loads((base / "config.json").read_text())
-            transform = nf4_round_trip(config, QuantConfig(type=qlora))
+            transform = nf4_round_trip(config, QuantConfig(type=qlora),
+                                       None if vision is None else vision.quantized)
         with stage(f"writing {cfg.out} ({len(adapters)} adapter(s) merged)"):
             report = merge_folder(base, adapters, Path(cfg.out), dtype=cfg.dtype,
                                   shard_size=cfg.shard_size, overwrite=cfg.overwrite,

@@ -21,8 +21,10 @@ from loratune.files import write_atomic_dir
 from loratune.models.device import resolve_dtype
 from loratune.models.gguf_config import gguf_config
 from loratune.models.gguf_moe import is_moe_gguf, read_moe_gguf
+from loratune.models.tiny_vlm import TINY_VLM, tiny_vlm_folder
 from loratune.models.vision import (ImageEncoder, load_vision_model, vision_family,
                                     vision_model_type)
+from loratune.models.vlm_quant import quantize_language_model
 from loratune.quant.kernels import choose_kernel
 from loratune.readers import CorruptFileError, check_safetensors
 
@@ -186,6 +188,8 @@ def _check_folder(path: Path) -> None:
 
 def resolve_model(name: str) -> tuple[Path, str | None]:
     """Map a model name to (folder, gguf file name or None)."""
+    if name == TINY_VLM:  # built from its config on first use (models/tiny_vlm.py)
+        return tiny_vlm_folder(cache_root()), None
     if name in EMBEDDED:
         folder = embedded_folder(name)
         try:
@@ -201,7 +205,8 @@ def resolve_model(name: str) -> tuple[Path, str | None]:
         _check_folder(path)
         return path, None
     raise ModelNotFound(
-        f"model '{name}' not found. Looked for: an embedded name ({', '.join(EMBEDDED)}); "
+        f"model '{name}' not found. Looked for: an embedded name ({', '.join(EMBEDDED)}, "
+        f"{TINY_VLM}); "
         f"a folder with config.json at {path.resolve()}; a .gguf file at {path.resolve()}. "
         "No model hub is used."
     )
@@ -250,17 +255,29 @@ def load_model(cfg: ModelConfig | str):
 def _load_vision(cfg: ModelConfig, folder: Path, dtype: torch.dtype):
     """A vision-language folder: (model, tokenizer), the family's image encoder on the
     tokenizer as `image_encoder` (what the data path encodes images with)."""
-    if cfg.quantization is not None:
-        raise ValueError(f"model.quantization: {folder} is a vision-language model; 4-bit "
-                         "loading of its language model is not supported yet")
+    quant = None if cfg.quantization is None else _with_compute_dtype(cfg.quantization, cfg)
     with progress.stage(f"loading {cfg.name}"):
-        model, tokenizer, images = load_vision_model(folder, dtype)
+        # QLoRA: read in fp32, then the language model's linears to 4 bits and the rest (vision
+        # tower, projector, embeddings) to the unquantized dtype (models/vlm_quant.py); unlike
+        # the text path, the full-precision model is in memory once, while it is quantized.
+        model, tokenizer, images = load_vision_model(folder, dtype if quant is None
+                                                     else torch.float32)
+        if quant is not None:
+            quantize_language_model(model, quant)
     model.to(torch.device(cfg.device))
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.image_encoder = ImageEncoder(images, vision_family(model.config))
     return model, tokenizer
+
+
+def _with_compute_dtype(quant, cfg: ModelConfig):
+    """quant with compute_dtype as the device runs it (float32 where it lacks the one asked
+    for, unless model.strict_dtype)."""
+    compute = resolve_dtype(quant.compute_dtype, cfg.device, cfg.strict_dtype,
+                            field="model.quantization.compute_dtype")
+    return quant.model_copy(update={"compute_dtype": str(compute).removeprefix("torch.")})
 
 
 def _read_unquantized(folder: Path, gguf: str | None, dtype: torch.dtype, attention):
@@ -291,9 +308,7 @@ def _read_model(cfg: ModelConfig, folder: Path, gguf: str | None, dtype: torch.d
     if gguf is None and quant is None:
         quant = _stored_4bit(folder)  # a load_in_4bit checkpoint stays in 4 bits
     if quant is not None:
-        compute = resolve_dtype(quant.compute_dtype, cfg.device, cfg.strict_dtype,
-                                field="model.quantization.compute_dtype")
-        quant = quant.model_copy(update={"compute_dtype": str(compute).removeprefix("torch.")})
+        quant = _with_compute_dtype(quant, cfg)
     if quant is not None and gguf is None:
         from loratune.models.load_4bit import load_quantized
 
