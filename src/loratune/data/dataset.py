@@ -245,6 +245,14 @@ def build_image_examples(path: str | Path, cfg: DataConfig,
     return examples, stats
 
 
+def read_image_conversations(path: str | Path, cfg: DataConfig) -> list[tuple[str, list, list]]:
+    """(where, messages, PIL images) of each image conversation in a data file, read as
+    training reads them (eval --task vqa encodes them with the model it scores)."""
+    rules = image_rules(cfg)
+    return [(where, *vision_messages(record, *_source_index(where), rules))
+            for where, record in iter_records(str(path), cfg)]
+
+
 def _source_index(where: str) -> tuple[str, int | None]:
     """('file.jsonl', 12) from iter_records' 'file.jsonl:12' (or 'file.json[3]'): the file
     relative image paths are read from, and the record named in image errors."""

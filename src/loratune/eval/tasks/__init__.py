@@ -7,7 +7,7 @@ from loratune.eval.tasks.registry import (TaskData, TaskError, TaskRecord, TaskR
                                           register, task_names, task_record, unregister)
 
 # the modules of the built-in tasks; each ends with its register(TaskRecord(...))
-BUILTIN = ("exact", "mc", "perplexity", "generate", "code", "preference", "tools")
+BUILTIN = ("exact", "mc", "perplexity", "generate", "code", "preference", "tools", "vqa")
 for _name in BUILTIN:
     import_module(f"loratune.eval.tasks.{_name}")
 
