@@ -105,7 +105,11 @@ def tiny_gemma3(folder, seed=0):
         eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"),
         initializer_range=0.3)
     torch.manual_seed(seed)
-    Gemma3ForConditionalGeneration(cfg).save_pretrained(folder)
+    model = Gemma3ForConditionalGeneration(cfg)
+    # transformers initialises the projector's matrix to zeros (a checkpoint overwrites it):
+    # left so, every image would become the same soft tokens and no test could see an image.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.3)
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
                             image_std=[0.5] * 3, do_pan_and_scan=False).save_pretrained(folder)

@@ -216,6 +216,27 @@ def test_part_shortcuts_resolve(family):
     assert resolve_saved_shortcuts(model, ["projector"]) == [parts.projector]
 
 
+def test_the_training_loss_sees_the_images(family):
+    """`loratune train`'s loss (train/loss.py on collate_images' batch) equals the model's own
+    loss with the images, and moves when the pixels do: the images reach the language model."""
+    from loratune.data.packing import collate_images
+    from loratune.models.vision import vision_loss
+    from loratune.train.loss import causal_lm_loss
+
+    _, folder = family
+    model, tokenizer, _ = load_vision_model(folder)
+    examples = _colour_examples(folder)[:3]
+    batch = collate_images([[ex] for ex in examples], tokenizer.pad_token_id)
+    with torch.no_grad():
+        total, n = causal_lm_loss(model, batch)
+        want = sum(vision_loss(model, ex) * sum(label != IGNORE for label in ex.labels[1:])
+                   for ex in examples)
+        torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-4)
+        # Each colour its opposite (not zeros: Idefics3 drops all-zero images as padding).
+        inverted = dict(batch, pixel_values=-batch["pixel_values"])
+        assert abs(float(causal_lm_loss(model, inverted)[0] - total)) > 1e-3
+
+
 def test_cli_trains_on_a_data_file_with_images(family, tmp_path):
     name, folder = family
     for colour, rgb in COLOURS.items():

@@ -22,6 +22,15 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) ->
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def _body(model: nn.Module, inputs: dict) -> nn.Module:
+    """The module whose hidden states feed the output layer. A vision-language model's
+    get_decoder() is its text model alone, which would take pixel_values as an unused keyword
+    and never see the images; with image inputs in the batch, the model under the head (its
+    base_model) merges the image features into the text first."""
+    text_only = set(inputs) <= {"input_ids", "attention_mask", "position_ids"}
+    return model.get_decoder() if text_only else model.base_model
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
                    chunk: int = 1024) -> tuple[torch.Tensor, int]:
     """Return (sum of token losses, number of labelled tokens) for a batch with `labels`."""
@@ -33,7 +42,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
     if not supports_fast_path(model):
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum"), n
-    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    hidden = _body(model, inputs)(**inputs, use_cache=False).last_hidden_state[:, :-1]
     hidden, targets = hidden[mask], targets[mask]
     head = model.get_output_embeddings()
     if n <= chunk:
