@@ -344,3 +344,16 @@ def test_too_many_image_tokens_is_400_with_the_count(qwen):
     assert resp.json()["error"]["message"] == (
         "the prompt has 34 tokens (4 of them image tokens, for its 1 image(s)); this server "
         "takes at most 30 (--max-prompt-tokens)")
+
+
+def test_serve_options_reach_the_image_source(tmp_path):
+    """--image-root, --allow-remote-images, --image-max-pixels as `loratune serve` reads
+    them; a root that is not a folder is refused at startup, naming the flag."""
+    from loratune.config.commands import ServeConfig
+    from loratune.serve.api import check_startup, image_source
+
+    cfg = ServeConfig(image_root=str(tmp_path), allow_remote_images=True, image_max_pixels=99)
+    assert image_source(cfg) == ImageSource(root=tmp_path, allow_remote=True, max_pixels=99)
+    assert image_source(ServeConfig()) == ImageSource()
+    with pytest.raises(ValueError, match="--image-root .*missing: no such folder"):
+        check_startup(ServeConfig(image_root=str(tmp_path / "missing")))
