@@ -9,7 +9,8 @@ class LocalGrid:
     """Nodes 101, 102, ... with partition ids 0, 1, ...; `stop_at_round`: raise
     KeyboardInterrupt when the server sends that round (a stopped run)."""
 
-    def __init__(self, app, clients: int, stop_at_round: int | None = None):
+    def __init__(self, app, clients: int, stop_at_round: int | None = None,
+                 silent: tuple[int, ...] = ()):
         # What a ServerApp process has set when it builds messages (Flower's run and task ids).
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.app = app
@@ -19,6 +20,7 @@ class LocalGrid:
                                           state=RecordDict(), run_config={})
                          for i in range(clients)}
         self.stop_at_round = stop_at_round
+        self.silent = silent  # partition ids whose replies never come (past round_timeout)
         self.sent: list[Message] = []
 
     def get_node_ids(self):
@@ -31,8 +33,11 @@ class LocalGrid:
             if self.stop_at_round is not None and config.get("round") == self.stop_at_round:
                 raise KeyboardInterrupt
             self.sent.append(msg)
+            context = self.contexts[msg.metadata.dst_node_id]
+            if config.get("round") and context.node_config["partition-id"] in self.silent:
+                continue
             try:
-                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+                replies.append(self.app(msg, context))
             except Exception as err:  # as Flower does: the client's error becomes its reply
                 replies.append(Message(Error(code=0, reason=repr(err)), reply_to=msg))
         return replies

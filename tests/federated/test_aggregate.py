@@ -25,7 +25,8 @@ def product(state: dict, scale: float = 2.0) -> torch.Tensor:
 def test_ffa_reproduces_mean_delta_and_fedavg_does_not():
     shared_a = torch.randn(4, IN, generator=torch.Generator().manual_seed(9))
     updates = [lora_update(i, 4, w, shared_a) for i, w in enumerate([1.0, 3.0, 6.0])]
-    want = mean_deltas(updates)[P]
+    want = sum(u.weight * product(u.state) for u in updates) / 10.0  # by hand, not the helper
+    torch.testing.assert_close(mean_deltas(updates)[P], want, atol=1e-5, rtol=0)
     glob = {P + A_SUFFIX: shared_a, P + B_SUFFIX: torch.zeros(OUT, 4)}
     torch.testing.assert_close(product(aggregate("ffa", updates, glob)), want, atol=1e-5, rtol=0)
     # FedAvg of independently trained A and B: mean(B)·mean(A) is far from mean(B·A).

@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from local_grid import LocalGrid
 
+from loratune.adapters.io import adapter_state_dict
 from loratune.config import build_config
 from loratune.federated.apps import build_client_app
 from loratune.federated.base import adapted_base
@@ -24,9 +25,9 @@ def fed_cfg(tmp_path, tiny_folder, data_file, name="run", **federated):
         "federated": {"clients": 3, "rounds": 2, "local_steps": 2, **federated}})
 
 
-def run_local(cfg, mods=(), stop_at_round=None, resume=False):
+def run_local(cfg, mods=(), stop_at_round=None, resume=False, silent=()):
     fed = setup(cfg, resume, overwrite=False, quiet=True)
-    grid = LocalGrid(build_client_app(fed, mods), cfg.federated.clients, stop_at_round)
+    grid = LocalGrid(build_client_app(fed, mods), cfg.federated.clients, stop_at_round, silent)
     return serve_rounds(grid, fed, adapted_base(cfg))
 
 
@@ -83,6 +84,8 @@ BAD = {
     "missing": (lambda a, m, c: a.pop(first_b(a)), "missing"),
     "fingerprint": (lambda a, m, c: c.__setitem__("fingerprint", "0" * 64), "base fingerprint"),
     "stale": (lambda a, m, c: m.__setitem__("round", m["round"] - 1), "stale round"),
+    "rank": (lambda a, m, c: a.__setitem__(first_b(a), a[first_b(a)][:, :2].clone()),
+             "lora_B rank 2"),
 }
 
 
@@ -90,13 +93,21 @@ BAD = {
 def test_a_bad_client_is_refused_by_id_and_the_round_completes(tmp_path, tiny_folder,
                                                                data_file, kind):
     change, said = BAD[kind]
-    cfg = fed_cfg(tmp_path, tiny_folder, data_file, rounds=1, local_steps=1, min_clients=2)
+    cfg = fed_cfg(tmp_path, tiny_folder, data_file, rounds=1, local_steps=1, min_clients=2,
+                  aggregation="svd" if kind == "rank" else "fedavg")  # svd: any rank, paired
     state = run_local(cfg, mods=[corrupt_client_1(change)])
     record = rounds(cfg)[0]
     assert record["accepted"] == [0, 2] and list(record["refused"]) == ["1"]
     assert said in record["refused"]["1"]
     assert all(torch.isfinite(t).all() for t in state.values())
     assert (tmp_path / "run" / "global" / "round-0001" / "adapter_model.safetensors").is_file()
+
+
+def test_a_client_that_never_answers_is_left_out_of_the_round(tmp_path, tiny_folder, data_file):
+    cfg = fed_cfg(tmp_path, tiny_folder, data_file, rounds=1, local_steps=1, min_clients=2)
+    run_local(cfg, silent=(2,))
+    record = rounds(cfg)[0]
+    assert record["accepted"] == [0, 1] and record["no_reply"] == [2]
 
 
 def test_too_few_accepted_updates_fail_the_round_by_name(tmp_path, tiny_folder, data_file):
@@ -126,6 +137,8 @@ def test_ffa_keeps_a_at_the_shared_init_and_sends_only_b(tmp_path, tiny_folder, 
     init = adapted_base(cfg).init
     a_keys = [k for k in state if "lora_A" in k]
     assert a_keys and all(torch.equal(state[k], init[k]) for k in a_keys)
+    live = adapter_state_dict(adapted_base(cfg).model)  # the clients' (in process: one model)
+    assert all(torch.equal(live[k], init[k]) for k in a_keys)  # trained frozen, not discarded
     assert any(not torch.equal(state[k], init[k]) for k in state if "lora_B" in k)
     only_b = ArrayRecord({k: t for k, t in init.items() if "lora_B" in k}).count_bytes()
     assert rounds(cfg)[0]["bytes_down"] == 3 * only_b < 3 * ArrayRecord(init).count_bytes()

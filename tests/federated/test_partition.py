@@ -79,3 +79,14 @@ def test_federate_refuses_what_it_cannot_do_by_field():
                        ({}, "needs a federated: section")]:
         with pytest.raises(ConfigError, match=said):
             check_federated(build_config(data))
+
+
+def test_the_command_line_names_a_missing_section(tmp_path, capsys):
+    from loratune.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\n")
+    assert main(["federate", str(config)]) == 2
+    assert "loratune federate: error: loratune federate needs a federated: section" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made

@@ -106,7 +106,9 @@ def svd(updates: list[ClientUpdate], rank: int, scales: dict[str, float]
     dtype = next(t for k, t in updates[0].state.items() if is_lora_a(k)).dtype
     for prefix, delta in mean_deltas(updates).items():
         b, a = refactor(delta, rank, scales[prefix])
-        out[prefix + B_SUFFIX], out[prefix + A_SUFFIX] = b.to(dtype), a.to(dtype)
+        # contiguous: the SVD's factors are strided views, and safetensors writes dense tensors
+        out[prefix + B_SUFFIX] = b.to(dtype).contiguous()
+        out[prefix + A_SUFFIX] = a.to(dtype).contiguous()
     return out
 
 

@@ -45,6 +45,15 @@ def key_refusal(expected: Expected, state: dict[str, torch.Tensor]) -> str | Non
         want, got = expected.shapes[key], tuple(tensor.shape)
         if got != want and not (expected.free_rank and rank_only(key, got, want)):
             return f"tensor {key} has shape {got}, expected {want}"
+    return rank_mismatch(state)
+
+
+def rank_mismatch(state: dict[str, torch.Tensor]) -> str | None:
+    """A LoRA pair whose A and B disagree on the rank (their product would not exist)."""
+    for key, a in state.items():
+        b = state.get(key[: -len("lora_A.weight")] + "lora_B.weight") if is_lora_a(key) else None
+        if b is not None and a.dim() == b.dim() == 2 and a.shape[0] != b.shape[1]:
+            return f"tensor {key} has rank {a.shape[0]} but its lora_B rank {b.shape[1]}"
     return None
 
 

@@ -117,8 +117,11 @@ def one_round(grid: Grid, fed: Federation, base: AdaptedBase, nodes: dict[int, i
                               f"federated.min_clients={f.min_clients} (refused: "
                               f"{replies.refused or 'none'}; failed: {replies.failed or 'none'}; "
                               f"no reply: {dropped or 'none'})")
+    scales = base.scales()  # every client runs the run's adapter config: the server's scales
     updates = [replies.accepted[p] for p in sorted(replies.accepted)]
-    state = aggregate(f.aggregation, updates, state, scales=base.scales(),
+    for update in updates:
+        update.scales = scales
+    state = aggregate(f.aggregation, updates, state, scales=scales,
                       rank=getattr(fed.cfg.adapter, "r", None))
     return state, round_record(rnd, chosen, replies, dropped, sent.count_bytes() * len(asks),
                                time.perf_counter() - t0)
