@@ -158,3 +158,31 @@ def test_simulation_three_clients_two_rounds(tmp_path, tiny_folder, data_file):
     # The same rounds as in process; Ray's actors run one thread, so sums round differently.
     for key in local:
         torch.testing.assert_close(got[key], local[key], atol=1e-4, rtol=0)
+
+
+def capture_updates(seen: dict):
+    """A client mod that keeps each client's reply (in process), by partition id."""
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train" and reply.has_content():
+            seen[context.node_config["partition-id"]] = (
+                reply.content["arrays"].to_torch_state_dict(),
+                reply.content["metrics"]["num-examples"])
+        return reply
+    return mod
+
+
+@pytest.mark.parametrize("method", ["ia3", "prompt", "prefix", "bottleneck"])
+def test_methods_that_average_are_fedavg_of_every_trained_tensor(tmp_path, tiny_folder,
+                                                                   data_file, method):
+    cfg = fed_cfg(tmp_path, tiny_folder, data_file, clients=2, rounds=1, local_steps=1,
+                  partition="dirichlet:5")  # unequal clients: the weights matter
+    cfg.adapter = build_config({"adapter": {"method": method}}).adapter
+    seen = {}
+    state = run_local(cfg, mods=[capture_updates(seen)])
+    (s0, n0), (s1, n1) = seen[0], seen[1]
+    assert n0 != n1 and sorted(s0) == sorted(state)
+    for key in state:
+        want = (s0[key].double() * n0 + s1[key].double() * n1) / (n0 + n1)
+        torch.testing.assert_close(state[key].double(), want, atol=1e-6, rtol=0)
+    assert any(not torch.equal(s0[k], s1[k]) for k in state)  # the clients did differ
