@@ -21,6 +21,7 @@ from loratune.serve.api import build_app
 from loratune.serve.engine import Engine
 from loratune.serve.image_prompt import ImagePrompt, ImageSource, image_prompt
 from loratune.serve.pool import AdapterPool
+from loratune.serve.slot_batch import SlotBatch
 from loratune.serve.types import GenerationRequest, SamplingParams, ServeError
 from tiny import tiny_llama
 
@@ -122,18 +123,25 @@ ROWS_FIRST = [(0, None), (1, "lang"), (2, "vis"), (3, "vis")]
 ROWS_LATER = [(1, "vis"), (3, "lang"), (0, None)]
 
 
-@pytest.mark.parametrize("kv_cache", ["slots", "dynamic"])
-def test_rows_with_and_without_images_share_a_batch_and_equal_generate(vlm, kv_cache):
+@pytest.mark.parametrize("loop", ["slots", "dynamic", "graph-steps"])
+def test_rows_with_and_without_images_share_a_batch_and_equal_generate(vlm, loop):
     """Four rows prefilled together (images or not, base / language / vision adapters), three
-    more joining while they decode: every reply equals generate() token for token."""
-    _, _, _, cases, refs = vlm
-    engine = engine_on(vlm, kv_cache=kv_cache)
+    more joining while they decode: every reply equals generate() token for token; on the slot
+    cache, the dynamic cache and the CUDA-graph runner's static steps (replayed eagerly)."""
+    model, _, _, cases, refs = vlm
+    engine = engine_on(vlm, kv_cache="dynamic" if loop == "dynamic" else "slots")
+    if loop == "graph-steps":
+        engine.batch = SlotBatch(model, engine.cache_key, engine.row_slots, engine.device,
+                                 rows=engine.max_batch, columns=engine.columns(),
+                                 graphs="eager", lock=engine.pool.lock, images=engine.images)
     first = [submit(engine, cases[j], a) for j, a in ROWS_FIRST]
     for _ in range(3):
         engine.step()
     later = [submit(engine, cases[j], a) for j, a in ROWS_LATER]
     results = run_out(engine, first + later)
-    assert engine.counts["prefills"] == 2 and engine.kv_cache == kv_cache
+    assert engine.counts["prefills"] == 2
+    if loop == "graph-steps":
+        assert engine.batch.graphs is not None and engine.batch.graphs.recorded
     for (j, adapter), got in zip(ROWS_FIRST + ROWS_LATER, results):
         assert got.error is None and got.token_ids == refs[(j, adapter)], (j, adapter)
     assert engine.pool.pins == {}

@@ -82,21 +82,22 @@ _POOL = _SharedPool()
 
 
 class DecodeGraphs:
-    """Replays of `forward(ids [R, 1], positions [R], slots [R], width) -> logits [R, vocab]`,
-    one per (rows bucket, width)."""
+    """Replays of `forward(ids [R, 1], columns [R], slots [R], shifts [R], width) -> logits
+    [R, vocab]`, one per (rows bucket, width); a row's position is its column plus its shift
+    (multimodal RoPE after an image: serve/image_rows.py; 0 otherwise)."""
 
-    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int],
-                                         torch.Tensor],
+    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, int], torch.Tensor],
                  max_rows: int, device: torch.device, lock: threading.RLock,
                  capture: Callable[[Callable[[], torch.Tensor], threading.RLock], Replay]):
         self.forward, self.max_rows, self.lock, self.capture = forward, max_rows, lock, capture
-        self.static = torch.zeros(3, max_rows, dtype=torch.long, device=device)
+        self.static = torch.zeros(4, max_rows, dtype=torch.long, device=device)
         self.replays: dict[tuple[int, int], Replay] = {}
         self.version: tuple | None = None
         self.recorded = 0                        # graphs recorded so far (all versions)
 
-    def __call__(self, ids: list[int], positions: list[int], slots: list[int], width: int,
-                 scratch: int, version: tuple) -> torch.Tensor:
+    def __call__(self, ids: list[int], positions: list[int], slots: list[int],
+                 shifts: list[int], width: int, scratch: int, version: tuple) -> torch.Tensor:
         """Logits [len(ids), vocab] of one decode step; `scratch` is where padding rows write."""
         if version != self.version:
             self.replays.clear()        # they read tensors that were replaced
@@ -104,7 +105,8 @@ class DecodeGraphs:
         n = len(ids)
         rows = bucket(n, self.max_rows, smallest=1)
         pad = rows - n
-        host = torch.tensor([ids + [0] * pad, positions + [scratch] * pad, slots + [0] * pad])
+        host = torch.tensor([ids + [0] * pad, positions + [scratch] * pad, slots + [0] * pad,
+                             shifts + [0] * pad])
         self.static[:, :rows].copy_(host)
         key = (rows, width)
         replay = self.replays.get(key)
@@ -113,7 +115,7 @@ class DecodeGraphs:
 
             def step() -> torch.Tensor:
                 return self.forward(static[0, :rows, None], static[1, :rows], static[2, :rows],
-                                    width)
+                                    static[3, :rows], width)
 
             replay = self.replays[key] = self.capture(step, self.lock)
             self.recorded += 1

@@ -82,24 +82,20 @@ class SlotBatch:
         need = max(pos) + 1
         self.cache.reserve(need)
         self.longest = max(self.longest, need)
-        if any(shifts):
-            # Rows after an image under multimodal RoPE (image_rows.py) are at positions other
-            # than their columns; the recorded steps take columns only, so this step is eager.
-            host = torch.tensor([ids, pos, slots, shifts]).to(self.device)
-            self.row_slots.use(host[2], slots[0] if len(set(slots)) == 1 else None)
-            return self._forward(host[0, :, None], host[1], need, host[3])
         if self.graphs is not None:
             # A recorded step has fixed shapes: attend to a power-of-two bucket of columns.
             width = bucket(need, self.cache.capacity)
             try:
-                return self.graphs(ids, pos, slots, width, self.cache.trash, self._version())
+                return self.graphs(ids, pos, slots, shifts, width, self.cache.trash,
+                                   self._version())
             except GraphError as err:
                 warnings.warn(f"serving without CUDA graphs: {err}", stacklevel=2)
                 self.graph_note, self.graphs = str(err), None
-        host = torch.tensor([ids, pos, slots])
+        host = torch.tensor([ids, pos, slots, shifts])
         dev = host.to(self.device)
         self.row_slots.use(dev[2], slots[0] if len(set(slots)) == 1 else None)
-        return self._forward(dev[0, :, None], dev[1], need)
+        # rows after an image under multimodal RoPE are at positions other than their columns
+        return self._forward(dev[0, :, None], dev[1], need, dev[3] if any(shifts) else None)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, width: int,
                  shift: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,12 +111,13 @@ class SlotBatch:
         return out.logits[:, -1]
 
     def _forward_static(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
-                        width: int) -> torch.Tensor:
-        """The step a graph records: no branch on which adapters the rows use."""
+                        shifts: torch.Tensor, width: int) -> torch.Tensor:
+        """The step a graph records: no branch on which adapters the rows use, nor on whether
+        a row's position differs from its column."""
         self.row_slots.static = True
         try:
             self.row_slots.use(slots)
-            return self._forward(ids, pos, width)
+            return self._forward(ids, pos, width, shifts)
         finally:
             self.row_slots.static = False
 
