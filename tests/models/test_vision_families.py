@@ -14,6 +14,7 @@ from PIL import Image
 from vision_models import tiny_gemma3, tiny_qwen3_vl, tiny_smolvlm
 
 from loratune.adapters import load_adapter, merge_and_unload, save_adapter
+from loratune.adapters.registry import AdapterError
 from loratune.adapters.vlm_targets import (model_parts, resolve_saved_shortcuts,
                                            resolve_target_shortcuts)
 from loratune.cli import main
@@ -204,16 +205,19 @@ def test_part_shortcuts_resolve(family):
     assert model_parts(model) == {"language": parts.language, "vision": parts.vision,
                                   "projector": parts.projector}
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    found = {part: resolve_target_shortcuts(model, [part], linears)
-             for part in ("language", "vision", "projector")}
+    sides = ("language", "vision") + (("projector",) if name != "gemma3" else ())
+    found = {part: resolve_target_shortcuts(model, [part], linears) for part in sides}
     for part, names in found.items():
-        assert all(n.startswith(model_parts(model)[part] + ".") for n in names), part
-    assert found["vision"] and not set(found["vision"]) & set(found["projector"])
+        assert names and all(n.startswith(model_parts(model)[part] + ".") for n in names), part
+    assert not set(found["vision"]) & set(found.get("projector", []))
     assert len(found["language"]) == 2 * 7
-    # Gemma 3's projector is a bare weight matrix and a norm, no nn.Linear: it is trained
-    # whole, through modules_to_save, where the shortcut names it too.
-    assert bool(found["projector"]) == (name != "gemma3")
     assert resolve_saved_shortcuts(model, ["projector"]) == [parts.projector]
+    if name == "gemma3":  # its projector is a bare weight matrix and a norm, no nn.Linear
+        with pytest.raises(AdapterError, match="'projector'.*no linear layer.*modules_to_save"):
+            resolve_target_shortcuts(model, ["projector"], linears)
+        setup_adapter(model, LoraConfig(target_modules="language", modules_to_save=["projector"]))
+        whole = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+        assert any(n.endswith("mm_input_projection_weight") for n in whole), whole
 
 
 def test_the_training_loss_sees_the_images(family):

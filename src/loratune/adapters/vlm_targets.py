@@ -53,8 +53,13 @@ def part_linears(model: nn.Module, part: str, candidates: list[str]) -> list[str
     prefix = part_path(model, part, "target_modules") + "."
     inner = [p + "." for k, p in model_parts(model).items()
              if k != part and p.startswith(prefix)]
-    return [c for c in candidates
-            if c.startswith(prefix) and not any(c.startswith(p) for p in inner)]
+    found = [c for c in candidates
+             if c.startswith(prefix) and not any(c.startswith(p) for p in inner)]
+    if not found:  # Gemma 3's projector: a bare weight matrix and a norm
+        raise AdapterError(f"adapter.target_modules names '{part}', but {prefix[:-1]} holds no "
+                           f"linear layer an adapter can wrap; train it whole with "
+                           f"adapter.modules_to_save: [{part}]")
+    return found
 
 
 def resolve_target_shortcuts(model: nn.Module, target: list[str] | str,
