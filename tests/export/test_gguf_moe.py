@@ -3,6 +3,7 @@ OLMoE as olmoe): experts stacked [experts, out, in] as llama.cpp reads them, the
 read back by our loader with the model's logits, expert LoRA adapters as llama.cpp's 3-D pairs
 (applied as llama.cpp applies them, equal to the merge), and the refusals by name."""
 
+import copy
 import json
 
 import numpy as np
@@ -143,6 +144,7 @@ def test_read_back_by_our_loader_with_the_models_logits(name, kind, exported, tm
     family_tokenizer("qwen3").save_pretrained(folder)
     path = write_gguf(folder, tmp_path / f"m.{kind}.gguf", kind)
     if kind == "f16":  # matrices stored in half precision, norms in f32: the same rounding here
+        model = copy.deepcopy(model)  # the module fixture's model stays as exported
         with torch.no_grad():
             for p in model.parameters():
                 if p.dim() > 1:
@@ -271,3 +273,19 @@ def test_reader_refuses_a_file_missing_a_tensor(exported, tmp_path):
     with pytest.raises(GGUFLoadError, match=r"no tensor for model.layers.1.mlp.experts.up_proj"
                                             r".weight \(expected blk.1.ffn_up_exps.weight\)"):
         read_moe_gguf(tmp_path / "cut.gguf", torch.float32)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "olmoe"])
+def test_moe_gguf_converted_to_a_folder_keeps_the_logits(name, exported, tmp_path):
+    """A MoE .gguf as --model of merge / export: converted once to a safetensors folder through
+    the same reader (transformers' would give Mixtral random MLPs and refuse OLMoE)."""
+    from transformers import AutoModelForCausalLM
+
+    from loratune.models.load import convert_gguf_to_folder
+
+    model, path = exported(name)
+    convert_gguf_to_folder(path, tmp_path / "folder")
+    folder = AutoModelForCausalLM.from_pretrained(tmp_path / "folder", dtype=torch.float32)
+    torch.testing.assert_close(logits(folder.eval()), logits(model), atol=1e-4, rtol=0)
+    _, tok = load_model(str(tmp_path / "folder"))
+    assert tok("apple river").input_ids == family_tokenizer("qwen3")("apple river").input_ids

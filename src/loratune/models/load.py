@@ -123,13 +123,10 @@ def install_embedded(name: str) -> list[str]:
 
 def convert_gguf_to_folder(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF once into a safetensors folder; written to a temp name, then renamed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     def fill(tmp: Path) -> None:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, config=gguf_config(gguf)
-        )
+        tok = _tokenizer_reader(gguf.parent, gguf.name).from_pretrained(gguf.parent,
+                                                                         gguf_file=gguf.name)
+        model = _read_unquantized(gguf.parent, gguf.name, torch.float32, None)
         # transformers marks GGUF-loaded models as quantized and refuses save_pretrained;
         # the weights are plain dequantized tensors, so write them ourselves.
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -212,16 +209,21 @@ def resolve_model(name: str) -> tuple[Path, str | None]:
     )
 
 
-def load_tokenizer(name: str):
+def _tokenizer_reader(folder: Path, gguf: str | None):
+    """AutoTokenizer; for a mixture-of-experts GGUF the fast tokenizer class itself, as
+    AutoTokenizer first reads the model's config with transformers' GGUF reader, which refuses
+    olmoe (the tokenizer is built from tokenizer.ggml.* alone)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    folder, gguf = resolve_model(name)
-    reader = AutoTokenizer
     if gguf is not None and is_moe_gguf(folder / gguf):
-        # AutoTokenizer first reads the model's config with transformers' GGUF reader, which
-        # refuses olmoe; the tokenizer itself is built from tokenizer.ggml.* alone
-        reader = PreTrainedTokenizerFast
-    tok = reader.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
+        return PreTrainedTokenizerFast
+    return AutoTokenizer
+
+
+def load_tokenizer(name: str):
+    folder, gguf = resolve_model(name)
+    tok = _tokenizer_reader(folder, gguf).from_pretrained(folder, gguf_file=gguf,
+                                                          local_files_only=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
