@@ -5,6 +5,7 @@ model's own generate() token for token in fp32; a failed image request ends alon
 import base64
 import contextlib
 import io
+import json
 import os
 
 import pytest
@@ -13,7 +14,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from vision_models import tiny_idefics3, tiny_qwen2_5_vl
 
-from loratune.adapters import add_adapter, delete_adapter, disable_adapters, save_adapter, set_active
+from loratune.adapters import (add_adapter, delete_adapter, disable_adapters, save_adapter,
+                               set_active)
 from loratune.config import LoraConfig, ModelConfig
 from loratune.eval.generate import prompt_ids
 from loratune.models import load_model
@@ -224,11 +226,13 @@ def data_url(raw: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(raw).decode()
 
 
-def ask(client, url, model="vlm", text="colour?"):
-    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
+def ask(client, url, model="vlm", text="colour?", **extra):
+    urls = [url] if isinstance(url, str) else url
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     return client.post("/v1/chat/completions", json={
-        "model": model, "messages": [{"role": "user", "content": content}],
-        "temperature": 0, "max_tokens": STEPS})
+        "model": model, "messages": [{"role": "user", "content": [
+            *content, {"type": "text", "text": text}]}],
+        "temperature": 0, "max_tokens": STEPS, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +277,27 @@ def test_data_url_and_path_under_the_root_answer_as_generate(client, qwen):
                 refs[(0, adapter)], skip_special_tokens=True)
 
 
+def test_two_images_in_order_and_streamed(client, qwen):
+    """Two image parts are read in order (prompt 2: blue 28x28, then green 56x56); streamed,
+    the chunks add up to generate()'s answer."""
+    _, tok, _, _, refs = qwen
+    urls = [data_url(png((20, 20, 200), (28, 28))), data_url(png((20, 200, 20), (56, 56)))]
+    want = tok.decode(refs[(2, "vis")], skip_special_tokens=True)
+    resp = ask(client, urls, model="vis", text="compare them")
+    assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == want
+    swapped = ask(client, urls[::-1], model="vis", text="compare them")
+    assert swapped.json()["choices"][0]["message"]["content"] != want
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "vis", "stream": True, "temperature": 0, "max_tokens": STEPS,
+            "messages": [{"role": "user", "content": [
+                *[{"type": "image_url", "image_url": {"url": u}} for u in urls],
+                {"type": "text", "text": "compare them"}]}]}) as stream:
+        chunks = [json.loads(line[6:]) for line in stream.iter_lines()
+                  if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                   if c["choices"]) == want
+
+
 @pytest.mark.parametrize("url, words", [
     ("../outside/secret.png", "outside --image-root"),
     ("/etc/hostname", "outside --image-root"),
@@ -283,7 +308,8 @@ def test_data_url_and_path_under_the_root_answer_as_generate(client, qwen):
     ("data:image/png;base64,@@@", "not valid base64"),
     ("https://example.com/cat.png", "not fetched by this server (start it with "
                                     "--allow-remote-images)"),
-    ("ftp://example.com/cat.png", "scheme 'ftp' is not read"),
+    ("ftp://example.com/cat.png", "'ftp://example.com/cat.png' is not read"),
+    ("data:text/plain,hello", "'data:text/plain' is not read; expected a data:image/"),
 ])
 def test_unusable_image_parts_are_400_naming_the_part(client, url, words):
     resp = ask(client, url)

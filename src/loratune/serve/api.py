@@ -680,6 +680,9 @@ def prompt_and_model(state: _State, body: ChatBody | CompletionBody, kind: str
 def chat_images(state: _State, body: ChatBody, template: str | None) -> ImagePrompt | None:
     """The prompt of a chat request with image parts (serve/image_prompt.py); None without.
     A part that cannot be used is a 400 naming it (messages[i].content[j])."""
+    if not any(isinstance(m.content, list) and any(p.type == "image_url" for p in m.content)
+               for m in body.messages):
+        return None
     messages = [m.model_dump() for m in body.messages]
     try:
         prompt = request_images(messages, state.engine.tokenizer, state.images,

@@ -31,6 +31,7 @@ from loratune.models.vision import encode_vision
 
 _HTTP = re.compile(r"^https?://", re.IGNORECASE)
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+_DATA_IMAGE = re.compile(r"^data:image/[^;,]+;base64,", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,12 @@ class ImagePrompt:
 
 def read_part_image(url: str, field: str, source: ImageSource):
     """The RGB image a part's url names, checked as training data's images are."""
-    if url.startswith("data:"):
+    if _DATA_IMAGE.match(url):
         ref = url
     elif _HTTP.match(url):
         ref = fetch(url, field, source)
     elif _SCHEME.match(url) and not url.lower().startswith("file:"):
-        raise ImageError(field, f"{field}.image_url.url: scheme {url.split(':')[0]!r} is not "
+        raise ImageError(field, f"{field}.image_url.url: {url.split(',')[0][:40]!r} is not "
                          "read; expected a data:image/...;base64 URL, a path under "
                          "--image-root or (with --allow-remote-images) an http(s) URL")
     else:
@@ -122,7 +123,10 @@ def image_prompt(tokenizer, messages: list[dict], images: list,
     answer = [*messages, {"role": "assistant", "content": ""}]
     example = encode_vision(answer, images, tokenizer, encoder.image_processor, encoder.family,
                             max_length=1 << 30, template=template)
-    cut = next(i for i, label in enumerate(example.labels) if label != IGNORE)
+    cut = next((i for i, label in enumerate(example.labels) if label != IGNORE), None)
+    if cut is None:
+        raise DataError("the chat template wrote no assistant turn after the messages; "
+                        "expected its generation prompt to end the prompt")
     return ImagePrompt(example.input_ids[:cut], len(images), example.image_inputs)
 
 
