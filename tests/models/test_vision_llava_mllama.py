@@ -2,14 +2,17 @@
 as their transformers processors do (token for token, the same image tensors), image tokens
 never labelled, then train, save, reload, merge and QLoRA (language model in 4 bits)."""
 
+import json
 import shutil
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from vision_models import tiny_llava, tiny_llava_next, tiny_mllama
 
 from loratune.adapters import load_adapter, merge_and_unload, save_adapter
+from loratune.cli import main
 from loratune.config import QuantConfig
 from loratune.config.methods import LoraConfig
 from loratune.data.encode import IGNORE
@@ -98,14 +101,13 @@ def test_encoding_equals_the_family_processor(family, loaded, case):
         torch.testing.assert_close(tensor, want[key], rtol=0, atol=0, check_dtype=False)
 
 
-def test_llava_next_image_tokens_follow_the_image_size(family, loaded):
-    if family[0] != "llava_next":
-        pytest.skip("LLaVA-NeXT's count; LLaVA-1.5's is fixed, mllama's is one token")
-    _, tokenizer, _, fam = loaded
+def test_llava_next_image_tokens_follow_the_image_size(tmp_path):
+    model, tokenizer, images = load_vision_model(tiny_llava_next(tmp_path / "next"))
+    loaded = model, tokenizer, images, vision_family(model.config)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     counts = [_encode(loaded, ONE, [image]).input_ids.count(image_id)
               for image in (WIDE, TALL, Image.new("RGB", (28, 28)))]
-    assert len(set(counts)) == 3 and min(counts) > fam.image_seq_len, counts
+    assert len(set(counts)) == 3 and min(counts) > loaded[3].image_seq_len, counts
 
 
 @pytest.mark.parametrize("case", [0, 1])
@@ -163,7 +165,7 @@ def test_train_save_reload_merge(family, loaded, tmp_path):
     targets = setup_adapter(model, LoraConfig(target_modules=fam.language_targets(), r=8,
                                               lora_alpha=16))
     assert targets and all(t.startswith(fam.language + ".") for t in targets)
-    losses = train_vision(model, examples, steps=16, lr=2e-2, batch=4)
+    losses = train_vision(model, examples, steps=8, lr=2e-2, batch=4)
     assert losses[-1] < 0.5 * losses[0], losses
     with torch.no_grad():
         trained = [vision_logits(model, ex) for ex in examples]
@@ -173,19 +175,32 @@ def test_train_save_reload_merge(family, loaded, tmp_path):
         merged = merge_and_unload(fresh)
         for ex, want in zip(examples, trained):
             torch.testing.assert_close(vision_logits(merged, ex), want, rtol=1e-4, atol=1e-4)
-    # The merged model saves as a folder transformers loads as the same architecture.
+    # The merged model saves as a folder transformers loads as the same architecture, and
+    # `loratune merge` writes one from the checkpoint's own tensor names.
     merged.save_pretrained(tmp_path / "merged")
     for side in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         shutil.copy(folder / side, tmp_path / "merged" / side)
-    again, _, _ = load_vision_model(tmp_path / "merged")
+    _merged_equal(tmp_path / "merged", name, examples, trained)
+    _merged_equal(_cli_merge(folder, tmp_path), name, examples, trained)
+
+
+def _cli_merge(folder, tmp_path, *flags):
+    out = tmp_path / "cli-merged"
+    assert main(["merge", "--model", str(folder), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(out), *flags]) == 0
+    return out
+
+
+def _merged_equal(out, name, examples, trained):
+    again, _, _ = load_vision_model(out)
     assert type(again).__name__ == ARCHITECTURES[name]
     with torch.no_grad():
-        torch.testing.assert_close(vision_logits(again, examples[0]), trained[0], rtol=1e-4,
-                                   atol=1e-4)
+        for ex, want in zip(examples, trained):
+            torch.testing.assert_close(vision_logits(again, ex), want, rtol=1e-4, atol=1e-4)
 
 
 def test_qlora_language_model_in_4_bits_vision_in_compute_dtype(family, loaded, tmp_path):
-    _, folder = family
+    folder = family[1]
     examples = _colours(loaded)
     cfg = QuantConfig(compute_dtype="float32")
     model, _, _ = load_vision_model(folder)
@@ -199,7 +214,7 @@ def test_qlora_language_model_in_4_bits_vision_in_compute_dtype(family, loaded, 
               if n.startswith(fam.vision + ".") and isinstance(m, torch.nn.Linear)]
     assert vision and all(m.weight.dtype == torch.float32 for m in vision)
     setup_adapter(model, LoraConfig(target_modules="language", r=8, lora_alpha=16))
-    losses = train_vision(model, examples, steps=16, lr=2e-2, batch=4)
+    losses = train_vision(model, examples, steps=8, lr=2e-2, batch=4)
     assert losses[-1] < 0.5 * losses[0], losses
     with torch.no_grad():
         trained = [vision_logits(model, ex) for ex in examples]
@@ -211,3 +226,28 @@ def test_qlora_language_model_in_4_bits_vision_in_compute_dtype(family, loaded, 
         assert not any(isinstance(m, Linear4bit) for m in merged.modules())
         for ex, want in zip(examples, trained):
             torch.testing.assert_close(vision_logits(merged, ex), want, rtol=1e-4, atol=1e-4)
+    _merged_equal(_cli_merge(folder, tmp_path, "--qlora", "nf4"), family[0], examples, trained)
+
+
+def test_cli_trains_and_refuses_packing(family, tmp_path, capsys):
+    """`loratune train` on image data (one image a row, rows padded together), packing refused
+    by name: an image's tokens cannot be split across rows or joined with another's."""
+    name, folder = family
+    rows = []
+    for colour, rgb in COLOURS.items():
+        Image.new("RGB", (40, 28), rgb).save(tmp_path / f"{colour}.png")
+        rows.append({"messages": [{"role": "user", "content": "<image>Colour?" + " Say." * len(rows)},
+                                  {"role": "assistant", "content": colour}],
+                     "images": [f"{colour}.png"]})
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "run"), "model": {"name": str(folder)},
+        "adapter": {"r": 4, "lora_alpha": 8, "target_modules": "language"},
+        "data": {"train": str(tmp_path / "d.jsonl")},
+        "train": {"max_steps": 2, "batch_size": 2, "lr": 2e-2, "warmup_ratio": 0.0}}))
+    assert main(["train", str(config), "data.packing=true"]) == 2
+    assert "data.packing: true with a vision-language model" in capsys.readouterr().err
+    assert main(["train", str(config)]) == 0
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["packing"] is False and summary["steps"] == 2
