@@ -129,6 +129,16 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run(tmp_path, tiny_folder,
     for key in whole:
         assert torch.equal(resumed[key], whole[key]), key
     assert [r["round"] for r in rounds(cfg)] == [1, 2]
+    if aggregation == "fedsa":  # each client's own adapter, with the B it kept at home
+        from loratune.adapters.peft_format import read_adapter_weights
+        from loratune.readers import read_safetensors
+
+        home = tmp_path / "stopped" / "clients" / "client-1"
+        own = read_adapter_weights(home / "adapter")
+        kept = read_safetensors(home / "local" / "round-0002.safetensors")
+        assert sorted(kept) == sorted(k for k in own if "lora_B" in k)
+        assert all(torch.equal(own[k], kept[k]) for k in kept)
+        assert all(float(kept[k].abs().max()) > 0 for k in kept)
 
 
 def test_ffa_keeps_a_at_the_shared_init_and_sends_only_b(tmp_path, tiny_folder, data_file):

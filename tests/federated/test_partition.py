@@ -56,6 +56,7 @@ def test_write_partitions_writes_one_jsonl_per_client(tmp_path):
     ({"local_epochs": 1.0}, "give local_steps or local_epochs"),
     ({"clients_per_round": 1.5}, "as a fraction must be at most 1.0"),
     ({"clients": 2, "client_data": ["a.jsonl"]}, "1 files for 2 clients"),
+    ({"clients": 4, "clients_per_round": 0.5, "min_clients": 3}, "min_clients: 3 is more than"),
 ])
 def test_the_federated_section_names_a_bad_setting(federated, said):
     with pytest.raises(ConfigError, match=said):
@@ -90,3 +91,15 @@ def test_the_command_line_names_a_missing_section(tmp_path, capsys):
     assert "loratune federate: error: loratune federate needs a federated: section" in \
         capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+def test_local_epochs_count_steps_on_the_clients_own_batches():
+    from types import SimpleNamespace
+
+    from loratune.federated.client import steps_per_round
+
+    cfg = build_config({"train": {"grad_accum": 2},
+                        "federated": {"local_steps": None, "local_epochs": 1.5}})
+    assert steps_per_round(cfg, SimpleNamespace(n_batches=7)) == 5  # ceil(1.5 * 7 // 2)
+    cfg = build_config({"federated": {"local_steps": 3}})
+    assert steps_per_round(cfg, SimpleNamespace(n_batches=7)) == 3

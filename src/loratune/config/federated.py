@@ -63,6 +63,9 @@ class FederatedConfig(_Section):
         if isinstance(self.clients_per_round, float) and self.clients_per_round > 1.0:
             raise ValueError(f"federated.clients_per_round: {self.clients_per_round} as a "
                              "fraction must be at most 1.0 (write an int for a count)")
+        if self.min_clients > self.per_round():
+            raise ValueError(f"federated.min_clients: {self.min_clients} is more than the "
+                             f"{self.per_round()} clients sampled per round (clients_per_round)")
         if self.client_data is not None and len(self.client_data) != self.clients:
             raise ValueError(f"federated.client_data: {len(self.client_data)} files for "
                              f"{self.clients} clients; give one per client")

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from loratune.adapters.io import adapter_state_dict
-from loratune.adapters.io import copy_adapter_weights
+from loratune.adapters.io import copy_adapter_weights, save_adapter
 from loratune.adapters.registry import AdapterError
 from loratune.config import RunConfig
 from loratune.files import write_atomic_file
@@ -99,6 +99,9 @@ def local_train(cfg: RunConfig, base: AdaptedBase, path: str, received: dict[str
     state = {k: v.clone() for k, v in adapter_state_dict(model).items()}  # not the live ones
     if cfg.federated.aggregation == "fedsa":
         keep_local(local_dir, rnd, {k: v for k, v in state.items() if is_lora_b(k)})
+        if rnd == cfg.federated.rounds:  # this client's own adapter after its last steps
+            save_adapter(model, local_dir.parent / "adapter", base_model=cfg.model.name,
+                         overwrite=True)
     update = {k: state[k] for k in exchanged_keys(cfg.federated.aggregation, list(state))}
     return LocalResult(update, len(run.data.examples), sum(losses) / len(losses), len(losses))
 
