@@ -168,7 +168,7 @@ def test_quantized_experts_keep_their_stacked_shape(exported, tmp_path):
     assert (logits(loaded) - logits(model)).abs().max() < 0.05
 
 
-def _adapted(name, tmp_path):
+def adapted(name, tmp_path):
     """(adapted model, base folder, adapter folder): LoRA on q_proj and on the routed experts."""
     base = save(name, tmp_path / "base")
     model, _ = build(name)
@@ -181,7 +181,7 @@ def _adapted(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
 def test_merged_expert_adapter_gguf_reads_back_with_the_adapted_logits(name, tmp_path):
-    model, base, adapter = _adapted(name, tmp_path)
+    model, base, adapter = adapted(name, tmp_path)
     merged = merge_folder(base, read_adapters([adapter], None), tmp_path / "merged").out
     loaded, _ = load_model(str(write_gguf(merged, tmp_path / "m.gguf", "f32")))
     torch.testing.assert_close(logits(loaded), logits(model), atol=1e-4, rtol=0)
@@ -199,7 +199,7 @@ def _apply_as_llamacpp(base: dict, lora: dict, alpha: float) -> dict[str, torch.
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
 def test_expert_lora_gguf_applied_as_llamacpp_does_equals_the_merge(name, tmp_path):
-    _, base, adapter = _adapted(name, tmp_path)
+    _, base, adapter = adapted(name, tmp_path)
     fields, lora = read(write_lora_gguf(adapter, base, tmp_path / "a.gguf"))
     assert fields["general.type"] == "adapter" and fields["general.architecture"] == ARCH[name]
     for part in ("gate", "up", "down"):
