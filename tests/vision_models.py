@@ -147,7 +147,9 @@ def tiny_smolvlm(folder, seed=0):
 
 def tiny_qwen3_vl(folder, seed=0):
     """Qwen3-VL at a tiny size: its config class (patch 16, merge 2, a deepstack merger after
-    vision block 0), the Qwen tokenizer kind with the Qwen3-VL chat template, and Qwen3-VL's
+    vision block 0), the Qwen tokenizer kind with the Qwen3-VL-Instruct chat template (written
+    here from the Thinking model's published one without its <think> handling, which is how
+    the Instruct one differs; no default system prompt, unlike Qwen2.5-VL), and Qwen3-VL's
     image processor settings (Qwen2-VL's processor with patch 16, mean/std 0.5) limited to
     64x64 pixels: 4x4 patches, 4 tokens an image."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
