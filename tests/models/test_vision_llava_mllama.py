@@ -251,3 +251,20 @@ def test_cli_trains_and_refuses_packing(family, tmp_path, capsys):
     assert main(["train", str(config)]) == 0
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["packing"] is False and summary["steps"] == 2
+
+
+def test_a_padded_batch_gives_each_row_its_own_logits(loaded):
+    """Rows with 2 images and with 1 (of other sizes: LLaVA-NeXT's tile counts differ) padded
+    into one batch: each row's logits are the ones it has alone."""
+    from loratune.data.packing import collate_images
+
+    model, tokenizer, _, _ = loaded
+    two, one = _encode(loaded, *CASES[1][:2]), _encode(loaded, ONE, [TALL])
+    batch = collate_images([[two], [one]], tokenizer.pad_token_id or tokenizer.eos_token_id)
+    assert batch["attention_mask"].sum(1).tolist() == [len(two), len(one)]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        together = model(**inputs).logits
+        for row, ex in enumerate([two, one]):
+            alone = vision_logits(model, ex)[0]
+            torch.testing.assert_close(together[row, :len(ex)], alone, rtol=1e-4, atol=1e-4)

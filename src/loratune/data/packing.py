@@ -141,19 +141,23 @@ def _pad_token_rows(tensors: list, width: int) -> torch.Tensor:
 
 
 def _join_images(tensors: list, key: str) -> torch.Tensor:
-    """Flat per-image tensors (pixel_values of patches or of whole images, image_grid_thw)
-    concatenated; batched ones (Idefics3's (1, images, C, H, W) and (1, images, H, W) mask)
-    padded with all-zero images, which the model drops, to the most images in a row."""
+    """The rows' tensors joined along the first axis, every other axis zero-padded to the
+    longest. Flat per-image ones (pixel_values of patches or of whole images, image_grid_thw;
+    LLaVA-NeXT's (images, tiles, C, H, W), whose blank tiles its image_sizes leave out;
+    mllama's (1, images) aspect ratios) are concatenated; batched ones (Idefics3's and mllama's
+    (1, images, ...) pixels, mllama's (1, tokens, images, tiles) cross_attention_mask) get
+    all-zero images, which the model drops (and padding tokens that see no image), up to the
+    most images in a row, as the families' processors pad a batch."""
     present = [t for t in tensors if t is not None]
     # 4-dim pixel_values are whole images stacked (Gemma 3, LLaVA: (images, C, H, W)).
-    if present[0].dim() < 4 or (present[0].dim() == 4 and key == "pixel_values"):
-        return torch.cat(present)
-    most = max(t.shape[1] for t in present)
-    shape = present[0].shape[2:]
-    padded = [torch.zeros((1, most, *shape), dtype=present[0].dtype) for _ in tensors]
-    for out, t in zip(padded, tensors):
+    flat = present[0].dim() < 4 or (present[0].dim() == 4 and key == "pixel_values")
+    shape = [max(t.shape[d] for t in present) for d in range(1, present[0].dim())]
+    padded = []
+    for t in present if flat else tensors:  # a batched row without images: one blank image
+        out = torch.zeros((1 if t is None else t.shape[0], *shape), dtype=present[0].dtype)
         if t is not None:
-            out[:, :t.shape[1]] = t
+            out[tuple(slice(0, n) for n in t.shape)] = t
+        padded.append(out)
     return torch.cat(padded)
 
 
