@@ -289,3 +289,20 @@ def test_moe_gguf_converted_to_a_folder_keeps_the_logits(name, exported, tmp_pat
     torch.testing.assert_close(logits(folder.eval()), logits(model), atol=1e-4, rtol=0)
     _, tok = load_model(str(tmp_path / "folder"))
     assert tok("apple river").input_ids == family_tokenizer("qwen3")("apple river").input_ids
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "q8_0", "q4_0"])
+def test_stacked_experts_quantize_as_each_expert_alone(kind):
+    """[E, out, in] quantized row by row: each expert's bytes are its own 2-D encoding, under
+    the experts' leading dim (the shape gguf's writer reads the tensor's ne from)."""
+    from loratune.export.gguf_file import _encode
+
+    t = torch.randn(3, 4, 256, generator=torch.Generator().manual_seed(0))
+    array, raw = _encode(t, kind)
+    assert array.shape[:2] == (3, 4)
+    for e in range(3):
+        alone, raw_e = _encode(t[e], kind)
+        assert raw_e == raw and np.array_equal(array[e], alone)
+    back = gguf.dequantize(array, raw)
+    assert back.shape == (3, 4, 256)
+    torch.testing.assert_close(torch.from_numpy(back.copy()), t, atol=0.3, rtol=0)
