@@ -196,3 +196,16 @@ def test_methods_that_average_are_fedavg_of_every_trained_tensor(tmp_path, tiny_
         want = (s0[key].double() * n0 + s1[key].double() * n1) / (n0 + n1)
         torch.testing.assert_close(state[key].double(), want, atol=1e-6, rtol=0)
     assert any(not torch.equal(s0[k], s1[k]) for k in state)  # the clients did differ
+
+
+def test_simulation_a_failing_client_under_min_clients_ends_the_run_by_name(
+        tmp_path, tiny_folder, data_file):
+    """In the engine: client 1's file holds no usable record, its error comes back as its
+    reply, and with min_clients 2 the round's error reaches the caller."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"unrelated": 1}\n')
+    cfg = fed_cfg(tmp_path, tiny_folder, data_file, clients=2, rounds=1, local_steps=1,
+                  min_clients=2, client_data=[str(data_file), str(bad)])
+    with pytest.raises(FederationError, match=r"round 1: 1 accepted updates.*failed: \{1: "):
+        run_federate(cfg, quiet=True)
+    assert not (tmp_path / "run" / "global").exists()  # no round was saved

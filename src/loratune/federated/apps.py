@@ -17,19 +17,14 @@ from loratune.federated.client import local_train
 from loratune.federated.server import Federation, serve_rounds
 
 
-def build_server_app(fed: Federation, outcome: dict | None = None) -> ServerApp:
-    """The ServerApp; `outcome` (if given) receives "error": the exception that ended the
-    rounds, since the simulation engine only logs what a ServerApp raises."""
+def build_server_app(fed: Federation) -> ServerApp:
+    """The ServerApp: the rounds of `fed` on whatever Grid Flower gives it (what it raises
+    ends the run; the simulation engine re-raises it in the caller)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        try:
-            serve_rounds(grid, fed, adapted_base(fed.cfg))
-        except BaseException as err:
-            if outcome is not None:
-                outcome["error"] = err
-            raise
+        serve_rounds(grid, fed, adapted_base(fed.cfg))
 
     return app
 

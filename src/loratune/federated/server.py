@@ -27,8 +27,9 @@ from loratune.federated.base import AdaptedBase
 from loratune.federated.checks import Expected, refusal
 
 
-class FederationError(RuntimeError):
-    """A round that cannot complete (too few accepted updates, clients that never joined)."""
+class FederationError(ValueError):
+    """A round that cannot complete (too few accepted updates, clients that never joined);
+    a ValueError, so the command line prints it as one line."""
 
 
 @dataclass

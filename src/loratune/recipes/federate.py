@@ -92,11 +92,8 @@ def run_federate(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     from loratune.federated.apps import build_client_app, build_server_app
 
     fed = setup(cfg, resume, overwrite, quiet)
-    outcome: dict = {}
-    run_simulation(build_server_app(fed, outcome), build_client_app(fed),
+    run_simulation(build_server_app(fed), build_client_app(fed),
                    num_supernodes=cfg.federated.clients, backend_config=backend_config(cfg))
-    if "error" in outcome:
-        raise outcome["error"]
     if not (fed.out / "adapter").is_dir():
         raise RuntimeError(f"the Flower simulation ended without a final adapter in {fed.out}; "
                            "see its log above")
