@@ -134,6 +134,7 @@ def read_moe_gguf(path: Path, dtype: torch.dtype, attention: str | None = None):
     """The model in MoE GGUF `path`, in `dtype`, every parameter from the file."""
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     path = Path(path)
     reader = GGUFReader(str(path))
@@ -141,7 +142,8 @@ def read_moe_gguf(path: Path, dtype: torch.dtype, attention: str | None = None):
     config = moe_config(path, meta, {t.name for t in reader.tensors})
     if attention is not None:
         config._attn_implementation = attention
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with no_init_weights():  # no random init of a model every parameter of is read below
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = _Tensors(path, reader, config, meta["general.architecture"])
     tied = config.tie_word_embeddings
     state = {k: tensors.parameter(k).to(dtype) for k in model.state_dict()
