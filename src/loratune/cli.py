@@ -221,26 +221,24 @@ def cmd_compare(args) -> int:
 
 
 def cmd_tune_rank(args) -> int:
-    from loratune.adapters import method_record
-    from loratune.config import ConfigError
-    from loratune.recipes.compare import (best_rank, load_settings, method_adapter,
-                                          run_variants, write_report)
+    """A preset of `search`: a grid study over adapter.r (alpha/r kept), best by held-out loss."""
+    from loratune.config import build_config
+    from loratune.recipes.compare import load_settings, write_report
+    from loratune.recipes.search import rank_preset, run_study
+    from loratune.recipes.search_report import rank_rows
 
     settings = load_settings(args.config, args.overrides)
-    base = settings.get("adapter") or {}
-    method = base.get("method", "lora")
-    if not method_record(method).has_rank:
-        raise ConfigError(f"tune-rank varies r; adapter.method {method!r} has no r")
-    ratio = base.get("lora_alpha", 8.0) / base.get("r", 8)
     ranks = [int(r) for r in args.ranks.split(",")]
-    variants = {f"r{r}": {**method_adapter(base, method), "r": r, "lora_alpha": ratio * r}
-                for r in ranks}
-    rows = run_variants(settings, variants, args.out, quiet=args.quiet)
-    print(write_report(rows, Path(args.out), "tune_rank"))
-    best = best_rank(rows)
-    print(f"\nbest: {best['variant']} (held-out exact match "
-          f"{best['score'] if best['score'] is None else format(best['score'], '.1%')}, "
-          f"adapter {best['adapter']})")
+    out = run_study(rank_preset(settings, ranks, args.out), args.config, quiet=args.quiet)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    rows = rank_rows(report, build_config(settings, args.config))
+    if not rows:
+        print((out / "report.md").read_text(encoding="utf-8"), file=sys.stderr)
+        return 1
+    print(write_report(rows, out, "tune_rank"))
+    best = next(r for r in rows if r["trial"] == report["best_trial"])
+    print(f"\nbest: {best['variant']} (held-out loss {best['eval_loss']:.4f}, adapter "
+          f"{best['adapter']}; study: {out}/study.db, best.yaml)")
     return 0
 
 

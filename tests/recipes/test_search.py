@@ -68,11 +68,11 @@ def counting_launch(monkeypatch, stop_at: int | None = None) -> list[str]:
     """Record every trial process started; with `stop_at`, that start is interrupted (Ctrl-C)."""
     started, real = [], search_recipe.launch
 
-    def launch(cfg_path, result_path):
+    def launch(cfg_path, result_path, task=None):
         started.append(cfg_path.parent.name)
         if len(started) == stop_at:
             raise KeyboardInterrupt
-        return real(cfg_path, result_path)
+        return real(cfg_path, result_path, task)
 
     monkeypatch.setattr(search_recipe, "launch", launch)
     return started

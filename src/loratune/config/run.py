@@ -450,6 +450,8 @@ class SearchSpace(_Section):
     method: list[str] | None = Field(None, description="adapter methods to try (registry names)")
     r: Searched | None = Field(None, description="LoRA rank (methods that have r)")
     lora_alpha: Searched | None = None
+    alpha_over_r: Searched | None = Field(None, description="lora_alpha as this multiple of "
+                                          "the sampled r (alpha/r kept, as tune-rank does)")
     targets: list[str | list[str]] | None = Field(
         None, description="target sets: attention, mlp, all-linear, or a list of module names")
     lr: Searched | None = Field(None, description="train.lr; a range is sampled "
@@ -461,7 +463,7 @@ class SearchSpace(_Section):
         default_factory=dict, description="any config field by dotted path, e.g. "
         "train.warmup_ratio: {low: 0, high: 0.1}")
 
-    @field_validator("r", "lora_alpha", "lr", "dropout", mode="before")
+    @field_validator("r", "lora_alpha", "alpha_over_r", "lr", "dropout", mode="before")
     @classmethod
     def _range(cls, v):
         return _as_range(v)
@@ -471,7 +473,8 @@ class SearchSpace(_Section):
     def _ranges(cls, v):
         return {k: _as_range(x) for k, x in v.items()} if isinstance(v, dict) else v
 
-    @field_validator("method", "r", "lora_alpha", "targets", "lr", "dropout", "quantization")
+    @field_validator("method", "r", "lora_alpha", "alpha_over_r", "targets", "lr", "dropout",
+                     "quantization")
     @classmethod
     def _not_empty(cls, v):
         if isinstance(v, list) and not v:
@@ -506,28 +509,81 @@ class SearchSpace(_Section):
                                  f"{'/'.join(RUN_SECTIONS)}, e.g. train.warmup_ratio")
         return v
 
+    @model_validator(mode="after")
+    def _one_alpha(self):
+        if self.lora_alpha is not None and self.alpha_over_r is not None:
+            raise ValueError("lora_alpha and alpha_over_r both set: expected one of them")
+        return self
+
+
+# search.objective names -> the direction each is better in ("task": the task's metric says)
+SEARCH_OBJECTIVES = {"eval_loss": "minimize", "reward": "maximize", "task": None,
+                     "peak_gib": "minimize", "seconds": "minimize"}
+
+
+def _one_or_list(v):
+    return [v] if isinstance(v, str) else v
+
+
+class SearchTask(_Section):
+    """search.objective task: an `eval --task` run on each trained trial, in its process."""
+
+    task: str = Field(description="an eval task: exact, mc, perplexity, generate, code, ...")
+    data: str = Field(description="the task's data file", json_schema_extra=USER_PATH)
+    metric: str | None = Field(None, description="the metric scored (default: the task's "
+                               "headline, e.g. mc acc)")
+    options: dict[str, Any] = Field(default_factory=dict, description="eval options of the "
+                                    "task, e.g. {shots: 1, limit: 50}")
+
 
 class SearchConfig(_Section):
     """`loratune search`: an Optuna study over `space`, every trial checked by the planner."""
 
     space: SearchSpace = Field(default_factory=SearchSpace)
-    objective: Literal["eval_loss"] = Field("eval_loss", description="held-out loss (needs "
-                                            "data.eval, data.eval_fraction or train: demo)")
-    direction: Literal["minimize", "maximize"] = "minimize"
+    objective: list[Literal["eval_loss", "reward", "task", "peak_gib", "seconds"]] = Field(
+        ["eval_loss"], description="one name or a list (a list: a multi-objective study, the "
+        "Pareto front): eval_loss (held-out loss), reward (held-out mean reward of train."
+        "objective grpo), task (search.task's metric), peak_gib (measured peak memory), "
+        "seconds (training time)")
+    direction: list[Literal["minimize", "maximize"]] | None = Field(
+        None, description="one per objective (default: each one's own; task: the metric's)")
+    task: SearchTask | None = Field(None, description="the eval task of objective task")
     memory_gib: float | None = Field(None, gt=0, description="planned peak memory limit: "
                                      "trials the planner puts above it are pruned, never run")
     trials: int = Field(20, gt=0, description="finished trials (complete or pruned) the study "
-                        "holds when done; a rerun continues up to it")
+                        "holds when done, all workers together; a rerun continues up to it")
     time: float | None = Field(None, gt=0, description="seconds after which this invocation "
                                  "starts no new trial (a running one finishes)")
-    sampler: Literal["tpe", "random"] = "tpe"
-    pruner: Literal["median", "hyperband", "none"] = Field(
-        "median", description="stops trials whose intermediate held-out loss (train.eval_every) "
-        "is weak")
+    sampler: Literal["tpe", "random", "grid"] = Field(
+        "tpe", description="grid: every combination of a space of lists once (trials: their "
+        "number at most)")
+    pruner: Literal["median", "hyperband", "none"] | None = Field(
+        None, description="stops trials whose intermediate held-out score (train.eval_every) "
+        "is weak; default median, none with several objectives (Optuna prunes one only)")
     seed: int | None = Field(None, description="sampler seed (default: train.seed)")
     storage: str | None = Field(None, description="Optuna storage URL (default: sqlite:///"
-                                "<output_dir>/study.db)", json_schema_extra=USER_URI)
+                                "<output_dir>/study.db); workers sharing it split the trials",
+                                json_schema_extra=USER_URI)
     study_name: str = "search"
+
+    @field_validator("objective", "direction", mode="before")
+    @classmethod
+    def _listed(cls, v):
+        return _one_or_list(v)
+
+    @model_validator(mode="after")
+    def _objectives(self):
+        names = self.objective
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"objective {names}: expected one or more different names")
+        if self.direction is not None and len(self.direction) != len(names):
+            raise ValueError(f"direction {self.direction}: expected one per objective {names}")
+        if "task" in names and self.task is None:
+            raise ValueError("objective task needs search.task: {task: NAME, data: FILE}")
+        if len(names) > 1 and self.pruner not in (None, "none"):
+            raise ValueError(f"pruner {self.pruner} with {len(names)} objectives: Optuna prunes "
+                             "single-objective studies only (leave pruner out or set none)")
+        return self
 
 
 class RunConfig(_Section):

@@ -129,15 +129,20 @@ def run_variants(settings: dict, variants: dict[str, dict], out_dir: str | Path,
     return rows
 
 
-def task_score(model, tok, model_cfg, task: dict) -> tuple[str, float]:
-    """The trained adapter's headline score on an eval task: ("mc acc", 0.62)."""
+def task_metrics(model, tok, model_cfg, task: dict):
+    """The trained adapter's scores on an eval task: (its TaskRecord, {metric: value})."""
     from loratune.config.commands import EvalCommandConfig
     from loratune.eval.tasks import task_record
 
     cfg = EvalCommandConfig(model=model_cfg, **task)
     record = task_record(cfg.task)
-    result = record.score(model, tok, record.read(cfg), cfg)
-    return f"{record.name} {record.headline}", result.metrics.get(record.headline)
+    return record, record.score(model, tok, record.read(cfg), cfg).metrics
+
+
+def task_score(model, tok, model_cfg, task: dict) -> tuple[str, float]:
+    """The trained adapter's headline score on an eval task: ("mc acc", 0.62)."""
+    record, metrics = task_metrics(model, tok, model_cfg, task)
+    return f"{record.name} {record.headline}", metrics.get(record.headline)
 
 
 def train_and_score(cfg_path: str, result_path: str, task: dict | None = None) -> dict:

@@ -118,4 +118,5 @@ def score(model, tokenizer, data: TaskData, cfg) -> TaskResult:
 register(TaskRecord(
     name="perplexity", summary="token-level perplexity of a text or JSONL file (sliding windows)",
     read=read, score=score, headline="perplexity",
-    options=("limit", "max_length", "stride", "batch_size"), formats={"tokens": "{:.0f}"}))
+    options=("limit", "max_length", "stride", "batch_size"), formats={"tokens": "{:.0f}"},
+    lower_better=("perplexity", "nll_per_token", "bits_per_byte")))

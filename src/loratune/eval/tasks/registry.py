@@ -63,6 +63,8 @@ class TaskRecord:
     options: tuple[str, ...] = ()             # EvalCommandConfig fields the task reads
     # metric -> format in the Markdown table; unlisted metrics print with {:.4f}
     formats: dict[str, str] = field(default_factory=dict)
+    # the metrics that are better lower (perplexity); every other one is better higher
+    lower_better: tuple[str, ...] = ()
 
 
 _TASKS: dict[str, TaskRecord] = {}
