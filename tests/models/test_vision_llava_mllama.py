@@ -142,8 +142,9 @@ def test_too_many_images_for_the_placeholders_is_refused(loaded):
 
 
 def _colours(loaded):
+    """Two plain-colour images, "Colour?" -> the name: a task each step fits further."""
     return [_encode(loaded, _ask(1, "Colour?", name), [Image.new("RGB", (28, 28), rgb)])
-            for name, rgb in COLOURS.items()]
+            for name, rgb in list(COLOURS.items())[:2]]
 
 
 def _reloaded_equal(folder, adapter, examples, want, prepare=None):
@@ -165,7 +166,7 @@ def test_train_save_reload_merge(family, loaded, tmp_path):
     targets = setup_adapter(model, LoraConfig(target_modules=fam.language_targets(), r=8,
                                               lora_alpha=16))
     assert targets and all(t.startswith(fam.language + ".") for t in targets)
-    losses = train_vision(model, examples, steps=8, lr=2e-2, batch=4)
+    losses = train_vision(model, examples, steps=8, lr=2e-2, batch=2)
     assert losses[-1] < 0.5 * losses[0], losses
     with torch.no_grad():
         trained = [vision_logits(model, ex) for ex in examples]
@@ -214,7 +215,7 @@ def test_qlora_language_model_in_4_bits_vision_in_compute_dtype(family, loaded, 
               if n.startswith(fam.vision + ".") and isinstance(m, torch.nn.Linear)]
     assert vision and all(m.weight.dtype == torch.float32 for m in vision)
     setup_adapter(model, LoraConfig(target_modules="language", r=8, lora_alpha=16))
-    losses = train_vision(model, examples, steps=8, lr=2e-2, batch=4)
+    losses = train_vision(model, examples, steps=8, lr=2e-2, batch=2)
     assert losses[-1] < 0.5 * losses[0], losses
     with torch.no_grad():
         trained = [vision_logits(model, ex) for ex in examples]
