@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from loratune import progress
 from loratune.federated.base import adapted_base
 from loratune.federated.client import local_train
 from loratune.federated.server import Federation, serve_rounds
@@ -58,6 +59,7 @@ def build_client_app(fed: Federation, mods: list | tuple = ()) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        progress.set_quiet(fed.quiet)  # a client process is not the one --quiet was given to
         base = adapted_base(fed.cfg)
         rnd = int(msg.content["config"]["round"])
         path, local_dir = client_paths(fed, context)

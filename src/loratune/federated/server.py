@@ -40,7 +40,11 @@ class Federation:
     out: Path
     client_files: list[str]
     resume: bool = False
-    log: object = print
+    quiet: bool = False  # no progress lines from the clients either
+
+    def log(self, *args) -> None:
+        if not self.quiet:
+            print(*args, flush=True)
 
 
 @dataclass

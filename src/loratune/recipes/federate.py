@@ -81,7 +81,7 @@ def setup(cfg: RunConfig, resume: bool, overwrite: bool, quiet: bool) -> Federat
     ckpt.prepare_dir(out, resume, overwrite)
     write_config(out, cfg)
     files = client_files(cfg, out)
-    return Federation(cfg, out, files, resume, log=_silent if quiet else print)
+    return Federation(cfg, out, files, resume, quiet)
 
 
 def run_federate(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
@@ -98,7 +98,3 @@ def run_federate(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         raise RuntimeError(f"the Flower simulation ended without a final adapter in {fed.out}; "
                            "see its log above")
     return fed.out / "adapter"
-
-
-def _silent(*args, **kwargs) -> None:
-    pass
