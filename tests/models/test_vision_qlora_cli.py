@@ -4,6 +4,7 @@ compute dtype), then `loratune merge --qlora` of its adapter into a folder that 
 same architecture with the logits of the 4-bit model + adapter; `merge` without --qlora too."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -95,11 +96,15 @@ def _image_example(cfg, tokenizer):
     return examples[0]
 
 
-def test_merge_qlora_equals_the_4bit_model_with_its_adapter(qlora_run, qwen_folder, tmp_path):
+def test_merge_qlora_equals_the_4bit_model_with_its_adapter(qlora_run, qwen_folder, tmp_path,
+                                                            capsys):
     cfg, adapter = qlora_run
     out = tmp_path / "merged"
     assert main(["merge", "--model", str(qwen_folder), "--adapter", str(adapter),
-                 "--out", str(out), "--qlora", "nf4"]) == 0
+                 "--out", str(out), "--qlora", "nf4", "--check"]) == 0
+    # --check: the merged folder against the 4-bit base + adapter, on a text sample
+    gap = re.search(r"\(4-bit base\): (\S+)", capsys.readouterr().out)
+    assert gap and float(gap.group(1)) < 1e-4
     live, tokenizer = load_model(ModelConfig(name=str(qwen_folder),
                                              quantization=QuantConfig(type="nf4")))
     load_adapter(live, adapter)
