@@ -273,3 +273,36 @@ def test_an_unknown_vision_model_type_is_refused_listing_the_families(tmp_path):
         vision_model_type(tmp_path)
     for name in BUILDERS:
         assert name in str(refused.value)
+
+
+def test_qwen2_5_vl_encoding_gives_its_3d_positions(tmp_path):
+    """Qwen2_5_VLProcessor returns mm_token_type_ids; without them the model falls back to 1-D
+    positions (the logits of the tiny model move by up to 9), so training saw other positions
+    than serving, which computes the 3-D ones."""
+    from vision_models import tiny_qwen2_5_vl
+
+    folder = tiny_qwen2_5_vl(tmp_path / "qwen2_5_vl")
+    model, tokenizer, image_processor = load_vision_model(folder)
+    messages, images = CASES[1]
+    got = encode_vision(messages, images, tokenizer, image_processor,
+                        vision_family(model.config))
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    want = _reference("qwen2_5_vl", folder, text, images)
+    assert got.input_ids == want["input_ids"][0].tolist()
+    assert set(got.image_inputs) == set(want.keys()) - {"input_ids"}
+    torch.testing.assert_close(got.image_inputs["mm_token_type_ids"], want["mm_token_type_ids"])
+
+
+def test_vqa_prompts_cut_the_per_token_rows(family):
+    """`eval --task vqa` cuts the training encoding where the answer starts; the per-token
+    image rows are cut with the ids, so generate() takes them (Qwen3-VL needs them)."""
+    from loratune.config import ModelConfig
+    from loratune.eval.tasks.vqa import answer, prompt_example
+    from loratune.models.load import load_model
+
+    name, folder = family
+    model, tokenizer = load_model(ModelConfig(name=str(folder)))
+    ids, inputs = prompt_example(tokenizer, "q.jsonl:1", *CASES[0])
+    key = FAMILIES[name].token_types
+    assert not key or inputs[key].shape == (1, len(ids))
+    assert isinstance(answer(model, tokenizer, ids, inputs, 2), str)

@@ -21,6 +21,7 @@ import torch
 from loratune.data.encode import IGNORE, encode_conversation
 from loratune.data.encode import ImageExample as VisionExample
 from loratune.data.errors import DataError
+from loratune.data.packing import PER_TOKEN_INPUTS
 from loratune.readers import check_safetensors
 
 _LINEAR_LEAVES = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
@@ -377,7 +378,8 @@ def encode_mllama(messages: list[dict], images: list, tokenizer, image_processor
 
 FAMILIES = {
     "qwen2_5_vl": VisionFamily("qwen2_5_vl", "<|image_pad|>", "model.language_model",
-                               "model.visual", "model.visual.merger"),
+                               "model.visual", "model.visual.merger",
+                               token_types="mm_token_type_ids"),
     "idefics3": VisionFamily("idefics3", "<image>", "model.text_model", "model.vision_model",
                              "model.connector", encode=encode_idefics3,
                              seq_len_of=idefics3_image_seq_len),
@@ -406,6 +408,13 @@ FAMILIES = {
     "mllama": VisionFamily("mllama", "<|image|>", "model.language_model", "model.vision_model",
                            "model.multi_modal_projector", encode=encode_mllama),
 }
+
+
+def prompt_image_inputs(example: VisionExample, length: int) -> dict:
+    """The image inputs of the example's first `length` tokens (a generation prompt): the
+    per-token rows (token_type_ids, mm_token_type_ids) cut with the ids."""
+    return {k: v[:, :length] if k in PER_TOKEN_INPUTS else v
+            for k, v in example.image_inputs.items()}
 
 
 def vision_loss(model, example: VisionExample) -> torch.Tensor:

@@ -21,6 +21,7 @@ from loratune.eval.tasks.registry import (TaskData, TaskError, TaskRecord, TaskR
                                           hashed, register)
 from loratune.eval.text_metrics import token_f1
 from loratune.models.modules import eos_ids
+from loratune.models.vision import prompt_image_inputs
 
 MAX_NEW_TOKENS = 32
 
@@ -60,7 +61,7 @@ def prompt_example(tokenizer, where: str, messages: list[dict], images: list):
     start = answer_start(example.labels)
     if start == 0:
         raise TaskError(f"{where}: the reference answer has no tokens to score")
-    return example.input_ids[:start], example.image_inputs
+    return example.input_ids[:start], prompt_image_inputs(example, start)
 
 
 @torch.no_grad()
