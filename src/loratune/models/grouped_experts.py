@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-# "auto" and "grouped_mm": grouped_mm wherever it takes the operands, else the loop. On CPU,
-# one thread, it measured as fast as the loop on base-width matmuls and twice as fast on the
-# rank-16 ones (64 experts, 1024 rows); "loop" is there to compare against.
+# "auto" and "grouped_mm": grouped_mm wherever it takes the operands, else the loop. Even on
+# CPU a whole step with the loop measured 1.5x slower (benchmarks/README.md, moe_experts.py);
+# "loop" is there to compare against.
 BACKENDS = ("auto", "grouped_mm", "loop")
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,10 +49,11 @@ def group_tokens(top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     flat = top_k_index.reshape(-1)
     # one host sync: the row counts decide the slices (transformers' eager loop syncs too)
     counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]
-    order = torch.argsort(flat, stable=True)[:int(counts.sum())]
     ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    ends_list = ends.tolist()
+    order = torch.argsort(flat, stable=True)[:ends_list[-1]]  # "no expert" slots sort last
     spans, start = [], 0
-    for expert, end in enumerate(ends.tolist()):
+    for expert, end in enumerate(ends_list):
         if end > start:
             spans.append((expert, start, end))
         start = end
