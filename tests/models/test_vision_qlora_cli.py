@@ -31,7 +31,7 @@ def qwen_folder(tmp_path_factory):
     return tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
 
 
-def _config(tmp_path, folder, quantization) -> RunConfig:
+def _config(tmp_path, folder, quantization, **adapter) -> RunConfig:
     rows = []
     for name, rgb in COLOURS.items():
         Image.new("RGB", (56, 56), rgb).save(tmp_path / f"{name}.png")
@@ -41,7 +41,7 @@ def _config(tmp_path, folder, quantization) -> RunConfig:
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     raw = {"output_dir": str(tmp_path / "run"),
            "model": {"name": str(folder), "quantization": quantization},
-           "adapter": {"r": 8, "lora_alpha": 16, "target_modules": "language"},
+           "adapter": {"r": 8, "lora_alpha": 16, "target_modules": "language", **adapter},
            "data": {"train": str(tmp_path / "d.jsonl")},
            "train": {"max_steps": 6, "batch_size": 3, "lr": 2e-2, "warmup_ratio": 0.0}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
@@ -123,7 +123,8 @@ def test_merge_qlora_equals_the_4bit_model_with_its_adapter(qlora_run, qwen_fold
 
 
 def test_merge_of_a_vision_adapter_without_qlora(qwen_folder, tmp_path):
-    cfg = _config(tmp_path, qwen_folder, None)
+    """A LoRA on the language model plus the projector trained whole (modules_to_save)."""
+    cfg = _config(tmp_path, qwen_folder, None, modules_to_save=["projector"])
     assert main(["train", str(tmp_path / "run.yaml")]) == 0
     adapter, out = tmp_path / "run" / "adapter", tmp_path / "merged"
     assert main(["merge", "--model", str(qwen_folder), "--adapter", str(adapter),
@@ -132,6 +133,9 @@ def test_merge_of_a_vision_adapter_without_qlora(qwen_folder, tmp_path):
     load_adapter(live, adapter)
     example = _image_example(cfg, tokenizer)
     merged, _, _ = load_vision_model(out)
+    base, _, _ = load_vision_model(qwen_folder)
+    projector = "model.visual.merger.mlp.0.weight"
+    assert not torch.equal(merged.state_dict()[projector], base.state_dict()[projector])
     with torch.no_grad():
         torch.testing.assert_close(vision_logits(merged, example), vision_logits(live, example),
                                    rtol=0, atol=1e-4)
