@@ -110,6 +110,13 @@ def test_llava_next_image_tokens_follow_the_image_size(tmp_path):
     assert len(set(counts)) == 3 and min(counts) > loaded[3].image_seq_len, counts
 
 
+def test_llava_next_with_full_feature_selection_is_refused_by_name():
+    from transformers import LlavaNextConfig
+
+    with pytest.raises(ValueError, match="vision_feature_select_strategy is 'full'.*'default'"):
+        vision_family(LlavaNextConfig(vision_feature_select_strategy="full"))
+
+
 @pytest.mark.parametrize("case", [0, 1])
 def test_only_the_answers_are_labelled(loaded, case):
     model, tokenizer, _, fam = loaded

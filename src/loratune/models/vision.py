@@ -276,8 +276,9 @@ def llava_next_image_seq_len(config) -> int:
     """Tokens of LLaVA-NeXT's base tile; the per-image count (`_llava_next_tokens`) reads the
     patches a side from it, so only "default" (the released checkpoints', CLS dropped) is read."""
     if config.vision_feature_select_strategy != "default":
-        raise ValueError(f"LLaVA-NeXT vision_feature_select_strategy "
-                         f"'{config.vision_feature_select_strategy}': only 'default' is read here")
+        raise ValueError(f"config.json: vision_feature_select_strategy is "
+                         f"'{config.vision_feature_select_strategy}'; LLaVA-NeXT is read with "
+                         "'default' only (every released checkpoint's)")
     return llava_image_seq_len(config)
 
 
