@@ -96,3 +96,61 @@ def test_tune_rank_is_a_grid_study_over_r(tmp_path, tiny_folder, data_file, caps
     assert f"best: {best['variant']} (held-out loss {best['eval_loss']:.4f}" in printed
     assert yaml.safe_load((out / "best.yaml").read_text())["adapter"]["r"] == best["r"]
     assert (out / "tune_rank.png").stat().st_size > 1000 and (out / "report.md").is_file()
+
+
+def quick_study(tmp_path, sampler: str = "random"):
+    from loratune.config import SearchConfig
+
+    search = SearchConfig(space={"lr": {"low": 1e-4, "high": 1e-1}}, sampler=sampler,
+                          trials=4)
+    goal = search_recipe.Goal(("eval_loss",), ("minimize",))
+    return search, search_recipe.open_study(search, goal, tmp_path, seed=7)
+
+
+def test_a_resumed_study_does_not_draw_its_first_values_again(tmp_path):
+    """Each reopening of a study builds its sampler again from search.seed: seeded per trial
+    number, the values of trials 2-3 (second invocation) are not those of trials 0-1."""
+    drawn = []
+
+    def objective(trial):
+        drawn.append(trial.suggest_float("lr", 1e-4, 1e-1, log=True))
+        return drawn[-1]
+
+    for _ in range(2):  # two invocations of the same study
+        _, study = quick_study(tmp_path)
+        study.optimize(objective, n_trials=2)
+    assert len(set(drawn)) == 4, drawn
+    (tmp_path / "again").mkdir()
+    _, study = quick_study(tmp_path / "again")  # and the same seed draws the same values
+    study.optimize(objective, n_trials=4)
+    assert drawn[4:] == drawn[:4]
+
+
+def test_a_trial_claimed_by_other_workers_never_starts(tmp_path):
+    """search.trials 2, two trials running on other workers: a third one is surplus, raised
+    before any value is sampled; its number is recorded with why."""
+    search, study = quick_study(tmp_path)
+    others = [study.ask(), study.ask()]
+    third = study.ask()
+    with pytest.raises(search_recipe.Surplus):
+        search_recipe.run_one(third, {}, search, None, tmp_path, total=2)
+    assert third.params == {} and "config" not in third.user_attrs
+    assert third.user_attrs["failed_why"].startswith("surplus: search.trials 2 already claimed")
+    study.tell(third, state=optuna.trial.TrialState.FAIL)  # as optimize records it
+    study.tell(others[0], state=optuna.trial.TrialState.FAIL)  # a slot opens again
+    fourth = study.ask()
+    assert search_recipe.claimed_before(study, fourth.number) == 1  # others[1] only
+
+
+def test_a_worker_whose_trials_all_fail_stops(tmp_path):
+    """A trial that always fails ends the invocation after search.trials attempts instead of
+    starting new ones forever (failed trials do not count toward the study's total)."""
+    _, study = quick_study(tmp_path)
+    calls = []
+
+    def failing(trial):
+        calls.append(trial.number)
+        raise search_recipe.TrialFailed("no")
+
+    search_recipe.run_trials(study, failing, total=3, seconds=60)
+    assert calls == [0, 1, 2]

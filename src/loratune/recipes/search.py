@@ -466,7 +466,7 @@ def open_study(search: SearchConfig, goal: Goal, out: Path, seed: int):
                                        study_name=search.study_name,
                                        sampler=make_sampler(search, seed), pruner=pruner,
                                        directions=list(goal.directions), load_if_exists=True)
-        except sqlalchemy.exc.OperationalError:
+        except sqlalchemy.exc.SQLAlchemyError:  # locked, or the other one inserted first
             if attempt == 4:
                 raise
             time.sleep(1 + attempt)
