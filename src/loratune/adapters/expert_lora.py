@@ -27,6 +27,7 @@ from loratune.adapters.peft_format import EXPERT_TARGETS, file_key, lora_scale
 from loratune.adapters.registry import AdapterError
 from loratune.models.grouped_experts import (LowRank, add_low_rank, experts_forward, gated,
                                              grouped_linear)
+from loratune.models.moe_experts import QuantizedExperts
 
 # The parameters adapted, in the experts module's own order (PEFT's nesting follows it).
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -35,12 +36,25 @@ _KINDS = {"gate_up_proj": ("base_layer.lora_A.weight", "base_layer.lora_B.weight
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """Experts stored as [E, out, in] parameters with the eager gate/up/down math we rerun
-    (GPT-OSS's transposed, biased experts are not: `unsupported_experts` names them)."""
+    """Experts stored as [E, out, in] parameters with the eager gate/up/down math we rerun, or
+    such experts held in 4 bits (QLoRA's QuantizedExperts); GPT-OSS's transposed, biased
+    experts are not: `unsupported_experts` names them."""
+    if isinstance(module, QuantizedExperts):
+        return not module.transposed and module.concatenated and not _has_bias(module)
     params = [getattr(module, p, None) for p in EXPERT_PARAMS]
     return (all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in params)
-            and not getattr(module, "is_transposed", False)
-            and getattr(module, "gate_up_proj_bias", None) is None)
+            and not getattr(module, "is_transposed", False) and not _has_bias(module))
+
+
+def _has_bias(module: nn.Module) -> bool:
+    return getattr(module, "gate_up_proj_bias", None) is not None
+
+
+def _is_experts(module: nn.Module) -> bool:
+    """Routed experts of any layout: fused 3-D parameters or their 4-bit replacement."""
+    gate_up = getattr(module, "gate_up_proj", None)
+    return isinstance(module, QuantizedExperts) or (
+        isinstance(gate_up, nn.Parameter) and gate_up.dim() == 3)
 
 
 def expert_module_paths(model: nn.Module) -> list[str]:
@@ -48,11 +62,24 @@ def expert_module_paths(model: nn.Module) -> list[str]:
 
 
 def unsupported_experts(model: nn.Module) -> list[str]:
-    """Paths of 3-D expert modules of another layout (transposed or biased): refused by name."""
-    return [p for p, m in model.named_modules() if not is_fused_experts(m)
-            and not isinstance(m, ExpertHost)
-            and isinstance(getattr(m, "gate_up_proj", None), nn.Parameter)
-            and getattr(m, "gate_up_proj").dim() == 3]
+    """Paths of expert modules of another layout (transposed or biased): refused by name."""
+    return [p for p, m in model.named_modules() if _is_experts(m) and not is_fused_experts(m)]
+
+
+def expert_shapes(experts) -> dict[str, tuple[int, int, int]]:
+    """(experts, out, in) of each adapted parameter, from the fused tensors or, in 4 bits, from
+    one expert's [out, in] matrix."""
+    if isinstance(experts, QuantizedExperts):
+        return {n: (experts.num_experts, getattr(experts, n)[0].out_features,
+                    getattr(experts, n)[0].in_features) for n in EXPERT_PARAMS}
+    return {n: tuple(getattr(experts, n).shape) for n in EXPERT_PARAMS}
+
+
+def experts_placement(experts: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and compute dtype of an experts module (a 4-bit one computes in compute_dtype)."""
+    if isinstance(experts, QuantizedExperts):
+        return experts.gate_up_proj[0].packed.device, experts.compute_dtype
+    return experts.gate_up_proj.device, experts.gate_up_proj.dtype
 
 
 def all_linear_note(model: nn.Module) -> str | None:
@@ -136,11 +163,12 @@ class ExpertLora(nn.Module):
             raise AdapterError(f"adapter.lora_dropout={config.lora_dropout}: LoRA on fused "
                                "experts ('experts' in target_modules) needs lora_dropout 0")
         self.config, self.r, self.alpha = config, r, alpha
-        self.num_experts = experts.gate_up_proj.shape[0]
+        shapes = expert_shapes(experts)
+        self.num_experts = shapes["gate_up_proj"][0]
         self.scaling = lora_scale(alpha, r, config.use_rslora)
         kw = {"device": device, "dtype": dtype}
         for name in EXPERT_PARAMS:
-            n_exp, out_f, in_f = getattr(experts, name).shape
+            n_exp, out_f, in_f = shapes[name]
             a = nn.Parameter(torch.empty(n_exp * r, in_f, **kw))
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT's lora_A (an nn.Linear)
             self.register_parameter(f"{name}_A", a)
@@ -190,18 +218,25 @@ class ExpertHost(AdapterHost):
         if not running:
             return self.base_layer(hidden_states, top_k_index, top_k_weights)
         base = self.base_layer
+        quantized = isinstance(base, QuantizedExperts)  # QLoRA: 4-bit experts, same grouping
 
         def project(name: str, x: torch.Tensor, groups) -> torch.Tensor:
-            y = grouped_linear(x, getattr(base, name), groups, self.grouping)
+            y = base.project(name, x, groups) if quantized else \
+                grouped_linear(x, getattr(base, name), groups, self.grouping)
             terms = [ad.low_rank(name, weight) for ad, weight in running]
             return add_low_rank(y, x, terms, groups, self.grouping)
+        glu = base.glu if quantized else gated(base.act_fn)
         return experts_forward(hidden_states, top_k_index, top_k_weights, base.num_experts,
-                               project, gated(base.act_fn))
+                               project, glu)
 
     def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
         return {file_key(path, k): t for k, t in self.adapters[name].file_tensors().items()}
 
     def _rewrite(self, name: str, weight: float, sign: float) -> None:
+        if isinstance(self.base_layer, QuantizedExperts):
+            # re-rounding 4-bit experts would change the base (as for a Linear4bit)
+            raise ValueError("cannot merge into 4-bit experts (QuantizedExperts) in place; merge "
+                             "into the full-precision base: loratune merge --qlora nf4")
         with torch.no_grad():
             for pname in EXPERT_PARAMS:
                 param = getattr(self.base_layer, pname)

@@ -19,7 +19,7 @@ from torch import nn
 from loratune.adapters.host import (AdaptedLinear, AdapterHost, SavedModule, adapted_layers,
                                     adapter_dtype, hosts, module_dtype, saved_modules)
 from loratune.adapters.expert_lora import (ExpertHost, all_linear_note, expert_targets,
-                                           group_targets)
+                                           experts_placement, group_targets)
 from loratune.adapters.peft_format import pattern_value
 from loratune.adapters.registry import AdapterError, method_record
 from loratune.adapters.vlm_targets import resolve_shortcuts
@@ -179,11 +179,11 @@ def _add_expert_adapters(model: nn.Module, config: AdapterConfig, name: str,
         if not isinstance(host, ExpertHost):
             host = ExpertHost(host)
             set_submodule(model, path, host)
-        weight = host.base_layer.gate_up_proj
+        device, dtype = experts_placement(host.base_layer)
         host.adapters[name] = record.make_experts(
             config, path, host.base_layer, r=int(pattern_value(path, rank_pattern, config.r)),
-            alpha=pattern_value(path, alpha_pattern, config.lora_alpha), device=weight.device,
-            dtype=adapter_dtype(config, weight.dtype))
+            alpha=pattern_value(path, alpha_pattern, config.lora_alpha), device=device,
+            dtype=adapter_dtype(config, dtype))
     return paths
 
 

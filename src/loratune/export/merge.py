@@ -22,7 +22,7 @@ from loratune.adapters.inject import new_layer_adapter
 from loratune.adapters.peft_format import (ANOTHER_BASE, PeftFolder, module_path,
                                            read_adapter_config, read_peft_weights)
 from loratune.adapters.registry import AdapterError, method_record
-from loratune.export.merge_experts import ExpertMerge
+from loratune.export.merge_experts import ExpertMerge, expert_round_trip, expert_slot
 from loratune.export.safetensors_io import StreamWriter, read_index, read_tensor
 from loratune.data.new_tokens import copy_tokenizer, new_tokens_of
 from loratune.data.templates import TEMPLATE_FILE, adapters_template
@@ -154,8 +154,9 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
                  transform=None) -> MergeReport:
     """Stream `base` (a safetensors folder) through the adapters into a new folder at `out`.
 
-    `transform(name, tensor)`, if given, rewrites each base weight first (e.g. the NF4 round
-    trip a QLoRA adapter was trained against).
+    `transform(name, tensor, read)`, if given, rewrites each base weight first (e.g. the NF4
+    round trip a QLoRA adapter was trained against); `read(other)` reads another base tensor
+    (an expert's gate half is quantized together with its up half).
     """
     t0 = time.perf_counter()
     check_output_path(out, [base] + [a.folder for a in adapters])
@@ -187,7 +188,9 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
 
     def read(name: str) -> torch.Tensor:
         tensor = replaced[name] if name in replaced else read_tensor(index[name])
-        return transform(name, tensor) if transform is not None else tensor
+        if transform is None:
+            return tensor
+        return transform(name, tensor, lambda other: read_tensor(index[other]))
 
     stash: dict[str, torch.Tensor] = {}
 
@@ -326,34 +329,54 @@ def base_folder(model: str) -> tuple[Path, Path | None]:
     return tmp / "model", tmp
 
 
-def linear_weight_names(config: dict) -> set[str]:
-    """`<path>.weight` of the linears QLoRA quantizes (all but the output layer), from the config
-    alone: the architecture is instantiated on the meta device, so nothing is allocated."""
+def _meta_model(config: dict):
+    """The architecture on the meta device, from the config alone: nothing is allocated."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+
+
+def linear_weight_names(config: dict) -> set[str]:
+    """`<path>.weight` of the linears QLoRA quantizes (all but the output layer)."""
     from torch import nn
 
     from loratune.models.modules import output_layer_names
 
-    hf_config = AutoConfig.for_model(**config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+    model = _meta_model(config)
     skip = output_layer_names(model)
     return {f"{n}.weight" for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and n not in skip}
 
 
+def quantized_experts(config: dict) -> dict[str, bool]:
+    """Path -> stored transposed (GPT-OSS) of the fused routed experts QLoRA holds in 4 bits."""
+    from loratune.models.moe_experts import is_fused_experts
+
+    return {n: bool(getattr(m, "is_transposed", False))
+            for n, m in _meta_model(config).named_modules() if is_fused_experts(m)}
+
+
 def nf4_round_trip(config: dict, quant, names: set[str] | None = None) -> callable:
-    """A `transform` giving each quantized linear the values the QLoRA adapter trained against;
-    `names`: the weights QLoRA quantized, when not every linear but the output layer (a
-    vision-language model's: its language model's, export/vlm_merge.py)."""
+    """A `transform` giving each quantized linear, and each routed expert's matrices, the
+    values the QLoRA adapter trained against; `names`: the weights QLoRA quantized, when not
+    every linear but the output layer (a vision-language model's: its language model's,
+    export/vlm_merge.py; its experts are then left as they are)."""
     from loratune.quant.nf4 import dequantize_4bit, quantize_4bit
 
+    experts = quantized_experts(config) if names is None else {}
     names = linear_weight_names(config) if names is None else names
 
-    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if name not in names:
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        q = quantize_4bit(t.float(), quant.blocksize, quant.type, quant.double_quant)
+        return dequantize_4bit(q, torch.float32)
+
+    def transform(name: str, tensor: torch.Tensor, read) -> torch.Tensor:
+        if name in names:
+            return rounded(tensor).to(tensor.dtype)
+        slot = expert_slot(name)
+        if slot is None or slot[0] not in experts:
             return tensor
-        q = quantize_4bit(tensor.float(), quant.blocksize, quant.type, quant.double_quant)
-        return dequantize_4bit(q, torch.float32).to(tensor.dtype)
+        return expert_round_trip(name, tensor, read, rounded, experts[slot[0]]).to(tensor.dtype)
 
     return transform

@@ -40,6 +40,27 @@ def expert_slot(name: str) -> tuple[str, str, int | None, int | None] | None:
     return path, param, expert, half
 
 
+# The other half of an expert's gate/up pair in a per-expert checkpoint.
+_SIBLING = {"gate_proj": "up_proj", "up_proj": "gate_proj", "w1": "w3", "w3": "w1"}
+
+
+def expert_round_trip(name: str, tensor: torch.Tensor, read, rounded,
+                      transposed: bool = False) -> torch.Tensor:
+    """Checkpoint tensor `name` of routed experts after the 4-bit round trip QLoRA's
+    QuantizedExperts gives it (`rounded`: one matrix's quantize-dequantize): one [out, in]
+    matrix per expert, an expert's gate and up rows quantized together as its gate_up_proj
+    (`read(sibling)` fetches the other half of a per-expert checkpoint)."""
+    _, _, expert, half = expert_slot(name)
+    if expert is None:  # fused [E, out, in] (GPT-OSS: [E, in, out])
+        return torch.stack([rounded(w.t()).t() if transposed else rounded(w) for w in tensor])
+    if half is None:
+        return rounded(tensor)
+    head, leaf, tail = name.rsplit(".", 2)
+    other = read(f"{head}.{_SIBLING[leaf]}.{tail}")
+    pair = [tensor, other] if half == 0 else [other, tensor]
+    return rounded(torch.cat([t.float() for t in pair])).chunk(2)[half]
+
+
 class ExpertMerge:
     """Folds the adapters' fused-experts updates into checkpoint tensors as they stream by; the
     updates of one experts module are kept while its tensors pass (about one layer)."""
