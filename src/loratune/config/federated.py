@@ -13,6 +13,20 @@ from loratune.config.base import USER_PATH, _Section
 PARTITION = re.compile(r"iid|column:[^:\s]+|dirichlet:[0-9.eE+-]+(:[^:\s]+)?")
 
 
+class PrivacyOptions(_Section):
+    """Client-level differential privacy (DP-FedAvg): each client's update clipped on the
+    client, Gaussian noise added to the mean on the server, (ε, δ) reported per round."""
+
+    clip: float = Field(gt=0, description="L2 bound of each client's update (its adapter minus "
+                        "the one it received), enforced by Flower's fixedclipping_mod on the "
+                        "client and checked by the server")
+    noise_multiplier: float = Field(ge=0, description="noise std over the clip: the mean of n "
+                                    "updates gets N(0, (noise_multiplier·clip/n)²) per value; "
+                                    "0 adds none (and gives no guarantee)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the δ at which ε is reported (RDP "
+                         "accountant; below 1/clients is customary)")
+
+
 class FederatedConfig(_Section):
     """Federated fine-tuning: rounds of local training on clients and aggregation on a server."""
 
@@ -44,6 +58,9 @@ class FederatedConfig(_Section):
                              "(dropped or refused clients) is an error")
     round_timeout: float = Field(600.0, gt=0, description="seconds the server waits for a "
                                  "round's replies; clients later than that are dropped")
+    privacy: PrivacyOptions | None = Field(None, description="differential privacy: clip, "
+                                           "noise_multiplier, delta (every client weighs the "
+                                           "same then)")
 
     @field_validator("partition")
     @classmethod
@@ -69,6 +86,10 @@ class FederatedConfig(_Section):
         if self.client_data is not None and len(self.client_data) != self.clients:
             raise ValueError(f"federated.client_data: {len(self.client_data)} files for "
                              f"{self.clients} clients; give one per client")
+        if self.privacy is not None and self.aggregation == "svd":
+            raise ValueError("federated.privacy: the svd aggregation re-factors products, so a "
+                             "client's clipped update does not bound its effect; use fedavg, "
+                             "ffa or fedsa")
         return self
 
     def per_round(self) -> int:

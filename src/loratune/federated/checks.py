@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from loratune.federated.aggregate import is_lora_a, is_lora_b
+from loratune.federated.privacy import norm_refusal
 
 
 @dataclass
@@ -19,6 +20,8 @@ class Expected:
     fingerprint: str
     shapes: dict[str, tuple[int, ...]]  # file key -> shape, of the keys clients must send
     free_rank: bool = False  # svd: a client's LoRA rank may differ from the global one
+    clip: float | None = None  # federated.privacy.clip: the update's norm bound
+    start: dict[str, torch.Tensor] | None = None  # what was sent (the update's origin)
 
 
 def refusal(expected: Expected, rnd: int, fingerprint: str, examples: float,
@@ -31,7 +34,10 @@ def refusal(expected: Expected, rnd: int, fingerprint: str, examples: float,
         return f"stale round {rnd} (the server is at round {expected.round})"
     if not examples > 0:
         return f"num-examples {examples}: expected a positive count"
-    return key_refusal(expected, state) or value_refusal(state)
+    why = key_refusal(expected, state) or value_refusal(state)
+    if why is None and expected.clip is not None:
+        why = norm_refusal(expected.clip, state, expected.start)
+    return why
 
 
 def key_refusal(expected: Expected, state: dict[str, torch.Tensor]) -> str | None:

@@ -102,8 +102,16 @@ def local_train(cfg: RunConfig, base: AdaptedBase, path: str, received: dict[str
         if rnd == cfg.federated.rounds:  # this client's own adapter after its last steps
             save_adapter(model, local_dir.parent / "adapter", base_model=cfg.model.name,
                          overwrite=True)
-    update = {k: state[k] for k in exchanged_keys(cfg.federated.aggregation, list(state))}
+    update = {k: state[k] for k in reply_keys(cfg, list(state), list(received))}
     return LocalResult(update, len(run.data.examples), sum(losses) / len(losses), len(losses))
+
+
+def reply_keys(cfg: RunConfig, keys: list[str], received: list[str]) -> list[str]:
+    """The keys sent back, in the order they came (Flower's fixedclipping_mod pairs the reply's
+    tensors with the received ones by position)."""
+    place = {k: i for i, k in enumerate(received)}
+    return sorted(exchanged_keys(cfg.federated.aggregation, keys),
+                  key=lambda k: place.get(k, len(place)))
 
 
 def round_run(cfg: RunConfig, base: AdaptedBase, data: TrainData, total: int) -> Run:

@@ -25,6 +25,7 @@ from loratune.federated import checkpoint as ckpt
 from loratune.federated.aggregate import ClientUpdate, aggregate, exchanged_keys
 from loratune.federated.base import AdaptedBase
 from loratune.federated.checks import Expected, refusal
+from loratune.federated.privacy import Ledger, round_config
 
 
 class FederationError(ValueError):
@@ -64,9 +65,14 @@ def serve_rounds(grid: Grid, fed: Federation, base: AdaptedBase) -> dict[str, to
         start, state = ckpt.last_round(fed.out)
         fed.log(f"federate: resuming after round {start}")
     records = ckpt.read_rounds(fed.out, start)
+    ledger = privacy_ledger(fed, records)
     nodes = partitions(grid, fed)
     for rnd in range(start + 1, fed.cfg.federated.rounds + 1):
         state, record = one_round(grid, fed, base, nodes, rnd, state)
+        if ledger is not None:
+            state, record["privacy"] = ledger.release(
+                state, exchanged_keys(fed.cfg.federated.aggregation, list(state)),
+                len(record["accepted"]))
         ckpt.save_round(fed.out, rnd, state, adapter_config(fed, base))
         records.append(record)
         ckpt.write_rounds(fed.out, records)
@@ -75,6 +81,15 @@ def serve_rounds(grid: Grid, fed: Federation, base: AdaptedBase) -> dict[str, to
                                overwrite=True)
     store_template(folder, fed.cfg.data.template)
     return state
+
+
+def privacy_ledger(fed: Federation, records: list[dict]) -> Ledger | None:
+    """federated.privacy's noise and accountant, with a resumed run's rounds accounted."""
+    if fed.cfg.federated.privacy is None:
+        return None
+    ledger = Ledger(fed.cfg.federated.privacy, fed.cfg.federated.clients)
+    ledger.replay(records)
+    return ledger
 
 
 def adapter_config(fed: Federation, base: AdaptedBase) -> dict:
@@ -107,11 +122,14 @@ def one_round(grid: Grid, fed: Federation, base: AdaptedBase, nodes: dict[int, i
     t0, f = time.perf_counter(), fed.cfg.federated
     chosen = sample(list(nodes), f.per_round(), seed_of(fed.cfg), rnd)
     sent = ArrayRecord({k: state[k] for k in exchanged_keys(f.aggregation, list(state))})
-    asks = [Message(RecordDict({"arrays": sent, "config": ConfigRecord({"round": rnd})}),
+    config = ConfigRecord({"round": rnd, **round_config(fed.cfg)})
+    asks = [Message(RecordDict({"arrays": sent, "config": config}),
                     dst_node_id=nodes[p], message_type=MessageType.TRAIN) for p in chosen]
     by_node = {n: p for p, n in nodes.items()}
     expected = Expected(rnd, base.fingerprint, {k: tuple(state[k].shape) for k in sent},
-                        free_rank=f.aggregation == "svd")
+                        free_rank=f.aggregation == "svd",
+                        clip=f.privacy.clip if f.privacy else None,
+                        start={k: state[k] for k in sent})
     replies = RoundReplies()
     for reply in grid.send_and_receive(asks, timeout=f.round_timeout):
         read_reply(reply, by_node.get(reply.metadata.src_node_id, -1), expected, replies)
@@ -126,6 +144,8 @@ def one_round(grid: Grid, fed: Federation, base: AdaptedBase, nodes: dict[int, i
     updates = [replies.accepted[p] for p in sorted(replies.accepted)]
     for update in updates:
         update.scales = scales
+        if f.privacy is not None:  # DP: each client moves the mean by at most clip/n
+            update.weight = 1.0
     state = aggregate(f.aggregation, updates, state, scales=scales,
                       rank=getattr(fed.cfg.adapter, "r", None))
     return state, round_record(rnd, chosen, replies, dropped, sent.count_bytes() * len(asks),
@@ -173,6 +193,10 @@ def round_line(record: dict, rounds: int) -> str:
     line = (f"round {record['round']}/{rounds}: {len(record['accepted'])}/"
             f"{len(record['clients'])} clients, train loss {record['train_loss']:.4f}, "
             f"sent {record['bytes_down'] / 1e6:.3f} MB down, {record['bytes_up'] / 1e6:.3f} MB up")
+    if "privacy" in record:
+        eps = record["privacy"]["epsilon"]
+        line += (f", privacy ε = {eps:.4g}" if eps is not None else ", privacy ε = ∞ (no noise)")
+        line += f" at δ = {record['privacy']['delta']:g}"
     for kind in ("refused", "failed"):
         for pid, why in record[kind].items():
             line += f"\n  client {pid} {kind}: {why}"
