@@ -37,6 +37,7 @@ from loratune.ui.launcher import LaunchError, Launcher, field_errors, validate_l
 from loratune.ui.run_files import MetricsTail, RunFileError, inside, read_completions
 from loratune.ui.runs import (RunNotFound, RunTable, find_reports, run_detail, run_path,
                               run_state)
+from loratune.ui.studies import find_studies, study_detail, study_row
 
 STATIC = Path(__file__).parent / "static"
 POLL_S = 0.3          # how often a stream looks at metrics.jsonl
@@ -175,6 +176,15 @@ def add_routes(app: FastAPI, state: UiState) -> None:
         if root not in file.parents or file.suffix != ".png" or not file.is_file():
             return error(404, f"no plot {name}")
         return FileResponse(file)
+
+    @app.get("/api/studies", dependencies=guarded)
+    async def studies():   # `loratune search` output folders
+        return {"studies": await asyncio.to_thread(
+            lambda: [study_row(root, p) for p in find_studies(root)])}
+
+    @app.get("/api/studies/{name:path}", dependencies=guarded)
+    async def study(name: str):
+        return await asyncio.to_thread(study_detail, root, name)
 
     @app.get("/api/schema", dependencies=guarded)
     async def schema():
