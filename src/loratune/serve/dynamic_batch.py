@@ -39,7 +39,8 @@ class DynamicBatch:
         inputs = {"input_ids": rows.ids} if rows.embeds is None else \
             {"inputs_embeds": rows.embeds}
         out = self.model(**inputs, attention_mask=mask, position_ids=rows.position_ids,
-                         **{self.cache_key: cache}, use_cache=True, logits_to_keep=1)
+                         **{self.cache_key: cache}, use_cache=True, logits_to_keep=1,
+                         **rows.extra)
         self._join(cache, mask)
         return out.logits[:, -1]
 

@@ -24,7 +24,7 @@ from torch import nn
 from loratune.adapters.registry import RowLead
 from loratune.models.modules import cache_keyword, eos_ids
 from loratune.serve.dynamic_batch import DynamicBatch
-from loratune.serve.image_rows import ImageRows, SeenImages, is_vision_model
+from loratune.serve.image_rows import ImageRows, SeenImages, is_vision_model, vision_refusal
 from loratune.serve.pool import AdapterPool, entry_key
 from loratune.serve.prefill_rows import lead_tokens, row_columns
 from loratune.serve.sampling import check_seed, find_stop, held_back, new_generator, pick_token
@@ -139,10 +139,12 @@ class Engine:
         self.max_prompt_tokens = max_prompt_tokens
         self.max_completion_tokens = max_completion_tokens
         self.prefill_tokens = prefill_tokens    # prompt tokens per joint prefill forward
-        self.context = getattr(model.config, "max_position_embeddings", None)
+        # a vision-language model's context is its text model's
+        self.context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         self.row_slots = pool.bind(model)
         self.images = ImageRows(model, self.row_slots) if is_vision_model(model) else None
+        self.image_refusal = vision_refusal(model)     # None: images served, or a text model
         self.eos = eos_ids(model, tokenizer)
         self.queue: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -267,8 +269,9 @@ class Engine:
         if n == 0:
             raise ServeError("the prompt is empty")
         if request.images and self.images is None:
-            raise ServeError(f"model {self.base_name!r} is a text model: it takes no image "
-                             "parts", param="messages")
+            why = self.image_refusal or "it is a text model"
+            raise ServeError(f"model {self.base_name!r} takes no image parts here: {why}",
+                             param="messages")
         if n > self.max_prompt_tokens:
             raise ServeError(f"the prompt has {n} tokens{self._image_share(request)}; this server "
                              f"takes at most {self.max_prompt_tokens} (--max-prompt-tokens)")

@@ -127,7 +127,11 @@ def image_prompt(tokenizer, messages: list[dict], images: list,
     if cut is None:
         raise DataError("the chat template wrote no assistant turn after the messages; "
                         "expected its generation prompt to end the prompt")
-    return ImagePrompt(example.input_ids[:cut], len(images), example.image_inputs)
+    inputs = dict(example.image_inputs)
+    kind = encoder.family.token_types       # a per-token input (1 at image tokens): cut too
+    if kind and kind in inputs:
+        inputs[kind] = inputs[kind][:, :cut]
+    return ImagePrompt(example.input_ids[:cut], len(images), inputs)
 
 
 def image_refs(messages: list[dict]) -> list[tuple[str, str]]:

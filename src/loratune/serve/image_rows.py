@@ -14,6 +14,10 @@ positions (time, height, width) and the text after it continues from the largest
 from its column. A row's prefill positions are then its own [3, tokens], and every later token's
 position is its column plus the row's `shift` (transformers' rope delta), which the batches add
 at each decode step (SlotBatch.decode, DynamicBatch.decode).
+
+Families whose images do not enter as prompt tokens with one embedding each (mllama's
+cross-attention, Qwen3-VL's deepstack features added inside text layers) are refused by name
+(`vision_refusal`); their text requests are served as a text model's.
 """
 
 from __future__ import annotations
@@ -34,13 +38,34 @@ class SeenImages:
     features: torch.Tensor            # [image tokens, hidden]: in place of its image tokens
     positions: torch.Tensor | None    # [3, prompt tokens] multimodal RoPE positions, or None
     shift: int = 0                    # a later token's position minus its column
+    token_types: torch.Tensor | None = None   # [prompt tokens]: 1 at image tokens (Gemma 3)
+
+
+# Inputs with one value a token, not pixels: the tower does not take them.
+PER_TOKEN = ("token_type_ids", "mm_token_type_ids")
+
+
+def vision_refusal(model: nn.Module) -> str | None:
+    """Why this server cannot serve `model`'s images (None when it can, or for a text model):
+    images must enter as features in place of image tokens, in one embedding per token."""
+    config = model.config
+    if getattr(config, "vision_config", None) is None:
+        return None
+    kind = getattr(config, "model_type", type(model).__name__)
+    if getattr(config, "image_token_id", None) is None or \
+            not hasattr(getattr(model, "model", None), "get_image_features"):
+        return (f"{kind} takes images through cross-attention layers, not as tokens of the "
+                "prompt; its rows cannot share the batch's prefill")
+    if getattr(config.vision_config, "deepstack_visual_indexes", None):
+        return (f"{kind} adds vision features into early text layers (deepstack), which the "
+                "joint prefill does not carry")
+    return None
 
 
 def is_vision_model(model: nn.Module) -> bool:
-    """A model whose images enter as features in place of image tokens (image_token_id)."""
-    inner = getattr(model, "model", None)
-    return (getattr(model.config, "image_token_id", None) is not None
-            and hasattr(inner, "get_image_features"))
+    """A vision-language model whose images this server serves (vision_refusal says why not)."""
+    return getattr(model.config, "vision_config", None) is not None and \
+        vision_refusal(model) is None
 
 
 class ImageRows:
@@ -60,7 +85,8 @@ class ImageRows:
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ServeError(f"the images' {name} hold inf or NaN; expected finite pixels")
         self.row_slots.set([slot], device)
-        out = self.inner.get_image_features(**inputs)
+        out = self.inner.get_image_features(
+            **{k: v for k, v in inputs.items() if k not in PER_TOKEN})
         features = torch.cat([f.reshape(-1, f.shape[-1]) for f in out.pooler_output])
         wanted = prompt_ids.count(self.image_id)
         if features.shape[0] != wanted:
@@ -71,25 +97,32 @@ class ImageRows:
             raise (NonFiniteOutput if adapted else RuntimeError)(
                 f"the vision tower produced non-finite image features (inf or NaN): {what}; "
                 "this request was ended, others are unaffected")
+        # Gemma 3's image tokens see each other both ways at prefill: its forward builds that
+        # mask from token_type_ids, so the row's go with it (a 2-D mask: the dynamic cache).
+        types = inputs.get("token_type_ids")
+        types = None if types is None else types[0]
         if not self.mrope:
-            return SeenImages(features, None)
+            return SeenImages(features, None, 0, types)
         ids = torch.tensor([prompt_ids], device=device)
+        grid = {k: v for k, v in inputs.items() if k.endswith("grid_thw")}
         positions, delta = self.inner.get_rope_index(
-            ids, mm_token_type_ids=(ids == self.image_id).int(), **inputs)
+            ids, mm_token_type_ids=(ids == self.image_id).int(), **grid)
         return SeenImages(features, positions[:, 0], int(delta.flatten()[0]))
 
     def prefill_inputs(self, ids: torch.Tensor, embeds: torch.Tensor | None, pos: torch.Tensor,
-                       seqs: list) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(inputs_embeds with each row's image features in place, position ids) of a joint
-        prefill whose rows are right-aligned in `ids` [rows, width]; unchanged when no row
-        has images."""
+                       seqs: list) -> tuple[torch.Tensor | None, torch.Tensor, dict]:
+        """(inputs_embeds with each row's image features in place, position ids, other
+        forward inputs) of a joint prefill whose rows are right-aligned in `ids` [rows,
+        width]; unchanged when no row has images."""
         seen = [s.seen for s in seqs]
         if not any(seen):
-            return embeds, pos
+            return embeds, pos, {}
         if embeds is None:
             embeds = self.model.get_input_embeddings()(ids)
         width = ids.shape[1]
         positions = pos[None].expand(3, *pos.shape).clone() if self.mrope else pos
+        types = torch.zeros_like(ids) if any(s and s.token_types is not None for s in seen) \
+            else None
         for i, (seq, images) in enumerate(zip(seqs, seen)):
             if images is None:
                 continue
@@ -98,4 +131,6 @@ class ImageRows:
             embeds[i, start:][mask] = images.features.to(embeds.dtype)
             if images.positions is not None:
                 positions[:, i, start:] = images.positions
-        return embeds, positions
+            if images.token_types is not None:
+                types[i, start:] = images.token_types
+        return embeds, positions, {} if types is None else {"token_type_ids": types}

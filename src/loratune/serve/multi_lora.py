@@ -106,6 +106,17 @@ class MultiLoraLinear(nn.Module):
         self.filled: set[int] = set()           # slots holding a nonzero update here
         self.scaled: set[int] = set()           # slots holding per-channel scales here
 
+    # The base's weight and bias, as the training host (adapters/host.py) exposes them: code that
+    # reads a layer's weight directly (torch's MultiheadAttention reads out_proj.weight, in
+    # SigLIP's pooling head) sees the frozen base layer's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def _grow(self, rank: int, device: torch.device) -> None:
         """Make room for rank `rank`, keeping the slots already filled."""
         old = 0 if self.lora_A is None else self.lora_A.shape[1]

@@ -4,12 +4,13 @@ A row's columns (KV-cache slots, and positions) are its adapter's virtual tokens
 prompt, then its completion. Prompt tuning's virtual embeddings go through the model in front
 of the prompt (they are tokens of the input, as `inputs_embeds`); prefix tuning's keys and
 values are written into the row's cache (its prompt starts at column n). Both the slot cache
-and the dynamic cache build their prefill from this (slot_batch.py, dynamic_batch.py).
+and the dynamic cache build their prefill from this (slot_batch.py, dynamic_batch.py). Rows
+with images get their image features and positions from image_rows.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ class PrefillRows:
     lengths: list[int]                 # per row: columns used after the prefill
     positions: torch.Tensor | None = None  # the model's position ids when not `pos`: [3, rows,
     #                                        width] multimodal RoPE of rows with images
+    extra: dict = field(default_factory=dict)  # other forward inputs (Gemma 3's token types)
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -69,12 +71,12 @@ def prefill_rows(model: nn.Module, seqs: list, device: torch.device,
     # Positions count the row's own tokens only, so a padded row sees what it would see alone;
     # they start after its prefix (as the prefix's own generate() shifts them).
     pos = (real.long().cumsum(1) - 1).clamp(min=0) + start[:, None]
-    embeds, positions = virtual_inputs(model, ids, leads, virtual, prompts), None
+    embeds, positions, extra = virtual_inputs(model, ids, leads, virtual, prompts), None, {}
     if images is not None:
-        embeds, positions = images.prefill_inputs(ids, embeds, pos, seqs)
+        embeds, positions, extra = images.prefill_inputs(ids, embeds, pos, seqs)
     return PrefillRows(ids, real, pos, embeds, prefixes,
                        [lead_tokens(lead) + len(p) for lead, p in zip(leads, prompts)],
-                       None if positions is pos else positions)
+                       None if positions is pos else positions, extra)
 
 
 def virtual_inputs(model: nn.Module, ids: torch.Tensor, leads: list, virtual: list[int],

@@ -67,7 +67,7 @@ class SlotBatch:
             {"inputs_embeds": rows.embeds}
         out = self.model(**inputs, attention_mask=self._mask(visible[:, None]),
                          position_ids=rows.position_ids, **{self.cache_key: self.cache},
-                         use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **rows.extra)
         self.size += n
         self.longest = max(self.longest, longest)
         return out.logits[:, -1]

@@ -39,6 +39,8 @@ def slot_cache_refusal(model, columns: int) -> str | None:
     """
     cfg = model.config
     attn = getattr(cfg, "_attn_implementation", None) or "eager"
+    if getattr(cfg, "vision_config", None) is not None:
+        cfg = cfg.get_text_config()     # a VLM's layers and window are its text model's
     if attn not in ("eager", "sdpa"):
         return f"attention implementation {attn!r} takes no 4D mask (eager and sdpa do)"
     if getattr(cfg, "is_encoder_decoder", False):
