@@ -13,7 +13,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
-from vision_models import tiny_gemma3, tiny_idefics3, tiny_llava_next, tiny_qwen2_5_vl
+from vision_models import (tiny_gemma3, tiny_idefics3, tiny_llava, tiny_llava_next,
+                           tiny_qwen2_5_vl, tiny_smolvlm)
 
 from loratune.adapters import (add_adapter, delete_adapter, disable_adapters, save_adapter,
                                set_active)
@@ -31,9 +32,10 @@ from tiny import tiny_llama
 LOCAL = "http://127.0.0.1:8000"
 STEPS = 8
 # Qwen2.5-VL: multimodal RoPE; Idefics3: tiles; Gemma 3: sliding layers (the dynamic cache)
-# and image tokens attending both ways; LLaVA-NeXT: anyres tiles, image_sizes
+# and image tokens attending both ways; LLaVA-NeXT: anyres tiles, image_sizes; LLaVA-1.5 and
+# SmolVLM: the families the docs name as served
 BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "idefics3": tiny_idefics3, "gemma3": tiny_gemma3,
-            "llava_next": tiny_llava_next}
+            "llava_next": tiny_llava_next, "llava": tiny_llava, "smolvlm": tiny_smolvlm}
 # adapter -> (its targets, the spread of its B): the language model, the vision tower, and a
 # second vision adapter that test_a_failed_image_request_ends_alone makes overflow
 ADAPTERS = {"lang": ("language", 0.5), "vis": ("vision", 0.5), "huge": ("vision", 0.5)}
