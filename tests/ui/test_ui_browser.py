@@ -272,3 +272,39 @@ def test_chat_playground_answers_side_by_side(browser, chat_site):
     assert set(answers) == {"tiny", "done"}
     assert all(text.strip() != name for name, text in answers.items())   # a reply under the name
     shot(browser, "chat")
+
+
+def test_study_page_table_score_and_pareto_charts(browser, site, runs_dir):
+    """A search study: listed, its trials table (the running trial read from study.db), the
+    score over trials and the Pareto chart; a param name holding HTML is shown as text."""
+    from study_folder import make_study
+
+    folder = make_study(runs_dir / "study")
+    hostile = "<img src=x onerror=\"document.title='pwned'\">"
+    report = json.loads((folder / "report.json").read_text())
+    report["trials"][0]["params"][hostile] = "<b>x</b>"
+    (folder / "report.json").write_text(json.dumps(report))
+    try:
+        open_page(browser, site, "/studies")
+        assert css(browser, "#studies-table tr[data-study='study'] a")[0].text == "study"
+        open_page(browser, site, "/study/study")
+        rows = browser.execute_script(
+            "return [...document.querySelectorAll('#study-trials tr[data-trial]')].map(r => "
+            "[...r.cells].map(c => c.textContent))")
+        heads = [th.text for th in css(browser, "#study-trials th")]
+        assert heads[:6] == ["trial", "state", "method", "r", "lr", hostile]
+        assert [r[1] for r in rows] == ["complete", "complete Pareto", "complete Pareto",
+                                        "pruned", "running"]
+        assert rows[0][5] == "<b>x</b>" and rows[3][-1].startswith("planned 5.20 GiB")
+        assert not css(browser, "#page img, #page b") and browser.title != "pwned"
+        assert "1 trial(s) newer than report.json" in css(browser, "#study-stale")[0].text
+        dots = css(browser, ".study-pareto circle[data-series='trials']")
+        front = css(browser, ".study-pareto polyline[data-series='Pareto front']")
+        assert len(dots) == 3 and front[0].get_attribute("data-points") == "2"
+        score = css(browser, "#study-score polyline[data-series='best so far']")
+        assert score[0].get_attribute("data-points") == "3"
+        shot(browser, "study")
+    finally:
+        import shutil
+
+        shutil.rmtree(folder)

@@ -1,5 +1,5 @@
-// loratune ui: one page, routed by the URL's hash (#/runs, #/run/NAME, #/compare, #/launch,
-// #/plan, #/chat). Talks to /api (JSON; the metrics as server-sent events read with fetch so the
+// loratune ui: one page, routed by the URL's hash (#/runs, #/run/NAME, #/compare, #/studies,
+// #/study/NAME, #/launch, #/plan, #/chat). Talks to /api (JSON; the metrics as server-sent events read with fetch so the
 // API key can ride in a header).
 "use strict";
 
@@ -316,6 +316,83 @@ async function pageCompare(query) {
   }
 }
 
+// ---------------------------------------------------------------- search studies
+// `loratune search` folders: the list, and one study's trials table, score over trials and
+// Pareto front. Names and values from the files are drawn as text (h() never parses HTML).
+async function pageStudies() {
+  const r = await api("/api/studies");
+  const rows = r.data.studies || [];
+  const table = h("table", {id: "studies-table"},
+    h("tr", {}, ["study", "complete", "pruned", "failed", "running", "best trial", "best"].map(c => h("th", {}, c))),
+    rows.map(s => h("tr", {"data-study": s.name}, h("td", {}, h("a", {href: "#/study/" + s.name}, s.name)),
+      s.unreadable ? h("td", {colspan: 6}, stateTag("unreadable", s.unreadable)) : [
+        ["complete", "pruned", "fail", "running"].map(k => h("td", {class: "num"}, s.counts[k])),
+        h("td", {class: "num"}, s.best_trial ?? "–"),
+        h("td", {}, (s.best_values || []).map((v, i) => s.objectives[i] + " " + num(v, 4)).join(", ") || "–")])));
+  setPage(h("h2", {}, "Search studies"), rows.length ? table :
+    h("p", {class: "muted"}, "none yet: loratune search writes them (study.db, report.json)"));
+}
+
+function studyCharts(box, s) {
+  const done = s.trials.filter(t => t.values && t.values.every(v => v !== null));
+  const score = new LineChart(box, {title: s.labels[0] + " over trials", xlabel: "trial",
+                                    width: 460, height: 240, dots: [s.labels[0]]});
+  score.el.id = "study-score";
+  const sign = s.directions[0] === "maximize" ? -1 : 1;
+  let best = Infinity;
+  for (const t of done.slice().sort((a, b) => a.trial - b.trial)) {
+    score.add(s.labels[0], t.trial, t.values[0]);
+    best = Math.min(best, sign * t.values[0]);
+    score.add("best so far", t.trial, sign * best);
+  }
+  score.render();
+  s.labels.slice(1).forEach((label, k) => {
+    const chart = new LineChart(box, {title: "Pareto front: " + s.labels[0] + " vs " + label,
+      xlabel: s.labels[0], width: 460, height: 240, dots: ["trials"]});
+    chart.el.classList.add("study-pareto");
+    for (const t of done) chart.add("trials", t.values[0], t.values[k + 1]);
+    for (const t of done.filter(t => t.pareto).sort((a, b) => a.values[0] - b.values[0]))
+      chart.add("Pareto front", t.values[0], t.values[k + 1]);
+    chart.render();
+  });
+}
+
+function studyTable(name, s) {
+  const params = [...new Set(s.trials.flatMap(t => Object.keys(t.params)))];
+  const head = h("tr", {}, ["trial", "state", ...params, ...s.labels, "planned GiB",
+                            "measured GiB", "time", "pruned / failed why"].map(c => h("th", {}, c)));
+  const body = s.trials.map(t => h("tr", {"data-trial": t.trial},
+    h("td", {class: "num"}, ["complete", "running"].includes(t.state)
+      ? h("a", {href: `#/run/${name}/trials/${t.trial}`}, t.trial) : t.trial),
+    h("td", {}, h("span", {class: "state state-" + t.state}, t.state), t.pareto ? " Pareto" : ""),
+    params.map(p => h("td", {}, t.params[p] === undefined ? "–" : typeof t.params[p] === "number"
+      ? +t.params[p].toPrecision(3) : String(t.params[p]))),
+    s.labels.map((_, i) => h("td", {class: "num"}, num(t.values && t.values[i], 4))),
+    h("td", {class: "num"}, num(t.planned_gib, 2)), h("td", {class: "num"}, num(t.measured_peak_gib, 2)),
+    h("td", {class: "num"}, duration(t.seconds)),
+    h("td", {class: "why"}, t.pruned_why || t.failed_why || "")));
+  return h("table", {id: "study-trials"}, head, body);
+}
+
+async function pageStudy(name) {
+  async function load() {
+    const r = await api("/api/studies/" + name);
+    if (!r.ok) { setPage(h("h2", {}, name), h("p", {class: "err"}, r.data.error)); return; }
+    const s = r.data, charts = h("div", {class: "charts"});
+    const best = s.best_trial === null ? "no trial complete yet" : `best: trial ${s.best_trial} (best.yaml)`;
+    setPage(h("h2", {}, "Study " + name),
+      h("p", {}, s.labels.map((l, i) => l + " (" + (s.directions[i] || "?") + ")").join(", "), " · ", best,
+        s.pareto.length > 1 ? " · Pareto front: trials " + s.pareto.join(", ") : ""),
+      s.stale ? h("p", {class: "muted", id: "study-stale"}, `${s.stale} trial(s) newer than report.json ` +
+        "(read from study.db; Pareto marks are the report's)") : null,
+      charts, studyTable(name, s));
+    studyCharts(charts, s);
+  }
+  await load();
+  const timer = setInterval(load, 5000);
+  cleanup.push(() => clearInterval(timer));
+}
+
 // ---------------------------------------------------------------- forms from a JSON schema
 function resolveRef(schema, root) {
   return schema && schema.$ref ? root.$defs[schema.$ref.split("/").pop()] : schema;
@@ -512,9 +589,10 @@ async function route() {
   const query = new URLSearchParams(q || "");
   const parts = path.split("/").filter(Boolean);
   document.querySelectorAll("header nav a").forEach(a =>
-    a.classList.toggle("active", a.dataset.page === (parts[0] === "run" ? "runs" : parts[0])));
+    a.classList.toggle("active", a.dataset.page === ({run: "runs", study: "studies"}[parts[0]] || parts[0])));
   const pages = {runs: pageRuns, compare: () => pageCompare(query), launch: pageLaunch,
-                 plan: pagePlan, chat: pageChat, run: () => pageRun(parts.slice(1).join("/"))};
+                 plan: pagePlan, chat: pageChat, run: () => pageRun(parts.slice(1).join("/")),
+                 studies: pageStudies, study: () => pageStudy(parts.slice(1).join("/"))};
   await (pages[parts[0]] || pageRuns)();
   document.body.dataset.ready = path;
 }

@@ -32,7 +32,7 @@ function fmt(v, step) {
 }
 
 class LineChart {
-  // container: an element; opts: {title, xlabel, height}
+  // container: an element; opts: {title, xlabel, height, dots: names of series drawn as dots}
   constructor(container, opts) {
     this.opts = Object.assign({width: 460, height: 220, xlabel: "step"}, opts || {});
     this.series = new Map();        // name -> [[x, y], ...]
@@ -80,12 +80,14 @@ class LineChart {
       let i = 0, lx = m.l + 8;
       for (const [name, pts] of this.series) {
         const color = PALETTE[i++ % PALETTE.length];
+        const dots = (this.opts.dots || []).includes(name);   // a scatter: no line
         const attrs = {points: pts.map(p => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" "),
-                       fill: "none", stroke: color, "stroke-width": 1.6, "data-series": name,
-                       "data-points": pts.length};
+                       fill: "none", stroke: dots ? "none" : color, "stroke-width": 1.6,
+                       "data-series": name, "data-points": pts.length};
         svg.appendChild(svgEl("polyline", attrs));
-        if (pts.length < 3) {
-          for (const p of pts) svg.appendChild(svgEl("circle", {cx: sx(p[0]), cy: sy(p[1]), r: 2.5, fill: color}));
+        if (dots || pts.length < 3) {
+          for (const p of pts) svg.appendChild(svgEl("circle", {cx: sx(p[0]), cy: sy(p[1]), r: dots ? 3.5 : 2.5,
+                                                                 fill: color, "data-series": name}));
         }
         if (this.series.size > 1) {
           svg.appendChild(svgEl("rect", {x: lx, y: m.t + 2, width: 10, height: 3, fill: color}));
