@@ -112,6 +112,16 @@ def _gemma3_keys(writer, config: dict, hf) -> None:
             writer.add_rope_freq_base_swa(float(local))
 
 
+def _qwen2vl_keys(writer, config: dict, hf) -> None:
+    # M-RoPE: how many rotary pairs follow the temporal, height and width positions (llama.cpp
+    # reads four sections); a text token has the same position in all three.
+    sections = list(_rope(hf).get("mrope_section") or [])
+    if not sections or len(sections) > 4:
+        raise GGUFExportError(f"config.json: rope mrope_section={sections}; llama.cpp's qwen2vl "
+                              "reads 1 to 4 sections")
+    writer.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
+
+
 def _phi3_keys(writer, config: dict, hf) -> None:
     rope = _rope(hf)
     writer.add_rope_scaling_orig_ctx_len(int(rope.get(
@@ -183,6 +193,8 @@ FAMILIES: dict[str, Family] = {
     "MistralForCausalLM": Family("LLAMA", interleaved_rope=True),
     "Qwen2ForCausalLM": Family("QWEN2"),
     "Qwen3ForCausalLM": Family("QWEN3"),
+    # the language model of Qwen2_5_VLForConditionalGeneration, as gguf_vision writes it
+    "Qwen2_5_VLForCausalLM": Family("QWEN2VL", keys=_qwen2vl_keys),
     "Gemma2ForCausalLM": Family("GEMMA2", norm_offset=1.0, keys=_gemma2_keys),
     "Gemma3ForCausalLM": Family("GEMMA3", norm_offset=1.0, keys=_gemma3_keys),
     "Phi3ForCausalLM": Family("PHI3", keys=_phi3_keys),
@@ -193,6 +205,7 @@ FAMILIES: dict[str, Family] = {
 }
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "qwen2_5_vl_text": "Qwen2_5_VLForCausalLM",
                "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                "phi3": "Phi3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",

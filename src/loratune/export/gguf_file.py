@@ -185,8 +185,10 @@ def _n_experts(config: dict) -> int | None:
 
 
 def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source: Path | None = None,
-               tokenizer_pre: str | None = None, overwrite: bool = False) -> Path:
-    """Write the model in safetensors `folder` as one GGUF file (temp name, then rename)."""
+               tokenizer_pre: str | None = None, overwrite: bool = False,
+               tokenizer_folder: Path | None = None) -> Path:
+    """Write the model in safetensors `folder` as one GGUF file (temp name, then rename); the
+    tokenizer from `tokenizer_folder` where it is not `folder` (a VLM's language model)."""
     import gguf
 
     from loratune.export.gguf_tokenizer import add_tokenizer
@@ -202,7 +204,8 @@ def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source:
     try:
         writer = gguf.GGUFWriter(str(tmp), arch)
         extra = write_metadata(writer, family, config, folder.name, FILE_TYPES[out_type])
-        add_tokenizer(writer, folder, config["vocab_size"], tokenizer_source, tokenizer_pre)
+        add_tokenizer(writer, tokenizer_folder or folder, config["vocab_size"], tokenizer_source,
+                      tokenizer_pre)
         tied = bool(config.get("tie_word_embeddings", False))
         for hf, t in _stacked_experts(_weights(folder, config), _n_experts(config)):
             name = gguf_name(names, hf, arch)

@@ -113,26 +113,48 @@ def _adapter_tokenizer(base: Path, adapter: Path):
 
 
 def _merged_gguf(cfg, base: Path) -> Path:
-    """The base with every adapter merged in (through a temp folder), as one GGUF file."""
-    from loratune.export.gguf_file import write_gguf
+    """The base with every adapter merged in (through a temp folder), as one GGUF file (two
+    for a vision-language model)."""
+    from loratune.export.gguf_vision import check_vlm_export
     from loratune.export.merge import merge_folder, read_adapters
+    from loratune.export.vlm_merge import vision_checkpoint
 
     source, work = base, None
+    vision = vision_checkpoint(base)  # a VLM: its language model plus an mmproj file
+    if vision is not None:  # refused, or its mmproj path taken, before the merge
+        check_vlm_export(base, Path(cfg.out), cfg.overwrite)
     try:
         if cfg.adapter:
             work = Path(tempfile.mkdtemp(prefix="loratune-merge-"))
+            adapters = read_adapters(cfg.adapter, cfg.weights)
+            if vision is not None:  # renamed to the checkpoint's names, as `merge` does
+                adapters = [vision.rename_adapter(a) for a in adapters]
             with stage(f"merging {len(cfg.adapter)} adapter(s) into the base"):
-                source = merge_folder(base, read_adapters(cfg.adapter, cfg.weights),
-                                      work / "merged").out
+                source = merge_folder(base, adapters, work / "merged").out
         with stage(f"writing {cfg.out} ({cfg.type})"):
-            out = write_gguf(source, Path(cfg.out), cfg.type,
-                             tokenizer_pre=cfg.tokenizer_pre, overwrite=cfg.overwrite)
+            out = _write_gguf_files(source, cfg, vision is not None)
         if cfg.modelfile:
             _write_modelfile(out, source, cfg.overwrite)
         return out
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_gguf_files(source: Path, cfg, vlm: bool) -> Path:
+    """The GGUF at cfg.out; for a vision-language model also its mmproj file beside it."""
+    if not vlm:
+        from loratune.export.gguf_file import write_gguf
+
+        return write_gguf(source, Path(cfg.out), cfg.type, tokenizer_pre=cfg.tokenizer_pre,
+                          overwrite=cfg.overwrite)
+    from loratune.export.gguf_vision import write_vlm_gguf
+
+    out, mmproj = write_vlm_gguf(source, Path(cfg.out), cfg.type,
+                                 tokenizer_pre=cfg.tokenizer_pre, overwrite=cfg.overwrite)
+    print(f"wrote {mmproj} ({mmproj.stat().st_size / 2**20:.1f} MiB): llama-mtmd-cli -m {out} "
+          f"--mmproj {mmproj}")
+    return out
 
 
 def ollama_base(model: str, folder: Path) -> str:
