@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from loratune.adapters.registry import TrainingHooks, method_record
+from loratune.train.router_balance import with_router_balance
 
 
 def method_hooks(model: nn.Module, config, name: str, total_steps: int,
@@ -23,6 +24,7 @@ def method_hooks(model: nn.Module, config, name: str, total_steps: int,
     their `before_training` run on `data`'s micro-batches (a TrainData) when given."""
     make = method_record(config.method).training.hooks
     hooks = TrainingHooks() if make is None else make(model, config, name, total_steps)
+    hooks = with_router_balance(model, hooks)  # a router in modules_to_save: its balance loss
     if data is None:
         return hooks
     if not data.streaming:
