@@ -278,3 +278,34 @@ def test_mmproj_path_taken_is_refused_before_writing(exported, tmp_path):
                  str(tmp_path / "o.gguf")]) != 0
     assert (tmp_path / "mmproj-o.gguf").read_text() == "keep"
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_qwen2vl_text_gguf_is_a_qwen2_file_with_the_merged_logits(exported, tmp_path):
+    """Our loader reads no `qwen2vl` file (transformers' GGUF reader has no such architecture),
+    so: the Qwen2.5-VL language model GGUF holds exactly the tensors of a `qwen2` GGUF of the
+    same weights, and that file, read by our loader, gives the merged VLM's logits on text
+    (where M-RoPE's three positions are equal, i.e. plain RoPE)."""
+    from loratune.export.gguf_file import write_gguf
+    from loratune.export.gguf_vision import text_folder
+    from loratune.models import load_model
+
+    folder, merged, out, _ = exported("qwen2_5_vl")
+    merged.save_pretrained(tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    plain = text_folder(tmp_path / "merged", tmp_path / "work", config, "Qwen2ForCausalLM")
+    qwen2 = write_gguf(plain, tmp_path / "qwen2.gguf", "f32", tokenizer_folder=folder)
+    fields, tensors = _read(out)
+    want_fields, want = _read(qwen2)
+    assert want_fields["general.architecture"] == "qwen2"
+    assert set(tensors) == set(want)
+    for name, t in want.items():
+        torch.testing.assert_close(_values(tensors[name]), _values(t), rtol=0, atol=0)
+    for key in ("embedding_length", "block_count", "attention.head_count",
+                "attention.head_count_kv", "rope.freq_base", "rope.dimension_count",
+                "attention.layer_norm_rms_epsilon", "context_length"):
+        assert fields[f"qwen2vl.{key}"] == want_fields[f"qwen2.{key}"], key
+    loaded, tok = load_model(str(qwen2))
+    ids = torch.tensor([tok("What colour is the square? Red.").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, merged(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
