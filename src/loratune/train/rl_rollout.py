@@ -56,6 +56,7 @@ class _Row:
     slot: int = 0
     tokens: list[int] = field(default_factory=list)
     lead = None          # no adapter's virtual tokens: the live model's adapter runs itself
+    position_shift = 0   # text only: positions are columns (no multimodal RoPE offset)
 
 
 def make_batch(model: nn.Module, rows: int, columns: int):
