@@ -225,6 +225,9 @@ def _projector_keys(name, fields, cfg, pre):
         # fullatt_block_indexes=[1]: every 2nd block attends to the whole image
         assert fields["clip.vision.n_wa_pattern"] == 2
         assert fields["clip.use_silu"] is True and "clip.use_gelu" not in fields
+        # read by clip.cpp where present (default 2 and 112); the tiny model's window is 56
+        assert fields["clip.vision.spatial_merge_size"] == v.spatial_merge_size == 2
+        assert fields["clip.vision.window_size"] == v.window_size == 56
     else:
         assert fields["clip.vision.projector.scale_factor"] == cfg.scale_factor == 2
         assert fields["clip.use_gelu"] is True
@@ -309,3 +312,14 @@ def test_qwen2vl_text_gguf_is_a_qwen2_file_with_the_merged_logits(exported, tmp_
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, merged(input_ids=ids).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_only_of_a_vlm_is_refused_with_why(exported, tmp_path, capsys):
+    folder, _, _, _ = exported("idefics3")
+    adapter = folder.parent / "adapter"
+    assert main(["export", "gguf", "--model", str(folder), "--adapter", str(adapter),
+                 "--adapter-only", "--out", str(tmp_path / "lora.gguf")]) != 0
+    err = capsys.readouterr().err
+    assert "--adapter-only of a vision-language model (idefics3)" in err
+    assert "drop --adapter-only" in err
+    assert not list(tmp_path.glob("*"))

@@ -88,6 +88,10 @@ def _qwen2_5_vl_keys(writer, hf, pre: dict) -> None:
                               "blocks (n_wa_pattern)")
     writer.add_vision_use_silu(True)
     writer.add_vision_n_wa_pattern(period)
+    # clip.cpp defaults both to Qwen2.5-VL's released values (2, 112 pixels); written so a
+    # model trained with others is not run with those
+    writer.add_vision_spatial_merge_size(int(v.spatial_merge_size))
+    writer.add_vision_window_size(int(v.window_size))
     writer.add_vision_attention_layernorm_eps(1e-6)  # Qwen2.5-VL's RMSNorm eps (hard-coded)
 
 
@@ -127,6 +131,20 @@ def projector_of(model_type: str, where: str) -> Projector:
         raise GGUFExportError(f"{where}: vision-language model_type {model_type} is not "
                               f"supported for GGUF export; supported: {', '.join(PROJECTORS)}")
     return PROJECTORS[model_type]
+
+
+def refuse_vlm_adapter_only(base: Path) -> None:
+    """`--adapter-only` of a vision-language base, refused with why (not the text families'
+    list of supported architectures)."""
+    from loratune.models.vision import vision_model_type
+
+    model_type = vision_model_type(base)
+    if model_type is not None:
+        raise GGUFExportError(f"{base}: --adapter-only of a vision-language model "
+                              f"({model_type}) is not written: llama.cpp applies an adapter GGUF "
+                              "to the language model file alone and loads none for the mmproj, "
+                              "and loratune does not rename a VLM adapter to the text file's "
+                              "tensors yet; export with the adapter merged (drop --adapter-only)")
 
 
 def mmproj_path(out: Path) -> Path:

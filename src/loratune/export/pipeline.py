@@ -83,8 +83,11 @@ def _adapter_gguf(cfg, base: Path) -> Path:
     """The adapter alone; its Modelfile names the base as FROM and the file as ADAPTER."""
     from loratune.export.gguf_file import write_lora_gguf
 
+    from loratune.export.gguf_vision import refuse_vlm_adapter_only
+
     if len(cfg.adapter) != 1:
         raise ValueError("--adapter-only exports exactly one --adapter")
+    refuse_vlm_adapter_only(base)
     out = write_lora_gguf(Path(cfg.adapter[0]), base, Path(cfg.out), cfg.type
                           if cfg.type in ("f32", "f16") else "f32", cfg.overwrite)
     if cfg.modelfile:
