@@ -12,6 +12,10 @@ from loratune.federated.aggregate import is_lora_a, is_lora_b
 from loratune.federated.privacy import norm_refusal
 
 
+# Counts are weights: inf (or two near float max) would make the mean NaN, a fraction is no count.
+MAX_EXAMPLES = 2**53
+
+
 @dataclass
 class Expected:
     """What a valid update of round `round` looks like."""
@@ -32,8 +36,8 @@ def refusal(expected: Expected, rnd: int, fingerprint: str, examples: float,
                 f"{expected.fingerprint[:12]} (another base model or config)")
     if rnd != expected.round:
         return f"stale round {rnd} (the server is at round {expected.round})"
-    if not examples > 0:
-        return f"num-examples {examples}: expected a positive count"
+    if not (0 < examples <= MAX_EXAMPLES and float(examples).is_integer()):
+        return f"num-examples {examples}: expected a whole count from 1 to 2**53"
     why = key_refusal(expected, state) or value_refusal(state)
     if why is None and expected.clip is not None:
         why = norm_refusal(expected.clip, state, expected.start)
@@ -51,6 +55,9 @@ def key_refusal(expected: Expected, state: dict[str, torch.Tensor]) -> str | Non
         want, got = expected.shapes[key], tuple(tensor.shape)
         if got != want and not (expected.free_rank and rank_only(key, got, want)):
             return f"tensor {key} has shape {got}, expected {want}"
+        sent = expected.start[key].dtype if expected.start is not None else tensor.dtype
+        if tensor.dtype != sent:  # the mean takes the first client's dtype: fp16 overflows
+            return f"tensor {key} has dtype {tensor.dtype}, expected {sent} (as sent)"
     return rank_mismatch(state)
 
 
