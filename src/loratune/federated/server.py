@@ -161,18 +161,24 @@ def read_reply(reply: Message, pid: int, expected: Expected, replies: RoundRepli
     if reply.has_error():
         replies.failed[pid] = str(reply.error.reason)[-300:]
         return
-    content = reply.content
-    arrays = content["arrays"]
-    replies.bytes_up += arrays.count_bytes()
-    metrics, config = content["metrics"], content["config"]
-    update = arrays.to_torch_state_dict()
-    why = refusal(expected, int(metrics["round"]), str(config["fingerprint"]),
-                  float(metrics["num-examples"]), update)
+    try:  # a reply is the client's to write: a missing field or payload is its refusal
+        arrays, metrics, config = (reply.content[k] for k in ("arrays", "metrics", "config"))
+        replies.bytes_up += arrays.count_bytes()
+        rnd, fingerprint = int(metrics["round"]), str(config["fingerprint"])
+        examples, loss = float(metrics["num-examples"]), float(metrics["loss"])
+        update = arrays.to_torch_state_dict()  # numpy payloads, never unpickled
+    except KeyError as err:
+        replies.refused[pid] = f"reply field {err} missing"
+        return
+    except (TypeError, ValueError) as err:
+        replies.refused[pid] = f"reply unreadable: {str(err)[:200]}"
+        return
+    why = refusal(expected, rnd, fingerprint, examples, update)
     if why:
         replies.refused[pid] = why
         return
-    replies.accepted[pid] = ClientUpdate(update, float(metrics["num-examples"]))
-    replies.losses[pid] = float(metrics["loss"])
+    replies.accepted[pid] = ClientUpdate(update, examples)
+    replies.losses[pid] = loss
 
 
 def round_record(rnd: int, chosen: list[int], replies: RoundReplies, dropped: list[int],
