@@ -323,3 +323,17 @@ def test_adapter_only_of_a_vlm_is_refused_with_why(exported, tmp_path, capsys):
     assert "--adapter-only of a vision-language model (idefics3)" in err
     assert "drop --adapter-only" in err
     assert not list(tmp_path.glob("*"))
+
+
+def test_language_model_refused_leaves_no_mmproj(tmp_path, capsys):
+    """Both files or neither: a Gemma 3 whose language model llama.cpp would compute
+    differently (query_pre_attn_scalar) is refused after its mmproj was written; the mmproj
+    goes too."""
+    folder = vision_models.tiny_gemma3(tmp_path / "gemma3")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["query_pre_attn_scalar"] = 7
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["export", "gguf", "--model", str(folder), "--out",
+                 str(tmp_path / "g.gguf")]) != 0
+    assert "query_pre_attn_scalar=7" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.gguf"))

@@ -318,16 +318,21 @@ def check_vlm_export(folder: Path, out: Path, overwrite: bool) -> Projector:
 
 def write_vlm_gguf(folder: Path, out: Path, out_type: str = "f16",
                    tokenizer_pre: str | None = None, overwrite: bool = False) -> tuple[Path, Path]:
-    """(language model GGUF, mmproj GGUF) of the VLM in `folder`."""
+    """(language model GGUF, mmproj GGUF) of the VLM in `folder`: both or neither (the mmproj,
+    written first, removed when the language model is refused)."""
     from loratune.export.gguf_file import write_gguf
 
     projector = check_vlm_export(folder, out, overwrite)  # refused before the slow part
     config = json.loads((folder / "config.json").read_text())
+    mmproj = write_mmproj(folder, mmproj_path(out), out_type, overwrite)
     work = Path(tempfile.mkdtemp(prefix="loratune-vlm-"))
     try:
         text = text_folder(folder, work, config, projector.text_arch)
         gguf_out = write_gguf(text, out, out_type, tokenizer_pre=tokenizer_pre,
                               overwrite=overwrite, tokenizer_folder=folder)
+    except BaseException:
+        mmproj.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return gguf_out, write_mmproj(folder, mmproj_path(out), out_type, overwrite)
+    return gguf_out, mmproj
