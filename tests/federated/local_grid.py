@@ -1,6 +1,8 @@
 """A Flower Grid that runs the ClientApp in this process, node after node: the server's rounds
 and checks tested without Ray's start-up (the Ray simulation has its own test)."""
 
+import copy
+
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -29,7 +31,7 @@ class LocalGrid:
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
-            config = msg.content["config"] if msg.has_content() else {}
+            config = msg.content["config"] if "config" in msg.content else {}  # SecAgg+: none
             if self.stop_at_round is not None and config.get("round") == self.stop_at_round:
                 raise KeyboardInterrupt
             self.sent.append(msg)
@@ -37,7 +39,8 @@ class LocalGrid:
             if config.get("round") and context.node_config["partition-id"] in self.silent:
                 continue
             try:
-                replies.append(self.app(msg, context))
+                # A copy, as over the network: SecAgg+'s mod edits the message it receives.
+                replies.append(self.app(copy.deepcopy(msg), context))
             except Exception as err:  # as Flower does: the client's error becomes its reply
                 replies.append(Message(Error(code=0, reason=repr(err)), reply_to=msg))
         return replies

@@ -27,6 +27,25 @@ class PrivacyOptions(_Section):
                          "accountant; below 1/clients is customary)")
 
 
+class SecAggOptions(_Section):
+    """Flower's SecAgg+: the server learns the sum of the clients' masked, quantized updates,
+    never one of them."""
+
+    max_weight: float = Field(1000.0, gt=0, description="the largest example count a client "
+                              "may hold (its weight is examples/max_weight, quantized); a "
+                              "client with more fails the round's protocol")
+    clipping_range: float = Field(8.0, gt=0, description="each weighted adapter value is "
+                                  "clipped to ±this before quantization")
+    quantization_range: int = Field(2 ** 22, gt=1, description="integer levels over "
+                                    "[-clipping_range, clipping_range] (the error per value "
+                                    "and client is at most 2·clipping_range/quantization_range)")
+    num_shares: int | float = Field(1.0, gt=0, description="key shares per client: a count, "
+                                    "or a fraction of the round's clients")
+    reconstruction_threshold: int | float = Field(
+        0.7, gt=0, description="shares that recover a dropped client's masks: a count, or a "
+        "fraction of num_shares (at least 2)")
+
+
 class FederatedConfig(_Section):
     """Federated fine-tuning: rounds of local training on clients and aggregation on a server."""
 
@@ -58,6 +77,9 @@ class FederatedConfig(_Section):
                              "(dropped or refused clients) is an error")
     round_timeout: float = Field(600.0, gt=0, description="seconds the server waits for a "
                                  "round's replies; clients later than that are dropped")
+    secagg: SecAggOptions | None = Field(None, description="secure aggregation (Flower's "
+                                         "SecAgg+; {} for its defaults): the server sees only "
+                                         "the sum; needs at least 2 clients per round")
     privacy: PrivacyOptions | None = Field(None, description="differential privacy: clip, "
                                            "noise_multiplier, delta (every client weighs the "
                                            "same then)")
@@ -86,6 +108,15 @@ class FederatedConfig(_Section):
         if self.client_data is not None and len(self.client_data) != self.clients:
             raise ValueError(f"federated.client_data: {len(self.client_data)} files for "
                              f"{self.clients} clients; give one per client")
+        if self.secagg is not None and self.aggregation == "svd":
+            raise ValueError("federated.secagg: the svd aggregation needs each client's "
+                             "factors, which SecAgg+ hides; use fedavg, ffa or fedsa")
+        if self.secagg is not None and self.per_round() < 2:
+            raise ValueError("federated.secagg: SecAgg+ needs at least 2 clients per round "
+                             "(clients, clients_per_round)")
+        if self.secagg is not None and self.privacy is not None:
+            raise ValueError("federated.secagg with federated.privacy is not supported yet "
+                             "(SecAgg+ weighs clients by examples, DP needs equal weights)")
         if self.privacy is not None and self.aggregation == "svd":
             raise ValueError("federated.privacy: the svd aggregation re-factors products, so a "
                              "client's clipped update does not bound its effect; use fedavg, "

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from loratune import progress
 from loratune.federated.base import adapted_base
+from loratune.federated import privacy, secagg
 from loratune.federated.client import local_train
 from loratune.federated.server import Federation, serve_rounds
 
@@ -47,6 +48,12 @@ def client_paths(fed: Federation, context: Context) -> tuple[str, Path]:
     data = str(config.get("data-path") or fed.client_files[pid])
     home = Path(str(config.get("client-dir") or fed.out / "clients" / f"client-{pid}"))
     return data, home / "local"
+
+
+def run_mods(cfg) -> list:
+    """The client mods the run config asks for: SecAgg+ outermost (it masks what the inner
+    ones leave), DP clipping inside it."""
+    return [*secagg.client_mods(cfg), *privacy.client_mods(cfg)]
 
 
 def build_client_app(fed: Federation, mods: list | tuple = ()) -> ClientApp:

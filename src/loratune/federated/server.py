@@ -26,6 +26,7 @@ from loratune.federated.aggregate import ClientUpdate, aggregate, exchanged_keys
 from loratune.federated.base import AdaptedBase
 from loratune.federated.checks import Expected, refusal
 from loratune.federated.privacy import Ledger, round_config
+from loratune.federated.secagg import MAX_WEIGHT_KEY, secure_round
 
 
 class FederationError(ValueError):
@@ -119,6 +120,8 @@ def sample(ids: list[int], k: int, seed: int, rnd: int) -> list[int]:
 
 def one_round(grid: Grid, fed: Federation, base: AdaptedBase, nodes: dict[int, int], rnd: int,
               state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    if fed.cfg.federated.secagg is not None:
+        return one_secure_round(grid, fed, base, nodes, rnd, state)
     t0, f = time.perf_counter(), fed.cfg.federated
     chosen = sample(list(nodes), f.per_round(), seed_of(fed.cfg), rnd)
     sent = ArrayRecord({k: state[k] for k in exchanged_keys(f.aggregation, list(state))})
@@ -150,6 +153,41 @@ def one_round(grid: Grid, fed: Federation, base: AdaptedBase, nodes: dict[int, i
                       rank=getattr(fed.cfg.adapter, "r", None))
     return state, round_record(rnd, chosen, replies, dropped, sent.count_bytes() * len(asks),
                                time.perf_counter() - t0)
+
+
+def one_secure_round(grid: Grid, fed: Federation, base: AdaptedBase, nodes: dict[int, int],
+                     rnd: int, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """A round through SecAgg+ (secagg.py): the server gets the examples-weighted mean of the
+    sent tensors and each client's metadata, never an update."""
+    t0, f = time.perf_counter(), fed.cfg.federated
+    chosen = sample(list(nodes), f.per_round(), seed_of(fed.cfg), rnd)
+    sent = ArrayRecord({k: state[k] for k in exchanged_keys(f.aggregation, list(state))})
+    content = RecordDict({"arrays": sent, "config": ConfigRecord(
+        {"round": rnd, MAX_WEIGHT_KEY: float(f.secagg.max_weight)})})
+    try:
+        got = secure_round(grid, f.secagg, rnd, [nodes[p] for p in chosen], content,
+                           f.round_timeout)
+    except RuntimeError as err:
+        raise FederationError(f"round {rnd}: {err}") from None
+    by_node = {n: p for p, n in nodes.items()}
+    expected = Expected(rnd, base.fingerprint, {k: tuple(state[k].shape) for k in sent})
+    replies = RoundReplies(failed={by_node[n]: why for n, why in got.failed.items()},
+                           bytes_up=got.bytes_up)
+    for node, meta in got.metadata.items():
+        examples = float(meta["num-examples"])
+        why = refusal(expected, int(meta["round"]), str(meta["fingerprint"]), examples, got.mean)
+        if why:
+            replies.refused[by_node[node]] = why
+        replies.accepted[by_node[node]] = ClientUpdate({}, examples)
+        replies.losses[by_node[node]] = float(meta["loss"])
+    if replies.refused or len(replies.accepted) < f.min_clients:
+        raise FederationError(f"round {rnd}: SecAgg+ sums every answering client, so none can "
+                              f"be refused alone (refused: {replies.refused or 'none'}; "
+                              f"{len(replies.accepted)} answered, federated.min_clients="
+                              f"{f.min_clients}; failed: {replies.failed or 'none'})")
+    return {**state, **got.mean}, round_record(rnd, chosen, replies, [],
+                                               sent.count_bytes() * len(chosen),
+                                               time.perf_counter() - t0)
 
 
 def seed_of(cfg: RunConfig) -> int:

@@ -89,11 +89,10 @@ def run_federate(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     """The simulation, start to end; the final adapter's folder."""
     from flwr.simulation import run_simulation
 
-    from loratune.federated.apps import build_client_app, build_server_app
-    from loratune.federated.privacy import client_mods
+    from loratune.federated.apps import build_client_app, build_server_app, run_mods
 
     fed = setup(cfg, resume, overwrite, quiet)
-    run_simulation(build_server_app(fed), build_client_app(fed, client_mods(cfg)),
+    run_simulation(build_server_app(fed), build_client_app(fed, run_mods(cfg)),
                    num_supernodes=cfg.federated.clients, backend_config=backend_config(cfg))
     if not (fed.out / "adapter").is_dir():
         raise RuntimeError(f"the Flower simulation ended without a final adapter in {fed.out}; "
