@@ -337,3 +337,23 @@ def test_language_model_refused_leaves_no_mmproj(tmp_path, capsys):
                  str(tmp_path / "g.gguf")]) != 0
     assert "query_pre_attn_scalar=7" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_quantized_export_keeps_the_mmproj_in_f16_with_f32_norms_and_embeddings(exported,
+                                                                                 tmp_path):
+    """--type q8_0: the language model quantized, the mmproj f16 matrices (as llama.cpp's
+    converter writes it) with norms, biases and the patch / position embeddings in f32."""
+    from gguf import GGMLQuantizationType as Q
+
+    folder, merged, _, _ = exported("gemma3")
+    out = tmp_path / "g.gguf"
+    assert main(["export", "gguf", "--model", str(folder), "--out", str(out), "--type", "q8_0",
+                 "--no-modelfile"]) == 0
+    _, text = _read(out)
+    assert text["blk.0.attn_q.weight"].tensor_type == Q.Q8_0
+    fields, tensors = _read(tmp_path / "mmproj-g.gguf")
+    assert fields["general.file_type"] == 1
+    assert tensors["v.blk.0.attn_q.weight"].tensor_type == Q.F16
+    for name in ("v.patch_embd.weight", "v.position_embd.weight", "v.blk.0.ln1.weight",
+                 "v.blk.0.attn_q.bias", "mm.soft_emb_norm.weight"):
+        assert tensors[name].tensor_type == Q.F32, name
