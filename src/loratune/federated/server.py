@@ -110,8 +110,21 @@ def partitions(grid: Grid, fed: Federation) -> dict[int, int]:
     found = {}
     for reply in grid.send_and_receive(asks, timeout=fed.cfg.federated.round_timeout):
         if not reply.has_error():
-            found[int(reply.content["config"]["partition-id"])] = reply.metadata.src_node_id
+            claim(found, reply.content["config"].get("partition-id"),
+                  reply.metadata.src_node_id, want)
     return found
+
+
+def claim(found: dict[int, int], pid, node: int, clients: int) -> None:
+    """Node `node` as client `pid`: a node reporting another's id (or none a client has) would
+    take that client's place in every round, so the run stops and names it."""
+    if not (isinstance(pid, int) and 0 <= pid < clients):
+        raise FederationError(f"node {node} claims partition-id {pid!r}; expected 0 to "
+                              f"{clients - 1} (federated.clients={clients})")
+    if pid in found:
+        raise FederationError(f"partition-id {pid} is claimed by nodes {found[pid]} and {node}; "
+                              "expected each client's node to report its own")
+    found[pid] = node
 
 
 def sample(ids: list[int], k: int, seed: int, rnd: int) -> list[int]:
