@@ -85,3 +85,26 @@ def test_a_hostile_reply_is_refused_by_id_and_the_round_completes(tmp_path, tiny
     assert record["accepted"] == [1, 2] and list(record["refused"]) == ["0"], record
     assert said in record["refused"]["0"]
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values())
+
+
+@pytest.mark.parametrize("claim, said", [
+    (0, "partition-id 0 is claimed by nodes 101 and 102"),
+    (7, "node 102 claims partition-id 7; expected 0 to 2 (federated.clients=3)"),
+    ("one", "node 102 claims partition-id 'one'; expected 0 to 2"),
+])
+def test_a_node_claiming_another_clients_id_ends_the_run_by_name(tmp_path, tiny_folder,
+                                                                  data_file, claim, said):
+    """Clients are known by the partition id their node reports: a second node reporting the
+    same id (or one no client has) would take that client's place, so the run stops naming
+    the nodes instead of training on whichever answered last."""
+    cfg = fed_cfg(tmp_path, tiny_folder, data_file, rounds=1, local_steps=1, min_clients=1)
+    fed = setup(cfg, False, overwrite=False, quiet=True)
+    def lie(msg, context, call_next):  # node 102 (partition 1) answers the query as `claim`
+        reply = call_next(msg, context)
+        if context.node_id == 102 and msg.metadata.message_type == "query":
+            reply.content = RecordDict({"config": ConfigRecord({"partition-id": claim})})
+        return reply
+
+    grid = LocalGrid(build_client_app(fed, [lie]), cfg.federated.clients)
+    with pytest.raises(FederationError, match=said.replace("(", r"\(").replace(")", r"\)")):
+        serve_rounds(grid, fed, adapted_base(cfg))
