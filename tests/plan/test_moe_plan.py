@@ -61,5 +61,5 @@ def test_qwen3_30b_a3b_counts_and_qlora_estimate():
 
 
 def test_moe_families_the_planner_does_not_count_are_refused_by_name():
-    with pytest.raises(ValueError, match="model_type 'deepseek_v3' is not one of them"):
-        ModelShape.from_hf_config({"model_type": "deepseek_v3", "hidden_size": 8}, "ds")
+    with pytest.raises(ValueError, match="model_type 'qwen2_moe' is not one of them"):
+        ModelShape.from_hf_config({"model_type": "qwen2_moe", "hidden_size": 8}, "q2")

@@ -60,6 +60,7 @@ class Setup:
     device: str = "cuda"
     gpus: int = 1                  # data-parallel processes; figures stay per GPU
     parallel: str = "ddp"          # ddp (replicate the base) | fsdp (shard it)
+    experts: bool = False          # LoRA on the routed experts too ('experts' in target_modules)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -102,22 +103,24 @@ class Breakdown:
 
 
 def trainable_params(shape: ModelShape, s: Setup) -> int:
-    return shape.params if s.method == "full" else shape.lora_params(s.rank)
+    if s.method == "full":
+        return shape.params
+    return shape.lora_params(s.rank) + (shape.expert_lora_params(s.rank) if s.experts else 0)
 
 
 def _weights(shape: ModelShape, s: Setup) -> tuple[int, int]:
     if s.method != "qlora":
         return shape.params * BYTES[s.dtype], 0
-    quantized = shape.linear_params + shape.expert_params  # routed experts: 2 matrices each
-    matrices = (shape.linears_per_layer + 2 * shape.experts) * shape.layers
+    quantized = shape.linear_params + shape.expert_weights * shape.experts * shape.moe_layers
+    matrices = shape.linear_count + 2 * shape.experts * shape.moe_layers  # 2 per expert
     blocks = -(-quantized // s.blocksize)
     if s.double_quant:  # one 8-bit code per block, one fp32 scale per 256 codes, offsets
         stats = blocks + 4 * -(-blocks // 256) + 4 * matrices
     else:
         stats = 4 * blocks
-    # Embeddings, norms, routers and lm_head stay unquantized, in the compute dtype
+    # Embeddings, norms, routers, biases and lm_head stay unquantized, in the compute dtype
     # (quantization.unquantized_dtype's default).
-    return quantized // 2 + BYTES[s.dtype] * shape.other_params, stats
+    return quantized // 2 + BYTES[s.dtype] * (shape.params - quantized), stats
 
 
 def _optimizer(shape: ModelShape, s: Setup) -> int:
