@@ -211,8 +211,10 @@ def text_folder(folder: Path, work: Path, config: dict, text_arch: str) -> Path:
 
 def _common_keys(writer, hf, pre: dict, where: Path) -> None:
     """The keys clip.cpp's load_hparams requires of every vision projector."""
+    import gguf
+
     v = hf.vision_config
-    writer.add_type("mmproj")
+    writer.add_type(gguf.GGUFType.MMPROJ)
     writer.add_clip_has_vision_encoder(True)
     writer.add_vision_projection_dim(int(hf.text_config.hidden_size))
     # Qwen2.5-VL has no fixed image size; llama.cpp's converter writes 560 and clip.cpp
