@@ -209,3 +209,26 @@ def test_simulation_a_failing_client_under_min_clients_ends_the_run_by_name(
     with pytest.raises(FederationError, match=r"round 1: 1 accepted updates.*failed: \{1: "):
         run_federate(cfg, quiet=True)
     assert not (tmp_path / "run" / "global").exists()  # no round was saved
+
+
+def test_each_round_has_its_held_out_loss_and_the_dashboard_reads_the_curve(
+        tmp_path, tiny_folder, data_file):
+    from loratune.adapters.peft_format import read_adapter_weights
+    from loratune.federated.held_out import held_out_loss
+    from loratune.ui.runs import RunTable
+
+    cfg = fed_cfg(tmp_path, tiny_folder, data_file, clients=2, rounds=3, local_steps=2)
+    cfg.data.eval = str(data_file)  # the task every client learns a share of
+    run_local(cfg)
+    log = rounds(cfg)
+    losses = [r["eval_loss"] for r in log]
+    assert losses[0] > losses[1] > losses[2]
+    base = adapted_base(cfg)
+    again = held_out_loss(cfg, base, read_adapter_weights(tmp_path / "run/global/round-0002"))
+    assert again == pytest.approx(losses[1], rel=1e-6)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["loss"], x["eval_loss"]) for x in lines] == [
+        (r["round"], r["train_loss"], r["eval_loss"]) for r in log]
+    row = RunTable(tmp_path).row(tmp_path / "run")
+    assert (row["step"], row["last_loss"], row["eval_loss"]) == (3, log[2]["train_loss"],
+                                                                losses[2])

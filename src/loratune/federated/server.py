@@ -25,6 +25,7 @@ from loratune.federated import checkpoint as ckpt
 from loratune.federated.aggregate import ClientUpdate, aggregate, exchanged_keys
 from loratune.federated.base import AdaptedBase
 from loratune.federated.checks import Expected, refusal
+from loratune.federated.held_out import held_out_loss, write_metrics
 from loratune.federated.privacy import Ledger, round_config
 from loratune.federated.secagg import MAX_WEIGHT_KEY, secure_round
 
@@ -74,9 +75,11 @@ def serve_rounds(grid: Grid, fed: Federation, base: AdaptedBase) -> dict[str, to
             state, record["privacy"] = ledger.release(
                 state, exchanged_keys(fed.cfg.federated.aggregation, list(state)),
                 len(record["accepted"]))
+        record["eval_loss"] = held_out_loss(fed.cfg, base, state)
         ckpt.save_round(fed.out, rnd, state, adapter_config(fed, base))
         records.append(record)
         ckpt.write_rounds(fed.out, records)
+        write_metrics(fed.out, records)
         fed.log(round_line(record, fed.cfg.federated.rounds))
     folder = write_peft_folder(fed.out / "adapter", state, adapter_config(fed, base),
                                overwrite=True)
@@ -250,6 +253,8 @@ def round_line(record: dict, rounds: int) -> str:
     line = (f"round {record['round']}/{rounds}: {len(record['accepted'])}/"
             f"{len(record['clients'])} clients, train loss {record['train_loss']:.4f}, "
             f"sent {record['bytes_down'] / 1e6:.3f} MB down, {record['bytes_up'] / 1e6:.3f} MB up")
+    if record.get("eval_loss") is not None:
+        line += f", held-out loss {record['eval_loss']:.4f}"
     if "privacy" in record:
         eps = record["privacy"]["epsilon"]
         line += (f", privacy ε = {eps:.4g}" if eps is not None else ", privacy ε = ∞ (no noise)")
