@@ -108,3 +108,18 @@ def test_a_node_claiming_another_clients_id_ends_the_run_by_name(tmp_path, tiny_
     grid = LocalGrid(build_client_app(fed, [lie]), cfg.federated.clients)
     with pytest.raises(FederationError, match=said.replace("(", r"\(").replace(")", r"\)")):
         serve_rounds(grid, fed, adapted_base(cfg))
+
+
+def test_svd_refuses_factors_whose_product_overflows(tmp_path, tiny_folder, data_file):
+    """Finite A and B of 1e30 each: their product s·B·A is inf in float32, and the SVD rule's
+    linalg.svd of the mean failed to converge, ending the run for every client."""
+    def huge(arrays, metrics, config):
+        for key in arrays:
+            arrays[key] = as_array(torch.full(arrays[key].shape, 1e30))
+
+    cfg = fed_cfg(tmp_path, tiny_folder, data_file, rounds=1, local_steps=1, min_clients=2,
+                  aggregation="svd")
+    state = run_local(cfg, mods=[corrupt(0, huge)])
+    record = rounds(cfg)[0]
+    assert record["accepted"] == [1, 2] and "product B·A is not finite" in record["refused"]["0"]
+    assert all(torch.isfinite(t).all() for t in state.values())

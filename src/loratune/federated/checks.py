@@ -39,6 +39,8 @@ def refusal(expected: Expected, rnd: int, fingerprint: str, examples: float,
     if not (0 < examples <= MAX_EXAMPLES and float(examples).is_integer()):
         return f"num-examples {examples}: expected a whole count from 1 to 2**53"
     why = key_refusal(expected, state) or value_refusal(state)
+    if why is None and expected.free_rank:  # svd: the mean of the products is factored
+        why = product_refusal(state)
     if why is None and expected.clip is not None:
         why = norm_refusal(expected.clip, state, expected.start)
     return why
@@ -84,4 +86,14 @@ def value_refusal(state: dict[str, torch.Tensor]) -> str | None:
         bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
         if bad:
             return f"tensor {key} has {bad} non-finite values (NaN/inf)"
+    return None
+
+
+def product_refusal(state: dict[str, torch.Tensor]) -> str | None:
+    """A LoRA pair of finite factors whose product B·A overflows float32: the SVD rule's mean
+    of products would be inf and linalg.svd fails for the whole round."""
+    for key, a in state.items():
+        b = state.get(key[: -len("lora_A.weight")] + "lora_B.weight") if is_lora_a(key) else None
+        if b is not None and not torch.isfinite(b.float() @ a.float()).all():
+            return f"tensor {key}: the product B·A is not finite in float32 (values too large)"
     return None
