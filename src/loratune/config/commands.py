@@ -122,7 +122,8 @@ class ServeConfig(_HttpAccess):
         False, description="fetch image parts' http(s) URLs (refused when off)")
     image_max_pixels: int = Field(
         4096 * 4096, gt=0, description="image parts larger than this many pixels (width x "
-        "height, read from the header before decoding) are refused with a 400")
+        "height, read from the header before decoding), or a request's images together, are "
+        "refused with a 400")
 
 
 # -- merge and export -----------------------------------------------------------------------------

@@ -90,6 +90,9 @@ def confined(path: str, field: str, root: Path | None) -> Path:
         raise ImageError(field, f"{field}.image_url.url: image paths are read only under "
                          "--image-root, and this server has none; expected a data:image/..."
                          ";base64 URL")
+    if "\0" in path:  # os.path.realpath raises ValueError on it: a 500, not the part's 400
+        raise ImageError(field, f"{field}.image_url.url: the path has a NUL character; "
+                         "expected a path under --image-root")
     base = Path(os.path.realpath(root))
     real = Path(os.path.realpath(base / Path(path).expanduser()))
     if not real.is_relative_to(base):
@@ -167,8 +170,23 @@ def request_images(messages: list[dict], tokenizer, source: ImageSource, model: 
     if getattr(tokenizer, "image_encoder", None) is None:
         raise ImageError(refs[0][0], f"{refs[0][0]}: model {model!r} is a text model; it takes "
                          "no image parts (serve a vision-language model folder for images)")
-    images = [read_part_image(url, field, source) for field, url in refs]
+    images = read_images(refs, source)
     try:
         return image_prompt(tokenizer, vision_turns(messages), images, template)
     except DataError as err:
         raise ImageError("messages", f"messages: {err}") from None
+
+
+def read_images(refs: list[tuple[str, str]], source: ImageSource) -> list:
+    """The parts' images in order, their pixels together at most `max_pixels`: each image alone
+    under the limit, many of them in one body (a 4096² PNG is 48 KB) were gigabytes decoded."""
+    images, total = [], 0
+    for field, url in refs:
+        image = read_part_image(url, field, source)
+        total += image.width * image.height
+        if total > source.max_pixels:
+            raise ImageError(field, f"{field}: the request's images come to {total} pixels "
+                             f"with this one; expected at most {source.max_pixels} in all "
+                             "(--image-max-pixels)")
+        images.append(image)
+    return images

@@ -1,0 +1,80 @@
+"""`loratune serve`'s image parts against hostile requests (issue 29): each is one 400 naming
+the part, read before the server spends memory on it, and the server answers the next request."""
+
+import base64
+import io
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from vision_models import tiny_qwen2_5_vl
+
+from loratune.config import ModelConfig
+from loratune.models import load_model
+from loratune.serve.api import build_app
+from loratune.serve.engine import Engine
+from loratune.serve.image_prompt import ImageSource
+from loratune.serve.pool import AdapterPool
+
+LOCAL = "http://127.0.0.1:8000"
+MAX_PIXELS = 64 * 64
+
+
+def png(size, colour=(200, 20, 20)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_url(raw: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "ok.png").write_bytes(png((20, 20)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, root):
+    model_dir = tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen"))
+    model, tok = load_model(ModelConfig(name=str(model_dir)))
+    engine = Engine(model, tok, AdapterPool(tmp_path_factory.mktemp("adapters"), max_adapters=2),
+                    base_name="vlm", max_completion_tokens=4).start()
+    app = build_app(engine, images=ImageSource(root=root, max_pixels=MAX_PIXELS))
+    with TestClient(app, base_url=LOCAL, raise_server_exceptions=False) as c:
+        yield c
+    engine.stop()
+
+
+def ask(client, urls):
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return client.post("/v1/chat/completions", json={
+        "model": "vlm", "max_tokens": 2, "temperature": 0,
+        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "hi"}]}]})
+
+
+def refused(resp, field, words):
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == field and words in error["message"], error
+
+
+def test_a_nul_in_a_path_is_400_not_a_server_error(client):
+    """os.path.realpath raised ValueError (embedded null byte): a 500 "internal error"."""
+    refused(ask(client, ["ok.png\x00.txt"]), "messages[0].content[0]", "NUL")
+    assert ask(client, ["ok.png"]).status_code == 200
+
+
+def test_the_pixel_limit_counts_a_requests_images_together(client):
+    """Each image under --image-max-pixels, but many in one body: 64 PNGs of 4096² (48 KB
+    each, 4 MB together) were decoded whole, 7 GB of memory and a minute for one request.
+    The limit is the request's: the image that takes it past is refused by name."""
+    side = int(MAX_PIXELS ** 0.5)
+    urls = [data_url(png((side, side // 2)))] * 2     # exactly the limit: served
+    assert ask(client, urls).status_code == 200
+    refused(ask(client, urls + [data_url(png((2, 1)))]), "messages[0].content[2]",
+            f"the request's images come to {MAX_PIXELS + 2} pixels with this one; expected at "
+            f"most {MAX_PIXELS} in all (--image-max-pixels)")
