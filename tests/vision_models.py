@@ -259,11 +259,13 @@ def tiny_llava_next(folder, seed=0):
     return folder
 
 
-def tiny_mllama(folder, seed=0):
+def tiny_mllama(folder, seed=0, cross_attention_layers=(1,)):
     """Llama 3.2 Vision (mllama) at a tiny size: images enter through a cross-attention layer
     (text layer 1 of 2), not through placeholder tokens; its tiled vision encoder (28-pixel
     tiles, up to 4 tiles an image, aspect-ratio embeddings, a global encoder); the Llama 3
-    tokenizer kind plus <|image|>, and Llama-3.2-11B-Vision-Instruct's chat template."""
+    tokenizer kind plus <|image|>, and Llama-3.2-11B-Vision-Instruct's chat template.
+    cross_attention_layers=(0,): a text layer follows the cross-attention one, as in the real
+    model (layers 3, 8, 13, ...), so what the image gives a token reaches the tokens after it."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
@@ -278,7 +280,8 @@ def tiny_mllama(folder, seed=0):
                            vision_output_dim=64),
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         cross_attention_layers=[1], max_position_embeddings=1024,
+                         cross_attention_layers=list(cross_attention_layers),
+                         max_position_embeddings=1024,
                          bos_token_id=tok.bos_token_id, eos_token_id=ids("<|eot_id|>"),
                          pad_token_id=ids("<|finetune_right_pad_id|>"), initializer_range=0.3,
                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),

@@ -120,10 +120,12 @@ def collate_images(rows: list[list[ImageExample]], pad_id: int) -> dict[str, tor
     batch = collate(rows, pad_id, packed=False)
     del batch["position_ids"]
     examples = [row[0] for row in rows]
-    for key in sorted({k for ex in examples for k in ex.image_inputs}):
+    keys = sorted({k for ex in examples for k in ex.image_inputs})
+    batched, width = any(k in BATCHED_LAYOUT for k in keys), batch["input_ids"].shape[1]
+    for key in keys:
         tensors = [ex.image_inputs.get(key) for ex in examples]
-        batch[key] = (_pad_token_rows(tensors, batch["input_ids"].shape[1])
-                      if key in PER_TOKEN_INPUTS else _join_images(tensors, key))
+        batch[key] = (_pad_token_rows(tensors, width) if key in PER_TOKEN_INPUTS
+                      else _join_images(tensors, key, batched, width))
     return batch
 
 
@@ -140,21 +142,32 @@ def _pad_token_rows(tensors: list, width: int) -> torch.Tensor:
     return out
 
 
-def _join_images(tensors: list, key: str) -> torch.Tensor:
+# Inputs that mark a family's processor output as batched: (1, images, ...) a row, padded with
+# all-zero images up to the most images in a row (Idefics3/SmolVLM's pixel_attention_mask,
+# mllama's aspect_ratio_ids). Every other family's image inputs are per image, concatenated
+# (pixel_values of patches, of whole images or LLaVA-NeXT's (images, tiles, C, H, W);
+# image_grid_thw; image_sizes), so a text-only row adds nothing to them.
+BATCHED_LAYOUT = ("pixel_attention_mask", "aspect_ratio_ids")
+CROSS_ATTENTION = "cross_attention_mask"  # mllama's (1, tokens, images, tiles): who sees what
+
+
+def _join_images(tensors: list, key: str, batched: bool, width: int) -> torch.Tensor:
     """The rows' tensors joined along the first axis, every other axis zero-padded to the
-    longest. Flat per-image ones (pixel_values of patches or of whole images, image_grid_thw;
-    LLaVA-NeXT's (images, tiles, C, H, W), whose blank tiles its image_sizes leave out;
-    mllama's (1, images) aspect ratios) are concatenated; batched ones (Idefics3's and mllama's
-    (1, images, ...) pixels, mllama's (1, tokens, images, tiles) cross_attention_mask) get
-    all-zero images, which the model drops (and padding tokens that see no image), up to the
-    most images in a row, as the families' processors pad a batch."""
+    longest. Batched layout: a row without images gets one all-zero entry (no image: Idefics3
+    drops all-zero images, mllama's cross_attention_mask lets no token see it), as the
+    families' processors pad a batch; mllama's padded images keep tile 0 in aspect_ratio_mask,
+    as its processor writes them. Per-image layout: rows without images add nothing.
+    mllama's cross_attention_mask (1, tokens, images, tiles) is padded to the batch's `width`
+    tokens, which a longer text-only row sets."""
     present = [t for t in tensors if t is not None]
-    # 4-dim pixel_values are whole images stacked (Gemma 3, LLaVA: (images, C, H, W)).
-    flat = present[0].dim() < 4 or (present[0].dim() == 4 and key == "pixel_values")
     shape = [max(t.shape[d] for t in present) for d in range(1, present[0].dim())]
+    if key == CROSS_ATTENTION:
+        shape[0] = width
     padded = []
-    for t in present if flat else tensors:  # a batched row without images: one blank image
+    for t in tensors if batched else present:
         out = torch.zeros((1 if t is None else t.shape[0], *shape), dtype=present[0].dtype)
+        if key == "aspect_ratio_mask":
+            out[..., 0] = 1
         if t is not None:
             out[tuple(slice(0, n) for n in t.shape)] = t
         padded.append(out)
@@ -179,13 +192,33 @@ def epoch_rows(examples: list[Example], max_length: int, packing: bool, seed: in
 
 def batches(examples: list[Example], batch_size: int, max_length: int, packing: bool,
             pad_id: int, seed: int, epoch: int) -> list[dict[str, torch.Tensor]]:
-    """All micro-batches of one epoch (the last may be smaller), deterministic in (seed, epoch)."""
+    """All micro-batches of one epoch (the last may be smaller; image rows: see image_batches),
+    deterministic in (seed, epoch)."""
     rows = epoch_rows(examples, max_length, packing, seed, epoch)
     if examples and isinstance(examples[0], ImageExample):
-        return [collate_images(rows[i:i + batch_size], pad_id)
-                for i in range(0, len(rows), batch_size)]
+        return [collate_images(group, pad_id) for group in image_batches(rows, batch_size)]
     return [collate(rows[i:i + batch_size], pad_id, packing)
             for i in range(0, len(rows), batch_size)]
+
+
+def image_batches(rows: list[list[ImageExample]], batch_size: int) -> list[list]:
+    """Image rows in micro-batches of batch_size, in order. A cross-attention family's rows
+    (mllama: a cross_attention_mask) share a batch only with rows of as many images, the
+    rest of a count's rows batched at the end: a token that sees no image (a text-only row,
+    a prompt before its first image) attends evenly to every image of its row, the batch's
+    blank padding images included, so a row with fewer images than the batch's most, or
+    none, would not have its loss alone. The number of batches does not depend on the order."""
+    if not any(CROSS_ATTENTION in row[0].image_inputs for row in rows):
+        return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    out, groups = [], {}
+    for row in rows:
+        inputs = row[0].image_inputs
+        count = inputs[CROSS_ATTENTION].shape[2] if CROSS_ATTENTION in inputs else 0
+        group = groups.setdefault(count, [])
+        group.append(row)
+        if len(group) == batch_size:
+            out.append(groups.pop(count))
+    return out + list(groups.values())
 
 
 def padding_share(rows: list[list[Example]], batch_size: int) -> float:
