@@ -78,3 +78,30 @@ def test_the_pixel_limit_counts_a_requests_images_together(client):
     refused(ask(client, urls + [data_url(png((2, 1)))]), "messages[0].content[2]",
             f"the request's images come to {MAX_PIXELS + 2} pixels with this one; expected at "
             f"most {MAX_PIXELS} in all (--image-max-pixels)")
+
+
+@pytest.mark.parametrize("swapped", ["the file", "its folder"])
+def test_a_link_swapped_in_after_the_check_does_not_lead_outside(client, root, tmp_path,
+                                                                 monkeypatch, swapped):
+    """A symlink race: the path resolves under the root, then (before it is opened) the file,
+    or a folder on its way, is replaced by a link to one outside. The open file itself must be
+    under the root: the outside picture was read and answered (200)."""
+    import loratune.serve.image_prompt as image_prompt_module
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "swap.png").write_bytes(png((20, 20), (1, 2, 3)))
+    (root / swapped[:3]).mkdir()
+    (root / swapped[:3] / "swap.png").write_bytes(png((20, 20)))
+    checked = image_prompt_module.confined
+
+    def then_swap(path, field, base):
+        real = checked(path, field, base)
+        moved = real if swapped == "the file" else real.parent
+        moved.rename(tmp_path / "away")
+        moved.symlink_to(outside / "swap.png" if swapped == "the file" else outside)
+        return real
+
+    monkeypatch.setattr(image_prompt_module, "confined", then_swap)
+    refused(ask(client, [f"{swapped[:3]}/swap.png"]), "messages[0].content[0]",
+            "outside --image-root")

@@ -18,8 +18,10 @@ merged patches, Idefics3's tiles) and the family's pixel inputs come with it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
+import stat
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,11 +78,52 @@ def read_part_image(url: str, field: str, source: ImageSource):
                          "read; expected a data:image/...;base64 URL, a path under "
                          "--image-root or (with --allow-remote-images) an http(s) URL")
     else:
-        ref = str(confined(url.removeprefix("file://"), field, source.root))
+        real = confined(url.removeprefix("file://"), field, source.root)
+        with opened_under(real, field, source.root) as ref:
+            try:
+                return decoded(ref, field, source)
+            except ImageError as err:  # named by its path, not /proc/self/fd/N
+                raise ImageError(field, str(err).replace(ref, str(real))) from None
+    return decoded(ref, field, source)
+
+
+def decoded(ref: str, field: str, source: ImageSource):
     try:
         return read_image(ref, field, "request", source.rules())
     except DataError as err:
         raise ImageError(field, str(err)) from None
+
+
+@contextlib.contextmanager
+def opened_under(real: Path, field: str, root: Path):
+    """The name to read `real` by once it is open: /proc/self/fd/N, the opened file itself, so
+    a link swapped in after confined() resolved the path cannot lead outside (nor a FIFO block
+    the worker). Opened without following a last link and without blocking, then checked: a
+    regular file, really under the root. Without /proc, the resolved path."""
+    if not Path("/proc/self/fd").is_dir():
+        yield str(real)
+        return
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        yield str(real)         # read_image names it: image file not found
+        return
+    except OSError as err:
+        raise ImageError(field, f"{field}.image_url.url: {real} cannot be opened ("
+                         f"{err.strerror}: a link swapped in may lead outside --image-root); "
+                         "expected an image file under it") from None
+    try:
+        name = f"/proc/self/fd/{fd}"
+        opened = Path(os.path.realpath(name))
+        if not opened.is_relative_to(os.path.realpath(root)):
+            raise ImageError(field, f"{field}.image_url.url: {real} was opened as {opened}, "
+                             "outside --image-root; expected a path under it")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageError(field, f"{field}.image_url.url: {real} is not a regular file; "
+                             "expected an image file")
+        yield name
+    finally:
+        os.close(fd)
 
 
 def confined(path: str, field: str, root: Path | None) -> Path:
