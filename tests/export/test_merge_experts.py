@@ -8,7 +8,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from loratune.adapters import add_adapter, save_adapter
-from loratune.adapters.registry import method_record
 from loratune.config import LoraConfig
 from loratune.export.merge import merge_folder, read_adapters
 from tests.adapters.test_expert_lora import logits, randomize, tiny_moe
@@ -50,12 +49,16 @@ def test_fused_checkpoint_gets_every_experts_update_at_once(tmp_path):
         torch.testing.assert_close(out[key], want, atol=1e-6, rtol=0)
 
 
-def test_server_refuses_an_experts_adapter_with_the_records_reason(tmp_path):
+def test_server_refuses_experts_it_cannot_route_naming_them(tmp_path):
+    """LoRA on fused experts is served (tests/serve/test_serve_moe.py) where one `gate` routes
+    the layer; DeepSeek's layer (shared experts, group routing) is refused by name."""
     from loratune.serve.pool import read_lora
     from loratune.serve.types import BadAdapter
+    from tests.models.test_moe_families import build_moe
 
-    _adapted("qwen3_moe", tmp_path)
-    why = method_record("lora").serving.why_no_experts
-    with pytest.raises(BadAdapter, match=r"adapts the fused experts model.layers.0.mlp.experts: "
-                                         + why.replace("(", r"\(").replace(")", r"\)")):
-        read_lora("moe", tmp_path / "a", tiny_moe("qwen3_moe"))
+    model = build_moe("deepseek_v3")[0]
+    add_adapter(model, LoraConfig(r=2, target_modules=["experts"]))
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(BadAdapter, match=r"experts at model.layers.1.mlp.experts "
+                                         r"\(DeepseekV3MoE\) are served for layers routed by one"):
+        read_lora("moe", tmp_path / "a", build_moe("deepseek_v3")[0])

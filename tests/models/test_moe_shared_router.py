@@ -185,3 +185,17 @@ def test_training_the_router_reports_the_balance_loss(tmp_path):
                               {"target_modules": ["q_proj"], "modules_to_save": ["gate"]}),
                    quiet=True)
     assert all(h.get("extra_loss", 0) > 0 for h in result.history), result.history
+
+
+def test_a_second_adapter_on_the_experts_joins_their_host(tmp_path):
+    """Experts wrapped by a first adapter's host still match 'experts' for a second one (they
+    were silently left out of it: its file held no expert tensors)."""
+    model = build_moe("qwen3_moe")[0]
+    add_adapter(model, LoraConfig(r=4, target_modules=["experts"]), "first")
+    targets = add_adapter(model, LoraConfig(r=2, target_modules=["o_proj", "experts"]), "second")
+    assert targets[-2:] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    host = model.model.layers[0].mlp.experts
+    assert isinstance(host, ExpertHost) and list(host.adapters) == ["first", "second"]
+    save_adapter(model, tmp_path / "second", "second")
+    raw = json.loads((tmp_path / "second" / "adapter_config.json").read_text())
+    assert raw["target_parameters"] == ["experts.gate_up_proj", "experts.down_proj"]

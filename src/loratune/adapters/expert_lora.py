@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 import re
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from loratune.adapters.host import AdapterHost
-from loratune.adapters.peft_format import EXPERT_TARGETS, file_key, lora_scale
-from loratune.adapters.registry import AdapterError
+from loratune.adapters.peft_format import EXPERT_TARGETS, PeftFolder, file_key, lora_scale
+from loratune.adapters.registry import AdapterError, RowBlock, method_record
 from loratune.models.grouped_experts import (LowRank, add_low_rank, experts_forward, gated,
                                              grouped_linear)
 from loratune.models.moe_experts import QuantizedExperts
@@ -58,7 +59,12 @@ def _is_experts(module: nn.Module) -> bool:
 
 
 def expert_module_paths(model: nn.Module) -> list[str]:
-    return [p for p, m in model.named_modules() if is_fused_experts(m)]
+    """Paths of the fused experts modules, as the model names them: an experts module that
+    already hosts an adapter is found at its host's path (a second adapter joins it)."""
+    hosts = {p for p, m in model.named_modules() if isinstance(m, ExpertHost)}
+    return [p for p, m in model.named_modules()
+            if p in hosts and is_fused_experts(m.base_layer)
+            or is_fused_experts(m) and p.removesuffix(".base_layer") not in hosts]
 
 
 def unsupported_experts(model: nn.Module) -> list[str]:
@@ -217,17 +223,9 @@ class ExpertHost(AdapterHost):
         running = self.running()
         if not running:
             return self.base_layer(hidden_states, top_k_index, top_k_weights)
-        base = self.base_layer
-        quantized = isinstance(base, QuantizedExperts)  # QLoRA: 4-bit experts, same grouping
-
-        def project(name: str, x: torch.Tensor, groups) -> torch.Tensor:
-            y = base.project(name, x, groups) if quantized else \
-                grouped_linear(x, getattr(base, name), groups, self.grouping)
-            terms = [ad.low_rank(name, weight) for ad, weight in running]
-            return add_low_rank(y, x, terms, groups, self.grouping)
-        glu = base.glu if quantized else gated(base.act_fn)
-        return experts_forward(hidden_states, top_k_index, top_k_weights, base.num_experts,
-                               project, glu)
+        return run_experts(self.base_layer, lambda name: [ad.low_rank(name, weight)
+                                                          for ad, weight in running],
+                           hidden_states, top_k_index, top_k_weights, self.grouping)
 
     def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
         return {file_key(path, k): t for k, t in self.adapters[name].file_tensors().items()}
@@ -253,6 +251,110 @@ class ExpertHost(AdapterHost):
         for name, weight in reversed(list(self.merged.items())):
             self._rewrite(name, weight, -1.0)
             del self.merged[name]
+
+
+def run_experts(base: nn.Module, terms, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor, grouping: str = "auto") -> torch.Tensor:
+    """The experts module `base` (fused, or QLoRA's 4-bit experts) on routed tokens with the
+    per-expert low-rank terms `terms(name)` (a list of LowRank) added in its grouping."""
+    quantized = isinstance(base, QuantizedExperts)
+
+    def project(name: str, x: torch.Tensor, groups) -> torch.Tensor:
+        y = base.project(name, x, groups) if quantized else \
+            grouped_linear(x, getattr(base, name), groups, grouping)
+        return add_low_rank(y, x, terms(name), groups, grouping)
+    glu = base.glu if quantized else gated(base.act_fn)
+    return experts_forward(hidden_states, top_k_index, top_k_weights, base.num_experts,
+                           project, glu)
+
+
+class _Unowned:
+    """A module held by reference, outside the holder's parameters, state_dict and deep
+    copies (a served block refers to the base's MoE layer, never copies it)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class ServedExperts(nn.Module):
+    """One adapter's expert LoRA as the server runs it for the rows that use it: a block on
+    an MoE layer's input (registry.RowBlock, reads "input") whose output is what the adapter
+    adds to that layer's output, the experts with the per-expert terms minus the experts
+    without, on the layer's own routing of those rows (its router, `gate`)."""
+
+    def __init__(self, moe: nn.Module, lora: ExpertLora):
+        super().__init__()
+        self.lora, self.moe = lora, _Unowned(moe)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        moe = self.moe.module
+        flat = x.reshape(-1, x.shape[-1])
+        _, weights, index = moe.gate(flat)  # transformers 5's (logits, weights, experts)
+        base = moe.experts(flat, index, weights)
+        adapted = run_experts(moe.experts, lambda name: [self.lora.low_rank(name)], flat, index,
+                              weights)
+        return (adapted - base).view(x.shape)
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return self.lora.file_tensors()
+
+
+def experts_adapter(adapter: PeftFolder, path: str, parts: dict) -> ExpertLora:
+    """The method's own experts adapter at `path` (its `delta`, `factors`, `scaling`), holding
+    the file's tensors (`parts`, by ExpertLora's kinds)."""
+    record = method_record(adapter.config.method)
+    if record.make_experts is None:
+        raise AdapterError(f"{adapter.folder}: {adapter.config.method} holds tensors of the "
+                           f"fused experts {path}, which it cannot adapt")
+    r, shapes = adapter.rank(path), {}
+    for param, lead in zip(EXPERT_PARAMS, ("base_layer.", "")):
+        a, b = parts.get(lead + "lora_A.weight"), parts.get(lead + "lora_B.weight")
+        if a is None or b is None:
+            raise AdapterError(f"{adapter.weights_path}: {path} lacks the lora_A/lora_B pair "
+                               f"of {param} (keys under {path}.{lead or ''})")
+        shapes[param] = torch.empty(a.shape[0] // r, b.shape[0], a.shape[1], device="meta")
+    ad = record.make_experts(adapter.config, path, SimpleNamespace(**shapes), r=r,
+                             alpha=adapter.alpha(path))
+    adapter.copy_module(path, parts, ad.file_tensors())
+    return ad
+
+
+def expert_row_blocks(adapter: PeftFolder, model: nn.Module) -> dict[str, RowBlock]:
+    """ServingSpec.experts: per MoE layer whose fused experts the file adapts, the block that
+    serves them (ServedExperts, float32) on that layer (the experts module's parent)."""
+    blocks = {}
+    for path, parts in adapter.expert_modules().items():
+        layer_path = path.rpartition(".")[0]
+        moe = _served_moe(model, path, adapter)
+        lora = experts_adapter(adapter, path, parts).float().requires_grad_(False)
+        expected = expert_shapes(moe.experts)
+        got = {n: (lora.num_experts, lora.factors(n)[1].shape[1], lora.factors(n)[0].shape[2])
+               for n in EXPERT_PARAMS}
+        if got != expected:
+            raise AdapterError(f"{adapter.weights_path}: the experts at {path} are "
+                               f"{expected}, the file's pairs fit {got} (another base model?)")
+        blocks[layer_path] = RowBlock(ServedExperts(moe, lora), reads="input")
+    return blocks
+
+
+def _served_moe(model: nn.Module, path: str, adapter: PeftFolder) -> nn.Module:
+    """The MoE layer above the fused experts at `path`, when it routes with a `gate` as
+    Qwen3-MoE, Mixtral and OLMoE do (DeepSeek's layer adds shared experts and group routing)."""
+    layer_path = path.rpartition(".")[0]
+    try:
+        experts, moe = model.get_submodule(path), model.get_submodule(layer_path)
+    except AttributeError:
+        raise AdapterError(f"{adapter.weights_path}: adapts the fused experts {path}, which "
+                           "the served model does not have (another base model?)") from None
+    if not is_fused_experts(experts) or not hasattr(moe, "gate") or hasattr(
+            moe, "shared_experts"):
+        raise AdapterError(f"{adapter.weights_path}: the experts at {path} "
+                           f"({type(moe).__name__}) are served for layers routed by one `gate` "
+                           "(Qwen3-MoE, Mixtral, OLMoE) only")
+    return moe
 
 
 def expert_peft_fields(model: nn.Module, name: str, fields: dict) -> dict:

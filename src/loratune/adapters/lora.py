@@ -15,7 +15,7 @@ from loratune.adapters.base_inits import (add_starting_update, base_init,
                                           config_converts_on_save, converts_on_save, init_hooks,
                                           init_on_load, init_peft_fields, plain_lora_fields,
                                           plain_lora_tensors, start_from_base)
-from loratune.adapters.expert_lora import new_expert_lora
+from loratune.adapters.expert_lora import expert_row_blocks, new_expert_lora
 from loratune.adapters.fused_lora import fused_lora_forward
 from loratune.adapters.host import LayerAdapter, adapted_layers, leaf_names
 from loratune.adapters.lora_product import REFERENCE, product, scaled_factors
@@ -155,4 +155,5 @@ register(MethodRecord(
     name="lora", config_class=LoraConfig, peft_type="LORA",
     files=FileSpec(LORA_KINDS, peft_fields=lora_file_fields, loaded_options=loaded_options),
     make_layer=new_lora, make_experts=new_expert_lora, has_rank=True, training=TrainingSpec(hooks=init_hooks, plan_note=None),
-    serving=ServingSpec(factors=scaled_factors), export=ExportSpec(gguf_factors=scaled_factors)))
+    serving=ServingSpec(factors=scaled_factors, experts=expert_row_blocks),
+    export=ExportSpec(gguf_factors=scaled_factors)))

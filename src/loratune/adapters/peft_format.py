@@ -276,12 +276,13 @@ class PeftFolder:
                 if p.removesuffix(".base_layer") not in experts}
 
     def lora_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """module path -> (A, B) of a LoRA file, in key order (B None where it is missing)."""
+        """module path -> (A, B) of a LoRA file's linear layers, in key order (B None where it
+        is missing); the fused experts' per-expert pairs are not such pairs (expert_modules)."""
         a_kind, b_kind = LORA_KINDS
-        pairs = {}
+        pairs, experts = {}, self.expert_modules()
         for key in sorted(self.tensors):
             found = split_key(key, (a_kind,))
-            if found is not None:
+            if found is not None and found[0].removesuffix(".base_layer") not in experts:
                 pairs[found[0]] = (self.tensors[key], self.tensors.get(file_key(found[0], b_kind)))
         return pairs
 

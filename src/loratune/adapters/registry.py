@@ -111,6 +111,8 @@ NO_EXPERT_SERVING = ("the server's slots hold one A/B pair per linear layer, and
 
 NO_COMPOSITION = ("a composition adds LoRA factors (A stacked, weight·B side by side), which "
                   "is exact only for the LoRA family")
+NO_EXPERT_COMPOSITION = ("its fused experts run as one block per MoE layer (the experts with "
+                         "the adapter minus without), and blocks do not add up")
 
 
 @dataclass
@@ -189,12 +191,15 @@ class ServingSpec:
     `blocks`: (PeftFolder, model) -> {module path: RowBlock}, for methods nonlinear in x (no
     product or scale equals them); they do not compose either.
     `lead`: (PeftFolder, model) -> RowLead, for prompt-learning methods (virtual tokens before
-    each row's prompt, in its KV cache); they do not compose either."""
+    each row's prompt, in its KV cache); they do not compose either.
+    `experts`: (PeftFolder, model) -> {MoE layer path: RowBlock}, the file's adapters on fused
+    experts beside its other forms (else refused for `why_no_experts`); they do not compose."""
 
     factors: Callable | None = None
     rows: Callable | None = None
     blocks: Callable | None = None
     lead: Callable | None = None
+    experts: Callable | None = None
     why_not: str = NO_SERVING
     why_no_composition: str = NO_COMPOSITION
     why_no_experts: str = NO_EXPERT_SERVING   # an adapter on fused experts

@@ -11,12 +11,12 @@ The update is computed by the method's own experts adapter (`make_experts`, its 
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 
 import torch
 
+from loratune.adapters.expert_lora import experts_adapter
 from loratune.adapters.peft_format import ANOTHER_BASE, PeftFolder
-from loratune.adapters.registry import AdapterError, method_record
+from loratune.adapters.registry import AdapterError
 from loratune.models.moe_experts import per_expert_key
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # as ExpertLora adapts them, in its order
@@ -109,23 +109,3 @@ def expert_deltas(adapter: PeftFolder, path: str, parts: dict) -> dict[str, torc
     weight = getattr(adapter, "weight", 1.0)
     with torch.no_grad():
         return {param: ad.delta(param) * weight for param in EXPERT_PARAMS}
-
-
-def experts_adapter(adapter: PeftFolder, path: str, parts: dict):
-    """The method's own experts adapter at `path` (its `delta`, `factors`, `scaling`), holding
-    the file's tensors (`parts`, by ExpertLora's kinds)."""
-    record = method_record(adapter.config.method)
-    if record.make_experts is None:
-        raise AdapterError(f"{adapter.folder}: {adapter.config.method} holds tensors of the "
-                           f"fused experts {path}, which it cannot adapt")
-    r, shapes = adapter.rank(path), {}
-    for param, lead in zip(EXPERT_PARAMS, ("base_layer.", "")):
-        a, b = parts.get(lead + "lora_A.weight"), parts.get(lead + "lora_B.weight")
-        if a is None or b is None:
-            raise AdapterError(f"{adapter.weights_path}: {path} lacks the lora_A/lora_B pair "
-                               f"of {param} (keys under {path}.{lead or ''})")
-        shapes[param] = torch.empty(a.shape[0] // r, b.shape[0], a.shape[1], device="meta")
-    ad = record.make_experts(adapter.config, path, SimpleNamespace(**shapes), r=r,
-                             alpha=adapter.alpha(path))
-    adapter.copy_module(path, parts, ad.file_tensors())
-    return ad

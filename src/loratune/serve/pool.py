@@ -22,8 +22,8 @@ from torch import nn
 from loratune.adapters.peft_format import (ANOTHER_BASE, CONFIG_NAME, LORA_KINDS, PeftFolder,
                                            file_key, read_adapter_config, read_peft_weights,
                                            split_key, weights_file)
-from loratune.adapters.registry import (AdapterError, MethodRecord, RowBlock, RowLead,
-                                        method_record)
+from loratune.adapters.registry import (NO_EXPERT_COMPOSITION, AdapterError, MethodRecord,
+                                        RowBlock, RowLead, method_record)
 from loratune.data.new_tokens import new_tokens_of
 from loratune.data.templates import adapters_template
 from loratune.readers import CorruptFileError
@@ -144,7 +144,7 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
         raise BadAdapter(f"{weights_path}: tensor {stray[0]} is not a {config.method} tensor "
                          f"(expected names ending in {', '.join(record.files.keys)})")
     experts = list(PeftFolder(folder, config, raw, weights).expert_modules())
-    if experts:
+    if experts and record.serving.experts is None:
         raise BadAdapter(f"adapter {name!r} ({folder}) adapts the fused experts {experts[0]}: "
                          f"{record.serving.why_no_experts}. Merge it into the base with "
                          "`loratune merge` and serve the merged model instead")
@@ -153,6 +153,9 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
     try:
         factors, scales, blocks = served_forms(record, PeftFolder(folder, config, raw, weights),
                                                model)
+        if experts:  # the fused experts' blocks beside the file's linear layers
+            blocks = {**blocks, **record.serving.experts(PeftFolder(folder, config, raw,
+                                                                    weights), model)}
     except AdapterError as err:
         raise BadAdapter(str(err)) from None
     layers = {path: fitted(path, a, b, model, weights_path) for path, (a, b) in factors.items()}
@@ -166,6 +169,7 @@ def read_lora(name: str, folder: Path, model: nn.Module) -> HostLora:
     if not layers and not scales and not blocks:
         raise BadAdapter(f"{weights_path}: no {config.method} tensors")
     why = None if record.serving.factors else record.serving.why_no_composition
+    why = NO_EXPERT_COMPOSITION if experts else why
     return HostLora(name, layers, max_weight(layers, model), scales, why, blocks)
 
 
