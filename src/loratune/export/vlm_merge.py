@@ -12,11 +12,12 @@ folder loads as the base does.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
 
-from loratune.adapters.peft_format import PREFIX
+from loratune.adapters.peft_format import PREFIX, canonical_path, pattern_key
 from loratune.models.vision import vision_model_type
 
 
@@ -41,11 +42,42 @@ class VisionCheckpoint:
                 return ".".join([weight.removesuffix(".weight")] + parts[cut:])
         return name
 
+    def stored_path(self, path: str) -> str:
+        """The checkpoint's path of a module (its weight's name less `.weight`), or of a
+        tensor under a module (stored_name); else `path` unchanged."""
+        weight = self.names.get(path + ".weight")
+        return weight.removesuffix(".weight") if weight else self.stored_name(path)
+
     def rename_adapter(self, adapter):
-        """The adapter file with each tensor under the checkpoint's module path."""
+        """The adapter file with each tensor under the checkpoint's module path, and its
+        rank_pattern/alpha_pattern (read by module path at merge) renamed alike."""
         tensors = {PREFIX + self.stored_name(k[len(PREFIX):]) if k.startswith(PREFIX) else k: t
                    for k, t in adapter.tensors.items()}
-        return dataclasses.replace(adapter, tensors=tensors)
+        paths = [canonical_path(p) for p in adapter.modules()]
+        raw = dict(adapter.raw)
+        for field in ("rank_pattern", "alpha_pattern"):
+            if raw.get(field):
+                raw[field] = self.rename_pattern(raw[field], paths)
+        return dataclasses.replace(adapter, tensors=tensors, raw=raw)
+
+    def rename_pattern(self, pattern: dict, paths: list[str]) -> dict:
+        """A PEFT pattern for the checkpoint's names. A key naming a module (or an AdaLoRA
+        `<module>.lora_E`) takes the module's stored name; a shorter key or regex that matched
+        adapted modules (`paths`, loaded names) under their loaded names but not under their
+        stored ones becomes one exact key per such module, where it stood (the first key that
+        matches a module wins); any other key is kept."""
+        out = {}
+        for key, value in pattern.items():
+            stored = self.stored_path(key)
+            if stored != key:
+                out[stored] = value
+                continue
+            for path in paths:
+                if pattern_key(path, pattern) == key and pattern_key(
+                        self.stored_path(path), {key: value}) is None:
+                    out.setdefault(re.escape(self.stored_path(path)), value)
+            out[key] = value
+        return out
 
 
 def vision_checkpoint(base: Path) -> VisionCheckpoint | None:
