@@ -38,11 +38,20 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory, root):
-    model_dir = tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen"))
-    model, tok = load_model(ModelConfig(name=str(model_dir)))
-    engine = Engine(model, tok, AdapterPool(tmp_path_factory.mktemp("adapters"), max_adapters=2),
-                    base_name="vlm", max_completion_tokens=4).start()
+def qwen(tmp_path_factory):
+    model, tok = load_model(ModelConfig(name=str(tiny_qwen2_5_vl(tmp_path_factory.mktemp("q")))))
+    return model, tok, tmp_path_factory.mktemp("adapters")
+
+
+def engine_on(qwen, **kw):
+    model, tok, adapters = qwen
+    return Engine(model, tok, AdapterPool(adapters, max_adapters=2), base_name="vlm",
+                  max_completion_tokens=4, **kw).start()
+
+
+@pytest.fixture(scope="module")
+def client(qwen, root):
+    engine = engine_on(qwen)
     app = build_app(engine, images=ImageSource(root=root, max_pixels=MAX_PIXELS))
     with TestClient(app, base_url=LOCAL, raise_server_exceptions=False) as c:
         yield c
@@ -105,3 +114,20 @@ def test_a_link_swapped_in_after_the_check_does_not_lead_outside(client, root, t
     monkeypatch.setattr(image_prompt_module, "confined", then_swap)
     refused(ask(client, [f"{swapped[:3]}/swap.png"]), "messages[0].content[0]",
             "outside --image-root")
+
+
+def test_more_images_than_prompt_tokens_are_refused_before_decoding(qwen, monkeypatch):
+    """Each image is one prompt token at least: a 4 MB body of 1x1 PNGs (25,000 parts) was
+    decoded and encoded whole (8,000 took 9 s) before the token budget refused it."""
+    import loratune.serve.image_prompt as image_prompt_module
+
+    def never(*args):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(image_prompt_module, "read_part_image", never)
+    engine = engine_on(qwen, max_prompt_tokens=8)
+    with TestClient(build_app(engine), base_url=LOCAL) as c:
+        resp = ask(c, [data_url(png((1, 1)))] * 9)
+    engine.stop()
+    refused(resp, "messages", "9 image parts; this server takes at most 8 prompt tokens "
+            "(--max-prompt-tokens), and each image is one at least")

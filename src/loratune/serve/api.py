@@ -680,9 +680,15 @@ def prompt_and_model(state: _State, body: ChatBody | CompletionBody, kind: str
 def chat_images(state: _State, body: ChatBody, template: str | None) -> ImagePrompt | None:
     """The prompt of a chat request with image parts (serve/image_prompt.py); None without.
     A part that cannot be used is a 400 naming it (messages[i].content[j])."""
-    if not any(isinstance(m.content, list) and any(p.type == "image_url" for p in m.content)
-               for m in body.messages):
+    count = sum(p.type == "image_url" for m in body.messages if isinstance(m.content, list)
+                for p in m.content)
+    if not count:
         return None
+    limit = state.engine.max_prompt_tokens   # refused before 25,000 tiny images are decoded
+    if count > limit:
+        raise APIError(400, f"messages: {count} image parts; this server takes at most {limit} "
+                       "prompt tokens (--max-prompt-tokens), and each image is one at least",
+                       param="messages")
     messages = [m.model_dump() for m in body.messages]
     try:
         prompt = request_images(messages, state.engine.tokenizer, state.images,
