@@ -43,7 +43,8 @@ def split(out: Path) -> list[Path]:
     groups = [("en", True), ("en", False), ("zh", True), ("zh", False)]
     files = []
     for k, (lang, first) in enumerate(groups):
-        mine = [r for r in rows if r["lang"] == lang and (r["output"].split("(")[0] in half) == first]
+        mine = [r for r in rows
+                if r["lang"] == lang and (r["output"].split("(")[0] in half) == first]
         path = out / "data" / f"client-{k}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in mine))

@@ -3,7 +3,6 @@ the examples-weighted mean within the quantization error and never a client's te
 dropping after the key exchange is recovered from the others' shares."""
 
 import pytest
-import torch
 from flwr.client.mod import secaggplus_mod
 
 from test_federate import capture_updates, fed_cfg, rounds, run_local
