@@ -257,7 +257,7 @@ def round_line(record: dict, rounds: int) -> str:
         line += f", held-out loss {record['eval_loss']:.4f}"
     if "privacy" in record:
         eps = record["privacy"]["epsilon"]
-        line += (f", privacy ε = {eps:.4g}" if eps is not None else ", privacy ε = ∞ (no noise)")
+        line += f", privacy ε = {eps:.4g}" if eps is not None else ", privacy ε = ∞ (no noise)"
         line += f" at δ = {record['privacy']['delta']:g}"
     for kind in ("refused", "failed"):
         for pid, why in record[kind].items():
