@@ -3,6 +3,8 @@ the routers and the per-expert adapter sizes exact against tiny models built fro
 classes (shared experts, leading dense layers, grouped routing, MLA with and without a query
 bottleneck; GPT-OSS's biased experts, router and attention sinks)."""
 
+import json
+
 import pytest
 import torch
 
@@ -25,6 +27,15 @@ TINY = {
     "deepseek_v2_lite": ("deepseek_v2", dict(MLA, q_lora_rank=None, n_shared_experts=1)),
     "deepseek_v3": ("deepseek_v3", dict(MLA, q_lora_rank=16, n_shared_experts=1)),
 }
+
+# DeepSeek-V2-Lite's config.json (the fields the planner reads)
+LITE = {"model_type": "deepseek_v2", "hidden_size": 2048, "intermediate_size": 10944,
+        "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
+        "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 128, "v_head_dim": 128, "vocab_size": 102400,
+        "tie_word_embeddings": False}
 
 
 def tiny(name):
@@ -82,14 +93,32 @@ def test_per_expert_adapter_parameters_equal_expert_lora(name):
 def test_deepseek_v2_lite_counts():
     """DeepSeek-V2-Lite's config.json: 15.7B total; 2.4B active without the embedding lookup
     (its model card: 16B total, 2.4B activated)."""
-    lite = {"model_type": "deepseek_v2", "hidden_size": 2048, "intermediate_size": 10944,
-            "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
-            "num_key_value_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
-            "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1,
-            "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64,
-            "qk_nope_head_dim": 128, "v_head_dim": 128, "vocab_size": 102400,
-            "tie_word_embeddings": False}
-    shape = ModelShape.from_hf_config(lite, "deepseek-v2-lite")
+    shape = ModelShape.from_hf_config(LITE, "deepseek-v2-lite")
     assert round(shape.params / 1e9, 1) == 15.7
     assert round(shape.active_params / 1e9, 2) == 2.66  # with embeddings and lm_head
     assert 2.4e9 <= shape.active_params - 102400 * 2048 < 2.5e9
+
+
+def test_plan_command_reports_moe_lines_and_adds_expert_lora(tmp_path, capsys):
+    """`loratune plan` on an MoE config.json: the active count, routers and the per-expert
+    LoRA line; --experts puts the experts' adapter into the adapter row."""
+    import re
+
+    from loratune.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(LITE))
+    shape = ModelShape.from_hf_config(LITE, "lite")
+    args = ["plan", "--model", str(tmp_path), "--method", "lora", "--rank", "4", "--dtype",
+            "fp32", "--device", "cpu"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert f"{shape.active_params / 1e9:.2f}B active" in plain and "not included" in plain
+    per_expert = 4 * ((2048 + 2 * 1408) + (1408 + 2048))
+    assert f"{per_expert:,} params per expert" in plain
+    assert main(args + ["--experts"]) == 0
+    both = capsys.readouterr().out
+    assert "(included)" in both
+
+    def adapter_gib(text):
+        return float(re.search(r"\n  (?:LoRA weights|adapter)\S*[^\n]*?([\d.]+) GiB", text)[1])
+    assert adapter_gib(both) > adapter_gib(plain)

@@ -295,6 +295,8 @@ class PlanConfig(CommandConfig):
     target_batch: int = Field(16, gt=0, description="effective batch to reach")
     table: bool = Field(False, description="print the 7B/13B/70B x full/LoRA/QLoRA matrix instead")
     gpus: int = Field(1, gt=0, description="data-parallel GPUs; figures are per GPU")
+    experts: bool = Field(False, description="MoE bases: LoRA on the routed experts too "
+                          "('experts' in adapter.target_modules), r per expert and projection")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp replicates the base on every GPU, fsdp shards it")
     scaling: bool = Field(False, description="print 7B/13B/70B x method x ddp/fsdp on 1/2/4/8 "

@@ -21,6 +21,7 @@ RUN_KEYS = {
     "device": "model.device",
     "parallel": "train.parallel",
     "target_batch": "train.batch_size x train.grad_accum",
+    "experts": "adapter.target_modules ('experts' in it)",
 }
 PLAN_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -39,10 +40,17 @@ def run_settings(run: RunConfig) -> dict:
            "optimizer": run.train.optimizer, "checkpointing": run.train.gradient_checkpointing,
            "loss_chunk": run.train.loss_chunk, "device": run.model.device,
            "parallel": run.train.parallel,
-           "target_batch": run.train.batch_size * run.train.grad_accum}
+           "target_batch": run.train.batch_size * run.train.grad_accum,
+           "experts": _adapts_experts(adapter)}
     if quant:
         out.update(blocksize=quant.blocksize, double_quant=quant.double_quant)
     return out
+
+
+def _adapts_experts(adapter) -> bool:
+    """The adapter names the routed experts ('experts' in a target_modules list)."""
+    targets = getattr(adapter, "target_modules", None)
+    return isinstance(targets, list) and "experts" in targets
 
 
 def planned_rank(adapter) -> int:

@@ -35,7 +35,7 @@ def render(shape: ModelShape, setup: Setup, b: Breakdown) -> str:
              f"{setup.optimizer}, {ckpt} gradient checkpointing, on {setup.device}"
              + (f"; per GPU of {setup.gpus} ({setup.parallel}, "
                 f"{'base sharded' if setup.sharded else 'base replicated'})"
-                if setup.gpus > 1 else "")]
+                if setup.gpus > 1 else "")] + moe_lines(shape, setup)
     other = estimate(shape, replace(setup, checkpointing=not setup.checkpointing))
     cpu = setup.device.split(":")[0] == "cpu"
     for key, label in ROWS:
@@ -47,6 +47,19 @@ def render(shape: ModelShape, setup: Setup, b: Breakdown) -> str:
             lines.append(f"  {label:<26}{gib(value):>9} GiB{note}")
     lines.append(f"  {'total':<26}{gib(b.total):>9} GiB")
     return "\n".join(lines)
+
+
+def moe_lines(shape: ModelShape, setup: Setup) -> list[str]:
+    """A mixture-of-experts base: active parameters, routers, and the experts' LoRA."""
+    if not shape.experts:
+        return []
+    per_expert = shape.expert_lora_params(setup.rank) // (shape.moe_layers * shape.experts)
+    used = "included" if setup.experts else "not included: --experts adds them"
+    return [f"  MoE: {shape.experts} routed experts x {shape.moe_layers} layers, "
+            f"{shape.experts_per_token} per token: {shape.active_params / 1e9:.2f}B active; "
+            f"routers {shape.router_params / 1e6:.2f}M params (unquantized, frozen)",
+            f"  LoRA r={setup.rank} on the routed experts: {per_expert:,} params per expert, "
+            f"{gib(4 * shape.expert_lora_params(setup.rank))} GiB in fp32 ({used})"]
 
 
 def host_memory() -> tuple[int, int | None]:
@@ -146,7 +159,7 @@ def setup_of(cfg: PlanConfig) -> Setup:
                  optimizer=cfg.optimizer, checkpointing=cfg.checkpointing,
                  loss_chunk=cfg.loss_chunk, blocksize=cfg.blocksize,
                  double_quant=cfg.double_quant, device=cfg.device, gpus=cfg.gpus,
-                 parallel=cfg.parallel)
+                 parallel=cfg.parallel, experts=cfg.experts)
 
 
 def run(cfg: PlanConfig) -> str:
