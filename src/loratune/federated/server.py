@@ -8,6 +8,7 @@ run asks the same clients as the uninterrupted one, and updates are aggregated i
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -228,6 +229,8 @@ def read_reply(reply: Message, pid: int, expected: Expected, replies: RoundRepli
         replies.refused[pid] = f"reply unreadable: {str(err)[:200]}"
         return
     why = refusal(expected, rnd, fingerprint, examples, update)
+    if why is None and not math.isfinite(loss):  # averaged into rounds.jsonl (NaN: not JSON)
+        why = f"loss {loss}: expected a finite number"
     if why:
         replies.refused[pid] = why
         return
