@@ -68,6 +68,8 @@ HOSTILE = {
     "complex": (with_tensor(first_b, lambda t: torch.complex(t, t * float("nan"))),
                 "dtype torch.complex64"),
     "pickle": (lambda a, m, c: a.__setitem__(first_b(a), pickled()), "unreadable"),
+    # a NaN loss was averaged into rounds.jsonl's train_loss (NaN: not JSON) and the round line
+    "nan loss": (lambda a, m, c: m.__setitem__("loss", float("nan")), "loss nan"),
     "no round": (lambda a, m, c: m.pop("round"), "field 'round' missing"),
     "no fingerprint": (lambda a, m, c: c.pop("fingerprint"), "'fingerprint' missing"),
     "extra key": (lambda a, m, c: a.__setitem__("x.lora_A.weight", as_array(torch.ones(2, 2))),
