@@ -218,8 +218,6 @@ def test_expert_lora_gguf_applied_as_llamacpp_does_equals_the_merge(name, tmp_pa
 
 
 @pytest.mark.parametrize("name,why", [
-    ("gpt_oss", "GptOssForCausalLM is not supported for GGUF export: its experts are stored "
-                "transposed"),
     ("deepseek_v2", "DeepseekV2ForCausalLM is not supported for GGUF export: multi-head latent"),
     ("deepseek_v3", "DeepseekV3ForCausalLM is not supported for GGUF export: multi-head latent"),
 ])

@@ -9,10 +9,12 @@ its MODEL_TENSORS / TensorNameMap for the architecture); this module holds the r
 - the metadata keys: sizes, head_dim (key/value length), RoPE base and scaling (llama3 as a
   `rope_freqs` tensor, yarn, linear, Phi-3's longrope factors), Gemma's soft-capping and
   sliding-window layers, Phi-3's partial rotary and original context;
-- for mixture-of-experts families (Qwen3-MoE, Mixtral as `llama`, OLMoE): the expert count,
+- for mixture-of-experts families (Qwen3-MoE, Mixtral as `llama`, OLMoE, GPT-OSS): the expert count,
   top-k and per-expert width, and the routing choices llama.cpp's graph hard-codes per
   architecture (top-k weights renormalized or not, every layer sparse), checked against
-  config.json. The experts themselves are stacked [experts, out, in] by gguf_file.
+  config.json. The experts themselves are stacked [experts, out, in] by gguf_file. GPT-OSS's
+  graph hard-codes more (the clamped SwiGLU's constants, alternating sliding layers, YaRN's
+  rounded correction range and default betas): each checked against config.json.
 Gemma's embedding scale (× √hidden) and Qwen2's q/k/v biases need no key: llama.cpp's gemma
 graphs scale by √n_embd themselves, and biases are tensors with their own names.
 Anything llama.cpp would compute differently (an unknown RoPE type, a Gemma query scale other
@@ -42,6 +44,9 @@ class Family:
     # mixture of experts: whether llama.cpp renormalizes the top-k routing weights for this
     # architecture (a constant in its graph, not a key); None for a dense family
     norm_topk: bool | None = None
+    # GPT-OSS's experts: [E, in, out] (x @ W) with gate and up interleaved by column and a bias
+    # per projection; llama.cpp stores them [E, out, in] with gate and up apart
+    interleaved_experts: bool = False
 
 
 def rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -160,6 +165,33 @@ def _olmoe_keys(writer, config: dict, hf) -> None:
                "llama.cpp's olmoe requires its own output tensor")
 
 
+def _gpt_oss_keys(writer, config: dict, hf) -> None:
+    rope = _rope(hf)
+    if rope.get("rope_type") == "yarn":
+        # llama.cpp's YaRN rounds the ramp's ends to whole dimensions (floor / ceil) and uses
+        # its default betas 32 / 1 for gpt-oss (it reads no beta keys for this architecture)
+        _refuse_if(not rope.get("truncate", True), "rope_parameters.truncate=false",
+                   "llama.cpp's YaRN rounds the correction range to whole dimensions "
+                   "(floor/ceil), transformers does not with truncate=false")
+        betas = (rope.get("beta_fast", 32.0), rope.get("beta_slow", 1.0))
+        _refuse_if(betas != (32.0, 1.0), f"rope_parameters beta_fast/beta_slow={betas}",
+                   "llama.cpp's gpt-oss uses its default YaRN betas 32 / 1")
+        _refuse_if(any(rope.get(k) is not None for k in ("attention_factor", "mscale",
+                                                        "mscale_all_dim")),
+                   "rope_parameters attention_factor/mscale",
+                   "llama.cpp's gpt-oss scales by 0.1·ln(factor) + 1 only")
+    limits = (float(hf.swiglu_alpha), float(hf.swiglu_limit))
+    _refuse_if(limits != (1.702, 7.0), f"swiglu_alpha/swiglu_limit={limits}",
+               "llama.cpp's gpt-oss hard-codes the clamped SwiGLU's alpha 1.702 and limit 7.0")
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                   for i in range(hf.num_hidden_layers)]
+    _refuse_if(list(hf.layer_types) != alternating, f"layer_types={list(hf.layer_types)}",
+               "llama.cpp's gpt-oss makes even layers sliding-window and odd layers full")
+    _refuse_if(not hf.attention_bias, "attention_bias=false",
+               "llama.cpp's gpt-oss requires q/k/v/o biases")
+    writer.add_sliding_window(int(hf.sliding_window))
+
+
 def _experts_keys(writer, family: Family, hf) -> None:
     """Expert count, top-k and per-expert width; the top-k renormalization llama.cpp fixes."""
     count = getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None)
@@ -176,9 +208,6 @@ def _experts_keys(writer, family: Family, hf) -> None:
 
 # Mixture-of-experts architectures gguf-py names but loratune does not write yet, and why.
 NOT_WRITTEN = {
-    "GptOssForCausalLM": "its experts are stored transposed with interleaved gate/up columns "
-                         "and biases, and attention sinks and the clamped SwiGLU need llama.cpp's "
-                         "gpt-oss keys, which loratune does not write yet",
     "DeepseekV2ForCausalLM": "multi-head latent attention (kv_b_proj split into attn_k_b / "
                              "attn_v_b) and grouped routing need llama.cpp's deepseek2 keys, "
                              "which loratune does not write yet",
@@ -202,6 +231,9 @@ FAMILIES: dict[str, Family] = {
     "MixtralForCausalLM": Family("LLAMA", interleaved_rope=True, keys=_mixtral_keys,
                                  norm_topk=True),
     "OlmoeForCausalLM": Family("OLMOE", keys=_olmoe_keys, norm_topk=False),
+    # softmax over the chosen experts' logits: llama.cpp's SOFTMAX_WEIGHT gating
+    "GptOssForCausalLM": Family("GPT_OSS", keys=_gpt_oss_keys, norm_topk=True,
+                                interleaved_experts=True),
 }
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",

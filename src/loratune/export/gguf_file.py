@@ -1,13 +1,15 @@
 """GGUF export for llama.cpp, with the `gguf` package as the writer.
 
 Every family in gguf_arch.FAMILIES (Llama 3.x, Mistral, Qwen2.5, Qwen3, Gemma 2/3, Phi-3,
-Qwen3-MoE, Mixtral, OLMoE): tensor names from gguf's own name map for the architecture,
+Qwen3-MoE, Mixtral, OLMoE, GPT-OSS): tensor names from gguf's own name map for the architecture,
 weights transformed and metadata written as gguf_arch says, the tokenizer copied from the
 model's source GGUF when there is one (the embedded models) or built from tokenizer.json
 (gguf_tokenizer). Routed experts, one
 matrix per expert in the checkpoint (or fused [E, 2I, H] / [E, H, I]), are written as llama.cpp
 reads them: one [experts, out, in] tensor per projection (ffn_gate_exps, ffn_up_exps,
-ffn_down_exps), under the names gguf's map gives the merged `experts.gate_proj` & co.
+ffn_down_exps), under the names gguf's map gives the merged `experts.gate_proj` & co.;
+GPT-OSS's [E, in, out] experts with gate/up interleaved by column are split and transposed
+to the same, their biases beside.
 """
 
 from __future__ import annotations
@@ -100,8 +102,10 @@ def _encode_rows(t: torch.Tensor, kind: str):
 
 
 def tensor_kind(name: str, out_type: str, n_layers: int, ndim: int) -> str:
-    if ndim == 1 or out_type == "f32":
-        return "f32"  # norms and biases stay in full precision, as llama.cpp keeps them
+    if ndim == 1 or out_type == "f32" or name.endswith(".bias"):
+        # norms and biases (GPT-OSS's [experts, out] too) stay in full precision, as llama.cpp
+        # keeps them
+        return "f32"
     if out_type == "q4_k_m":
         return _q4_k_m_type(name, n_layers)
     if out_type == "q4_0" and name == "output.weight":
@@ -150,7 +154,27 @@ def _weights(folder: Path, config: dict):
                     yield hf, f.get_tensor(hf)
 
 
-def _stacked_experts(weights, n_experts: int | None):
+def _gpt_oss_tensors(name: str, t: torch.Tensor):
+    """GPT-OSS's experts ([E, in, out], gate and up alternating columns, biases beside) as
+    llama.cpp's [E, out, in] gate / up / down and their [E, out] biases; the attention sinks
+    as `attn_sinks.weight` (the name llama.cpp loads, as its converter writes it)."""
+    if name.endswith(".self_attn.sinks"):
+        yield name + ".weight", t
+    elif name.endswith(".experts.gate_up_proj"):
+        yield name.replace("gate_up_proj", "gate_proj.weight"), t[..., ::2].transpose(1, 2)
+        yield name.replace("gate_up_proj", "up_proj.weight"), t[..., 1::2].transpose(1, 2)
+    elif name.endswith(".experts.gate_up_proj_bias"):
+        yield name.replace("gate_up_proj_bias", "gate_proj.bias"), t[..., ::2]
+        yield name.replace("gate_up_proj_bias", "up_proj.bias"), t[..., 1::2]
+    elif name.endswith(".experts.down_proj"):
+        yield name + ".weight", t.transpose(1, 2)
+    elif name.endswith(".experts.down_proj_bias"):
+        yield name.replace("down_proj_bias", "down_proj.bias"), t
+    else:
+        yield name, t
+
+
+def _stacked_experts(weights, n_experts: int | None, interleaved: bool = False):
     """The checkpoint's tensors with routed experts as llama.cpp stores them: one expert's
     matrices (`experts.<e>.gate_proj`, Mixtral's `w1`) gathered until every expert of the layer
     arrived, then yielded once as `<experts>.gate_proj` [E, out, in]; a fused `gate_up_proj`
@@ -159,7 +183,10 @@ def _stacked_experts(weights, n_experts: int | None):
     for hf, t in weights:
         key = per_expert_key(hf)
         name = current_name(hf)
-        if key is not None:
+        if interleaved:
+            for pair in _gpt_oss_tensors(name, t):
+                yield pair[0], pair[1].contiguous()
+        elif key is not None:
             path, expert, part = key
             got = pending.setdefault((path, part), {})
             got[expert] = t
@@ -207,7 +234,8 @@ def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source:
         add_tokenizer(writer, tokenizer_folder or folder, config["vocab_size"], tokenizer_source,
                       tokenizer_pre)
         tied = bool(config.get("tie_word_embeddings", False))
-        for hf, t in _stacked_experts(_weights(folder, config), _n_experts(config)):
+        for hf, t in _stacked_experts(_weights(folder, config), _n_experts(config),
+                                      family.interleaved_experts):
             name = gguf_name(names, hf, arch)
             t = _transform(family, hf, t, config)
             # the tied embedding is also the output layer: quantized as llama.cpp quantizes that

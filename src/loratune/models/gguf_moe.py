@@ -1,14 +1,15 @@
-"""Mixture-of-experts GGUF files (llama.cpp's qwen3moe, llama with experts, olmoe) read into
-transformers' model classes by loratune itself.
+"""Mixture-of-experts GGUF files (llama.cpp's qwen3moe, llama with experts, olmoe, gpt-oss)
+read into transformers' model classes by loratune itself.
 
 transformers' GGUF reader cannot do it: it has no olmoe, reads a `llama` file with experts as a
 dense Llama whose MLPs stay randomly initialised (a warning, not an error), and drops
 qwen3moe's per-expert width. Here the config comes from the file's keys (the inverse of
 export/gguf_arch.py), each model parameter from the tensor gguf's own name map gives it, the
 routed experts from the stacked [experts, out, in] tensors (gate and up joined into
-transformers' fused `gate_up_proj`), and llama's interleaved Q/K rows put back. A setting the
-file cannot say exactly (RoPE scaling, partial rotary) or a tensor left over or missing is
-refused by name.
+transformers' fused `gate_up_proj`), and llama's interleaved Q/K rows put back; gpt-oss's experts
+transposed back with gate/up interleaved, its sliding layers and YaRN as llama.cpp's graph
+hard-codes them. A setting the file cannot say exactly (other RoPE scaling, partial rotary) or
+a tensor left over or missing is refused by name.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from loratune.models.gguf_config import GGUFLoadError
 # the constant each llama.cpp graph uses)
 ARCHS = {"qwen3moe": ("qwen3_moe", "num_experts", True),
          "llama": ("mixtral", "num_local_experts", True),
-         "olmoe": ("olmoe", "num_experts", False)}
+         "olmoe": ("olmoe", "num_experts", False),
+         "gpt-oss": ("gpt_oss", "num_local_experts", True)}
 
 
 def is_moe_gguf(path: Path) -> bool:
@@ -56,8 +58,7 @@ def moe_config(path: Path, meta: dict, tensors: set[str]):
 
     heads, hidden = get("attention.head_count"), get("embedding_length")
     head_dim = get("attention.key_length") or hidden // heads
-    if get("rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in tensors:
-        raise _refuse(path, f"{arch}.rope.scaling", "RoPE scaling is not read")
+    rope = _rope_parameters(path, arch, get, tensors)
     if get("rope.dimension_count", head_dim) != head_dim:
         raise _refuse(path, f"{arch}.rope.dimension_count", "partial rotary is not read")
     fields = dict(
@@ -66,7 +67,7 @@ def moe_config(path: Path, meta: dict, tensors: set[str]):
         num_key_value_heads=get("attention.head_count_kv", heads), head_dim=head_dim,
         max_position_embeddings=get("context_length"), rms_norm_eps=get(
             "attention.layer_norm_rms_epsilon"), intermediate_size=get("feed_forward_length"),
-        rope_parameters={"rope_type": "default", "rope_theta": get("rope.freq_base", 10000.0)},
+        rope_parameters=rope,
         num_experts_per_tok=get("expert_used_count"), tie_word_embeddings=(
             "output.weight" not in tensors), **{count_field: get("expert_count")},
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
@@ -74,9 +75,28 @@ def moe_config(path: Path, meta: dict, tensors: set[str]):
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
     if model_type == "qwen3_moe":
         fields["moe_intermediate_size"] = get("expert_feed_forward_length")
-    if model_type != "mixtral":  # Mixtral has no switch: it always renormalizes
+    if model_type == "gpt_oss":  # llama.cpp's gpt-oss: even layers slide, odd ones do not
+        fields.update(sliding_window=get("attention.sliding_window"), layer_types=[
+            "sliding_attention" if i % 2 == 0 else "full_attention"
+            for i in range(fields["num_hidden_layers"])])
+    elif model_type != "mixtral":  # Mixtral has no switch: it always renormalizes
         fields["norm_topk_prob"] = norm_topk
     return AutoConfig.for_model(model_type, **fields)
+
+
+def _rope_parameters(path: Path, arch: str, get, tensors: set[str]) -> dict:
+    """transformers' rope_parameters from the file's keys: plain RoPE, or (gpt-oss) YaRN as
+    llama.cpp computes it there: its correction range rounded (truncate), betas 32 / 1."""
+    theta = get("rope.freq_base", 10000.0)
+    kind = get("rope.scaling.type")
+    if kind == "yarn" and arch == "gpt-oss" and "rope_freqs.weight" not in tensors:
+        return {"rope_type": "yarn", "rope_theta": theta, "factor": get("rope.scaling.factor"),
+                "original_max_position_embeddings": get(
+                    "rope.scaling.original_context_length"),
+                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
+    if kind not in (None, "none") or "rope_freqs.weight" in tensors:
+        raise _refuse(path, f"{arch}.rope.scaling", "RoPE scaling is not read")
+    return {"rope_type": "default", "rope_theta": theta}
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -92,6 +112,11 @@ def _values(t) -> torch.Tensor:
 
     x = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
     return torch.from_numpy(x.reshape([int(n) for n in reversed(t.shape.tolist())]).copy())
+
+
+def _interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS's fused last dimension: gate and up columns alternating."""
+    return torch.stack([gate, up], dim=-1).flatten(-2)
 
 
 class _Tensors:
@@ -121,12 +146,25 @@ class _Tensors:
 
     def parameter(self, key: str) -> torch.Tensor:
         """transformers' parameter `key`; fused experts from the stacked projections."""
+        if key.endswith(".experts.gate_up_proj") and self.arch == "gpt-oss":
+            path = key.removesuffix(".gate_up_proj")
+            return _interleave(self.get(f"{path}.gate_proj.weight").transpose(1, 2),
+                               self.get(f"{path}.up_proj.weight").transpose(1, 2))
         if key.endswith(".experts.gate_up_proj"):
             path = key.removesuffix(".gate_up_proj")
             return torch.cat([self.get(f"{path}.gate_proj.weight"),
                               self.get(f"{path}.up_proj.weight")], dim=1)
         if key.endswith(".experts.down_proj"):
+            down = self.get(f"{key}.weight")
+            return down.transpose(1, 2).contiguous() if self.arch == "gpt-oss" else down
+        if key.endswith(".self_attn.sinks"):  # llama.cpp's attn_sinks.weight
             return self.get(f"{key}.weight")
+        if key.endswith(".experts.down_proj_bias"):
+            return self.get(key.replace("down_proj_bias", "down_proj.bias"))
+        if key.endswith(".experts.gate_up_proj_bias"):
+            path = key.removesuffix(".gate_up_proj_bias")
+            return _interleave(self.get(f"{path}.gate_proj.bias"),
+                               self.get(f"{path}.up_proj.bias"))
         return self.get(key)
 
 

@@ -1,0 +1,181 @@
+"""GGUF export of GPT-OSS as llama.cpp's gpt-oss: experts from [E, in, out] with gate/up
+interleaved by column to stacked [E, out, in] gate / up / down with their [E, out] biases,
+attention sinks and biases, the sliding window, YaRN; read back by our loader with the model's
+logits; the settings llama.cpp's gpt-oss graph computes differently refused by name."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from families import family_tokenizer  # noqa: E402
+from loratune.adapters import add_adapter, save_adapter  # noqa: E402
+from loratune.config import LoraConfig  # noqa: E402
+from loratune.export.gguf_arch import GGUFExportError  # noqa: E402
+from loratune.export.gguf_file import write_gguf, write_lora_gguf  # noqa: E402
+from loratune.export.merge import merge_folder, read_adapters  # noqa: E402
+from loratune.models import load_model  # noqa: E402
+from tests.adapters.test_expert_lora import randomize  # noqa: E402
+from tests.export.test_gguf_moe import _apply_as_llamacpp, build, logits, read, values  # noqa: E402
+
+# llama.cpp rounds YaRN's correction range (truncate) and uses betas 32 / 1 for gpt-oss
+YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "truncate": True, "original_max_position_embeddings": 2000, "rope_theta": 10000.0}
+# 200 positions: past the sliding window (128) of the even layers
+LONG = torch.arange(3, 203).unsqueeze(0)
+BLOCK = {"attn_norm.weight", "post_attention_norm.weight", "attn_sinks.weight"} | {
+    f"{t}.{k}" for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp",
+                         "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+    for k in ("weight", "bias")}
+
+
+def gpt_oss(seed: int = 0, **fields):
+    model, tok = build("gpt_oss", seed, rope_parameters=dict(YARN), **fields)
+    with torch.no_grad():  # biases start at zero: give them values whose layout shows
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt_oss")
+    model, tok = gpt_oss()
+    model.save_pretrained(root / "m")
+    tok.save_pretrained(root / "m")
+    return model, write_gguf(root / "m", root / "m.gguf", "f32")
+
+
+def test_gpt_oss_tensors_and_keys_as_llamacpp_reads_them(exported):
+    model, path = exported
+    fields, tensors = read(path)
+    assert fields["general.architecture"] == "gpt-oss"
+    assert set(tensors) == {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{i}.{n}" for i in range(2) for n in BLOCK}
+    experts = model.model.layers[1].mlp.experts
+    gate_up, bias = experts.gate_up_proj.detach(), experts.gate_up_proj_bias.detach()
+    # transformers: x @ W[e] with gate in even columns, up in odd; llama.cpp: W[e] @ x
+    torch.testing.assert_close(values(tensors["blk.1.ffn_gate_exps.weight"]),
+                               gate_up[..., ::2].transpose(1, 2))
+    torch.testing.assert_close(values(tensors["blk.1.ffn_up_exps.weight"]),
+                               gate_up[..., 1::2].transpose(1, 2))
+    torch.testing.assert_close(values(tensors["blk.1.ffn_gate_exps.bias"]), bias[:, ::2])
+    torch.testing.assert_close(values(tensors["blk.1.ffn_up_exps.bias"]), bias[:, 1::2])
+    torch.testing.assert_close(values(tensors["blk.1.ffn_down_exps.weight"]),
+                               experts.down_proj.detach().transpose(1, 2))
+    torch.testing.assert_close(values(tensors["blk.1.ffn_down_exps.bias"]),
+                               experts.down_proj_bias.detach())
+    torch.testing.assert_close(values(tensors["blk.0.attn_sinks.weight"]),
+                               model.model.layers[0].self_attn.sinks.detach())
+    assert tensors["blk.1.ffn_gate_exps.weight"].shape.tolist() == [32, 16, 4]  # ne: in, out, E
+    assert fields["gpt-oss.expert_count"] == 4 and fields["gpt-oss.expert_used_count"] == 2
+    assert fields["gpt-oss.expert_feed_forward_length"] == 16
+    assert fields["gpt-oss.attention.sliding_window"] == model.config.sliding_window
+    assert fields["gpt-oss.rope.scaling.type"] == "yarn"
+    assert fields["gpt-oss.rope.scaling.factor"] == 32.0
+    assert fields["gpt-oss.rope.scaling.original_context_length"] == 2000
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16"])
+def test_gpt_oss_read_back_by_our_loader_with_the_models_logits(kind, exported, tmp_path):
+    model, _ = exported
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    family_tokenizer("qwen3").save_pretrained(folder)
+    path = write_gguf(folder, tmp_path / f"m.{kind}.gguf", kind)
+    if kind == "f16":  # matrices in half precision; norms, biases and sinks in f32
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.dim() > 1 and not n.endswith("bias"):
+                    p.copy_(p.half().float())
+    loaded, _ = load_model(str(path))
+    assert type(loaded).__name__ == "GptOssForCausalLM"
+    assert loaded.config.layer_types == model.config.layer_types
+    assert loaded.config.rope_parameters["rope_type"] == "yarn"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(LONG).logits, model(LONG).logits, atol=1e-4, rtol=0)
+    # YaRN as llama.cpp rounds it: the same frequencies and scale, where the unrounded
+    # correction range (truncate=false) would give others for this shape
+    torch.testing.assert_close(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq,
+                               atol=0, rtol=0)
+    assert loaded.model.rotary_emb.attention_scaling == model.model.rotary_emb.attention_scaling
+
+
+def test_the_yarn_rounding_matters_for_the_test_shape():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model, _ = gpt_oss()
+    rounded, _ = ROPE_INIT_FUNCTIONS["yarn"](model.config, torch.device("cpu"))
+    model.config.rope_parameters = {**YARN, "truncate": False}
+    exact, _ = ROPE_INIT_FUNCTIONS["yarn"](model.config, torch.device("cpu"))
+    assert (rounded - exact).abs().max() > 1e-4
+
+
+def test_gpt_oss_quantized_keeps_biases_in_f32(exported, tmp_path):
+    model, _ = exported
+    model.save_pretrained(tmp_path / "m")
+    family_tokenizer("qwen3").save_pretrained(tmp_path / "m")
+    _, tensors = read(write_gguf(tmp_path / "m", tmp_path / "q.gguf", "q8_0"))
+    assert tensors["blk.1.ffn_gate_exps.bias"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert tensors["blk.1.ffn_gate_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+
+
+@pytest.mark.parametrize("fields,why", [
+    ({"rope_parameters": {**YARN, "truncate": False}},
+     "rope_parameters.truncate=false; llama.cpp's YaRN rounds the correction range"),
+    ({"rope_parameters": {**YARN, "beta_fast": 16.0}},
+     r"beta_fast/beta_slow=\(16.0, 1.0\); llama.cpp's gpt-oss uses its default YaRN betas"),
+    ({"swiglu_limit": 5.0}, r"swiglu_limit=\(1.702, 5.0\); llama.cpp's gpt-oss hard-codes"),
+    ({"layer_types": ["full_attention", "sliding_attention"]},
+     "layer_types=.*llama.cpp's gpt-oss makes even layers sliding-window"),
+])
+def test_gpt_oss_settings_llamacpp_computes_differently_are_refused(fields, why, tmp_path):
+    model, tok = gpt_oss()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(GGUFExportError, match=why):
+        write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def adapted(tmp_path):
+    """(adapted model, base folder, adapter folder): LoRA on GPT-OSS's attention (LoRA on its
+    transposed, biased experts is refused at training, see adapters/expert_lora.py)."""
+    base, tok = gpt_oss()
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    model, _ = gpt_oss()
+    add_adapter(model, LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize(model)
+    save_adapter(model, tmp_path / "a")
+    assert (logits(model) - logits(base)).abs().max() > 1e-2
+    return model, tmp_path / "base", tmp_path / "a"
+
+
+def test_gpt_oss_merged_adapter_gguf_reads_back_with_the_adapted_logits(tmp_path):
+    model, base, adapter = adapted(tmp_path)
+    merged = merge_folder(base, read_adapters([adapter], None), tmp_path / "merged").out
+    loaded, _ = load_model(str(write_gguf(merged, tmp_path / "m.gguf", "f32")))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(LONG).logits, model(LONG).logits, atol=1e-4, rtol=0)
+
+
+def test_gpt_oss_lora_gguf_applied_as_llamacpp_does_equals_the_merge(tmp_path):
+    _, base, adapter = adapted(tmp_path)
+    fields, lora = read(write_lora_gguf(adapter, base, tmp_path / "a.gguf"))
+    assert fields["general.type"] == "adapter" and fields["general.architecture"] == "gpt-oss"
+    assert {n.rsplit(".lora_", 1)[0] for n in lora} == {
+        f"blk.{i}.attn_{p}.weight" for i in range(2) for p in "qv"}
+    merged = merge_folder(base, read_adapters([adapter], None), tmp_path / "merged").out
+    _, want = read(write_gguf(merged, tmp_path / "m.gguf", "f32"))
+    _, plain = read(write_gguf(base, tmp_path / "b.gguf", "f32"))
+    got = _apply_as_llamacpp(plain, lora, fields["adapter.lora.alpha"])
+    for n in want:
+        torch.testing.assert_close(got[n], values(want[n]), atol=1e-5, rtol=0, msg=n)
