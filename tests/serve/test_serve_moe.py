@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loratune.adapters import (AdapterHost, add_adapter, delete_adapter, disable_adapters,
-                               save_adapter, set_active)
+                               load_adapter, save_adapter, set_active)
 from loratune.config import LoraConfig
 from loratune.serve.engine import Engine
 from loratune.serve.pool import AdapterPool, read_lora
@@ -114,3 +114,38 @@ def test_mixed_requests_equal_generate_token_for_token(served):
             assert handle.result().token_ids == refs[key], key
     finally:
         engine.stop()
+
+
+def test_expert_lora_served_on_a_4bit_base_equals_qlora_with_it(tmp_path):
+    """On the experts held in 4 bits (QuantizedExperts), the served expert LoRA row equals the
+    4-bit model with the adapter loaded (1e-5); the base row is the base's, bit for bit."""
+    from loratune.config import ModelConfig, QuantConfig
+    from loratune.models import load_model
+
+    model, tok = build_moe("qwen3_moe")
+    model.save_pretrained(tmp_path / "base")
+    add_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "experts"]), "ex")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, AdapterHost) and "ex" in mod.adapters:
+                for p in mod.adapters["ex"].parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_adapter(model, tmp_path / "adapters" / "ex", "ex")
+    nf4 = ModelConfig(name=str(tmp_path / "base"), quantization=QuantConfig(type="nf4"))
+    ids = torch.tensor([[3, 40, 200, 17, 301, 99], [5, 6, 7, 8, 9, 10]])
+    served, _ = load_model(nf4)
+    with torch.no_grad():
+        base = served(ids).logits
+    pool = AdapterPool(tmp_path / "adapters", max_adapters=1)
+    slots = pool.bind(served)
+    with torch.no_grad():
+        slots.set([pool.acquire({"ex": 1.0}), 0], ids.device)
+        mixed = served(ids).logits
+    live, _ = load_model(nf4)
+    load_adapter(live, tmp_path / "adapters" / "ex")
+    with torch.no_grad():
+        want = live(ids).logits
+    assert (want[0] - base[0]).abs().max() > 1e-2
+    torch.testing.assert_close(mixed[0], want[0], atol=1e-5, rtol=0)
+    assert torch.equal(mixed[1], base[1])
