@@ -207,14 +207,20 @@ def _experts_keys(writer, family: Family, hf) -> None:
 
 
 # Mixture-of-experts architectures gguf-py names but loratune does not write yet, and why.
+# (What llama.cpp's deepseek2 graph reads, from its src/models/deepseek2.cpp and build_moe_ffn.)
+_MLA_NOT_WRITTEN = ("loratune writes no multi-head latent attention yet: llama.cpp's deepseek2 "
+                    "reads kv_b_proj split per head into attn_k_b (transposed) and attn_v_b, "
+                    "with attention.kv_lora_rank / q_lora_rank / key_length_mla / "
+                    "value_length_mla, nor its leading dense layers (leading_dense_block_count),"
+                    " shared experts (expert_shared_count) and routing keys "
+                    "(expert_weights_scale, expert_weights_norm, expert_group_count)")
 NOT_WRITTEN = {
-    "DeepseekV2ForCausalLM": "multi-head latent attention (kv_b_proj split into attn_k_b / "
-                             "attn_v_b) and grouped routing need llama.cpp's deepseek2 keys, "
-                             "which loratune does not write yet",
-    "DeepseekV3ForCausalLM": "multi-head latent attention (kv_b_proj split into attn_k_b / "
-                             "attn_v_b), sigmoid routing with a selection bias and grouped "
-                             "routing need llama.cpp's deepseek2 keys, which loratune does not "
-                             "write yet",
+    "DeepseekV2ForCausalLM": _MLA_NOT_WRITTEN + "; and llama.cpp scores an expert group by the "
+                             "sum of its two best experts, where DeepSeek-V2's "
+                             "group_limited_greedy takes the group's best one",
+    "DeepseekV3ForCausalLM": _MLA_NOT_WRITTEN + ", nor its sigmoid routing with the "
+                             "e_score_correction_bias (expert_gating_func=sigmoid, "
+                             "exp_probs_b)",
 }
 
 FAMILIES: dict[str, Family] = {
