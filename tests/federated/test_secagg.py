@@ -9,6 +9,7 @@ from test_federate import capture_updates, fed_cfg, rounds, run_local
 
 from loratune.config import ConfigError, build_config
 from loratune.federated.apps import run_mods
+from loratune.federated.base import adapted_base
 from loratune.federated.secagg import fit_reply_mod
 
 SECAGG = {"max_weight": 8.0, "clipping_range": 8.0, "quantization_range": 2 ** 22}
@@ -80,7 +81,28 @@ def test_a_client_dropping_mid_protocol_is_recovered_from_shares(tmp_path, tiny_
 def test_secagg_config_is_checked(tmp_path):
     base = {"output_dir": str(tmp_path), "federated": {"secagg": {}}}
     assert build_config(base).federated.secagg.max_weight == 1000.0
-    for extra, said in [({"aggregation": "svd"}, "svd"), ({"clients": 1}, "at least 2"),
-                        ({"privacy": {"clip": 1.0, "noise_multiplier": 1.0}}, "not supported")]:
+    for extra, said in [({"aggregation": "svd"}, "svd"), ({"clients": 1}, "at least 2")]:
         with pytest.raises(ConfigError, match=said):
             build_config({**base, "federated": {"secagg": {}, **extra}})
+
+
+def test_secagg_with_dp_is_the_equal_weight_mean_of_clipped_updates(tmp_path, tiny_folder,
+                                                                     data_file):
+    from loratune.federated.privacy import clip_train_replies, update_norm
+
+    cfg = secure_cfg(tmp_path, tiny_folder, data_file,
+                     privacy={"clip": 0.5, "noise_multiplier": 0.0})
+    assert run_mods(cfg) == [secaggplus_mod, fit_reply_mod, clip_train_replies]
+    seen = {}
+    start = adapted_base(cfg).init  # round 1 starts every client here
+    state = run_local(cfg, mods=[secaggplus_mod, fit_reply_mod, capture_updates(seen),
+                                 clip_train_replies])
+    assert all(update_norm(seen[p][0], {k: start[k] for k in seen[p][0]}) <= 0.5 * 1.0001
+               for p in seen)
+    ones = {p: (seen[p][0], 1) for p in seen}  # DP: every client weighs the same
+    want = weighted_mean(ones, [0, 1, 2])
+    tol = 3 * (2 * SECAGG["clipping_range"] / SECAGG["quantization_range"]) / (3 / 8)
+    assert max(float((state[k].double() - want[k]).abs().max()) for k in want) <= tol
+    by_examples = weighted_mean(seen, [0, 1, 2])  # what SecAgg+ alone would give
+    assert max(float((state[k].double() - by_examples[k]).abs().max()) for k in want) > 3 * tol
+    assert rounds(cfg)[0]["privacy"]["epsilon"] is None

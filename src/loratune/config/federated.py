@@ -114,9 +114,6 @@ class FederatedConfig(_Section):
         if self.secagg is not None and self.per_round() < 2:
             raise ValueError("federated.secagg: SecAgg+ needs at least 2 clients per round "
                              "(clients, clients_per_round)")
-        if self.secagg is not None and self.privacy is not None:
-            raise ValueError("federated.secagg with federated.privacy is not supported yet "
-                             "(SecAgg+ weighs clients by examples, DP needs equal weights)")
         if self.privacy is not None and self.aggregation == "svd":
             raise ValueError("federated.privacy: the svd aggregation re-factors products, so a "
                              "client's clipped update does not bound its effect; use fedavg, "

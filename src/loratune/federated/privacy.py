@@ -39,7 +39,15 @@ def clip_train_replies(msg: Message, context: Context, call_next) -> Message:
     the server's query (which carries no arrays) with an error."""
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
-    return fixedclipping_mod(msg, context, call_next)
+    # Under SecAgg+ the message also holds its protocol record; fixedclipping_mod wants one.
+    others = {k: r for k, r in msg.content.config_records.items() if k != "config"}
+    for key in others:
+        del msg.content[key]
+    try:
+        return fixedclipping_mod(msg, context, call_next)
+    finally:
+        for key, record in others.items():
+            msg.content[key] = record
 
 
 def round_config(cfg: RunConfig) -> dict[str, float]:

@@ -33,6 +33,7 @@ from loratune.config import RunConfig
 from loratune.config.federated import SecAggOptions
 
 MAX_WEIGHT_KEY = "secagg-max-weight"
+EQUAL_WEIGHTS_KEY = "secagg-equal-weights"  # DP: every client weighs 1, not its examples
 
 
 def client_mods(cfg: RunConfig) -> list:
@@ -49,12 +50,13 @@ def fit_reply_mod(msg: Message, context: Context, call_next) -> Message:
     content = reply.content
     examples = int(content["metrics"]["num-examples"])
     limit = float(msg.content["config"][MAX_WEIGHT_KEY])
-    if examples > limit:  # past it, SecAgg+'s integer sums overflow (Flower only warns)
+    weight = 1 if msg.content["config"].get(EQUAL_WEIGHTS_KEY) else examples
+    if weight > limit:  # past it, SecAgg+'s integer sums overflow (Flower only warns)
         raise ValueError(f"this client holds {examples} examples, more than "
                          f"federated.secagg.max_weight {limit:g}; raise it")
     metrics = {**dict(content["metrics"]), "fingerprint": str(content["config"]["fingerprint"])}
     arrays = [t.numpy() for t in content["arrays"].to_torch_state_dict().values()]
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), examples, metrics)
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, metrics)
     return Message(fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 

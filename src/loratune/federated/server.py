@@ -28,7 +28,7 @@ from loratune.federated.base import AdaptedBase
 from loratune.federated.checks import Expected, refusal
 from loratune.federated.held_out import held_out_loss, write_metrics
 from loratune.federated.privacy import Ledger, round_config
-from loratune.federated.secagg import MAX_WEIGHT_KEY, secure_round
+from loratune.federated.secagg import EQUAL_WEIGHTS_KEY, MAX_WEIGHT_KEY, secure_round
 
 
 class FederationError(ValueError):
@@ -180,14 +180,17 @@ def one_secure_round(grid: Grid, fed: Federation, base: AdaptedBase, nodes: dict
     chosen = sample(list(nodes), f.per_round(), seed_of(fed.cfg), rnd)
     sent = ArrayRecord({k: state[k] for k in exchanged_keys(f.aggregation, list(state))})
     content = RecordDict({"arrays": sent, "config": ConfigRecord(
-        {"round": rnd, MAX_WEIGHT_KEY: float(f.secagg.max_weight)})})
+        {"round": rnd, MAX_WEIGHT_KEY: float(f.secagg.max_weight),
+         EQUAL_WEIGHTS_KEY: f.privacy is not None, **round_config(fed.cfg)})})
     try:
         got = secure_round(grid, f.secagg, rnd, [nodes[p] for p in chosen], content,
                            f.round_timeout)
     except RuntimeError as err:
         raise FederationError(f"round {rnd}: {err}") from None
     by_node = {n: p for p, n in nodes.items()}
-    expected = Expected(rnd, base.fingerprint, {k: tuple(state[k].shape) for k in sent})
+    expected = Expected(rnd, base.fingerprint, {k: tuple(state[k].shape) for k in sent},
+                        clip=f.privacy.clip if f.privacy else None,  # the mean of clipped
+                        start={k: state[k] for k in sent})           # updates is within it
     replies = RoundReplies(failed={by_node[n]: why for n, why in got.failed.items()},
                            bytes_up=got.bytes_up)
     for node, meta in got.metadata.items():
