@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -357,9 +358,32 @@ def _served_moe(model: nn.Module, path: str, adapter: PeftFolder) -> nn.Module:
     return moe
 
 
+# model_types whose adapter files PEFT 0.21 converts as if written under transformers 4: every
+# target ending in a gate/up/down projection becomes the fused routed experts' parameters.
+_PEFT_V4_CONVERTED = ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+_PROJECTIONS = (".gate_proj", ".up_proj", ".down_proj")
+
+
+def peft_conversion_note(model: nn.Module, fields: dict) -> str | None:
+    """Why PEFT (0.21) would drop this file's LoRA on MLP linears named gate/up/down_proj
+    (shared experts, dense layers) of this model type (peft#3711); None when it would not."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    targets = fields.get("target_modules") or []
+    hit = [t for t in targets if isinstance(targets, list) and t.endswith(_PROJECTIONS)]
+    if kind not in _PEFT_V4_CONVERTED or not hit:
+        return None
+    return (f"{hit[0]} ({len(hit)} such targets): PEFT 0.21 reads targets ending in gate_proj/"
+            f"up_proj/down_proj of a {kind} model as transformers-4 routed experts and drops "
+            "their LoRA (peft#3711, fixed by peft#3715); loratune reads this file as written")
+
+
 def expert_peft_fields(model: nn.Module, name: str, fields: dict) -> dict:
     """adapter_config.json with PEFT's target_parameters when adapter `name` sits on fused
-    experts (PEFT accepts target_modules null beside them)."""
+    experts (PEFT accepts target_modules null beside them); a warning where PEFT would misread
+    the file (peft_conversion_note)."""
+    note = peft_conversion_note(model, fields)
+    if note:
+        warnings.warn(f"adapter '{name}': {note}", stacklevel=3)
     if not any(isinstance(h, ExpertHost) and name in h.adapters for h in model.modules()):
         return fields
     return {**fields, "target_parameters": list(EXPERT_TARGETS),
