@@ -292,11 +292,12 @@ async def metric_events(state: UiState, name: str, request: Request):
 
 def launch_schema() -> dict:
     """The training config's JSON schema for the form: the sections without the adapter (whose
-    fields depend on its method), output_dir (the run's name decides it) and search (a study's
-    section, which `loratune search` reads, not a run), and one schema per adapter method."""
+    fields depend on its method), output_dir (the run's name decides it), search and federated
+    (read by `loratune search` / `loratune federate`, not by the run the form starts), and one
+    schema per adapter method."""
     run = RunConfig.model_json_schema()
     run["properties"] = {k: v for k, v in run["properties"].items()
-                         if k not in ("adapter", "output_dir", "search")}
+                         if k not in ("adapter", "output_dir", "search", "federated")}
     adapters = {}
     for method, cls in adapter_options().items():
         s = cls.model_json_schema()
