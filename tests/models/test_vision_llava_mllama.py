@@ -83,7 +83,13 @@ def test_encoding_equals_the_family_processor(family, loaded, case):
     name = family[0]
     _, tokenizer, image_processor, _ = loaded
     messages, images, _ = CASES[case]
-    text = tokenizer.apply_chat_template(_parts(messages), tokenize=False)
+    shown = _parts(messages)
+    if name == "llava":  # LLaVA's training format: </s> ends each earlier answer (encode_llava)
+        shown = [dict(m, content=[{"type": "text", "text": m["content"][0]["text"] +
+                                   tokenizer.eos_token}])
+                 if m["role"] == "assistant" and i < len(shown) - 1 else m
+                 for i, m in enumerate(shown)]
+    text = tokenizer.apply_chat_template(shown, tokenize=False)
     # mllama's template writes <|begin_of_text|> itself; the LLaVA templates leave <s> to the
     # tokenizer, as the llava-hf model cards call their processors.
     extra = {"add_special_tokens": False} if name == "mllama" else {}

@@ -285,9 +285,31 @@ def llava_next_image_seq_len(config) -> int:
 def encode_llava(messages: list[dict], images: list, tokenizer, image_processor,
                  family: VisionFamily, max_length: int = 2048,
                  template: str | None = None) -> VisionExample | None:
-    """LLaVA-1.5: each <image> widened to image_seq_len tokens (the tile's CLIP patches)."""
+    """LLaVA-1.5: each <image> widened to image_seq_len tokens (the tile's CLIP patches).
+    Its template (llava-hf's) ends an answer with a space, never with eos, so only the last
+    answer would end in a labelled stop (the eos encode_conversation appends). LLaVA's own
+    training (haotian-liu/LLaVA: conv_vicuna_v1, "ASSISTANT: answer</s>USER: ...", whose
+    preprocess_v1 labels each answer with its </s>) teaches a stop after every answer, as
+    here: each earlier answer ends with eos, labelled with it (serve/image_prompt.py encodes a
+    request's history with this function too)."""
+    template = template or tokenizer.chat_template
+    if tokenizer.eos_token and tokenizer.eos_token not in template:
+        messages = _stop_after_answers(messages, tokenizer.eos_token)
     return _encode_widened(messages, images, tokenizer, image_processor, family, max_length,
                            template, lambda inputs: [family.image_seq_len] * len(images))
+
+
+def _stop_after_answers(messages: list[dict], eos: str) -> list[dict]:
+    """Every assistant turn but the last message with `eos` after its last text part."""
+    out = []
+    for i, m in enumerate(messages):
+        parts = list(_as_parts(m["content"])) if m["role"] == "assistant" else []
+        texts = [j for j, p in enumerate(parts) if p.get("type") == "text"]
+        if texts and i < len(messages) - 1:
+            parts[texts[-1]] = dict(parts[texts[-1]], text=parts[texts[-1]]["text"] + eos)
+            m = dict(m, content=parts)
+        out.append(m)
+    return out
 
 
 def encode_llava_next(messages: list[dict], images: list, tokenizer, image_processor,
