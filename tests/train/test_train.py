@@ -319,3 +319,21 @@ def test_adalora_resume_continues_exactly(tmp_path, data_file, smol_tokenizer):
     b = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_the_last_steps_held_out_loss_is_not_measured_twice(tmp_path, data_file, smol_tokenizer,
+                                                             monkeypatch):
+    """eval_every dividing max_steps measures the held-out loss at the last step; saving does
+    not run the same pass again (on the real model each pass costs minutes)."""
+    from loratune.train import loop
+
+    calls = []
+    real = loop.held_out_losses
+    monkeypatch.setattr(loop, "held_out_losses", lambda run: calls.append(1) or real(run))
+    result, _ = _run(_cfg(tmp_path, data_file, max_steps=4, eval_every=2), smol_tokenizer)
+    assert len(calls) == 2 and result.eval_loss is not None
+    lines = [json.loads(l) for l in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [l for l in lines if "eval_loss" in l]
+    assert [l["step"] for l in evals] == [2, 4]
+    summary = json.loads((result.output_dir / "run_summary.json").read_text())
+    assert summary["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-6)

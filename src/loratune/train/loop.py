@@ -783,7 +783,9 @@ def save_step_checkpoint(run: Run, step: int, totals: Totals) -> None:
 def save(run: Run, progress: Progress) -> TrainResult:
     """The final held-out loss, the adapter, the loss curve, and run_summary.json last (its
     presence marks the run finished)."""
-    if run.data.eval_batches:
+    last = progress.history[-1] if progress.history else {}
+    measured = last.get("step") == run.total_steps and "eval_loss" in last  # eval_every did
+    if run.data.eval_batches and not measured:
         progress.eval_loss, progress.eval_by_source = held_out_losses(run)
         run.metrics.write({"step": run.total_steps, "eval_loss": round(progress.eval_loss, 6),
                            **progress.eval_by_source,
