@@ -1,7 +1,9 @@
-"""GGUF export of GPT-OSS as llama.cpp's gpt-oss: experts from [E, in, out] with gate/up
+"""GGUF export of GPT-OSS as llama.cpp's gpt-oss (experts from [E, in, out] with gate/up
 interleaved by column to stacked [E, out, in] gate / up / down with their [E, out] biases,
-attention sinks and biases, the sliding window, YaRN; read back by our loader with the model's
-logits; the settings llama.cpp's gpt-oss graph computes differently refused by name."""
+attention sinks and biases, the sliding window, YaRN) and of DeepSeek-V3 as its deepseek2
+(MLA's kv_b_proj split per head into attn_k_b / attn_v_b, dense lead layers, shared experts,
+sigmoid routing in groups with the selection bias); read back by our loader with the model's
+logits; the settings llama.cpp's graphs compute differently refused by name."""
 
 import copy
 import json
@@ -179,3 +181,101 @@ def test_gpt_oss_lora_gguf_applied_as_llamacpp_does_equals_the_merge(tmp_path):
     got = _apply_as_llamacpp(plain, lora, fields["adapter.lora.alpha"])
     for n in want:
         torch.testing.assert_close(got[n], values(want[n]), atol=1e-5, rtol=0, msg=n)
+
+
+def deepseek_v3(**fields):
+    model, tok = build("deepseek_v3", **fields)
+    with torch.no_grad():  # a router whose choice matters, a selection bias that moves it
+        for layer in model.model.layers[model.config.first_k_dense_replace:]:
+            layer.mlp.gate.weight.normal_(0, 0.5)
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepseek_v3")
+    model, tok = deepseek_v3()
+    model.save_pretrained(root / "m")
+    tok.save_pretrained(root / "m")
+    return model, write_gguf(root / "m", root / "m.gguf", "f32")
+
+
+def test_deepseek_v3_mla_and_routing_as_llamacpp_reads_them(deepseek):
+    model, path = deepseek
+    fields, tensors = read(path)
+    cfg, attn = model.config, model.model.layers[1].self_attn
+    assert fields["general.architecture"] == "deepseek2"
+    assert {n for n in tensors if n.startswith("blk.0.")} == {
+        f"blk.0.{n}.weight" for n in ("attn_norm", "attn_q_a", "attn_q_a_norm", "attn_q_b",
+                                      "attn_kv_a_mqa", "attn_kv_a_norm", "attn_k_b", "attn_v_b",
+                                      "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+    assert {n for n in tensors if n.startswith("blk.1.ffn") or "exp" in n} >= {
+        "blk.1.ffn_gate_inp.weight", "blk.1.exp_probs_b.bias", "blk.1.ffn_gate_exps.weight",
+        "blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight", "blk.1.ffn_gate_shexp.weight",
+        "blk.1.ffn_up_shexp.weight", "blk.1.ffn_down_shexp.weight"}
+    # kv_b_proj per head: [nope rows of K | v rows of V] x kv_lora_rank
+    per_head = attn.kv_b_proj.weight.detach().reshape(4, 16, 16)
+    torch.testing.assert_close(values(tensors["blk.1.attn_k_b.weight"]),
+                               per_head[:, :8].transpose(1, 2))  # absorbed into the query
+    torch.testing.assert_close(values(tensors["blk.1.attn_v_b.weight"]), per_head[:, 8:])
+    torch.testing.assert_close(values(tensors["blk.1.exp_probs_b.bias"]),
+                               model.model.layers[1].mlp.gate.e_score_correction_bias)
+    want = {"leading_dense_block_count": 1, "attention.q_lora_rank": 16,
+            "attention.kv_lora_rank": 16, "attention.head_count_kv": 1,
+            "attention.key_length": 24, "attention.value_length": 16,
+            "attention.key_length_mla": 16, "attention.value_length_mla": 8,
+            "rope.dimension_count": 8, "expert_shared_count": 1, "expert_count": 4,
+            "expert_used_count": 2, "expert_feed_forward_length": 16,
+            "expert_weights_scale": cfg.routed_scaling_factor, "expert_weights_norm": True,
+            "expert_gating_func": int(gguf.ExpertGatingFuncType.SIGMOID),
+            "expert_group_count": 2, "expert_group_used_count": 1}
+    assert {k: fields[f"deepseek2.{k}"] for k in want} == want
+
+
+def test_deepseek_v3_read_back_by_our_loader_with_the_models_logits(deepseek):
+    model, path = deepseek
+    loaded, _ = load_model(str(path))
+    assert type(loaded).__name__ == "DeepseekV3ForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(LONG).logits, model(LONG).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fields,why", [
+    ({"rope_interleave": False}, "rope_interleave=false; llama.cpp's deepseek2 rotates adjacent"),
+    ({"attention_bias": True}, "attention_bias=true; llama.cpp's deepseek2 has no attention"),
+    ({"q_lora_rank": None}, "q_lora_rank=null; llama.cpp versions tell this"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                          "original_max_position_embeddings": 64}},
+     "rope_type=yarn; loratune writes no deepseek2 YaRN keys"),
+])
+def test_deepseek_v3_settings_llamacpp_computes_differently_are_refused(fields, why, tmp_path):
+    model, tok = deepseek_v3()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(GGUFExportError, match=why):
+        write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_deepseek_v3_merged_adapter_gguf_reads_back_and_mla_lora_gguf_is_refused(tmp_path):
+    base, tok = deepseek_v3()
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    model, _ = deepseek_v3()
+    add_adapter(model, LoraConfig(r=2, lora_alpha=8, target_modules=["kv_b_proj", "q_b_proj"]))
+    randomize(model)
+    save_adapter(model, tmp_path / "a")
+    merged = merge_folder(tmp_path / "base", read_adapters([tmp_path / "a"], None),
+                          tmp_path / "merged").out
+    loaded, _ = load_model(str(write_gguf(merged, tmp_path / "m.gguf", "f32")))
+    with torch.no_grad():
+        assert (model(LONG).logits - base(LONG).logits).abs().max() > 1e-2
+        torch.testing.assert_close(loaded(LONG).logits, model(LONG).logits, atol=1e-4, rtol=0)
+    # llama.cpp's deepseek2 multiplies the MLA projections with no adapter hook
+    with pytest.raises(GGUFExportError, match="kv_b_proj, which llama.cpp's deepseek2 "
+                                              "multiplies without applying adapters"):
+        write_lora_gguf(tmp_path / "a", tmp_path / "base", tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()

@@ -9,7 +9,8 @@ its MODEL_TENSORS / TensorNameMap for the architecture); this module holds the r
 - the metadata keys: sizes, head_dim (key/value length), RoPE base and scaling (llama3 as a
   `rope_freqs` tensor, yarn, linear, Phi-3's longrope factors), Gemma's soft-capping and
   sliding-window layers, Phi-3's partial rotary and original context;
-- for mixture-of-experts families (Qwen3-MoE, Mixtral as `llama`, OLMoE, GPT-OSS): the expert count,
+- for mixture-of-experts families (Qwen3-MoE, Mixtral as `llama`, OLMoE, GPT-OSS, DeepSeek-V3
+  as `deepseek2`): the expert count,
   top-k and per-expert width, and the routing choices llama.cpp's graph hard-codes per
   architecture (top-k weights renormalized or not, every layer sparse), checked against
   config.json. The experts themselves are stacked [experts, out, in] by gguf_file. GPT-OSS's
@@ -47,6 +48,11 @@ class Family:
     # GPT-OSS's experts: [E, in, out] (x @ W) with gate and up interleaved by column and a bias
     # per projection; llama.cpp stores them [E, out, in] with gate and up apart
     interleaved_experts: bool = False
+    # multi-head latent attention (llama.cpp's deepseek2): its keys write the head sizes
+    mla: bool = False
+    # projections llama.cpp's graph multiplies without its LoRA hook (ggml_mul_mat, not
+    # build_lora_mm): an adapter pair on them would be loaded and silently not applied
+    no_lora: tuple[str, ...] = ()
 
 
 def rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -192,35 +198,67 @@ def _gpt_oss_keys(writer, config: dict, hf) -> None:
     writer.add_sliding_window(int(hf.sliding_window))
 
 
+def _deepseek_v3_keys(writer, config: dict, hf) -> None:
+    """llama.cpp's deepseek2 as DeepSeek-V3: MLA as MQA over the latent (one kv head of
+    kv_lora_rank + rope dims), sigmoid routing with the selection bias, groups scored by their
+    two best experts, routed weights scaled by routed_scaling_factor."""
+    import gguf
+
+    rope = _rope(hf)
+    _refuse_if(rope.get("rope_type", "default") != "default",
+               f"rope_parameters rope_type={rope.get('rope_type')}",
+               "loratune writes no deepseek2 YaRN keys (rope.scaling.yarn_log_multiplier) yet")
+    _refuse_if(not getattr(hf, "rope_interleave", True), "rope_interleave=false",
+               "llama.cpp's deepseek2 rotates adjacent pairs of the rope dimensions")
+    _refuse_if(bool(hf.attention_bias), "attention_bias=true",
+               "llama.cpp's deepseek2 has no attention biases")
+    _refuse_if(not hf.q_lora_rank, "q_lora_rank=null",
+               "llama.cpp versions tell this (V2-Lite) layout by a layer count of 27")
+    groups = int(hf.n_group or 1)
+    _refuse_if(groups > 1 and not 0 < hf.topk_group < groups,
+               f"n_group={groups}, topk_group={hf.topk_group}",
+               "llama.cpp's grouped routing needs 0 < topk_group < n_group")
+    writer.add_leading_dense_block_count(int(hf.first_k_dense_replace))
+    writer.add_q_lora_rank(int(hf.q_lora_rank))
+    writer.add_kv_lora_rank(int(hf.kv_lora_rank))
+    writer.add_head_count_kv(1)
+    writer.add_key_length(int(hf.kv_lora_rank + hf.qk_rope_head_dim))
+    writer.add_value_length(int(hf.kv_lora_rank))
+    writer.add_key_length_mla(int(hf.qk_nope_head_dim + hf.qk_rope_head_dim))
+    writer.add_value_length_mla(int(hf.v_head_dim))
+    writer.add_rope_dimension_count(int(hf.qk_rope_head_dim))
+    writer.add_expert_shared_count(int(hf.n_shared_experts))
+    writer.add_expert_weights_scale(float(hf.routed_scaling_factor))
+    writer.add_expert_weights_norm(bool(hf.norm_topk_prob))
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if groups > 1:
+        writer.add_expert_group_count(groups)
+        writer.add_expert_group_used_count(int(hf.topk_group))
+
+
 def _experts_keys(writer, family: Family, hf) -> None:
     """Expert count, top-k and per-expert width; the top-k renormalization llama.cpp fixes."""
-    count = getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None)
+    count = (getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None)
+             or hf.n_routed_experts)
     writer.add_expert_count(int(count))
     writer.add_expert_used_count(int(hf.num_experts_per_tok))
     width = getattr(hf, "moe_intermediate_size", None) or hf.intermediate_size
     writer.add_expert_feed_forward_length(int(width))
     norm = getattr(hf, "norm_topk_prob", True)  # Mixtral always renormalizes
-    _refuse_if(bool(norm) != family.norm_topk, f"norm_topk_prob={str(norm).lower()}",
+    # (an MLA family writes its norm as a key: _deepseek_v3_keys)
+    _refuse_if(family.norm_topk is not None and bool(norm) != family.norm_topk,
+               f"norm_topk_prob={str(norm).lower()}",
                f"llama.cpp's {gguf_arch_name(family)} "
                f"{'renormalizes' if family.norm_topk else 'does not renormalize'} the top-k "
                "routing weights")
 
 
 # Mixture-of-experts architectures gguf-py names but loratune does not write yet, and why.
-# (What llama.cpp's deepseek2 graph reads, from its src/models/deepseek2.cpp and build_moe_ffn.)
-_MLA_NOT_WRITTEN = ("loratune writes no multi-head latent attention yet: llama.cpp's deepseek2 "
-                    "reads kv_b_proj split per head into attn_k_b (transposed) and attn_v_b, "
-                    "with attention.kv_lora_rank / q_lora_rank / key_length_mla / "
-                    "value_length_mla, nor its leading dense layers (leading_dense_block_count),"
-                    " shared experts (expert_shared_count) and routing keys "
-                    "(expert_weights_scale, expert_weights_norm, expert_group_count)")
 NOT_WRITTEN = {
-    "DeepseekV2ForCausalLM": _MLA_NOT_WRITTEN + "; and llama.cpp scores an expert group by the "
-                             "sum of its two best experts, where DeepSeek-V2's "
+    "DeepseekV2ForCausalLM": "loratune writes llama.cpp's deepseek2 from DeepSeek-V3 only: V2's "
+                             "softmax routing is not written, and llama.cpp scores an expert "
+                             "group by the sum of its two best experts, where V2's "
                              "group_limited_greedy takes the group's best one",
-    "DeepseekV3ForCausalLM": _MLA_NOT_WRITTEN + ", nor its sigmoid routing with the "
-                             "e_score_correction_bias (expert_gating_func=sigmoid, "
-                             "exp_probs_b)",
 }
 
 FAMILIES: dict[str, Family] = {
@@ -238,6 +276,9 @@ FAMILIES: dict[str, Family] = {
                                  norm_topk=True),
     "OlmoeForCausalLM": Family("OLMOE", keys=_olmoe_keys, norm_topk=False),
     # softmax over the chosen experts' logits: llama.cpp's SOFTMAX_WEIGHT gating
+    "DeepseekV3ForCausalLM": Family("DEEPSEEK2", keys=_deepseek_v3_keys, norm_topk=None,
+                                    mla=True, no_lora=("q_a_proj", "q_b_proj", "q_proj",
+                                                       "kv_a_proj_with_mqa", "kv_b_proj")),
     "GptOssForCausalLM": Family("GPT_OSS", keys=_gpt_oss_keys, norm_topk=True,
                                 interleaved_experts=True),
 }
@@ -341,18 +382,19 @@ def write_metadata(writer, family: Family, config: dict, name: str,
     writer.add_block_count(hf.num_hidden_layers)
     writer.add_feed_forward_length(hf.intermediate_size)
     writer.add_head_count(heads)
-    writer.add_head_count_kv(getattr(hf, "num_key_value_heads", None) or heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
     rope = _rope(hf)
-    writer.add_rope_dimension_count(int(head_dim * rope.get(
-        "partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)))
+    if not family.mla:  # MLA's head sizes are its keys' (_deepseek_v3_keys)
+        writer.add_head_count_kv(getattr(hf, "num_key_value_heads", None) or heads)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(int(head_dim * rope.get(
+            "partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)))
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(hf.rms_norm_eps))
     writer.add_vocab_size(hf.vocab_size)
     writer.add_file_type(file_type)
     if family.keys is not None:
         family.keys(writer, config, hf)
-    if family.norm_topk is not None:
+    if family.norm_topk is not None or family.mla:
         _experts_keys(writer, family, hf)
     return _rope_scaling(writer, family, hf)

@@ -1,15 +1,16 @@
 """GGUF export for llama.cpp, with the `gguf` package as the writer.
 
 Every family in gguf_arch.FAMILIES (Llama 3.x, Mistral, Qwen2.5, Qwen3, Gemma 2/3, Phi-3,
-Qwen3-MoE, Mixtral, OLMoE, GPT-OSS): tensor names from gguf's own name map for the architecture,
-weights transformed and metadata written as gguf_arch says, the tokenizer copied from the
-model's source GGUF when there is one (the embedded models) or built from tokenizer.json
-(gguf_tokenizer). Routed experts, one
+Qwen3-MoE, Mixtral, OLMoE, GPT-OSS, DeepSeek-V3): tensor names from gguf's own name map for
+the architecture, weights transformed and metadata written as gguf_arch says, the tokenizer
+copied from the model's source GGUF when there is one (the embedded models) or built from
+tokenizer.json (gguf_tokenizer). Routed experts, one
 matrix per expert in the checkpoint (or fused [E, 2I, H] / [E, H, I]), are written as llama.cpp
 reads them: one [experts, out, in] tensor per projection (ffn_gate_exps, ffn_up_exps,
 ffn_down_exps), under the names gguf's map gives the merged `experts.gate_proj` & co.;
 GPT-OSS's [E, in, out] experts with gate/up interleaved by column are split and transposed
-to the same, their biases beside.
+to the same, their biases beside; DeepSeek-V3's kv_b_proj split per head into attn_k_b and
+attn_v_b (llama.cpp's absorbed multi-head latent attention).
 """
 
 from __future__ import annotations
@@ -174,6 +175,21 @@ def _gpt_oss_tensors(name: str, t: torch.Tensor):
         yield name, t
 
 
+def _mla_tensors(name: str, t: torch.Tensor, config: dict):
+    """DeepSeek's kv_b_proj [heads·(nope + v), rank] as llama.cpp's deepseek2 reads it: per
+    head, attn_k_b [heads, rank, nope] (transposed, absorbed into the query) and attn_v_b
+    [heads, v, rank]; the selection bias under the name gguf maps (`e_score_correction.bias`)."""
+    if name.endswith(".self_attn.kv_b_proj.weight"):
+        nope = config["qk_nope_head_dim"]
+        per_head = t.reshape(config["num_attention_heads"], -1, t.shape[-1])
+        yield name.replace("kv_b_proj", "k_b_proj"), per_head[:, :nope].transpose(1, 2)
+        yield name.replace("kv_b_proj", "v_b_proj"), per_head[:, nope:]
+    elif name.endswith(".e_score_correction_bias"):
+        yield name.replace("e_score_correction_bias", "e_score_correction.bias"), t
+    else:
+        yield name, t
+
+
 def _stacked_experts(weights, n_experts: int | None, interleaved: bool = False):
     """The checkpoint's tensors with routed experts as llama.cpp stores them: one expert's
     matrices (`experts.<e>.gate_proj`, Mixtral's `w1`) gathered until every expert of the layer
@@ -207,8 +223,18 @@ def _stacked_experts(weights, n_experts: int | None, interleaved: bool = False):
                               f"{n_experts} (num_experts in config.json)")
 
 
+def _family_tensors(family: Family, config: dict, weights):
+    for hf, t in weights:
+        if family.mla:
+            for name, x in _mla_tensors(hf, t, config):
+                yield name, x.contiguous()
+        else:
+            yield hf, t
+
+
 def _n_experts(config: dict) -> int | None:
-    return config.get("num_experts") or config.get("num_local_experts")
+    return (config.get("num_experts") or config.get("num_local_experts")
+            or config.get("n_routed_experts"))
 
 
 def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source: Path | None = None,
@@ -234,8 +260,8 @@ def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source:
         add_tokenizer(writer, tokenizer_folder or folder, config["vocab_size"], tokenizer_source,
                       tokenizer_pre)
         tied = bool(config.get("tie_word_embeddings", False))
-        for hf, t in _stacked_experts(_weights(folder, config), _n_experts(config),
-                                      family.interleaved_experts):
+        for hf, t in _family_tensors(family, config, _stacked_experts(
+                _weights(folder, config), _n_experts(config), family.interleaved_experts)):
             name = gguf_name(names, hf, arch)
             t = _transform(family, hf, t, config)
             # the tied embedding is also the output layer: quantized as llama.cpp quantizes that
@@ -267,6 +293,15 @@ def _expert_factors(adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             a, b = (t.detach().float() for t in ad.factors("down_proj"))
             out[f"{path}.down_proj"] = (a, b * ad.scaling)
     return out
+
+
+def _refuse_unapplied(family: Family, factors: dict, adapter_dir: Path, arch: str) -> None:
+    for path in factors:
+        leaf = path.removesuffix(".base_layer").rsplit(".", 1)[-1]
+        if leaf in family.no_lora:
+            raise GGUFExportError(f"{adapter_dir}: the adapter holds {path}, which llama.cpp's "
+                                  f"{arch} multiplies without applying adapters; merge it "
+                                  "instead (export gguf --adapter DIR)")
 
 
 def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: str = "f32",
@@ -305,6 +340,7 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
     factors = {path: f for path, f in export.gguf_factors(adapter).items()
                if path.removesuffix(".base_layer") not in experts}
     factors.update(_expert_factors(adapter))
+    _refuse_unapplied(family, factors, adapter_dir, arch)
     # llama.cpp scales every layer by alpha / (that layer's rank): the factors carry PEFT's
     # per-layer scale in B (rank/alpha patterns, rsLoRA), so r / alpha undoes llama.cpp's.
     alpha = lora_scale(cfg.lora_alpha, cfg.r, cfg.use_rslora) * cfg.r

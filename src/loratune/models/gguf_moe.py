@@ -1,5 +1,5 @@
-"""Mixture-of-experts GGUF files (llama.cpp's qwen3moe, llama with experts, olmoe, gpt-oss)
-read into transformers' model classes by loratune itself.
+"""Mixture-of-experts GGUF files (llama.cpp's qwen3moe, llama with experts, olmoe, gpt-oss,
+deepseek2 as DeepSeek-V3) read into transformers' model classes by loratune itself.
 
 transformers' GGUF reader cannot do it: it has no olmoe, reads a `llama` file with experts as a
 dense Llama whose MLPs stay randomly initialised (a warning, not an error), and drops
@@ -8,8 +8,9 @@ export/gguf_arch.py), each model parameter from the tensor gguf's own name map g
 routed experts from the stacked [experts, out, in] tensors (gate and up joined into
 transformers' fused `gate_up_proj`), and llama's interleaved Q/K rows put back; gpt-oss's experts
 transposed back with gate/up interleaved, its sliding layers and YaRN as llama.cpp's graph
-hard-codes them. A setting the file cannot say exactly (other RoPE scaling, partial rotary) or
-a tensor left over or missing is refused by name.
+hard-codes them; deepseek2's kv_b_proj joined back from attn_k_b / attn_v_b. A setting the
+file cannot say exactly (other RoPE scaling, partial rotary) or a tensor left over or missing
+is refused by name.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from loratune.models.gguf_config import GGUFLoadError
 ARCHS = {"qwen3moe": ("qwen3_moe", "num_experts", True),
          "llama": ("mixtral", "num_local_experts", True),
          "olmoe": ("olmoe", "num_experts", False),
-         "gpt-oss": ("gpt_oss", "num_local_experts", True)}
+         "gpt-oss": ("gpt_oss", "num_local_experts", True),
+         "deepseek2": ("deepseek_v3", "n_routed_experts", None)}
 
 
 def is_moe_gguf(path: Path) -> bool:
@@ -59,7 +61,7 @@ def moe_config(path: Path, meta: dict, tensors: set[str]):
     heads, hidden = get("attention.head_count"), get("embedding_length")
     head_dim = get("attention.key_length") or hidden // heads
     rope = _rope_parameters(path, arch, get, tensors)
-    if get("rope.dimension_count", head_dim) != head_dim:
+    if arch != "deepseek2" and get("rope.dimension_count", head_dim) != head_dim:
         raise _refuse(path, f"{arch}.rope.dimension_count", "partial rotary is not read")
     fields = dict(
         vocab_size=get("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
@@ -75,13 +77,36 @@ def moe_config(path: Path, meta: dict, tensors: set[str]):
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
     if model_type == "qwen3_moe":
         fields["moe_intermediate_size"] = get("expert_feed_forward_length")
-    if model_type == "gpt_oss":  # llama.cpp's gpt-oss: even layers slide, odd ones do not
+    if model_type == "deepseek_v3":
+        fields.update(_deepseek_v3_fields(path, get))
+    elif model_type == "gpt_oss":  # llama.cpp's gpt-oss: even layers slide, odd ones do not
         fields.update(sliding_window=get("attention.sliding_window"), layer_types=[
             "sliding_attention" if i % 2 == 0 else "full_attention"
             for i in range(fields["num_hidden_layers"])])
     elif model_type != "mixtral":  # Mixtral has no switch: it always renormalizes
         fields["norm_topk_prob"] = norm_topk
     return AutoConfig.for_model(model_type, **fields)
+
+
+def _deepseek_v3_fields(path: Path, get) -> dict:
+    """DeepSeek-V3's config from llama.cpp's deepseek2 keys: MLA sizes, dense lead layers,
+    shared experts, sigmoid routing in groups (the inverse of gguf_arch._deepseek_v3_keys)."""
+    if get("expert_gating_func") != 2:  # llama.cpp's SIGMOID: V3; softmax would be V2's
+        raise _refuse(path, "deepseek2.expert_gating_func", "only sigmoid routing (DeepSeek-V3)"
+                      " is read")
+    rope = get("rope.dimension_count")
+    return dict(q_lora_rank=get("attention.q_lora_rank"), kv_lora_rank=get(
+        "attention.kv_lora_rank"), qk_rope_head_dim=rope, head_dim=rope,
+        qk_nope_head_dim=get("attention.key_length_mla") - rope,
+        v_head_dim=get("attention.value_length_mla"),
+        num_key_value_heads=get("attention.head_count"),
+        moe_intermediate_size=get("expert_feed_forward_length"),
+        first_k_dense_replace=get("leading_dense_block_count", 0),
+        n_shared_experts=get("expert_shared_count"),
+        routed_scaling_factor=get("expert_weights_scale", 1.0),
+        norm_topk_prob=bool(get("expert_weights_norm", False)),
+        n_group=get("expert_group_count", 1), topk_group=get("expert_group_used_count", 1),
+        rope_interleave=True, attention_bias=False)
 
 
 def _rope_parameters(path: Path, arch: str, get, tensors: set[str]) -> dict:
@@ -157,6 +182,12 @@ class _Tensors:
         if key.endswith(".experts.down_proj"):
             down = self.get(f"{key}.weight")
             return down.transpose(1, 2).contiguous() if self.arch == "gpt-oss" else down
+        if key.endswith(".self_attn.kv_b_proj.weight"):  # from deepseek2's attn_k_b, attn_v_b
+            k_b = self.get(key.replace("kv_b_proj", "k_b_proj")).transpose(1, 2)
+            per_head = torch.cat([k_b, self.get(key.replace("kv_b_proj", "v_b_proj"))], dim=1)
+            return per_head.reshape(-1, per_head.shape[-1])
+        if key.endswith(".e_score_correction_bias"):
+            return self.get(key.replace("e_score_correction_bias", "e_score_correction.bias"))
         if key.endswith(".self_attn.sinks"):  # llama.cpp's attn_sinks.weight
             return self.get(f"{key}.weight")
         if key.endswith(".experts.down_proj_bias"):
