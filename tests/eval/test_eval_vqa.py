@@ -127,11 +127,18 @@ def test_text_model_and_answerless_data_refused(tmp_path):
         vqa.read(cfg_for(tmp_path, empty))
 
 
-def test_answer_start_is_the_last_labelled_run():
+def test_the_prompt_ends_where_the_last_answer_starts():
+    """One labelled run per answer (an opening assistant turn is not one); a run after the last
+    answer (an eos appended after Gemma's `<end_of_turn>\n`) is not where it starts."""
+    from loratune.models.vision import last_answer_start
+
     X = -100
-    assert vqa.answer_start([X, X, 5, 6, X, X, 7, 8, 9, X]) == 6
-    assert vqa.answer_start([X, 1, 2]) == 1
-    assert vqa.answer_start([X, X]) == 0
+    u, a = {"role": "user"}, {"role": "assistant"}
+    assert last_answer_start([u, a, u, a], [X, X, 5, 6, X, X, 7, 8, 9, X]) == 6
+    assert last_answer_start([u, a], [X, 1, 2]) == 1
+    assert last_answer_start([u, a], [X, X, 5, 6, X, 1]) == 2        # Gemma: answer, "\n", eos
+    assert last_answer_start([a, u, a], [X, X, 5, 6, X]) == 2         # the opening turn: context
+    assert last_answer_start([u, a], [X, X]) is None
 
 
 def test_run_eval_base_and_adapter_columns_share_the_data(qwen, tmp_path):

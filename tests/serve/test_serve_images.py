@@ -273,6 +273,13 @@ def test_the_prompt_is_the_generation_prompt_with_each_image_widened(tmp_path):
     assert collapsed == prompt_ids(tok, user("compare them", 2))
     assert two.ids.count(pad) == 1 + 4 and two.inputs["image_grid_thw"].tolist() == [
         [1, 2, 2], [1, 4, 4]]
+    # A conversation with an answer in its history: the prompt is the whole history plus
+    # the generation prompt (a cut at the first labelled token ended it at the first answer).
+    chat = [*user("compare them", 2), {"role": "assistant", "content": "red and blue"},
+            *user("which is larger?")]
+    later = image_prompt(tok, chat, [picture((200, 0, 0), (28, 28)), picture((0, 0, 200), (56, 56))])
+    collapsed = [t for i, t in enumerate(later.ids) if t != pad or later.ids[i - 1] != pad]
+    assert collapsed == prompt_ids(tok, chat)
 
 
 # -- HTTP -------------------------------------------------------------------------------------

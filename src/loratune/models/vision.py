@@ -433,6 +433,17 @@ FAMILIES = {
 }
 
 
+def last_answer_start(messages: list[dict], labels: list[int]) -> int | None:
+    """Where the last assistant turn's labelled run starts: its generation prompt's length.
+    Each labelled assistant turn (not one opening the conversation) is one run, so it is the
+    start of run number (assistant turns); a run after it (an eos the encoding appends after
+    a template's own end, as Gemma's `<end_of_turn>\n`) is not an answer. None: no such run."""
+    turns = sum(1 for i, m in enumerate(messages) if i and m.get("role") == "assistant")
+    runs = [i for i, label in enumerate(labels)
+            if label != IGNORE and (i == 0 or labels[i - 1] == IGNORE)]
+    return runs[turns - 1] if 0 < turns <= len(runs) else None
+
+
 def prompt_image_inputs(example: VisionExample, length: int) -> dict:
     """The image inputs of the example's first `length` tokens (a generation prompt): the
     per-token rows (token_type_ids, mm_token_type_ids) cut with the ids."""

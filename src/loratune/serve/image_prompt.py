@@ -26,10 +26,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from loratune.data.encode import IGNORE
 from loratune.data.errors import DataError
 from loratune.data.images import DEFAULT_MAX_PIXELS, ImageRules, read_image
-from loratune.models.vision import encode_vision
+from loratune.models.vision import encode_vision, last_answer_start, prompt_image_inputs
 
 _HTTP = re.compile(r"^https?://", re.IGNORECASE)
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
@@ -169,15 +168,11 @@ def image_prompt(tokenizer, messages: list[dict], images: list,
     answer = [*messages, {"role": "assistant", "content": ""}]
     example = encode_vision(answer, images, tokenizer, encoder.image_processor, encoder.family,
                             max_length=1 << 30, template=template)
-    cut = next((i for i, label in enumerate(example.labels) if label != IGNORE), None)
+    cut = last_answer_start(answer, example.labels)   # not the first: history has answers
     if cut is None:
         raise DataError("the chat template wrote no assistant turn after the messages; "
                         "expected its generation prompt to end the prompt")
-    inputs = dict(example.image_inputs)
-    kind = encoder.family.token_types       # a per-token input (1 at image tokens): cut too
-    if kind and kind in inputs:
-        inputs[kind] = inputs[kind][:, :cut]
-    return ImagePrompt(example.input_ids[:cut], len(images), inputs)
+    return ImagePrompt(example.input_ids[:cut], len(images), prompt_image_inputs(example, cut))
 
 
 def image_refs(messages: list[dict]) -> list[tuple[str, str]]:

@@ -15,13 +15,12 @@ import torch
 
 from loratune.config import DataConfig
 from loratune.data.dataset import read_image_conversations
-from loratune.data.encode import IGNORE
 from loratune.eval.answer_match import exact_match
 from loratune.eval.tasks.registry import (TaskData, TaskError, TaskRecord, TaskResult, Timer,
                                           hashed, register)
 from loratune.eval.text_metrics import token_f1
 from loratune.models.modules import eos_ids
-from loratune.models.vision import prompt_image_inputs
+from loratune.models.vision import last_answer_start, prompt_image_inputs
 
 MAX_NEW_TOKENS = 32
 
@@ -40,17 +39,6 @@ def reference_text(content) -> str:
     return "".join(p.get("text", "") for p in content if p.get("type") == "text")
 
 
-def answer_start(labels: list[int]) -> int:
-    """Where the last labelled run (the reference answer) starts."""
-    end = len(labels)
-    while end and labels[end - 1] == IGNORE:
-        end -= 1
-    start = end
-    while start and labels[start - 1] != IGNORE:
-        start -= 1
-    return start
-
-
 def prompt_example(tokenizer, where: str, messages: list[dict], images: list):
     """(prompt ids, image inputs) of one conversation, its last turn left out."""
     encoder = getattr(tokenizer, "image_encoder", None)
@@ -58,8 +46,8 @@ def prompt_example(tokenizer, where: str, messages: list[dict], images: list):
         raise TaskError("--task vqa needs a vision-language model (a folder whose config.json "
                         "has a vision_config); this model reads no images")
     example = encoder(tokenizer, messages, images, max_length=1 << 30)
-    start = answer_start(example.labels)
-    if start == 0:
+    start = last_answer_start(messages, example.labels)
+    if not start:
         raise TaskError(f"{where}: the reference answer has no tokens to score")
     return example.input_ids[:start], prompt_image_inputs(example, start)
 
