@@ -131,3 +131,28 @@ def test_more_images_than_prompt_tokens_are_refused_before_decoding(qwen, monkey
     engine.stop()
     refused(resp, "messages", "9 image parts; this server takes at most 8 prompt tokens "
             "(--max-prompt-tokens), and each image is one at least")
+
+
+def test_an_image_row_cancelled_mid_decode_leaves_no_trace(tmp_path_factory):
+    """A client that leaves after its image row's prefill: its row is dropped between decode
+    steps while another image row runs on; the rows that join afterwards (text, and an image
+    row on the freed place) each equal generate(), so no features or cache of the cancelled
+    row reach them, and its adapter is unpinned."""
+    from test_serve_images import engine_on as vlm_engine
+    from test_serve_images import run_out, served, submit
+
+    vlm = served(tmp_path_factory, "qwen2_5_vl")
+    _, _, _, cases, refs = vlm
+    engine = vlm_engine(vlm)
+    left, stays = submit(engine, cases[0], "vis"), submit(engine, cases[2], "vis")
+    engine.step()
+    engine.step()
+    left.cancel()
+    engine.step()
+    text, image = submit(engine, cases[3], "lang"), submit(engine, cases[1], "lang")
+    results = run_out(engine, [stays, text, image])
+    gone = left.result()
+    assert gone.finish_reason == "cancelled" and len(gone.token_ids) < 8
+    assert [r.token_ids for r in results] == [refs[(2, "vis")], refs[(3, "lang")],
+                                             refs[(1, "lang")]]
+    assert engine.pool.pins == {} and not engine.running
