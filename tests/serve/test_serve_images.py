@@ -414,11 +414,12 @@ def test_remote_images_are_fetched_only_when_allowed(qwen, monkeypatch):
         def __exit__(self, *exc):
             return False
 
-    def urlopen(url, timeout):
+    def open_url(url, timeout):
         asked.append(url)
         return Response(png())
 
-    monkeypatch.setattr(image_prompt_module.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(image_prompt_module, "open_url", open_url)
+    monkeypatch.setattr(image_prompt_module, "host_addresses", lambda host: ["93.184.215.14"])
     engine = engine_on(qwen).start()
     try:
         with TestClient(build_app(engine, images=ImageSource(allow_remote=True)),

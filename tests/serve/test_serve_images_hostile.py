@@ -156,3 +156,69 @@ def test_an_image_row_cancelled_mid_decode_leaves_no_trace(tmp_path_factory):
     assert [r.token_ids for r in results] == [refs[(2, "vis")], refs[(3, "lang")],
                                              refs[(1, "lang")]]
     assert engine.pool.pins == {} and not engine.running
+
+
+# -- remote images (--allow-remote-images): the server's own network stays out of reach ----------
+@pytest.fixture
+def http_server():
+    """A local server: /ok an image, /redirect to the cloud metadata address, /drip one byte
+    every 0.2 s (each read within a per-read timeout, the whole far past any deadline)."""
+    import http.server
+    import threading
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.end_headers()
+            if self.path == "/ok":
+                self.wfile.write(png((8, 8)))
+                return
+            for _ in range(40):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x.png", "http://169.254.169.254/latest/",
+                                 "http://10.0.0.1/x.png", "http://[::1]/x.png"])
+def test_remote_urls_to_the_servers_own_network_are_refused(url):
+    from loratune.serve.image_prompt import ImageError, fetch
+
+    with pytest.raises(ImageError, match=r"messages\[0\]\.content\[0\]\.image_url\.url: .* "
+                                         r"not a public address"):
+        fetch(url, "messages[0].content[0]", ImageSource(allow_remote=True))
+
+
+def test_a_redirect_is_not_followed_and_a_drip_meets_the_deadline(http_server, monkeypatch):
+    """The check sees the URL's host only: a redirect (here to 169.254.169.254) would lead past
+    it, so none is followed; a server sending a byte per 0.2 s meets the total deadline, not a
+    per-read timeout it never trips."""
+    import time
+
+    import loratune.serve.image_prompt as image_prompt
+    from loratune.serve.image_prompt import ImageError, fetch
+
+    monkeypatch.setattr(image_prompt, "host_addresses", lambda host: ["93.184.215.14"])
+    source = ImageSource(allow_remote=True, fetch_timeout_s=1.0)
+    assert fetch(f"{http_server}/ok", "p", source).startswith("data:image/unknown;base64,")
+    with pytest.raises(ImageError, match="redirect to http://169.254.169.254/.* not followed"):
+        fetch(f"{http_server}/redirect", "p", source)
+    start = time.monotonic()
+    with pytest.raises(ImageError, match=r"took longer than 1.0 s"):
+        fetch(f"{http_server}/drip", "p", source)
+    assert time.monotonic() - start < 3

@@ -19,9 +19,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import os
 import re
+import socket
 import stat
+import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,20 +149,65 @@ def confined(path: str, field: str, root: Path | None) -> Path:
 
 
 def fetch(url: str, field: str, source: ImageSource) -> str:
-    """An http(s) image as a data: URL (read by the same checks), at most max_bytes."""
+    """An http(s) image as a data: URL (read by the same checks), at most max_bytes, within
+    fetch_timeout_s in all, from a public address, redirects not followed: a user's URL must
+    not make the server read its own network (cloud metadata at 169.254.169.254, localhost)."""
+    where = f"{field}.image_url.url"
     if not source.allow_remote:
-        raise ImageError(field, f"{field}.image_url.url: remote image URLs are not fetched by "
+        raise ImageError(field, f"{where}: remote image URLs are not fetched by "
                          "this server (start it with --allow-remote-images); expected a "
                          "data:image/...;base64 URL or a path under --image-root")
+    check_public(url, where, field)
+    deadline = time.monotonic() + source.fetch_timeout_s
+    data = bytearray()
     try:
-        with urllib.request.urlopen(url, timeout=source.fetch_timeout_s) as response:
-            data = response.read(source.max_bytes + 1)
-    except OSError as err:
-        raise ImageError(field, f"{field}.image_url.url: fetching {url} failed: {err}") from None
+        with open_url(url, source.fetch_timeout_s) as response:
+            while len(data) <= source.max_bytes:
+                if time.monotonic() > deadline:   # the socket timeout is per read: a drip
+                    raise ImageError(field, f"{where}: fetching {url} took longer than "
+                                     f"{source.fetch_timeout_s} s")
+                chunk = response.read1(1 << 16)   # what has come, not a full 64 KiB
+                if not chunk:
+                    break
+                data += chunk
+    except (OSError, urllib.error.URLError) as err:
+        raise ImageError(field, f"{where}: fetching {url} failed: {err}") from None
     if len(data) > source.max_bytes:
-        raise ImageError(field, f"{field}.image_url.url: {url} is larger than "
+        raise ImageError(field, f"{where}: {url} is larger than "
                          f"{source.max_bytes} bytes; expected a smaller image")
-    return "data:image/unknown;base64," + base64.b64encode(data).decode("ascii")
+    return "data:image/unknown;base64," + base64.b64encode(bytes(data)).decode("ascii")
+
+
+def host_addresses(host: str) -> list[str]:
+    """Every address `host` resolves to."""
+    return [info[4][0] for info in socket.getaddrinfo(host, None)]
+
+
+def check_public(url: str, where: str, field: str) -> None:
+    """Refuse a URL whose host resolves to any non-public address (loopback, private, link-local,
+    reserved). A name that resolves again differently at connect time (DNS rebinding) is not
+    caught here: --allow-remote-images is for servers whose network has nothing to hide."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        addresses = host_addresses(host)
+    except OSError as err:
+        raise ImageError(field, f"{where}: {host!r} does not resolve ({err})") from None
+    for address in addresses:
+        if not ipaddress.ip_address(address.split("%")[0]).is_global:
+            raise ImageError(field, f"{where}: {host!r} resolves to {address}, not a public "
+                             "address; this server fetches images only from public addresses")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: it could lead to an address check_public did not see."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} not followed",
+                                     headers, fp)
+
+
+def open_url(url: str, timeout: float):
+    return urllib.request.build_opener(_NoRedirect).open(url, timeout=timeout)
 
 
 def image_prompt(tokenizer, messages: list[dict], images: list,
