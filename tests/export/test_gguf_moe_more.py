@@ -43,13 +43,18 @@ def gpt_oss(seed: int = 0, **fields):
     return model, tok
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpt_oss")
-    model, tok = gpt_oss()
+def saved_and_exported(tmp_path_factory, name: str, build):
+    """(model, its f32 GGUF): the tiny model built, saved as a folder, then written."""
+    root = tmp_path_factory.mktemp(name)
+    model, tok = build()
     model.save_pretrained(root / "m")
     tok.save_pretrained(root / "m")
     return model, write_gguf(root / "m", root / "m.gguf", "f32")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return saved_and_exported(tmp_path_factory, "gpt_oss", gpt_oss)
 
 
 def test_gpt_oss_tensors_and_keys_as_llamacpp_reads_them(exported):
@@ -194,11 +199,7 @@ def deepseek_v3(**fields):
 
 @pytest.fixture(scope="module")
 def deepseek(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deepseek_v3")
-    model, tok = deepseek_v3()
-    model.save_pretrained(root / "m")
-    tok.save_pretrained(root / "m")
-    return model, write_gguf(root / "m", root / "m.gguf", "f32")
+    return saved_and_exported(tmp_path_factory, "deepseek_v3", deepseek_v3)
 
 
 def test_deepseek_v3_mla_and_routing_as_llamacpp_reads_them(deepseek):
