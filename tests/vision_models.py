@@ -52,11 +52,17 @@ def tiny_idefics3(folder, seed=0):
         Idefics3ImageProcessorPil,
     )
 
+    return _idefics3_shape(folder, seed, Idefics3Config, Idefics3ForConditionalGeneration,
+                           Idefics3ImageProcessorPil)
+
+
+def _idefics3_shape(folder, seed, config_class, model_class, processor_class):
+    """The tiny Idefics3 shape (SmolVLM's too) built with the family's own classes."""
     tok = family_tokenizer("qwen2_5")
     tok.add_special_tokens({"additional_special_tokens": IDEFICS3_TOKENS})
     tok.eos_token = "<end_of_utterance>"
     tok.chat_template = (TEMPLATES / "idefics3.jinja").read_text()
-    cfg = Idefics3Config(
+    cfg = config_class(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, image_size=32, patch_size=8),
         text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32,
@@ -67,10 +73,10 @@ def tiny_idefics3(folder, seed=0):
         image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2,
         pad_token_id=tok.pad_token_id, initializer_range=0.3)  # wide: see tiny_qwen2_5_vl
     torch.manual_seed(seed)
-    Idefics3ForConditionalGeneration(cfg).save_pretrained(folder)
+    model_class(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
-    Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
-                              do_image_splitting=True).save_pretrained(folder)
+    processor_class(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                    do_image_splitting=True).save_pretrained(folder)
     return folder
 
 
@@ -123,26 +129,8 @@ def tiny_smolvlm(folder, seed=0):
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-    tok = family_tokenizer("qwen2_5")
-    tok.add_special_tokens({"additional_special_tokens": IDEFICS3_TOKENS})
-    tok.eos_token = "<end_of_utterance>"
-    tok.chat_template = (TEMPLATES / "idefics3.jinja").read_text()
-    cfg = SmolVLMConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32,
-                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=1024,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         initializer_range=0.3),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2,
-        pad_token_id=tok.pad_token_id, initializer_range=0.3)
-    torch.manual_seed(seed)
-    SmolVLMForConditionalGeneration(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
-                             do_image_splitting=True).save_pretrained(folder)
-    return folder
+    return _idefics3_shape(folder, seed, SmolVLMConfig, SmolVLMForConditionalGeneration,
+                           SmolVLMImageProcessorPil)
 
 
 def tiny_qwen3_vl(folder, seed=0):
