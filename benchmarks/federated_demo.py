@@ -10,11 +10,8 @@ Markdown table; the federated run's folder holds metrics.jsonl for the dashboard
 
     .venv/bin/python benchmarks/federated_demo.py --out runs/federated_demo
 
-Run end to end so far only on a tiny random Llama (--model <folder> --rounds 2 --local-steps 2:
-268 s on the shared 2-core machine, figures meaningless). With SmolLM2-135M the defaults (4
-rounds x 5 steps, batch 4) are about 240 optimizer steps plus 10 held-out passes over 80
-examples: more than the 15 CPU minutes the issue allows on that machine, where this process
-got a third of a core (the base's held-out loss alone ran over 3 minutes); not measured yet.
+Measured with SmolLM2-135M at --rounds 3 --local-steps 4 (1183 s on the shared 2-core
+machine): the table is in docs/federated.md. The defaults (4 rounds x 5 steps) take longer.
 """
 
 from __future__ import annotations
