@@ -194,3 +194,19 @@ def test_a_grpo_reward_is_the_objective_maximized(tmp_path, tiny_folder):
     assert summary["objective"] == "grpo"  # trained by the GRPO recipe, not the SFT loop
     assert trial["values"] == {"reward": summary["eval_reward"]}
     assert 0 <= summary["eval_reward"] <= 1
+
+
+def test_report_columns_an_objective_shows_are_not_repeated():
+    """peak_gib (or seconds) as an objective is its own column: the fixed measured-peak (or s)
+    column is left out, so each header names one value once."""
+    from loratune.recipes.search_report import markdown
+
+    trial = {"trial": 0, "state": "complete", "pareto": True, "params": {"r": 8},
+             "values": {"eval_loss": 0.9, "peak_gib": 1.4}, "planned_gib": 1.5,
+             "measured_peak_gib": 1.4, "seconds": 51.0, "pruned_why": None, "failed_why": None}
+    report = {"objectives": ["eval_loss", "peak_gib"], "best_trial": 0, "pareto": [0],
+              "labels": {"eval_loss": "held-out loss", "peak_gib": "measured peak GiB"},
+              "trials": [trial]}
+    header, rule, row = markdown(report).splitlines()[-3:]
+    assert header.count("measured peak GiB") == 1 and "| s |" in header
+    assert header.count("|") == rule.count("|") == row.count("|")

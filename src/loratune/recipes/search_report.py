@@ -81,16 +81,21 @@ def params_text(params: dict) -> str:
 
 def markdown(report: dict) -> str:
     names, labels = report["objectives"], report["labels"]
-    lines = ["| trial | state | params | " + " | ".join(labels[n] for n in names) +
-             " | planned GiB | measured peak GiB | s | pruned why |",
-             "|---|---|---|" + "---|" * len(names) + "---|---|---|---|"]
+    # the fixed columns, less those an objective already shows (peak memory, seconds)
+    fixed = [(label, key) for label, key, objective in (
+        ("planned GiB", "planned_gib", None), ("measured peak GiB", "measured_peak_gib",
+                                               "peak_gib"), ("s", "seconds", "seconds"))
+             if objective not in names]
+    lines = ["| trial | state | params | " + " | ".join(labels[n] for n in names) + " | " +
+             " | ".join(label for label, _ in fixed) + " | pruned why |",
+             "|---|---|---|" + "---|" * (len(names) + len(fixed) + 1)]
     for r in report["trials"]:
         values = r["values"] or {}
         why = r["pruned_why"] or r["failed_why"]
         cells = [r["trial"], r["state"] + (" (Pareto)" if r["pareto"] and len(names) > 1
                                            else ""), params_text(r["params"]),
-                 *(values.get(n) for n in names), r["planned_gib"], r["measured_peak_gib"],
-                 r["seconds"], why.splitlines()[0] if why else None]
+                 *(values.get(n) for n in names), *(r[key] for _, key in fixed),
+                 why.splitlines()[0] if why else None]
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     return headline(report) + "\n".join(lines) + "\n"
 
