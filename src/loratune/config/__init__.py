@@ -23,10 +23,11 @@ from loratune.config.run import (BLOCK_RANGE, build_config, check_blocksize, Dat
                                  load_config, ModelConfig, OBJECTIVES, PREFERENCE_OPTIONS,
                                  PreferenceConfig, QuantConfig, RewardSpec, RL_LOSSES, RlConfig,
                                  RunConfig, TrainConfig)
-from loratune.config.run import (RUN_SECTIONS, SearchConfig, SearchRange, SearchSpace,
-                                 TARGET_SETS)
+from loratune.config.run import (RUN_SECTIONS, SEARCH_OBJECTIVES, SearchConfig, SearchRange,
+                                 SearchSpace, SearchTask, TARGET_SETS)
 
-__all__ = ["RUN_SECTIONS", "SearchConfig", "SearchRange", "SearchSpace", "TARGET_SETS",
+__all__ = ["RUN_SECTIONS", "SEARCH_OBJECTIVES", "SearchConfig", "SearchRange", "SearchSpace",
+           "SearchTask", "TARGET_SETS",
            "AdaLoraConfig", "adapter_config_from", "adapter_options", "AdapterConfig",
            "add_adapter_options", "apply_overrides", "BASE_INITS", "BLOCK_RANGE",
            "BottleneckConfig", "build_config", "EvaOptions", "INIT_OPTIONS", "trains_layer_biases", "check_blocksize", "ConfigError", "DataConfig",
