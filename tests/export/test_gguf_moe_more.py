@@ -52,6 +52,19 @@ def saved_and_exported(tmp_path_factory, name: str, build):
     return model, write_gguf(root / "m", root / "m.gguf", "f32")
 
 
+def assert_refused(build, fields: dict, why: str, folder):
+    """The tiny model saved with `fields` over its config.json: export refused matching `why`,
+    no file left behind."""
+    model, tok = build()
+    model.save_pretrained(folder / "m")
+    tok.save_pretrained(folder / "m")
+    config = json.loads((folder / "m" / "config.json").read_text())
+    (folder / "m" / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(GGUFExportError, match=why):
+        write_gguf(folder / "m", folder / "m.gguf", "f32")
+    assert not (folder / "m.gguf").exists()
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     return saved_and_exported(tmp_path_factory, "gpt_oss", gpt_oss)
@@ -142,14 +155,7 @@ def test_gpt_oss_quantized_keeps_biases_in_f32(exported, tmp_path):
      "layer_types=.*llama.cpp's gpt-oss makes even layers sliding-window"),
 ])
 def test_gpt_oss_settings_llamacpp_computes_differently_are_refused(fields, why, tmp_path):
-    model, tok = gpt_oss()
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **fields}))
-    with pytest.raises(GGUFExportError, match=why):
-        write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(gpt_oss, fields, why, tmp_path)
 
 
 def adapted(tmp_path):
@@ -251,14 +257,7 @@ def test_deepseek_v3_read_back_by_our_loader_with_the_models_logits(deepseek):
      "rope_type=yarn; loratune writes no deepseek2 YaRN keys"),
 ])
 def test_deepseek_v3_settings_llamacpp_computes_differently_are_refused(fields, why, tmp_path):
-    model, tok = deepseek_v3()
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **fields}))
-    with pytest.raises(GGUFExportError, match=why):
-        write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(deepseek_v3, fields, why, tmp_path)
 
 
 def test_deepseek_v3_merged_adapter_gguf_reads_back_and_mla_lora_gguf_is_refused(tmp_path):
