@@ -43,21 +43,31 @@ def _is_run(folder: Path) -> bool:
     return os.path.lexists(folder / CONFIG)   # a bad config.yaml is shown, as unreadable
 
 
-def find_runs(root: Path) -> list[Path]:
-    """Every run folder in `root` and one level below, by name."""
+def find_folders(root: Path, is_kind) -> list[Path]:
+    """Every folder in `root` and one level below for which `is_kind` holds, by name (links
+    not followed)."""
     found = []
     for child in _folders(root):
-        found += [child] if _is_run(child) else [g for g in _folders(child) if _is_run(g)]
+        found += [child] if is_kind(child) else [g for g in _folders(child) if is_kind(g)]
     return found
 
 
-def run_path(root: Path, name: str) -> Path:
-    """The run folder `name` ('a' or 'compare/lora') names under root; RunNotFound otherwise
-    (also for a name that climbs or links out of root)."""
+def folder_path(root: Path, name: str, is_kind, kind: str) -> Path:
+    """The `kind` folder `name` ('a' or 'compare/lora') names under root; RunNotFound
+    otherwise (also for a name that climbs or links out of root)."""
     path = Path(os.path.realpath(root / name))
-    if Path(os.path.realpath(root)) not in path.parents or not _is_run(path):
-        raise RunNotFound(f"no run {name!r} under {root}")
+    if Path(os.path.realpath(root)) not in path.parents or not is_kind(path):
+        raise RunNotFound(f"no {kind} {name!r} under {root}")
     return path
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every run folder in `root` and one level below, by name."""
+    return find_folders(root, _is_run)
+
+
+def run_path(root: Path, name: str) -> Path:
+    return folder_path(root, name, _is_run, "run")
 
 
 def _alive(pid: int) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from loratune.ui.run_files import (RunFileError, number, read_json_object, section, short,
                                    text, whole)
-from loratune.ui.runs import RunNotFound, _folders
+from loratune.ui.runs import find_folders, folder_path
 from loratune.ui.study_db import ATTRS, STUDY_DB, read_study_db
 
 REPORT = "report.json"
@@ -28,20 +28,11 @@ def _is_study(folder: Path) -> bool:
 
 
 def find_studies(root: Path) -> list[Path]:
-    """Every study folder in `root` and one level below, by name (links not followed)."""
-    found = []
-    for child in _folders(root):
-        found += [child] if _is_study(child) else [g for g in _folders(child) if _is_study(g)]
-    return found
+    return find_folders(root, _is_study)
 
 
 def study_path(root: Path, name: str) -> Path:
-    """The study folder `name` names under root; RunNotFound otherwise (also for a name that
-    climbs or links out of root)."""
-    path = Path(os.path.realpath(root / name))
-    if Path(os.path.realpath(root)) not in path.parents or not _is_study(path):
-        raise RunNotFound(f"no study {name!r} under {root}")
-    return path
+    return folder_path(root, name, _is_study, "study")
 
 
 # -- report.json, checked -----------------------------------------------------------------------
