@@ -164,6 +164,9 @@ class ExportGgufConfig(CommandConfig):
     tokenizer_pre: str | None = Field(
         None, description="llama.cpp pre-tokenizer name for a byte-level BPE tokenizer, in place "
         "of the one detected from tokenizer.json (e.g. llama-bpe, qwen2, smollm)")
+    round_yarn: bool = Field(False, description="write a model whose YaRN says truncate: false "
+                             "(every GPT-OSS) as llama.cpp runs it, with the correction range "
+                             "rounded to whole dimensions (prints how far the rotations drift)")
     modelfile: bool = Field(True, description="also write an Ollama Modelfile beside --out "
                             "(<out stem>.Modelfile: FROM, TEMPLATE, stop tokens, ADAPTER)")
     overwrite: bool = Field(False, description="replace an existing --out (and its Modelfile)")

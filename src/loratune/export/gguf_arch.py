@@ -178,7 +178,8 @@ def _gpt_oss_keys(writer, config: dict, hf) -> None:
         # its default betas 32 / 1 for gpt-oss (it reads no beta keys for this architecture)
         _refuse_if(not rope.get("truncate", True), "rope_parameters.truncate=false",
                    "llama.cpp's YaRN rounds the correction range to whole dimensions "
-                   "(floor/ceil), transformers does not with truncate=false")
+                   "(floor/ceil), transformers does not with truncate=false (pass --round-yarn "
+                   "to write it as llama.cpp will run it)")
         betas = (rope.get("beta_fast", 32.0), rope.get("beta_slow", 1.0))
         _refuse_if(betas != (32.0, 1.0), f"rope_parameters beta_fast/beta_slow={betas}",
                    "llama.cpp's gpt-oss uses its default YaRN betas 32 / 1")

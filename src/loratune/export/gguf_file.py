@@ -25,6 +25,7 @@ import torch
 from loratune.data.new_tokens import new_tokens_of
 from loratune.export.gguf_arch import (GGUFExportError, Family, family_of, gguf_arch_name,
                                        rope_permute, tensor_name_map, write_metadata)
+from loratune.export.gguf_yarn import rounded_yarn
 from loratune.export.kquants import QK_K, quantize_q4_k, quantize_q6_k
 from loratune.files import check_output_path, publish_file, temp_file_for
 from loratune.models.moe_experts import current_name, per_expert_key
@@ -239,9 +240,10 @@ def _n_experts(config: dict) -> int | None:
 
 def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source: Path | None = None,
                tokenizer_pre: str | None = None, overwrite: bool = False,
-               tokenizer_folder: Path | None = None) -> Path:
+               tokenizer_folder: Path | None = None, round_yarn: bool = False) -> Path:
     """Write the model in safetensors `folder` as one GGUF file (temp name, then rename); the
-    tokenizer from `tokenizer_folder` where it is not `folder` (a VLM's language model)."""
+    tokenizer from `tokenizer_folder` where it is not `folder` (a VLM's language model);
+    `round_yarn`: YaRN as llama.cpp computes it where config.json says otherwise (gguf_yarn)."""
     import gguf
 
     from loratune.export.gguf_tokenizer import add_tokenizer
@@ -249,6 +251,10 @@ def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source:
     if out_type not in TYPES:
         raise GGUFExportError(f"--type {out_type!r}: choose one of {', '.join(TYPES)}")
     config = json.loads((folder / "config.json").read_text())
+    if round_yarn:
+        config, note = rounded_yarn(config)
+        if note:
+            print(note)
     _, family = family_of(config, str(folder / "config.json"))
     arch = gguf_arch_name(family)
     n_layers = config["num_hidden_layers"]

@@ -150,7 +150,7 @@ def _write_gguf_files(source: Path, cfg, vlm: bool) -> Path:
         from loratune.export.gguf_file import write_gguf
 
         return write_gguf(source, Path(cfg.out), cfg.type, tokenizer_pre=cfg.tokenizer_pre,
-                          overwrite=cfg.overwrite)
+                          overwrite=cfg.overwrite, round_yarn=cfg.round_yarn)
     from loratune.export.gguf_vision import write_vlm_gguf
 
     out, mmproj = write_vlm_gguf(source, Path(cfg.out), cfg.type,
