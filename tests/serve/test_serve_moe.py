@@ -1,5 +1,6 @@
-"""Serving mixture-of-experts bases (issue 30): tiny Qwen3-MoE, Mixtral and OLMoE with LoRA on
-attention, LoRA on the fused routed experts, both, and base rows in one batch — each row equal
+"""Serving mixture-of-experts bases (issue 30): tiny Qwen3-MoE, Mixtral, OLMoE and DeepSeek-V2/V3
+(MLA attention, shared experts, group routing) with LoRA on attention, LoRA on the fused routed
+experts, on the shared experts, several together, and base rows in one batch — each row equal
 to that adapter's own model (ExpertHost with it active): logits to 1e-5, greedy tokens exactly,
 in fp32."""
 
@@ -19,6 +20,16 @@ CONFIGS = {
     "experts": LoraConfig(r=4, lora_alpha=8, target_modules=["experts"]),
     "both": LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj", "experts"]),
 }
+# DeepSeek: LoRA on MLA's low-rank projections, and on the shared experts (plain linears)
+DEEPSEEK = {
+    "attention": LoraConfig(r=4, lora_alpha=8, target_modules=["q_b_proj", "kv_b_proj"]),
+    "experts": CONFIGS["experts"],
+    "shared": LoraConfig(r=4, lora_alpha=8, target_modules=["shared_experts"]),
+    "both": LoraConfig(r=2, lora_alpha=4, target_modules=["kv_a_proj_with_mqa", "o_proj",
+                                                          "experts", "shared_experts"]),
+}
+FAMILIES = {"qwen3_moe": CONFIGS, "mixtral": CONFIGS, "olmoe": CONFIGS,
+            "deepseek_v3": DEEPSEEK, "deepseek_v2": DEEPSEEK}
 PROMPTS = [[3, 40, 200, 17, 301], [7, 8], [100, 101, 102, 103, 104, 105, 106], [42]]
 NEW_TOKENS = 10
 
@@ -29,14 +40,15 @@ def greedy(model, prompt):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral", "olmoe"])
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def served(request, tmp_path_factory):
     """The tiny MoE model, one saved adapter per config and references from the training
     model with that adapter alone active."""
     model, tok = build_moe(request.param)
+    configs = FAMILIES[request.param]
     folder = tmp_path_factory.mktemp(request.param)
     g = torch.Generator().manual_seed(3)
-    for name, config in CONFIGS.items():
+    for name, config in configs.items():
         add_adapter(model, config, name)
         with torch.no_grad():
             for mod in model.modules():
@@ -44,15 +56,15 @@ def served(request, tmp_path_factory):
                     for p in mod.adapters[name].parameters():
                         p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         save_adapter(model, folder / name, name)
-    ids = torch.randint(0, 400, (len(CONFIGS) + 1, 6), generator=g)
+    ids = torch.randint(0, 400, (len(configs) + 1, 6), generator=g)
     refs, logits = {}, {}
-    for name in [None, *CONFIGS]:
+    for name in [None, *configs]:
         with torch.no_grad(), (disable_adapters(model) if name is None else _active(model, name)):
             refs.update({(name, j): greedy(model, p) for j, p in enumerate(PROMPTS)})
             logits[name] = model(ids).logits
-    for name in CONFIGS:
+    for name in configs:
         delete_adapter(model, name)
-    return model, folder, refs, logits, ids, tok
+    return model, folder, refs, logits, ids, tok, configs
 
 
 class _active:
@@ -68,28 +80,31 @@ class _active:
 
 def test_expert_adapters_are_read_as_blocks_on_the_moe_layers(served):
     model, folder, *_ = served
+    moe_layers = {p.removesuffix(".experts") for p, _ in model.named_modules()
+                  if p.endswith("mlp.experts")}  # DeepSeek's first layer is dense
     experts = read_lora("experts", folder / "experts", model)
-    assert not experts.layers and set(experts.blocks) == {"model.layers.0.mlp",
-                                                          "model.layers.1.mlp"}
+    assert not experts.layers and set(experts.blocks) == moe_layers
     assert {b.reads for b in experts.blocks.values()} == {"input"}
     assert experts.why_no_composition
     both = read_lora("both", folder / "both", model)
-    assert len(both.layers) == 2 and len(both.blocks) == 2
+    deepseek = "deepseek" in model.config.model_type  # 2 attention targets and shared experts
+    linears = 2 * (1 + deepseek) + 3 * len(moe_layers) * deepseek
+    assert len(both.layers) == linears and set(both.blocks) == moe_layers
     assert read_lora("attention", folder / "attention", model).why_no_composition is None
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "as-recorded"])
 def test_one_mixed_forward_equals_each_adapters_own_model(served, static):
-    model, folder, _, logits, ids, _ = served
-    pool = AdapterPool(folder, max_adapters=len(CONFIGS))
+    model, folder, _, logits, ids, _, configs = served
+    pool = AdapterPool(folder, max_adapters=len(configs))
     slots = pool.bind(model)
     try:
-        rows = [0, *(pool.acquire({n: 1.0}) for n in CONFIGS)]
+        rows = [0, *(pool.acquire({n: 1.0}) for n in configs)]
         slots.static = static
         with torch.no_grad():
             slots.set(rows, ids.device)
             mixed = model(ids).logits
-        for i, name in enumerate([None, *CONFIGS]):
+        for i, name in enumerate([None, *configs]):
             torch.testing.assert_close(mixed[i], logits[name][i], atol=1e-5, rtol=1e-5)
             if name is not None:
                 assert (logits[name][i] - logits[None][i]).abs().max() > 1e-3, name
@@ -98,11 +113,11 @@ def test_one_mixed_forward_equals_each_adapters_own_model(served, static):
 
 
 def test_mixed_requests_equal_generate_token_for_token(served):
-    model, folder, refs, *_, tok = served
-    names = [None, *CONFIGS]
-    for name in CONFIGS:
+    model, folder, refs, *_, tok, configs = served
+    names = [None, *configs]
+    for name in configs:
         assert any(refs[(name, j)] != refs[(None, j)] for j in range(len(PROMPTS))), name
-    engine = Engine(model, tok, AdapterPool(folder, max_adapters=len(CONFIGS)),
+    engine = Engine(model, tok, AdapterPool(folder, max_adapters=len(configs)),
                     base_name="tiny-moe", max_completion_tokens=64)
     engine.eos = set()
     try:

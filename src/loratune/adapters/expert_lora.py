@@ -342,19 +342,20 @@ def expert_row_blocks(adapter: PeftFolder, model: nn.Module) -> dict[str, RowBlo
 
 
 def _served_moe(model: nn.Module, path: str, adapter: PeftFolder) -> nn.Module:
-    """The MoE layer above the fused experts at `path`, when it routes with a `gate` as
-    Qwen3-MoE, Mixtral and OLMoE do (DeepSeek's layer adds shared experts and group routing)."""
+    """The MoE layer above the fused experts at `path`, when its `gate` returns transformers
+    5's (logits, weights, experts): Qwen3-MoE, Mixtral, OLMoE, and DeepSeek-V2/V3, whose group
+    routing stays inside the gate and whose shared experts are plain linears (the slots serve
+    LoRA on them), so the block adds the routed experts' difference alone."""
     layer_path = path.rpartition(".")[0]
     try:
         experts, moe = model.get_submodule(path), model.get_submodule(layer_path)
     except AttributeError:
         raise AdapterError(f"{adapter.weights_path}: adapts the fused experts {path}, which "
                            "the served model does not have (another base model?)") from None
-    if not is_fused_experts(experts) or not hasattr(moe, "gate") or hasattr(
-            moe, "shared_experts"):
+    if not is_fused_experts(experts) or not isinstance(getattr(moe, "gate", None), nn.Module):
         raise AdapterError(f"{adapter.weights_path}: the experts at {path} "
-                           f"({type(moe).__name__}) are served for layers routed by one `gate` "
-                           "(Qwen3-MoE, Mixtral, OLMoE) only")
+                           f"({type(moe).__name__}) are served for layers routed by a `gate` "
+                           "module beside them (Qwen3-MoE, Mixtral, OLMoE, DeepSeek) only")
     return moe
 
 

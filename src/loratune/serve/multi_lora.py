@@ -215,6 +215,10 @@ class MultiLoraLinear(nn.Module):
                      for t in (self.in_scale, self.out_scale, self.out_shift))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.row_slots.rows
+        if x.dim() > 3 and rows is not None and x.shape[0] == rows.shape[0]:
+            # MLA (DeepSeek) runs kv_b_proj on its cached latents [batch, 1, tokens, rank]
+            return self.forward(x.flatten(1, -2)).unflatten(1, x.shape[1:-1])
         scales = self._row_scales()
         if scales is None:
             return self._lora_forward(x)

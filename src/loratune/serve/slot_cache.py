@@ -144,14 +144,15 @@ class SlotCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx == len(self.keys):
-            self._allocate(key_states)
+            self._allocate(key_states, value_states)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        n, heads, tokens, dim = key_states.shape
+        n = key_states.shape[0]
+        # keys and values each by their own shape: MLA (DeepSeek) caches a latent [n, 1, t,
+        # kv_lora_rank] as keys and the rotary key [n, 1, t, qk_rope_head_dim] as values
         if self._mode == "prefill":
-            index = self._index[:, None, :, None].expand(n, heads, tokens, dim)
             rows = slice(self._first, self._first + n)
-            keys[rows].scatter_(2, index, key_states)
-            values[rows].scatter_(2, index, value_states)
+            for store, new in ((keys, key_states), (values, value_states)):
+                store[rows].scatter_(2, self._index[:, None, :, None].expand(new.shape), new)
             for row, kv in self._prefixes:
                 k, v = kv[layer_idx]
                 keys[row, :, :k.shape[-2]] = k
@@ -161,15 +162,14 @@ class SlotCache(Cache):
             return keys[rows, :, :self._width], values[rows, :, :self._width]
         if self._mode != "decode":
             raise RuntimeError("SlotCache.update before prefill() or decode()")
-        index = self._index[:, None, None, None].expand(n, heads, 1, dim)
-        keys[:n].scatter_(2, index, key_states)
-        values[:n].scatter_(2, index, value_states)
+        for store, new in ((keys, key_states), (values, value_states)):
+            store[:n].scatter_(2, self._index[:, None, None, None].expand(new.shape), new)
         return keys[:n, :, :self._width], values[:n, :, :self._width]
 
-    def _allocate(self, like: torch.Tensor) -> None:
-        shape = (self.rows, like.shape[1], self.capacity + 1, like.shape[3])
-        self.keys.append(like.new_zeros(shape))
-        self.values.append(like.new_zeros(shape))
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        for store, like in ((self.keys, keys), (self.values, values)):
+            store.append(like.new_zeros(self.rows, like.shape[1], self.capacity + 1,
+                                        like.shape[3]))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._width if self._mode == "decode" else 0
