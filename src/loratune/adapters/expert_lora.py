@@ -1,15 +1,19 @@
-"""LoRA on routed experts held as fused 3-D parameters (transformers 5's Qwen3-MoE, Mixtral, OLMoE).
+"""LoRA on routed experts held as fused 3-D parameters (transformers 5's Qwen3-MoE, Mixtral,
+OLMoE, DeepSeek, GPT-OSS).
 
 Those models keep every expert of a layer in one module (`mlp.experts`) with
-`gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`: no linear layer exists per expert, so
-`all-linear` never sees them. `ExpertHost` takes the experts module's place and runs the same
-math as transformers' experts forward with tokens grouped per expert
+`gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]` (GPT-OSS: stored transposed, [E, H, 2I] and
+[E, I, H], with per-expert biases, gate/up interleaved by column and a clamped SwiGLU): no linear
+layer exists per expert, so `all-linear` never sees them. `ExpertHost` takes the experts module's
+place and runs the same math as transformers' experts forward with tokens grouped per expert
 (models/grouped_experts.py), adding, for the rows routed to expert e, x·A_eᵀ·B_eᵀ·s to that
 expert's projection in the same grouping; the model is never unfused.
 
 The tensors are kept in PEFT 0.21's `target_parameters` layout (ParamWrapper), so a file is a
 plain copy: per parameter `lora_A.weight [E·r, in]` (expert-major: row e·r+k is A_e[k]) and
-`lora_B.weight [out, r·E]` (rank-major: column k·E+e is B_e[:, k]). PEFT nests one wrapper per
+`lora_B.weight [out, r·E]` (rank-major: column k·E+e is B_e[:, k]), `in`/`out` those of the
+projection (ParamWrapper reads a transposed [E, in, out] parameter as such, and its delta there is
+(s·B_e·A_e)ᵀ, which is what merge writes into GPT-OSS's tensors). PEFT nests one wrapper per
 parameter, the first parameter of the module innermost, so `gate_up_proj`'s tensors sit under
 `experts.base_layer.` and `down_proj`'s under `experts.`.
 """
@@ -27,9 +31,8 @@ from torch import nn
 from loratune.adapters.host import AdapterHost
 from loratune.adapters.peft_format import EXPERT_TARGETS, PeftFolder, file_key, lora_scale
 from loratune.adapters.registry import AdapterError, RowBlock, method_record
-from loratune.models.grouped_experts import (LowRank, add_low_rank, experts_forward, gated,
-                                             grouped_linear)
-from loratune.models.moe_experts import QuantizedExperts
+from loratune.models.grouped_experts import LowRank, add_low_rank, experts_forward, grouped_linear
+from loratune.models.moe_experts import QuantizedExperts, expert_glu, out_in
 
 # The parameters adapted, in the experts module's own order (PEFT's nesting follows it).
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -38,18 +41,15 @@ _KINDS = {"gate_up_proj": ("base_layer.lora_A.weight", "base_layer.lora_B.weight
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """Experts stored as [E, out, in] parameters with the eager gate/up/down math we rerun, or
-    such experts held in 4 bits (QLoRA's QuantizedExperts); GPT-OSS's transposed, biased
-    experts are not: `unsupported_experts` names them."""
+    """Experts held as fused 3-D parameters whose gate/up activation we know (models/
+    moe_experts.py expert_glu: act_fn, or GPT-OSS's clamped SwiGLU), stored [E, out, in] or,
+    as GPT-OSS does, [E, in, out] with biases; or such experts in 4 bits (QLoRA's
+    QuantizedExperts). Experts of any other kind are named by `unsupported_experts`."""
     if isinstance(module, QuantizedExperts):
-        return not module.transposed and module.concatenated and not _has_bias(module)
+        return True  # built only for the layouts above
     params = [getattr(module, p, None) for p in EXPERT_PARAMS]
     return (all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in params)
-            and not getattr(module, "is_transposed", False) and not _has_bias(module))
-
-
-def _has_bias(module: nn.Module) -> bool:
-    return getattr(module, "gate_up_proj_bias", None) is not None
+            and expert_glu(module) is not None)
 
 
 def _is_experts(module: nn.Module) -> bool:
@@ -69,7 +69,7 @@ def expert_module_paths(model: nn.Module) -> list[str]:
 
 
 def unsupported_experts(model: nn.Module) -> list[str]:
-    """Paths of expert modules of another layout (transposed or biased): refused by name."""
+    """Paths of expert modules with an activation we do not know: refused by name."""
     return [p for p, m in model.named_modules() if _is_experts(m) and not is_fused_experts(m)]
 
 
@@ -79,7 +79,7 @@ def expert_shapes(experts) -> dict[str, tuple[int, int, int]]:
     if isinstance(experts, QuantizedExperts):
         return {n: (experts.num_experts, getattr(experts, n)[0].out_features,
                     getattr(experts, n)[0].in_features) for n in EXPERT_PARAMS}
-    return {n: tuple(getattr(experts, n).shape) for n in EXPERT_PARAMS}
+    return {n: tuple(out_in(experts, n).shape) for n in EXPERT_PARAMS}
 
 
 def experts_placement(experts: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -109,8 +109,9 @@ def expert_targets(model: nn.Module, target: list[str] | str) -> list[str]:
     odd = [p for p in unsupported_experts(model) if _matches(p, target)]
     if odd:
         kind = type(model.get_submodule(odd[0])).__name__
-        raise AdapterError(f"target_modules names {odd[0]} ({kind}), whose experts are stored "
-                           "transposed or with biases; LoRA on them is not supported yet")
+        raise AdapterError(f"target_modules names {odd[0]} ({kind}), whose gate/up activation "
+                           "loratune does not know (an act_fn, or GPT-OSS's alpha/limit); LoRA "
+                           "on these experts is not supported")
     return [p for p in expert_module_paths(model) if _matches(p, target)]
 
 
@@ -238,7 +239,7 @@ class ExpertHost(AdapterHost):
                              "into the full-precision base: loratune merge --qlora nf4")
         with torch.no_grad():
             for pname in EXPERT_PARAMS:
-                param = getattr(self.base_layer, pname)
+                param = out_in(self.base_layer, pname)  # GPT-OSS's: a transposed view
                 new = param.float() + sign * weight * self.adapters[name].delta(pname)
                 param.copy_(new.to(param.dtype))
 
@@ -262,11 +263,19 @@ def run_experts(base: nn.Module, terms, hidden_states: torch.Tensor, top_k_index
 
     def project(name: str, x: torch.Tensor, groups) -> torch.Tensor:
         y = base.project(name, x, groups) if quantized else \
-            grouped_linear(x, getattr(base, name), groups, grouping)
+            _fused_project(base, name, x, groups, grouping)
         return add_low_rank(y, x, terms(name), groups, grouping)
-    glu = base.glu if quantized else gated(base.act_fn)
+    glu = base.glu if quantized else expert_glu(base)
     return experts_forward(hidden_states, top_k_index, top_k_weights, base.num_experts,
                            project, glu)
+
+
+def _fused_project(base: nn.Module, name: str, x: torch.Tensor, groups,
+                   grouping: str) -> torch.Tensor:
+    """Sorted rows through fused parameter `name`, plus its per-expert bias (GPT-OSS's)."""
+    y = grouped_linear(x, out_in(base, name), groups, grouping)
+    bias = getattr(base, name + "_bias", None)
+    return y if bias is None else y + bias[groups.expert].to(y.dtype)
 
 
 class _Unowned:

@@ -177,7 +177,8 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
     replaced = {module_path(k): t for a in adapters for k, t in a.tensors.items()
                 if module_path(k) in index}
     merged_paths = _all_paths(modules)
-    experts = ExpertMerge(adapters, list(index), str(base))  # adapters on fused experts
+    experts = ExpertMerge(adapters, list(index), str(base),  # adapters on fused experts
+                          lambda: quantized_experts(config))
     stats = {"merged": 0}
     grown = grown_vocabulary(adapters, config)  # new tokens: rows, vocab_size and tokenizer
     # refused before the slow part: adapters trained with different chat templates

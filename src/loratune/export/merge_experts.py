@@ -1,16 +1,18 @@
 """The streamed merge's part for adapters on fused experts (adapters/expert_lora.py).
 
 Each expert's update s·B_e·A_e is added to its slice of the base: a checkpoint that stores the
-experts fused (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`) gets every
-expert at once; one that stores them one matrix per expert, as transformers' save_pretrained
-writes them (`experts.<e>.gate_proj/up_proj/down_proj.weight`, Mixtral's
-`block_sparse_moe.experts.<e>.w1/w3/w2.weight`), gets expert e's rows of the fused update.
-The update is computed by the method's own experts adapter (`make_experts`, its `delta`).
+experts fused (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`; GPT-OSS's
+[E, H, 2I] and [E, I, H], which take the update transposed) gets every expert at once; one that
+stores them one matrix per expert, as transformers' save_pretrained writes them
+(`experts.<e>.gate_proj/up_proj/down_proj.weight`, Mixtral's
+`block_sparse_moe.experts.<e>.w1/w3/w2.weight`), gets expert e's rows of the fused update. The
+update is computed by the method's own experts adapter (`make_experts`, its `delta`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -63,11 +65,16 @@ def expert_round_trip(name: str, tensor: torch.Tensor, read, rounded,
 
 class ExpertMerge:
     """Folds the adapters' fused-experts updates into checkpoint tensors as they stream by; the
-    updates of one experts module are kept while its tensors pass (about one layer)."""
+    updates of one experts module are kept while its tensors pass (about one layer).
+    `transposed()`: experts module path -> stored [E, in, out] (GPT-OSS), asked only when an
+    adapter holds experts (its shapes cannot tell: GPT-OSS's down_proj [E, I, H] is square
+    when I == H, as in gpt-oss-20b)."""
 
-    def __init__(self, adapters: list, names: list[str], base: str):
+    def __init__(self, adapters: list, names: list[str], base: str,
+                 transposed: Callable[[], dict[str, bool]] = dict):
         self.adapters = [(a, a.expert_modules()) for a in adapters]
         self.base, self.cache = base, {}
+        self.transposed = transposed() if any(p for _, p in self.adapters) else {}
         found = {s[0] for n in names if (s := expert_slot(n)) is not None}
         for a, parts in self.adapters:
             missing = sorted(set(parts) - found)
@@ -97,15 +104,19 @@ class ExpertMerge:
 
     def _deltas(self, path: str) -> list[dict[str, torch.Tensor]]:
         if path not in self.cache:
-            self.cache = {path: [expert_deltas(a, path, parts[path]) for a, parts in
+            flip = self.transposed.get(path, False)
+            self.cache = {path: [expert_deltas(a, path, parts[path], flip) for a, parts in
                                  self.adapters if path in parts]}
         return self.cache[path]
 
 
-def expert_deltas(adapter: PeftFolder, path: str, parts: dict) -> dict[str, torch.Tensor]:
-    """{fused parameter: weight·s·B_e·A_e [E, out, in]} of one adapter's experts at `path`,
-    from the file's tensors (`parts`, by ExpertLora's kinds) in the method's own adapter."""
+def expert_deltas(adapter: PeftFolder, path: str, parts: dict,
+                  transposed: bool = False) -> dict[str, torch.Tensor]:
+    """{fused parameter: weight·s·B_e·A_e [E, out, in]} of one adapter's experts at `path`
+    (its transpose [E, in, out] for experts stored so), from the file's tensors (`parts`, by
+    ExpertLora's kinds) in the method's own adapter."""
     ad = experts_adapter(adapter, path, parts)
     weight = getattr(adapter, "weight", 1.0)
     with torch.no_grad():
-        return {param: ad.delta(param) * weight for param in EXPERT_PARAMS}
+        deltas = {param: ad.delta(param) * weight for param in EXPERT_PARAMS}
+    return {p: d.transpose(1, 2) if transposed else d for p, d in deltas.items()}

@@ -64,14 +64,18 @@ def group_tokens(top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
 def grouped_mm_ok(x: torch.Tensor, weight_t: torch.Tensor) -> bool:
     """Whether torch._grouped_mm takes x [M, in] @ weight_t [E, in, out] as laid out: a float
     dtype both share, and every stride but the unit one a multiple of 16 bytes (CPU refuses
-    others with "strides should be multiple of 16 bytes"; CUDA needs sm80+)."""
+    others with "strides should be multiple of 16 bytes"; CUDA needs sm80+); where autograd
+    records it, the [M, out] result's rows too: their gradient is backward's operand (LoRA's
+    A at r=2 in fp32 gives 8-byte rows)."""
     if not hasattr(torch, "_grouped_mm") or x.dtype not in _GROUPED_DTYPES:
         return False
     if weight_t.dtype != x.dtype or x.device != weight_t.device:
         return False
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
-    return _aligned(x) and _aligned(weight_t)
+    backward = torch.is_grad_enabled() and (x.requires_grad or weight_t.requires_grad)
+    out_row_ok = (weight_t.shape[-1] * x.element_size()) % 16 == 0
+    return _aligned(x) and _aligned(weight_t) and (out_row_ok or not backward)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -137,6 +141,16 @@ def gated(act_fn: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
     def glu(gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return act_fn(gate) * up
+    return glu
+
+
+def clamped_swiglu(alpha: float, limit: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """GPT-OSS's activation over gate/up interleaved by column (gate = [..., ::2], up =
+    [..., 1::2]): both clamped to `limit`, then (up + 1) · gate · sigmoid(alpha · gate)."""
+    def glu(gate_up: torch.Tensor) -> torch.Tensor:
+        gate = gate_up[..., ::2].clamp(max=limit)
+        up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
     return glu
 
 

@@ -18,11 +18,13 @@ rows, called once per active expert.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from loratune.models.grouped_experts import Groups, add_low_rank, experts_forward
+from loratune.models.grouped_experts import (Groups, add_low_rank, clamped_swiglu,
+                                             experts_forward, gated)
 from loratune.quant.linear4bit import Linear4bit
 from loratune.quant.nf4 import quantize_4bit
 
@@ -57,6 +59,24 @@ def is_fused_experts(module: nn.Module) -> bool:
     """A transformers experts module: 3-D gate_up_proj and down_proj parameters."""
     return all(isinstance(getattr(module, n, None), torch.Tensor)
                and getattr(module, n).dim() == 3 for n in PROJECTIONS)
+
+
+def expert_glu(experts: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What joins gate and up in a transformers experts module: its act_fn over [gate | up]
+    halves, or GPT-OSS's clamped SwiGLU over interleaved columns; None for neither (unknown)."""
+    if getattr(experts, "is_concatenated", True):
+        act_fn = getattr(experts, "act_fn", None)
+        return None if act_fn is None else gated(act_fn)
+    if hasattr(experts, "alpha") and hasattr(experts, "limit"):
+        return clamped_swiglu(experts.alpha, experts.limit)
+    return None
+
+
+def out_in(experts: nn.Module, projection: str) -> torch.Tensor:
+    """A fused experts parameter as [E, out, in]: GPT-OSS stores [E, in, out] (x @ W), so a
+    transposed view of it, sharing its storage (and its gradient)."""
+    weight = getattr(experts, projection)
+    return weight.transpose(1, 2) if getattr(experts, "is_transposed", False) else weight
 
 
 class QuantizedExperts(nn.Module):
@@ -125,10 +145,7 @@ class QuantizedExperts(nn.Module):
         if self.concatenated:
             gate, up = gate_up.chunk(2, dim=-1)
             return self.act_fn(gate) * up
-        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-        gate = gate.clamp(min=None, max=self.limit)
-        up = up.clamp(min=-self.limit, max=self.limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        return clamped_swiglu(self.alpha, self.limit)(gate_up)
 
     def project(self, projection: str, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         """Sorted rows' projection: each active expert's 4-bit matrix on its contiguous rows
