@@ -217,22 +217,6 @@ def test_expert_lora_gguf_applied_as_llamacpp_does_equals_the_merge(name, tmp_pa
                            values(plain["blk.1.ffn_down_exps.weight"]))
 
 
-@pytest.mark.parametrize("name,why", [
-    ("deepseek_v2", "DeepseekV2ForCausalLM is not supported for GGUF export: loratune writes "
-                    "llama.cpp's deepseek2 from DeepSeek-V3 only: V2's softmax routing is not "
-                    r"written, and llama.cpp scores an expert group by the sum of its two best"),
-])
-def test_architectures_not_written_are_refused_by_name(name, why, tmp_path):
-    from tests.models.test_moe_families import build_moe
-
-    model, tok = build_moe(name)
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    with pytest.raises(GGUFExportError, match=why):
-        write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
-    assert not (tmp_path / "m.gguf").exists()
-
-
 @pytest.mark.parametrize("name,fields,why", [
     ("olmoe", {"num_key_value_heads": 2}, "num_key_value_heads=2; llama.cpp's olmoe sizes "
                                           "attn_k_norm as n_embd"),

@@ -251,10 +251,11 @@ def test_deepseek_v3_read_back_by_our_loader_with_the_models_logits(deepseek):
 @pytest.mark.parametrize("fields,why", [
     ({"rope_interleave": False}, "rope_interleave=false; llama.cpp's deepseek2 rotates adjacent"),
     ({"attention_bias": True}, "attention_bias=true; llama.cpp's deepseek2 has no attention"),
-    ({"q_lora_rank": None}, "q_lora_rank=null; llama.cpp versions tell this"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                           "original_max_position_embeddings": 64}},
-     "rope_type=yarn; loratune writes no deepseek2 YaRN keys"),
+     "mscale_all_dim=None; llama.cpp's deepseek2 YaRN without it"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},
+     "rope_type=linear; llama.cpp's deepseek2 runs plain RoPE or YaRN"),
 ])
 def test_deepseek_v3_settings_llamacpp_computes_differently_are_refused(fields, why, tmp_path):
     assert_refused(deepseek_v3, fields, why, tmp_path)

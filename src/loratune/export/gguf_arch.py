@@ -9,8 +9,8 @@ its MODEL_TENSORS / TensorNameMap for the architecture); this module holds the r
 - the metadata keys: sizes, head_dim (key/value length), RoPE base and scaling (llama3 as a
   `rope_freqs` tensor, yarn, linear, Phi-3's longrope factors), Gemma's soft-capping and
   sliding-window layers, Phi-3's partial rotary and original context;
-- for mixture-of-experts families (Qwen3-MoE, Mixtral as `llama`, OLMoE, GPT-OSS, DeepSeek-V3
-  as `deepseek2`): the expert count,
+- for mixture-of-experts families (Qwen3-MoE, Mixtral as `llama`, OLMoE, GPT-OSS, DeepSeek-V2
+  and V3 as `deepseek2`, with DeepSeek's YaRN): the expert count,
   top-k and per-expert width, and the routing choices llama.cpp's graph hard-codes per
   architecture (top-k weights renormalized or not, every layer sparse), checked against
   config.json. The experts themselves are stacked [experts, out, in] by gguf_file. GPT-OSS's
@@ -199,28 +199,22 @@ def _gpt_oss_keys(writer, config: dict, hf) -> None:
     writer.add_sliding_window(int(hf.sliding_window))
 
 
-def _deepseek_v3_keys(writer, config: dict, hf) -> None:
-    """llama.cpp's deepseek2 as DeepSeek-V3: MLA as MQA over the latent (one kv head of
-    kv_lora_rank + rope dims), sigmoid routing with the selection bias, groups scored by their
-    two best experts, routed weights scaled by routed_scaling_factor."""
+def _deepseek_keys(writer, config: dict, hf) -> None:
+    """llama.cpp's deepseek2 as DeepSeek-V2 or V3: MLA as MQA over the latent (one kv head of
+    kv_lora_rank + rope dims), shared experts, routed weights scaled by routed_scaling_factor;
+    V3 routes by sigmoid with the selection bias in groups scored by their two best experts, V2
+    by softmax with plain top-k (_deepseek_v2_routing)."""
     import gguf
 
-    rope = _rope(hf)
-    _refuse_if(rope.get("rope_type", "default") != "default",
-               f"rope_parameters rope_type={rope.get('rope_type')}",
-               "loratune writes no deepseek2 YaRN keys (rope.scaling.yarn_log_multiplier) yet")
     _refuse_if(not getattr(hf, "rope_interleave", True), "rope_interleave=false",
                "llama.cpp's deepseek2 rotates adjacent pairs of the rope dimensions")
     _refuse_if(bool(hf.attention_bias), "attention_bias=true",
                "llama.cpp's deepseek2 has no attention biases")
-    _refuse_if(not hf.q_lora_rank, "q_lora_rank=null",
-               "llama.cpp versions tell this (V2-Lite) layout by a layer count of 27")
-    groups = int(hf.n_group or 1)
-    _refuse_if(groups > 1 and not 0 < hf.topk_group < groups,
-               f"n_group={groups}, topk_group={hf.topk_group}",
-               "llama.cpp's grouped routing needs 0 < topk_group < n_group")
+    _deepseek_yarn(writer, hf)
     writer.add_leading_dense_block_count(int(hf.first_k_dense_replace))
-    writer.add_q_lora_rank(int(hf.q_lora_rank))
+    # 0: q_proj without the low-rank pair (V2-Lite); llama.cpp reads the key, or skips it for
+    # 26/27 layers, and loads attn_q when it is 0 (older versions: for 26/27 layers only)
+    writer.add_q_lora_rank(int(hf.q_lora_rank or 0))
     writer.add_kv_lora_rank(int(hf.kv_lora_rank))
     writer.add_head_count_kv(1)
     writer.add_key_length(int(hf.kv_lora_rank + hf.qk_rope_head_dim))
@@ -230,11 +224,70 @@ def _deepseek_v3_keys(writer, config: dict, hf) -> None:
     writer.add_rope_dimension_count(int(hf.qk_rope_head_dim))
     writer.add_expert_shared_count(int(hf.n_shared_experts))
     writer.add_expert_weights_scale(float(hf.routed_scaling_factor))
+    if hf.model_type == "deepseek_v2":
+        _deepseek_v2_routing(writer, hf)
+        return
     writer.add_expert_weights_norm(bool(hf.norm_topk_prob))
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    groups = int(hf.n_group or 1)
+    _refuse_if(groups > 1 and not 0 < hf.topk_group < groups,
+               f"n_group={groups}, topk_group={hf.topk_group}",
+               "llama.cpp's grouped routing needs 0 < topk_group < n_group")
     if groups > 1:
         writer.add_expert_group_count(groups)
         writer.add_expert_group_used_count(int(hf.topk_group))
+
+
+def _deepseek_v2_routing(writer, hf) -> None:
+    """V2's softmax over all experts, top-k, never renormalized (transformers' DeepseekV2 has no
+    norm_topk_prob). Its group_limited_greedy keeps the topk_group groups with the best single
+    expert, where llama.cpp scores a group by its two best: the same only when every group is
+    kept (topk_group >= n_group, e.g. V2-Lite's 1 / 1)."""
+    import gguf
+
+    groups, kept = int(hf.n_group or 1), int(hf.topk_group or 1)
+    _refuse_if(hf.topk_method == "group_limited_greedy" and kept < groups,
+               f"topk_method=group_limited_greedy with n_group={groups}, topk_group={kept}",
+               "llama.cpp scores an expert group by the sum of its two best experts where "
+               "DeepSeek-V2 takes the group's best one (export needs topk_group >= n_group, "
+               "where no group is dropped)")
+    _refuse_if(hf.topk_method not in ("greedy", "group_limited_greedy"),
+               f"topk_method={hf.topk_method}", "llama.cpp's deepseek2 routes by plain top-k")
+    writer.add_expert_weights_norm(False)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+
+
+def _deepseek_yarn(writer, hf) -> None:
+    """DeepSeek's YaRN as llama.cpp's deepseek2 runs it: the rotary part scaled by
+    m(mscale)/m(mscale_all_dim) and q·k by m(mscale_all_dim)² (m(x) = 0.1·x·ln(factor) + 1), as
+    transformers does, but llama.cpp reads only mscale_all_dim (rope.scaling.yarn_log_multiplier,
+    written ×0.1 as convert_hf_to_gguf does) and takes mscale equal to it, and its betas are
+    fixed at 32 / 1. Other settings are refused by name."""
+    rope = _rope(hf)
+    kind = rope.get("rope_type", "default")
+    _refuse_if(kind not in ("default", "yarn"), f"rope_parameters rope_type={kind}",
+               "llama.cpp's deepseek2 runs plain RoPE or YaRN")
+    if kind != "yarn":
+        return
+    factor, scale = float(rope["factor"]), rope.get("mscale_all_dim")
+    _refuse_if(not scale, f"rope_parameters mscale_all_dim={scale}",
+               "llama.cpp's deepseek2 YaRN without it scales q·k by (0.1·ln(factor) + 1)², "
+               "transformers by 1")
+    _refuse_if(rope.get("mscale") != scale,
+               f"rope_parameters mscale={rope.get('mscale')}, mscale_all_dim={scale}",
+               "llama.cpp's deepseek2 takes mscale equal to mscale_all_dim (its rotary scale is "
+               "1), transformers scales the rotary part by m(mscale)/m(mscale_all_dim)")
+    _refuse_if(rope.get("attention_factor") is not None,
+               f"rope_parameters attention_factor={rope.get('attention_factor')}",
+               "llama.cpp's deepseek2 computes its YaRN scale from mscale_all_dim only")
+    _refuse_if(factor < 1, f"rope_parameters factor={factor}",
+               "llama.cpp's deepseek2 takes ln(factor) with no floor at factor 1")
+    betas = (rope.get("beta_fast") or 32.0, rope.get("beta_slow") or 1.0)
+    _refuse_if(betas != (32.0, 1.0), f"rope_parameters beta_fast/beta_slow={betas}",
+               "llama.cpp's deepseek2 uses its default YaRN betas 32 / 1")
+    _refuse_if(not rope.get("truncate", True), "rope_parameters truncate=false",
+               "llama.cpp's YaRN rounds the correction range to whole dimensions")
+    writer.add_rope_scaling_yarn_log_mul(0.1 * float(scale))
 
 
 def _experts_keys(writer, family: Family, hf) -> None:
@@ -246,7 +299,7 @@ def _experts_keys(writer, family: Family, hf) -> None:
     width = getattr(hf, "moe_intermediate_size", None) or hf.intermediate_size
     writer.add_expert_feed_forward_length(int(width))
     norm = getattr(hf, "norm_topk_prob", True)  # Mixtral always renormalizes
-    # (an MLA family writes its norm as a key: _deepseek_v3_keys)
+    # (an MLA family writes its norm as a key: _deepseek_keys)
     _refuse_if(family.norm_topk is not None and bool(norm) != family.norm_topk,
                f"norm_topk_prob={str(norm).lower()}",
                f"llama.cpp's {gguf_arch_name(family)} "
@@ -255,12 +308,9 @@ def _experts_keys(writer, family: Family, hf) -> None:
 
 
 # Mixture-of-experts architectures gguf-py names but loratune does not write yet, and why.
-NOT_WRITTEN = {
-    "DeepseekV2ForCausalLM": "loratune writes llama.cpp's deepseek2 from DeepSeek-V3 only: V2's "
-                             "softmax routing is not written, and llama.cpp scores an expert "
-                             "group by the sum of its two best experts, where V2's "
-                             "group_limited_greedy takes the group's best one",
-}
+NOT_WRITTEN: dict[str, str] = {}
+# llama.cpp's deepseek2 multiplies these with ggml_mul_mat, not build_lora_mm
+_MLA_PROJECTIONS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family("LLAMA", interleaved_rope=True),
@@ -276,10 +326,10 @@ FAMILIES: dict[str, Family] = {
     "MixtralForCausalLM": Family("LLAMA", interleaved_rope=True, keys=_mixtral_keys,
                                  norm_topk=True),
     "OlmoeForCausalLM": Family("OLMOE", keys=_olmoe_keys, norm_topk=False),
-    # softmax over the chosen experts' logits: llama.cpp's SOFTMAX_WEIGHT gating
-    "DeepseekV3ForCausalLM": Family("DEEPSEEK2", keys=_deepseek_v3_keys, norm_topk=None,
-                                    mla=True, no_lora=("q_a_proj", "q_b_proj", "q_proj",
-                                                       "kv_a_proj_with_mqa", "kv_b_proj")),
+    "DeepseekV2ForCausalLM": Family("DEEPSEEK2", keys=_deepseek_keys, mla=True,
+                                    no_lora=_MLA_PROJECTIONS),
+    "DeepseekV3ForCausalLM": Family("DEEPSEEK2", keys=_deepseek_keys, mla=True,
+                                    no_lora=_MLA_PROJECTIONS),
     "GptOssForCausalLM": Family("GPT_OSS", keys=_gpt_oss_keys, norm_topk=True,
                                 interleaved_experts=True),
 }
@@ -384,7 +434,7 @@ def write_metadata(writer, family: Family, config: dict, name: str,
     writer.add_feed_forward_length(hf.intermediate_size)
     writer.add_head_count(heads)
     rope = _rope(hf)
-    if not family.mla:  # MLA's head sizes are its keys' (_deepseek_v3_keys)
+    if not family.mla:  # MLA's head sizes are its keys' (_deepseek_keys)
         writer.add_head_count_kv(getattr(hf, "num_key_value_heads", None) or heads)
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)

@@ -1,7 +1,7 @@
 """GGUF export for llama.cpp, with the `gguf` package as the writer.
 
 Every family in gguf_arch.FAMILIES (Llama 3.x, Mistral, Qwen2.5, Qwen3, Gemma 2/3, Phi-3,
-Qwen3-MoE, Mixtral, OLMoE, GPT-OSS, DeepSeek-V3): tensor names from gguf's own name map for
+Qwen3-MoE, Mixtral, OLMoE, GPT-OSS, DeepSeek-V2/V3): tensor names from gguf's own name map for
 the architecture, weights transformed and metadata written as gguf_arch says, the tokenizer
 copied from the model's source GGUF when there is one (the embedded models) or built from
 tokenizer.json (gguf_tokenizer). Routed experts, one
@@ -9,7 +9,7 @@ matrix per expert in the checkpoint (or fused [E, 2I, H] / [E, H, I]), are writt
 reads them: one [experts, out, in] tensor per projection (ffn_gate_exps, ffn_up_exps,
 ffn_down_exps), under the names gguf's map gives the merged `experts.gate_proj` & co.;
 GPT-OSS's [E, in, out] experts with gate/up interleaved by column are split and transposed
-to the same, their biases beside; DeepSeek-V3's kv_b_proj split per head into attn_k_b and
+to the same, their biases beside; DeepSeek's kv_b_proj split per head into attn_k_b and
 attn_v_b (llama.cpp's absorbed multi-head latent attention).
 """
 

@@ -1,5 +1,6 @@
 """Mixture-of-experts GGUF files (llama.cpp's qwen3moe, llama with experts, olmoe, gpt-oss,
-deepseek2 as DeepSeek-V3) read into transformers' model classes by loratune itself.
+deepseek2 as DeepSeek-V3 or, routed by softmax, V2) read into transformers' model classes by
+loratune itself.
 
 transformers' GGUF reader cannot do it: it has no olmoe, reads a `llama` file with experts as a
 dense Llama whose MLPs stay randomly initialised (a warning, not an error), and drops
@@ -8,7 +9,8 @@ export/gguf_arch.py), each model parameter from the tensor gguf's own name map g
 routed experts from the stacked [experts, out, in] tensors (gate and up joined into
 transformers' fused `gate_up_proj`), and llama's interleaved Q/K rows put back; gpt-oss's experts
 transposed back with gate/up interleaved, its sliding layers and YaRN as llama.cpp's graph
-hard-codes them; deepseek2's kv_b_proj joined back from attn_k_b / attn_v_b. A setting the
+hard-codes them; deepseek2's kv_b_proj joined back from attn_k_b / attn_v_b, its YaRN from
+the log multiplier (mscale = mscale_all_dim, as llama.cpp takes them). A setting the
 file cannot say exactly (other RoPE scaling, partial rotary) or a tensor left over or missing
 is refused by name.
 """
@@ -77,8 +79,9 @@ def moe_config(path: Path, meta: dict, tensors: set[str]):
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
     if model_type == "qwen3_moe":
         fields["moe_intermediate_size"] = get("expert_feed_forward_length")
-    if model_type == "deepseek_v3":
-        fields.update(_deepseek_v3_fields(path, get))
+    if arch == "deepseek2":
+        model_type = _deepseek_model_type(path, get)
+        fields.update(_deepseek_fields(path, get, model_type))
     elif model_type == "gpt_oss":  # llama.cpp's gpt-oss: even layers slide, odd ones do not
         fields.update(sliding_window=get("attention.sliding_window"), layer_types=[
             "sliding_attention" if i % 2 == 0 else "full_attention"
@@ -88,15 +91,23 @@ def moe_config(path: Path, meta: dict, tensors: set[str]):
     return AutoConfig.for_model(model_type, **fields)
 
 
-def _deepseek_v3_fields(path: Path, get) -> dict:
-    """DeepSeek-V3's config from llama.cpp's deepseek2 keys: MLA sizes, dense lead layers,
-    shared experts, sigmoid routing in groups (the inverse of gguf_arch._deepseek_v3_keys)."""
-    if get("expert_gating_func") != 2:  # llama.cpp's SIGMOID: V3; softmax would be V2's
-        raise _refuse(path, "deepseek2.expert_gating_func", "only sigmoid routing (DeepSeek-V3)"
-                      " is read")
+def _deepseek_model_type(path: Path, get) -> str:
+    """deepseek2's routing names the model: sigmoid is DeepSeek-V3's, softmax V2's."""
+    gating = get("expert_gating_func")
+    if gating not in (1, 2):  # llama.cpp's SOFTMAX, SIGMOID
+        raise _refuse(path, f"deepseek2.expert_gating_func={gating}",
+                      "only softmax (DeepSeek-V2) or sigmoid (V3) routing is read")
+    return "deepseek_v3" if gating == 2 else "deepseek_v2"
+
+
+def _deepseek_fields(path: Path, get, model_type: str) -> dict:
+    """DeepSeek's config from llama.cpp's deepseek2 keys: MLA sizes (q_lora_rank 0: q_proj),
+    dense lead layers, shared experts, V3's sigmoid routing in groups or V2's softmax top-k
+    (the inverse of gguf_arch._deepseek_keys)."""
     rope = get("rope.dimension_count")
-    return dict(q_lora_rank=get("attention.q_lora_rank"), kv_lora_rank=get(
-        "attention.kv_lora_rank"), qk_rope_head_dim=rope, head_dim=rope,
+    fields = dict(
+        q_lora_rank=get("attention.q_lora_rank") or None, kv_lora_rank=get(
+            "attention.kv_lora_rank"), qk_rope_head_dim=rope, head_dim=rope,
         qk_nope_head_dim=get("attention.key_length_mla") - rope,
         v_head_dim=get("attention.value_length_mla"),
         num_key_value_heads=get("attention.head_count"),
@@ -104,9 +115,16 @@ def _deepseek_v3_fields(path: Path, get) -> dict:
         first_k_dense_replace=get("leading_dense_block_count", 0),
         n_shared_experts=get("expert_shared_count"),
         routed_scaling_factor=get("expert_weights_scale", 1.0),
-        norm_topk_prob=bool(get("expert_weights_norm", False)),
         n_group=get("expert_group_count", 1), topk_group=get("expert_group_used_count", 1),
-        rope_interleave=True, attention_bias=False)
+        attention_bias=False)
+    norm = bool(get("expert_weights_norm", False))
+    if model_type == "deepseek_v3":
+        return {**fields, "norm_topk_prob": norm, "rope_interleave": True}
+    if norm or fields["n_group"] > 1:
+        raise _refuse(path, f"deepseek2.expert_weights_norm={norm}, expert_group_count="
+                      f"{fields['n_group']}", "softmax routing (DeepSeek-V2) is read as plain "
+                      "top-k, never renormalized")
+    return {**fields, "topk_method": "greedy"}
 
 
 def _rope_parameters(path: Path, arch: str, get, tensors: set[str]) -> dict:
@@ -114,6 +132,8 @@ def _rope_parameters(path: Path, arch: str, get, tensors: set[str]) -> dict:
     llama.cpp computes it there: its correction range rounded (truncate), betas 32 / 1."""
     theta = get("rope.freq_base", 10000.0)
     kind = get("rope.scaling.type")
+    if kind == "yarn" and arch == "deepseek2":
+        return _deepseek_yarn(path, get, theta)
     if kind == "yarn" and arch == "gpt-oss" and "rope_freqs.weight" not in tensors:
         return {"rope_type": "yarn", "rope_theta": theta, "factor": get("rope.scaling.factor"),
                 "original_max_position_embeddings": get(
@@ -122,6 +142,21 @@ def _rope_parameters(path: Path, arch: str, get, tensors: set[str]) -> dict:
     if kind not in (None, "none") or "rope_freqs.weight" in tensors:
         raise _refuse(path, f"{arch}.rope.scaling", "RoPE scaling is not read")
     return {"rope_type": "default", "rope_theta": theta}
+
+
+def _deepseek_yarn(path: Path, get, theta: float) -> dict:
+    """deepseek2's YaRN as llama.cpp runs it: mscale and mscale_all_dim both the stored log
+    multiplier / 0.1, betas 32 / 1, the correction range rounded."""
+    log_mul = get("rope.scaling.yarn_log_multiplier")
+    if not log_mul:
+        raise _refuse(path, "deepseek2.rope.scaling.yarn_log_multiplier",
+                      "YaRN without it scales q·k by (0.1·ln(factor) + 1)² in llama.cpp, which "
+                      "no transformers setting does")
+    scale = float(np.float32(log_mul)) / 0.1
+    return {"rope_type": "yarn", "rope_theta": theta, "factor": get("rope.scaling.factor"),
+            "original_max_position_embeddings": get("rope.scaling.original_context_length"),
+            "mscale": scale, "mscale_all_dim": scale, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": True}
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
