@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from families import family_conversation, family_tokenizer
 from loratune.adapters import add_adapter, load_adapter, save_adapter
@@ -155,6 +156,7 @@ def test_we_load_peft_gpt_oss_folder_with_equal_logits(tmp_path):
 
 
 def train_experts(folder, tmp_path, steps=6, quant=False):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": family_conversation(True)}) + "\n"
                             for _ in range(2)))
@@ -191,8 +193,8 @@ def test_train_gpt_oss_experts_loss_falls_reload_and_merge_folder(folder, tmp_pa
 
 def test_qlora_gpt_oss_experts_with_lora_equal_dequantized_base_plus_lora(folder, tmp_path):
     """The 4-bit GPT-OSS experts (QuantizedExperts, transposed, biased) host the expert LoRA:
-    logits equal the fp32 model whose weights took the same NF4 round trip + the same adapter;
-    a training step moves the adapter; `merge --qlora nf4` gives the 4-bit model's logits."""
+    logits equal the fp32 model whose weights took the same NF4 round trip + the same adapter
+    (1e-5); `train` with QLoRA on it runs; `merge --qlora nf4` gives the 4-bit model's logits."""
     from transformers import AutoModelForCausalLM
 
     from loratune.cli import main
@@ -217,6 +219,11 @@ def test_qlora_gpt_oss_experts_with_lora_equal_dequantized_base_plus_lora(folder
                  "--out", str(out), "--qlora", "nf4"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     torch.testing.assert_close(logits(merged), adapted, atol=1e-4, rtol=0)
+    trained = train_experts(folder, tmp_path / "qlora", steps=2, quant=True)
+    assert all(math.isfinite(h["loss"]) for h in trained.history if "loss" in h)
+    saved = load_file(trained.adapter_dir / "adapter_model.safetensors")
+    moved = [t for k, t in saved.items() if k.endswith("experts.lora_B.weight")]
+    assert moved and all(t.abs().max() > 0 for t in moved)  # B starts at zero
 
 
 def test_interleaved_experts_of_unknown_activation_are_refused_by_name():
@@ -230,3 +237,45 @@ def test_interleaved_experts_of_unknown_activation_are_refused_by_name():
     with pytest.raises(AdapterError, match=r"model.layers.0.mlp.experts \(GptOssExperts\), "
                                            r"whose gate/up activation loratune does not know"):
         add_adapter(model, LoraConfig(r=R, target_modules=["experts"]))
+
+
+
+def test_engine_serves_gpt_oss_expert_lora_past_its_sliding_window(tmp_path):
+    """GPT-OSS's sliding layers send the engine to its DynamicCache (the slot cache refuses
+    them) and its sinks stay inside transformers' attention: with a 4-token window, shorter
+    than most contexts here, base and expert-LoRA requests in one batch give generate()'s
+    tokens from the base and from the adapter's own model."""
+    from transformers import AutoModelForCausalLM
+
+    from loratune.serve.engine import Engine
+    from loratune.serve.pool import AdapterPool
+    from loratune.serve.types import GenerationRequest, SamplingParams
+    from tests.models.test_moe_families import moe_config
+    from tests.serve.test_serve_moe import PROMPTS, greedy
+
+    tok = family_tokenizer("qwen3")
+    cfg = moe_config("gpt_oss", tok)
+    cfg.sliding_window = 4
+
+    def build():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = build()
+    refs = {(None, j): greedy(model, p) for j, p in enumerate(PROMPTS)}
+    add_adapter(model, LoraConfig(r=R, lora_alpha=4, target_modules=["experts"]), "ex")
+    randomize(model)
+    save_adapter(model, tmp_path / "ex", "ex")
+    refs.update({("ex", j): greedy(model, p) for j, p in enumerate(PROMPTS)})
+    assert any(refs[("ex", j)] != refs[(None, j)] for j in range(len(PROMPTS)))
+    engine = Engine(build(), tok, AdapterPool(tmp_path, max_adapters=1),
+                    base_name="tiny-gpt-oss", max_completion_tokens=64)
+    engine.eos = set()
+    try:
+        engine.start()
+        handles = [((n, j), engine.submit(GenerationRequest(
+            PROMPTS[j], {n: 1.0} if n else {}, SamplingParams(max_tokens=10))))
+            for n in (None, "ex") for j in range(len(PROMPTS))]
+        for key, handle in handles:
+            assert handle.result().token_ids == refs[key], key
+    finally:
+        engine.stop()

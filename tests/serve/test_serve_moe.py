@@ -1,4 +1,5 @@
-"""Serving mixture-of-experts bases (issue 30): tiny Qwen3-MoE, Mixtral, OLMoE and DeepSeek-V2/V3
+"""Serving mixture-of-experts bases (issue 30): tiny Qwen3-MoE, Mixtral, OLMoE, GPT-OSS (its
+`router`, biased transposed experts, sliding layers on the dynamic cache) and DeepSeek-V2/V3
 (MLA attention, shared experts, group routing) with LoRA on attention, LoRA on the fused routed
 experts, on the shared experts, several together, and base rows in one batch — each row equal
 to that adapter's own model (ExpertHost with it active): logits to 1e-5, greedy tokens exactly,
@@ -28,7 +29,7 @@ DEEPSEEK = {
     "both": LoraConfig(r=2, lora_alpha=4, target_modules=["kv_a_proj_with_mqa", "o_proj",
                                                           "experts", "shared_experts"]),
 }
-FAMILIES = {"qwen3_moe": CONFIGS, "mixtral": CONFIGS, "olmoe": CONFIGS,
+FAMILIES = {"qwen3_moe": CONFIGS, "mixtral": CONFIGS, "olmoe": CONFIGS, "gpt_oss": CONFIGS,
             "deepseek_v3": DEEPSEEK, "deepseek_v2": DEEPSEEK}
 PROMPTS = [[3, 40, 200, 17, 301], [7, 8], [100, 101, 102, 103, 104, 105, 106], [42]]
 NEW_TOKENS = 10

@@ -36,6 +36,8 @@ from loratune.models.moe_experts import QuantizedExperts, expert_glu, out_in
 
 # The parameters adapted, in the experts module's own order (PEFT's nesting follows it).
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+# The router beside the experts: `gate` (Qwen3-MoE, Mixtral, OLMoE, DeepSeek), `router` (GPT-OSS).
+ROUTER_NAMES = ("gate", "router")
 _KINDS = {"gate_up_proj": ("base_layer.lora_A.weight", "base_layer.lora_B.weight"),
           "down_proj": ("lora_A.weight", "lora_B.weight")}
 
@@ -145,7 +147,7 @@ def _router_paths(model: nn.Module) -> list[str]:
     paths = []
     for path in expert_module_paths(model) + unsupported_experts(model):
         parent = path.rpartition(".")[0]
-        for leaf in ("gate", "router"):
+        for leaf in ROUTER_NAMES:
             full = f"{parent}.{leaf}" if parent else leaf
             if _has_module(model, full):
                 paths.append(full)
@@ -278,6 +280,17 @@ def _fused_project(base: nn.Module, name: str, x: torch.Tensor, groups,
     return y if bias is None else y + bias[groups.expert].to(y.dtype)
 
 
+def moe_router(moe: nn.Module) -> nn.Module | None:
+    """The router module beside an MoE layer's experts: `gate` (Qwen3-MoE, Mixtral, OLMoE,
+    DeepSeek) or `router` (GPT-OSS's GptOssTopKRouter), each returning transformers 5's
+    (logits, weights, experts); None when the layer has neither."""
+    for leaf in ROUTER_NAMES:
+        module = getattr(moe, leaf, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
 class _Unowned:
     """A module held by reference, outside the holder's parameters, state_dict and deep
     copies (a served block refers to the base's MoE layer, never copies it)."""
@@ -293,7 +306,7 @@ class ServedExperts(nn.Module):
     """One adapter's expert LoRA as the server runs it for the rows that use it: a block on
     an MoE layer's input (registry.RowBlock, reads "input") whose output is what the adapter
     adds to that layer's output, the experts with the per-expert terms minus the experts
-    without, on the layer's own routing of those rows (its router, `gate`)."""
+    without, on the layer's own routing of those rows (its router: moe_router)."""
 
     def __init__(self, moe: nn.Module, lora: ExpertLora):
         super().__init__()
@@ -302,7 +315,7 @@ class ServedExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         moe = self.moe.module
         flat = x.reshape(-1, x.shape[-1])
-        _, weights, index = moe.gate(flat)  # transformers 5's (logits, weights, experts)
+        _, weights, index = moe_router(moe)(flat)  # (logits, weights, experts)
         base = moe.experts(flat, index, weights)
         adapted = run_experts(moe.experts, lambda name: [self.lora.low_rank(name)], flat, index,
                               weights)
@@ -351,20 +364,22 @@ def expert_row_blocks(adapter: PeftFolder, model: nn.Module) -> dict[str, RowBlo
 
 
 def _served_moe(model: nn.Module, path: str, adapter: PeftFolder) -> nn.Module:
-    """The MoE layer above the fused experts at `path`, when its `gate` returns transformers
-    5's (logits, weights, experts): Qwen3-MoE, Mixtral, OLMoE, and DeepSeek-V2/V3, whose group
-    routing stays inside the gate and whose shared experts are plain linears (the slots serve
-    LoRA on them), so the block adds the routed experts' difference alone."""
+    """The MoE layer above the fused experts at `path`, when its `gate` (GPT-OSS: `router`)
+    returns transformers 5's (logits, weights, experts): Qwen3-MoE, Mixtral, OLMoE, GPT-OSS and
+    DeepSeek-V2/V3, whose group routing stays inside the gate and whose shared experts are
+    plain linears (the slots serve LoRA on them), so the block adds the routed experts'
+    difference alone."""
     layer_path = path.rpartition(".")[0]
     try:
         experts, moe = model.get_submodule(path), model.get_submodule(layer_path)
     except AttributeError:
         raise AdapterError(f"{adapter.weights_path}: adapts the fused experts {path}, which "
                            "the served model does not have (another base model?)") from None
-    if not is_fused_experts(experts) or not isinstance(getattr(moe, "gate", None), nn.Module):
+    if not is_fused_experts(experts) or moe_router(moe) is None:
         raise AdapterError(f"{adapter.weights_path}: the experts at {path} "
                            f"({type(moe).__name__}) are served for layers routed by a `gate` "
-                           "module beside them (Qwen3-MoE, Mixtral, OLMoE, DeepSeek) only")
+                           "or `router` module beside them (Qwen3-MoE, Mixtral, OLMoE, "
+                           "DeepSeek, GPT-OSS) only")
     return moe
 
 
