@@ -76,7 +76,7 @@ def test_total_active_and_router_parameters_equal_the_model(name):
     assert shape.lora_params(4) == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("name", ["deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["deepseek_v2", "deepseek_v3", "gpt_oss"])
 def test_per_expert_adapter_parameters_equal_expert_lora(name):
     """LoRA on the routed experts: r x (in + out) per expert and projection, as add_adapter
     makes them; the planner adds them to the trainable count with Setup(experts=True)."""
