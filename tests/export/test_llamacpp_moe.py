@@ -2,8 +2,9 @@
 llama-cpp-python): the qwen3moe, llama-with-experts and olmoe files give transformers' logits,
 and an adapter on the routed experts, as llama.cpp's adapter file, gives the adapted model's.
 
-Not run yet: written where llama-cpp-python had no wheel and its source build did not fit the
-shared machine; TOL is a guess until a first run measures the gap."""
+Also GPT-OSS (YaRN, sinks, the sliding window: 200 positions), DeepSeek-V3 and DeepSeek-V2-Lite
+(MLA, shared experts, their routing) and both DeepSeeks with YaRN, over the same 200 positions.
+Run with llama-cpp-python 0.3.36 built from its sdist (llama.cpp of late 2026)."""
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import torch
 
 from loratune.export.gguf_file import write_gguf, write_lora_gguf
 from tests.export.test_gguf_moe import FAMILIES, adapted, logits, save
+from tests.export.test_gguf_deepseek import V2_YARN, V3_YARN, deepseek_v2
+from tests.export.test_gguf_moe_more import LONG, deepseek_v3, gpt_oss
 from tests.models.test_moe_families import IDS
 
 pytestmark = pytest.mark.llamacpp
@@ -19,11 +22,12 @@ llama_cpp = pytest.importorskip("llama_cpp")
 TOL = 1e-3  # llama.cpp's f32 CPU kernels sum in another order than torch's
 
 
-def llamacpp_logits(path, lora=None) -> torch.Tensor:
+def llamacpp_logits(path, lora=None, ids=IDS) -> torch.Tensor:
     kw = {"lora_path": str(lora)} if lora else {}
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False,
-                          seed=0, n_threads=2, **kw)
-    ids = IDS[0].tolist()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, ids.shape[1]), logits_all=True,
+                          verbose=False, seed=0, n_threads=2, n_batch=ids.shape[1],
+                          n_ubatch=ids.shape[1], **kw)
+    ids = ids[0].tolist()
     llm.eval(ids)
     return torch.from_numpy(np.asarray(llm.scores[: len(ids)], dtype=np.float32))
 
@@ -43,3 +47,46 @@ def test_llamacpp_applies_the_expert_lora_file_as_the_adapted_model(name, tmp_pa
     got = llamacpp_logits(plain, lora)
     assert (got - llamacpp_logits(plain)).abs().max() > 10 * TOL  # the adapter is applied
     torch.testing.assert_close(got, logits(model)[0], atol=TOL, rtol=0)
+
+
+def _saved(build_model, folder, **fields):
+    model, tok = build_model(**fields)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
+BUILDS = {"gpt_oss": (gpt_oss, {}), "deepseek_v3": (deepseek_v3, {}),
+          "deepseek_v2_lite": (deepseek_v2, {}),
+          "deepseek_v2_lite_yarn": (deepseek_v2, dict(rope_parameters=dict(V2_YARN),
+                                                      initializer_range=0.1)),
+          "deepseek_v3_yarn": (deepseek_v3, dict(rope_parameters=dict(V3_YARN),
+                                                 initializer_range=0.1))}
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_llamacpp_runs_gpt_oss_and_deepseek_files_with_transformers_logits(name, tmp_path):
+    build_model, fields = BUILDS[name]
+    model = _saved(build_model, tmp_path / "m", **fields)
+    path = write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    with torch.no_grad():
+        want = model(LONG).logits[0]
+    got = llamacpp_logits(path, ids=LONG)
+    # the YaRN models' larger weights (initializer_range 0.1) give logits up to ~3: the summation
+    # order's gap grows with them (measured max 1.6e-3, mean 6e-5, not growing with position)
+    torch.testing.assert_close(got, want, atol=TOL * max(1.0, want.abs().max().item()), rtol=0)
+    assert (got - want).abs().mean() < 1e-4
+
+
+def test_llamacpp_runs_a_round_yarn_gpt_oss_as_the_rounded_model(tmp_path):
+    """--round-yarn: the truncate: false model written as llama.cpp runs it, truncate: true."""
+    import json
+
+    rounded = _saved(gpt_oss, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["rope_parameters"]["truncate"] = False
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    path = write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32", round_yarn=True)
+    with torch.no_grad():
+        want = rounded(LONG).logits[0]
+    torch.testing.assert_close(llamacpp_logits(path, ids=LONG), want, atol=TOL, rtol=0)
