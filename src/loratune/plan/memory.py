@@ -131,14 +131,35 @@ def _optimizer(shape: ModelShape, s: Setup) -> int:
     return states
 
 
-def _activations(shape: ModelShape, s: Setup) -> int:
-    h, kv, r = shape.hidden, shape.kv_dim, s.rank
-    # an MoE layer keeps each of a token's k experts' MLP activations, and the router's logits
-    i = shape.experts_per_token * shape.expert_intermediate + shape.experts \
-        if shape.experts else shape.intermediate
-    per_layer = 6 * h + 2 * kv + 4 * i + 2 * shape.heads
+def _moe_saved(shape: ModelShape, s: Setup) -> int:
+    """Per token, what an MoE layer's routed experts keep for backward (grouped-experts forward,
+    measured with saved-tensor hooks on Qwen3-MoE and Mixtral layers): for each of its k
+    (token, expert) rows the gathered input, gate_up's output, SiLU(gate) and the product
+    (2I + I + I), down's output, and its routing-weighted copy (3h + 4I); each expert LoRA's
+    x @ A^T (2r); the router's logits (E), and the int64 routing indices and weights (~8k)."""
+    k, h, width = shape.experts_per_token, shape.hidden, shape.expert_intermediate
+    lora = 2 * s.rank if s.experts and s.method != "full" else 0
+    return k * (3 * h + 4 * width + lora + 8) + shape.experts
+
+
+def _mlp_width(shape: ModelShape) -> int:
+    """Per token, the MLP's hidden width: an MoE layer's k expert rows."""
+    return shape.experts_per_token * shape.expert_intermediate if shape.experts \
+        else shape.intermediate
+
+
+def layer_activations(shape: ModelShape, s: Setup) -> int:
+    """Values one decoder layer keeps for backward per token (its input included)."""
+    mlp = _moe_saved(shape, s) if shape.experts else 4 * _mlp_width(shape)
+    per_layer = 6 * shape.hidden + 2 * shape.kv_dim + mlp + 2 * shape.heads
     if s.method != "full":
-        per_layer += shape.linears_per_layer * r
+        per_layer += shape.linears_per_layer * s.rank
+    return per_layer
+
+
+def _activations(shape: ModelShape, s: Setup) -> int:
+    h, i = shape.hidden, _mlp_width(shape)
+    per_layer = layer_activations(shape, s)
     tokens = s.batch * s.seq
     a = BYTES[s.dtype]
     if s.checkpointing:

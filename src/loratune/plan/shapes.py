@@ -247,11 +247,19 @@ PRESETS: dict[str, ModelShape] = {
 }
 PRESETS["smollm2-135m-instruct"] = ModelShape("smollm2-135m-instruct", 576, 1536, 30, 9, 3,
                                               49152, tie_embeddings=True)
+# Qwen3-30B-A3B's config.json (the fields the planner reads): the MoE preset
+QWEN3_30B_A3B = {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                 "moe_intermediate_size": 768, "num_hidden_layers": 48,
+                 "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                 "num_experts": 128, "num_experts_per_tok": 8, "vocab_size": 151936,
+                 "tie_word_embeddings": False}
+PRESETS["qwen3-30b-a3b"] = ModelShape.from_hf_config(QWEN3_30B_A3B, "qwen3-30b-a3b")
 ALIASES = {"7b": "llama-2-7b", "13b": "llama-2-13b", "70b": "llama-2-70b"}
 
 
 def resolve_shape(name_or_path: str) -> ModelShape:
-    """A preset name (7b, 13b, 70b, llama-2-7b, smollm2-135m-instruct), or a config.json."""
+    """A preset name (7b, 13b, 70b, llama-2-7b, smollm2-135m-instruct, qwen3-30b-a3b), or a
+    config.json."""
     key = ALIASES.get(name_or_path.lower(), name_or_path.lower())
     if key in PRESETS:
         return PRESETS[key]
