@@ -159,13 +159,14 @@ def test_gpt_oss_settings_llamacpp_computes_differently_are_refused(fields, why,
 
 
 def adapted(tmp_path):
-    """(adapted model, base folder, adapter folder): LoRA on GPT-OSS's attention (LoRA on its
-    transposed, biased experts is refused at training, see adapters/expert_lora.py)."""
+    """(adapted model, base folder, adapter folder): LoRA on GPT-OSS's attention and on its
+    transposed, biased experts (gate and up interleaved: their B rows alternate)."""
     base, tok = gpt_oss()
     base.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     model, _ = gpt_oss()
-    add_adapter(model, LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    add_adapter(model, LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                      "experts"]))
     randomize(model)
     save_adapter(model, tmp_path / "a")
     assert (logits(model) - logits(base)).abs().max() > 1e-2
@@ -185,7 +186,8 @@ def test_gpt_oss_lora_gguf_applied_as_llamacpp_does_equals_the_merge(tmp_path):
     fields, lora = read(write_lora_gguf(adapter, base, tmp_path / "a.gguf"))
     assert fields["general.type"] == "adapter" and fields["general.architecture"] == "gpt-oss"
     assert {n.rsplit(".lora_", 1)[0] for n in lora} == {
-        f"blk.{i}.attn_{p}.weight" for i in range(2) for p in "qv"}
+        f"blk.{i}.{p}.weight" for i in range(2)
+        for p in ("attn_q", "attn_v", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")}
     merged = merge_folder(base, read_adapters([adapter], None), tmp_path / "merged").out
     _, want = read(write_gguf(merged, tmp_path / "m.gguf", "f32"))
     _, plain = read(write_gguf(base, tmp_path / "b.gguf", "f32"))

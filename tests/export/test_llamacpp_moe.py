@@ -90,3 +90,16 @@ def test_llamacpp_runs_a_round_yarn_gpt_oss_as_the_rounded_model(tmp_path):
     with torch.no_grad():
         want = rounded(LONG).logits[0]
     torch.testing.assert_close(llamacpp_logits(path, ids=LONG), want, atol=TOL, rtol=0)
+
+
+def test_llamacpp_applies_a_gpt_oss_expert_lora_file_as_the_adapted_model(tmp_path):
+    """GPT-OSS's experts hold gate and up interleaved: the adapter's B rows alternate."""
+    from tests.export.test_gguf_moe_more import adapted as gpt_oss_adapted
+
+    model, base, adapter = gpt_oss_adapted(tmp_path)
+    plain = write_gguf(base, tmp_path / "base.gguf", "f32")
+    lora = write_lora_gguf(adapter, base, tmp_path / "a.gguf")
+    got = llamacpp_logits(plain, lora, ids=LONG)
+    assert (got - llamacpp_logits(plain, ids=LONG)).abs().max() > 10 * TOL
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(LONG).logits[0], atol=TOL, rtol=0)

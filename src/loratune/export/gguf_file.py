@@ -282,11 +282,12 @@ def write_gguf(folder: Path, out: Path, out_type: str = "f16", tokenizer_source:
     return out
 
 
-def _expert_factors(adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _expert_factors(adapter, interleaved: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{`<experts>.gate_proj` / `up_proj` / `down_proj`: (A [E, r, in], s·B [E, out, r])} of an
     adapter on fused experts: llama.cpp applies a 3-D pair on ffn_*_exps per routed expert
     (build_lora_mm_id: mul_mat_id with A, then B, scaled by alpha / B's ne[0], the rank).
-    gate and up share the experts' A; their B are the two halves of gate_up_proj's rows."""
+    gate and up share the experts' A; their B are the two halves of gate_up_proj's rows, or
+    its alternate rows where gate and up are `interleaved` (GPT-OSS)."""
     from loratune.export.merge_experts import experts_adapter
 
     out = {}
@@ -294,7 +295,8 @@ def _expert_factors(adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         ad = experts_adapter(adapter, path, parts)
         with torch.no_grad():
             a, b = (t.detach().float() for t in ad.factors("gate_up_proj"))
-            gate, up = (b * ad.scaling).chunk(2, dim=1)
+            b = b * ad.scaling
+            gate, up = (b[:, 0::2], b[:, 1::2]) if interleaved else b.chunk(2, dim=1)
             out[f"{path}.gate_proj"], out[f"{path}.up_proj"] = (a, gate), (a, up)
             a, b = (t.detach().float() for t in ad.factors("down_proj"))
             out[f"{path}.down_proj"] = (a, b * ad.scaling)
@@ -345,7 +347,7 @@ def write_lora_gguf(adapter_dir: Path, base_folder: Path, out: Path, out_type: s
     experts = adapter.expert_modules()  # their 2-D view in the file is not llama.cpp's pair
     factors = {path: f for path, f in export.gguf_factors(adapter).items()
                if path.removesuffix(".base_layer") not in experts}
-    factors.update(_expert_factors(adapter))
+    factors.update(_expert_factors(adapter, family.interleaved_experts))
     _refuse_unapplied(family, factors, adapter_dir, arch)
     # llama.cpp scales every layer by alpha / (that layer's rank): the factors carry PEFT's
     # per-layer scale in B (rank/alpha patterns, rsLoRA), so r / alpha undoes llama.cpp's.
