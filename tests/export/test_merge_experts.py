@@ -50,15 +50,20 @@ def test_fused_checkpoint_gets_every_experts_update_at_once(tmp_path):
 
 
 def test_server_refuses_experts_it_cannot_route_naming_them(tmp_path):
-    """LoRA on fused experts is served (tests/serve/test_serve_moe.py) where one `gate` routes
-    the layer; DeepSeek's layer (shared experts, group routing) is refused by name."""
+    """LoRA on fused experts is served (tests/serve/test_serve_moe.py) where a `gate` or
+    `router` module routes the layer; a layer routed otherwise is refused by name."""
     from loratune.serve.pool import read_lora
     from loratune.serve.types import BadAdapter
     from tests.models.test_moe_families import build_moe
 
-    model = build_moe("deepseek_v3")[0]
+    model = build_moe("qwen3_moe")[0]
     add_adapter(model, LoraConfig(r=2, target_modules=["experts"]))
     save_adapter(model, tmp_path / "a")
-    with pytest.raises(BadAdapter, match=r"experts at model.layers.1.mlp.experts "
-                                         r"\(DeepseekV3MoE\) are served for layers routed by one"):
-        read_lora("moe", tmp_path / "a", build_moe("deepseek_v3")[0])
+    served = build_moe("qwen3_moe")[0]
+    for layer in served.model.layers:  # a layer whose router the server cannot find
+        layer.mlp.selector = layer.mlp.gate
+        del layer.mlp.gate
+    with pytest.raises(BadAdapter, match=r"experts at model.layers.0.mlp.experts "
+                                         r"\(Qwen3MoeSparseMoeBlock\) are served for layers "
+                                         r"routed by a `gate` or `router`"):
+        read_lora("moe", tmp_path / "a", served)
