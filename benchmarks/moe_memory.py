@@ -36,22 +36,23 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]
 RANK, CHUNK = 16, 256
 
 
-def model_config(family: str):
+def model_config(family: str, layers: int = SHARED["num_hidden_layers"]):
     from transformers import AutoConfig
 
-    cfg = AutoConfig.for_model(family, **SHARED, **FAMILIES[family])
+    cfg = AutoConfig.for_model(family, **{**SHARED, "num_hidden_layers": layers},
+                               **FAMILIES[family])
     cfg._attn_implementation = "sdpa"
     return cfg
 
 
-def build(family: str, quant: bool):
+def build(family: str, quant: bool, layers: int):
     from transformers import AutoModelForCausalLM
 
     from loratune.config import QuantConfig
     from loratune.models.quantize import prepare_for_kbit_training, quantize_model
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config(family), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(model_config(family, layers), dtype=torch.float32)
     if quant:  # what load_quantized ends with: every linear but lm_head and the experts in NF4
         quantize_model(model, QuantConfig())
         prepare_for_kbit_training(model)
@@ -70,7 +71,7 @@ def worker(args) -> dict:
     from qlora_memory import reset_peak, rss_gib
 
     use_mmap_for_large_blocks()  # freed blocks go back to the kernel (loratune train does this)
-    model = build(args.family, args.quant)
+    model = build(args.family, args.quant, args.layers)
     add_adapter(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS))
     set_checkpointing(model, True)
     model.train()
@@ -90,25 +91,29 @@ def worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     return {"family": args.family, "method": "qlora" if args.quant else "lora",
+            "layers": args.layers,
             "rss_after_load_gib": after_load, "step_peak_gib": rss_gib("VmHWM"),
             "s_per_step": min(times), "trainable": trainable_report(model)[2]}
 
 
-def planned(family: str, method: str, batch: int, seq: int):
+def planned(family: str, method: str, batch: int, seq: int,
+            layers: int = SHARED["num_hidden_layers"]):
     """The planner's Breakdown for this very step (CPU, fp32, chunked loss)."""
     from loratune.plan import Setup, estimate
     from loratune.plan.shapes import ModelShape
 
-    shape = ModelShape.from_hf_config(model_config(family).to_dict(), name=family)
+    shape = ModelShape.from_hf_config(model_config(family, layers).to_dict(), name=family)
     return estimate(shape, Setup(method=method, batch=batch, seq=seq, rank=RANK, dtype="fp32",
                                  checkpointing=True, loss_chunk=CHUNK, device="cpu",
                                  experts=True))
 
 
-def measure(family: str, quant: bool, batch: int, seq: int, steps: int = 2) -> dict:
+def measure(family: str, quant: bool, batch: int, seq: int, steps: int = 2,
+            layers: int = SHARED["num_hidden_layers"]) -> dict:
     """Run the worker in its own process (a clean peak); returns its JSON line."""
     cmd = [sys.executable, __file__, "--worker", "--family", family, "--batch", str(batch),
-           "--seq", str(seq), "--steps", str(steps)] + (["--quant"] if quant else [])
+           "--seq", str(seq), "--steps", str(steps), "--layers", str(layers)] \
+        + (["--quant"] if quant else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"moe_memory worker ({family}, quant={quant}) failed:\n"
@@ -117,7 +122,7 @@ def measure(family: str, quant: bool, batch: int, seq: int, steps: int = 2) -> d
 
 
 def report(run: dict, batch: int, seq: int) -> None:
-    plan = planned(run["family"], run["method"], batch, seq).as_dict()
+    plan = planned(run["family"], run["method"], batch, seq, run["layers"]).as_dict()
     parts = ", ".join(f"{k} {v / 2**30:.3f}" for k, v in plan.items() if v and k != "total")
     # what is there before the step (weights, adapter, runtime), and what the step adds
     loaded = sum(plan[k] for k in ("weights", "quant_stats", "adapter", "overhead")) / 2**30
@@ -134,6 +139,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--layers", type=int, default=SHARED["num_hidden_layers"])
     p.add_argument("--quant", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -147,8 +153,8 @@ def main() -> None:
           f"{'loaded':>8}{'plan':>8}{'rise':>8}{'plan':>8}{'s/step':>8}   planner's parts (GiB)")
     for family in args.family or sorted(FAMILIES, reverse=True):
         for quant in (False, True):
-            report(measure(family, quant, args.batch, args.seq, args.steps), args.batch,
-                   args.seq)
+            run = measure(family, quant, args.batch, args.seq, args.steps, args.layers)
+            report(run, args.batch, args.seq)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The planner's MoE figures against measured memory: peak RSS of two training steps of a
-random-init Qwen3-MoE (experts ~340 MB in fp32), LoRA on attention and on every routed expert,
+random-init Qwen3-MoE (6 layers: experts ~300 MB in fp32; QLoRA 2 layers), LoRA on attention and on every routed expert,
 with the experts in fp32 (LoRA) or in NF4 (QLoRA), each in its own process
 (benchmarks/moe_memory.py), and the Qwen3-30B-A3B preset the README quotes."""
 
@@ -28,8 +28,10 @@ def test_moe_estimate_within_15_percent_of_a_measured_step(quant):
     """Weights, per-expert adapters and their AdamW states, activations per active expert and
     the runtime, summed by the planner from the model's config, against the kernel's peak."""
     bench = benchmark()
-    run = bench.measure("qwen3_moe", quant, batch=1, seq=1024)
-    planned = bench.planned("qwen3_moe", run["method"], 1, 1024)
+    # QLoRA: 2 layers (the 4-bit experts' CPU step is slow; their weights are small anyway)
+    layers = 2 if quant else 6
+    run = bench.measure("qwen3_moe", quant, batch=1, seq=512, layers=layers)
+    planned = bench.planned("qwen3_moe", run["method"], 1, 512, layers)
     measured = run["step_peak_gib"] * GiB
     assert 0.85 < planned.total / measured < 1.15, (planned.as_dict(), run)
 
