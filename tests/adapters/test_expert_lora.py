@@ -12,7 +12,7 @@ from loratune.adapters import add_adapter, load_adapter, save_adapter
 from loratune.adapters.expert_lora import ExpertHost
 from loratune.adapters.inject import merge_and_unload, trainable_parameters
 from loratune.adapters.registry import AdapterError
-from loratune.config import LoraConfig
+from loratune.config import IA3Config, LoHaConfig, LoraConfig
 
 _SHAPE = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
               num_key_value_heads=1, max_position_embeddings=64)
@@ -159,3 +159,16 @@ def test_a_few_steps_train_experts_save_reload_and_merge(family, tmp_path):
     merged = merge_and_unload(model)
     assert (merged.model.layers[0].mlp.experts.gate_up_proj - fused_before).abs().max() > 1e-4
     torch.testing.assert_close(logits(merged), logits(fresh), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("config", [LoraConfig(method="dora", r=2, target_modules=["experts"]),
+                                    LoHaConfig(r=2, target_modules=["experts"]),
+                                    IA3Config(target_modules=["experts"])],
+                         ids=["dora", "loha", "ia3"])
+def test_methods_without_a_fused_experts_form_are_refused_by_name(config):
+    from tests.models.test_moe_families import build_moe
+
+    model, _ = build_moe("qwen3_moe")
+    with pytest.raises(AdapterError, match=rf"model.layers.0.mlp.experts\), held as fused 3-D "
+                                           rf"parameters; {config.method} cannot adapt them"):
+        add_adapter(model, config)

@@ -173,7 +173,9 @@ def _add_expert_adapters(model: nn.Module, config: AdapterConfig, name: str,
     record = method_record(config.method)
     if paths and record.make_experts is None:
         raise AdapterError(f"target_modules names the routed experts ({paths[0]}), held as "
-                           f"fused 3-D parameters; {config.method} cannot adapt them (lora can)")
+                           f"fused 3-D parameters; {config.method} cannot adapt them (lora can: "
+                           "PEFT's file format for them, target_parameters, holds plain LoRA "
+                           "only, no DoRA)")
     for path in paths:
         host = model.get_submodule(path)
         if not isinstance(host, ExpertHost):
