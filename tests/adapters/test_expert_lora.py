@@ -115,18 +115,25 @@ def test_peft_loads_our_folder_with_equal_logits(family, tmp_path):
     torch.testing.assert_close(logits(peft_model), logits(model), atol=1e-5, rtol=0)
 
 
-def test_we_load_peft_folder_with_equal_logits(tmp_path):
+def peft_made(model, folder, r: int = 2):
+    """PEFT's own adapter on `model` (v_proj and the fused experts' target_parameters), its
+    factors random, saved to `folder`; returns the PEFT model."""
     from peft import LoraConfig as PeftLora, get_peft_model
 
-    peft_model = get_peft_model(tiny_moe("qwen3_moe"), PeftLora(
-        r=2, lora_alpha=4, target_modules=["v_proj"], target_parameters=[
+    peft_model = get_peft_model(model, PeftLora(
+        r=r, lora_alpha=4, target_modules=["v_proj"], target_parameters=[
             "experts.gate_up_proj", "experts.down_proj"]))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    peft_model.save_pretrained(tmp_path / "p")
+    peft_model.save_pretrained(folder)
+    return peft_model
+
+
+def test_we_load_peft_folder_with_equal_logits(tmp_path):
+    peft_model = peft_made(tiny_moe("qwen3_moe"), tmp_path / "p")
     model = tiny_moe("qwen3_moe")
     load_adapter(model, tmp_path / "p")
     assert isinstance(model.model.layers[1].mlp.experts, ExpertHost)

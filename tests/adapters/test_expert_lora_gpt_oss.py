@@ -5,23 +5,21 @@ parameter stored [E, in, out] (A [E·r, in], B [out, r·E], delta[e] = s·(B_e·
 oracles are transformers' eager experts on W + delta and PEFT's own target_parameters."""
 
 import copy
-import json
 import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from families import family_conversation, family_tokenizer
+from families import family_tokenizer
 from loratune.adapters import add_adapter, load_adapter, save_adapter
 from loratune.adapters.expert_lora import ExpertHost
 from loratune.adapters.inject import merge_and_unload, trainable_parameters
-from loratune.config import LoraConfig, ModelConfig, QuantConfig, build_config
+from loratune.config import LoraConfig, ModelConfig, QuantConfig
 from loratune.export.merge import merge_folder, read_adapters
 from loratune.models import load_model
 from loratune.models.moe_experts import QuantizedExperts
-from loratune.train import train
-from tests.models.test_moe_families import build_moe, logits, nf4_round_trip_experts
+from tests.models.test_moe_families import build_moe, logits, nf4_round_trip_experts, train_moe
 
 E, H, I, R = 4, 32, 16, 2  # build_moe("gpt_oss"): 4 experts, hidden 32, intermediate 16
 
@@ -137,17 +135,9 @@ def test_peft_loads_our_gpt_oss_folder_with_equal_logits(tmp_path):
 
 
 def test_we_load_peft_gpt_oss_folder_with_equal_logits(tmp_path):
-    from peft import LoraConfig as PeftLora, get_peft_model
+    from tests.adapters.test_expert_lora import peft_made
 
-    peft_model = get_peft_model(gpt_oss(), PeftLora(
-        r=R, lora_alpha=4, target_modules=["v_proj"],
-        target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    peft_model.save_pretrained(tmp_path / "p")
+    peft_model = peft_made(gpt_oss(), tmp_path / "p", r=R)
     model = gpt_oss()
     load_adapter(model, tmp_path / "p")
     assert isinstance(model.model.layers[1].mlp.experts, ExpertHost)
@@ -156,17 +146,7 @@ def test_we_load_peft_gpt_oss_folder_with_equal_logits(tmp_path):
 
 
 def train_experts(folder, tmp_path, steps=6, quant=False):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": family_conversation(True)}) + "\n"
-                            for _ in range(2)))
-    model = {"name": str(folder), **({"quantization": {"type": "nf4"}} if quant else {})}
-    cfg = build_config({
-        "output_dir": str(tmp_path / "run"), "model": model,
-        "adapter": {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["experts"]},
-        "data": {"train": str(data), "max_length": 128},
-        "train": {"max_steps": steps, "batch_size": 2, "lr": 5e-2, "warmup_ratio": 0.0}})
-    return train(cfg, quiet=True)
+    return train_moe(folder, tmp_path, ["experts"], quant=quant, steps=steps, rows=2)
 
 
 def test_train_gpt_oss_experts_loss_falls_reload_and_merge_folder(folder, tmp_path):

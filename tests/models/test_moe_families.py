@@ -83,16 +83,18 @@ def logits(model):
         return model(input_ids=IDS).logits
 
 
-def train_moe(folder, tmp_path, name, quant=False):
+def train_moe(folder, tmp_path, targets, quant=False, steps=2, rows=4, alpha=8):
+    """`train` on the model folder: LoRA r 4 on `targets`, chat rows, NF4 base if `quant`."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": family_conversation(True)}) + "\n"
-                            for _ in range(4)))
+                            for _ in range(rows)))
     model = {"name": str(folder), **({"quantization": {"type": "nf4"}} if quant else {})}
     cfg = build_config({
         "output_dir": str(tmp_path / "run"), "model": model,
-        "adapter": {"method": "lora", "r": 4, "target_modules": MOE[name][1]},
+        "adapter": {"method": "lora", "r": 4, "lora_alpha": alpha, "target_modules": targets},
         "data": {"train": str(data), "max_length": 128},
-        "train": {"max_steps": 2, "batch_size": 2, "lr": 5e-2, "warmup_ratio": 0.0}})
+        "train": {"max_steps": steps, "batch_size": 2, "lr": 5e-2, "warmup_ratio": 0.0}})
     return train(cfg, quiet=True)
 
 
@@ -111,7 +113,7 @@ def test_moe_loads_trains_reloads_and_merges(name, moe_folder, tmp_path):
     base, _ = load_model(str(folder))
     torch.testing.assert_close(logits(base), logits(build_moe(name)[0]), atol=1e-5, rtol=0)
     assert experts_of(base) and all(e.gate_up_proj.dim() == 3 for e in experts_of(base))
-    result = train_moe(folder, tmp_path, name)
+    result = train_moe(folder, tmp_path, MOE[name][1])
     assert all(math.isfinite(h["loss"]) for h in result.history)
     before = logits(base)
     load_adapter(base, result.adapter_dir)
@@ -153,7 +155,7 @@ def test_moe_qlora_experts_in_nf4_match_and_train(name, moe_folder, tmp_path):
     assert routers and all(p.dtype == torch.float32 for p in routers)
     full = nf4_round_trip_experts(load_model(str(folder))[0])
     torch.testing.assert_close(logits(q), logits(full), atol=1e-4, rtol=0)
-    result = train_moe(folder, tmp_path, name, quant=True)
+    result = train_moe(folder, tmp_path, MOE[name][1], quant=True)
     assert all(math.isfinite(h["loss"]) for h in result.history)
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
 
