@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""MoE memory: one training step of a random-init Qwen3-MoE / Mixtral, measured against the planner.
+"""MoE memory: training steps of a random-init Qwen3-MoE / Mixtral, measured against the planner.
 
-The model is built from its transformers config class at a shape whose routed experts weigh a
-few hundred MB (so weights, adapters and activations, not the interpreter, set the peak), LoRA
-r=16 on attention and on every routed expert (per-expert A/B, adapters/expert_lora.py),
-activation checkpointing, AdamW, fp32 on CPU. `--quant` holds the experts (and the attention
-linears) in NF4 first: QLoRA. Each setup runs in its own process; the parent prints the step's
-peak RSS (the kernel's high-water mark, reset before the step as benchmarks/qlora_memory.py
-does) beside the planner's estimate for the same shape (read from the model's config) and its
-per-part breakdown.
+The model is built from its transformers config class at a shape whose routed experts weigh
+288 MiB in fp32 (a third of the LoRA peak; the interpreter and libraries are half), LoRA r=16
+on attention and on every routed expert (per-expert A/B, adapters/expert_lora.py), activation
+checkpointing, AdamW, fp32 on CPU. `--quant` holds the experts (and the attention linears) in
+NF4 first: QLoRA. Each setup runs in its own process; the parent prints the peak RSS of two
+steps (the kernel's high-water mark, reset after loading as benchmarks/qlora_memory.py does)
+beside the planner's estimate for the same shape (read from the model's config): the total,
+what is loaded before the step and what the step adds, and the planner's parts.
 
     python benchmarks/moe_memory.py                   # qwen3_moe and mixtral, LoRA and QLoRA
     python benchmarks/moe_memory.py --family mixtral --seq 1024
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-# model_type -> config fields (on top of SHARED): experts' weights ~300-400 MB in fp32.
+# model_type -> config fields (on top of SHARED): routed experts 288 MiB in fp32.
 FAMILIES = {
     "qwen3_moe": dict(moe_intermediate_size=256, intermediate_size=1024, num_experts=32,
                       num_experts_per_tok=4, head_dim=64, norm_topk_prob=True),

@@ -1,7 +1,7 @@
 """The planner's MoE figures against measured memory: peak RSS of two training steps of a
-random-init Qwen3-MoE (6 layers: experts ~300 MB in fp32; QLoRA 2 layers), LoRA on attention and on every routed expert,
-with the experts in fp32 (LoRA) or in NF4 (QLoRA), each in its own process
-(benchmarks/moe_memory.py), and the Qwen3-30B-A3B preset the README quotes."""
+random-init Qwen3-MoE (6 layers: experts 288 MiB in fp32; QLoRA 2 layers), LoRA on attention
+and on every routed expert, with the experts in fp32 (LoRA) or in NF4 (QLoRA), each in its own
+process (benchmarks/moe_memory.py), and the Qwen3-30B-A3B preset the README quotes."""
 
 import importlib.util
 from pathlib import Path
