@@ -279,7 +279,7 @@ class PlanConfig(CommandConfig):
     """`loratune plan`: the memory one training step needs, and what fits a GPU."""
 
     model: str = Field("llama-2-7b", description="preset (llama-2-7b|13b|70b, 7b/13b/70b, "
-                       "smollm2-135m-instruct), HF folder or config.json")
+                       "smollm2-135m-instruct, qwen3-30b-a3b), HF folder or config.json")
     method: Literal["full", "lora", "qlora"] = "qlora"
     batch: int = Field(1, gt=0, description="rows per micro-batch")
     seq: int = Field(512, gt=0, description="tokens per row")
