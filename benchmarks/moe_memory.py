@@ -20,7 +20,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -61,35 +60,18 @@ def build(family: str, quant: bool, layers: int):
 
 def worker(args) -> dict:
     from loratune.adapters import add_adapter, trainable_report
-    from loratune.config import LoraConfig, TrainConfig
+    from loratune.config import LoraConfig
     from loratune.train.host_memory import use_mmap_for_large_blocks
-    from loratune.train.loop import set_checkpointing
-    from loratune.train.loss import causal_lm_loss
-    from loratune.train.optim import build_optimizer
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from qlora_memory import reset_peak, rss_gib
+    from qlora_memory import measured_steps, rss_gib
 
     use_mmap_for_large_blocks()  # freed blocks go back to the kernel (loratune train does this)
     model = build(args.family, args.quant, args.layers)
     add_adapter(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS))
-    set_checkpointing(model, True)
-    model.train()
-    opt = build_optimizer(model, TrainConfig(lr=1e-4))
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
-    batch = {"input_ids": ids, "labels": ids.clone()}
-    after_load = rss_gib("VmRSS")
-    reset_peak()
-    times = []
     # two steps: AdamW's states exist only from the first opt.step on, and the planner counts
     # them beside the activations, as every later step holds them
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        total, n = causal_lm_loss(model, batch, chunk=CHUNK)
-        (total / n).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+    after_load, times = measured_steps(model, args.batch, args.seq, args.steps, chunk=CHUNK)
     return {"family": args.family, "method": "qlora" if args.quant else "lora",
             "layers": args.layers,
             "rss_after_load_gib": after_load, "step_peak_gib": rss_gib("VmHWM"),

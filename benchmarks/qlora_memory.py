@@ -34,6 +34,33 @@ def rss_gib(field: str) -> float:
     return float("nan")
 
 
+def measured_steps(model, batch: int, seq: int, steps: int, chunk: int) -> tuple[float, list]:
+    """Train `model` (its adapter added) `steps` AdamW steps on random tokens with gradient
+    checkpointing, from a reset peak: (RSS before the first step in GiB, each step's seconds).
+    VmHWM afterwards is the steps' peak."""
+    from loratune.config import TrainConfig
+    from loratune.train.loop import set_checkpointing
+    from loratune.train.loss import causal_lm_loss
+    from loratune.train.optim import build_optimizer
+
+    set_checkpointing(model, True)
+    model.train()
+    opt = build_optimizer(model, TrainConfig(lr=1e-4))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    data = {"input_ids": ids, "labels": ids.clone()}
+    after_load = rss_gib("VmRSS")
+    reset_peak()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        total, n = causal_lm_loss(model, data, chunk=chunk)
+        (total / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return after_load, times
+
+
 def reset_peak() -> None:
     # Writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS (Linux >= 4.0).
     with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
@@ -53,11 +80,8 @@ def build(shape: str, fp32: bool):
 
 def worker(args) -> dict:
     from loratune.adapters import add_adapter, trainable_report
-    from loratune.config import LoraConfig, TrainConfig
+    from loratune.config import LoraConfig
     from loratune.models.quantize import quantized_bytes
-    from loratune.train.loop import set_checkpointing
-    from loratune.train.loss import causal_lm_loss
-    from loratune.train.optim import build_optimizer
 
     from loratune.train.host_memory import use_mmap_for_large_blocks
 
@@ -69,22 +93,7 @@ def worker(args) -> dict:
     model = build(args.shape, args.fp32)
     load_s, load_peak = time.perf_counter() - t0, rss_gib("VmHWM")
     add_adapter(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    set_checkpointing(model, True)
-    model.train()
-    opt = build_optimizer(model, TrainConfig(lr=1e-4))
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq))
-    batch = {"input_ids": ids, "labels": ids.clone()}
-    after_load = rss_gib("VmRSS")
-    reset_peak()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        total, n = causal_lm_loss(model, batch, chunk=256)
-        (total / n).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+    after_load, times = measured_steps(model, args.batch, args.seq, args.steps, chunk=256)
     return {"shape": args.shape, "base": "fp32" if args.fp32 else "nf4",
             "quantized_gib": quantized_bytes(model) / 2**30, "load_s": load_s,
             "load_peak_gib": load_peak, "rss_after_load_gib": after_load,
