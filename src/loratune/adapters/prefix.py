@@ -27,13 +27,21 @@ from loratune.adapters.registry import (AdapterError, FileSpec, MergeSpec, Metho
 from loratune.config import PrefixConfig
 
 
-def model_dims(model: nn.Module) -> dict[str, int]:
-    """Sizes from the model config: hidden, layers, heads, kv_heads, head_dim."""
+def model_dims(model: nn.Module, where: str | None = None) -> dict[str, int]:
+    """Sizes from the model config: hidden, layers, heads, kv_heads, head_dim. `where` (a file)
+    leads the error of a model no prefix fits."""
     cfg = getattr(model, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     need = ("hidden_size", "num_hidden_layers", "num_attention_heads")
     if cfg is None or any(getattr(cfg, k, None) is None for k in need):
         raise AdapterError(f"{type(model).__name__}.config must give {', '.join(need)}")
+    if getattr(cfg, "kv_lora_rank", None):
+        # MLA (DeepSeek-V2/V3) caches one latent and one rotary key per token, shared by
+        # every head: per-head prefix keys and values have no place in that cache
+        raise AdapterError(f"{where + ': ' if where else ''}prefix tuning needs per-head keys "
+                           f"and values in the KV cache; {type(model).__name__} uses multi-head "
+                           f"latent attention (kv_lora_rank={cfg.kv_lora_rank}), whose cache "
+                           "holds a latent per token instead. Use LoRA or prompt tuning")
     heads = cfg.num_attention_heads
     return {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "heads": heads,
             "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
@@ -179,7 +187,7 @@ def check_file_dims(raw: dict, model: nn.Module, where: str) -> None:
     """The model the file was saved for, as its adapter_config.json says (PEFT's fields), must
     be this one: another model whose layers x kv heads x head_dim give the same width would
     pass the table's shape and get its keys and values split across the wrong layers."""
-    d = model_dims(model)
+    d = model_dims(model, where)
     fields = {"num_layers": (d["layers"], "layers"),
               "num_attention_heads": (d["kv_heads"], "key/value heads"),
               "token_dim": (d["kv_heads"] * d["head_dim"], "as the width of a layer's keys")}

@@ -1,0 +1,61 @@
+"""Hostile requests and adapter files against the MoE serving of issue 30 (DeepSeek-V2/V3's MLA
+attention, GPT-OSS): each case once failed deep in torch or gave a misleading answer; each
+now ends the request alone with an error that names the file and what was expected, and the
+engine keeps serving the other rows exactly."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loratune.adapters import AdapterError, add_adapter
+from loratune.config import PrefixConfig
+from loratune.serve.engine import Engine
+from loratune.serve.pool import AdapterPool
+from loratune.serve.types import GenerationRequest, SamplingParams
+from tests.models.test_moe_families import build_moe
+
+
+def prefix_file(folder, tokens=3, layers=2, kv_heads=4, head_dim=8):
+    """A prefix-tuning folder as PEFT writes it (PREFIX_TUNING, prompt_embeddings [n,
+    layers * 2 * kv_heads * head_dim]) whose fields match the tiny DeepSeek's config."""
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": tokens,
+        "token_dim": kv_heads * head_dim, "num_attention_heads": kv_heads, "num_layers": layers,
+        "prefix_projection": False, "inference_mode": True}))
+    table = torch.randn(tokens, layers * 2 * kv_heads * head_dim, generator=torch.Generator()
+                        .manual_seed(0))
+    save_file({"prompt_embeddings": table}, folder / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2"])
+@pytest.mark.parametrize("kv_cache", ["slots", "dynamic"])
+def test_prefix_tuning_on_an_mla_base_is_refused_naming_the_file(family, kv_cache, tmp_path):
+    """MLA caches one latent per token ([n, 1, t, kv_lora_rank]) and the rotary key, not
+    per-head keys and values: a prefix (per-head K/V) cannot join that cache. The request
+    fails with the folder's adapter_config.json and the reason, not a size mismatch from
+    inside the forward ('The expanded size of the tensor (16) must match ... [4, 3, 8]'),
+    and a base request after it is served."""
+    model, tok = build_moe(family)
+    prefix_file(tmp_path / "pre")
+    engine = Engine(model, tok, AdapterPool(tmp_path, max_adapters=1), base_name="b",
+                    kv_cache=kv_cache)
+    engine.eos = set()
+    bad = engine.submit(GenerationRequest([3, 4, 5], {"pre": 1.0}, SamplingParams(max_tokens=3)))
+    ok = engine.submit(GenerationRequest([3, 4, 5], {}, SamplingParams(max_tokens=3)))
+    while engine.running or engine.queue:
+        engine.step()
+    failed, served = bad.result(), ok.result()
+    assert failed.finish_reason == "error"
+    assert str(tmp_path / "pre" / "adapter_config.json") in failed.error, failed.error
+    assert "kv_lora_rank" in failed.error and "size" not in failed.error, failed.error
+    assert served.finish_reason == "length" and len(served.token_ids) == 3
+
+
+def test_prefix_tuning_on_an_mla_base_is_refused_when_added():
+    """Training it would fail the same way in the first forward: add_adapter says why."""
+    model, _ = build_moe("deepseek_v3")
+    with pytest.raises(AdapterError, match="kv_lora_rank=16"):
+        add_adapter(model, PrefixConfig(num_virtual_tokens=3), "pre")
