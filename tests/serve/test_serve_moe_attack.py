@@ -59,3 +59,32 @@ def test_prefix_tuning_on_an_mla_base_is_refused_when_added():
     model, _ = build_moe("deepseek_v3")
     with pytest.raises(AdapterError, match="kv_lora_rank=16"):
         add_adapter(model, PrefixConfig(num_virtual_tokens=3), "pre")
+
+
+def expert_adapter(folder, family="deepseek_v3", r=4):
+    """An experts-only LoRA file (PEFT's target_parameters layout) saved from the tiny model."""
+    from loratune.adapters import save_adapter
+    from loratune.config import LoraConfig
+
+    model, _ = build_moe(family)
+    add_adapter(model, LoraConfig(r=r, lora_alpha=8, target_modules=["experts"]), "ex")
+    save_adapter(model, folder, "ex")
+
+
+@pytest.mark.parametrize("wrong_r", [1, 2, 8])
+def test_expert_adapter_whose_config_r_is_not_its_tensors_rank_says_so(wrong_r, tmp_path):
+    """A[E·r, in] of the fused experts cannot tell E from r; with `r` edited in the config the
+    file was read as 16/r experts and refused as 'another base model?' alone. The model's E
+    gives the rank the tensors would have: the error names adapter_config.json, its r, and
+    both causes (a wrong r, or another base's expert count)."""
+    from loratune.serve.pool import BadAdapter, read_lora
+
+    expert_adapter(tmp_path / "ex")
+    config = tmp_path / "ex" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "r": wrong_r}))
+    model, _ = build_moe("deepseek_v3")
+    with pytest.raises(BadAdapter) as err:
+        read_lora("ex", tmp_path / "ex", model)
+    message = str(err.value)
+    assert str(config) in message and f"r is {wrong_r}" in message, message
+    assert "r should be 4 (this model's 4 experts × rank 4)" in message, message

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from loratune.adapters.host import AdapterHost
-from loratune.adapters.peft_format import EXPERT_TARGETS, PeftFolder, file_key, lora_scale
+from loratune.adapters.peft_format import (CONFIG_NAME, EXPERT_TARGETS, PeftFolder, file_key,
+                                           lora_scale)
 from loratune.adapters.registry import AdapterError, RowBlock, method_record
 from loratune.models.grouped_experts import LowRank, add_low_rank, experts_forward, grouped_linear
 from loratune.models.moe_experts import QuantizedExperts, expert_glu, out_in
@@ -352,6 +353,7 @@ def expert_row_blocks(adapter: PeftFolder, model: nn.Module) -> dict[str, RowBlo
     for path, parts in adapter.expert_modules().items():
         layer_path = path.rpartition(".")[0]
         moe = _served_moe(model, path, adapter)
+        _check_expert_rank(adapter, path, parts, expert_shapes(moe.experts)["down_proj"][0])
         lora = experts_adapter(adapter, path, parts).float().requires_grad_(False)
         expected = expert_shapes(moe.experts)
         got = {n: (lora.num_experts, lora.factors(n)[1].shape[1], lora.factors(n)[0].shape[2])
@@ -361,6 +363,25 @@ def expert_row_blocks(adapter: PeftFolder, model: nn.Module) -> dict[str, RowBlo
                                f"{expected}, the file's pairs fit {got} (another base model?)")
         blocks[layer_path] = RowBlock(ServedExperts(moe, lora), reads="input")
     return blocks
+
+
+def _check_expert_rank(adapter: PeftFolder, path: str, parts: dict, experts: int) -> None:
+    """lora_A [E·r, in] cannot tell E from r: a file whose rows are this model's E times
+    another rank than the config's r has a wrong r or another base's expert count, and the
+    error says both (read as rows/r experts, it would blame the base alone)."""
+    r = adapter.rank(path)
+    # E·r of each tensor: lora_A's rows, lora_B's columns; all four agree in a whole file
+    sizes = {t.shape[0 if "lora_A" in kind else -1] for kind, t in parts.items()
+             if kind.endswith(("lora_A.weight", "lora_B.weight"))}
+    rows = sizes.pop() if len(sizes) == 1 else None
+    if rows is None or rows == experts * r or rows % experts:
+        return  # fits, or torn/another base: experts_adapter's and the shape check name it
+    source = adapter.rank_source(path)
+    raise AdapterError(
+        f"{adapter.folder / CONFIG_NAME}: {source} is {r}, so {file_key(path, 'lora_A.weight')}"
+        f" ({rows} rows, experts × rank) holds {rows // r} experts, and the experts at {path} "
+        f"are {experts}: either {source} should be {rows // experts} (this model's {experts} "
+        f"experts × rank {rows // experts}) or the file was saved for another base model")
 
 
 def _served_moe(model: nn.Module, path: str, adapter: PeftFolder) -> nn.Module:
