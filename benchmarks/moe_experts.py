@@ -9,8 +9,9 @@ LoRA r=16 on both fused expert parameters, 256 tokens, the router frozen, the in
 a gradient (as mid-network). Peer: PEFT's `target_parameters` on the same block, which adds
 s·B_e·A_e to every expert's whole weight each call, under transformers' experts
 implementation "grouped_mm" (its default) and "eager". Ours: `ExpertHost` with tokens grouped
-per expert (models/grouped_experts.py), backend "loop" (what "auto" takes off CUDA) and
-"grouped_mm". Both sides start from the same A/B; the outputs' max difference is printed.
+per expert (models/grouped_experts.py), backends "grouped_mm" (what "auto" takes where torch
+accepts the operands, CPU too) and "loop". Both sides start from the same A/B; the outputs' max
+difference is printed.
 
 "ms": forward + backward, median (and best) of interleaved repeats (each side in turn), so a
 busy machine slows all alike; on a shared machine the best is the steadier figure. "saved MiB": storages autograd keeps for backward (parameters
