@@ -88,3 +88,28 @@ def test_expert_adapter_whose_config_r_is_not_its_tensors_rank_says_so(wrong_r, 
     message = str(err.value)
     assert str(config) in message and f"r is {wrong_r}" in message, message
     assert "r should be 4 (this model's 4 experts × rank 4)" in message, message
+
+
+@pytest.mark.parametrize("family,leaf", [("deepseek_v3", "gate"), ("gpt_oss", "router"),
+                                         ("qwen3_moe", "gate")])
+def test_lora_on_a_router_held_as_a_bare_weight_is_refused_by_kind(family, leaf, tmp_path):
+    """A PEFT file with LoRA on the MoE router (transformers 4 made it an nn.Linear; 5 holds
+    a bare weight in a TopKRouter): refused naming the file, the router's class and that it
+    is no linear layer, not as 'needs A (4, None) and B (None, 4)'."""
+    from loratune.serve.pool import BadAdapter, read_lora
+
+    folder = tmp_path / "g"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "target_modules": [leaf]}))
+    key = f"base_model.model.model.layers.1.mlp.{leaf}"
+    save_file({f"{key}.lora_A.weight": torch.randn(4, 32),
+               f"{key}.lora_B.weight": torch.randn(4, 4)}, folder / "adapter_model.safetensors")
+    model, _ = build_moe(family)
+    with pytest.raises(BadAdapter) as err:
+        read_lora("g", folder, model)
+    message = str(err.value)
+    router = type(model.get_submodule(f"model.layers.1.mlp.{leaf}")).__name__
+    assert str(folder / "adapter_model.safetensors") in message and router in message, message
+    assert "not a linear layer" in message and "None" not in message, message

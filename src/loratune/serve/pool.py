@@ -228,6 +228,10 @@ def fitted(path: str, a: torch.Tensor, b: torch.Tensor, model: nn.Module, weight
                          f"({ANOTHER_BASE})") from None
     shape_in = getattr(layer, "in_features", None)
     shape_out = getattr(layer, "out_features", None)
+    if shape_in is None or shape_out is None:  # e.g. an MoE router holding a bare weight
+        raise BadAdapter(f"{weights_path}: tensor {key} adapts {path}, a {type(layer).__name__}, "
+                         "which is not a linear layer here: LoRA cannot be served on it "
+                         "(another base model, or transformers 4's layout of it?)")
     r = a.shape[0]
     if a.shape != (r, shape_in) or b.shape != (shape_out, r):
         raise BadAdapter(f"{weights_path}: {path} has A {tuple(a.shape)} and B "
