@@ -23,11 +23,12 @@ from loratune.adapters.peft_format import (ANOTHER_BASE, PeftFolder, module_path
                                            read_adapter_config, read_peft_weights)
 from loratune.adapters.registry import AdapterError, method_record
 from loratune.export.merge_experts import ExpertMerge, expert_round_trip, expert_slot
-from loratune.export.safetensors_io import StreamWriter, read_index, read_tensor
+from loratune.export.safetensors_io import StreamWriter, decoded_index, read_index, read_tensor
 from loratune.data.new_tokens import copy_tokenizer, new_tokens_of
 from loratune.data.templates import TEMPLATE_FILE, adapters_template
 from loratune.files import check_output_path, write_atomic_dir
 from loratune.models.device import DTYPES
+from loratune.models.mxfp4 import is_mxfp4
 
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
@@ -161,11 +162,15 @@ def merge_folder(base: Path, adapters: list[AdapterFile], out: Path, dtype: str 
     t0 = time.perf_counter()
     check_output_path(out, [base] + [a.folder for a in adapters])
     config = json.loads((base / "config.json").read_text())
-    if config.get("quantization_config"):
-        raise ValueError(f"{base} holds pre-quantized weights; merge from the full-precision "
-                         "checkpoint (or export it with `loratune export hf` first)")
-    out_dtype = DTYPES[dtype] if dtype else None
     index = read_index(base)
+    if is_mxfp4(config):  # GPT-OSS's MXFP4 experts are written decoded, as transformers loads them
+        index = decoded_index(index, str(base))
+        config = {k: v for k, v in config.items() if k != "quantization_config"}
+    elif config.get("quantization_config"):
+        raise ValueError(f"{base} holds pre-quantized weights "
+                         f"({config['quantization_config'].get('quant_method', 'unknown')}); "
+                         "merge from the full-precision checkpoint")
+    out_dtype = DTYPES[dtype] if dtype else None
     modules = [a.layer_modules() for a in adapters]
     for a, mods in zip(adapters, modules):
         missing = [p for p in mods if f"{p}.weight" not in index]

@@ -121,18 +121,22 @@ def _merged_gguf(cfg, base: Path) -> Path:
     from loratune.export.gguf_vision import check_vlm_export
     from loratune.export.merge import merge_folder, read_adapters
     from loratune.export.vlm_merge import vision_checkpoint
+    from loratune.models.mxfp4 import is_mxfp4
 
     source, work = base, None
     vision = vision_checkpoint(base)  # a VLM: its language model plus an mmproj file
     if vision is not None:  # refused, or its mmproj path taken, before the merge
         check_vlm_export(base, Path(cfg.out), cfg.overwrite)
     try:
-        if cfg.adapter:
+        # MXFP4 experts (GPT-OSS as released) are decoded by the streamed merge, adapters or not
+        if cfg.adapter or is_mxfp4(json.loads((base / "config.json").read_text())):
             work = Path(tempfile.mkdtemp(prefix="loratune-merge-"))
-            adapters = read_adapters(cfg.adapter, cfg.weights)
+            adapters = read_adapters(cfg.adapter, cfg.weights) if cfg.adapter else []
             if vision is not None:  # renamed to the checkpoint's names, as `merge` does
                 adapters = [vision.rename_adapter(a) for a in adapters]
-            with stage(f"merging {len(cfg.adapter)} adapter(s) into the base"):
+            what = (f"merging {len(cfg.adapter)} adapter(s) into the base" if cfg.adapter
+                    else "decoding the MXFP4 experts")
+            with stage(what):
                 source = merge_folder(base, adapters, work / "merged").out
         with stage(f"writing {cfg.out} ({cfg.type})"):
             out = _write_gguf_files(source, cfg, vision is not None)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from loratune.models.mxfp4 import dequantize_mxfp4, mxfp4_params, mxfp4_shape
 from loratune.readers import check_safetensors
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -60,7 +61,39 @@ def read_index(folder: Path) -> dict[str, Entry]:
     return index
 
 
-def read_tensor(entry: Entry) -> torch.Tensor:
+@dataclass(frozen=True)
+class Mxfp4Entry:
+    """A fused experts parameter stored as MXFP4 blocks and scales (GPT-OSS), read decoded."""
+
+    blocks: Entry
+    scales: Entry
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return mxfp4_shape(self.blocks.shape)
+
+
+def decoded_index(index: dict[str, Entry], where: str) -> dict[str, Entry | Mxfp4Entry]:
+    """`index` with each MXFP4 blocks/scales pair replaced by the parameter they encode, at the
+    blocks' place (models/mxfp4.py)."""
+    pairs = {blocks: (param, scales) for param, (blocks, scales) in
+             mxfp4_params(index, where).items()}
+    out: dict[str, Entry | Mxfp4Entry] = {}
+    for name, entry in index.items():
+        if name in pairs:
+            param, scales = pairs[name]
+            out[param] = Mxfp4Entry(entry, index[scales])
+        elif not name.endswith("_scales") or name.removesuffix("_scales") + "_blocks" \
+                not in index:
+            out[name] = entry
+    return out
+
+
+def read_tensor(entry: Entry | Mxfp4Entry) -> torch.Tensor:
+    if isinstance(entry, Mxfp4Entry):
+        return dequantize_mxfp4(read_tensor(entry.blocks), read_tensor(entry.scales),
+                                entry.dtype)
     buf = bytearray(entry.nbytes)
     with open(entry.file, "rb") as f:
         view, done = memoryview(buf), 0

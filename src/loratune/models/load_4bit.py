@@ -18,6 +18,7 @@ from loratune.models.device import DTYPES
 from loratune.models.modules import set_submodule
 from loratune.models.moe_experts import (PROJECTIONS, QuantizedExperts, current_name,
                                          is_fused_experts, per_expert_key)
+from loratune.models.mxfp4 import dequantize_mxfp4, is_mxfp4, mxfp4_params
 from loratune.models.quantize import prepare_for_kbit_training, unquantized_dtype
 from loratune.models.shapes import LLAMA_SHAPES
 from loratune.quant.io import STATE_KEY, quantized_linear
@@ -172,12 +173,22 @@ def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype | No
             return where[key].get_tensor(key) if key in where else None
 
         packed = {k.split(".weight." + STATE_KEY)[0] for k in where if STATE_KEY in k}
+        # GPT-OSS as released: MXFP4 experts, decoded here and quantized again to NF4
+        mxfp4 = mxfp4_params(where, str(folder)) if is_mxfp4(
+            {"quantization_config": getattr(config, "quantization_config", None)}) else {}
+        blocks = {b: (param, s) for param, (b, s) in mxfp4.items()}
         pending: dict = {}  # an expert's gate or up matrix waiting for the other
         for key in where:
             base, sep, _ = key.partition(".weight.")
             if sep and base in packed:
                 continue  # absmax, quant maps, quant_state: read with their weight
-            if key.endswith(".weight") and key[:-7] in packed:
+            if key in blocks:
+                param, scales = blocks[key]
+                _place(model, current_name(param), dequantize_mxfp4(read(key), read(scales)),
+                       skip, cfg, dtype)
+            elif any(key == s for _, s in mxfp4.values()):
+                continue  # read with its blocks
+            elif key.endswith(".weight") and key[:-7] in packed:
                 _place_packed(model, key[:-7], read, cfg)
             elif (expert_key := per_expert_key(key)) is not None:
                 _place_expert(model, expert_key, read(key), pending, cfg)
