@@ -33,7 +33,8 @@ from loratune.adapters.peft_format import (CONFIG_NAME, EXPERT_TARGETS, PeftFold
                                            lora_scale)
 from loratune.adapters.registry import AdapterError, RowBlock, method_record
 from loratune.models.grouped_experts import LowRank, add_low_rank, experts_forward, grouped_linear
-from loratune.models.moe_experts import QuantizedExperts, expert_glu, out_in
+from loratune.models.moe_experts import (QuantizedExperts, add_expert_bias, expert_glu,
+                                         out_in)
 
 # The parameters adapted, in the experts module's own order (PEFT's nesting follows it).
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -276,9 +277,8 @@ def run_experts(base: nn.Module, terms, hidden_states: torch.Tensor, top_k_index
 def _fused_project(base: nn.Module, name: str, x: torch.Tensor, groups,
                    grouping: str) -> torch.Tensor:
     """Sorted rows through fused parameter `name`, plus its per-expert bias (GPT-OSS's)."""
-    y = grouped_linear(x, out_in(base, name), groups, grouping)
-    bias = getattr(base, name + "_bias", None)
-    return y if bias is None else y + bias[groups.expert].to(y.dtype)
+    return add_expert_bias(base, name, grouped_linear(x, out_in(base, name), groups, grouping),
+                           groups)
 
 
 def moe_router(moe: nn.Module) -> nn.Module | None:
@@ -353,9 +353,9 @@ def expert_row_blocks(adapter: PeftFolder, model: nn.Module) -> dict[str, RowBlo
     for path, parts in adapter.expert_modules().items():
         layer_path = path.rpartition(".")[0]
         moe = _served_moe(model, path, adapter)
-        _check_expert_rank(adapter, path, parts, expert_shapes(moe.experts)["down_proj"][0])
-        lora = experts_adapter(adapter, path, parts).float().requires_grad_(False)
         expected = expert_shapes(moe.experts)
+        _check_expert_rank(adapter, path, parts, expected["down_proj"][0])
+        lora = experts_adapter(adapter, path, parts).float().requires_grad_(False)
         got = {n: (lora.num_experts, lora.factors(n)[1].shape[1], lora.factors(n)[0].shape[2])
                for n in EXPERT_PARAMS}
         if got != expected:

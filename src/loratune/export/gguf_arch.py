@@ -347,14 +347,20 @@ def family_of(config: dict, where: str) -> tuple[str, Family]:
     """(HF architecture, Family) of a config.json, or an error naming the supported ones."""
     arch = (config.get("architectures") or [MODEL_TYPES.get(config.get("model_type"),
                                                             config.get("model_type"))])[0]
-    if arch in NOT_WRITTEN:
-        raise GGUFExportError(f"{where}: architecture {arch} is not supported for GGUF export: "
-                              f"{NOT_WRITTEN[arch]}; export it as a Hugging Face folder "
-                              "(export hf) instead")
-    if arch not in FAMILIES:
-        raise GGUFExportError(f"{where}: architecture {arch} is not supported for GGUF export; "
-                              f"supported: {', '.join(FAMILIES)}")
-    return arch, FAMILIES[arch]
+    return arch, supported(FAMILIES, NOT_WRITTEN, arch, "architecture", where)
+
+
+def supported(table: dict, refused: dict[str, str], key: str, what: str, where: str):
+    """table[key]; else an error saying why `key` (a `what`) is not written (refused[key]) or
+    which keys are."""
+    if key in refused:
+        raise GGUFExportError(f"{where}: {what} {key} is not supported for GGUF export: "
+                              f"{refused[key]}; export it as a Hugging Face folder (export hf) "
+                              "instead")
+    if key not in table:
+        raise GGUFExportError(f"{where}: {what} {key} is not supported for GGUF export; "
+                              f"supported: {', '.join(table)}")
+    return table[key]
 
 
 def hf_config(config: dict):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from loratune.export.gguf_arch import GGUFExportError, hf_config
+from loratune.export.gguf_arch import GGUFExportError, hf_config, supported
 
 # Vision-language families loratune trains but does not write as GGUF, and why.
 NOT_WRITTEN = {
@@ -123,14 +123,7 @@ PROJECTORS = {
 
 
 def projector_of(model_type: str, where: str) -> Projector:
-    if model_type in NOT_WRITTEN:
-        raise GGUFExportError(f"{where}: vision-language model_type {model_type} is not "
-                              f"supported for GGUF export: {NOT_WRITTEN[model_type]}; export it "
-                              "as a Hugging Face folder (export hf) instead")
-    if model_type not in PROJECTORS:
-        raise GGUFExportError(f"{where}: vision-language model_type {model_type} is not "
-                              f"supported for GGUF export; supported: {', '.join(PROJECTORS)}")
-    return PROJECTORS[model_type]
+    return supported(PROJECTORS, NOT_WRITTEN, model_type, "vision-language model_type", where)
 
 
 def refuse_vlm_adapter_only(base: Path) -> None:

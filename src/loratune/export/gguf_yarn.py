@@ -10,6 +10,8 @@ GGUF reader reads back, and `rounded_yarn` says how far the two models' rotation
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 # where config.json keeps the RoPE parameters: transformers 5's name, then the older one
@@ -38,7 +40,7 @@ def rounded_yarn(config: dict) -> tuple[dict, str | None]:
     if not _unrounded(config):
         return config, None
     exact = _inv_freq(hf_config(config))
-    rounded = {k: _copy(v) for k, v in config.items()}
+    rounded = copy.deepcopy(config)
     for params in _unrounded(rounded):
         params["truncate"] = True
     drift = (_inv_freq(hf_config(rounded)) - exact).abs()
@@ -50,12 +52,6 @@ def rounded_yarn(config: dict) -> tuple[dict, str | None]:
                  f"{drift.max().item():.2e} rad per position, 1 rad by position "
                  f"{int(1 / drift.max().item())}")
     return rounded, line
-
-
-def _copy(value):
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    return value
 
 
 def _inv_freq(hf) -> torch.Tensor:

@@ -77,15 +77,15 @@ class Mxfp4Entry:
 def decoded_index(index: dict[str, Entry], where: str) -> dict[str, Entry | Mxfp4Entry]:
     """`index` with each MXFP4 blocks/scales pair replaced by the parameter they encode, at the
     blocks' place (models/mxfp4.py)."""
-    pairs = {blocks: (param, scales) for param, (blocks, scales) in
-             mxfp4_params(index, where).items()}
+    params = mxfp4_params(index, where)
+    pairs = {blocks: (param, scales) for param, (blocks, scales) in params.items()}
+    read_with_blocks = {scales for _, scales in params.values()}
     out: dict[str, Entry | Mxfp4Entry] = {}
     for name, entry in index.items():
         if name in pairs:
             param, scales = pairs[name]
             out[param] = Mxfp4Entry(entry, index[scales])
-        elif not name.endswith("_scales") or name.removesuffix("_scales") + "_blocks" \
-                not in index:
+        elif name not in read_with_blocks:
             out[name] = entry
     return out
 

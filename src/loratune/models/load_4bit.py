@@ -177,6 +177,7 @@ def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype | No
         mxfp4 = mxfp4_params(where, str(folder)) if is_mxfp4(
             {"quantization_config": getattr(config, "quantization_config", None)}) else {}
         blocks = {b: (param, s) for param, (b, s) in mxfp4.items()}
+        read_with_blocks = {s for _, s in mxfp4.values()}
         pending: dict = {}  # an expert's gate or up matrix waiting for the other
         for key in where:
             base, sep, _ = key.partition(".weight.")
@@ -186,8 +187,8 @@ def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype | No
                 param, scales = blocks[key]
                 _place(model, current_name(param), dequantize_mxfp4(read(key), read(scales)),
                        skip, cfg, dtype)
-            elif any(key == s for _, s in mxfp4.values()):
-                continue  # read with its blocks
+            elif key in read_with_blocks:
+                continue
             elif key.endswith(".weight") and key[:-7] in packed:
                 _place_packed(model, key[:-7], read, cfg)
             elif (expert_key := per_expert_key(key)) is not None:

@@ -79,6 +79,14 @@ def out_in(experts: nn.Module, projection: str) -> torch.Tensor:
     return weight.transpose(1, 2) if getattr(experts, "is_transposed", False) else weight
 
 
+def add_expert_bias(experts: nn.Module, projection: str, y: torch.Tensor,
+                    groups: Groups) -> torch.Tensor:
+    """Sorted rows' projection plus each row's expert's bias (GPT-OSS's `<projection>_bias`
+    [E, out]); `y` as is for experts without biases."""
+    bias = getattr(experts, projection + "_bias", None)
+    return y if bias is None else y + bias[groups.expert].to(y.dtype)
+
+
 class QuantizedExperts(nn.Module):
     """Frozen routed experts in 4 bits; `forward(hidden, top_k_index, top_k_weights)` as the
     experts module it replaces."""
@@ -88,14 +96,10 @@ class QuantizedExperts(nn.Module):
         name = type(experts).__name__
         self.num_experts = experts.gate_up_proj.shape[0]
         self.transposed = bool(getattr(experts, "is_transposed", False))
-        self.concatenated = bool(getattr(experts, "is_concatenated", True))
-        if self.concatenated:
-            self.act_fn = experts.act_fn
-        elif hasattr(experts, "alpha") and hasattr(experts, "limit"):  # GPT-OSS's clamped SwiGLU
-            self.alpha, self.limit = experts.alpha, experts.limit
-        else:
-            raise ValueError(f"{name}: interleaved gate/up experts without GPT-OSS's "
-                             f"alpha/limit gate; loratune does not know its activation")
+        self._glu = expert_glu(experts)
+        if self._glu is None:
+            raise ValueError(f"{name}: gate/up experts with neither an act_fn nor GPT-OSS's "
+                             f"alpha/limit gate; loratune does not know their activation")
         self.compute_dtype = compute_dtype
         self.gate_up_proj, self.down_proj = nn.ModuleList(), nn.ModuleList()
         self._slots: dict[str, dict[int, Linear4bit]] = {}  # experts quantized so far (loader)
@@ -142,10 +146,7 @@ class QuantizedExperts(nn.Module):
         return torch.stack([w.t() for w in mats] if self.transposed else mats)
 
     def glu(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if self.concatenated:
-            gate, up = gate_up.chunk(2, dim=-1)
-            return self.act_fn(gate) * up
-        return clamped_swiglu(self.alpha, self.limit)(gate_up)
+        return self._glu(gate_up)
 
     def project(self, projection: str, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         """Sorted rows' projection: each active expert's 4-bit matrix on its contiguous rows
@@ -154,10 +155,7 @@ class QuantizedExperts(nn.Module):
         layers = getattr(self, projection)
         y = torch.cat([layers[ex](x[s:e]) for ex, s, e in groups.spans]) if groups.spans \
             else x.new_zeros(0, layers[0].out_features)
-        bias = getattr(self, projection + "_bias", None)
-        if bias is not None:
-            y = y + bias[groups.expert].to(y.dtype)
-        return self._adapted(projection, y, x, groups)
+        return self._adapted(projection, add_expert_bias(self, projection, y, groups), x, groups)
 
     def _adapted(self, projection: str, y: torch.Tensor, x: torch.Tensor,
                  groups: Groups) -> torch.Tensor:
