@@ -133,3 +133,40 @@ def test_blocks_without_their_scales_are_refused_by_name(mxfp4_folder, tmp_path)
     with pytest.raises(ValueError, match=r"down_proj_scales is missing"):
         merge_folder(broken, [], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _tampered(mxfp4_folder, tmp_path, change):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(mxfp4_folder, bad)
+    state = load_file(bad / "model.safetensors")
+    change(state, "model.layers.1.mlp.experts.gate_up_proj")
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    return bad
+
+
+def _nan_scale(state, p):
+    state[p + "_scales"][0, 0, 0] = 255  # E8M0's NaN
+
+
+def _float_blocks(state, p):
+    state[p + "_blocks"] = state[p + "_blocks"].float()
+
+
+@pytest.mark.parametrize("change,why", [(_nan_scale, "decode to NaN or past float32"),
+                                        (_float_blocks, "expected uint8 blocks")],
+                         ids=["nan-scale", "float-blocks"])
+def test_tampered_mxfp4_is_refused_naming_file_and_parameter(mxfp4_folder, tmp_path, change,
+                                                             why):
+    from loratune.config import ModelConfig, QuantConfig
+    from loratune.export.merge import merge_folder
+    from loratune.models import load_model
+
+    bad = _tampered(mxfp4_folder, tmp_path, change)
+    where = r"bad.*model.layers.1.mlp.experts.gate_up_proj: "
+    with pytest.raises(ValueError, match=where + ".*" + why):
+        merge_folder(bad, [], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=where + ".*" + why):
+        load_model(ModelConfig(name=str(bad), quantization=QuantConfig(type="nf4")))

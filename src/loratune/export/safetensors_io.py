@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from loratune.models.mxfp4 import dequantize_mxfp4, mxfp4_params, mxfp4_shape
+from loratune.models.mxfp4 import check_mxfp4, dequantize_mxfp4, mxfp4_params, mxfp4_shape
 from loratune.readers import check_safetensors
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -68,6 +68,7 @@ class Mxfp4Entry:
     blocks: Entry
     scales: Entry
     dtype: torch.dtype = torch.bfloat16
+    where: str = "MXFP4"  # file and parameter, for errors
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -84,7 +85,8 @@ def decoded_index(index: dict[str, Entry], where: str) -> dict[str, Entry | Mxfp
     for name, entry in index.items():
         if name in pairs:
             param, scales = pairs[name]
-            out[param] = Mxfp4Entry(entry, index[scales])
+            check_mxfp4(entry, index[scales], f"{entry.file}: {param}")
+            out[param] = Mxfp4Entry(entry, index[scales], where=f"{entry.file}: {param}")
         elif name not in read_with_blocks:
             out[name] = entry
     return out
@@ -93,7 +95,7 @@ def decoded_index(index: dict[str, Entry], where: str) -> dict[str, Entry | Mxfp
 def read_tensor(entry: Entry | Mxfp4Entry) -> torch.Tensor:
     if isinstance(entry, Mxfp4Entry):
         return dequantize_mxfp4(read_tensor(entry.blocks), read_tensor(entry.scales),
-                                entry.dtype)
+                                entry.dtype, entry.where)
     buf = bytearray(entry.nbytes)
     with open(entry.file, "rb") as f:
         view, done = memoryview(buf), 0

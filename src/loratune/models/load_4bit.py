@@ -185,8 +185,8 @@ def load_quantized(folder: str | Path, cfg: QuantConfig, dtype: torch.dtype | No
                 continue  # absmax, quant maps, quant_state: read with their weight
             if key in blocks:
                 param, scales = blocks[key]
-                _place(model, current_name(param), dequantize_mxfp4(read(key), read(scales)),
-                       skip, cfg, dtype)
+                weight = dequantize_mxfp4(read(key), read(scales), where=f"{folder}: {param}")
+                _place(model, current_name(param), weight, skip, cfg, dtype)
             elif key in read_with_blocks:
                 continue
             elif key.endswith(".weight") and key[:-7] in packed:

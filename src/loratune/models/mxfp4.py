@@ -44,15 +44,25 @@ def mxfp4_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
     return (*lead, groups * half * 2, out)
 
 
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor,
-                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """[E, out, in/32, 16] uint8 codes and [E, out, in/32] uint8 exponents -> [E, in, out]."""
+def check_mxfp4(blocks, scales, where: str) -> None:
+    """Blocks and scales (tensors, or anything with their dtype and shape) as MXFP4 lays them
+    out, else a ValueError naming `where` (file and parameter)."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or \
-            blocks.shape[:-1] != scales.shape:
-        raise ValueError(f"MXFP4: expected uint8 blocks [..., groups, 16] and uint8 scales "
-                         f"[..., groups], got {blocks.dtype} {tuple(blocks.shape)} and "
+            tuple(blocks.shape[:-1]) != tuple(scales.shape) or blocks.shape[-1] != 16:
+        raise ValueError(f"{where}: expected uint8 blocks [..., groups, 16] and uint8 scales "
+                         f"[..., groups] (MXFP4), got {blocks.dtype} {tuple(blocks.shape)} and "
                          f"{scales.dtype} {tuple(scales.shape)}")
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor,
+                     dtype: torch.dtype = torch.bfloat16, where: str = "MXFP4") -> torch.Tensor:
+    """[E, out, in/32, 16] uint8 codes and [E, out, in/32] uint8 exponents -> [E, in, out]. A
+    scale of 255 (E8M0's NaN) or one that overflows the values is refused, naming `where`."""
+    check_mxfp4(blocks, scales, where)
     lut = torch.tensor(FP4_E2M1, dtype=torch.float32)
     codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).flatten(-2).long()
     values = torch.ldexp(lut[codes], scales.to(torch.int32)[..., None] - 127)
+    if (scales == 255).any() or not torch.isfinite(values).all():
+        raise ValueError(f"{where}: MXFP4 scales decode to NaN or past float32 (largest scale "
+                         f"byte {int(scales.max())}; 255 is NaN, a checkpoint's are near 127)")
     return values.flatten(-2).transpose(-1, -2).to(dtype)
