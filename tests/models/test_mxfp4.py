@@ -170,3 +170,18 @@ def test_tampered_mxfp4_is_refused_naming_file_and_parameter(mxfp4_folder, tmp_p
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match=where + ".*" + why):
         load_model(ModelConfig(name=str(bad), quantization=QuantConfig(type="nf4")))
+
+
+def test_other_prequantized_checkpoints_are_still_refused_by_the_merge(mxfp4_folder, tmp_path):
+    import shutil
+
+    from loratune.export.merge import merge_folder
+
+    other = tmp_path / "bnb"
+    shutil.copytree(mxfp4_folder, other)
+    config = json.loads((other / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes"}
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"pre-quantized weights \(bitsandbytes\); merge from "
+                                         r"the full-precision checkpoint"):
+        merge_folder(other, [], tmp_path / "out")
